@@ -1,0 +1,46 @@
+"""FlowStone: an asset-first orchestration runtime for async Python.
+
+Everything public is importable from here (``import flowstone as fs``); the
+modules behind it are named for what they hold: definitions -> dag -> runtime
+-> store and io.
+"""
+
+from .context import Context as Context
+from .dag import AssetGraph as AssetGraph
+from .dag import check_cycles as check_cycles
+from .dag import dependencies as dependencies
+from .dag import dependents as dependents
+from .dag import execution_layers as execution_layers
+from .dag import execution_order as execution_order
+from .definitions import Asset as Asset
+from .definitions import FieldError as FieldError
+from .definitions import RetryPolicy as RetryPolicy
+from .definitions import asset as asset
+from .definitions import validate_asset as validate_asset
+from .errors import AccessDenied as AccessDenied
+from .errors import ActorCrashed as ActorCrashed
+from .errors import BackfillNotFound as BackfillNotFound
+from .errors import CycleError as CycleError
+from .errors import DefinitionError as DefinitionError
+from .errors import FlowstoneError as FlowstoneError
+from .errors import InvalidIdentifier as InvalidIdentifier
+from .errors import InvalidPartition as InvalidPartition
+from .errors import InvalidTenant as InvalidTenant
+from .errors import InvalidTransition as InvalidTransition
+from .errors import MaterializationFailed as MaterializationFailed
+from .errors import NotFound as NotFound
+from .errors import SerializationError as SerializationError
+from .guards import Guard as Guard
+from .partitions import CompositePartitions as CompositePartitions
+from .partitions import DailyPartitions as DailyPartitions
+from .partitions import HourlyPartitions as HourlyPartitions
+from .partitions import PartitionsDefinition as PartitionsDefinition
+from .partitions import StaticPartitions as StaticPartitions
+from .partitions import deserialize_partition as deserialize_partition
+from .partitions import partition_range as partition_range
+from .partitions import serialize_partition as serialize_partition
+from .pipeline import Pipeline as Pipeline
+from .tenancy import current_tenant as current_tenant
+from .tenancy import tenant_scope as tenant_scope
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,204 @@
+"""The asset graph, on networkx.
+
+Edges run from a dependency to the asset that reads it, so a topological order is
+an execution order. :class:`AssetGraph` is an immutable snapshot built once from a
+set of assets (the runtime's registry keeps one and replaces it on ``register``);
+the module-level functions of SPEC 2 are thin wrappers that build one on demand.
+
+Ties are broken by definition order everywhere, so plans, layers and reported
+cycles are deterministic from one run to the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Union
+
+import networkx as nx
+
+from .definitions import Asset, FieldError
+from .errors import CycleError, DefinitionError, NotFound, format_cycle
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = [
+    "AssetGraph",
+    "check_cycles",
+    "dependencies",
+    "dependents",
+    "execution_layers",
+    "execution_order",
+]
+
+Assets = Union["AssetGraph", "Pipeline", Iterable[Asset]]
+
+
+class AssetGraph:
+    """A snapshot of assets and their dependency edges.
+
+    Building one never raises for graph problems; :meth:`problems` lists them
+    (duplicate names, unknown dependencies, cycles) so a caller can report every
+    one at once. Queries that need a sound graph (an execution order, layers)
+    raise when the part of the graph they touch is unsound.
+    """
+
+    def __init__(self, assets: Iterable[Asset]) -> None:
+        self._assets: dict[str, Asset] = {}
+        self._order: dict[str, int] = {}
+        self._duplicates: list[str] = []
+        self._unknown: dict[str, list[str]] = {}
+        for asset in assets:
+            if not isinstance(asset, Asset):
+                raise DefinitionError(f"expected an fs.Asset, got {type(asset).__name__}: {asset!r}")
+            if asset.name in self._assets:
+                self._duplicates.append(asset.name)
+                continue
+            self._assets[asset.name] = asset
+            self._order[asset.name] = len(self._order)
+        self._graph = nx.DiGraph()
+        self._graph.add_nodes_from(self._assets)
+        for name, asset in self._assets.items():
+            for dep in asset.depends_on:
+                if dep in self._assets:
+                    self._graph.add_edge(dep, name)
+                else:
+                    self._unknown.setdefault(name, []).append(dep)
+
+    @classmethod
+    def of(cls, assets: Assets) -> AssetGraph:
+        """An ``AssetGraph`` for a graph, a ``Pipeline`` or any iterable of ``Asset``."""
+        if isinstance(assets, AssetGraph):
+            return assets
+        return cls(getattr(assets, "assets", assets))
+
+    # ------------------------------------------------------------------ lookup
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._assets
+
+    def __len__(self) -> int:
+        return len(self._assets)
+
+    @property
+    def assets(self) -> tuple[Asset, ...]:
+        """The assets in definition order (the first of any duplicated name)."""
+        return tuple(self._assets.values())
+
+    def get(self, name: str) -> Asset:
+        try:
+            return self._assets[name]
+        except (KeyError, TypeError):
+            raise self._unknown_asset(name) from None
+
+    def _unknown_asset(self, name: object) -> NotFound:
+        known = sorted(self._assets)
+        shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+        return NotFound(f"unknown asset {name!r}; known assets: {shown or '(none)'}", asset=str(name))
+
+    # ---------------------------------------------------------------- problems
+
+    def cycles(self) -> list[list[str]]:
+        """One cycle per strongly connected component that has one, in definition order."""
+        found = []
+        for component in nx.strongly_connected_components(self._graph):
+            start = min(component, key=self._order.__getitem__)
+            if len(component) == 1 and not self._graph.has_edge(start, start):
+                continue
+            edges = nx.find_cycle(self._graph.subgraph(component), source=start)
+            cycle = [u for u, _v in edges]
+            first = min(range(len(cycle)), key=lambda i: self._order[cycle[i]])
+            found.append(cycle[first:] + cycle[:first])
+        found.sort(key=lambda c: self._order[c[0]])
+        return found
+
+    def problems(self) -> list[FieldError]:
+        """Duplicate names, unknown dependencies and cycles, each as a ``FieldError``."""
+        errors = [
+            FieldError("name", "is defined more than once", name) for name in dict.fromkeys(self._duplicates)
+        ]
+        for name, missing in self._unknown.items():
+            for dep in missing:
+                errors.append(FieldError("depends_on", f"unknown dependency {dep!r}", name))
+        errors += [_cycle_problem(c) for c in self.cycles()]
+        return errors
+
+    def check_cycles(self) -> None:
+        cycles = self.cycles()
+        if cycles:
+            raise CycleError(cycles[0])
+
+    # ----------------------------------------------------------------- queries
+
+    def dependencies(self, name: str) -> set[str]:
+        """Every asset ``name`` reads, directly or through others."""
+        self.get(name)
+        return set(nx.ancestors(self._graph, name))
+
+    def dependents(self, name: str) -> set[str]:
+        """Every asset that reads ``name``, directly or through others."""
+        self.get(name)
+        return set(nx.descendants(self._graph, name))
+
+    def upstream(self, name: str) -> tuple[str, ...]:
+        """The direct dependencies of ``name``, as declared."""
+        return self.get(name).depends_on
+
+    def execution_order(self, target: str) -> list[str]:
+        """``target`` and everything it depends on, dependencies first."""
+        subgraph = self._sound_subgraph(self.dependencies(target) | {target})
+        return list(nx.lexicographical_topological_sort(subgraph, key=self._order.__getitem__))
+
+    def layers(self, target: str | None = None) -> list[list[str]]:
+        """Groups that can run concurrently: each layer depends only on earlier ones.
+
+        With a ``target``, only it and its dependencies; otherwise every asset.
+        """
+        names = set(self._assets) if target is None else self.dependencies(target) | {target}
+        subgraph = self._sound_subgraph(names)
+        return [sorted(layer, key=self._order.__getitem__) for layer in nx.topological_generations(subgraph)]
+
+    def _sound_subgraph(self, names: set[str]) -> Any:
+        """The subgraph on ``names``, after checking it has no unknown deps or cycles."""
+        errors = [
+            FieldError("depends_on", f"unknown dependency {dep!r}", name)
+            for name in sorted(names, key=self._order.__getitem__)
+            for dep in self._unknown.get(name, ())
+        ]
+        subgraph = self._graph.subgraph(names)
+        if not nx.is_directed_acyclic_graph(subgraph):
+            cycles = [c for c in self.cycles() if c[0] in names]
+            errors += [_cycle_problem(c) for c in cycles]
+            raise CycleError(cycles[0], errors)
+        if errors:
+            raise DefinitionError(errors)
+        return subgraph
+
+
+def _cycle_problem(cycle: list[str]) -> FieldError:
+    return FieldError("depends_on", f"dependency cycle: {format_cycle(cycle)}", cycle[0])
+
+
+def execution_order(target: str, assets: Assets) -> list[str]:
+    """The target and everything it depends on, dependencies first."""
+    return AssetGraph.of(assets).execution_order(target)
+
+
+def execution_layers(assets: Assets, target: str | None = None) -> list[list[str]]:
+    """Layers of assets that can run concurrently, dependencies first."""
+    return AssetGraph.of(assets).layers(target)
+
+
+def check_cycles(assets: Assets) -> None:
+    """Raise :class:`~flowstone.CycleError` naming one cycle if the graph has any."""
+    AssetGraph.of(assets).check_cycles()
+
+
+def dependencies(name: str, assets: Assets) -> set[str]:
+    """Every asset that ``name`` depends on, transitively."""
+    return AssetGraph.of(assets).dependencies(name)
+
+
+def dependents(name: str, assets: Assets) -> set[str]:
+    """Every asset that depends on ``name``, transitively."""
+    return AssetGraph.of(assets).dependents(name)

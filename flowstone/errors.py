@@ -1,0 +1,247 @@
+"""The one error root of FlowStone.
+
+Everything public raises a :class:`FlowstoneError` subclass. Each error keeps the
+asset, partition and tenant it concerns as attributes *and* names them in its
+message, so a log line alone tells an operator where to look.
+
+Where a Python built-in category fits (a malformed partition *is* a bad value, a
+missing record *is* a failed lookup) the error also derives from that built-in, so
+code written against ``ValueError`` or ``LookupError`` keeps working. ``KeyError``
+is avoided on purpose: its ``str()`` wraps the message in quotes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .definitions import FieldError
+
+__all__ = [
+    "AccessDenied",
+    "ActorCrashed",
+    "BackfillNotFound",
+    "CycleError",
+    "DefinitionError",
+    "FlowstoneError",
+    "InvalidIdentifier",
+    "InvalidPartition",
+    "InvalidTenant",
+    "InvalidTransition",
+    "MaterializationFailed",
+    "NotFound",
+    "SerializationError",
+]
+
+class FlowstoneError(Exception):
+    """Root of every error FlowStone raises on purpose.
+
+    ``asset``, ``partition`` and ``tenant`` are ``None`` when they do not apply.
+    The message is built once, here, so every subclass names them the same way.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        asset: str | None = None,
+        partition: Any = None,
+        tenant: str | None = None,
+    ) -> None:
+        self.message = message
+        self.asset = asset
+        self.partition = partition
+        self.tenant = tenant
+        super().__init__(_with_context(message, asset, partition, tenant))
+
+
+def _with_context(message: str, asset: Any, partition: Any, tenant: Any) -> str:
+    parts = []
+    if asset is not None:
+        parts.append(f"asset={asset!r}")
+    if partition is not None:
+        parts.append(f"partition={_partition_repr(partition)}")
+    if tenant is not None:
+        parts.append(f"tenant={tenant!r}")
+    return f"{message} [{', '.join(parts)}]" if parts else message
+
+
+def _partition_repr(partition: Any) -> str:
+    # A partition is shown in its string form when it has one, so the message
+    # matches what is stored in records and what the CLI accepts.
+    from .partitions import serialize_partition
+
+    try:
+        return repr(serialize_partition(partition))
+    except FlowstoneError:
+        return repr(partition)
+
+
+class DefinitionError(FlowstoneError, ValueError):
+    """An asset or pipeline definition is invalid: FlowStone's compile error.
+
+    ``errors`` holds every :class:`~flowstone.FieldError` found, so one run shows
+    every problem instead of the first.
+    """
+
+    def __init__(
+        self,
+        errors: Sequence[FieldError] | str,
+        *,
+        asset: str | None = None,
+        partition: Any = None,
+        tenant: str | None = None,
+    ) -> None:
+        from .definitions import FieldError
+
+        if isinstance(errors, str):
+            errors = [FieldError(field="definition", message=errors, asset=asset)]
+        self.errors: list[FieldError] = list(errors)
+        if len(self.errors) == 1:
+            message = f"invalid definition: {self.errors[0]}"
+        else:
+            lines = "".join(f"\n  - {e}" for e in self.errors)
+            message = f"{len(self.errors)} problems in definition:{lines}"
+        super().__init__(message, partition=partition, tenant=tenant)
+        # Each FieldError line already names its asset; keep it as an attribute
+        # without repeating it in the message.
+        named = {e.asset for e in self.errors}
+        self.asset = asset if asset is not None else (named.pop() if len(named) == 1 else None)
+
+
+class CycleError(DefinitionError):
+    """The dependency graph has a cycle; ``cycle`` lists the names on one of them.
+
+    The list is in dependency order and does not repeat its first name: for
+    ``a -> b -> a`` it is ``["a", "b"]``; a self-loop gives ``["a"]``. ``errors``
+    carries every problem found alongside, cycles and others.
+    """
+
+    def __init__(
+        self, cycle: Sequence[str], errors: Sequence[FieldError] | None = None
+    ) -> None:
+        from .definitions import FieldError
+
+        self.cycle = list(cycle)
+        if errors is None:
+            errors = [
+                FieldError(
+                    field="depends_on",
+                    message=f"dependency cycle: {format_cycle(self.cycle)}",
+                    asset=self.cycle[0] if self.cycle else None,
+                )
+            ]
+        super().__init__(errors)
+
+
+def format_cycle(cycle: Sequence[str]) -> str:
+    """``["a", "b"]`` -> ``"a -> b -> a"``: the loop spelled out so it reads as one."""
+    return " -> ".join([*cycle, cycle[0]]) if cycle else "(empty)"
+
+
+class InvalidPartition(FlowstoneError, ValueError):
+    """A partition value or key is malformed, of the wrong kind, or out of range."""
+
+
+class InvalidTenant(FlowstoneError, ValueError):
+    """A tenant id is empty, too long, not a string, or holds control characters."""
+
+
+class InvalidIdentifier(FlowstoneError, ValueError):
+    """A name that would reach SQL or a storage path is outside the allowed pattern."""
+
+
+class SerializationError(FlowstoneError, TypeError):
+    """A value cannot be held by the chosen format (names the asset and the type)."""
+
+
+class NotFound(FlowstoneError, LookupError):
+    """A record, value or asset that was asked for does not exist."""
+
+
+class BackfillNotFound(NotFound):
+    """No backfill has the given id."""
+
+    def __init__(self, backfill_id: Any, *, tenant: str | None = None) -> None:
+        self.backfill_id = backfill_id
+        super().__init__(f"no backfill with id {str(backfill_id)!r}", tenant=tenant)
+
+
+class AccessDenied(FlowstoneError):
+    """The guard refused ``action`` on ``asset`` for ``tenant`` (or raised: fail closed)."""
+
+    def __init__(
+        self, asset: str, action: str, tenant: str | None, *, reason: str | None = None
+    ) -> None:
+        self.action = action
+        self.reason = reason
+        message = f"access denied: {action}"
+        if reason:
+            message = f"{message} ({reason})"
+        super().__init__(message, asset=asset, tenant=tenant)
+
+
+class InvalidTransition(FlowstoneError):
+    """A status change that the status machine does not allow, or that lost a race."""
+
+    def __init__(
+        self,
+        current: Any,
+        requested: Any,
+        *,
+        asset: str | None = None,
+        partition: Any = None,
+        tenant: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.current = current
+        self.requested = requested
+        message = f"cannot move from {_status_name(current)} to {_status_name(requested)}"
+        if detail:
+            message = f"{message}: {detail}"
+        super().__init__(message, asset=asset, partition=partition, tenant=tenant)
+
+
+def _status_name(status: Any) -> str:
+    return str(getattr(status, "value", status))
+
+
+class MaterializationFailed(FlowstoneError):
+    """A materialization failed; ``result`` is the run's partial result.
+
+    The user's exception, when there is one, is the ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        asset: str,
+        partition: Any = None,
+        result: Any = None,
+        *,
+        tenant: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.result = result
+        self.error = error
+        message = "materialization failed"
+        if error:
+            message = f"{message}: {error}"
+        super().__init__(message, asset=asset, partition=partition, tenant=tenant)
+
+
+class ActorCrashed(FlowstoneError):
+    """An actor died while a caller waited on it; the crash is the ``__cause__``."""
+
+    def __init__(
+        self,
+        actor: str,
+        *,
+        asset: str | None = None,
+        partition: Any = None,
+        tenant: str | None = None,
+    ) -> None:
+        self.actor = actor
+        super().__init__(
+            f"actor {actor!r} crashed", asset=asset, partition=partition, tenant=tenant
+        )

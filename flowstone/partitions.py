@@ -1,0 +1,560 @@
+"""Partitions: their values, their one string form, and the definitions that list them.
+
+A partition *value* is what user code sees (``date``, aware ``datetime``, ``str`` or
+a tuple of those). Its *key* is the string that records, object names and the CLI
+use. The mapping is a bijection for every supported value, so a key read back from
+a store always gives the value that wrote it (see docs/adr/0002).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, ClassVar, Union
+
+import attrs
+
+from .errors import InvalidPartition
+
+__all__ = [
+    "CompositePartitions",
+    "DailyPartitions",
+    "HourlyPartitions",
+    "PartitionKind",
+    "PartitionsDefinition",
+    "StaticPartitions",
+    "can_map",
+    "deserialize_partition",
+    "partition_range",
+    "serialize_partition",
+]
+
+PartitionKind = Union[str, tuple["PartitionKind", ...]]
+"""``"date"``, ``"datetime"``, ``"string"``, or a tuple of kinds for composite keys."""
+
+_KINDS = ("date", "datetime", "string")
+_SEPARATOR = "|"
+_ESCAPE = "\\"
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# Hour, minute and second are required so that "2025-01-15" is not read as a
+# datetime by accident; fractions and any UTC offset (or Z) are accepted.
+_DATETIME_RE = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})"
+)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def serialize_partition(partition: Any) -> str | None:
+    """The canonical string key of a partition value.
+
+    ``date`` -> ``"2025-01-15"``; aware ``datetime`` -> UTC ISO-8601 with ``Z``;
+    ``str`` -> itself; ``tuple`` -> parts joined with ``|`` (``|`` and ``\\``
+    inside a part are escaped with ``\\``); ``None`` -> ``None``.
+    """
+    if partition is None:
+        return None
+    if isinstance(partition, str):
+        return partition
+    if isinstance(partition, tuple):
+        if not partition:
+            raise InvalidPartition("a composite partition needs at least one part")
+        return _SEPARATOR.join(_escape(_serialize_part(p, partition)) for p in partition)
+    return _serialize_scalar(partition)
+
+
+def _serialize_part(part: Any, whole: tuple[Any, ...]) -> str:
+    if part is None:
+        raise InvalidPartition(f"a composite partition cannot hold None: {whole!r}")
+    key = serialize_partition(part)
+    assert key is not None
+    return key
+
+
+def _serialize_scalar(partition: Any) -> str:
+    if isinstance(partition, datetime):
+        if partition.tzinfo is None or partition.utcoffset() is None:
+            raise InvalidPartition(
+                f"naive datetime {partition.isoformat()!r} is ambiguous; "
+                "give it a timezone (for example tzinfo=timezone.utc)"
+            )
+        text = partition.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
+        return f"{text}Z"
+    if isinstance(partition, date):
+        return partition.isoformat()
+    raise InvalidPartition(
+        f"unsupported partition type {type(partition).__name__}: {partition!r}; "
+        "use a date, an aware datetime, a str or a tuple of those"
+    )
+
+
+def _escape(part: str) -> str:
+    return part.replace(_ESCAPE, _ESCAPE * 2).replace(_SEPARATOR, _ESCAPE + _SEPARATOR)
+
+
+def _split(key: str) -> list[str]:
+    """Split a composite key on unescaped ``|`` and unescape each part."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(key)
+    for char in chars:
+        if char == _ESCAPE:
+            nxt = next(chars, None)
+            if nxt not in (_ESCAPE, _SEPARATOR):
+                raise InvalidPartition(
+                    f"malformed composite partition key {key!r}: "
+                    "'\\' must be followed by '\\' or '|'"
+                )
+            current.append(nxt)
+        elif char == _SEPARATOR:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def deserialize_partition(key: str | None, kind: PartitionKind) -> Any:
+    """The partition value of a key, read as ``kind``.
+
+    Malformed input raises :class:`~flowstone.InvalidPartition` naming the input
+    and the kind that was expected.
+    """
+    _check_kind(kind)
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise InvalidPartition(
+            f"partition key must be a str, got {type(key).__name__}: {key!r} "
+            f"(expected kind {kind!r})"
+        )
+    return _deserialize(key, kind)
+
+
+def _deserialize(key: str, kind: PartitionKind) -> Any:
+    if isinstance(kind, tuple):
+        parts = _split(key)
+        if len(parts) != len(kind):
+            raise InvalidPartition(
+                f"partition key {key!r} has {len(parts)} part(s); "
+                f"expected {len(kind)} for kind {kind!r}"
+            )
+        return tuple(_deserialize(p, k) for p, k in zip(parts, kind))
+    if kind == "string":
+        return key
+    if kind == "date":
+        if _DATE_RE.fullmatch(key):
+            try:
+                return date.fromisoformat(key)
+            except ValueError:
+                pass
+        raise InvalidPartition(f"partition key {key!r} is not a date (expected YYYY-MM-DD)")
+    if _DATETIME_RE.fullmatch(key):
+        try:
+            return datetime.fromisoformat(key).astimezone(timezone.utc)
+        except ValueError:
+            pass
+    raise InvalidPartition(
+        f"partition key {key!r} is not an aware datetime "
+        "(expected YYYY-MM-DDTHH:MM:SSZ)"
+    )
+
+
+def _check_kind(kind: Any) -> None:
+    if isinstance(kind, tuple):
+        if not kind:
+            raise InvalidPartition("a composite partition kind needs at least one part")
+        for k in kind:
+            _check_kind(k)
+    elif kind not in _KINDS:
+        raise InvalidPartition(
+            f"unknown partition kind {kind!r}; expected one of {_KINDS} or a tuple of them"
+        )
+
+
+def kind_of(partition: Any) -> PartitionKind:
+    """The kind a partition value is read back as (``date(…)`` -> ``"date"``)."""
+    if isinstance(partition, tuple):
+        return tuple(kind_of(p) for p in partition)
+    if isinstance(partition, datetime):
+        return "datetime"
+    if isinstance(partition, date):
+        return "date"
+    if isinstance(partition, str):
+        return "string"
+    raise InvalidPartition(f"unsupported partition type {type(partition).__name__}")
+
+
+# -------------------------------------------------------------------------- range
+
+_CALENDAR_STEPS = ("hour", "day", "week", "month")
+
+
+def partition_range(start: Any, stop: Any, step: str | timedelta = "day") -> list[Any]:
+    """Every partition from ``start`` to ``stop``, both included.
+
+    ``step`` is ``"hour"``, ``"day"``, ``"week"``, ``"month"`` or a positive
+    ``timedelta``. Dates take whole-day steps; datetimes must be timezone-aware and
+    are stepped in UTC, so a daylight-saving change never skips or repeats an hour.
+    Months step from ``start`` with the day clamped to the month's end (Jan 31 ->
+    Feb 28 -> Mar 31), so the sequence does not drift.
+    """
+    if type(start) is not type(stop) or not isinstance(start, date):
+        raise InvalidPartition(
+            f"partition_range needs two dates or two aware datetimes, got "
+            f"{type(start).__name__} {start!r} and {type(stop).__name__} {stop!r}"
+        )
+    is_datetime = isinstance(start, datetime)
+    if is_datetime:
+        for bound in (start, stop):
+            if bound.tzinfo is None or bound.utcoffset() is None:
+                raise InvalidPartition(
+                    f"naive datetime {bound.isoformat()!r} in partition_range; "
+                    "give it a timezone"
+                )
+        start = start.astimezone(timezone.utc)
+        stop = stop.astimezone(timezone.utc)
+    if start > stop:
+        raise InvalidPartition(
+            f"partition_range start {serialize_partition(start)!r} is after stop "
+            f"{serialize_partition(stop)!r}"
+        )
+    if step == "month":
+        return _month_range(start, stop)
+    delta = _step_delta(step, is_datetime)
+    count = (stop - start) // delta
+    return [start + delta * i for i in range(count + 1)]
+
+
+def _step_delta(step: Any, is_datetime: bool) -> timedelta:
+    if isinstance(step, timedelta):
+        delta = step
+    elif step in ("hour", "day", "week"):
+        delta = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(weeks=1)}[step]
+    else:
+        raise InvalidPartition(
+            f"unknown partition step {step!r}; use one of {_CALENDAR_STEPS} or a timedelta"
+        )
+    if delta <= timedelta(0):
+        raise InvalidPartition(f"partition step must be positive, got {delta}")
+    if not is_datetime and delta % timedelta(days=1):
+        raise InvalidPartition(
+            f"step {step!r} is finer than a day; date partitions step in whole days "
+            "(use datetimes for hourly partitions)"
+        )
+    return delta
+
+
+def _month_range(start: date, stop: date) -> list[Any]:
+    out = []
+    for months in itertools.count():
+        current = _add_months(start, months)
+        if current > stop:
+            return out
+        out.append(current)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _add_months(value: date, months: int) -> date:
+    index = value.month - 1 + months
+    year, month = value.year + index // 12, index % 12 + 1
+    day = min(value.day, _days_in_month(year, month))
+    return value.replace(year=year, month=month, day=day)
+
+
+def _days_in_month(year: int, month: int) -> int:
+    nxt = date(year + month // 12, month % 12 + 1, 1)
+    return (nxt - timedelta(days=1)).day
+
+
+# -------------------------------------------------------------------- definitions
+
+
+class PartitionsDefinition:
+    """Base of the partition definitions: the set of partitions an asset has.
+
+    ``keys()`` lists partition *values* (what ``materialize`` and ``backfill``
+    take), ``kind`` says how keys are read back, and ``validate(p)`` returns the
+    canonical value of ``p`` (accepting its string key too) or raises
+    :class:`~flowstone.InvalidPartition`.
+    """
+
+    kind: ClassVar[PartitionKind]
+
+    def keys(self, start: Any = None, end: Any = None) -> list[Any]:
+        raise NotImplementedError
+
+    def validate(self, partition: Any) -> Any:
+        raise NotImplementedError
+
+    def key(self, partition: Any) -> str:
+        """The string key of a partition of this definition, validated first."""
+        key = serialize_partition(self.validate(partition))
+        assert key is not None
+        return key
+
+    def _coerce(self, partition: Any) -> Any:
+        if isinstance(partition, str) and self.kind != "string":
+            return deserialize_partition(partition, self.kind)
+        return partition
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@attrs.frozen
+class _TimeWindowPartitions(PartitionsDefinition):
+    """Shared logic of the calendar definitions: ``start`` to ``end``, both included.
+
+    With no ``end``, ``keys()`` stops at the last *complete* period (yesterday,
+    the previous hour), as a scheduler would; ``validate`` still accepts any
+    period from ``start`` on, so a run for the current period is allowed.
+    """
+
+    _step: ClassVar[str]
+
+    def keys(self, start: Any = None, end: Any = None) -> list[Any]:
+        """Partitions from ``start`` to ``end`` (both included), clamped to the definition."""
+        lo = self.start if start is None else max(self._value(start), self.start)
+        hi = self._last_complete() if self.end is None else self.end
+        if end is not None:
+            hi = min(self._value(end), hi)
+        if lo > hi:
+            return []
+        return partition_range(lo, hi, self._step)
+
+    def validate(self, partition: Any) -> Any:
+        return self._check_bounds(self._value(partition))
+
+    def _value(self, partition: Any) -> Any:
+        """The partition as this definition's type, without the range check."""
+        raise NotImplementedError
+
+    def _check_bounds(self, value: Any) -> Any:
+        if value < self.start or (self.end is not None and value > self.end):
+            end = "open" if self.end is None else repr(serialize_partition(self.end))
+            raise InvalidPartition(
+                f"partition {serialize_partition(value)!r} is outside "
+                f"{type(self).__name__}(start={serialize_partition(self.start)!r}, end={end})"
+            )
+        return value
+
+    def _last_complete(self) -> Any:
+        raise NotImplementedError
+
+
+def _require_date(value: Any, what: str) -> date:
+    if isinstance(value, str):
+        value = deserialize_partition(value, "date")
+    if not isinstance(value, date) or isinstance(value, datetime):
+        raise InvalidPartition(f"{what} must be a date, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def _optional_date(value: Any) -> date | None:
+    return None if value is None else _require_date(value, "DailyPartitions end")
+
+
+@attrs.frozen
+class DailyPartitions(_TimeWindowPartitions):
+    """One partition per calendar day from ``start`` (a ``date``)."""
+
+    kind: ClassVar[PartitionKind] = "date"
+    _step: ClassVar[str] = "day"
+
+    start: date = attrs.field(converter=lambda v: _require_date(v, "DailyPartitions start"))
+    end: date | None = attrs.field(default=None, converter=_optional_date)
+
+    def __attrs_post_init__(self) -> None:
+        if self.end is not None and self.end < self.start:
+            raise InvalidPartition(f"DailyPartitions end {self.end} is before start {self.start}")
+
+    def _value(self, partition: Any) -> date:
+        value = self._coerce(partition)
+        if not isinstance(value, date) or isinstance(value, datetime):
+            raise InvalidPartition(
+                f"daily partition must be a date, got {type(value).__name__}: {value!r}"
+            )
+        return value
+
+    def _last_complete(self) -> date:
+        return _utcnow().date() - timedelta(days=1)
+
+
+def _require_hour(value: Any, what: str) -> datetime:
+    if isinstance(value, str):
+        value = deserialize_partition(value, "datetime")
+    elif isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+    if not isinstance(value, datetime):
+        raise InvalidPartition(f"{what} must be an aware datetime, got {value!r}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidPartition(f"{what} {value.isoformat()!r} is naive; give it a timezone")
+    value = value.astimezone(timezone.utc)
+    if (value.minute, value.second, value.microsecond) != (0, 0, 0):
+        raise InvalidPartition(f"{what} {serialize_partition(value)!r} is not on the hour")
+    return value
+
+
+def _optional_hour(value: Any) -> datetime | None:
+    return None if value is None else _require_hour(value, "HourlyPartitions end")
+
+
+@attrs.frozen
+class HourlyPartitions(_TimeWindowPartitions):
+    """One partition per hour (UTC) from ``start`` (an aware datetime on the hour, or a date)."""
+
+    kind: ClassVar[PartitionKind] = "datetime"
+    _step: ClassVar[str] = "hour"
+
+    start: datetime = attrs.field(converter=lambda v: _require_hour(v, "HourlyPartitions start"))
+    end: datetime | None = attrs.field(default=None, converter=_optional_hour)
+
+    def __attrs_post_init__(self) -> None:
+        if self.end is not None and self.end < self.start:
+            raise InvalidPartition(
+                f"HourlyPartitions end {serialize_partition(self.end)} is before start "
+                f"{serialize_partition(self.start)}"
+            )
+
+    def _value(self, partition: Any) -> datetime:
+        value = self._coerce(partition)
+        if isinstance(value, date) and not isinstance(value, datetime):
+            raise InvalidPartition(f"hourly partition must be an aware datetime, got date {value}")
+        return _require_hour(value, "hourly partition")
+
+    def _last_complete(self) -> datetime:
+        return _utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+
+
+def _static_keys(keys: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(keys, str):
+        raise InvalidPartition(f"StaticPartitions takes a list of keys, got the string {keys!r}")
+    result = tuple(keys)
+    if not result:
+        raise InvalidPartition("StaticPartitions needs at least one key")
+    seen: set[str] = set()
+    for key in result:
+        if not isinstance(key, str) or not key:
+            raise InvalidPartition(f"static partition keys must be non-empty strings, got {key!r}")
+        if key in seen:
+            raise InvalidPartition(f"static partition key {key!r} is listed twice")
+        seen.add(key)
+    return result
+
+
+@attrs.frozen(init=False)
+class StaticPartitions(PartitionsDefinition):
+    """A fixed list of string keys (regions, customers, ...), in the order given.
+
+    The keys are kept in ``partition_keys``: the name ``keys`` belongs to the
+    method every definition has.
+    """
+
+    kind: ClassVar[PartitionKind] = "string"
+
+    partition_keys: tuple[str, ...]
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.__attrs_init__(_static_keys(keys))
+
+    def keys(self, start: Any = None, end: Any = None) -> list[Any]:
+        lo = 0 if start is None else self.partition_keys.index(self.validate(start))
+        hi = len(self.partition_keys) if end is None else self.partition_keys.index(self.validate(end)) + 1
+        return list(self.partition_keys[lo:hi])
+
+    def validate(self, partition: Any) -> str:
+        if partition not in self.partition_keys:
+            shown = ", ".join(repr(k) for k in self.partition_keys[:10])
+            more = ", ..." if len(self.partition_keys) > 10 else ""
+            raise InvalidPartition(f"partition {partition!r} is not one of [{shown}{more}]")
+        return partition
+
+
+def _dimensions(dims: Sequence[Any]) -> tuple[PartitionsDefinition, ...]:
+    dims = tuple(dims)
+    if len(dims) < 2:
+        raise InvalidPartition("CompositePartitions needs at least two dimensions")
+    for dim in dims:
+        if not isinstance(dim, PartitionsDefinition) or isinstance(dim, CompositePartitions):
+            raise InvalidPartition(
+                f"CompositePartitions dimensions must be Daily, Hourly or Static "
+                f"partitions, got {dim!r}"
+            )
+    return dims
+
+
+@attrs.frozen(init=False)
+class CompositePartitions(PartitionsDefinition):
+    """The product of several dimensions; a partition is a tuple with one value each.
+
+    ``CompositePartitions(StaticPartitions(["eu", "us"]), DailyPartitions(d))``
+    has partitions like ``("eu", date(2025, 1, 15))``, keyed ``"eu|2025-01-15"``.
+    """
+
+    dimensions: tuple[PartitionsDefinition, ...]
+
+    def __init__(self, *dimensions: PartitionsDefinition) -> None:
+        self.__attrs_init__(_dimensions(dimensions))
+
+    @property
+    def kind(self) -> PartitionKind:  # type: ignore[override]
+        return tuple(d.kind for d in self.dimensions)
+
+    def keys(self, start: Any = None, end: Any = None) -> list[Any]:
+        """The product of each dimension's keys; ``start``/``end`` bound each dimension.
+
+        ``start`` and ``end`` are tuples with one bound (or ``None``) per dimension.
+        """
+        starts = self._bounds(start)
+        ends = self._bounds(end)
+        per_dim = [d.keys(s, e) for d, s, e in zip(self.dimensions, starts, ends)]
+        return list(itertools.product(*per_dim))
+
+    def _bounds(self, bound: Any) -> tuple[Any, ...]:
+        if bound is None:
+            return (None,) * len(self.dimensions)
+        if not isinstance(bound, tuple) or len(bound) != len(self.dimensions):
+            raise InvalidPartition(
+                f"composite bound {bound!r} must be a tuple with one value per dimension "
+                f"({len(self.dimensions)})"
+            )
+        return bound
+
+    def validate(self, partition: Any) -> tuple[Any, ...]:
+        if isinstance(partition, str):
+            partition = deserialize_partition(partition, self.kind)
+        if not isinstance(partition, tuple) or len(partition) != len(self.dimensions):
+            raise InvalidPartition(
+                f"composite partition must be a tuple of {len(self.dimensions)} values, "
+                f"got {partition!r}"
+            )
+        return tuple(d.validate(p) for d, p in zip(self.dimensions, partition))
+
+
+def can_map(upstream: PartitionsDefinition | None, downstream: PartitionsDefinition | None) -> bool:
+    """Whether a ``downstream`` asset can read ``upstream`` with the built-in mappings.
+
+    Identity (same definition class and kind: each partition reads the same
+    partition upstream, which must exist there), all-partitions (an unpartitioned
+    asset reads every upstream partition) and broadcast (a partitioned asset reads
+    an unpartitioned upstream's single value). See docs/adr/0002.
+    """
+    if upstream is None or downstream is None:
+        return True
+    if type(upstream) is not type(downstream):
+        return False
+    if isinstance(upstream, StaticPartitions):
+        assert isinstance(downstream, StaticPartitions)
+        return set(downstream.partition_keys) <= set(upstream.partition_keys)
+    if isinstance(upstream, CompositePartitions):
+        assert isinstance(downstream, CompositePartitions)
+        return len(upstream.dimensions) == len(downstream.dimensions) and all(
+            can_map(u, d) for u, d in zip(upstream.dimensions, downstream.dimensions)
+        )
+    return True

@@ -1,0 +1,139 @@
+"""A named collection of assets, checked as a whole.
+
+Assets may name dependencies defined later in the module, so graph problems are
+only knowable once every asset is in: :meth:`Pipeline.validate` (also run when a
+runtime opens) reports all of them in one :class:`~flowstone.DefinitionError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Iterator
+from typing import Any
+
+from .dag import AssetGraph
+from .definitions import Asset, FieldError, asset, validate_asset
+from .errors import CycleError, DefinitionError
+from .partitions import PartitionsDefinition, can_map
+
+__all__ = ["Pipeline"]
+
+
+class Pipeline:
+    """Assets that belong together: ``pipeline = fs.Pipeline("analytics")``.
+
+    ``@pipeline.asset(...)`` defines and adds an asset; ``Pipeline(name,
+    assets=[...])`` takes ready ``fs.Asset`` objects.
+    """
+
+    def __init__(self, name: str, assets: Iterable[Asset] = ()) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise DefinitionError([FieldError("pipeline", f"name must be a non-empty str, got {name!r}")])
+        self.name = name
+        self._assets: list[Asset] = []
+        for item in assets:
+            self.add(item)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, assets=[{', '.join(a.name for a in self._assets)}])"
+
+    @property
+    def assets(self) -> tuple[Asset, ...]:
+        """Every asset in definition order."""
+        return tuple(self._assets)
+
+    def __iter__(self) -> Iterator[Asset]:
+        return iter(self.assets)
+
+    def __len__(self) -> int:
+        return len(self._assets)
+
+    def __contains__(self, name: object) -> bool:
+        return any(a.name == name for a in self._assets)
+
+    def add(self, item: Asset) -> Asset:
+        """Add a ready ``Asset``; it is checked with the rest by :meth:`validate`."""
+        if not isinstance(item, Asset):
+            raise DefinitionError(
+                [FieldError("assets", f"expected an fs.Asset, got {type(item).__name__}: {item!r}")]
+            )
+        self._assets.append(item)
+        return item
+
+    def asset(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """``fs.asset`` that also adds the asset to this pipeline."""
+        if fn is not None:
+            return self.add(asset(fn, **options))
+        make = asset(**options)
+        return lambda func: self.add(make(func))
+
+    def get(self, name: str) -> Asset:
+        """The asset called ``name``; :class:`~flowstone.NotFound` names it if unknown."""
+        return self.graph().get(name)
+
+    def graph(self) -> AssetGraph:
+        """A snapshot of the current assets as an :class:`~flowstone.dag.AssetGraph`."""
+        return AssetGraph(self._assets)
+
+    def validate(
+        self,
+        *,
+        io_managers: Collection[str] | None = None,
+        resources: Collection[str] | None = None,
+    ) -> None:
+        """Raise one error naming every problem in the pipeline, or return ``None``.
+
+        Checks each asset's fields, duplicate names, unknown dependencies, cycles
+        and partition mappings; with ``io_managers`` / ``resources`` (the keys a
+        runtime has), also that every key an asset names exists. The error is a
+        :class:`~flowstone.CycleError` when any problem is a cycle, else a
+        :class:`~flowstone.DefinitionError`; ``.errors`` lists them all.
+        """
+        graph = self.graph()
+        errors: list[FieldError] = []
+        for item in self._assets:
+            errors += validate_asset(item)
+        errors += graph.problems()
+        errors += _mapping_problems(graph)
+        for item in graph.assets:
+            if io_managers is not None and item.io_manager is not None and item.io_manager not in io_managers:
+                errors.append(
+                    FieldError("io_manager", f"unknown IO manager {item.io_manager!r}; known: {sorted(io_managers)}", item.name)
+                )
+            if resources is not None:
+                for key in item.requires:
+                    if key not in resources:
+                        errors.append(
+                            FieldError("requires", f"unknown resource {key!r}; known: {sorted(resources)}", item.name)
+                        )
+        if not errors:
+            return
+        cycles = graph.cycles()
+        if cycles:
+            raise CycleError(cycles[0], errors)
+        raise DefinitionError(errors)
+
+
+def _mapping_problems(graph: AssetGraph) -> list[FieldError]:
+    errors = []
+    for item in graph.assets:
+        for dep_name in item.depends_on:
+            if dep_name not in graph:
+                continue
+            dep = graph.get(dep_name)
+            if not _valid_partitions(dep) or not _valid_partitions(item):
+                continue  # already reported by validate_asset
+            if not can_map(dep.partitioned_by, item.partitioned_by):
+                errors.append(
+                    FieldError(
+                        "partitioned_by",
+                        f"cannot read {dep_name!r}: its partitions {dep.partitioned_by!r} do not map "
+                        f"onto {item.partitioned_by!r}; give both the same partitioning, or leave "
+                        f"{item.name!r} unpartitioned to read every partition of {dep_name!r}",
+                        item.name,
+                    )
+                )
+    return errors
+
+
+def _valid_partitions(item: Asset) -> bool:
+    return item.partitioned_by is None or isinstance(item.partitioned_by, PartitionsDefinition)

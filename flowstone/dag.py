@@ -70,7 +70,10 @@ class AssetGraph:
         """An ``AssetGraph`` for a graph, a ``Pipeline`` or any iterable of ``Asset``."""
         if isinstance(assets, AssetGraph):
             return assets
-        return cls(getattr(assets, "assets", assets))
+        items = getattr(assets, "assets", assets)
+        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+            raise DefinitionError(f"expected a Pipeline or an iterable of fs.Asset, got {assets!r}")
+        return cls(items)
 
     # ------------------------------------------------------------------ lookup
 

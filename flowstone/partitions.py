@@ -433,8 +433,8 @@ class HourlyPartitions(_TimeWindowPartitions):
 
 
 def _static_keys(keys: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(keys, str):
-        raise InvalidPartition(f"StaticPartitions takes a list of keys, got the string {keys!r}")
+    if isinstance(keys, str) or not isinstance(keys, Iterable):
+        raise InvalidPartition(f"StaticPartitions takes a list of string keys, got {keys!r}")
     result = tuple(keys)
     if not result:
         raise InvalidPartition("StaticPartitions needs at least one key")

@@ -1,0 +1,142 @@
+"""The asset graph (SPEC 2): orders, layers, cycles, transitive sets."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import flowstone as fs
+
+
+def node(name, *deps):
+    return fs.Asset(name=name, depends_on=deps, execute_fn=lambda ctx, deps: None)
+
+
+DIAMOND = [node("source"), node("left", "source"), node("right", "source"), node("sink", "left", "right")]
+
+
+def test_execution_order_puts_dependencies_first_and_only_what_is_needed():
+    assets = [*DIAMOND, node("unrelated")]
+    assert fs.execution_order("sink", assets) == ["source", "left", "right", "sink"]
+    assert fs.execution_order("left", assets) == ["source", "left"]
+
+
+def test_ties_follow_definition_order():
+    assets = [node("b"), node("a"), node("c", "a", "b")]
+    assert fs.execution_order("c", assets) == ["b", "a", "c"]
+
+
+def test_layers_group_independent_assets():
+    assert fs.execution_layers(DIAMOND) == [["source"], ["left", "right"], ["sink"]]
+    assert fs.execution_layers(DIAMOND, target="left") == [["source"], ["left"]]
+
+
+def test_dependencies_and_dependents_are_transitive():
+    assert fs.dependencies("sink", DIAMOND) == {"source", "left", "right"}
+    assert fs.dependents("source", DIAMOND) == {"left", "right", "sink"}
+    assert fs.dependencies("source", DIAMOND) == set()
+
+
+def test_functions_accept_a_pipeline():
+    pipeline = fs.Pipeline("p", assets=DIAMOND)
+    assert fs.execution_order("sink", pipeline)[-1] == "sink"
+    fs.check_cycles(pipeline)
+
+
+def test_unknown_target_is_not_found_naming_it():
+    with pytest.raises(fs.NotFound, match="'nope'") as info:
+        fs.execution_order("nope", DIAMOND)
+    assert info.value.asset == "nope"
+    with pytest.raises(fs.NotFound):
+        fs.dependencies("nope", DIAMOND)
+
+
+def test_unknown_dependency_in_the_plan_is_a_definition_error():
+    with pytest.raises(fs.DefinitionError, match="unknown dependency 'ghost'"):
+        fs.execution_order("b", [node("a"), node("b", "a", "ghost")])
+
+
+def test_two_cycle_is_reported_in_dependency_order():
+    with pytest.raises(fs.CycleError) as info:
+        fs.check_cycles([node("a", "b"), node("b", "a")])
+    assert info.value.cycle == ["a", "b"]
+    assert "a -> b -> a" in str(info.value)
+
+
+def test_self_loop_is_a_cycle():
+    with pytest.raises(fs.CycleError) as info:
+        fs.check_cycles([node("a"), node("b", "b")])
+    assert info.value.cycle == ["b"]
+
+
+def test_execution_order_through_a_cycle_raises_cycle_error():
+    with pytest.raises(fs.CycleError):
+        fs.execution_order("c", [node("a", "b"), node("b", "a"), node("c", "a")])
+
+
+def test_execution_order_beside_a_cycle_still_works():
+    assert fs.execution_order("c", [node("a", "b"), node("b", "a"), node("c")]) == ["c"]
+
+
+def test_problems_name_every_cycle():
+    graph = fs.AssetGraph([node("a", "b"), node("b", "a"), node("c", "d"), node("d", "c")])
+    assert graph.cycles() == [["a", "b"], ["c", "d"]]
+
+
+def test_non_asset_in_graph_is_a_definition_error():
+    with pytest.raises(fs.DefinitionError, match="expected an fs.Asset"):
+        fs.AssetGraph([node("a"), "b"])
+
+
+@st.composite
+def dags(draw):
+    """A random DAG: edges only go from a lower to a higher index, names shuffled."""
+    size = draw(st.integers(1, 25))
+    names = draw(st.permutations([f"n{i}" for i in range(size)]))
+    deps = {
+        names[i]: draw(st.lists(st.sampled_from(names[:i]), unique=True)) if i else []
+        for i in range(size)
+    }
+    order = draw(st.permutations(names))  # definition order is independent of the edges
+    return [node(n, *deps[n]) for n in order]
+
+
+@given(dags())
+def test_random_dags_respect_every_edge(assets):
+    position = {n: i for i, n in enumerate(fs.execution_order(assets[-1].name, assets))}
+    for asset in assets:
+        for dep in asset.depends_on:
+            if asset.name in position:
+                assert position[dep] < position[asset.name]
+
+
+@given(dags())
+def test_random_dag_layers_cover_everything_once_and_respect_edges(assets):
+    layers = fs.execution_layers(assets)
+    layer_of = {n: i for i, layer in enumerate(layers) for n in layer}
+    assert sorted(layer_of) == sorted(a.name for a in assets)
+    assert sum(len(layer) for layer in layers) == len(assets)
+    for asset in assets:
+        for dep in asset.depends_on:
+            assert layer_of[dep] < layer_of[asset.name]
+    fs.check_cycles(assets)
+
+
+@given(dags(), st.data())
+def test_a_back_edge_makes_a_cycle_that_is_found(assets, data):
+    by_name = {a.name: a for a in assets}
+    # Take an edge dep -> victim and make dep depend on victim: a loop.
+    with_deps = [a for a in assets if a.depends_on]
+    if with_deps:
+        victim = data.draw(st.sampled_from(with_deps))
+        dep = by_name[data.draw(st.sampled_from(victim.depends_on))]
+        closing = node(dep.name, *dep.depends_on, victim.name)
+    else:
+        closing = node(assets[0].name, assets[0].name)  # no edges: a self-loop
+    cyclic = [closing if a.name == closing.name else a for a in assets]
+    with pytest.raises(fs.CycleError) as info:
+        fs.check_cycles(cyclic)
+    cycle = info.value.cycle
+    edges = {(d, a.name) for a in cyclic for d in a.depends_on}
+    assert cycle, "a cycle must name at least one asset"
+    for a, b in zip(cycle, cycle[1:] + cycle[:1]):
+        assert (a, b) in edges, f"{a} -> {b} is not an edge of the graph"

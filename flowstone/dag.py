@@ -12,7 +12,8 @@ cycles are deterministic from one run to the next.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Union
+from functools import cached_property
+from typing import TYPE_CHECKING, Union
 
 import networkx as nx
 
@@ -103,17 +104,47 @@ class AssetGraph:
 
     def cycles(self) -> list[list[str]]:
         """One cycle per strongly connected component that has one, in definition order."""
-        found = []
+        return [list(c) for c in self._cycles[0]]
+
+    @cached_property
+    def _cycles(self) -> tuple[list[list[str]], frozenset[str]]:
+        """The cycles, and every asset that sits on one (computed once: graphs are immutable)."""
+        found, on_cycle = [], set()
         for component in nx.strongly_connected_components(self._graph):
             start = min(component, key=self._order.__getitem__)
             if len(component) == 1 and not self._graph.has_edge(start, start):
                 continue
+            on_cycle |= component
             edges = nx.find_cycle(self._graph.subgraph(component), source=start)
             cycle = [u for u, _v in edges]
             first = min(range(len(cycle)), key=lambda i: self._order[cycle[i]])
             found.append(cycle[first:] + cycle[:first])
         found.sort(key=lambda c: self._order[c[0]])
-        return found
+        return found, frozenset(on_cycle)
+
+    @cached_property
+    def _ranks(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Each sound asset's position in one topological order, and its depth.
+
+        Computed once so that plans cost a set walk and a sort, not a graph
+        algorithm per call. Assets on or below a cycle have no rank; queries
+        touching them raise before ranks are read. Depth is the longest path
+        from a source; an asset's ancestors are all in any plan that holds it, so
+        its depth is its layer in that plan too.
+        """
+        _cycles, on_cycle = self._cycles
+        graph = self._graph
+        if on_cycle:
+            tainted = set(on_cycle)
+            for name in on_cycle:
+                tainted |= nx.descendants(graph, name)
+            graph = graph.subgraph(set(graph) - tainted)
+        rank: dict[str, int] = {}
+        depth: dict[str, int] = {}
+        for name in nx.lexicographical_topological_sort(graph, key=self._order.__getitem__):
+            rank[name] = len(rank)
+            depth[name] = max((depth[p] + 1 for p in self._graph.predecessors(name)), default=0)
+        return rank, depth
 
     def problems(self) -> list[FieldError]:
         """Duplicate names, unknown dependencies and cycles, each as a ``FieldError``."""
@@ -149,33 +180,36 @@ class AssetGraph:
 
     def execution_order(self, target: str) -> list[str]:
         """``target`` and everything it depends on, dependencies first."""
-        subgraph = self._sound_subgraph(self.dependencies(target) | {target})
-        return list(nx.lexicographical_topological_sort(subgraph, key=self._order.__getitem__))
+        names = self._plan(target)
+        return sorted(names, key=self._ranks[0].__getitem__)
 
     def layers(self, target: str | None = None) -> list[list[str]]:
         """Groups that can run concurrently: each layer depends only on earlier ones.
 
         With a ``target``, only it and its dependencies; otherwise every asset.
         """
-        names = set(self._assets) if target is None else self.dependencies(target) | {target}
-        subgraph = self._sound_subgraph(names)
-        return [sorted(layer, key=self._order.__getitem__) for layer in nx.topological_generations(subgraph)]
+        names = self._plan(target)
+        depth = self._ranks[1]
+        layers: list[list[str]] = [[] for _ in range(max(map(depth.__getitem__, names), default=-1) + 1)]
+        for name in sorted(names, key=self._order.__getitem__):
+            layers[depth[name]].append(name)
+        return layers
 
-    def _sound_subgraph(self, names: set[str]) -> Any:
-        """The subgraph on ``names``, after checking it has no unknown deps or cycles."""
+    def _plan(self, target: str | None) -> set[str]:
+        """``target`` and its dependencies (or every asset), checked to be plannable."""
+        names = set(self._assets) if target is None else self.dependencies(target) | {target}
         errors = [
             FieldError("depends_on", f"unknown dependency {dep!r}", name)
-            for name in sorted(names, key=self._order.__getitem__)
-            for dep in self._unknown.get(name, ())
+            for name in sorted(names & self._unknown.keys(), key=self._order.__getitem__)
+            for dep in self._unknown[name]
         ]
-        subgraph = self._graph.subgraph(names)
-        if not nx.is_directed_acyclic_graph(subgraph):
-            cycles = [c for c in self.cycles() if c[0] in names]
-            errors += [_cycle_problem(c) for c in cycles]
-            raise CycleError(cycles[0], errors)
+        cycles, on_cycle = self._cycles
+        if names & on_cycle:
+            hit = [c for c in cycles if c[0] in names]
+            raise CycleError(hit[0], errors + [_cycle_problem(c) for c in hit])
         if errors:
             raise DefinitionError(errors)
-        return subgraph
+        return names
 
 
 def _cycle_problem(cycle: list[str]) -> FieldError:

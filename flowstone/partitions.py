@@ -97,6 +97,8 @@ def _escape(part: str) -> str:
 
 def _split(key: str) -> list[str]:
     """Split a composite key on unescaped ``|`` and unescape each part."""
+    if _ESCAPE not in key:
+        return key.split(_SEPARATOR)  # the common case: nothing escaped
     parts: list[str] = []
     current: list[str] = []
     chars = iter(key)

@@ -140,3 +140,24 @@ def test_a_back_edge_makes_a_cycle_that_is_found(assets, data):
     assert cycle, "a cycle must name at least one asset"
     for a, b in zip(cycle, cycle[1:] + cycle[:1]):
         assert (a, b) in edges, f"{a} -> {b} is not an edge of the graph"
+
+
+@given(dags(), st.data())
+def test_layers_of_a_target_match_the_generations_of_its_subgraph(assets, data):
+    """Precomputed depths give the same layers as computing on the subgraph."""
+    import networkx as nx
+
+    target = data.draw(st.sampled_from([a.name for a in assets]))
+    names = fs.dependencies(target, assets) | {target}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(names)
+    graph.add_edges_from((d, a.name) for a in assets if a.name in names for d in a.depends_on)
+    expected = [set(layer) for layer in nx.topological_generations(graph)]
+    assert [set(layer) for layer in fs.execution_layers(assets, target=target)] == expected
+
+
+def test_layers_beside_a_cycle_still_work():
+    assets = [node("a", "b"), node("b", "a"), node("c"), node("d", "c")]
+    assert fs.execution_layers(assets, target="d") == [["c"], ["d"]]
+    with pytest.raises(fs.CycleError):
+        fs.execution_layers(assets)

@@ -1,0 +1,1 @@
+"""FlowStone's benchmarks and stress scenarios: ``python -m stress list``."""

@@ -1,0 +1,37 @@
+"""``python -m stress list`` | ``python -m stress <scenario> [options]``.
+
+Each scenario is bounded in count and time, prints a table and then one JSON
+line, and exits non-zero if it cannot complete.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import core
+
+SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
+    "core": (core.run, "planning cost (graph, order, layers, validate) and partition key throughput"),
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name == "list":
+        for scenario, (_run, about) in SCENARIOS.items():
+            print(f"{scenario:12} {about}")
+        return 0
+    if name not in SCENARIOS:
+        print(f"unknown scenario {name!r}; try: python -m stress list", file=sys.stderr)
+        return 2
+    SCENARIOS[name][0](rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

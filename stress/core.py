@@ -1,0 +1,77 @@
+"""Cost of the core pieces every materialization leans on: planning and partition keys.
+
+The runtime's budget for a 100-asset chain is 14 ms in total (issue #3), so the
+plan must cost a small fraction of it; a 100,000-partition backfill serializes
+every key at least once, so key encoding must not be what bounds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import flowstone as fs
+
+from .report import emit, median, timed
+
+
+def _fn(ctx: Any, deps: Any) -> None:
+    return None
+
+
+def chain(length: int) -> list[fs.Asset]:
+    return [
+        fs.Asset(name=f"a{i}", depends_on=(f"a{i - 1}",) if i else (), execute_fn=_fn)
+        for i in range(length)
+    ]
+
+
+def fan(width: int) -> list[fs.Asset]:
+    children = [fs.Asset(name=f"c{i}", depends_on=("source",), execute_fn=_fn) for i in range(width)]
+    sink = fs.Asset(name="sink", depends_on=tuple(c.name for c in children), execute_fn=_fn)
+    return [fs.Asset(name="source", execute_fn=_fn), *children, sink]
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m stress core", description=__doc__)
+    parser.add_argument("--repeat", type=int, default=20, help="timed repetitions per row (median shown)")
+    parser.add_argument("--keys", type=int, default=100_000, help="partition keys per key row")
+    args = parser.parse_args(argv)
+    repeat, n = max(1, args.repeat), max(1, args.keys)
+
+    rows = []
+
+    def row(what: str, samples: list[float], items: int) -> None:
+        best = median(samples)
+        rows.append({
+            "measure": what,
+            "items": items,
+            "median_ms": best * 1e3,
+            "us_per_item": best * 1e6 / items,
+        })
+
+    long_chain, wide = chain(100), fan(200)
+    chain_graph = fs.AssetGraph(long_chain)
+    row("graph build: 100-asset chain", timed(lambda: fs.AssetGraph(long_chain), repeat), 100)
+    row("build + first plan: 100-asset chain", timed(lambda: fs.AssetGraph(long_chain).execution_order("a99"), repeat), 100)
+    row("plan on built graph: 100-asset chain", timed(lambda: chain_graph.execution_order("a99"), repeat), 100)
+    wide_graph = fs.AssetGraph(wide)
+    row("layers on built graph: 1-200-1 fan", timed(lambda: wide_graph.layers("sink"), repeat), 202)
+    big = fs.Pipeline("big", assets=chain(1000))
+    row("validate: 1000-asset pipeline", timed(big.validate, max(1, repeat // 4)), 1000)
+
+    days = [date(2000, 1, 1) + timedelta(days=i) for i in range(n)]
+    row("serialize date keys", timed(lambda: [fs.serialize_partition(d) for d in days], 3), n)
+    keys = [fs.serialize_partition(d) for d in days]
+    row("deserialize date keys", timed(lambda: [fs.deserialize_partition(k, "date") for k in keys], 3), n)
+    combos = [("tenant|1", "eu", d) for d in days]
+    row("serialize composite keys", timed(lambda: [fs.serialize_partition(c) for c in combos], 3), n)
+    ckeys = [fs.serialize_partition(c) for c in combos]
+    kind = ("string", "string", "date")
+    row("deserialize composite keys", timed(lambda: [fs.deserialize_partition(k, kind) for k in ckeys], 3), n)
+    start = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    stop = start + timedelta(hours=n - 1)
+    row("partition_range hourly", timed(lambda: fs.partition_range(start, stop, "hour"), 3), n)
+
+    return emit("core", rows, {"repeat": repeat, "keys": n})

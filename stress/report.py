@@ -1,0 +1,60 @@
+"""How every scenario reports: an aligned table for people, one JSON line for tools."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
+    """Wall-clock seconds of ``repeat`` calls of ``fn``, one each."""
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def emit(scenario: str, rows: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+    """Print ``rows`` as a table, then one JSON line with everything; return it."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[_cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print(f"scenario: {scenario}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    record = {
+        "scenario": scenario,
+        "options": options,
+        "python": platform.python_version(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rows": rows,
+    }
+    print(json.dumps(record, sort_keys=True))
+    return record
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,36 @@
+"""The stress scenarios stay runnable: a short run of each, as CI's smoke test."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_stress(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "stress", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_list_names_every_scenario():
+    listing = run_stress("list")
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.split()[0] == "core"
+
+
+def test_core_scenario_prints_a_table_and_a_json_line():
+    result = run_stress("core", "--repeat", "2", "--keys", "200")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert record["scenario"] == "core" and record["options"] == {"repeat": 2, "keys": 200}
+    measures = {row["measure"] for row in record["rows"]}
+    assert "plan on built graph: 100-asset chain" in measures
+    assert all(row["median_ms"] > 0 for row in record["rows"])
+    assert lines[1].split()[0] == "measure"  # the table's header
+
+
+def test_unknown_scenario_exits_non_zero():
+    assert run_stress("nope").returncode == 2

@@ -299,11 +299,6 @@ class PartitionsDefinition:
         assert key is not None
         return key
 
-    def _coerce(self, partition: Any) -> Any:
-        if isinstance(partition, str) and self.kind != "string":
-            return deserialize_partition(partition, self.kind)
-        return partition
-
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -319,6 +314,14 @@ class _TimeWindowPartitions(PartitionsDefinition):
     """
 
     _step: ClassVar[str]
+
+    def __attrs_post_init__(self) -> None:
+        end = getattr(self, "end", None)
+        if end is not None and end < self.start:  # type: ignore[attr-defined]
+            raise InvalidPartition(
+                f"{type(self).__name__} end {serialize_partition(end)!r} is before start "
+                f"{serialize_partition(self.start)!r}"  # type: ignore[attr-defined]
+            )
 
     def keys(self, start: Any = None, end: Any = None) -> list[Any]:
         """Partitions from ``start`` to ``end`` (both included), clamped to the definition."""
@@ -372,17 +375,8 @@ class DailyPartitions(_TimeWindowPartitions):
     start: date = attrs.field(converter=lambda v: _require_date(v, "DailyPartitions start"))
     end: date | None = attrs.field(default=None, converter=_optional_date)
 
-    def __attrs_post_init__(self) -> None:
-        if self.end is not None and self.end < self.start:
-            raise InvalidPartition(f"DailyPartitions end {self.end} is before start {self.start}")
-
     def _value(self, partition: Any) -> date:
-        value = self._coerce(partition)
-        if not isinstance(value, date) or isinstance(value, datetime):
-            raise InvalidPartition(
-                f"daily partition must be a date, got {type(value).__name__}: {value!r}"
-            )
-        return value
+        return _require_date(partition, "daily partition")
 
     def _last_complete(self) -> date:
         return _utcnow().date() - timedelta(days=1)
@@ -417,18 +411,10 @@ class HourlyPartitions(_TimeWindowPartitions):
     start: datetime = attrs.field(converter=lambda v: _require_hour(v, "HourlyPartitions start"))
     end: datetime | None = attrs.field(default=None, converter=_optional_hour)
 
-    def __attrs_post_init__(self) -> None:
-        if self.end is not None and self.end < self.start:
-            raise InvalidPartition(
-                f"HourlyPartitions end {serialize_partition(self.end)} is before start "
-                f"{serialize_partition(self.start)}"
-            )
-
     def _value(self, partition: Any) -> datetime:
-        value = self._coerce(partition)
-        if isinstance(value, date) and not isinstance(value, datetime):
-            raise InvalidPartition(f"hourly partition must be an aware datetime, got date {value}")
-        return _require_hour(value, "hourly partition")
+        if isinstance(partition, date) and not isinstance(partition, datetime):
+            raise InvalidPartition(f"hourly partition must be an aware datetime, got date {partition}")
+        return _require_hour(partition, "hourly partition")
 
     def _last_complete(self) -> datetime:
         return _utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)

@@ -29,6 +29,7 @@ from .errors import InvalidTenant as InvalidTenant
 from .errors import InvalidTransition as InvalidTransition
 from .errors import MaterializationFailed as MaterializationFailed
 from .errors import NotFound as NotFound
+from .errors import RuntimeClosed as RuntimeClosed
 from .errors import SerializationError as SerializationError
 from .guards import Guard as Guard
 from .partitions import CompositePartitions as CompositePartitions
@@ -39,8 +40,20 @@ from .partitions import StaticPartitions as StaticPartitions
 from .partitions import deserialize_partition as deserialize_partition
 from .partitions import partition_range as partition_range
 from .partitions import serialize_partition as serialize_partition
+from .io import IOManager as IOManager
 from .pipeline import Pipeline as Pipeline
+from .runtime.backfill import BackfillStatus as BackfillStatus
+from .runtime.run import RunResult as RunResult
+from .runtime.runtime import Runtime as Runtime
+from .runtime.runtime import materialize as materialize
+from .runtime.runtime import open_runtime as open_runtime
+from .store import Materialization as Materialization
+from .store import MaterializationStore as MaterializationStore
+from .store import Status as Status
 from .tenancy import current_tenant as current_tenant
 from .tenancy import tenant_scope as tenant_scope
+
+from . import io as io  # noqa: E402  (fs.io and fs.store right after import)
+from . import store as store  # noqa: E402
 
 __version__ = "0.1.0.dev0"

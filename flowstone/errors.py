@@ -31,6 +31,7 @@ __all__ = [
     "InvalidTransition",
     "MaterializationFailed",
     "NotFound",
+    "RuntimeClosed",
     "SerializationError",
 ]
 
@@ -231,17 +232,26 @@ class MaterializationFailed(FlowstoneError):
 
 
 class ActorCrashed(FlowstoneError):
-    """An actor died while a caller waited on it; the crash is the ``__cause__``."""
+    """An actor died while a caller waited on it; the crash is the ``__cause__``.
+
+    Also what a runtime fails with when one actor crashes too often to restart.
+    """
 
     def __init__(
         self,
         actor: str,
         *,
+        detail: str | None = None,
         asset: str | None = None,
         partition: Any = None,
         tenant: str | None = None,
     ) -> None:
         self.actor = actor
-        super().__init__(
-            f"actor {actor!r} crashed", asset=asset, partition=partition, tenant=tenant
-        )
+        message = f"actor {actor!r} crashed"
+        if detail:
+            message = f"{message}: {detail}"
+        super().__init__(message, asset=asset, partition=partition, tenant=tenant)
+
+
+class RuntimeClosed(FlowstoneError):
+    """The runtime (or the actor asked) is no longer running."""

@@ -93,45 +93,81 @@ class Pipeline:
         for item in self._assets:
             errors += validate_asset(item)
         errors += graph.problems()
-        errors += _mapping_problems(graph)
         for item in graph.assets:
-            if io_managers is not None and item.io_manager is not None and item.io_manager not in io_managers:
-                errors.append(
-                    FieldError("io_manager", f"unknown IO manager {item.io_manager!r}; known: {sorted(io_managers)}", item.name)
-                )
-            if resources is not None:
-                for key in item.requires:
-                    if key not in resources:
-                        errors.append(
-                            FieldError("requires", f"unknown resource {key!r}; known: {sorted(resources)}", item.name)
-                        )
-        if not errors:
-            return
-        cycles = graph.cycles()
-        if cycles:
-            raise CycleError(cycles[0], errors)
-        raise DefinitionError(errors)
+            errors += asset_problems(item, graph, io_managers=io_managers, resources=resources)
+        raise_problems(errors, graph)
 
 
-def _mapping_problems(graph: AssetGraph) -> list[FieldError]:
+def addition_problems(
+    graph: AssetGraph,
+    item: Asset,
+    *,
+    io_managers: Collection[str] | None = None,
+    resources: Collection[str] | None = None,
+) -> tuple[AssetGraph, list[FieldError]]:
+    """The graph with ``item`` added, and every problem adding it causes.
+
+    ``graph`` is known to be sound, so every problem of the new graph is the
+    new asset's; only its own fields and mappings need checking.
+    """
+    errors = validate_asset(item)
+    if item.name in graph:
+        errors.append(FieldError("name", "an asset with this name is already registered", item.name))
+        return graph, errors
+    bigger = AssetGraph((*graph.assets, item))
+    errors += bigger.problems()
+    errors += asset_problems(item, bigger, io_managers=io_managers, resources=resources)
+    return bigger, errors
+
+
+def raise_problems(errors: list[FieldError], graph: AssetGraph) -> None:
+    """Raise one error carrying every problem: ``CycleError`` if any is a cycle."""
+    if not errors:
+        return
+    cycles = graph.cycles()
+    if cycles:
+        raise CycleError(cycles[0], errors)
+    raise DefinitionError(errors)
+
+
+def asset_problems(
+    item: Asset,
+    graph: AssetGraph,
+    *,
+    io_managers: Collection[str] | None,
+    resources: Collection[str] | None,
+) -> list[FieldError]:
+    """Problems of one asset that need its graph or the runtime's keys."""
+    errors = _mapping_problems(item, graph)
+    if io_managers is not None and item.io_manager is not None and item.io_manager not in io_managers:
+        errors.append(
+            FieldError("io_manager", f"unknown IO manager {item.io_manager!r}; known: {sorted(io_managers)}", item.name)
+        )
+    if resources is not None:
+        for key in item.requires:
+            if key not in resources:
+                errors.append(FieldError("requires", f"unknown resource {key!r}; known: {sorted(resources)}", item.name))
+    return errors
+
+
+def _mapping_problems(item: Asset, graph: AssetGraph) -> list[FieldError]:
     errors = []
-    for item in graph.assets:
-        for dep_name in item.depends_on:
-            if dep_name not in graph:
-                continue
-            dep = graph.get(dep_name)
-            if not _valid_partitions(dep) or not _valid_partitions(item):
-                continue  # already reported by validate_asset
-            if not can_map(dep.partitioned_by, item.partitioned_by):
-                errors.append(
-                    FieldError(
-                        "partitioned_by",
-                        f"cannot read {dep_name!r}: its partitions {dep.partitioned_by!r} do not map "
-                        f"onto {item.partitioned_by!r}; give both the same partitioning, or leave "
-                        f"{item.name!r} unpartitioned to read every partition of {dep_name!r}",
-                        item.name,
-                    )
+    for dep_name in item.depends_on:
+        if dep_name not in graph:
+            continue
+        dep = graph.get(dep_name)
+        if not _valid_partitions(dep) or not _valid_partitions(item):
+            continue  # already reported by validate_asset
+        if not can_map(dep.partitioned_by, item.partitioned_by):
+            errors.append(
+                FieldError(
+                    "partitioned_by",
+                    f"cannot read {dep_name!r}: its partitions {dep.partitioned_by!r} do not map "
+                    f"onto {item.partitioned_by!r}; give both the same partitioning, or leave "
+                    f"{item.name!r} unpartitioned to read every partition of {dep_name!r}",
+                    item.name,
                 )
+            )
     return errors
 
 

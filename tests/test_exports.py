@@ -14,16 +14,20 @@ PUBLIC = {
     "StaticPartitions", "deserialize_partition", "partition_range", "serialize_partition",
     # tenancy and guards (SPEC 4)
     "Guard", "current_tenant", "tenant_scope",
+    # IO managers and records (SPEC 5, 6)
+    "IOManager", "Materialization", "MaterializationStore", "Status",
+    # the runtime (SPEC 7)
+    "BackfillStatus", "RunResult", "Runtime", "materialize", "open_runtime",
     # errors (SPEC 8)
     "AccessDenied", "ActorCrashed", "BackfillNotFound", "CycleError", "DefinitionError",
     "FlowstoneError", "InvalidIdentifier", "InvalidPartition", "InvalidTenant",
-    "InvalidTransition", "MaterializationFailed", "NotFound", "SerializationError",
+    "InvalidTransition", "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
 }
 
 ERRORS = {
     "AccessDenied", "ActorCrashed", "BackfillNotFound", "CycleError", "DefinitionError",
     "InvalidIdentifier", "InvalidPartition", "InvalidTenant", "InvalidTransition",
-    "MaterializationFailed", "NotFound", "SerializationError",
+    "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
 }
 
 
@@ -50,3 +54,8 @@ def test_cycle_error_is_a_definition_error_and_backfill_not_found_a_not_found():
 
 def test_flowstone_error_is_an_exception_not_a_base_exception_only():
     assert issubclass(fs.FlowstoneError, Exception)
+
+
+def test_store_and_io_submodules_are_reachable_right_after_import():
+    assert fs.store.MemoryStore and fs.store.Status is fs.Status
+    assert fs.io.MemoryIO and fs.io.IOManager is fs.IOManager

@@ -1,0 +1,1 @@
+"""Actor plumbing: mailboxes, handles, supervision, and the memory-store actor."""

@@ -1,0 +1,86 @@
+"""Clients of an actor that may run inside a runtime or on their own.
+
+``fs.store.MemoryStore`` and ``fs.io.MemoryIO`` talk to the memory-store actor.
+Inside ``open_runtime`` the runtime starts that actor and binds the clients to
+it; used alone, ``async with MemoryStore() as store:`` starts a private one.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ..errors import RuntimeClosed
+from .mailbox import Handle
+from .supervisor import RestartPolicy, supervise
+
+if TYPE_CHECKING:
+    from .memory import MemoryData
+
+
+class MemoryActorClient:
+    """Base of the memory clients: holds the actor's handle once it is started."""
+
+    def __init__(self, *, data: MemoryData | None = None) -> None:
+        # Imported here: the actor module imports the store's records, whose
+        # package imports this client (MemoryStore).
+        from .memory import MemoryData
+
+        self._data = data if data is not None else MemoryData()
+        self._handle: Handle | None = None
+        self._own_group: TaskGroup | None = None
+
+    @property
+    def handle(self) -> Handle:
+        if self._handle is None:
+            raise RuntimeClosed(
+                f"{type(self).__name__} is not started: use it inside open_runtime(...) "
+                f"or as 'async with {type(self).__name__}()'"
+            )
+        return self._handle
+
+    @property
+    def started(self) -> bool:
+        return self._handle is not None
+
+    def bind(self, handle: Handle) -> None:
+        """Talk to an already running memory-store actor (the runtime's)."""
+        self._handle = handle
+
+    def unbind(self) -> None:
+        """Forget the actor (it stopped with its runtime); the data is kept."""
+        self._handle = None
+
+    async def start(self, task_group: TaskGroup, policy: RestartPolicy) -> Handle:
+        """Start the memory-store actor in ``task_group`` and bind to it."""
+        from .memory import memory_actor
+
+        handle = await task_group.start(supervise, "memory-store", memory_actor(self._data), policy)
+        self.bind(handle)
+        return handle
+
+    async def close(self) -> None:
+        """Stop a privately started actor; a runtime stops its own at exit."""
+        if self._own_group is not None:
+            self._own_group.cancel_scope.cancel()
+
+    async def __aenter__(self) -> Any:
+        if self._handle is None:
+            group = anyio.create_task_group()
+            await group.__aenter__()
+            self._own_group = group
+            await self.start(group, RestartPolicy())
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        group, self._own_group = self._own_group, None
+        if group is None:
+            return None
+        self._handle = None
+        group.cancel_scope.cancel()
+        return await group.__aexit__(exc_type, exc, tb)

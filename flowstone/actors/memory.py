@@ -1,0 +1,384 @@
+"""The memory-store actor: materialization records and stored values, in memory.
+
+One actor serves both ``fs.store.MemoryStore`` (records) and ``fs.io.MemoryIO``
+(values), so one mailbox orders every write: a record that says ``success`` is
+never visible before its value is.
+
+The data lives in :class:`MemoryData`, which the supervisor hands to each
+incarnation: a restart after a crash loses no record or value (handlers check
+everything before they change anything, so a crash cannot leave half a write).
+Every key starts with the tenant, which the *client* reads from
+``current_tenant()`` in the caller's task and puts in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from ..errors import NotFound
+from ..store.records import Materialization, Status, check_transition, evolve
+from .mailbox import Message, serve
+
+__all__ = ["MemoryData", "memory_actor"]
+
+log = logging.getLogger("flowstone.store")
+
+Key = tuple[str | None, str, str | None]
+"""(tenant, asset name, partition key)"""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@attrs.define
+class StoredValue:
+    value: Any
+    updated_at: datetime
+
+
+@attrs.define
+class MemoryData:
+    """Everything the actor keeps, with the indexes its queries need."""
+
+    records: dict[uuid.UUID, Materialization] = attrs.field(factory=dict)
+    latest: dict[Key, uuid.UUID] = attrs.field(factory=dict)
+    latest_success: dict[Key, uuid.UUID] = attrs.field(factory=dict)
+    by_tenant: dict[str | None, dict[uuid.UUID, None]] = attrs.field(factory=dict)
+    by_run: dict[tuple[str | None, uuid.UUID], list[uuid.UUID]] = attrs.field(factory=dict)
+    by_status: dict[tuple[str | None, Status], dict[uuid.UUID, None]] = attrs.field(factory=dict)
+    readers: dict[Key, set[uuid.UUID]] = attrs.field(factory=dict)
+    values: dict[Key, StoredValue] = attrs.field(factory=dict)
+    backfills: dict[tuple[str | None, uuid.UUID], Any] = attrs.field(factory=dict)
+
+
+# ------------------------------------------------------------------- messages
+
+@attrs.frozen(kw_only=True)
+class Create(Message):
+    record: Materialization
+
+
+@attrs.frozen(kw_only=True)
+class Update(Message):
+    tenant: str | None
+    id: uuid.UUID
+    status: Status
+    fields: dict[str, Any]
+
+
+@attrs.frozen(kw_only=True)
+class Replace(Message):
+    """Write-behind of a transition the runtime owns: ``record`` replaces the
+    stored one if that one is still in ``expected`` status."""
+
+    record: Materialization
+    expected: Status
+
+
+@attrs.frozen(kw_only=True)
+class Latest(Message):
+    tenant: str | None
+    asset: str
+    partition: str | None
+
+
+@attrs.frozen(kw_only=True)
+class Exists(Message):
+    tenant: str | None
+    asset: str
+    partition: str | None
+
+
+@attrs.frozen(kw_only=True)
+class ById(Message):
+    tenant: str | None
+    id: uuid.UUID
+
+
+@attrs.frozen(kw_only=True)
+class ByRun(Message):
+    tenant: str | None
+    run_id: uuid.UUID
+
+
+@attrs.frozen(kw_only=True)
+class ByStatus(Message):
+    tenant: str | None
+    status: Status
+    limit: int
+
+
+@attrs.frozen(kw_only=True)
+class All(Message):
+    tenant: str | None
+    asset: str | None
+    limit: int
+
+
+@attrs.frozen(kw_only=True)
+class LatestSuccesses(Message):
+    """Latest success-or-stale record of each (asset, partition) pair; missing pairs omitted."""
+
+    tenant: str | None
+    pairs: tuple[tuple[str, str | None], ...]
+
+
+@attrs.frozen(kw_only=True)
+class AllPartitions(Message):
+    """Latest success-or-stale record of every partition of one asset, by key."""
+
+    tenant: str | None
+    asset: str
+
+
+@attrs.frozen(kw_only=True)
+class MarkStale(Message):
+    tenant: str | None
+    asset: str
+    partition: str | None
+
+
+@attrs.frozen(kw_only=True)
+class PutValue(Message):
+    tenant: str | None
+    asset: str
+    partition: str | None
+    value: Any
+
+
+@attrs.frozen(kw_only=True)
+class GetValue(Message):
+    tenant: str | None
+    asset: str
+    partition: str | None
+    with_meta: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class DropValue(Message):
+    tenant: str | None
+    asset: str
+    partition: str | None
+
+
+@attrs.frozen(kw_only=True)
+class HasValue(Message):
+    tenant: str | None
+    asset: str
+    partition: str | None
+
+
+@attrs.frozen(kw_only=True)
+class SaveBackfill(Message):
+    tenant: str | None
+    id: uuid.UUID
+    state: Any
+
+
+@attrs.frozen(kw_only=True)
+class LoadBackfill(Message):
+    tenant: str | None
+    id: uuid.UUID
+
+
+# -------------------------------------------------------------------- handlers
+
+
+class _Handlers:
+    """The actor's behaviour: one method per message type, over one ``MemoryData``."""
+
+    def __init__(self, data: MemoryData) -> None:
+        self.data = data
+        self.dispatch: dict[type[Message], Callable[[Any], Any]] = {
+            Create: self.create,
+            Update: self.update,
+            Replace: self.replace,
+            Latest: self.latest,
+            Exists: self.exists,
+            ById: self.by_id,
+            ByRun: self.by_run,
+            ByStatus: self.by_status,
+            All: self.all,
+            LatestSuccesses: self.latest_successes,
+            AllPartitions: self.all_partitions,
+            MarkStale: self.mark_stale,
+            PutValue: self.put_value,
+            GetValue: self.get_value,
+            DropValue: self.drop_value,
+            HasValue: self.has_value,
+            SaveBackfill: self.save_backfill,
+            LoadBackfill: self.load_backfill,
+        }
+
+    def __call__(self, message: Message) -> Any:
+        return self.dispatch[type(message)](message)
+
+    # records
+
+    def create(self, m: Create) -> Materialization:
+        record = m.record
+        data = self.data
+        key = (record.tenant_id, record.asset_name, record.partition)
+        data.records[record.id] = record
+        data.latest[key] = record.id
+        data.by_tenant.setdefault(record.tenant_id, {})[record.id] = None
+        data.by_run.setdefault((record.tenant_id, record.run_id), []).append(record.id)
+        data.by_status.setdefault((record.tenant_id, record.status), {})[record.id] = None
+        if record.status is Status.SUCCESS:
+            self._index_success(record)
+        return record
+
+    def _get(self, tenant: str | None, record_id: uuid.UUID) -> Materialization:
+        record = self.data.records.get(record_id)
+        if record is None or record.tenant_id != tenant:
+            raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant)
+        return record
+
+    def update(self, m: Update) -> Materialization:
+        old = self._get(m.tenant, m.id)
+        check_transition(old.status, m.status, old)
+        return self._replace(old, m.status, m.fields)
+
+    def replace(self, m: Replace) -> None:
+        old = self.data.records.get(m.record.id)
+        if old is None or old.status is not m.expected:
+            found = "missing" if old is None else old.status.value
+            log.error(
+                "lost write-behind of %s %s: expected %s, found %s",
+                m.record.asset_name, m.record.id, m.expected.value, found,
+            )
+            return
+        self._store(old, m.record)
+
+    def _replace(self, old: Materialization, status: Status, fields: dict[str, Any]) -> Materialization:
+        return self._store(old, evolve(old, status=status, updated_at=utcnow(), **fields))
+
+    def _store(self, old: Materialization, new: Materialization) -> Materialization:
+        status = new.status
+        data = self.data
+        data.records[new.id] = new
+        del data.by_status[(old.tenant_id, old.status)][old.id]
+        data.by_status.setdefault((new.tenant_id, status), {})[new.id] = None
+        if status is Status.SUCCESS:
+            self._index_success(new)
+        return new
+
+    def _index_success(self, record: Materialization) -> None:
+        data = self.data
+        data.latest_success[(record.tenant_id, record.asset_name, record.partition)] = record.id
+        for upstream, keys in record.upstream_partitions.items():
+            for key in keys:
+                data.readers.setdefault((record.tenant_id, upstream, key), set()).add(record.id)
+
+    def latest(self, m: Latest) -> Materialization:
+        record_id = self.data.latest.get((m.tenant, m.asset, m.partition))
+        if record_id is None:
+            raise NotFound("no materialization", asset=m.asset, partition=m.partition, tenant=m.tenant)
+        return self.data.records[record_id]
+
+    def exists(self, m: Exists) -> bool:
+        return (m.tenant, m.asset, m.partition) in self.data.latest
+
+    def by_id(self, m: ById) -> Materialization:
+        return self._get(m.tenant, m.id)
+
+    def by_run(self, m: ByRun) -> list[Materialization]:
+        ids = self.data.by_run.get((m.tenant, m.run_id), [])
+        return [self.data.records[i] for i in ids]
+
+    def by_status(self, m: ByStatus) -> list[Materialization]:
+        ids = self.data.by_status.get((m.tenant, m.status), {})
+        return self._newest(ids, m.limit)
+
+    def all(self, m: All) -> list[Materialization]:
+        ids = self.data.by_tenant.get(m.tenant, {})
+        if m.asset is None:
+            return self._newest(ids, m.limit)
+        records = self.data.records
+        out = []
+        for record_id in reversed(ids):
+            if len(out) >= m.limit:
+                break
+            if records[record_id].asset_name == m.asset:
+                out.append(records[record_id])
+        return out
+
+    def _newest(self, ids: dict[uuid.UUID, None], limit: int) -> list[Materialization]:
+        out = []
+        for record_id in reversed(ids):
+            if len(out) >= limit:
+                break
+            out.append(self.data.records[record_id])
+        return out
+
+    def latest_successes(self, m: LatestSuccesses) -> dict[tuple[str, str | None], Materialization]:
+        found = {}
+        for asset, key in m.pairs:
+            record_id = self.data.latest_success.get((m.tenant, asset, key))
+            if record_id is not None:
+                found[(asset, key)] = self.data.records[record_id]
+        return found
+
+    def all_partitions(self, m: AllPartitions) -> dict[str | None, Materialization]:
+        records = self.data.records
+        return {
+            key: records[record_id]
+            for (tenant, asset, key), record_id in self.data.latest_success.items()
+            if tenant == m.tenant and asset == m.asset
+        }
+
+    def mark_stale(self, m: MarkStale) -> list[Materialization]:
+        """Every success that read ``asset@partition``, directly or through others, becomes stale."""
+        data = self.data
+        marked = []
+        queue = [(m.asset, m.partition)]
+        while queue:
+            asset, key = queue.pop()
+            for record_id in data.readers.pop((m.tenant, asset, key), ()):
+                record = data.records[record_id]
+                if record.status is Status.SUCCESS:
+                    marked.append(self._replace(record, Status.STALE, {}))
+                    queue.append((record.asset_name, record.partition))
+        return marked
+
+    # values
+
+    def put_value(self, m: PutValue) -> None:
+        self.data.values[(m.tenant, m.asset, m.partition)] = StoredValue(m.value, utcnow())
+
+    def get_value(self, m: GetValue) -> Any:
+        stored = self.data.values.get((m.tenant, m.asset, m.partition))
+        if stored is None:
+            raise NotFound("no stored value", asset=m.asset, partition=m.partition, tenant=m.tenant)
+        return stored if m.with_meta else stored.value
+
+    def drop_value(self, m: DropValue) -> None:
+        self.data.values.pop((m.tenant, m.asset, m.partition), None)
+
+    def has_value(self, m: HasValue) -> bool:
+        return (m.tenant, m.asset, m.partition) in self.data.values
+
+    # backfills
+
+    def save_backfill(self, m: SaveBackfill) -> None:
+        self.data.backfills[(m.tenant, m.id)] = m.state
+
+    def load_backfill(self, m: LoadBackfill) -> Any:
+        return self.data.backfills.get((m.tenant, m.id))
+
+
+def memory_actor(data: MemoryData) -> Callable[[MemoryObjectReceiveStream[Message]], Any]:
+    """The incarnation function the supervisor restarts: same data every time."""
+
+    async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
+        await serve("memory-store", mailbox, _Handlers(data))
+
+    return incarnation

@@ -1,0 +1,4 @@
+"""I/O managers: where asset values live (SPEC 5)."""
+
+from .memory import MemoryIO as MemoryIO
+from .protocol import IOManager as IOManager

@@ -1,0 +1,1 @@
+"""The actor runtime: supervisor nursery, registry, executors, runs and backfills."""

@@ -1,0 +1,228 @@
+"""Backfills: one asset over many partitions, with bounded parallelism.
+
+A backfill is an actor started in the runtime's nursery. ``max_parallel``
+workers pull partitions from a bounded feed and run each as an ordinary
+materialization (so skipping, lineage, retries and single flight all apply);
+the actor answers ``status``/``wait``/``cancel`` meanwhile. Memory holds
+counters and at most 100 error messages, never a result per partition.
+
+Cancelling cancels the workers; each in-flight run tells its executor it left,
+the executor cancels the orphaned job and records it ``cancelled``, and only
+then does the worker finish. So when ``cancel_backfill`` returns, every record
+the backfill created is terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import nullcontext
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+import anyio
+import attrs
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ..actors.mailbox import DEFERRED, Handle, Message, Reply, fail_pending, open_mailbox, serve
+from ..actors.memory import utcnow
+from ..errors import FlowstoneError, RuntimeClosed
+from ..partitions import serialize_partition
+from ..tenancy import tenant_scope
+from .run import RunRequest
+
+__all__ = ["BackfillSpec", "BackfillStatus", "run_backfill"]
+
+log = logging.getLogger("flowstone.backfill")
+
+MAX_ERRORS = 100
+
+
+@attrs.frozen
+class BackfillSpec:
+    """What a backfill was asked to do; saved in the store so it can be resumed."""
+
+    id: uuid.UUID
+    asset: str
+    partitions: tuple[Any, ...]
+    max_parallel: int
+    upstream: str
+    force: bool
+    io: Mapping[str, Any] | None
+    context: Mapping[str, Any] | None
+    tenant: str | None
+
+
+@attrs.frozen
+class BackfillStatus:
+    """A snapshot of a backfill's progress. ``state``: running, succeeded, failed, cancelled."""
+
+    id: uuid.UUID
+    asset: str
+    state: str
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    errors: tuple[tuple[str | None, str], ...] = ()
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state != "running"
+
+
+@attrs.frozen
+class Saved:
+    """What the store keeps per backfill."""
+
+    spec: BackfillSpec
+    status: BackfillStatus
+
+
+@attrs.frozen(kw_only=True)
+class Status(Message):
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class Cancel(Message):
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class Wait(Message):
+    pass
+
+
+Runner = Callable[[RunRequest], Awaitable[Any]]
+
+
+@attrs.define
+class _Progress:
+    """Owned by one backfill actor and its workers."""
+
+    spec: BackfillSpec
+    started_at: datetime
+    started: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    errors: list[tuple[str | None, str]] = attrs.field(factory=list)
+    finished_at: datetime | None = None
+    cancel_requested: bool = False
+    waiters: list[Reply] = attrs.field(factory=list)
+
+    def status(self) -> BackfillStatus:
+        total = len(self.spec.partitions)
+        if self.finished_at is None:
+            state, cancelled = "running", 0
+            queued = total - self.started
+        else:
+            cancelled = total - self.succeeded - self.failed
+            queued = 0
+            state = "cancelled" if self.cancel_requested else ("failed" if self.failed else "succeeded")
+        return BackfillStatus(
+            id=self.spec.id,
+            asset=self.spec.asset,
+            state=state,
+            total=total,
+            queued=queued,
+            running=self.running,
+            succeeded=self.succeeded,
+            failed=self.failed,
+            cancelled=cancelled,
+            errors=tuple(self.errors),
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+        )
+
+
+async def run_backfill(
+    spec: BackfillSpec,
+    runner: Runner,
+    save: Callable[[Saved], Awaitable[None]],
+    on_exit: Callable[[], Awaitable[None]],
+    *,
+    task_status: TaskStatus[Handle] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The backfill actor; start with ``handle = await tg.start(run_backfill, ...)``."""
+    handle, send, receive = open_mailbox(f"backfill:{spec.id}")
+    progress = _Progress(spec=spec, started_at=utcnow())
+    work = anyio.CancelScope()
+
+    def on_message(message: Message) -> Any:
+        if isinstance(message, Status):
+            return progress.status()
+        if isinstance(message, Cancel):
+            progress.cancel_requested = progress.finished_at is None
+            work.cancel()
+        if progress.finished_at is not None:
+            return progress.status()
+        assert message.reply is not None
+        progress.waiters.append(message.reply)
+        return DEFERRED
+
+    try:
+        await save(Saved(spec, progress.status()))
+        task_status.started(handle)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, handle.name, receive, on_message)
+            with tenant_scope(spec.tenant) if spec.tenant is not None else nullcontext():
+                with work:
+                    await _work(spec, progress, runner)
+            progress.finished_at = utcnow()
+            final = progress.status()
+            with anyio.CancelScope(shield=True):
+                await save(Saved(spec, final))
+            for waiter in progress.waiters:
+                waiter.resolve(final)
+            send.close()  # serve answers what is already queued, then ends
+    finally:
+        send.close()
+        for waiter in progress.waiters:  # a no-op for those already answered
+            waiter.fail(RuntimeClosed(f"backfill {spec.id} stopped with the runtime"))
+        fail_pending(handle.name, receive, lambda: RuntimeClosed(f"backfill {spec.id} stopped"))
+        receive.close()
+        with anyio.CancelScope(shield=True):
+            await on_exit()
+
+
+async def _work(spec: BackfillSpec, progress: _Progress, runner: Runner) -> None:
+    feed_send, feed_receive = anyio.create_memory_object_stream[Any](spec.max_parallel)
+    async with anyio.create_task_group() as workers:
+        workers.start_soon(_feed, spec.partitions, feed_send)
+        with feed_receive:
+            for _ in range(min(spec.max_parallel, len(spec.partitions))):
+                workers.start_soon(_worker, spec, progress, runner, feed_receive.clone())
+
+
+async def _feed(partitions: tuple[Any, ...], send: MemoryObjectSendStream[Any]) -> None:
+    with send:
+        for partition in partitions:
+            await send.send(partition)
+
+
+async def _worker(
+    spec: BackfillSpec, progress: _Progress, runner: Runner, feed: MemoryObjectReceiveStream[Any]
+) -> None:
+    with feed:
+        async for partition in feed:
+            progress.started += 1
+            progress.running += 1
+            try:
+                await runner(
+                    RunRequest(spec.asset, partition, spec.upstream, spec.force, spec.io, spec.context)
+                )
+                progress.succeeded += 1
+            except FlowstoneError as error:
+                progress.failed += 1
+                if len(progress.errors) < MAX_ERRORS:
+                    progress.errors.append((serialize_partition(partition), str(error)))
+            finally:
+                progress.running -= 1

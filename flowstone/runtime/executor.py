@@ -1,0 +1,252 @@
+"""The executor actor: one per asset, the gate every materialization of it passes.
+
+A caller asks to run a partition (``Submit``). The executor answers with:
+
+- a :class:`Lease` when nobody is computing that partition for that tenant and a
+  slot is free (the asset's ``max_concurrency``): the caller runs the job in its
+  own task (``flowstone.runtime.job``) and reports ``Finished``;
+- later, the leader's :class:`JobResult`, when the partition is already being
+  computed: concurrent callers share one computation (single flight);
+- later, a lease, when every slot is taken: callers queue in order.
+
+Running the job in the caller's task, not in a task the actor spawns, is a
+measured choice (ADR 0005): spawning a task costs more than everything else a
+trivial materialization does, and cancelling a caller then cancels its job as
+structured concurrency expects. If a leader is cancelled while others wait for
+the same partition, the first of them is promoted to run it.
+
+A crash of this actor fails every caller waiting on it (followers, queued
+callers, jobs waiting for approval) with ``ActorCrashed``; jobs already running
+finish in their callers' tasks. The supervisor restarts the actor.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ..actors.mailbox import DEFERRED, Message, Reply, serve
+from ..definitions import Asset
+from ..errors import ActorCrashed, NotFound
+from ..io.protocol import IOManager
+from ..store.protocol import MaterializationStore
+from ..store.records import Materialization
+
+__all__ = [
+    "AwaitApproval", "Decide", "Detach", "Env", "Finished", "JobResult", "Lease", "Submit", "executor_actor",
+]
+
+FlightKey = tuple[str | None, str | None]
+"""(tenant, partition key)"""
+
+
+@attrs.frozen
+class Env:
+    """What every job needs from its runtime; shared, never changed."""
+
+    store: MaterializationStore
+    io_managers: Mapping[str, IOManager]
+    default_io: str
+    resources: Mapping[str, Any]
+    limiter: anyio.CapacityLimiter | None
+    thread_limiter: anyio.CapacityLimiter
+    node: str
+
+
+@attrs.frozen
+class JobResult:
+    """The record a job left; the user's exception when it failed; the value when
+    its IO manager returns stored objects as they are (so readers in the same run
+    need not load it again)."""
+
+    record: Materialization
+    error: BaseException | None = None
+    value: Any = None
+    has_value: bool = False
+
+
+@attrs.frozen
+class Lease:
+    """Permission to run one partition's job; hand it back with ``Finished``."""
+
+    token: uuid.UUID
+
+
+@attrs.frozen(kw_only=True)
+class Submit(Message):
+    tenant: str | None
+    key: str | None
+
+
+@attrs.frozen(kw_only=True)
+class Finished(Message):
+    """The leader is done; ``result`` is ``None`` when the job was cancelled."""
+
+    tenant: str | None
+    key: str | None
+    token: uuid.UUID
+    result: JobResult | None
+    record_id: uuid.UUID | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Detach(Message):
+    """A follower or queued caller stopped waiting (it was cancelled)."""
+
+    tenant: str | None
+    key: str | None
+    waiter: Reply
+
+
+@attrs.frozen(kw_only=True)
+class AwaitApproval(Message):
+    """A leader waits for a decision on ``record_id``; decisions go into ``decisions``."""
+
+    record_id: uuid.UUID
+    decisions: MemoryObjectSendStream[tuple[bool, str | None]]
+
+    def discard(self) -> None:
+        self.decisions.close()
+
+
+@attrs.frozen(kw_only=True)
+class Decide(Message):
+    record_id: uuid.UUID
+    approve: bool
+    reason: str | None = None
+
+
+@attrs.define(eq=False)
+class _Flight:
+    token: uuid.UUID
+    followers: list[Reply] = attrs.field(factory=list)
+
+
+class _Gate:
+    """The actor's state and behaviour for one incarnation."""
+
+    def __init__(self, asset: Asset) -> None:
+        self.name = f"executor:{asset.name}"
+        self.asset = asset
+        self.slots = asset.max_concurrency
+        self.flights: dict[FlightKey, _Flight] = {}
+        self.queue: deque[tuple[FlightKey, Reply]] = deque()
+        self.approvals: dict[uuid.UUID, MemoryObjectSendStream[tuple[bool, str | None]]] = {}
+        self.dispatch = {
+            Submit: self.submit, Finished: self.finished, Detach: self.detach,
+            AwaitApproval: self.await_approval, Decide: self.decide,
+        }
+
+    def __call__(self, message: Message) -> Any:
+        return self.dispatch[type(message)](message)
+
+    def submit(self, message: Submit) -> Any:
+        assert message.reply is not None
+        key = (message.tenant, message.key)
+        flight = self.flights.get(key)
+        if flight is not None:
+            flight.followers.append(message.reply)
+        elif self.slots is not None and len(self.flights) >= self.slots:
+            self.queue.append((key, message.reply))
+        else:
+            return self.lease(key)
+        return DEFERRED
+
+    def lease(self, key: FlightKey, followers: list[Reply] | None = None) -> Lease:
+        flight = _Flight(uuid.uuid4(), followers or [])
+        self.flights[key] = flight
+        return Lease(flight.token)
+
+    def finished(self, message: Finished) -> None:
+        key = (message.tenant, message.key)
+        if message.record_id is not None:
+            stale = self.approvals.pop(message.record_id, None)
+            if stale is not None:
+                stale.close()
+        flight = self.flights.get(key)
+        if flight is None or flight.token != message.token:
+            return None  # a lease from before a restart
+        del self.flights[key]
+        if message.result is None and flight.followers:
+            promoted, *rest = flight.followers  # the leader was cancelled: the next one runs it
+            promoted.resolve(self.lease(key, rest))
+            return None
+        for follower in flight.followers:
+            follower.resolve(message.result)
+        self.grant_queued()
+        return None
+
+    def grant_queued(self) -> None:
+        while self.queue and (self.slots is None or len(self.flights) < self.slots):
+            key, reply = self.queue.popleft()
+            flight = self.flights.get(key)
+            if flight is not None:
+                flight.followers.append(reply)
+            else:
+                reply.resolve(self.lease(key))
+
+    def detach(self, message: Detach) -> None:
+        key = (message.tenant, message.key)
+        flight = self.flights.get(key)
+        if flight is not None and message.waiter in flight.followers:
+            flight.followers.remove(message.waiter)
+        elif (key, message.waiter) in self.queue:
+            self.queue.remove((key, message.waiter))
+        message.waiter.close()
+
+    def await_approval(self, message: AwaitApproval) -> None:
+        self.approvals[message.record_id] = message.decisions
+
+    def decide(self, message: Decide) -> None:
+        decisions = self.approvals.pop(message.record_id, None)
+        if decisions is None:
+            raise NotFound(
+                f"no materialization {str(message.record_id)!r} is waiting for approval here",
+                asset=self.asset.name,
+            )
+        with decisions:
+            try:
+                decisions.send_nowait((message.approve, message.reason))
+            except (anyio.BrokenResourceError, anyio.WouldBlock):
+                raise NotFound(
+                    f"materialization {str(message.record_id)!r} stopped waiting for approval",
+                    asset=self.asset.name,
+                ) from None
+
+    def crashed(self, error: BaseException) -> None:
+        """Fail everyone who waits on this incarnation: nobody hangs on a dead actor."""
+        def boxed() -> ActorCrashed:
+            crash = ActorCrashed(self.name, asset=self.asset.name)
+            crash.__cause__ = error
+            return crash
+
+        for flight in self.flights.values():
+            for follower in flight.followers:
+                follower.fail(boxed())
+        for _key, reply in self.queue:
+            reply.fail(boxed())
+        # Approval streams are closed by the incarnation's finally: the waiting
+        # leader sees the end of the stream and fails its job with ActorCrashed.
+
+
+def executor_actor(asset: Asset) -> Any:
+    """The incarnation the supervisor restarts for ``asset``."""
+
+    async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
+        gate = _Gate(asset)
+        try:
+            await serve(gate.name, mailbox, gate)
+        except Exception as error:
+            gate.crashed(error)
+            raise
+        finally:
+            for decisions in gate.approvals.values():
+                decisions.close()
+
+    return incarnation

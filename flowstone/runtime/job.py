@@ -1,0 +1,250 @@
+"""One materialization of one partition, run in the caller's task under a lease.
+
+The job records the materialization, waits for approval when the asset asks for
+it, loads its inputs, calls the user's function (retrying per its policy),
+stores the value and records the outcome. A user error is a result: the record
+says ``failed`` and the error travels back for ``__cause__``. Cancellation and
+infrastructure failures are recorded too (``cancelled`` / ``failed``), shielded
+and bounded, so no record is left ``running``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import attrs
+
+from ..actors.mailbox import CLEANUP_SECONDS, Handle
+from ..actors.memory import utcnow
+from ..context import Context
+from ..definitions import Asset
+from ..errors import ActorCrashed, FlowstoneError, NotFound
+from ..store.records import Materialization, Status
+from .executor import AwaitApproval, Env, JobResult
+
+__all__ = ["IO_CONFIG", "IO_KEY", "Job", "Read", "run_job"]
+
+IO_KEY = "flowstone.io_manager"
+IO_CONFIG = "flowstone.io_config"
+"""Record metadata saying where the value went, so any later reader finds it."""
+
+_ACTIVE = (Status.PENDING, Status.RUNNING, Status.WAITING_APPROVAL)
+
+
+@attrs.frozen
+class Read:
+    """One input: the records read and, when already in hand, their values."""
+
+    asset: str
+    records: tuple[Materialization, ...]
+    all_partitions: bool
+    values: tuple[Any, ...] | None = None
+
+
+@attrs.frozen
+class Job:
+    asset: Asset
+    run_id: uuid.UUID
+    partition: Any
+    key: str | None
+    tenant: str | None
+    reads: tuple[Read, ...]
+    dependency_hash: str
+    io_key: str
+    io_config: Mapping[str, Any]
+    replaces_success: bool
+
+
+async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
+    """Run ``job`` to a terminal record. Raises only for cancellation or a broken runtime."""
+    state = _State()
+    try:
+        if env.limiter is not None:
+            async with env.limiter:
+                return await _attempt(job, env, executor, state)
+        return await _attempt(job, env, executor, state)
+    except anyio.get_cancelled_exc_class():
+        await _close(job, env, state, Status.CANCELLED, "cancelled")
+        raise
+    except Exception as error:
+        # Not the user's function (its errors are results): the store, an IO
+        # manager or the runtime broke. Record it if we can, then report it.
+        await _close(job, env, state, Status.FAILED, _describe(error))
+        if state.record is not None and state.record.status is Status.FAILED:
+            return JobResult(state.record, error)
+        raise
+
+
+@attrs.define
+class _State:
+    record: Materialization | None = None
+
+
+async def _close(job: Job, env: Env, state: _State, status: Status, message: str) -> None:
+    record = state.record
+    if record is None or record.status not in _ACTIVE:
+        return
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+        try:
+            state.record = await env.store.complete(record, status, error_message=message, **_timing(record))
+        except FlowstoneError as error:
+            logging.getLogger("flowstone.runtime").error(
+                "could not record %s as %s: %s", job.asset.name, status.value, error
+            )
+
+
+async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobResult:
+    asset, store = job.asset, env.store
+    state.record = record = await store.create(
+        asset_name=asset.name,
+        partition=job.key,
+        run_id=job.run_id,
+        status=Status.WAITING_APPROVAL if asset.requires_approval else Status.RUNNING,
+        started_at=utcnow(),
+        upstream_assets=tuple(r.asset for r in job.reads),
+        upstream_partitions={r.asset: tuple(m.partition for m in r.records) for r in job.reads},
+        dependency_hash=job.dependency_hash,
+        executor_node=f"{env.node}/executor:{asset.name}",
+    )
+    if asset.requires_approval:
+        approved, reason = await _wait_for_approval(record, executor)
+        if not approved:
+            state.record = record = await store.complete(
+                record, Status.FAILED, error_message=f"rejected: {reason or 'no reason given'}", **_timing(record)
+            )
+            return JobResult(record)
+        state.record = record = await store.complete(record, Status.RUNNING, started_at=utcnow())
+    started = time.perf_counter()
+    ctx = Context(
+        asset=asset,
+        partition=job.partition,
+        partition_key=job.key,
+        run_id=job.run_id,
+        tenant=job.tenant,
+        log=logging.getLogger(f"flowstone.asset.{asset.name}"),
+        resources={name: env.resources[name] for name in asset.requires},
+    )
+    manager = env.io_managers[job.io_key]
+    try:
+        deps = await _load_inputs(job, env)
+        value = await _call_with_retry(asset, ctx, deps, env)
+        await manager.store(asset.name, value, job.partition, job.io_config)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except Exception as error:
+        state.record = record = await store.complete(
+            record, Status.FAILED, error_message=_describe(error),
+            metadata=_io_metadata(ctx.metadata, job), **_timing(record, started),
+        )
+        return JobResult(record, error)
+    state.record = record = await store.complete(
+        record, Status.SUCCESS, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
+    )
+    if job.replaces_success:
+        await store.mark_stale(asset.name, job.key)
+    if getattr(manager, "returns_stored_object", False):
+        return JobResult(record, value=value, has_value=True)
+    return JobResult(record)
+
+
+async def _wait_for_approval(record: Materialization, executor: Handle) -> tuple[bool, str | None]:
+    send, receive = anyio.create_memory_object_stream[tuple[bool, str | None]](1)
+    with receive:
+        try:
+            await executor.cast(AwaitApproval(record_id=record.id, decisions=send))
+        except BaseException:
+            send.close()
+            raise
+        try:
+            return await receive.receive()
+        except anyio.EndOfStream:
+            raise ActorCrashed(
+                executor.name, detail="it restarted while this materialization waited for approval",
+                asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
+            ) from None
+
+
+async def _load_inputs(job: Job, env: Env) -> dict[str, Any]:
+    deps: dict[str, Any] = {}
+    for read in job.reads:
+        values = read.values
+        if values is None:
+            values = tuple([await load_value(record, env) for record in read.records])
+        if read.all_partitions:
+            deps[read.asset] = {m.partition: v for m, v in zip(read.records, values)}
+        else:
+            deps[read.asset] = values[0]
+    return deps
+
+
+async def load_value(record: Materialization, env: Env) -> Any:
+    """Load the value a record points at, from the IO manager that stored it."""
+    key = record.metadata.get(IO_KEY, env.default_io)
+    manager = env.io_managers.get(key)
+    if manager is None:
+        raise NotFound(
+            f"the IO manager {key!r} that stored this value is not configured in this runtime",
+            asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
+        )
+    return await manager.load(record.asset_name, record.partition, record.metadata.get(IO_CONFIG, {}))
+
+
+async def _call_with_retry(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env) -> Any:
+    policy = asset.retry
+    attempts = policy.max_attempts if policy is not None else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return await _call(asset, ctx, deps, env)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as error:
+            if attempt == attempts:
+                raise
+            assert policy is not None
+            delay = policy.delay(attempt)
+            ctx.log.warning("attempt %d/%d failed (%s); retrying in %.3fs", attempt, attempts, _describe(error), delay)
+            ctx.metadata["attempts"] = attempt + 1
+            if delay > 0:
+                await anyio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _call(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env) -> Any:
+    fn = asset.execute_fn
+    assert fn is not None
+    if inspect.iscoroutinefunction(fn):
+        return await fn(ctx, deps)
+    result = await anyio.to_thread.run_sync(fn, ctx, deps, limiter=env.thread_limiter, abandon_on_cancel=True)
+    if inspect.isawaitable(result):  # a plain callable that returned a coroutine
+        result = await result
+    return result
+
+
+def _timing(record: Materialization, started: float | None = None) -> dict[str, Any]:
+    now = utcnow()
+    if started is not None:
+        duration: float | None = (time.perf_counter() - started) * 1000
+    elif record.started_at is not None:
+        duration = (now - record.started_at).total_seconds() * 1000
+    else:
+        duration = None
+    return {"completed_at": now, "duration_ms": duration}
+
+
+def _io_metadata(metadata: dict[str, Any], job: Job) -> dict[str, Any]:
+    out = dict(metadata)
+    out[IO_KEY] = job.io_key
+    if job.io_config:
+        out[IO_CONFIG] = dict(job.io_config)
+    return out
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -1,0 +1,116 @@
+"""The registry actor: which assets exist, their executors, and live backfills.
+
+Callers get an immutable :class:`Snapshot` (graph, executor handles, code
+versions) and plan against it without further questions. ``Register`` is
+validated and applied one at a time, so concurrent registrations cannot race
+each other into a name clash or a cycle.
+
+Like the memory store, the state lives outside the incarnation: a restarted
+registry still knows every executor it started.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from ..actors.mailbox import Handle, Message, serve
+from ..dag import AssetGraph
+from ..definitions import Asset
+from ..pipeline import addition_problems, raise_problems
+from .hashing import code_version
+
+__all__ = ["RegistryState", "Snapshot", "registry_actor"]
+
+
+@attrs.frozen
+class Snapshot:
+    """The assets as of one moment; never changes, replaced on ``register``."""
+
+    graph: AssetGraph
+    executors: Mapping[str, Handle]
+    versions: Mapping[str, str]
+
+
+@attrs.define
+class RegistryState:
+    snapshot: Snapshot
+    backfills: dict[uuid.UUID, Handle] = attrs.field(factory=dict)
+
+
+def initial_snapshot(graph: AssetGraph, executors: dict[str, Handle]) -> Snapshot:
+    return Snapshot(
+        graph=graph,
+        executors=MappingProxyType(dict(executors)),
+        versions=MappingProxyType({a.name: code_version(a) for a in graph.assets}),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class GetSnapshot(Message):
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class Register(Message):
+    asset: Asset
+
+
+@attrs.frozen(kw_only=True)
+class AddBackfill(Message):
+    id: uuid.UUID
+    handle: Handle
+
+
+@attrs.frozen(kw_only=True)
+class DropBackfill(Message):
+    id: uuid.UUID
+
+
+@attrs.frozen(kw_only=True)
+class GetBackfill(Message):
+    id: uuid.UUID
+
+
+Spawn = Callable[[Asset], Awaitable[Handle]]
+
+
+def registry_actor(
+    state: RegistryState, spawn: Spawn, io_managers: Collection[str], resources: Collection[str]
+) -> Callable[[MemoryObjectReceiveStream[Message]], Any]:
+    async def register(message: Register) -> Snapshot:
+        current = state.snapshot
+        graph, errors = addition_problems(
+            current.graph, message.asset, io_managers=io_managers, resources=resources
+        )
+        raise_problems(errors, graph)
+        handle = await spawn(message.asset)
+        state.snapshot = Snapshot(
+            graph=graph,
+            executors=MappingProxyType({**current.executors, message.asset.name: handle}),
+            versions=MappingProxyType({**current.versions, message.asset.name: code_version(message.asset)}),
+        )
+        return state.snapshot
+
+    def handle(message: Message) -> Any:
+        if isinstance(message, GetSnapshot):
+            return state.snapshot
+        if isinstance(message, Register):
+            return register(message)
+        if isinstance(message, AddBackfill):
+            state.backfills[message.id] = message.handle
+        elif isinstance(message, DropBackfill):
+            state.backfills.pop(message.id, None)
+        elif isinstance(message, GetBackfill):
+            return state.backfills.get(message.id)
+        return None
+
+    async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
+        await serve("registry", mailbox, handle)
+
+    return incarnation

@@ -1,0 +1,356 @@
+"""One run: plan a target partition, decide what to skip, execute the rest.
+
+The coordinator runs in the caller's task. It plans from a registry snapshot
+(which asset reads which partition), asks the guard about every planned asset
+before anything runs (so a denial leaves no record), fetches every "latest
+success" it needs in one store round trip, then runs the plan as a dataflow:
+one task per asset, each waiting for its inputs, so independent branches run
+concurrently and a failure stops only what depends on it.
+
+Mappings between partitioned assets are those of ADR 0002; the run-level
+decisions (what ``upstream=`` and ``force=`` mean, what is skipped) are ADR 0005.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import attrs
+
+from ..definitions import Asset, FieldError
+from ..errors import DefinitionError, FlowstoneError, InvalidPartition, MaterializationFailed, NotFound
+from ..guards import Guard, authorize
+from ..partitions import serialize_partition
+from ..store.records import Materialization, Status
+from ..actors.mailbox import CLEANUP_SECONDS, Handle, Reply
+from .executor import Detach, Env, Finished, JobResult, Lease, Submit
+from .job import Job, Read, run_job
+from .hashing import dependency_hash
+from .registry import Snapshot
+
+__all__ = ["RunRequest", "RunResult", "execute_run"]
+
+UPSTREAM_MODES = ("missing", "none", "all")
+
+
+@attrs.frozen
+class RunResult:
+    """What one ``materialize`` produced or reused, by asset name."""
+
+    run_id: uuid.UUID
+    materializations: Mapping[str, Materialization]
+    skipped: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class RunRequest:
+    target: str
+    partition: Any = None
+    upstream: str = "missing"
+    force: bool = False
+    io: Mapping[str, Any] | None = None
+    context: Mapping[str, Any] | None = None
+
+
+@attrs.frozen
+class _Input:
+    asset: str
+    key: str | None
+    kind: str  # "node": planned in this run; "latest": read as stored; "all": every partition
+
+
+@attrs.frozen
+class _Node:
+    asset: Asset
+    partition: Any
+    key: str | None
+    inputs: tuple[_Input, ...]
+
+
+@attrs.define
+class _Outcome:
+    record: Materialization | None = None
+    error: BaseException | None = None
+    reused: bool = False
+    value: Any = None
+    has_value: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.record is not None and self.record.status is Status.SUCCESS
+
+
+def check_request(request: RunRequest, io_keys: Mapping[str, Any]) -> None:
+    """Argument checks that need no snapshot; bad arguments are DefinitionErrors."""
+    problems = []
+    if request.upstream not in UPSTREAM_MODES:
+        problems.append(FieldError("upstream", f"must be one of {UPSTREAM_MODES}, got {request.upstream!r}"))
+    if not isinstance(request.force, bool):
+        problems.append(FieldError("force", f"must be a bool, got {request.force!r}"))
+    if request.context is not None and not isinstance(request.context, Mapping):
+        problems.append(FieldError("context", f"must be a mapping, got {request.context!r}"))
+    io = request.io
+    if io is not None:
+        if not isinstance(io, Mapping) or not isinstance(io.get("io_manager"), str):
+            problems.append(FieldError("io", 'must look like {"io_manager": key, "config": {...}}'))
+        elif io["io_manager"] not in io_keys:
+            problems.append(FieldError("io", f"unknown IO manager {io['io_manager']!r}; known: {sorted(io_keys)}"))
+        elif not isinstance(io.get("config", {}), Mapping):
+            problems.append(FieldError("io", "config must be a mapping"))
+    if problems:
+        raise DefinitionError(problems, asset=request.target)
+
+
+def target_partition(asset: Asset, partition: Any) -> Any:
+    """The canonical partition value for ``asset``, or InvalidPartition saying why not."""
+    if asset.partitioned_by is None:
+        if partition is not None:
+            raise InvalidPartition(
+                "asset is not partitioned; call it without partition=", asset=asset.name, partition=partition
+            )
+        return None
+    if partition is None:
+        raise InvalidPartition(
+            f"asset is partitioned ({type(asset.partitioned_by).__name__}); pass partition=",
+            asset=asset.name,
+        )
+    try:
+        return asset.partitioned_by.validate(partition)
+    except InvalidPartition as error:
+        raise InvalidPartition(error.message, asset=asset.name, partition=partition) from None
+
+
+def plan(snapshot: Snapshot, request: RunRequest) -> list[_Node]:
+    """The assets this run computes (dependencies first) and what each one reads."""
+    graph = snapshot.graph
+    root = graph.get(request.target)
+    partitions: dict[str, Any] = {root.name: target_partition(root, request.partition)}
+    order = graph.execution_order(root.name)
+    nodes: dict[str, _Node] = {}
+    for name in reversed(order):
+        if name not in partitions:
+            continue  # only read through an all-partitions input
+        asset = graph.get(name)
+        value = partitions[name]
+        inputs = []
+        for dep_name in asset.depends_on:
+            dep = graph.get(dep_name)
+            if asset.partitioned_by is None and dep.partitioned_by is not None:
+                inputs.append(_Input(dep_name, None, "all"))
+                continue
+            dep_value = target_partition(dep, value if dep.partitioned_by is not None else None)
+            dep_key = serialize_partition(dep_value)
+            if request.upstream == "none":
+                inputs.append(_Input(dep_name, dep_key, "latest"))
+            else:
+                partitions[dep_name] = dep_value
+                inputs.append(_Input(dep_name, dep_key, "node"))
+        nodes[name] = _Node(asset, value, serialize_partition(value), tuple(inputs))
+    return [nodes[name] for name in order if name in nodes]
+
+
+async def execute_run(
+    snapshot: Snapshot,
+    env: Env,
+    guard: Guard | None,
+    request: RunRequest,
+    tenant: str | None,
+    run_id: uuid.UUID | None = None,
+) -> RunResult:
+    """Run ``request`` to the end; raise MaterializationFailed if any asset failed."""
+    nodes = plan(snapshot, request)
+    run_id = run_id or uuid.uuid4()
+    guard_context = {**(request.context or {}), "tenant": tenant}
+    if guard is not None:
+        await _authorize(snapshot, guard, nodes, guard_context)
+
+    store = env.store
+    pairs = [(n.asset.name, n.key) for n in nodes]
+    pairs += [(i.asset, i.key) for n in nodes for i in n.inputs if i.kind == "latest"]
+    latest = await store.latest_successes(pairs)
+    every: dict[str, dict[str | None, Materialization]] = {}
+    for node in nodes:
+        for read in node.inputs:
+            if read.kind == "all" and read.asset not in every:
+                every[read.asset] = await store.partitions_of(read.asset)
+            elif read.kind == "latest" and (read.asset, read.key) not in latest:
+                raise NotFound(
+                    "upstream has no successful materialization to read; materialize it first "
+                    "or use upstream='missing'",
+                    asset=read.asset,
+                    partition=read.key,
+                    tenant=tenant,
+                )
+
+    outcomes: dict[str, _Outcome] = {}
+    await _run_plan(nodes, snapshot, env, request, run_id, tenant, latest, every, outcomes)
+
+    result = RunResult(
+        run_id=run_id,
+        materializations={name: o.record for name, o in outcomes.items() if o.record is not None},
+        skipped=tuple(n.asset.name for n in nodes if outcomes[n.asset.name].reused),
+    )
+    for node in nodes:
+        outcome = outcomes[node.asset.name]
+        if outcome.record is None and outcome.error is not None:
+            raise outcome.error  # the runtime failed (actor crashed, closed), not the asset
+    for node in nodes:
+        outcome = outcomes[node.asset.name]
+        if not outcome.ok and outcome.record is not None:
+            record = outcome.record
+            failed = MaterializationFailed(
+                node.asset.name, record.partition, result, tenant=tenant, error=record.error_message
+            )
+            raise failed from outcome.error
+    return result
+
+
+async def _authorize(snapshot: Snapshot, guard: Guard, nodes: list[_Node], context: dict[str, Any]) -> None:
+    checked: set[tuple[str, str]] = set()
+    for node in nodes:
+        for action, name in [("materialize", node.asset.name), *(("access", i.asset) for i in node.inputs)]:
+            if (action, name) not in checked:
+                checked.add((action, name))
+                await authorize(guard, action, snapshot.graph.get(name), context)  # type: ignore[arg-type]
+
+
+async def _run_plan(
+    nodes: list[_Node],
+    snapshot: Snapshot,
+    env: Env,
+    request: RunRequest,
+    run_id: uuid.UUID,
+    tenant: str | None,
+    latest: Mapping[tuple[str, str | None], Materialization],
+    every: Mapping[str, Mapping[str | None, Materialization]],
+    outcomes: dict[str, _Outcome],
+) -> None:
+    """Run every node once its inputs are done, with as few tasks as possible.
+
+    A finished node continues with one newly ready dependent in the same task
+    and starts tasks only for the others, so a chain runs in the caller's task
+    and a fan starts one task per extra branch (starting a task costs more than
+    a trivial materialization; see ADR 0005).
+    """
+    waiting = {n.asset.name: sum(1 for i in n.inputs if i.kind == "node") for n in nodes}
+    readers: dict[str, list[_Node]] = {n.asset.name: [] for n in nodes}
+    for node in nodes:
+        for read in node.inputs:
+            if read.kind == "node":
+                readers[read.asset].append(node)
+
+    async def run_from(node: _Node | None, tasks: Any) -> None:
+        while node is not None:
+            name = node.asset.name
+            try:
+                outcomes[name] = await _run_node(node, snapshot, env, request, run_id, tenant, latest, every, outcomes)
+            except FlowstoneError as error:
+                outcomes[name] = _Outcome(error=error)
+            ready = []
+            for reader in readers[name]:
+                waiting[reader.asset.name] -= 1
+                if waiting[reader.asset.name] == 0:
+                    ready.append(reader)
+            for other in ready[1:]:
+                tasks.start_soon(run_from, other, tasks)
+            node = ready[0] if ready else None
+
+    roots = [n for n in nodes if waiting[n.asset.name] == 0]
+    if len(nodes) == 1:
+        await run_from(roots[0], None)
+        return
+    async with anyio.create_task_group() as tasks:
+        for root in roots[1:]:
+            tasks.start_soon(run_from, root, tasks)
+        await run_from(roots[0], tasks)
+
+
+async def _run_node(
+    node: _Node,
+    snapshot: Snapshot,
+    env: Env,
+    request: RunRequest,
+    run_id: uuid.UUID,
+    tenant: str | None,
+    latest: Mapping[tuple[str, str | None], Materialization],
+    every: Mapping[str, Mapping[str | None, Materialization]],
+    outcomes: Mapping[str, _Outcome],
+) -> _Outcome:
+    name = node.asset.name
+    reads = []
+    for read in node.inputs:
+        values = None
+        if read.kind == "node":
+            upstream = outcomes[read.asset]
+            if not upstream.ok:
+                return _Outcome()  # not run: an input failed
+            assert upstream.record is not None
+            records: tuple[Materialization, ...] = (upstream.record,)
+            if upstream.has_value:
+                values = (upstream.value,)
+        elif read.kind == "latest":
+            records = (latest[(read.asset, read.key)],)
+        else:
+            records = tuple(record for _key, record in sorted(every[read.asset].items(), key=lambda kv: str(kv[0])))
+        reads.append(Read(read.asset, records, read.kind == "all", values))
+    digest = dependency_hash(
+        snapshot.versions[name], node.key, {r.asset: [m.id for m in r.records] for r in reads}
+    )
+    previous = latest.get((name, node.key))
+    is_target = name == request.target
+    must_run = (
+        (request.force and is_target)
+        or (request.upstream == "all" and not is_target)
+        or previous is None
+        or previous.status is not Status.SUCCESS
+        or previous.dependency_hash != digest
+    )
+    if not must_run:
+        return _Outcome(record=previous, reused=True)
+    if is_target and request.io is not None:
+        io_key, io_config = request.io["io_manager"], request.io.get("config", {})
+    else:
+        io_key, io_config = node.asset.io_manager or env.default_io, node.asset.io_config
+    job = Job(
+        asset=node.asset,
+        run_id=run_id,
+        partition=node.partition,
+        key=node.key,
+        tenant=tenant,
+        reads=tuple(reads),
+        dependency_hash=digest,
+        io_key=io_key,
+        io_config=io_config,
+        replaces_success=previous is not None,
+    )
+    done = await _lead_or_follow(job, env, snapshot.executors[name])
+    return _Outcome(record=done.record, error=done.error, value=done.value, has_value=done.has_value)
+
+
+async def _lead_or_follow(job: Job, env: Env, executor: Handle) -> JobResult:
+    """Ask the asset's executor; run the job under its lease, or wait for the leader's."""
+
+    async def on_cancel(waiter: Reply, late: Any) -> None:
+        if late is not None and isinstance(late.value, Lease):
+            await executor.cast(Finished(tenant=job.tenant, key=job.key, token=late.value.token, result=None))
+        else:
+            await executor.cast(Detach(tenant=job.tenant, key=job.key, waiter=waiter))
+
+    answer = await executor.call(Submit, tenant=job.tenant, key=job.key, on_cancel=on_cancel)
+    if isinstance(answer, Lease):
+        result: JobResult | None = None
+        try:
+            result = await run_job(job, env, executor)
+            return result
+        finally:
+            finished = Finished(
+                tenant=job.tenant, key=job.key, token=answer.token, result=result,
+                record_id=result.record.id if result is not None else None,
+            )
+            if not executor.try_cast(finished):  # a full mailbox: wait, even if cancelled
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+                    await executor.cast(finished)
+    return answer

@@ -1,0 +1,351 @@
+"""``open_runtime``: the supervisor nursery, and ``Runtime``: what callers hold.
+
+Two task groups, nested, give an orderly shutdown: the inner one holds the
+executors and backfills, the outer one the memory-store and registry actors.
+Leaving the block cancels the inner group first, so cancelled jobs can still
+record ``cancelled`` in the store, then the outer one. Nothing outlives the block.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ..actors.client import MemoryActorClient
+from ..actors.mailbox import CLEANUP_SECONDS, Handle
+from ..actors.supervisor import RestartPolicy, supervise
+from ..dag import AssetGraph
+from ..definitions import Asset, FieldError
+from ..errors import BackfillNotFound, DefinitionError, FlowstoneError, NotFound, RuntimeClosed
+from ..guards import Guard, authorize
+from ..io.memory import MemoryIO
+from ..io.protocol import IOManager
+from ..partitions import serialize_partition
+from ..pipeline import Pipeline
+from ..store.memory import MemoryStore
+from ..store.protocol import MaterializationStore
+from ..store.records import Materialization, Status, parse_id
+from ..tenancy import current_tenant
+from . import backfill as bf
+from . import registry as reg
+from .executor import Decide, Env, executor_actor
+from .job import load_value
+from .run import RunRequest, RunResult, check_request, execute_run, target_partition
+
+__all__ = ["Runtime", "materialize", "open_runtime"]
+
+DEFAULT_THREADS = 40
+
+
+class Runtime:
+    """A running FlowStone: materialize, load, backfill, register.
+
+    Obtained from ``async with fs.open_runtime(pipeline) as rt:``; every method
+    is scoped to the caller's ``current_tenant()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: Handle,
+        env: Env,
+        guard: Guard | None,
+        workers: TaskGroup,
+    ) -> None:
+        self._registry = registry
+        self._env = env
+        self._guard = guard
+        self._workers = workers
+
+    @property
+    def store(self) -> MaterializationStore:
+        """The materialization store in use."""
+        return self._env.store
+
+    async def _snapshot(self) -> reg.Snapshot:
+        return await self._registry.call(reg.GetSnapshot)
+
+    # ---------------------------------------------------------------- assets
+
+    async def assets(self) -> list[Asset]:
+        """Every registered asset, in registration order."""
+        return list((await self._snapshot()).graph.assets)
+
+    async def register(self, asset: Asset) -> None:
+        """Add an asset while running; a name clash, cycle or bad field is a DefinitionError."""
+        if not isinstance(asset, Asset):
+            raise DefinitionError([FieldError("asset", f"expected an fs.Asset, got {type(asset).__name__}")])
+        await self._registry.call(reg.Register, asset=asset)
+
+    # ----------------------------------------------------------- materialize
+
+    async def materialize(
+        self,
+        name: str,
+        partition: Any = None,
+        *,
+        upstream: str = "missing",
+        force: bool = False,
+        io: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> RunResult:
+        """Compute ``name`` (and what it needs) for one partition; see SPEC 7."""
+        request = RunRequest(name, partition, upstream, force, io, context)
+        check_request(request, self._env.io_managers)
+        snapshot = await self._snapshot()
+        return await execute_run(snapshot, self._env, self._guard, request, current_tenant())
+
+    async def load(self, name: str, partition: Any = None, *, context: Mapping[str, Any] | None = None) -> Any:
+        """The value of the latest successful materialization of ``name`` at ``partition``."""
+        snapshot = await self._snapshot()
+        asset = snapshot.graph.get(name)
+        key = serialize_partition(target_partition(asset, partition))
+        tenant = current_tenant()
+        await authorize(self._guard, "access", asset, {**(context or {}), "tenant": tenant})
+        found = await self._env.store.latest_successes([(name, key)])
+        record = found.get((name, key))
+        if record is None:
+            raise NotFound("no successful materialization to load", asset=name, partition=key, tenant=tenant)
+        return await load_value(record, self._env)
+
+    # ------------------------------------------------------------- approvals
+
+    async def approve(self, materialization_id: uuid.UUID | str) -> None:
+        """Let a materialization waiting for approval run."""
+        await self._decide(materialization_id, True, None)
+
+    async def reject(self, materialization_id: uuid.UUID | str, reason: str | None = None) -> None:
+        """Fail a materialization waiting for approval, with ``reason`` as its error."""
+        await self._decide(materialization_id, False, reason)
+
+    async def _decide(self, materialization_id: uuid.UUID | str, approve: bool, reason: str | None) -> None:
+        record: Materialization = await self._env.store.get_by_id(parse_id(materialization_id))
+        if record.status is not Status.WAITING_APPROVAL:
+            from ..errors import InvalidTransition
+
+            raise InvalidTransition(
+                record.status, Status.RUNNING if approve else Status.FAILED,
+                asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
+                detail="it is not waiting for approval",
+            )
+        snapshot = await self._snapshot()
+        await snapshot.executors[record.asset_name].call(
+            Decide, record_id=record.id, approve=approve, reason=reason
+        )
+
+    # ------------------------------------------------------------- backfills
+
+    async def backfill(
+        self,
+        name: str,
+        partitions: Iterable[Any] | None = None,
+        *,
+        max_parallel: int = 10,
+        upstream: str = "missing",
+        force: bool = False,
+        io: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> uuid.UUID:
+        """Start materializing ``name`` over ``partitions`` (default: all) and return its id at once."""
+        if type(max_parallel) is not int or max_parallel < 1:
+            raise DefinitionError([FieldError("max_parallel", f"must be an int >= 1, got {max_parallel!r}")], asset=name)
+        check_request(RunRequest(name, None, upstream, force, io, context), self._env.io_managers)
+        snapshot = await self._snapshot()
+        asset = snapshot.graph.get(name)
+        if partitions is None:
+            values: Iterable[Any] = asset.partitioned_by.keys() if asset.partitioned_by is not None else [None]
+        elif isinstance(partitions, (str, bytes)) or not isinstance(partitions, Iterable):
+            raise DefinitionError([FieldError("partitions", f"must be a list of partitions, got {partitions!r}")], asset=name)
+        else:
+            values = partitions
+        checked = tuple(dict.fromkeys(target_partition(asset, p) for p in values))
+        tenant = current_tenant()
+        await authorize(self._guard, "materialize", asset, {**(context or {}), "tenant": tenant})
+        spec = bf.BackfillSpec(
+            id=uuid.uuid4(), asset=name, partitions=checked, max_parallel=max_parallel,
+            upstream=upstream, force=force, io=io, context=context, tenant=tenant,
+        )
+        await self._start_backfill(spec, snapshot)
+        return spec.id
+
+    async def _start_backfill(self, spec: bf.BackfillSpec, snapshot: reg.Snapshot) -> None:
+        env, guard, store, registry = self._env, self._guard, self._env.store, self._registry
+
+        async def runner(request: RunRequest) -> RunResult:
+            return await execute_run(snapshot, env, guard, request, spec.tenant)
+
+        async def save(saved: bf.Saved) -> None:
+            with anyio.move_on_after(CLEANUP_SECONDS):
+                await store.save_backfill(spec.id, saved)
+
+        async def on_exit() -> None:
+            with anyio.move_on_after(CLEANUP_SECONDS):
+                await registry.cast(reg.DropBackfill(id=spec.id))
+
+        try:
+            handle = await self._workers.start(bf.run_backfill, spec, runner, save, on_exit)
+        except RuntimeError as error:  # the worker group is closed
+            raise RuntimeClosed("the runtime is closed") from error
+        await registry.call(reg.AddBackfill, id=spec.id, handle=handle)
+
+    async def _backfill_call(self, backfill_id: uuid.UUID | str, message: type[Any]) -> bf.BackfillStatus:
+        bid = parse_id(backfill_id, "backfill")
+        handle = await self._registry.call(reg.GetBackfill, id=bid)
+        if handle is not None:
+            try:
+                return await handle.call(message)
+            except RuntimeClosed:
+                pass  # it finished between the two questions; the store has its final state
+        saved = await self._env.store.load_backfill(bid)
+        if saved is None:
+            raise BackfillNotFound(bid, tenant=current_tenant())
+        return saved.status
+
+    async def backfill_status(self, backfill_id: uuid.UUID | str) -> bf.BackfillStatus:
+        """Progress counts and state of a backfill."""
+        return await self._backfill_call(backfill_id, bf.Status)
+
+    async def wait_backfill(self, backfill_id: uuid.UUID | str) -> bf.BackfillStatus:
+        """Wait until the backfill has finished; its final status."""
+        return await self._backfill_call(backfill_id, bf.Wait)
+
+    async def cancel_backfill(self, backfill_id: uuid.UUID | str) -> bf.BackfillStatus:
+        """Stop new work, cancel work in flight, and return once every record is terminal."""
+        return await self._backfill_call(backfill_id, bf.Cancel)
+
+    async def resume_backfill(self, backfill_id: uuid.UUID | str) -> uuid.UUID:
+        """Run again what a stopped backfill did not finish (finished partitions are skipped)."""
+        bid = parse_id(backfill_id, "backfill")
+        if await self._registry.call(reg.GetBackfill, id=bid) is not None:
+            return bid  # still running
+        saved = await self._env.store.load_backfill(bid)
+        if saved is None:
+            raise BackfillNotFound(bid, tenant=current_tenant())
+        await self._start_backfill(saved.spec, await self._snapshot())
+        return bid
+
+
+@asynccontextmanager
+async def open_runtime(
+    pipeline: Pipeline | Iterable[Asset],
+    store: MaterializationStore | None = None,
+    io_managers: Mapping[str, IOManager] | None = None,
+    default_io_manager: str = "memory",
+    guard: Guard | None = None,
+    max_concurrency: int | None = None,
+    resources: Mapping[str, Any] | None = None,
+    *,
+    restart_policy: RestartPolicy = RestartPolicy(),
+) -> AsyncIterator[Runtime]:
+    """Start a runtime for ``pipeline``; every task it starts stops when the block exits.
+
+    The pipeline is validated first (with this runtime's IO manager and resource
+    keys), so a bad definition fails here, before anything runs.
+    """
+    assets = pipeline if isinstance(pipeline, Pipeline) else Pipeline("runtime", assets=pipeline)
+    managers: dict[str, IOManager] = dict(io_managers or {})
+    resources = dict(resources or {})
+    if max_concurrency is not None and (type(max_concurrency) is not int or max_concurrency < 1):
+        raise DefinitionError([FieldError("max_concurrency", f"must be an int >= 1 or None, got {max_concurrency!r}")])
+    keys = set(managers) | {"memory"}
+    if default_io_manager not in keys:
+        raise DefinitionError(
+            [FieldError("default_io_manager", f"unknown IO manager {default_io_manager!r}; known: {sorted(keys)}")]
+        )
+    assets.validate(io_managers=keys, resources=set(resources))
+    graph = AssetGraph(assets.assets)
+    store = MemoryStore() if store is None else store
+    managers.setdefault("memory", MemoryIO())
+    bound = [c for c in (store, *managers.values()) if isinstance(c, MemoryActorClient) and not c.started]
+    try:
+        async with anyio.create_task_group() as services:
+            await _start_memory_clients(services, bound, restart_policy)
+            async with anyio.create_task_group() as workers:
+                env = Env(
+                    store=store,
+                    io_managers=managers,
+                    default_io=default_io_manager,
+                    resources=resources,
+                    limiter=anyio.CapacityLimiter(max_concurrency) if max_concurrency else None,
+                    thread_limiter=anyio.CapacityLimiter(max_concurrency or DEFAULT_THREADS),
+                    node=f"{socket.gethostname()}:{os.getpid()}",
+                )
+
+                async def spawn(asset: Asset) -> Handle:
+                    return await workers.start(supervise, f"executor:{asset.name}", executor_actor(asset), restart_policy)
+
+                executors = {a.name: await spawn(a) for a in graph.assets}
+                state = reg.RegistryState(reg.initial_snapshot(graph, executors))
+                registry = await services.start(
+                    supervise, "registry", reg.registry_actor(state, spawn, keys, set(resources)), restart_policy
+                )
+                runtime = Runtime(registry=registry, env=env, guard=guard, workers=workers)
+                try:
+                    yield runtime
+                finally:
+                    workers.cancel_scope.cancel()
+            services.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+    finally:
+        for client in bound:
+            client.unbind()  # reusable by the next runtime; its data stays with it
+
+
+async def _start_memory_clients(services: TaskGroup, clients: list[MemoryActorClient], policy: RestartPolicy) -> None:
+    """Start the memory-store actor once and bind every unstarted memory client to it."""
+    if clients:
+        handle = await clients[0].start(services, policy)
+        for client in clients[1:]:
+            client.bind(handle)
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one real error inside a task group's error, so callers can ``except`` it."""
+    leaves = list(_leaves(group))
+    real = [e for e in leaves if not isinstance(e, anyio.get_cancelled_exc_class())]
+    if len(real) == 1:
+        return real[0]
+    flowstone = [e for e in real if isinstance(e, FlowstoneError)]
+    return flowstone[0] if len(flowstone) == 1 else group
+
+
+def _leaves(error: BaseException) -> Iterable[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
+
+
+def materialize(
+    pipeline: Pipeline | Iterable[Asset],
+    name: str,
+    partition: Any = None,
+    *,
+    upstream: str = "missing",
+    force: bool = False,
+    io: Mapping[str, Any] | None = None,
+    context: Mapping[str, Any] | None = None,
+    backend: str = "asyncio",
+    **runtime_options: Any,
+) -> RunResult:
+    """Synchronous convenience for scripts: open a runtime, materialize, close it.
+
+    ``runtime_options`` go to :func:`open_runtime`. With the default in-memory
+    store nothing is kept between calls; pass the same ``store`` and
+    ``io_managers`` objects to keep records and values.
+    """
+
+    async def main() -> RunResult:
+        async with open_runtime(pipeline, **runtime_options) as rt:
+            return await rt.materialize(name, partition, upstream=upstream, force=force, io=io, context=context)
+
+    return anyio.run(main, backend=backend)

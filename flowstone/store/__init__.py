@@ -1,0 +1,8 @@
+"""Materialization records and the stores that keep them (SPEC 6)."""
+
+from .memory import MemoryStore as MemoryStore
+from .protocol import MaterializationStore as MaterializationStore
+from .records import TERMINAL as TERMINAL
+from .records import TRANSITIONS as TRANSITIONS
+from .records import Materialization as Materialization
+from .records import Status as Status

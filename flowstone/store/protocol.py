@@ -1,0 +1,68 @@
+"""The contract every materialization store keeps (SPEC 6).
+
+The first seven methods are the public protocol. The rest are what the runtime
+needs to plan and record runs in few round trips; every store FlowStone ships
+implements them, and the shared contract suite (tests/contracts) checks them all.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from .records import Materialization, Status
+
+__all__ = ["MaterializationStore"]
+
+
+@runtime_checkable
+class MaterializationStore(Protocol):
+    """Records of materializations, scoped to ``current_tenant()`` on every call."""
+
+    async def create(self, **fields: Any) -> Materialization: ...
+
+    async def get(self, asset_name: str, partition: Any) -> Materialization:
+        """The latest record (any status) for the asset and partition; raises NotFound."""
+        ...
+
+    async def get_by_run_id(self, run_id: uuid.UUID | str) -> list[Materialization]: ...
+
+    async def update_status(self, id: uuid.UUID | str, status: Status | str, **fields: Any) -> Materialization:
+        """Move a record along the status machine; raises InvalidTransition otherwise."""
+        ...
+
+    async def exists(self, asset_name: str, partition: Any) -> bool: ...
+
+    async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]: ...
+
+    async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]: ...
+
+    # ---- what the runtime needs beyond the public protocol
+
+    async def get_by_id(self, id: uuid.UUID | str) -> Materialization: ...
+
+    async def latest_successes(
+        self, pairs: Iterable[tuple[str, str | None]]
+    ) -> dict[tuple[str, str | None], Materialization]:
+        """Latest ``success``/``stale`` record of each (asset, partition key) pair found."""
+        ...
+
+    async def partitions_of(self, asset_name: str) -> dict[str | None, Materialization]:
+        """Latest ``success``/``stale`` record of every partition of an asset, by key."""
+        ...
+
+    async def complete(self, record: Materialization, status: Status, **fields: Any) -> Materialization:
+        """The runtime's own move of a record it holds the lease for (``record`` is
+        its current state). Checked against the status machine before anything is
+        sent; the store may write it behind, but later calls must see it."""
+        ...
+
+    async def mark_stale(self, asset_name: str, partition: str | None) -> None:
+        """Make every success built on ``asset@partition`` (transitively) ``stale``;
+        may be written behind."""
+        ...
+
+    async def save_backfill(self, id: uuid.UUID, state: Any) -> None: ...
+
+    async def load_backfill(self, id: uuid.UUID) -> Any: ...

@@ -1,0 +1,176 @@
+"""Materialization records and the status machine they move through."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from ..definitions import FieldError
+from ..errors import DefinitionError, InvalidTransition, NotFound
+from ..identifiers import check_identifier
+from ..partitions import serialize_partition
+
+__all__ = ["TERMINAL", "TRANSITIONS", "Materialization", "Status", "check_transition"]
+
+
+class Status(str, enum.Enum):
+    """Where a materialization is in its life. ``str`` so it stores and prints as its value."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    STALE = "stale"
+    WAITING_APPROVAL = "waiting_approval"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TRANSITIONS: Mapping[Status, frozenset[Status]] = MappingProxyType({
+    Status.PENDING: frozenset({Status.RUNNING, Status.WAITING_APPROVAL, Status.CANCELLED}),
+    Status.WAITING_APPROVAL: frozenset({Status.RUNNING, Status.FAILED, Status.CANCELLED}),
+    Status.RUNNING: frozenset({Status.SUCCESS, Status.FAILED, Status.CANCELLED}),
+    Status.SUCCESS: frozenset({Status.STALE}),
+    Status.FAILED: frozenset(),
+    Status.STALE: frozenset(),
+    Status.CANCELLED: frozenset(),
+})
+
+TERMINAL = frozenset({Status.SUCCESS, Status.FAILED, Status.STALE, Status.CANCELLED})
+"""Statuses a run leaves a record in; ``success`` can still become ``stale`` later."""
+
+
+def to_status(value: Any) -> Status:
+    """A ``Status`` from itself or its string value; anything else is InvalidTransition."""
+    if value.__class__ is Status:
+        return value
+    try:
+        return Status(value)
+    except ValueError:
+        raise InvalidTransition(value, value, detail=f"{value!r} is not a status") from None
+
+
+def check_transition(current: Status, requested: Status, record: Materialization | None = None) -> None:
+    """Raise :class:`InvalidTransition` unless ``current -> requested`` is allowed."""
+    if requested not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(s.value for s in TRANSITIONS[current])) or "nothing (terminal)"
+        raise InvalidTransition(
+            current,
+            requested,
+            asset=record.asset_name if record else None,
+            partition=record.partition if record else None,
+            tenant=record.tenant_id if record else None,
+            detail=f"{current.value} may move to {allowed}",
+        )
+
+
+def _frozen(value: Any) -> Any:
+    return MappingProxyType(dict(value)) if isinstance(value, Mapping) else value
+
+
+@attrs.frozen
+class Materialization:
+    """One attempt to compute one partition of one asset, with its lineage.
+
+    ``partition`` is the partition's string key (or ``None``). ``upstream_partitions``
+    maps each upstream asset name to the tuple of partition keys read from it.
+    """
+
+    id: uuid.UUID
+    asset_name: str
+    partition: str | None
+    run_id: uuid.UUID
+    status: Status
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    duration_ms: float | None = None
+    upstream_assets: tuple[str, ...] = ()
+    upstream_partitions: Mapping[str, tuple[str | None, ...]] = attrs.field(
+        factory=dict, converter=_frozen, hash=False
+    )
+    dependency_hash: str | None = None
+    metadata: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen, hash=False)
+    error_message: str | None = None
+    executor_node: str | None = None
+    tenant_id: str | None = None
+    inserted_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+# ------------------------------------------------------------ building records
+
+_SET_BY_STORE = frozenset({"inserted_at", "updated_at", "tenant_id"})
+_FIELDS = frozenset(f.name for f in attrs.fields(Materialization))
+UPDATABLE = frozenset({
+    "started_at", "completed_at", "duration_ms", "upstream_assets", "upstream_partitions",
+    "dependency_hash", "metadata", "error_message", "executor_node",
+})
+"""What ``update_status`` may change besides the status: never identity or tenant."""
+_CREATABLE = _FIELDS - _SET_BY_STORE
+
+
+def parse_id(value: Any, what: str = "materialization") -> uuid.UUID:
+    """A UUID from itself or its string form; anything else is NotFound naming it."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except (ValueError, TypeError, AttributeError):
+        raise NotFound(f"no {what} with id {value!r} (not a UUID)") from None
+
+
+def _bad_fields(names: Any, allowed: frozenset[str], action: str) -> None:
+    unknown = sorted(set(names) - allowed)
+    if unknown:
+        raise DefinitionError(
+            [FieldError(name, f"cannot be given to {action}; allowed: {sorted(allowed)}") for name in unknown]
+        )
+
+
+def new_record(fields: Mapping[str, Any], tenant: str | None, now: datetime) -> Materialization:
+    """A record from ``create(**fields)``: checked, normalized, stamped with the tenant."""
+    if not fields.keys() <= _CREATABLE:
+        _bad_fields(fields, _CREATABLE, "create()")
+    values = dict(fields)
+    if "asset_name" not in values:
+        _bad_fields(["asset_name"], frozenset(), "create() without it: asset_name is required")
+    check_identifier(values["asset_name"], "asset_name")
+    values["id"] = parse_id(values["id"]) if "id" in values else uuid.uuid4()
+    values["run_id"] = parse_id(values["run_id"], "run") if "run_id" in values else uuid.uuid4()
+    values["status"] = to_status(values.get("status", Status.PENDING))
+    partition = values.get("partition")
+    if partition is not None and type(partition) is not str:
+        values["partition"] = serialize_partition(partition)
+    values["upstream_assets"] = tuple(values.get("upstream_assets", ()))
+    values["upstream_partitions"] = {
+        name: tuple(keys) for name, keys in dict(values.get("upstream_partitions", {})).items()
+    }
+    return Materialization(**values, tenant_id=tenant, inserted_at=now, updated_at=now)
+
+
+_NAMES = tuple(f.name for f in attrs.fields(Materialization))
+
+
+def evolve(record: Materialization, **changes: Any) -> Materialization:
+    """``attrs.evolve`` for records, without its per-call field introspection (hot path)."""
+    values = {name: getattr(record, name) for name in _NAMES}
+    values.update(changes)
+    return Materialization(**values)
+
+
+def update_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The checked ``**fields`` of ``update_status``."""
+    if not fields.keys() <= UPDATABLE:
+        _bad_fields(fields, UPDATABLE, "update_status()")
+    values = dict(fields)
+    if "upstream_assets" in values:
+        values["upstream_assets"] = tuple(values["upstream_assets"])
+    return values

@@ -1,0 +1,119 @@
+"""Runtime figures of issue #3: chains, fans and backfills on the memory store and IO.
+
+Asset functions are trivial ``async def``s (the work measured is FlowStone's);
+``--sync`` uses plain functions instead, which pay a worker-thread hand-off each.
+Each figure is the median of ``--repeat`` fresh runtimes. Peak RSS is the whole
+process's, read after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from datetime import date, timedelta
+from typing import Any
+
+import anyio
+
+import flowstone as fs
+
+from .report import emit, median, peak_rss_bytes
+
+
+def _fn(is_sync: bool) -> Any:
+    if is_sync:
+        def work(ctx: Any, deps: Any) -> int:
+            return 1
+        return work
+
+    async def awork(ctx: Any, deps: Any) -> int:
+        return 1
+    return awork
+
+
+def chain(length: int, is_sync: bool) -> fs.Pipeline:
+    fn = _fn(is_sync)
+    return fs.Pipeline("chain", assets=[
+        fs.Asset(name=f"a{i}", depends_on=(f"a{i - 1}",) if i else (), execute_fn=fn, code_version="1")
+        for i in range(length)
+    ])
+
+
+def fan(width: int, is_sync: bool) -> fs.Pipeline:
+    fn = _fn(is_sync)
+    children = [fs.Asset(name=f"c{i}", depends_on=("source",), execute_fn=fn, code_version="1") for i in range(width)]
+    return fs.Pipeline("fan", assets=[
+        fs.Asset(name="source", execute_fn=fn, code_version="1"),
+        *children,
+        fs.Asset(name="sink", depends_on=tuple(c.name for c in children), execute_fn=fn, code_version="1"),
+    ])
+
+
+def daily(is_sync: bool) -> fs.Pipeline:
+    return fs.Pipeline("daily", assets=[
+        fs.Asset(name="events", execute_fn=_fn(is_sync), code_version="1",
+                 partitioned_by=fs.DailyPartitions(start=date(2000, 1, 1)))
+    ])
+
+
+async def time_materialize(pipeline: fs.Pipeline, target: str) -> tuple[float, int]:
+    async with fs.open_runtime(pipeline) as rt:
+        start = time.perf_counter()
+        result = await rt.materialize(target)
+        elapsed = time.perf_counter() - start
+    return elapsed, len(result.materializations)
+
+
+async def time_backfill(pipeline: fs.Pipeline, count: int, max_parallel: int) -> tuple[float, Any]:
+    days = [date(2000, 1, 1) + timedelta(days=i) for i in range(count)]
+    async with fs.open_runtime(pipeline) as rt:
+        start = time.perf_counter()
+        backfill = await rt.backfill("events", partitions=days, max_parallel=max_parallel)
+        status = await rt.wait_backfill(backfill)
+        elapsed = time.perf_counter() - start
+        records = len(await rt.store.list_all(limit=count + 1))
+    if status.succeeded != count or records != count:
+        raise SystemExit(f"backfill incomplete: {status} with {records} records")
+    return elapsed, status
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m stress runtime", description=__doc__)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument("--sync", action="store_true", help="plain (threaded) asset functions")
+    parser.add_argument("--big", type=int, default=100_000, help="partitions in the large backfill (0 skips it)")
+    args = parser.parse_args(argv)
+    repeat = max(1, args.repeat)
+    rows: list[dict[str, Any]] = []
+
+    def measure(what: str, target_ms: float | None, dagster_s: float | None, make: Any, per: int) -> None:
+        samples = []
+        for _ in range(repeat):
+            gc.collect()
+            samples.append(anyio.run(make, backend=args.backend)[0])
+        best = median(samples)
+        row = {"scenario": what, "median_ms": best * 1e3, "us_per_materialization": best * 1e6 / per}
+        if target_ms is not None:
+            row["target_ms"] = target_ms
+        if dagster_s is not None:
+            row["x_faster_than_dagster"] = dagster_s / best
+        rows.append(row)
+
+    measure("100-asset chain, one materialize", 14, 1.4, lambda: time_materialize(chain(100, args.sync), "a99"), 100)
+    measure("1-200-1 fan, one materialize", 33, 3.3, lambda: time_materialize(fan(200, args.sync), "sink"), 202)
+    measure("366 daily partitions, max_parallel=20", 110, 11.0 * 366 / 365,
+            lambda: time_backfill(daily(args.sync), 366, 20), 366)
+    rss_after_small = peak_rss_bytes()
+    rows.append({"scenario": "peak RSS after the runs above (MB)", "median_ms": "", "value": rss_after_small / 1e6, "target_ms": "< 50 MB"})
+    if args.big:
+        elapsed, _status = anyio.run(lambda: time_backfill(daily(args.sync), args.big, 20), backend=args.backend)
+        rows.append({
+            "scenario": f"{args.big} daily partitions, max_parallel=20",
+            "median_ms": elapsed * 1e3,
+            "us_per_materialization": elapsed * 1e6 / args.big,
+            "value": peak_rss_bytes() / 1e6,
+            "note": "value = peak RSS MB",
+        })
+    return emit("runtime", rows, {"repeat": repeat, "backend": args.backend, "sync": args.sync, "big": args.big})

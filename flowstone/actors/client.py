@@ -14,7 +14,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ..errors import RuntimeClosed
-from .mailbox import Handle
+from .mailbox import CLEANUP_SECONDS, Handle
 from .supervisor import RestartPolicy, supervise
 
 if TYPE_CHECKING:
@@ -62,10 +62,6 @@ class MemoryActorClient:
         self.bind(handle)
         return handle
 
-    async def close(self) -> None:
-        """Stop a privately started actor; a runtime stops its own at exit."""
-        if self._own_group is not None:
-            self._own_group.cancel_scope.cancel()
 
     async def __aenter__(self) -> Any:
         if self._handle is None:
@@ -81,6 +77,18 @@ class MemoryActorClient:
         group, self._own_group = self._own_group, None
         if group is None:
             return None
-        self._handle = None
-        group.cancel_scope.cancel()
+        handle, self._handle = self._handle, None
+        await stop_gracefully(group, [handle] if handle is not None else [])
         return await group.__aexit__(exc_type, exc, tb)
+
+
+async def stop_gracefully(group: TaskGroup, handles: list[Handle]) -> None:
+    """Close the actors' mailboxes so they answer (and apply) what is queued, and
+    give them until a deadline to finish before ``group`` is cancelled.
+
+    Write-behind casts sit in those mailboxes: cancelling straight away would
+    drop writes the caller was told are done.
+    """
+    for handle in handles:
+        handle.close()
+    group.cancel_scope.deadline = min(group.cancel_scope.deadline, anyio.current_time() + CLEANUP_SECONDS)

@@ -154,6 +154,10 @@ class Handle:
         """Send without waiting for an answer (no yield while the mailbox has room)."""
         await self._post(message)
 
+    def close(self) -> None:
+        """Stop accepting messages; the actor answers what is queued, then ends."""
+        self._mailbox.close()
+
     def try_cast(self, message: Message) -> bool:
         """Cast if the mailbox has room right now, without a checkpoint; False if full."""
         try:

@@ -147,7 +147,8 @@ async def run_backfill(
     spec: BackfillSpec,
     runner: Runner,
     save: Callable[[Saved], Awaitable[None]],
-    on_exit: Callable[[], Awaitable[None]],
+    on_enter: Callable[[Handle], Awaitable[None]],
+    on_exit: Callable[[Handle], Awaitable[None]],
     *,
     task_status: TaskStatus[Handle] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -170,6 +171,7 @@ async def run_backfill(
 
     try:
         await save(Saved(spec, progress.status()))
+        await on_enter(handle)  # registered before anyone can ask about it
         task_status.started(handle)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(serve, handle.name, receive, on_message)
@@ -180,6 +182,9 @@ async def run_backfill(
             final = progress.status()
             with anyio.CancelScope(shield=True):
                 await save(Saved(spec, final))
+                # Leave the registry before anyone hears "done", so a resume that
+                # follows at once starts a new run instead of finding this one.
+                await on_exit(handle)
             for waiter in progress.waiters:
                 waiter.resolve(final)
             send.close()  # serve answers what is already queued, then ends
@@ -190,7 +195,7 @@ async def run_backfill(
         fail_pending(handle.name, receive, lambda: RuntimeClosed(f"backfill {spec.id} stopped"))
         receive.close()
         with anyio.CancelScope(shield=True):
-            await on_exit()
+            await on_exit(handle)
 
 
 async def _work(spec: BackfillSpec, progress: _Progress, runner: Runner) -> None:

@@ -39,7 +39,8 @@ from ..store.protocol import MaterializationStore
 from ..store.records import Materialization
 
 __all__ = [
-    "AwaitApproval", "Decide", "Detach", "Env", "Finished", "JobResult", "Lease", "Submit", "executor_actor",
+    "AwaitApproval", "Decide", "Detach", "Env", "ExecutorStatistics", "Finished", "JobResult", "Lease", "Stats",
+    "Submit", "executor_actor",
 ]
 
 FlightKey = tuple[str | None, str | None]
@@ -122,6 +123,23 @@ class Decide(Message):
     reason: str | None = None
 
 
+@attrs.frozen(kw_only=True)
+class Stats(Message):
+    pass
+
+
+@attrs.frozen
+class ExecutorStatistics:
+    """A snapshot of one executor: jobs running, callers sharing them, callers
+    queued for a slot, and jobs waiting for approval."""
+
+    asset: str
+    in_flight: int
+    followers: int
+    queued: int
+    awaiting_approval: int
+
+
 @attrs.define(eq=False)
 class _Flight:
     token: uuid.UUID
@@ -140,11 +158,20 @@ class _Gate:
         self.approvals: dict[uuid.UUID, MemoryObjectSendStream[tuple[bool, str | None]]] = {}
         self.dispatch = {
             Submit: self.submit, Finished: self.finished, Detach: self.detach,
-            AwaitApproval: self.await_approval, Decide: self.decide,
+            AwaitApproval: self.await_approval, Decide: self.decide, Stats: self.stats,
         }
 
     def __call__(self, message: Message) -> Any:
         return self.dispatch[type(message)](message)
+
+    def stats(self, _message: Stats) -> ExecutorStatistics:
+        return ExecutorStatistics(
+            asset=self.asset.name,
+            in_flight=len(self.flights),
+            followers=sum(len(f.followers) for f in self.flights.values()),
+            queued=len(self.queue),
+            awaiting_approval=len(self.approvals),
+        )
 
     def submit(self, message: Submit) -> Any:
         assert message.reply is not None

@@ -69,7 +69,11 @@ class AddBackfill(Message):
 
 @attrs.frozen(kw_only=True)
 class DropBackfill(Message):
+    """Forget a finished backfill, if ``handle`` is still the one registered
+    (a resumed backfill with the same id may already have replaced it)."""
+
     id: uuid.UUID
+    handle: Handle
 
 
 @attrs.frozen(kw_only=True)
@@ -105,7 +109,8 @@ def registry_actor(
         if isinstance(message, AddBackfill):
             state.backfills[message.id] = message.handle
         elif isinstance(message, DropBackfill):
-            state.backfills.pop(message.id, None)
+            if state.backfills.get(message.id) is message.handle:
+                del state.backfills[message.id]
         elif isinstance(message, GetBackfill):
             return state.backfills.get(message.id)
         return None

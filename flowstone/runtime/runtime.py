@@ -18,12 +18,12 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from ..actors.client import MemoryActorClient
-from ..actors.mailbox import CLEANUP_SECONDS, Handle
+from ..actors.client import MemoryActorClient, stop_gracefully
+from ..actors.mailbox import CLEANUP_SECONDS, Crash, Handle
 from ..actors.supervisor import RestartPolicy, supervise
 from ..dag import AssetGraph
 from ..definitions import Asset, FieldError
-from ..errors import BackfillNotFound, DefinitionError, FlowstoneError, NotFound, RuntimeClosed
+from ..errors import ActorCrashed, BackfillNotFound, DefinitionError, FlowstoneError, NotFound, RuntimeClosed
 from ..guards import Guard, authorize
 from ..io.memory import MemoryIO
 from ..io.protocol import IOManager
@@ -35,7 +35,7 @@ from ..store.records import Materialization, Status, parse_id
 from ..tenancy import current_tenant
 from . import backfill as bf
 from . import registry as reg
-from .executor import Decide, Env, executor_actor
+from .executor import Decide, Env, ExecutorStatistics, Stats, executor_actor
 from .job import load_value
 from .run import RunRequest, RunResult, check_request, execute_run, target_partition
 
@@ -115,6 +115,41 @@ class Runtime:
             raise NotFound("no successful materialization to load", asset=name, partition=key, tenant=tenant)
         return await load_value(record, self._env)
 
+    # ------------------------------------------------------- observability
+
+    async def statistics(self) -> dict[str, ExecutorStatistics]:
+        """A snapshot of every executor, by asset name (see ``ExecutorStatistics``)."""
+        snapshot = await self._snapshot()
+        return {name: await handle.call(Stats) for name, handle in snapshot.executors.items()}
+
+    async def kill_actor(self, name: str, reason: str = "killed on purpose") -> None:
+        """Crash one actor as a bug would: for supervision tests and chaos runs.
+
+        ``name`` is ``"memory-store"``, ``"registry"`` or ``"executor:<asset>"``.
+        The actor's supervisor restarts it (or, past its restart budget, fails
+        the runtime). Returns once the actor has crashed.
+        """
+        handle = await self._actor(name)
+        try:
+            await handle.call(Crash, reason=reason)
+        except ActorCrashed:
+            return
+        raise AssertionError(f"{name} did not crash")  # pragma: no cover
+
+    async def _actor(self, name: str) -> Handle:
+        if name == "registry":
+            return self._registry
+        if name == "memory-store":
+            for client in (self._env.store, *self._env.io_managers.values()):
+                if isinstance(client, MemoryActorClient) and client.started:
+                    return client.handle
+        elif name.startswith("executor:"):
+            snapshot = await self._snapshot()
+            handle = snapshot.executors.get(name.partition(":")[2])
+            if handle is not None:
+                return handle
+        raise NotFound(f"no actor named {name!r}; try 'registry', 'memory-store' or 'executor:<asset>'")
+
     # ------------------------------------------------------------- approvals
 
     async def approve(self, materialization_id: uuid.UUID | str) -> None:
@@ -185,15 +220,20 @@ class Runtime:
             with anyio.move_on_after(CLEANUP_SECONDS):
                 await store.save_backfill(spec.id, saved)
 
-        async def on_exit() -> None:
+        async def on_exit(handle: Handle) -> None:
             with anyio.move_on_after(CLEANUP_SECONDS):
-                await registry.cast(reg.DropBackfill(id=spec.id))
+                try:
+                    await registry.call(reg.DropBackfill, id=spec.id, handle=handle)
+                except RuntimeClosed:
+                    pass  # the runtime is shutting down: nothing left to deregister from
+
+        async def on_enter(handle: Handle) -> None:
+            await registry.call(reg.AddBackfill, id=spec.id, handle=handle)
 
         try:
-            handle = await self._workers.start(bf.run_backfill, spec, runner, save, on_exit)
+            await self._workers.start(bf.run_backfill, spec, runner, save, on_enter, on_exit)
         except RuntimeError as error:  # the worker group is closed
             raise RuntimeClosed("the runtime is closed") from error
-        await registry.call(reg.AddBackfill, id=spec.id, handle=handle)
 
     async def _backfill_call(self, backfill_id: uuid.UUID | str, message: type[Any]) -> bf.BackfillStatus:
         bid = parse_id(backfill_id, "backfill")
@@ -290,8 +330,11 @@ async def open_runtime(
                 try:
                     yield runtime
                 finally:
-                    workers.cancel_scope.cancel()
-            services.cancel_scope.cancel()
+                    workers.cancel_scope.cancel()  # jobs record "cancelled" while the store still runs
+            # The store and the registry drain their mailboxes (write-behind
+            # casts included) before they stop.
+            memory = [c.handle for c in bound[:1]]
+            await stop_gracefully(services, [*memory, registry])
     except BaseExceptionGroup as group:
         raise _single(group) from None
     finally:

@@ -147,8 +147,7 @@ def new_record(fields: Mapping[str, Any], tenant: str | None, now: datetime) -> 
     values["run_id"] = parse_id(values["run_id"], "run") if "run_id" in values else uuid.uuid4()
     values["status"] = to_status(values.get("status", Status.PENDING))
     partition = values.get("partition")
-    if partition is not None and type(partition) is not str:
-        values["partition"] = serialize_partition(partition)
+    values["partition"] = partition if partition is None or type(partition) is str else serialize_partition(partition)
     values["upstream_assets"] = tuple(values.get("upstream_assets", ()))
     values["upstream_partitions"] = {
         name: tuple(keys) for name, keys in dict(values.get("upstream_partitions", {})).items()

@@ -1,0 +1,78 @@
+"""Approval gates (SPEC 7): requires_approval parks a materialization until approved or rejected."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import flowstone as fs
+from flowstone.store import Status
+
+pytestmark = pytest.mark.anyio
+
+
+async def until(predicate, limit: float = 5.0) -> None:
+    with anyio.fail_after(limit):
+        while not await predicate():
+            await anyio.lowlevel.checkpoint()
+
+
+def gated(calls: list[int]) -> fs.Pipeline:
+    async def publish(ctx, deps):
+        calls.append(1)
+        return "published"
+
+    return fs.Pipeline("p", assets=[fs.Asset(name="publish", execute_fn=publish, requires_approval=True)])
+
+
+async def run_until_waiting(rt, outcome: dict):
+    async def run():
+        try:
+            outcome["result"] = await rt.materialize("publish")
+        except fs.FlowstoneError as error:
+            outcome["error"] = error
+
+    async def waiting():
+        return bool(await rt.store.list_by_status(Status.WAITING_APPROVAL))
+
+    return run, waiting
+
+
+async def test_approval_lets_the_materialization_run(anyio_backend):
+    calls: list[int] = []
+    async with fs.open_runtime(gated(calls)) as rt:
+        outcome: dict = {}
+        run, waiting = await run_until_waiting(rt, outcome)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run)
+            await until(waiting)
+            assert calls == []  # nothing runs before approval
+            (record,) = await rt.store.list_by_status("waiting_approval")
+            await rt.approve(str(record.id))
+        assert calls == [1]
+        assert outcome["result"].materializations["publish"].status is Status.SUCCESS
+
+
+async def test_rejection_fails_it_with_the_reason(anyio_backend):
+    calls: list[int] = []
+    async with fs.open_runtime(gated(calls)) as rt:
+        outcome: dict = {}
+        run, waiting = await run_until_waiting(rt, outcome)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run)
+            await until(waiting)
+            (record,) = await rt.store.list_by_status("waiting_approval")
+            await rt.reject(record.id, "numbers look wrong")
+        assert calls == []
+        assert isinstance(outcome["error"], fs.MaterializationFailed)
+        assert "rejected: numbers look wrong" in str(outcome["error"])
+        assert (await rt.store.get_by_id(record.id)).status is Status.FAILED
+
+
+async def test_approving_what_is_not_waiting_is_refused(anyio_backend):
+    async with fs.open_runtime([fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)]) as rt:
+        done = (await rt.materialize("a")).materializations["a"]
+        with pytest.raises(fs.InvalidTransition, match="not waiting for approval"):
+            await rt.approve(done.id)
+        with pytest.raises(fs.NotFound):
+            await rt.approve("00000000-0000-0000-0000-000000000000")

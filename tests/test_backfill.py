@@ -1,0 +1,192 @@
+"""Backfills (SPEC 7): bounded parallelism, failures recorded, cancel leaves everything terminal, resume."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import anyio
+import pytest
+
+import flowstone as fs
+from flowstone.store import TERMINAL, Status
+
+pytestmark = pytest.mark.anyio
+
+DAILY = fs.DailyPartitions(start=date(2025, 1, 1), end=date(2025, 3, 31))
+DAYS = [date(2025, 1, 1) + timedelta(days=i) for i in range(30)]
+
+
+async def until(predicate, limit: float = 5.0) -> None:
+    with anyio.fail_after(limit):
+        while not await predicate():
+            await anyio.lowlevel.checkpoint()
+
+
+def asset_of(fn, **options) -> fs.Asset:
+    return fs.Asset(name="events", execute_fn=fn, partitioned_by=DAILY, **options)
+
+
+async def test_a_backfill_runs_every_partition_with_at_most_max_parallel_in_flight(anyio_backend):
+    inside, peak = [], []
+    four_inside = anyio.Event()
+
+    async def work(ctx, deps):
+        inside.append(ctx.partition_key)
+        peak.append(len(inside))
+        if len(inside) == 4:
+            four_inside.set()
+        await four_inside.wait()  # the first four meet here: four really run at once
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()
+        inside.remove(ctx.partition_key)
+        return ctx.partition_key
+
+    async with fs.open_runtime([asset_of(work)]) as rt:
+        backfill = await rt.backfill("events", partitions=DAYS, max_parallel=4)
+        status = await rt.wait_backfill(backfill)
+        assert (status.state, status.total, status.succeeded, status.failed) == ("succeeded", 30, 30, 0)
+        assert (status.queued, status.running, status.cancelled) == (0, 0, 0)
+        assert max(peak) == 4
+        records = await rt.store.list_all()
+        assert len(records) == 30 and {r.status for r in records} == {Status.SUCCESS}
+        assert await rt.load("events", DAYS[7]) == "2025-01-08"
+
+
+async def test_backfill_returns_its_id_at_once_and_reports_progress(anyio_backend):
+    release = anyio.Event()
+
+    async def gated(ctx, deps):
+        await release.wait()
+
+    async with fs.open_runtime([asset_of(gated)]) as rt:
+        backfill = await rt.backfill("events", partitions=DAYS, max_parallel=5)
+
+        async def five_running():
+            return (await rt.backfill_status(backfill)).running == 5
+
+        await until(five_running)
+        status = await rt.backfill_status(str(backfill))
+        assert (status.state, status.running, status.queued, status.succeeded) == ("running", 5, 25, 0)
+        release.set()
+        assert (await rt.wait_backfill(backfill)).succeeded == 30
+
+
+async def test_failed_partitions_are_recorded_and_the_rest_continue(anyio_backend):
+    async def picky(ctx, deps):
+        if ctx.partition.day % 10 == 0:
+            raise ValueError(f"bad day {ctx.partition_key}")
+        return 1
+
+    async with fs.open_runtime([asset_of(picky)]) as rt:
+        status = await rt.wait_backfill(await rt.backfill("events", partitions=DAYS, max_parallel=3))
+        assert (status.state, status.succeeded, status.failed) == ("failed", 27, 3)
+        assert sorted(key for key, _ in status.errors) == ["2025-01-10", "2025-01-20", "2025-01-30"]
+        assert all("bad day" in message for _, message in status.errors)
+        assert len(await rt.store.list_by_status("failed")) == 3
+
+
+async def test_cancel_stops_new_work_and_leaves_every_record_terminal(anyio_backend):
+    async def forever(ctx, deps):
+        await anyio.Event().wait()
+
+    async with fs.open_runtime([asset_of(forever)]) as rt:
+        backfill = await rt.backfill("events", partitions=DAYS, max_parallel=3)
+
+        async def three_running():
+            return len(await rt.store.list_by_status("running")) == 3
+
+        await until(three_running)
+        with anyio.fail_after(5):
+            status = await rt.cancel_backfill(backfill)
+        assert (status.state, status.succeeded, status.failed, status.cancelled) == ("cancelled", 0, 0, 30)
+        records = await rt.store.list_all()
+        assert len(records) == 3 and all(r.status in TERMINAL for r in records)
+        assert {r.status for r in records} == {Status.CANCELLED}
+        assert (await rt.wait_backfill(backfill)).state == "cancelled"
+
+
+async def test_resume_runs_only_what_is_not_done(anyio_backend):
+    calls = []
+    gate = {"open": False}
+    release = anyio.Event()
+
+    async def work(ctx, deps):
+        calls.append(ctx.partition_key)
+        if not gate["open"] and len(calls) > 10:
+            await release.wait()  # stall after ten partitions so the backfill can be cancelled
+        return ctx.partition_key
+
+    async with fs.open_runtime([asset_of(work)]) as rt:
+        backfill = await rt.backfill("events", partitions=DAYS, max_parallel=2)
+
+        async def ten_done():
+            return (await rt.backfill_status(backfill)).succeeded >= 10
+
+        await until(ten_done)
+        first = await rt.cancel_backfill(backfill)
+        done_before = first.succeeded
+        gate["open"] = True
+        calls.clear()
+        assert await rt.resume_backfill(backfill) == backfill
+        final = await rt.wait_backfill(backfill)
+        assert final.state == "succeeded" and final.succeeded == 30
+        assert len(calls) == 30 - done_before  # finished partitions were skipped, not recomputed
+        successes = await rt.store.list_by_status("success", limit=100)
+        assert len(successes) == 30 and len({r.partition for r in successes}) == 30
+
+
+async def test_bad_partitions_are_refused_before_the_backfill_starts(anyio_backend):
+    async with fs.open_runtime([asset_of(lambda ctx, deps: 1)]) as rt:
+        with pytest.raises(fs.InvalidPartition, match="outside"):
+            await rt.backfill("events", partitions=[*DAYS, date(2030, 1, 1)])
+        with pytest.raises(fs.DefinitionError, match="max_parallel"):
+            await rt.backfill("events", partitions=DAYS, max_parallel=0)
+        with pytest.raises(fs.DefinitionError, match="partitions"):
+            await rt.backfill("events", partitions="2025-01-01")
+        assert await rt.store.list_all() == []
+
+
+async def test_default_partitions_are_all_of_the_definition(anyio_backend):
+    async with fs.open_runtime([asset_of(lambda ctx, deps: 1)]) as rt:
+        status = await rt.wait_backfill(await rt.backfill("events", max_parallel=10))
+        assert status.total == status.succeeded == 90
+
+
+async def test_unknown_backfills_are_not_found(anyio_backend):
+    async with fs.open_runtime([asset_of(lambda ctx, deps: 1)]) as rt:
+        with pytest.raises(fs.BackfillNotFound):
+            await rt.backfill_status("00000000-0000-0000-0000-000000000000")
+        with pytest.raises(fs.NotFound):
+            await rt.wait_backfill("not-an-id")
+        with pytest.raises(fs.BackfillNotFound):
+            await rt.resume_backfill("00000000-0000-0000-0000-000000000000")
+
+
+async def test_a_backfill_runs_under_the_tenant_that_started_it(anyio_backend):
+    async with fs.open_runtime([asset_of(lambda ctx, deps: ctx.tenant)]) as rt:
+        with fs.tenant_scope("acme"):
+            backfill = await rt.backfill("events", partitions=DAYS[:3])
+            assert (await rt.wait_backfill(backfill)).succeeded == 3
+            assert {r.tenant_id for r in await rt.store.list_all()} == {"acme"}
+            assert await rt.load("events", DAYS[0]) == "acme"
+        with pytest.raises(fs.BackfillNotFound):
+            await rt.backfill_status(backfill)  # another tenant cannot see it
+        assert await rt.store.list_all() == []
+
+
+async def test_leaving_the_runtime_cancels_a_running_backfill_cleanly(anyio_backend):
+    async def forever(ctx, deps):
+        await anyio.Event().wait()
+
+    store = fs.store.MemoryStore()
+    async with fs.open_runtime([asset_of(forever)], store=store) as rt:
+        backfill = await rt.backfill("events", partitions=DAYS, max_parallel=2)
+
+        async def two_running():
+            return len(await rt.store.list_by_status("running")) == 2
+
+        await until(two_running)
+    async with store:
+        records = await store.list_all()
+        assert len(records) == 2 and {r.status for r in records} == {Status.CANCELLED}
+        assert backfill is not None

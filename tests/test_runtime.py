@@ -1,0 +1,617 @@
+"""The runtime (SPEC 7) on the memory store and memory IO, on asyncio and trio."""
+
+from __future__ import annotations
+
+import threading
+from datetime import date
+
+import anyio
+import pytest
+
+import flowstone as fs
+from flowstone.store import Status
+
+pytestmark = pytest.mark.anyio
+
+DAILY = fs.DailyPartitions(start=date(2025, 1, 1), end=date(2025, 1, 31))
+
+
+async def until(predicate, limit: float = 5.0) -> None:
+    """Wait for ``predicate()`` (an async check that talks to the runtime) to hold."""
+    with anyio.fail_after(limit):
+        while not await predicate():
+            await anyio.lowlevel.checkpoint()
+
+
+def chain_pipeline(calls: list[str] | None = None) -> fs.Pipeline:
+    calls = [] if calls is None else calls
+    pipeline = fs.Pipeline("chain")
+
+    @pipeline.asset
+    async def raw(ctx, deps):
+        calls.append("raw")
+        return [1, 2, 3]
+
+    @pipeline.asset(depends_on=["raw"])
+    def clean(ctx, deps):  # a plain function: runs in a worker thread
+        calls.append("clean")
+        return [x * 10 for x in deps["raw"]]
+
+    @pipeline.asset(depends_on=["clean"])
+    async def report(ctx, deps):
+        calls.append("report")
+        return {"total": sum(deps["clean"])}
+
+    return pipeline
+
+
+# ------------------------------------------------------------ materialize
+
+
+async def test_materialize_runs_upstream_in_order_and_stores_the_value(anyio_backend):
+    calls: list[str] = []
+    async with fs.open_runtime(chain_pipeline(calls)) as rt:
+        result = await rt.materialize("report")
+        assert calls == ["raw", "clean", "report"]
+        assert set(result.materializations) == {"raw", "clean", "report"}
+        assert all(m.status is Status.SUCCESS for m in result.materializations.values())
+        assert result.skipped == ()
+        assert await rt.load("report") == {"total": 60}
+        assert await rt.load("clean") == [10, 20, 30]
+
+
+async def test_records_carry_lineage_timing_and_the_run(anyio_backend):
+    async with fs.open_runtime(chain_pipeline()) as rt:
+        result = await rt.materialize("report")
+        report = result.materializations["report"]
+        assert report.upstream_assets == ("clean",)
+        assert report.upstream_partitions == {"clean": (None,)}
+        assert report.run_id == result.run_id
+        assert report.dependency_hash and len(report.dependency_hash) == 64
+        assert report.executor_node.endswith("/executor:report")
+        assert report.started_at <= report.completed_at and report.duration_ms >= 0
+        assert {r.id for r in await rt.store.get_by_run_id(result.run_id)} == {
+            m.id for m in result.materializations.values()
+        }
+
+
+async def test_a_second_materialize_with_nothing_changed_computes_nothing(anyio_backend):
+    calls: list[str] = []
+    async with fs.open_runtime(chain_pipeline(calls)) as rt:
+        first = await rt.materialize("report")
+        calls.clear()
+        second = await rt.materialize("report")
+        assert calls == []
+        assert set(second.skipped) == {"raw", "clean", "report"}
+        assert second.materializations["report"].id == first.materializations["report"].id
+
+
+async def test_force_recomputes_the_target_only(anyio_backend):
+    calls: list[str] = []
+    async with fs.open_runtime(chain_pipeline(calls)) as rt:
+        await rt.materialize("report")
+        calls.clear()
+        result = await rt.materialize("report", force=True)
+        assert calls == ["report"] and set(result.skipped) == {"raw", "clean"}
+
+
+async def test_upstream_all_recomputes_everything(anyio_backend):
+    calls: list[str] = []
+    async with fs.open_runtime(chain_pipeline(calls)) as rt:
+        await rt.materialize("report")
+        calls.clear()
+        await rt.materialize("report", upstream="all")
+        assert calls == ["raw", "clean", "report"]
+
+
+async def test_upstream_none_reads_stored_values_and_refuses_when_missing(anyio_backend):
+    calls: list[str] = []
+    async with fs.open_runtime(chain_pipeline(calls)) as rt:
+        with pytest.raises(fs.NotFound, match="materialize it first") as info:
+            await rt.materialize("report", upstream="none")
+        assert info.value.asset == "clean"
+        assert await rt.store.list_all() == []  # nothing recorded for the refused run
+        await rt.materialize("clean")
+        calls.clear()
+        await rt.materialize("report", upstream="none")
+        assert calls == ["report"]
+
+
+async def test_rematerializing_upstream_makes_dependents_stale_then_rebuilds_them(anyio_backend):
+    calls: list[str] = []
+    async with fs.open_runtime(chain_pipeline(calls)) as rt:
+        first = await rt.materialize("report")
+        await rt.materialize("raw", force=True)
+        assert (await rt.store.get_by_id(first.materializations["clean"].id)).status is Status.STALE
+        assert (await rt.store.get_by_id(first.materializations["report"].id)).status is Status.STALE
+        calls.clear()
+        rebuilt = await rt.materialize("report")
+        assert calls == ["clean", "report"] and rebuilt.skipped == ("raw",)
+
+
+async def test_a_new_code_version_rebuilds(anyio_backend):
+    def pipeline(version):
+        return fs.Pipeline("p", assets=[
+            fs.Asset(name="a", execute_fn=lambda ctx, deps: 1, code_version=version)
+        ])
+
+    store, io = fs.store.MemoryStore(), fs.io.MemoryIO()
+    async with fs.open_runtime(pipeline("1"), store=store, io_managers={"memory": io}) as rt:
+        await rt.materialize("a")
+        assert (await rt.materialize("a")).skipped == ("a",)
+    async with fs.open_runtime(pipeline("2"), store=store, io_managers={"memory": io}) as rt:
+        assert (await rt.materialize("a")).skipped == ()
+
+
+async def test_independent_branches_run_concurrently(anyio_backend):
+    """Both branches must be inside their functions at once for either to finish."""
+    both_running = anyio.Event()
+    arrived = []
+
+    async def branch(ctx, deps):
+        arrived.append(ctx.asset.name)
+        if len(arrived) == 2:
+            both_running.set()
+        await both_running.wait()
+        return ctx.asset.name
+
+    pipeline = fs.Pipeline("fork", assets=[
+        fs.Asset(name="root", execute_fn=lambda ctx, deps: 0),
+        fs.Asset(name="left", depends_on=("root",), execute_fn=branch),
+        fs.Asset(name="right", depends_on=("root",), execute_fn=branch),
+        fs.Asset(name="join", depends_on=("left", "right"), execute_fn=lambda ctx, deps: deps),
+    ])
+    async with fs.open_runtime(pipeline) as rt:
+        with anyio.fail_after(5):
+            await rt.materialize("join")
+        assert await rt.load("join") == {"left": "left", "right": "right"}
+
+
+async def test_context_gives_the_function_what_spec_promises(anyio_backend):
+    seen = {}
+
+    @fs.asset(partitioned_by=DAILY, requires=["db"])
+    def inspect_ctx(ctx, deps):
+        seen.update(
+            asset=ctx.asset.name, partition=ctx.partition, key=ctx.partition_key, run_id=ctx.run_id,
+            tenant=ctx.tenant, logger=ctx.log.name, db=ctx.resources["db"], current=fs.current_tenant(),
+            thread=threading.current_thread() is threading.main_thread(),
+        )
+        ctx.metadata["rows"] = 7
+        return None
+
+    async with fs.open_runtime([inspect_ctx], resources={"db": "conn"}) as rt:
+        with fs.tenant_scope("acme"):
+            result = await rt.materialize("inspect_ctx", date(2025, 1, 15))
+    record = result.materializations["inspect_ctx"]
+    assert seen == {
+        "asset": "inspect_ctx", "partition": date(2025, 1, 15), "key": "2025-01-15", "run_id": result.run_id,
+        "tenant": "acme", "logger": "flowstone.asset.inspect_ctx", "db": "conn", "current": "acme",
+        "thread": False,
+    }
+    assert record.metadata["rows"] == 7
+
+
+# ---------------------------------------------------------------- failures
+
+
+def failing_pipeline(attempts: list[int], fail_times: int, retry=None) -> fs.Pipeline:
+    async def flaky(ctx, deps):
+        attempts.append(1)
+        if len(attempts) <= fail_times:
+            raise ValueError(f"bad row {len(attempts)}")
+        return "ok"
+
+    return fs.Pipeline("f", assets=[
+        fs.Asset(name="flaky", execute_fn=flaky, retry=retry),
+        fs.Asset(name="after", depends_on=("flaky",), execute_fn=lambda ctx, deps: deps["flaky"]),
+        fs.Asset(name="beside", execute_fn=lambda ctx, deps: "fine"),
+        fs.Asset(name="both", depends_on=("after", "beside"), execute_fn=lambda ctx, deps: deps),
+    ])
+
+
+async def test_a_failing_asset_is_recorded_and_its_dependents_do_not_run(anyio_backend):
+    async with fs.open_runtime(failing_pipeline([], fail_times=1)) as rt:
+        with pytest.raises(fs.MaterializationFailed) as info:
+            await rt.materialize("both")
+        error = info.value
+        assert error.asset == "flaky" and isinstance(error.__cause__, ValueError)
+        assert "bad row 1" in str(error)
+        failed = error.result.materializations["flaky"]
+        assert failed.status is Status.FAILED and failed.error_message == "ValueError: bad row 1"
+        assert error.result.materializations["beside"].status is Status.SUCCESS  # the other branch ran
+        names = {r.asset_name for r in await rt.store.list_all()}
+        assert names == {"flaky", "beside"}  # 'after' and 'both' never started
+
+
+async def test_retry_policy_retries_before_failing(anyio_backend):
+    attempts: list[int] = []
+    policy = fs.RetryPolicy(max_attempts=3, backoff=0)
+    async with fs.open_runtime(failing_pipeline(attempts, fail_times=2, retry=policy)) as rt:
+        result = await rt.materialize("after")
+        assert len(attempts) == 3
+        assert result.materializations["flaky"].metadata["attempts"] == 3
+
+
+async def test_retries_exhausted_records_the_last_error(anyio_backend):
+    attempts: list[int] = []
+    policy = fs.RetryPolicy(max_attempts=2, backoff=0)
+    async with fs.open_runtime(failing_pipeline(attempts, fail_times=5, retry=policy)) as rt:
+        with pytest.raises(fs.MaterializationFailed, match="bad row 2"):
+            await rt.materialize("flaky")
+        assert len(attempts) == 2
+
+
+async def test_a_value_the_io_manager_cannot_hold_fails_the_asset_not_the_runtime(anyio_backend):
+    class Picky:
+        async def load(self, asset, partition, config):
+            raise fs.NotFound("nothing", asset=asset)
+
+        async def store(self, asset, value, partition, config):
+            raise fs.SerializationError(f"cannot hold {type(value).__name__}", asset=asset)
+
+        async def delete(self, asset, partition, config):
+            return None
+
+    pipeline = fs.Pipeline("p", assets=[fs.Asset(name="a", execute_fn=lambda ctx, deps: object(), io_manager="picky")])
+    async with fs.open_runtime(pipeline, io_managers={"picky": Picky()}) as rt:
+        with pytest.raises(fs.MaterializationFailed, match="cannot hold object"):
+            await rt.materialize("a")
+        assert (await rt.store.get("a")).status is Status.FAILED
+
+
+# -------------------------------------------------------------- partitions
+
+
+def partitioned_pipeline() -> fs.Pipeline:
+    pipeline = fs.Pipeline("daily")
+
+    @pipeline.asset(partitioned_by=DAILY)
+    async def events(ctx, deps):
+        return [ctx.partition_key]
+
+    @pipeline.asset(partitioned_by=DAILY, depends_on=["events", "lookup"])
+    async def enriched(ctx, deps):
+        return {"events": deps["events"], "lookup": deps["lookup"]}
+
+    @pipeline.asset
+    async def lookup(ctx, deps):
+        return "v1"
+
+    @pipeline.asset(depends_on=["events"])
+    async def summary(ctx, deps):
+        return deps["events"]
+
+    return pipeline
+
+
+async def test_same_partitioning_reads_the_same_partition_and_broadcast_reads_the_single_value(anyio_backend):
+    async with fs.open_runtime(partitioned_pipeline()) as rt:
+        result = await rt.materialize("enriched", partition="2025-01-15")
+        assert await rt.load("enriched", date(2025, 1, 15)) == {"events": ["2025-01-15"], "lookup": "v1"}
+        assert result.materializations["events"].partition == "2025-01-15"
+        assert result.materializations["lookup"].partition is None
+
+
+async def test_unpartitioned_reader_gets_every_existing_partition_as_a_mapping(anyio_backend):
+    async with fs.open_runtime(partitioned_pipeline()) as rt:
+        for day in (date(2025, 1, 1), date(2025, 1, 2)):
+            await rt.materialize("events", day)
+        result = await rt.materialize("summary")
+        assert await rt.load("summary") == {"2025-01-01": ["2025-01-01"], "2025-01-02": ["2025-01-02"]}
+        assert result.materializations["summary"].upstream_partitions == {"events": ("2025-01-01", "2025-01-02")}
+
+
+@pytest.mark.parametrize(
+    ("name", "partition", "message"),
+    [
+        ("events", None, "pass partition="),
+        ("events", date(2024, 12, 31), "outside"),
+        ("events", "15/01/2025", "not a date"),
+        ("lookup", date(2025, 1, 1), "not partitioned"),
+    ],
+)
+async def test_bad_partitions_are_refused_before_anything_runs(anyio_backend, name, partition, message):
+    async with fs.open_runtime(partitioned_pipeline()) as rt:
+        with pytest.raises(fs.InvalidPartition, match=message) as info:
+            await rt.materialize(name, partition)
+        assert info.value.asset == name
+        assert await rt.store.list_all() == []
+
+
+# ----------------------------------------------------------------- tenants
+
+
+async def test_records_and_values_are_scoped_by_tenant(anyio_backend):
+    calls: list[str] = []
+    async with fs.open_runtime(chain_pipeline(calls)) as rt:
+        with fs.tenant_scope("a"):
+            await rt.materialize("report")
+            assert {r.tenant_id for r in await rt.store.list_all()} == {"a"}
+        with fs.tenant_scope("b"):
+            assert await rt.store.list_all() == []
+            with pytest.raises(fs.NotFound):
+                await rt.load("report")
+            calls.clear()
+            await rt.materialize("report")  # b's own run: nothing of a's is reused
+            assert calls == ["raw", "clean", "report"]
+        with pytest.raises(fs.NotFound):
+            await rt.load("report")  # no tenant sees neither
+
+
+# ------------------------------------------------------------------ guards
+
+
+class Policy:
+    def __init__(self, *, materialize=True, access=True):
+        self.allow = {"materialize": materialize, "access": access}
+        self.contexts = []
+
+    def can_materialize(self, asset, context):
+        self.contexts.append(dict(context))
+        return self.allow["materialize"]
+
+    async def can_access(self, asset, context):
+        if self.allow["access"] == "raise":
+            raise RuntimeError("policy down")
+        return self.allow["access"]
+
+
+async def test_a_denied_materialization_raises_and_leaves_no_record(anyio_backend):
+    guard = Policy(materialize=False)
+    async with fs.open_runtime(chain_pipeline(), guard=guard) as rt:
+        with fs.tenant_scope("acme"):
+            with pytest.raises(fs.AccessDenied) as info:
+                await rt.materialize("report", context={"user": "ana"})
+            assert info.value.action == "materialize" and info.value.tenant == "acme"
+            assert await rt.store.list_all() == []
+    assert guard.contexts[0] == {"user": "ana", "tenant": "acme"}
+
+
+async def test_load_asks_the_guard_and_a_raising_guard_denies(anyio_backend):
+    guard = Policy()
+    async with fs.open_runtime(chain_pipeline(), guard=guard) as rt:
+        await rt.materialize("raw")
+        guard.allow["access"] = "raise"
+        with pytest.raises(fs.AccessDenied, match="policy down") as info:
+            await rt.load("raw")
+        assert info.value.action == "access"
+
+
+# ------------------------------------------------------------- single flight
+
+
+async def test_concurrent_materializations_of_one_partition_share_one_computation(anyio_backend):
+    calls = []
+    release = anyio.Event()
+
+    async def slow(ctx, deps):
+        calls.append(1)
+        await release.wait()
+        return "done"
+
+    async with fs.open_runtime([fs.Asset(name="slow", execute_fn=slow)]) as rt:
+        results = []
+
+        async def call():
+            results.append(await rt.materialize("slow"))
+
+        async def sharing():
+            stats = (await rt.statistics())["slow"]
+            return stats.in_flight == 1 and stats.followers == 2
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(3):
+                tasks.start_soon(call)
+            await until(sharing)
+            release.set()
+        assert calls == [1]
+        assert len({r.materializations["slow"].id for r in results}) == 1
+        assert len(await rt.store.list_all()) == 1
+
+
+async def test_max_concurrency_queues_partitions_beyond_the_limit(anyio_backend):
+    inside, peak = [], []
+    release = anyio.Event()
+
+    async def limited(ctx, deps):
+        inside.append(1)
+        peak.append(len(inside))
+        await release.wait()
+        inside.pop()
+
+    asset = fs.Asset(name="limited", execute_fn=limited, partitioned_by=DAILY, max_concurrency=2)
+    async with fs.open_runtime([asset]) as rt:
+        async def queued():
+            stats = (await rt.statistics())["limited"]
+            return stats.in_flight == 2 and stats.queued == 3
+
+        async with anyio.create_task_group() as tasks:
+            for day in range(1, 6):
+                tasks.start_soon(rt.materialize, "limited", date(2025, 1, day))
+            await until(queued)
+            release.set()
+        assert max(peak) == 2 and len(peak) == 5
+
+
+# ------------------------------------------------------------- cancellation
+
+
+async def test_cancelling_a_caller_records_its_job_cancelled(anyio_backend):
+    started = anyio.Event()
+
+    async def forever(ctx, deps):
+        started.set()
+        await anyio.Event().wait()
+
+    async with fs.open_runtime([fs.Asset(name="forever", execute_fn=forever)]) as rt:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(rt.materialize, "forever")
+                await started.wait()
+                scope.cancel()
+        record = await rt.store.get("forever")
+        assert record.status is Status.CANCELLED and record.error_message == "cancelled"
+        assert (await rt.statistics())["forever"].in_flight == 0
+
+
+async def test_a_waiting_caller_takes_over_when_the_leader_is_cancelled(anyio_backend):
+    runs = []
+    first_started = anyio.Event()
+
+    async def work(ctx, deps):
+        runs.append(1)
+        if len(runs) == 1:
+            first_started.set()
+            await anyio.Event().wait()  # the leader's run never finishes: it is cancelled
+        return "second"
+
+    async with fs.open_runtime([fs.Asset(name="work", execute_fn=work)]) as rt:
+        results, scopes = [], []
+
+        async def leader():
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                await rt.materialize("work")
+
+        async def follower():
+            results.append(await rt.materialize("work"))
+
+        async def following():
+            return (await rt.statistics())["work"].followers == 1
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(leader)
+            await first_started.wait()
+            tasks.start_soon(follower)
+            await until(following)
+            scopes[0].cancel()
+        assert len(runs) == 2
+        assert results[0].materializations["work"].status is Status.SUCCESS
+        assert await rt.load("work") == "second"
+        assert sorted(r.status.value for r in await rt.store.list_all()) == ["cancelled", "success"]
+
+
+# ------------------------------------------------------------- registration
+
+
+async def test_register_adds_an_asset_that_can_then_run(anyio_backend):
+    async with fs.open_runtime(chain_pipeline()) as rt:
+        extra = fs.Asset(name="extra", depends_on=("report",), execute_fn=lambda ctx, deps: deps["report"]["total"])
+        await rt.register(extra)
+        assert [a.name for a in await rt.assets()][-1] == "extra"
+        await rt.materialize("extra")
+        assert await rt.load("extra") == 60
+
+
+@pytest.mark.parametrize(
+    ("asset", "problem"),
+    [
+        (fs.Asset(name="raw", execute_fn=lambda ctx, deps: 1), "already registered"),
+        (fs.Asset(name="x", depends_on=("ghost",), execute_fn=lambda ctx, deps: 1), "unknown dependency"),
+        (fs.Asset(name="x", depends_on=("x",), execute_fn=lambda ctx, deps: 1), "itself"),
+        (fs.Asset(name="x", execute_fn=lambda ctx, deps: 1, io_manager="nowhere"), "unknown IO manager"),
+        (fs.Asset(name="x"), "execute"),
+    ],
+)
+async def test_register_refuses_what_would_break_the_graph(anyio_backend, asset, problem):
+    async with fs.open_runtime(chain_pipeline()) as rt:
+        with pytest.raises(fs.DefinitionError, match=problem):
+            await rt.register(asset)
+        assert len(await rt.assets()) == 3
+
+
+async def test_concurrent_registrations_of_one_name_admit_exactly_one(anyio_backend):
+    async with fs.open_runtime([]) as rt:
+        outcomes = []
+
+        async def register(index):
+            try:
+                await rt.register(fs.Asset(name="same", execute_fn=lambda ctx, deps: index))
+                outcomes.append("ok")
+            except fs.DefinitionError:
+                outcomes.append("refused")
+
+        async with anyio.create_task_group() as tasks:
+            for index in range(10):
+                tasks.start_soon(register, index)
+            for index in range(10):
+                tasks.start_soon(rt.register, fs.Asset(name=f"n{index}", execute_fn=lambda ctx, deps: 1))
+        assert sorted(outcomes) == ["ok"] + ["refused"] * 9
+        assert len(await rt.assets()) == 11
+
+
+# ------------------------------------------------------------------- errors
+
+
+async def test_unknown_asset_names_are_not_found_naming_them(anyio_backend):
+    async with fs.open_runtime(chain_pipeline()) as rt:
+        for call in (rt.materialize("nope"), rt.load("nope"), rt.backfill("nope", partitions=[])):
+            with pytest.raises(fs.NotFound, match="'nope'"):
+                await call
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"upstream": "some"}, {"force": "yes"}, {"io": {"io_manager": "nowhere"}}, {"io": "memory"}, {"context": 3}]
+)
+async def test_bad_materialize_arguments_are_definition_errors(anyio_backend, kwargs):
+    async with fs.open_runtime(chain_pipeline()) as rt:
+        with pytest.raises(fs.DefinitionError):
+            await rt.materialize("report", **kwargs)
+
+
+async def test_open_runtime_validates_the_pipeline_and_its_keys_first(anyio_backend):
+    bad = fs.Pipeline("p", assets=[fs.Asset(name="a", execute_fn=lambda ctx, deps: 1, io_manager="s3", requires=("db",))])
+    with pytest.raises(fs.DefinitionError) as info:
+        async with fs.open_runtime(bad):
+            pass  # pragma: no cover
+    assert {e.field for e in info.value.errors} == {"io_manager", "requires"}
+    with pytest.raises(fs.DefinitionError, match="default_io_manager"):
+        async with fs.open_runtime(chain_pipeline(), default_io_manager="s3"):
+            pass  # pragma: no cover
+
+
+async def test_the_io_override_stores_the_target_elsewhere_and_loads_find_it(anyio_backend):
+    other = fs.io.MemoryIO()
+    async with fs.open_runtime(chain_pipeline(), io_managers={"other": other}) as rt:
+        result = await rt.materialize("report", io={"io_manager": "other", "config": {"note": "x"}})
+        assert result.materializations["report"].metadata["flowstone.io_manager"] == "other"
+        assert await other.load("report", None, {}) == {"total": 60}
+        assert await rt.load("report") == {"total": 60}
+
+
+# ------------------------------------------------------------------ lifecycle
+
+
+async def test_nothing_outlives_the_runtime_block(anyio_backend):
+    if anyio_backend == "asyncio":
+        import asyncio
+
+        before = asyncio.all_tasks()
+        async with fs.open_runtime(chain_pipeline()) as rt:
+            await rt.materialize("report")
+        assert asyncio.all_tasks() == before
+    else:
+        import trio
+
+        async with fs.open_runtime(chain_pipeline()) as rt:
+            await rt.materialize("report")
+        assert trio.lowlevel.current_task().child_nurseries == []
+
+
+async def test_a_closed_runtime_says_so(anyio_backend):
+    async with fs.open_runtime(chain_pipeline()) as rt:
+        pass
+    with pytest.raises(fs.RuntimeClosed):
+        await rt.materialize("report")
+
+
+async def test_an_error_in_the_block_comes_out_as_itself(anyio_backend):
+    with pytest.raises(KeyError):
+        async with fs.open_runtime(chain_pipeline()):
+            raise KeyError("mine")
+
+
+def test_sync_materialize_for_scripts():
+    result = fs.materialize(chain_pipeline(), "report")
+    assert result.materializations["report"].status is Status.SUCCESS

@@ -1,0 +1,101 @@
+"""Supervision (SPEC 7): crashed actors restart, waiters get ActorCrashed, too many crashes fail loudly."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import flowstone as fs
+from flowstone.actors.supervisor import RestartPolicy
+from flowstone.store import Status
+
+pytestmark = pytest.mark.anyio
+
+
+async def until(predicate, limit: float = 5.0) -> None:
+    with anyio.fail_after(limit):
+        while not await predicate():
+            await anyio.lowlevel.checkpoint()
+
+
+def simple() -> fs.Pipeline:
+    return fs.Pipeline("p", assets=[fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)])
+
+
+async def test_the_caller_whose_request_crashes_the_store_gets_actor_crashed(anyio_backend):
+    from flowstone.actors.mailbox import Crash, CrashRequested
+
+    async with fs.open_runtime(simple()) as rt:
+        with pytest.raises(fs.ActorCrashed, match="memory-store") as info:
+            await rt.store.handle.call(Crash, reason="a bug")
+        assert isinstance(info.value.__cause__, CrashRequested)
+
+
+async def test_a_restarted_store_keeps_every_record_and_value(anyio_backend):
+    async with fs.open_runtime(simple()) as rt:
+        first = await rt.materialize("a")
+        await rt.kill_actor("memory-store")
+        assert (await rt.store.get_by_id(first.materializations["a"].id)).status is Status.SUCCESS
+        assert await rt.load("a") == 1
+        assert (await rt.materialize("a")).skipped == ("a",)
+
+
+async def test_a_restarted_registry_still_knows_every_asset(anyio_backend):
+    async with fs.open_runtime(simple()) as rt:
+        await rt.kill_actor("registry")
+        assert [a.name for a in await rt.assets()] == ["a"]
+        await rt.materialize("a")
+
+
+async def test_callers_waiting_on_a_crashed_executor_get_actor_crashed_and_it_restarts(anyio_backend):
+    started, release = anyio.Event(), anyio.Event()
+
+    async def slow(ctx, deps):
+        started.set()
+        await release.wait()
+        return ctx.partition_key
+
+    daily = fs.StaticPartitions(["x", "y"])
+    asset = fs.Asset(name="slow", execute_fn=slow, partitioned_by=daily, max_concurrency=1)
+    async with fs.open_runtime([asset]) as rt:
+        outcomes = {}
+
+        async def run(key):
+            try:
+                outcomes[key] = (await rt.materialize("slow", key)).materializations["slow"].status
+            except fs.ActorCrashed as error:
+                outcomes[key] = error
+
+        async def queued():
+            return (await rt.statistics())["slow"].queued == 1
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run, "x")
+            await started.wait()
+            tasks.start_soon(run, "y")  # waits for the only slot
+            await until(queued)
+            await rt.kill_actor("executor:slow")
+            await until(lambda: _has(outcomes, "y"))
+            release.set()
+        assert isinstance(outcomes["y"], fs.ActorCrashed)  # it was waiting on the executor
+        assert outcomes["x"] is Status.SUCCESS  # it was already running in its caller's task
+        again = await rt.materialize("slow", "y")  # the executor is back
+        assert again.materializations["slow"].status is Status.SUCCESS
+
+
+async def _has(mapping, key):
+    return key in mapping
+
+
+async def test_too_many_crashes_fail_the_whole_runtime_loudly(anyio_backend):
+    with pytest.raises(fs.ActorCrashed, match="giving up"):
+        async with fs.open_runtime(simple(), restart_policy=RestartPolicy(max_restarts=2, window=60)) as rt:
+            for _ in range(3):
+                await rt.kill_actor("memory-store")
+            await anyio.Event().wait()  # the failing runtime cancels this block
+
+
+async def test_unknown_actor_names_are_not_found(anyio_backend):
+    async with fs.open_runtime(simple()) as rt:
+        with pytest.raises(fs.NotFound, match="executor:<asset>"):
+            await rt.kill_actor("executor:nope")

@@ -302,20 +302,32 @@ async def test_unpartitioned_reader_gets_every_existing_partition_as_a_mapping(a
         assert result.materializations["summary"].upstream_partitions == {"events": ("2025-01-01", "2025-01-02")}
 
 
+async def test_an_unpartitioned_reader_given_a_partition_reads_that_partition(anyio_backend):
+    """SPEC 7's example: a report over partitioned events, materialized for one day."""
+    async with fs.open_runtime(partitioned_pipeline()) as rt:
+        result = await rt.materialize("summary", partition=date(2025, 1, 15))
+        assert await rt.load("summary", partition=date(2025, 1, 15)) == ["2025-01-15"]
+        record = result.materializations["summary"]
+        assert record.partition == "2025-01-15" and record.upstream_partitions == {"events": ("2025-01-15",)}
+        with pytest.raises(fs.NotFound):
+            await rt.load("summary")  # the whole-range summary was never computed
+
+
 @pytest.mark.parametrize(
-    ("name", "partition", "message"),
+    ("name", "partition", "message", "refused_by"),
     [
-        ("events", None, "pass partition="),
-        ("events", date(2024, 12, 31), "outside"),
-        ("events", "15/01/2025", "not a date"),
-        ("lookup", date(2025, 1, 1), "not partitioned"),
+        ("events", None, "pass partition=", "events"),
+        ("events", date(2024, 12, 31), "outside", "events"),
+        ("events", "15/01/2025", "not a date", "events"),
+        ("lookup", date(2025, 1, 1), "not partitioned", "lookup"),
+        ("summary", date(2024, 12, 31), "outside", "events"),  # carried to 'events', which refuses it
     ],
 )
-async def test_bad_partitions_are_refused_before_anything_runs(anyio_backend, name, partition, message):
+async def test_bad_partitions_are_refused_before_anything_runs(anyio_backend, name, partition, message, refused_by):
     async with fs.open_runtime(partitioned_pipeline()) as rt:
         with pytest.raises(fs.InvalidPartition, match=message) as info:
             await rt.materialize(name, partition)
-        assert info.value.asset == name
+        assert info.value.asset == refused_by
         assert await rt.store.list_all() == []
 
 

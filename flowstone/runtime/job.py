@@ -10,6 +10,7 @@ and bounded, so no record is left ``running``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -110,7 +111,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         upstream_assets=tuple(r.asset for r in job.reads),
         upstream_partitions={r.asset: tuple(m.partition for m in r.records) for r in job.reads},
         dependency_hash=job.dependency_hash,
-        executor_node=f"{env.node}/executor:{asset.name}",
+        executor_node=_executor_node(env.node, asset.name),
     )
     if asset.requires_approval:
         approved, reason = await _wait_for_approval(record, executor)
@@ -151,6 +152,12 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     if getattr(manager, "returns_stored_object", False):
         return JobResult(record, value=value, has_value=True)
     return JobResult(record)
+
+
+@functools.lru_cache(maxsize=4096)
+def _executor_node(node: str, asset: str) -> str:
+    """One string per executor, shared by all its records (not one per record)."""
+    return f"{node}/executor:{asset}"
 
 
 async def _wait_for_approval(record: Materialization, executor: Handle) -> tuple[bool, str | None]:

@@ -104,14 +104,29 @@ def check_request(request: RunRequest, io_keys: Mapping[str, Any]) -> None:
         raise DefinitionError(problems, asset=request.target)
 
 
-def target_partition(asset: Asset, partition: Any) -> Any:
-    """The canonical partition value for ``asset``, or InvalidPartition saying why not."""
+def carries_partitions(graph: Any, name: str) -> bool:
+    """Whether ``name`` is partitioned or reads a partitioned asset, directly or not."""
+    if graph.get(name).partitioned_by is not None:
+        return True
+    return any(graph.get(dep).partitioned_by is not None for dep in graph.dependencies(name))
+
+
+def target_partition(asset: Asset, partition: Any, *, carries: bool = False) -> Any:
+    """The canonical partition value for ``asset``, or InvalidPartition saying why not.
+
+    An unpartitioned asset that reads partitioned ones (``carries``) takes any
+    partition: it flows to what the asset reads, which checks it (ADR 0002).
+    """
     if asset.partitioned_by is None:
-        if partition is not None:
-            raise InvalidPartition(
-                "asset is not partitioned; call it without partition=", asset=asset.name, partition=partition
-            )
-        return None
+        if partition is None:
+            return None
+        if carries:
+            serialize_partition(partition)  # a value that has a key, at least
+            return partition
+        raise InvalidPartition(
+            "asset is not partitioned and reads nothing partitioned; call it without partition=",
+            asset=asset.name, partition=partition,
+        )
     if partition is None:
         raise InvalidPartition(
             f"asset is partitioned ({type(asset.partitioned_by).__name__}); pass partition=",
@@ -124,11 +139,22 @@ def target_partition(asset: Asset, partition: Any) -> Any:
 
 
 def plan(snapshot: Snapshot, request: RunRequest) -> list[_Node]:
-    """The assets this run computes (dependencies first) and what each one reads."""
+    """The assets this run computes (dependencies first) and what each one reads.
+
+    A partition flows from the target to what it reads: a partitioned upstream
+    asset reads the same partition, as does an unpartitioned one that itself
+    reads partitioned assets; other unpartitioned assets are read whole. An
+    asset computed without a partition reads every existing partition of a
+    partitioned upstream asset.
+    """
     graph = snapshot.graph
     root = graph.get(request.target)
-    partitions: dict[str, Any] = {root.name: target_partition(root, request.partition)}
     order = graph.execution_order(root.name)
+    carries: dict[str, bool] = {}
+    for name in order:
+        asset = graph.get(name)
+        carries[name] = asset.partitioned_by is not None or any(carries[d] for d in asset.depends_on)
+    partitions: dict[str, Any] = {root.name: target_partition(root, request.partition, carries=carries[root.name])}
     nodes: dict[str, _Node] = {}
     for name in reversed(order):
         if name not in partitions:
@@ -138,10 +164,13 @@ def plan(snapshot: Snapshot, request: RunRequest) -> list[_Node]:
         inputs = []
         for dep_name in asset.depends_on:
             dep = graph.get(dep_name)
-            if asset.partitioned_by is None and dep.partitioned_by is not None:
+            if value is None and dep.partitioned_by is not None:
                 inputs.append(_Input(dep_name, None, "all"))
                 continue
-            dep_value = target_partition(dep, value if dep.partitioned_by is not None else None)
+            if dep.partitioned_by is not None:
+                dep_value = target_partition(dep, value)
+            else:
+                dep_value = value if carries[dep_name] else None
             dep_key = serialize_partition(dep_value)
             if request.upstream == "none":
                 inputs.append(_Input(dep_name, dep_key, "latest"))

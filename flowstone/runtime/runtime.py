@@ -37,7 +37,7 @@ from . import backfill as bf
 from . import registry as reg
 from .executor import Decide, Env, ExecutorStatistics, Stats, executor_actor
 from .job import load_value
-from .run import RunRequest, RunResult, check_request, execute_run, target_partition
+from .run import RunRequest, RunResult, carries_partitions, check_request, execute_run, target_partition
 
 __all__ = ["Runtime", "materialize", "open_runtime"]
 
@@ -106,7 +106,9 @@ class Runtime:
         """The value of the latest successful materialization of ``name`` at ``partition``."""
         snapshot = await self._snapshot()
         asset = snapshot.graph.get(name)
-        key = serialize_partition(target_partition(asset, partition))
+        key = serialize_partition(
+            target_partition(asset, partition, carries=carries_partitions(snapshot.graph, name))
+        )
         tenant = current_tenant()
         await authorize(self._guard, "access", asset, {**(context or {}), "tenant": tenant})
         found = await self._env.store.latest_successes([(name, key)])
@@ -200,7 +202,8 @@ class Runtime:
             raise DefinitionError([FieldError("partitions", f"must be a list of partitions, got {partitions!r}")], asset=name)
         else:
             values = partitions
-        checked = tuple(dict.fromkeys(target_partition(asset, p) for p in values))
+        carries = carries_partitions(snapshot.graph, name)
+        checked = tuple(dict.fromkeys(target_partition(asset, p, carries=carries) for p in values))
         tenant = current_tenant()
         await authorize(self._guard, "materialize", asset, {**(context or {}), "tenant": tenant})
         spec = bf.BackfillSpec(

@@ -17,7 +17,7 @@ def run_stress(*args: str) -> subprocess.CompletedProcess:
 def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
-    assert listing.stdout.split()[0] == "core"
+    assert [line.split()[0] for line in listing.stdout.splitlines()] == ["core", "memory", "runtime"]
 
 
 def test_core_scenario_prints_a_table_and_a_json_line():
@@ -34,3 +34,24 @@ def test_core_scenario_prints_a_table_and_a_json_line():
 
 def test_unknown_scenario_exits_non_zero():
     assert run_stress("nope").returncode == 2
+
+
+def test_runtime_scenario_short_run_reports_every_figure():
+    result = run_stress("runtime", "--repeat", "1", "--big", "500")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    scenarios = [row["scenario"] for row in record["rows"]]
+    assert scenarios[:3] == [
+        "100-asset chain, one materialize", "1-200-1 fan, one materialize", "366 daily partitions, max_parallel=20"
+    ]
+    assert "500 daily partitions, max_parallel=20" in scenarios
+    assert any(s.startswith("cost: actor round trip") for s in scenarios)
+
+
+def test_memory_scenario_short_run_attributes_memory():
+    result = run_stress("memory", "--small", "50", "--large", "150")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    parts = {row["allocated_by"]: row for row in record["rows"]}
+    assert set(parts) == {"store", "runtime", "other"}
+    assert parts["store"]["bytes_at_150"] > parts["store"]["bytes_at_50"]

@@ -127,28 +127,24 @@ class Handle:
         this waiter is gone: ``reply`` identifies the request, and ``late`` is an
         answer that arrived as the cancellation did (a lease to hand back), if any.
         """
+        pending = await self.request(message_type, **fields)
+        return await pending.result(on_cancel)
+
+    async def request(self, message_type: type[Message], /, **fields: Any) -> PendingCall:
+        """Post a request now and read its answer later (``PendingCall.result``).
+
+        Lets a caller ask several actors at once and pay one event-loop turn for
+        all the answers instead of one turn each.
+        """
         send, receive = anyio.create_memory_object_stream[Outcome[Any]](1)
         reply = Reply(send)
-        with receive:
-            try:
-                await self._post(message_type(reply=reply, **fields))
-            except BaseException:
-                send.close()
-                raise
-            try:
-                outcome = await receive.receive()
-            except anyio.EndOfStream:
-                raise ActorCrashed(self.name) from None
-            except anyio.get_cancelled_exc_class():
-                if on_cancel is not None:
-                    try:
-                        late: Outcome[Any] | None = receive.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        late = None
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
-                        await on_cancel(reply, late)
-                raise
-        return outcome.unwrap()
+        try:
+            await self._post(message_type(reply=reply, **fields))
+        except BaseException:
+            send.close()
+            receive.close()
+            raise
+        return PendingCall(self.name, reply, receive)
 
     async def cast(self, message: Message) -> None:
         """Send without waiting for an answer (no yield while the mailbox has room)."""
@@ -176,6 +172,54 @@ class Handle:
                 await self._mailbox.send(message)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise RuntimeClosed(f"{self.name} is not running (the runtime is closed)") from None
+
+
+class PendingCall:
+    """A request already posted; its answer is read once, or the request handed back.
+
+    Owns the receiving end of the reply stream: either :meth:`result` or
+    :meth:`abandon` must be called, once.
+    """
+
+    __slots__ = ("_actor", "_reply", "_receive")
+
+    def __init__(self, actor: str, reply: Reply, receive: MemoryObjectReceiveStream[Outcome[Any]]) -> None:
+        self._actor = actor
+        self._reply = reply
+        self._receive = receive
+
+    async def result(
+        self, on_cancel: Callable[[Reply, Outcome[Any] | None], Awaitable[None]] | None = None
+    ) -> Any:
+        """The answer; no yield at all when it has already arrived."""
+        with self._receive:
+            try:
+                outcome = self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    outcome = await self._receive.receive()
+                except anyio.EndOfStream:
+                    raise ActorCrashed(self._actor) from None
+                except anyio.get_cancelled_exc_class():
+                    if on_cancel is not None:
+                        await self._tell(on_cancel)
+                    raise
+            except anyio.EndOfStream:
+                raise ActorCrashed(self._actor) from None
+        return outcome.unwrap()
+
+    async def abandon(self, on_abandon: Callable[[Reply, Outcome[Any] | None], Awaitable[None]]) -> None:
+        """The answer will not be used: let the actor know (shielded, bounded)."""
+        with self._receive:
+            await self._tell(on_abandon)
+
+    async def _tell(self, hook: Callable[[Reply, Outcome[Any] | None], Awaitable[None]]) -> None:
+        try:
+            late: Outcome[Any] | None = self._receive.receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            late = None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+            await hook(self._reply, late)
 
 
 def open_mailbox(name: str) -> tuple[Handle, MemoryObjectSendStream[Message], MemoryObjectReceiveStream[Message]]:

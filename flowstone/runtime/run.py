@@ -14,6 +14,7 @@ decisions (what ``upstream=`` and ``force=`` mean, what is skipped) are ADR 0005
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,7 @@ from ..errors import DefinitionError, FlowstoneError, InvalidPartition, Material
 from ..guards import Guard, authorize
 from ..partitions import serialize_partition
 from ..store.records import Materialization, Status
-from ..actors.mailbox import CLEANUP_SECONDS, Handle, Reply
+from ..actors.mailbox import CLEANUP_SECONDS, PendingCall, Reply
 from .executor import Detach, Env, Finished, JobResult, Lease, Submit
 from .job import Job, Read, run_job
 from .hashing import dependency_hash
@@ -214,8 +215,9 @@ async def execute_run(
                     tenant=tenant,
                 )
 
-    outcomes: dict[str, _Outcome] = {}
-    await _run_plan(nodes, snapshot, env, request, run_id, tenant, latest, every, outcomes)
+    run = _Run(nodes, snapshot, env, request, run_id, tenant, latest, every)
+    await run.execute()
+    outcomes = run.outcomes
 
     result = RunResult(
         run_id=run_id,
@@ -246,133 +248,211 @@ async def _authorize(snapshot: Snapshot, guard: Guard, nodes: list[_Node], conte
                 await authorize(guard, action, snapshot.graph.get(name), context)  # type: ignore[arg-type]
 
 
-async def _run_plan(
-    nodes: list[_Node],
-    snapshot: Snapshot,
-    env: Env,
-    request: RunRequest,
-    run_id: uuid.UUID,
-    tenant: str | None,
-    latest: Mapping[tuple[str, str | None], Materialization],
-    every: Mapping[str, Mapping[str | None, Materialization]],
-    outcomes: dict[str, _Outcome],
-) -> None:
-    """Run every node once its inputs are done, with as few tasks as possible.
+class _Run:
+    """The execution of one plan: what to run, leases, and each asset's outcome.
 
-    A finished node continues with one newly ready dependent in the same task
-    and starts tasks only for the others, so a chain runs in the caller's task
-    and a fan starts one task per extra branch (starting a task costs more than
-    a trivial materialization; see ADR 0005).
+    Which assets must run is decided before any of them runs (an asset whose
+    inputs are all reused keeps its result when its dependency hash matches; an
+    asset reading one that runs must run too). Leases for all of them are then
+    requested at once, so the executors answer together in one event-loop turn,
+    and an asset whose inputs are done runs straight away on its lease. A chain
+    of fast assets then runs without yielding at all, and the store applies its
+    writes in one batch. Requesting leases early cannot deadlock: a lease only
+    waits for its own asset's inputs, and inputs never need a reader's slot.
     """
-    waiting = {n.asset.name: sum(1 for i in n.inputs if i.kind == "node") for n in nodes}
-    readers: dict[str, list[_Node]] = {n.asset.name: [] for n in nodes}
-    for node in nodes:
+
+    def __init__(
+        self,
+        nodes: list[_Node],
+        snapshot: Snapshot,
+        env: Env,
+        request: RunRequest,
+        run_id: uuid.UUID,
+        tenant: str | None,
+        latest: Mapping[tuple[str, str | None], Materialization],
+        every: Mapping[str, Mapping[str | None, Materialization]],
+    ) -> None:
+        self.nodes = nodes
+        self.snapshot = snapshot
+        self.env = env
+        self.request = request
+        self.run_id = run_id
+        self.tenant = tenant
+        self.latest = latest
+        self.every = every
+        self.keys = {n.asset.name: n.key for n in nodes}
+        self.outcomes: dict[str, _Outcome] = {}
+        self.leases: dict[str, PendingCall] = {}
+
+    # ------------------------------------------------------------ deciding
+
+    def reads(self, node: _Node, outcomes: Mapping[str, _Outcome]) -> list[Read] | None:
+        """The inputs of ``node`` given upstream outcomes; None if one failed or is unknown."""
+        reads = []
         for read in node.inputs:
+            values = None
             if read.kind == "node":
-                readers[read.asset].append(node)
+                upstream = outcomes.get(read.asset)
+                if upstream is None or not upstream.ok:
+                    return None
+                assert upstream.record is not None
+                records: tuple[Materialization, ...] = (upstream.record,)
+                if upstream.has_value:
+                    values = (upstream.value,)
+            elif read.kind == "latest":
+                records = (self.latest[(read.asset, read.key)],)
+            else:
+                records = tuple(r for _k, r in sorted(self.every[read.asset].items(), key=lambda kv: str(kv[0])))
+            reads.append(Read(read.asset, records, read.kind == "all", values))
+        return reads
 
-    async def run_from(node: _Node | None, tasks: Any) -> None:
-        while node is not None:
-            name = node.asset.name
-            try:
-                outcomes[name] = await _run_node(node, snapshot, env, request, run_id, tenant, latest, every, outcomes)
-            except FlowstoneError as error:
-                outcomes[name] = _Outcome(error=error)
-            ready = []
-            for reader in readers[name]:
-                waiting[reader.asset.name] -= 1
-                if waiting[reader.asset.name] == 0:
-                    ready.append(reader)
-            for other in ready[1:]:
-                tasks.start_soon(run_from, other, tasks)
-            node = ready[0] if ready else None
+    def digest(self, node: _Node, reads: list[Read]) -> str:
+        upstream = {r.asset: [m.id for m in r.records] for r in reads}
+        return dependency_hash(self.snapshot.versions[node.asset.name], node.key, upstream)
 
-    roots = [n for n in nodes if waiting[n.asset.name] == 0]
-    if len(nodes) == 1:
-        await run_from(roots[0], None)
-        return
-    async with anyio.create_task_group() as tasks:
-        for root in roots[1:]:
-            tasks.start_soon(run_from, root, tasks)
-        await run_from(roots[0], tasks)
+    def reusable(self, node: _Node, digest: str) -> Materialization | None:
+        """The latest success to reuse instead of running ``node``, if any."""
+        name = node.asset.name
+        previous = self.latest.get((name, node.key))
+        is_target = name == self.request.target
+        if (
+            (self.request.force and is_target)
+            or (self.request.upstream == "all" and not is_target)
+            or previous is None
+            or previous.status is not Status.SUCCESS
+            or previous.dependency_hash != digest
+        ):
+            return None
+        return previous
 
+    def decide(self) -> set[str]:
+        """The assets that will run (unless an input fails): the same rule as
+        ``run_node`` applies, evaluated before anything runs."""
+        known: dict[str, _Outcome] = {}
+        running: set[str] = set()
+        for node in self.nodes:
+            reads = self.reads(node, known)
+            if reads is not None:
+                previous = self.reusable(node, self.digest(node, reads))
+                if previous is not None:
+                    known[node.asset.name] = _Outcome(record=previous, reused=True)
+                    continue
+            running.add(node.asset.name)
+        return running
 
-async def _run_node(
-    node: _Node,
-    snapshot: Snapshot,
-    env: Env,
-    request: RunRequest,
-    run_id: uuid.UUID,
-    tenant: str | None,
-    latest: Mapping[tuple[str, str | None], Materialization],
-    every: Mapping[str, Mapping[str | None, Materialization]],
-    outcomes: Mapping[str, _Outcome],
-) -> _Outcome:
-    name = node.asset.name
-    reads = []
-    for read in node.inputs:
-        values = None
-        if read.kind == "node":
-            upstream = outcomes[read.asset]
-            if not upstream.ok:
-                return _Outcome()  # not run: an input failed
-            assert upstream.record is not None
-            records: tuple[Materialization, ...] = (upstream.record,)
-            if upstream.has_value:
-                values = (upstream.value,)
-        elif read.kind == "latest":
-            records = (latest[(read.asset, read.key)],)
+    # ------------------------------------------------------------ running
+
+    async def execute(self) -> None:
+        running = self.decide()
+        try:
+            for node in self.nodes:
+                if node.asset.name in running:
+                    executor = self.snapshot.executors[node.asset.name]
+                    self.leases[node.asset.name] = await executor.request(Submit, tenant=self.tenant, key=node.key)
+            await self.run_all()
+        finally:
+            for name, pending in self.leases.items():  # inputs failed, or we were cancelled
+                await pending.abandon(self.hand_back(name))
+            self.leases.clear()
+
+    def hand_back(self, name: str) -> Any:
+        """What tells ``name``'s executor that this run will not use its answer."""
+        executor = self.snapshot.executors[name]
+        key = self.keys[name]
+
+        async def give_back(waiter: Reply, late: Any) -> None:
+            if late is not None and isinstance(late.value, Lease):
+                await executor.cast(Finished(tenant=self.tenant, key=key, token=late.value.token, result=None))
+            else:
+                await executor.cast(Detach(tenant=self.tenant, key=key, waiter=waiter))
+
+        return give_back
+
+    async def run_all(self) -> None:
+        """Run every node once its inputs are done, starting as few tasks as possible.
+
+        Ready nodes wait in a queue. A worker about to run a node makes sure one
+        spare worker exists while other nodes are ready: if this node blocks, the
+        spare takes the next one (and makes its own spare), so independent
+        branches run concurrently; if nothing blocks, the first worker drains the
+        queue itself and the spare finds nothing to do. Starting a task costs
+        more than a trivial materialization (ADR 0005), so a chain or a fan of
+        fast assets starts one or two tasks instead of one per branch.
+        """
+        waiting = {n.asset.name: sum(1 for i in n.inputs if i.kind == "node") for n in self.nodes}
+        readers: dict[str, list[_Node]] = {n.asset.name: [] for n in self.nodes}
+        for node in self.nodes:
+            for read in node.inputs:
+                if read.kind == "node":
+                    readers[read.asset].append(node)
+        ready = deque(n for n in self.nodes if waiting[n.asset.name] == 0)
+        spare = 0
+
+        async def worker(tasks: Any, helper: bool) -> None:
+            nonlocal spare
+            if helper:
+                spare -= 1
+            while ready:
+                node = ready.popleft()
+                if ready and spare == 0 and tasks is not None:
+                    spare += 1
+                    tasks.start_soon(worker, tasks, True)
+                name = node.asset.name
+                try:
+                    self.outcomes[name] = await self.run_node(node)
+                except FlowstoneError as error:
+                    self.outcomes[name] = _Outcome(error=error)
+                for reader in readers[name]:
+                    waiting[reader.asset.name] -= 1
+                    if waiting[reader.asset.name] == 0:
+                        ready.append(reader)
+
+        if len(self.nodes) == 1:
+            await worker(None, False)
+            return
+        async with anyio.create_task_group() as tasks:
+            await worker(tasks, False)
+
+    async def run_node(self, node: _Node) -> _Outcome:
+        name = node.asset.name
+        reads = self.reads(node, self.outcomes)
+        if reads is None:
+            return _Outcome()  # not run: an input failed (its lease is handed back)
+        digest = self.digest(node, reads)
+        pending = self.leases.pop(name, None)
+        if pending is None:
+            previous = self.reusable(node, digest)
+            assert previous is not None, "decide() and run_node() disagree"
+            return _Outcome(record=previous, reused=True)
+        request = self.request
+        if name == request.target and request.io is not None:
+            io_key, io_config = request.io["io_manager"], request.io.get("config", {})
         else:
-            records = tuple(record for _key, record in sorted(every[read.asset].items(), key=lambda kv: str(kv[0])))
-        reads.append(Read(read.asset, records, read.kind == "all", values))
-    digest = dependency_hash(
-        snapshot.versions[name], node.key, {r.asset: [m.id for m in r.records] for r in reads}
-    )
-    previous = latest.get((name, node.key))
-    is_target = name == request.target
-    must_run = (
-        (request.force and is_target)
-        or (request.upstream == "all" and not is_target)
-        or previous is None
-        or previous.status is not Status.SUCCESS
-        or previous.dependency_hash != digest
-    )
-    if not must_run:
-        return _Outcome(record=previous, reused=True)
-    if is_target and request.io is not None:
-        io_key, io_config = request.io["io_manager"], request.io.get("config", {})
-    else:
-        io_key, io_config = node.asset.io_manager or env.default_io, node.asset.io_config
-    job = Job(
-        asset=node.asset,
-        run_id=run_id,
-        partition=node.partition,
-        key=node.key,
-        tenant=tenant,
-        reads=tuple(reads),
-        dependency_hash=digest,
-        io_key=io_key,
-        io_config=io_config,
-        replaces_success=previous is not None,
-    )
-    done = await _lead_or_follow(job, env, snapshot.executors[name])
-    return _Outcome(record=done.record, error=done.error, value=done.value, has_value=done.has_value)
+            io_key, io_config = node.asset.io_manager or self.env.default_io, node.asset.io_config
+        job = Job(
+            asset=node.asset,
+            run_id=self.run_id,
+            partition=node.partition,
+            key=node.key,
+            tenant=self.tenant,
+            reads=tuple(reads),
+            dependency_hash=digest,
+            io_key=io_key,
+            io_config=io_config,
+            replaces_success=(name, node.key) in self.latest,
+        )
+        done = await self.lead_or_follow(job, pending)
+        return _Outcome(record=done.record, error=done.error, value=done.value, has_value=done.has_value)
 
-
-async def _lead_or_follow(job: Job, env: Env, executor: Handle) -> JobResult:
-    """Ask the asset's executor; run the job under its lease, or wait for the leader's."""
-
-    async def on_cancel(waiter: Reply, late: Any) -> None:
-        if late is not None and isinstance(late.value, Lease):
-            await executor.cast(Finished(tenant=job.tenant, key=job.key, token=late.value.token, result=None))
-        else:
-            await executor.cast(Detach(tenant=job.tenant, key=job.key, waiter=waiter))
-
-    answer = await executor.call(Submit, tenant=job.tenant, key=job.key, on_cancel=on_cancel)
-    if isinstance(answer, Lease):
+    async def lead_or_follow(self, job: Job, pending: PendingCall) -> JobResult:
+        """Run the job under the lease the executor granted, or take the leader's result."""
+        executor = self.snapshot.executors[job.asset.name]
+        answer = await pending.result(self.hand_back(job.asset.name))
+        if not isinstance(answer, Lease):
+            return answer  # another caller computed it (single flight)
         result: JobResult | None = None
         try:
-            result = await run_job(job, env, executor)
+            result = await run_job(job, self.env, executor)
             return result
         finally:
             finished = Finished(
@@ -382,4 +462,3 @@ async def _lead_or_follow(job: Job, env: Env, executor: Handle) -> JobResult:
             if not executor.try_cast(finished):  # a full mailbox: wait, even if cancelled
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
                     await executor.cast(finished)
-    return answer

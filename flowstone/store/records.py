@@ -73,6 +73,8 @@ def check_transition(current: Status, requested: Status, record: Materialization
 
 
 def _frozen(value: Any) -> Any:
+    if type(value) is MappingProxyType:
+        return value  # already a read-only copy: records share it when they are copied
     return MappingProxyType(dict(value)) if isinstance(value, Mapping) else value
 
 
@@ -148,9 +150,11 @@ def new_record(fields: Mapping[str, Any], tenant: str | None, now: datetime) -> 
     values["status"] = to_status(values.get("status", Status.PENDING))
     partition = values.get("partition")
     values["partition"] = partition if partition is None or type(partition) is str else serialize_partition(partition)
-    values["upstream_assets"] = tuple(values.get("upstream_assets", ()))
+    upstream = values.get("upstream_assets", ())
+    values["upstream_assets"] = upstream if type(upstream) is tuple else tuple(upstream)
     values["upstream_partitions"] = {
-        name: tuple(keys) for name, keys in dict(values.get("upstream_partitions", {})).items()
+        name: keys if type(keys) is tuple else tuple(keys)
+        for name, keys in values.get("upstream_partitions", {}).items()
     }
     return Materialization(**values, tenant_id=tenant, inserted_at=now, updated_at=now)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import cached_property
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import networkx as nx
 
@@ -57,6 +57,7 @@ class AssetGraph:
                 continue
             self._assets[asset.name] = asset
             self._order[asset.name] = len(self._order)
+        self._memo: dict[tuple[str, str], Any] = {}
         self._graph = nx.DiGraph()
         self._graph.add_nodes_from(self._assets)
         for name, asset in self._assets.items():
@@ -166,13 +167,20 @@ class AssetGraph:
 
     def dependencies(self, name: str) -> set[str]:
         """Every asset ``name`` reads, directly or through others."""
-        self.get(name)
-        return set(nx.ancestors(self._graph, name))
+        return set(self._ancestors(name))
 
     def dependents(self, name: str) -> set[str]:
         """Every asset that reads ``name``, directly or through others."""
         self.get(name)
         return set(nx.descendants(self._graph, name))
+
+    def _ancestors(self, name: str) -> frozenset[str]:
+        """Memoized: the graph never changes, and every run of a target asks again."""
+        found = self._memo.get(("ancestors", name))
+        if found is None:
+            self.get(name)
+            found = self._memo[("ancestors", name)] = frozenset(nx.ancestors(self._graph, name))
+        return found
 
     def upstream(self, name: str) -> tuple[str, ...]:
         """The direct dependencies of ``name``, as declared."""
@@ -180,8 +188,11 @@ class AssetGraph:
 
     def execution_order(self, target: str) -> list[str]:
         """``target`` and everything it depends on, dependencies first."""
-        names = self._plan(target)
-        return sorted(names, key=self._ranks[0].__getitem__)
+        order = self._memo.get(("order", target))
+        if order is None:
+            names = self._plan(target)
+            order = self._memo[("order", target)] = tuple(sorted(names, key=self._ranks[0].__getitem__))
+        return list(order)
 
     def layers(self, target: str | None = None) -> list[list[str]]:
         """Groups that can run concurrently: each layer depends only on earlier ones.
@@ -197,7 +208,7 @@ class AssetGraph:
 
     def _plan(self, target: str | None) -> set[str]:
         """``target`` and its dependencies (or every asset), checked to be plannable."""
-        names = set(self._assets) if target is None else self.dependencies(target) | {target}
+        names = set(self._assets) if target is None else self._ancestors(target) | {target}
         errors = [
             FieldError("depends_on", f"unknown dependency {dep!r}", name)
             for name in sorted(names & self._unknown.keys(), key=self._order.__getitem__)

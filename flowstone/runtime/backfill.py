@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import uuid
 from contextlib import nullcontext
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
 import anyio
 import attrs
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..actors.mailbox import DEFERRED, Handle, Message, Reply, fail_pending, open_mailbox, serve
 from ..actors.memory import utcnow
@@ -199,35 +198,24 @@ async def run_backfill(
 
 
 async def _work(spec: BackfillSpec, progress: _Progress, runner: Runner) -> None:
-    feed_send, feed_receive = anyio.create_memory_object_stream[Any](spec.max_parallel)
+    # The workers are this actor's own tasks and share one iterator: taking the
+    # next partition is a plain next(), with no channel hop or yield per item.
+    feed = iter(spec.partitions)
     async with anyio.create_task_group() as workers:
-        workers.start_soon(_feed, spec.partitions, feed_send)
-        with feed_receive:
-            for _ in range(min(spec.max_parallel, len(spec.partitions))):
-                workers.start_soon(_worker, spec, progress, runner, feed_receive.clone())
+        for _ in range(min(spec.max_parallel, len(spec.partitions))):
+            workers.start_soon(_worker, spec, progress, runner, feed)
 
 
-async def _feed(partitions: tuple[Any, ...], send: MemoryObjectSendStream[Any]) -> None:
-    with send:
-        for partition in partitions:
-            await send.send(partition)
-
-
-async def _worker(
-    spec: BackfillSpec, progress: _Progress, runner: Runner, feed: MemoryObjectReceiveStream[Any]
-) -> None:
-    with feed:
-        async for partition in feed:
-            progress.started += 1
-            progress.running += 1
-            try:
-                await runner(
-                    RunRequest(spec.asset, partition, spec.upstream, spec.force, spec.io, spec.context)
-                )
-                progress.succeeded += 1
-            except FlowstoneError as error:
-                progress.failed += 1
-                if len(progress.errors) < MAX_ERRORS:
-                    progress.errors.append((serialize_partition(partition), str(error)))
-            finally:
-                progress.running -= 1
+async def _worker(spec: BackfillSpec, progress: _Progress, runner: Runner, feed: Iterator[Any]) -> None:
+    for partition in feed:
+        progress.started += 1
+        progress.running += 1
+        try:
+            await runner(RunRequest(spec.asset, partition, spec.upstream, spec.force, spec.io, spec.context))
+            progress.succeeded += 1
+        except FlowstoneError as error:
+            progress.failed += 1
+            if len(progress.errors) < MAX_ERRORS:
+                progress.errors.append((serialize_partition(partition), str(error)))
+        finally:
+            progress.running -= 1

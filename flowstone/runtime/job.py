@@ -128,7 +128,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         partition_key=job.key,
         run_id=job.run_id,
         tenant=job.tenant,
-        log=logging.getLogger(f"flowstone.asset.{asset.name}"),
+        log=_asset_logger(asset.name),
         resources={name: env.resources[name] for name in asset.requires},
     )
     manager = env.io_managers[job.io_key]
@@ -152,6 +152,11 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     if getattr(manager, "returns_stored_object", False):
         return JobResult(record, value=value, has_value=True)
     return JobResult(record)
+
+
+@functools.lru_cache(maxsize=4096)
+def _asset_logger(name: str) -> logging.Logger:
+    return logging.getLogger(f"flowstone.asset.{name}")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -135,6 +135,24 @@ async def cost_split(n: int = 2000) -> list[dict[str, Any]]:
     return rows
 
 
+def _backfill_in_fresh_process(backend: str, is_sync: bool) -> dict[str, float]:
+    """The 366-partition backfill alone in a new interpreter: its whole-process
+    peak memory (what the issue's figure is about) and its cold time."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import anyio, json, resource\n"
+        "from stress.runtime import daily, time_backfill\n"
+        f"elapsed, _ = anyio.run(lambda: time_backfill(daily({is_sync}), 366, 20), backend={backend!r})\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "print(json.dumps({'elapsed_ms': elapsed * 1e3, 'peak_rss_mb': peak / 1e6}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m stress runtime", description=__doc__)
     parser.add_argument("--repeat", type=int, default=5)
@@ -162,8 +180,11 @@ def run(argv: list[str]) -> dict[str, Any]:
     measure("1-200-1 fan, one materialize", 33, 3.3, lambda: time_materialize(fan(200, args.sync), "sink"), 202)
     measure("366 daily partitions, max_parallel=20", 110, 11.0 * 366 / 365,
             lambda: time_backfill(daily(args.sync), 366, 20), 366)
-    rss_after_small = peak_rss_bytes()
-    rows.append({"scenario": "peak RSS after the runs above (MB)", "median_ms": "", "value": rss_after_small / 1e6, "target_ms": "< 50 MB"})
+    alone = _backfill_in_fresh_process(args.backend, args.sync)
+    rows.append({
+        "scenario": "366 partitions in a fresh process (cold): peak RSS MB",
+        "median_ms": alone["elapsed_ms"], "value": alone["peak_rss_mb"], "target_ms": "< 50 MB",
+    })
     if args.big:
         elapsed, _status = anyio.run(lambda: time_backfill(daily(args.sync), args.big, 20), backend=args.backend)
         rows.append({

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import anyio
 import pytest
 
@@ -25,7 +27,12 @@ def gated(calls: list[int]) -> fs.Pipeline:
     return fs.Pipeline("p", assets=[fs.Asset(name="publish", execute_fn=publish, requires_approval=True)])
 
 
-async def run_until_waiting(rt, outcome: dict):
+@asynccontextmanager
+async def parked(rt):
+    """Start materializing 'publish'; yield its record (waiting for approval) and
+    the outcome the materialization will leave once decided."""
+    outcome: dict = {}
+
     async def run():
         try:
             outcome["result"] = await rt.materialize("publish")
@@ -35,19 +42,18 @@ async def run_until_waiting(rt, outcome: dict):
     async def waiting():
         return bool(await rt.store.list_by_status(Status.WAITING_APPROVAL))
 
-    return run, waiting
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run)
+        await until(waiting)
+        (record,) = await rt.store.list_by_status("waiting_approval")
+        yield record, outcome
 
 
 async def test_approval_lets_the_materialization_run(anyio_backend):
     calls: list[int] = []
     async with fs.open_runtime(gated(calls)) as rt:
-        outcome: dict = {}
-        run, waiting = await run_until_waiting(rt, outcome)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(run)
-            await until(waiting)
+        async with parked(rt) as (record, outcome):
             assert calls == []  # nothing runs before approval
-            (record,) = await rt.store.list_by_status("waiting_approval")
             await rt.approve(str(record.id))
         assert calls == [1]
         assert outcome["result"].materializations["publish"].status is Status.SUCCESS
@@ -56,12 +62,7 @@ async def test_approval_lets_the_materialization_run(anyio_backend):
 async def test_rejection_fails_it_with_the_reason(anyio_backend):
     calls: list[int] = []
     async with fs.open_runtime(gated(calls)) as rt:
-        outcome: dict = {}
-        run, waiting = await run_until_waiting(rt, outcome)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(run)
-            await until(waiting)
-            (record,) = await rt.store.list_by_status("waiting_approval")
+        async with parked(rt) as (record, outcome):
             await rt.reject(record.id, "numbers look wrong")
         assert calls == []
         assert isinstance(outcome["error"], fs.MaterializationFailed)

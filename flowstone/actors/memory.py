@@ -61,6 +61,15 @@ class MemoryData:
 
 # ------------------------------------------------------------------- messages
 
+
+@attrs.frozen(kw_only=True)
+class _AtKey(Message):
+    """A message about one (tenant, asset, partition key)."""
+
+    tenant: str | None
+    asset: str
+    partition: str | None
+
 @attrs.frozen(kw_only=True)
 class Create(Message):
     record: Materialization
@@ -84,17 +93,13 @@ class Replace(Message):
 
 
 @attrs.frozen(kw_only=True)
-class Latest(Message):
-    tenant: str | None
-    asset: str
-    partition: str | None
+class Latest(_AtKey):
+    pass
 
 
 @attrs.frozen(kw_only=True)
-class Exists(Message):
-    tenant: str | None
-    asset: str
-    partition: str | None
+class Exists(_AtKey):
+    pass
 
 
 @attrs.frozen(kw_only=True)
@@ -147,33 +152,23 @@ class MarkStale(Message):
 
 
 @attrs.frozen(kw_only=True)
-class PutValue(Message):
-    tenant: str | None
-    asset: str
-    partition: str | None
+class PutValue(_AtKey):
     value: Any
 
 
 @attrs.frozen(kw_only=True)
-class GetValue(Message):
-    tenant: str | None
-    asset: str
-    partition: str | None
+class GetValue(_AtKey):
     with_meta: bool = False
 
 
 @attrs.frozen(kw_only=True)
-class DropValue(Message):
-    tenant: str | None
-    asset: str
-    partition: str | None
+class DropValue(_AtKey):
+    pass
 
 
 @attrs.frozen(kw_only=True)
-class HasValue(Message):
-    tenant: str | None
-    asset: str
-    partition: str | None
+class HasValue(_AtKey):
+    pass
 
 
 @attrs.frozen(kw_only=True)

@@ -208,6 +208,10 @@ class PendingCall:
                 raise ActorCrashed(self._actor) from None
         return outcome.unwrap()
 
+    def discard(self) -> None:
+        """Stop listening for the answer, telling the actor nothing (idempotent)."""
+        self._receive.close()
+
     async def abandon(self, on_abandon: Callable[[Reply, Outcome[Any] | None], Awaitable[None]]) -> None:
         """The answer will not be used: let the actor know (shielded, bounded)."""
         with self._receive:

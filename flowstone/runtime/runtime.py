@@ -122,7 +122,12 @@ class Runtime:
     async def statistics(self) -> dict[str, ExecutorStatistics]:
         """A snapshot of every executor, by asset name (see ``ExecutorStatistics``)."""
         snapshot = await self._snapshot()
-        return {name: await handle.call(Stats) for name, handle in snapshot.executors.items()}
+        asked = {name: await handle.request(Stats) for name, handle in snapshot.executors.items()}
+        try:
+            return {name: await pending.result() for name, pending in asked.items()}
+        finally:
+            for pending in asked.values():
+                pending.discard()  # those not read because one failed
 
     async def kill_actor(self, name: str, reason: str = "killed on purpose") -> None:
         """Crash one actor as a bug would: for supervision tests and chaos runs.

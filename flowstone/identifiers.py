@@ -7,6 +7,7 @@ characters. Anything else is refused before it is used, rather than escaped.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from .errors import InvalidIdentifier
@@ -21,6 +22,13 @@ def identifier_problem(name: object) -> str | None:
     """Why ``name`` is not an identifier, or ``None`` when it is one."""
     if not isinstance(name, str):
         return f"must be a str, got {type(name).__name__}: {name!r}"
+    return _text_problem(str(name))
+
+
+@functools.lru_cache(maxsize=65_536)
+def _text_problem(name: str) -> str | None:
+    # Memoized: every record write checks its asset name, and the same few
+    # names come back millions of times.
     if not name:
         return "must not be empty"
     if len(name) > MAX_IDENTIFIER_LENGTH:

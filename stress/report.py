@@ -12,7 +12,19 @@ from typing import Any
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process's own address space so far.
+
+    Linux's ``VmHWM`` rather than ``ru_maxrss``: the latter survives ``execve``,
+    so a child started by a big parent (vfork, then exec) reports the parent's
+    peak as its own.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -22,6 +22,7 @@ finish in their callers' tasks. The supervisor restarts the actor.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import deque
 from collections.abc import Mapping
@@ -76,7 +77,7 @@ class JobResult:
 class Lease:
     """Permission to run one partition's job; hand it back with ``Finished``."""
 
-    token: uuid.UUID
+    token: Any
 
 
 @attrs.frozen(kw_only=True)
@@ -91,7 +92,7 @@ class Finished(Message):
 
     tenant: str | None
     key: str | None
-    token: uuid.UUID
+    token: Any
     result: JobResult | None
     record_id: uuid.UUID | None = None
 
@@ -142,7 +143,7 @@ class ExecutorStatistics:
 
 @attrs.define(eq=False)
 class _Flight:
-    token: uuid.UUID
+    token: Any
     followers: list[Reply] = attrs.field(factory=list)
 
 
@@ -154,6 +155,9 @@ class _Gate:
         self.asset = asset
         self.slots = asset.max_concurrency
         self.flights: dict[FlightKey, _Flight] = {}
+        # Tokens only tell this executor's leases apart; a restart starts a new
+        # series, so they carry the incarnation's identity too.
+        self.tokens = ((id(self), n) for n in itertools.count())
         self.queue: deque[tuple[FlightKey, Reply]] = deque()
         self.approvals: dict[uuid.UUID, MemoryObjectSendStream[tuple[bool, str | None]]] = {}
         self.dispatch = {
@@ -186,7 +190,7 @@ class _Gate:
         return DEFERRED
 
     def lease(self, key: FlightKey, followers: list[Reply] | None = None) -> Lease:
-        flight = _Flight(uuid.uuid4(), followers or [])
+        flight = _Flight(next(self.tokens), followers or [])
         self.flights[key] = flight
         return Lease(flight.token)
 

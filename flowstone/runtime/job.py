@@ -129,7 +129,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         run_id=job.run_id,
         tenant=job.tenant,
         log=_asset_logger(asset.name),
-        resources={name: env.resources[name] for name in asset.requires},
+        resources={name: env.resources[name] for name in asset.requires} if asset.requires else {},
     )
     manager = env.io_managers[job.io_key]
     try:

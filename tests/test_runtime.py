@@ -627,3 +627,43 @@ async def test_an_error_in_the_block_comes_out_as_itself(anyio_backend):
 def test_sync_materialize_for_scripts():
     result = fs.materialize(chain_pipeline(), "report")
     assert result.materializations["report"].status is Status.SUCCESS
+
+
+async def test_a_caller_waiting_outside_the_runtime_is_answered_when_it_closes(anyio_backend):
+    """A task outside the runtime block, queued for a slot, hears RuntimeClosed at
+    shutdown instead of hanging."""
+    started, answered = anyio.Event(), anyio.Event()
+
+    async def hold(ctx, deps):
+        started.set()
+        await anyio.Event().wait()
+
+    asset = fs.Asset(name="hold", execute_fn=hold, partitioned_by=fs.StaticPartitions(["a", "b"]), max_concurrency=1)
+    outcome = {}
+    holder = anyio.CancelScope()
+
+    async def hold_slot(rt):
+        with holder:
+            await rt.materialize("hold", "a")
+
+    async def queued_caller(rt):
+        try:
+            await rt.materialize("hold", "b")
+        except fs.FlowstoneError as error:
+            outcome["error"] = error
+        answered.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as outside:
+            async with fs.open_runtime([asset]) as rt:
+                outside.start_soon(hold_slot, rt)
+                await started.wait()
+                outside.start_soon(queued_caller, rt)
+
+                async def queued():
+                    return (await rt.statistics())["hold"].queued == 1
+
+                await until(queued)
+            await answered.wait()  # the runtime is closed; the queued caller was told
+            holder.cancel()
+    assert isinstance(outcome["error"], fs.RuntimeClosed)

@@ -34,7 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..actors.mailbox import DEFERRED, Message, Reply, serve
 from ..definitions import Asset
-from ..errors import ActorCrashed, NotFound
+from ..errors import ActorCrashed, NotFound, RuntimeClosed
 from ..io.protocol import IOManager
 from ..store.protocol import MaterializationStore
 from ..store.records import Materialization
@@ -250,6 +250,14 @@ class _Gate:
                     asset=self.asset.name,
                 ) from None
 
+    def stopped(self) -> None:
+        """Answer whoever still waits (no-op for replies already answered)."""
+        for flight in self.flights.values():
+            for follower in flight.followers:
+                follower.fail(RuntimeClosed(f"{self.name} stopped"))
+        for _key, reply in self.queue:
+            reply.fail(RuntimeClosed(f"{self.name} stopped"))
+
     def crashed(self, error: BaseException) -> None:
         """Fail everyone who waits on this incarnation: nobody hangs on a dead actor."""
         def boxed() -> ActorCrashed:
@@ -277,6 +285,9 @@ def executor_actor(asset: Asset) -> Any:
             gate.crashed(error)
             raise
         finally:
+            # Whatever ended this incarnation (a crash was answered above; a
+            # shutdown is answered here), nobody may wait on it forever.
+            gate.stopped()
             for decisions in gate.approvals.values():
                 decisions.close()
 

@@ -22,7 +22,7 @@ import anyio
 import attrs
 
 from ..definitions import Asset, FieldError
-from ..errors import DefinitionError, FlowstoneError, InvalidPartition, MaterializationFailed, NotFound
+from ..errors import DefinitionError, FlowstoneError, InvalidPartition, MaterializationFailed, NotFound, RuntimeClosed
 from ..guards import Guard, authorize
 from ..partitions import serialize_partition
 from ..store.records import Materialization, Status
@@ -361,10 +361,13 @@ class _Run:
         key = self.keys[name]
 
         async def give_back(waiter: Reply, late: Any) -> None:
-            if late is not None and isinstance(late.value, Lease):
-                await executor.cast(Finished(tenant=self.tenant, key=key, token=late.value.token, result=None))
-            else:
-                await executor.cast(Detach(tenant=self.tenant, key=key, waiter=waiter))
+            try:
+                if late is not None and isinstance(late.value, Lease):
+                    await executor.cast(Finished(tenant=self.tenant, key=key, token=late.value.token, result=None))
+                else:
+                    await executor.cast(Detach(tenant=self.tenant, key=key, waiter=waiter))
+            except RuntimeClosed:
+                waiter.close()  # the executor is gone; nothing to tell it
 
         return give_back
 
@@ -459,6 +462,9 @@ class _Run:
                 tenant=job.tenant, key=job.key, token=answer.token, result=result,
                 record_id=result.record.id if result is not None else None,
             )
-            if not executor.try_cast(finished):  # a full mailbox: wait, even if cancelled
-                with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
-                    await executor.cast(finished)
+            try:
+                if not executor.try_cast(finished):  # a full mailbox: wait, even if cancelled
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+                        await executor.cast(finished)
+            except RuntimeClosed:
+                pass  # the runtime closed under us: no lease left to hand back

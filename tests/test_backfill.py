@@ -190,3 +190,30 @@ async def test_leaving_the_runtime_cancels_a_running_backfill_cleanly(anyio_back
         records = await store.list_all()
         assert len(records) == 2 and {r.status for r in records} == {Status.CANCELLED}
         assert backfill is not None
+
+
+async def test_a_backfill_of_a_reader_computes_each_partition_with_its_upstream(anyio_backend):
+    calls = []
+
+    async def raw(ctx, deps):
+        calls.append(("raw", ctx.partition_key))
+        return ctx.partition.day
+
+    async def doubled(ctx, deps):
+        calls.append(("doubled", ctx.partition_key))
+        return deps["raw"] * 2
+
+    assets = [
+        fs.Asset(name="raw", execute_fn=raw, partitioned_by=DAILY),
+        fs.Asset(name="doubled", execute_fn=doubled, partitioned_by=DAILY, depends_on=("raw",)),
+    ]
+    async with fs.open_runtime(assets) as rt:
+        await rt.materialize("raw", DAYS[0])  # one upstream partition exists already
+        calls.clear()
+        status = await rt.wait_backfill(await rt.backfill("doubled", partitions=DAYS[:5], max_parallel=3))
+        assert status.succeeded == 5
+        assert sorted(c for c in calls if c[0] == "raw") == [("raw", d.isoformat()) for d in DAYS[1:5]]
+        assert len([c for c in calls if c[0] == "doubled"]) == 5
+        assert await rt.load("doubled", DAYS[4]) == 10
+        record = await rt.store.get("doubled", DAYS[4])
+        assert record.upstream_partitions == {"raw": ("2025-01-05",)}

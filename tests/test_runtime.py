@@ -7,6 +7,8 @@ from datetime import date
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flowstone as fs
 from flowstone.store import Status
@@ -667,3 +669,66 @@ async def test_a_caller_waiting_outside_the_runtime_is_answered_when_it_closes(a
             await answered.wait()  # the runtime is closed; the queued caller was told
             holder.cancel()
     assert isinstance(outcome["error"], fs.RuntimeClosed)
+
+
+async def test_the_runtime_wide_limit_caps_materializations_across_assets(anyio_backend):
+    inside, peak = [], []
+    release = anyio.Event()
+
+    async def work(ctx, deps):
+        inside.append(1)
+        peak.append(len(inside))
+        await release.wait()
+        inside.pop()
+
+    assets = [fs.Asset(name=f"a{i}", execute_fn=work) for i in range(5)]
+    async with fs.open_runtime(assets, max_concurrency=2) as rt:
+        async def two_inside():
+            await anyio.lowlevel.checkpoint()
+            return len(inside) == 2
+
+        async with anyio.create_task_group() as tasks:
+            for asset in assets:
+                tasks.start_soon(rt.materialize, asset.name)
+            await until(two_inside)
+            for _ in range(20):  # give the other three every chance to get in (they must not)
+                await anyio.lowlevel.checkpoint()
+            assert len(inside) == 2
+            release.set()
+        assert max(peak) == 2 and len(peak) == 5
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_random_graphs_run_each_asset_once_with_lineage_matching_the_graph(data):
+    """Property: for a random DAG, one materialize of a random target computes it
+    and exactly its dependencies, once each, upstream first, recording as lineage
+    exactly the assets each one read."""
+    size = data.draw(st.integers(1, 12))
+    deps = {f"n{i}": data.draw(st.lists(st.sampled_from([f"n{j}" for j in range(i)]), unique=True)) if i else []
+            for i in range(size)}
+    order: list[str] = []
+
+    def make(name):
+        async def fn(ctx, inputs):
+            assert set(inputs) == set(deps[name])  # it got exactly its inputs
+            order.append(name)
+            return name
+        return fn
+
+    assets = [fs.Asset(name=n, depends_on=tuple(d), execute_fn=make(n)) for n, d in deps.items()]
+    target = data.draw(st.sampled_from(list(deps)))
+
+    async def main():
+        async with fs.open_runtime(assets) as rt:
+            result = await rt.materialize(target)
+            return result
+
+    result = anyio.run(main, backend=data.draw(st.sampled_from(["asyncio", "trio"])))
+    expected = fs.dependencies(target, assets) | {target}
+    assert sorted(order) == sorted(expected)  # each once, nothing else
+    position = {name: i for i, name in enumerate(order)}
+    for name in expected:
+        record = result.materializations[name]
+        assert set(record.upstream_assets) == set(deps[name])
+        assert all(position[d] < position[name] for d in deps[name])

@@ -217,3 +217,23 @@ async def test_a_backfill_of_a_reader_computes_each_partition_with_its_upstream(
         assert await rt.load("doubled", DAYS[4]) == 10
         record = await rt.store.get("doubled", DAYS[4])
         assert record.upstream_partitions == {"raw": ("2025-01-05",)}
+
+
+class FaultyStore(fs.store.MemoryStore):
+    """A real memory store that breaks its contract on one partition: a bare error."""
+
+    async def create(self, **fields):
+        if fields.get("partition") == "2025-01-03":
+            raise RuntimeError("disk on fire")
+        return await super().create(**fields)
+
+
+async def test_a_store_that_raises_a_bare_error_fails_one_partition_not_the_runtime(anyio_backend):
+    async with fs.open_runtime([asset_of(lambda ctx, deps: 1)], store=FaultyStore()) as rt:
+        status = await rt.wait_backfill(await rt.backfill("events", partitions=DAYS[:5], max_parallel=2))
+        assert (status.succeeded, status.failed) == (4, 1)
+        assert status.errors == (("2025-01-03", "materialization failed: RuntimeError: disk on fire "
+                                                "[asset='events', partition='2025-01-03']"),)
+        with pytest.raises(fs.MaterializationFailed) as info:
+            await rt.materialize("events", DAYS[2])
+        assert isinstance(info.value.__cause__, RuntimeError)

@@ -213,9 +213,12 @@ async def _worker(spec: BackfillSpec, progress: _Progress, runner: Runner, feed:
         try:
             await runner(RunRequest(spec.asset, partition, spec.upstream, spec.force, spec.io, spec.context))
             progress.succeeded += 1
-        except FlowstoneError as error:
+        except Exception as error:  # FlowstoneErrors, and anything a bug let through:
+            # one partition's failure never stops the others or the runtime
+            if not isinstance(error, FlowstoneError):
+                log.exception("backfill %s: partition %r failed unexpectedly", spec.id, partition)
             progress.failed += 1
             if len(progress.errors) < MAX_ERRORS:
-                progress.errors.append((serialize_partition(partition), str(error)))
+                progress.errors.append((serialize_partition(partition), str(error) or type(error).__name__))
         finally:
             progress.running -= 1

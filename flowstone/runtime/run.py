@@ -405,6 +405,12 @@ class _Run:
                     self.outcomes[name] = await self.run_node(node)
                 except FlowstoneError as error:
                     self.outcomes[name] = _Outcome(error=error)
+                except Exception as error:
+                    # A store or IO manager broke its contract (raised something that
+                    # is not a FlowstoneError): wrapped here, once, for the caller.
+                    wrapped = MaterializationFailed(name, node.key, tenant=self.tenant, error=_describe(error))
+                    wrapped.__cause__ = error
+                    self.outcomes[name] = _Outcome(error=wrapped)
                 for reader in readers[name]:
                     waiting[reader.asset.name] -= 1
                     if waiting[reader.asset.name] == 0:
@@ -468,3 +474,8 @@ class _Run:
                         await executor.cast(finished)
             except RuntimeClosed:
                 pass  # the runtime closed under us: no lease left to hand back
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

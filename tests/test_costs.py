@@ -1,0 +1,91 @@
+"""The message budget of a materialization: what the speed figures rest on (ADR 0005).
+
+Not timings (those live in stress/, on a noisy machine): counts. A fresh chain
+must cost each asset one request (its lease) and four casts (create, value,
+completion, lease handed back), plus a constant per run, and must start no task.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import anyio
+import pytest
+
+import flowstone as fs
+from flowstone.actors import mailbox
+
+pytestmark = pytest.mark.anyio
+
+LENGTH = 20
+
+
+def chain() -> list[fs.Asset]:
+    async def step(ctx, deps):
+        return 1
+
+    return [
+        fs.Asset(name=f"a{i}", depends_on=(f"a{i - 1}",) if i else (), execute_fn=step) for i in range(LENGTH)
+    ]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    counts: collections.Counter[str] = collections.Counter()
+    request, cast, try_cast = mailbox.Handle.request, mailbox.Handle.cast, mailbox.Handle.try_cast
+
+    async def counting_request(self, message_type, /, **fields):
+        counts[f"request {message_type.__name__}"] += 1
+        return await request(self, message_type, **fields)
+
+    async def counting_cast(self, message):
+        counts[f"cast {type(message).__name__}"] += 1
+        return await cast(self, message)
+
+    def counting_try_cast(self, message):
+        counts[f"cast {type(message).__name__}"] += 1
+        return try_cast(self, message)
+
+    monkeypatch.setattr(mailbox.Handle, "request", counting_request)
+    monkeypatch.setattr(mailbox.Handle, "cast", counting_cast)
+    monkeypatch.setattr(mailbox.Handle, "try_cast", counting_try_cast)
+    return counts
+
+
+async def test_a_fresh_chain_costs_one_lease_and_four_casts_per_asset(anyio_backend, counted):
+    async with fs.open_runtime(chain()) as rt:
+        counted.clear()
+        await rt.materialize(f"a{LENGTH - 1}")
+        assert dict(counted) == {
+            "request GetSnapshot": 1,
+            "request LatestSuccesses": 1,
+            "request Submit": LENGTH,
+            "cast Create": LENGTH,
+            "cast PutValue": LENGTH,
+            "cast Replace": LENGTH,
+            "cast Finished": LENGTH,
+        }
+
+
+async def test_a_chain_with_nothing_to_do_costs_two_requests_in_all(anyio_backend, counted):
+    async with fs.open_runtime(chain()) as rt:
+        await rt.materialize(f"a{LENGTH - 1}")
+        counted.clear()
+        result = await rt.materialize(f"a{LENGTH - 1}")
+        assert len(result.skipped) == LENGTH
+        assert dict(counted) == {"request GetSnapshot": 1, "request LatestSuccesses": 1}
+
+
+async def test_a_chain_of_fast_assets_starts_no_task(anyio_backend, monkeypatch):
+    started = []
+    original = type(anyio.create_task_group()).start_soon
+
+    def counting_start_soon(self, *args, **kwargs):
+        started.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(anyio.create_task_group()), "start_soon", counting_start_soon)
+    async with fs.open_runtime(chain()) as rt:
+        started.clear()
+        await rt.materialize(f"a{LENGTH - 1}")
+        assert started == []

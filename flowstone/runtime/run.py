@@ -182,6 +182,22 @@ def plan(snapshot: Snapshot, request: RunRequest) -> list[_Node]:
     return [nodes[name] for name in order if name in nodes]
 
 
+def lookup_pairs(nodes: list[_Node]) -> list[tuple[str, str | None]]:
+    """The (asset, partition key) pairs whose latest success a run must know."""
+    pairs = [(n.asset.name, n.key) for n in nodes]
+    pairs += [(i.asset, i.key) for n in nodes for i in n.inputs if i.kind == "latest"]
+    return pairs
+
+
+@attrs.frozen
+class Prefetched:
+    """Latest successes fetched ahead for several runs (a backfill's chunk):
+    ``asked`` is every pair looked up, ``found`` those that have one."""
+
+    asked: frozenset[tuple[str, str | None]]
+    found: Mapping[tuple[str, str | None], Materialization]
+
+
 async def execute_run(
     snapshot: Snapshot,
     env: Env,
@@ -189,18 +205,27 @@ async def execute_run(
     request: RunRequest,
     tenant: str | None,
     run_id: uuid.UUID | None = None,
+    *,
+    nodes: list[_Node] | None = None,
+    prefetched: Prefetched | None = None,
 ) -> RunResult:
-    """Run ``request`` to the end; raise MaterializationFailed if any asset failed."""
-    nodes = plan(snapshot, request)
+    """Run ``request`` to the end; raise MaterializationFailed if any asset failed.
+
+    ``nodes`` is the plan when the caller made it already; ``prefetched`` saves
+    the store round trip for the pairs it covers.
+    """
+    nodes = plan(snapshot, request) if nodes is None else nodes
     run_id = run_id or uuid.uuid4()
     guard_context = {**(request.context or {}), "tenant": tenant}
     if guard is not None:
         await _authorize(snapshot, guard, nodes, guard_context)
 
     store = env.store
-    pairs = [(n.asset.name, n.key) for n in nodes]
-    pairs += [(i.asset, i.key) for n in nodes for i in n.inputs if i.kind == "latest"]
-    latest = await store.latest_successes(pairs)
+    pairs = lookup_pairs(nodes)
+    if prefetched is not None and prefetched.asked.issuperset(pairs):
+        latest: Mapping[tuple[str, str | None], Materialization] = prefetched.found
+    else:
+        latest = await store.latest_successes(pairs)
     every: dict[str, dict[str | None, Materialization]] = {}
     for node in nodes:
         for read in node.inputs:

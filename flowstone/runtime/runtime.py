@@ -37,7 +37,17 @@ from . import backfill as bf
 from . import registry as reg
 from .executor import Decide, Env, ExecutorStatistics, Stats, executor_actor
 from .job import load_value
-from .run import RunRequest, RunResult, carries_partitions, check_request, execute_run, target_partition
+from .run import (
+    Prefetched,
+    RunRequest,
+    RunResult,
+    carries_partitions,
+    check_request,
+    execute_run,
+    lookup_pairs,
+    plan,
+    target_partition,
+)
 
 __all__ = ["Runtime", "materialize", "open_runtime"]
 
@@ -221,8 +231,16 @@ class Runtime:
     async def _start_backfill(self, spec: bf.BackfillSpec, snapshot: reg.Snapshot) -> None:
         env, guard, store, registry = self._env, self._guard, self._env.store, self._registry
 
-        async def runner(request: RunRequest) -> RunResult:
-            return await execute_run(snapshot, env, guard, request, spec.tenant)
+        async def prefetch(requests: list[RunRequest]) -> Prefetched:
+            """One store round trip for the "latest success" lookups of a chunk of
+            partitions, instead of one per partition."""
+            pairs = [pair for request in requests for pair in lookup_pairs(plan(snapshot, request))]
+            return Prefetched(frozenset(pairs), await env.store.latest_successes(pairs))
+
+        async def run(request: RunRequest, ahead: Prefetched | None) -> RunResult:
+            return await execute_run(snapshot, env, guard, request, spec.tenant, prefetched=ahead)
+
+        runner = bf.Runner(prefetch=prefetch, run=run)
 
         async def save(saved: bf.Saved) -> None:
             with anyio.move_on_after(CLEANUP_SECONDS):

@@ -237,3 +237,29 @@ async def test_a_store_that_raises_a_bare_error_fails_one_partition_not_the_runt
         with pytest.raises(fs.MaterializationFailed) as info:
             await rt.materialize("events", DAYS[2])
         assert isinstance(info.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize("max_parallel", [1, 4])
+async def test_an_upstream_shared_by_every_partition_is_computed_once(anyio_backend, max_parallel):
+    """A backfill prefetches lookups per chunk; an asset every partition reads
+    must still be computed once, not once per partition of a chunk."""
+    calls = []
+
+    async def lookup(ctx, deps):
+        calls.append("lookup")
+        return {"rate": 2}
+
+    async def priced(ctx, deps):
+        return ctx.partition.day * deps["lookup"]["rate"]
+
+    assets = [
+        fs.Asset(name="lookup", execute_fn=lookup),
+        fs.Asset(name="priced", execute_fn=priced, partitioned_by=DAILY, depends_on=("lookup",)),
+    ]
+    async with fs.open_runtime(assets) as rt:
+        status = await rt.wait_backfill(await rt.backfill("priced", partitions=DAYS, max_parallel=max_parallel))
+        assert status.succeeded == 30
+        assert calls == ["lookup"]
+        assert await rt.load("priced", DAYS[9]) == 20
+        lookups = await rt.store.list_all(asset_name="lookup")
+        assert [r.status for r in lookups] == [Status.SUCCESS]

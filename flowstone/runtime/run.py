@@ -192,7 +192,12 @@ def lookup_pairs(nodes: list[_Node]) -> list[tuple[str, str | None]]:
 @attrs.frozen
 class Prefetched:
     """Latest successes fetched ahead for several runs (a backfill's chunk):
-    ``asked`` is every pair looked up, ``found`` those that have one."""
+    ``asked`` is every pair looked up, ``found`` those that have one.
+
+    Only pairs that a single run of the chunk reads may be prefetched: a pair
+    several runs share (an unpartitioned upstream asset) can be materialized by
+    the first of them, and the others must see that, so they look it up fresh.
+    """
 
     asked: frozenset[tuple[str, str | None]]
     found: Mapping[tuple[str, str | None], Materialization]
@@ -222,10 +227,13 @@ async def execute_run(
 
     store = env.store
     pairs = lookup_pairs(nodes)
-    if prefetched is not None and prefetched.asked.issuperset(pairs):
-        latest: Mapping[tuple[str, str | None], Materialization] = prefetched.found
+    if prefetched is None:
+        latest: Mapping[tuple[str, str | None], Materialization] = await store.latest_successes(pairs)
     else:
-        latest = await store.latest_successes(pairs)
+        fresh = [pair for pair in pairs if pair not in prefetched.asked]
+        latest = {pair: prefetched.found[pair] for pair in pairs if pair in prefetched.found}
+        if fresh:
+            latest.update(await store.latest_successes(fresh))
     every: dict[str, dict[str | None, Materialization]] = {}
     for node in nodes:
         for read in node.inputs:

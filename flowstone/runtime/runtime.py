@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -233,9 +234,11 @@ class Runtime:
 
         async def prefetch(requests: list[RunRequest]) -> Prefetched:
             """One store round trip for the "latest success" lookups of a chunk of
-            partitions, instead of one per partition."""
-            pairs = [pair for request in requests for pair in lookup_pairs(plan(snapshot, request))]
-            return Prefetched(frozenset(pairs), await env.store.latest_successes(pairs))
+            partitions, instead of one per partition (only the pairs a single
+            partition reads: see ``Prefetched``)."""
+            uses = Counter(pair for request in requests for pair in set(lookup_pairs(plan(snapshot, request))))
+            own = [pair for pair, count in uses.items() if count == 1]
+            return Prefetched(frozenset(own), await env.store.latest_successes(own))
 
         async def run(request: RunRequest, ahead: Prefetched | None) -> RunResult:
             return await execute_run(snapshot, env, guard, request, spec.tenant, prefetched=ahead)

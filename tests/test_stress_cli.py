@@ -17,7 +17,7 @@ def run_stress(*args: str) -> subprocess.CompletedProcess:
 def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
-    assert [line.split()[0] for line in listing.stdout.splitlines()] == ["core", "memory", "runtime"]
+    assert [line.split()[0] for line in listing.stdout.splitlines()] == ["core", "instructions", "memory", "runtime"]
 
 
 def test_core_scenario_prints_a_table_and_a_json_line():
@@ -55,3 +55,9 @@ def test_memory_scenario_short_run_attributes_memory():
     parts = {row["allocated_by"]: row for row in record["rows"]}
     assert set(parts) == {"store", "runtime", "other"}
     assert parts["store"]["bytes_at_150"] > parts["store"]["bytes_at_50"]
+
+
+def test_instructions_scenario_parses_its_options():
+    """Not run in CI: under callgrind even a tiny run takes ~1.5 minutes."""
+    result = run_stress("instructions", "--help")
+    assert result.returncode == 0 and "callgrind" in result.stdout

@@ -1,0 +1,82 @@
+"""Instructions per materialization, counted by callgrind: a deterministic yardstick.
+
+Wall time on a shared 2-core VM swings by up to 2x between identical runs, which
+hides any change under about 20%. Instruction counts do not move between runs
+of the same code, so use this to compare two versions of the hot path. Each
+figure is (count for N+k runs - count for N runs) / materializations, which
+cancels interpreter start-up and runtime opening. Needs valgrind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .report import emit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHAIN = """
+import anyio, sys
+from stress.runtime import chain
+import flowstone as fs
+async def main():
+    async with fs.open_runtime(chain({length}, False)) as rt:
+        for i in range(int(sys.argv[1])):
+            with fs.tenant_scope(f"t{{i}}"):  # a fresh namespace: nothing to reuse, nothing to mark stale
+                await rt.materialize("a{last}")
+                await rt.store.list_all(limit=1)  # until the write-behind is applied
+anyio.run(main)
+"""
+
+BACKFILL = """
+import anyio, sys
+from datetime import date, timedelta
+from stress.runtime import daily
+import flowstone as fs
+async def main():
+    days = [date(2000, 1, 1) + timedelta(days=i) for i in range({length})]
+    async with fs.open_runtime(daily(False)) as rt:
+        for i in range(int(sys.argv[1])):
+            with fs.tenant_scope(f"t{{i}}"):
+                await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=20))
+anyio.run(main)
+"""
+
+
+def _instructions(code: str, runs: int) -> int:
+    env = {**os.environ, "PYTHONMALLOC": "malloc", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", code, str(runs)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=True,
+    )
+    match = re.search(r"Collected : (\d+)", done.stderr)
+    if match is None:
+        raise SystemExit(f"callgrind printed no count:\n{done.stderr[-2000:]}")
+    return int(match.group(1))
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m stress instructions", description=__doc__)
+    parser.add_argument("--chain", type=int, default=100, help="assets in the chain")
+    parser.add_argument("--partitions", type=int, default=366, help="partitions in the backfill")
+    parser.add_argument("--runs", type=int, default=5, help="extra runs counted (more: steadier, slower)")
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    runs = max(1, args.runs)
+    rows = []
+    for what, template, length in (
+        (f"{args.chain}-asset chain, per materialization", CHAIN, args.chain),
+        (f"{args.partitions}-partition backfill, per partition", BACKFILL, args.partitions),
+    ):
+        code = template.format(length=length, last=length - 1)
+        base, more = _instructions(code, 1), _instructions(code, 1 + runs)
+        rows.append({"measure": what, "instructions": (more - base) // (runs * length)})
+    return emit("instructions", rows, {"chain": args.chain, "partitions": args.partitions, "runs": runs})

@@ -77,3 +77,19 @@ async def test_approving_what_is_not_waiting_is_refused(anyio_backend):
             await rt.approve(done.id)
         with pytest.raises(fs.NotFound):
             await rt.approve("00000000-0000-0000-0000-000000000000")
+
+
+async def test_a_crash_of_the_executor_fails_what_waits_for_approval(anyio_backend):
+    calls: list[int] = []
+    async with fs.open_runtime(gated(calls)) as rt:
+        async with parked(rt) as (record, outcome):
+            await rt.kill_actor("executor:publish")
+        assert calls == []
+        error = outcome["error"]
+        assert isinstance(error, fs.MaterializationFailed) and isinstance(error.__cause__, fs.ActorCrashed)
+        failed = await rt.store.get_by_id(record.id)
+        assert failed.status is Status.FAILED and "ActorCrashed" in failed.error_message
+        async with parked(rt) as (again, later):  # the restarted executor gates new runs again
+            await rt.approve(again.id)
+        assert later["result"].materializations["publish"].status is Status.SUCCESS
+        assert calls == [1]

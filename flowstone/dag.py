@@ -182,10 +182,6 @@ class AssetGraph:
             found = self._memo[("ancestors", name)] = frozenset(nx.ancestors(self._graph, name))
         return found
 
-    def upstream(self, name: str) -> tuple[str, ...]:
-        """The direct dependencies of ``name``, as declared."""
-        return self.get(name).depends_on
-
     def execution_order(self, target: str) -> list[str]:
         """``target`` and everything it depends on, dependencies first."""
         order = self._memo.get(("order", target))

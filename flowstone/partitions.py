@@ -178,19 +178,6 @@ def _check_kind(kind: Any) -> None:
         )
 
 
-def kind_of(partition: Any) -> PartitionKind:
-    """The kind a partition value is read back as (``date(…)`` -> ``"date"``)."""
-    if isinstance(partition, tuple):
-        return tuple(kind_of(p) for p in partition)
-    if isinstance(partition, datetime):
-        return "datetime"
-    if isinstance(partition, date):
-        return "date"
-    if isinstance(partition, str):
-        return "string"
-    raise InvalidPartition(f"unsupported partition type {type(partition).__name__}")
-
-
 # -------------------------------------------------------------------------- range
 
 _CALENDAR_STEPS = ("hour", "day", "week", "month")

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
+import sys
 import time
+import uuid
 from datetime import date, timedelta
 from typing import Any
 
 import anyio
 
 import flowstone as fs
+from flowstone.actors.memory import utcnow
+from flowstone.runtime.hashing import dependency_hash
+from flowstone.store.records import new_record
 
 from .report import emit, median, peak_rss_bytes
 
@@ -81,11 +88,6 @@ async def time_backfill(pipeline: fs.Pipeline, count: int, max_parallel: int) ->
 
 async def cost_split(n: int = 2000) -> list[dict[str, Any]]:
     """What the pieces of one materialization cost, each measured alone in a live runtime."""
-    from flowstone.actors.memory import utcnow
-    from flowstone.runtime.hashing import dependency_hash
-    from flowstone.store.records import new_record
-    import uuid
-
     rows = []
 
     def row(what: str, seconds: float, per_materialization: str) -> None:
@@ -138,10 +140,6 @@ async def cost_split(n: int = 2000) -> list[dict[str, Any]]:
 def _backfill_in_fresh_process(backend: str, is_sync: bool) -> dict[str, float]:
     """The 366-partition backfill alone in a new interpreter: its whole-process
     peak memory (what the issue's figure is about) and its cold time."""
-    import json
-    import subprocess
-    import sys
-
     code = (
         "import anyio, json\n"
         "from stress.report import peak_rss_bytes\n"

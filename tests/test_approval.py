@@ -8,15 +8,11 @@ import anyio
 import pytest
 
 import flowstone as fs
+from waiting import until
 from flowstone.store import Status
 
 pytestmark = pytest.mark.anyio
 
-
-async def until(predicate, limit: float = 5.0) -> None:
-    with anyio.fail_after(limit):
-        while not await predicate():
-            await anyio.lowlevel.checkpoint()
 
 
 def gated(calls: list[int]) -> fs.Pipeline:

@@ -8,6 +8,7 @@ import anyio
 import pytest
 
 import flowstone as fs
+from waiting import until
 from flowstone.store import TERMINAL, Status
 
 pytestmark = pytest.mark.anyio
@@ -15,11 +16,6 @@ pytestmark = pytest.mark.anyio
 DAILY = fs.DailyPartitions(start=date(2025, 1, 1), end=date(2025, 3, 31))
 DAYS = [date(2025, 1, 1) + timedelta(days=i) for i in range(30)]
 
-
-async def until(predicate, limit: float = 5.0) -> None:
-    with anyio.fail_after(limit):
-        while not await predicate():
-            await anyio.lowlevel.checkpoint()
 
 
 def asset_of(fn, **options) -> fs.Asset:

@@ -11,18 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flowstone as fs
+from waiting import until
 from flowstone.store import Status
 
 pytestmark = pytest.mark.anyio
 
 DAILY = fs.DailyPartitions(start=date(2025, 1, 1), end=date(2025, 1, 31))
 
-
-async def until(predicate, limit: float = 5.0) -> None:
-    """Wait for ``predicate()`` (an async check that talks to the runtime) to hold."""
-    with anyio.fail_after(limit):
-        while not await predicate():
-            await anyio.lowlevel.checkpoint()
 
 
 def chain_pipeline(calls: list[str] | None = None) -> fs.Pipeline:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -34,7 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..actors.mailbox import DEFERRED, Message, Reply, serve
 from ..definitions import Asset
-from ..errors import ActorCrashed, NotFound, RuntimeClosed
+from ..errors import ActorCrashed, FlowstoneError, NotFound, RuntimeClosed
 from ..io.protocol import IOManager
 from ..store.protocol import MaterializationStore
 from ..store.records import Materialization
@@ -250,28 +250,28 @@ class _Gate:
                     asset=self.asset.name,
                 ) from None
 
-    def stopped(self) -> None:
-        """Answer whoever still waits (no-op for replies already answered)."""
+    def fail_waiters(self, error: Callable[[], FlowstoneError]) -> None:
+        """Answer everyone still waiting on this incarnation (a no-op for replies
+        already answered): followers and callers queued for a slot."""
         for flight in self.flights.values():
             for follower in flight.followers:
-                follower.fail(RuntimeClosed(f"{self.name} stopped"))
+                follower.fail(error())
         for _key, reply in self.queue:
-            reply.fail(RuntimeClosed(f"{self.name} stopped"))
+            reply.fail(error())
 
     def crashed(self, error: BaseException) -> None:
-        """Fail everyone who waits on this incarnation: nobody hangs on a dead actor."""
-        def boxed() -> ActorCrashed:
+        """Fail everyone who waits on this incarnation: nobody hangs on a dead actor.
+
+        Approval streams are closed by the incarnation's finally: the waiting
+        leader sees the end of the stream and fails its job with ActorCrashed.
+        """
+
+        def boxed() -> FlowstoneError:
             crash = ActorCrashed(self.name, asset=self.asset.name)
             crash.__cause__ = error
             return crash
 
-        for flight in self.flights.values():
-            for follower in flight.followers:
-                follower.fail(boxed())
-        for _key, reply in self.queue:
-            reply.fail(boxed())
-        # Approval streams are closed by the incarnation's finally: the waiting
-        # leader sees the end of the stream and fails its job with ActorCrashed.
+        self.fail_waiters(boxed)
 
 
 def executor_actor(asset: Asset) -> Any:
@@ -287,7 +287,7 @@ def executor_actor(asset: Asset) -> Any:
         finally:
             # Whatever ended this incarnation (a crash was answered above; a
             # shutdown is answered here), nobody may wait on it forever.
-            gate.stopped()
+            gate.fail_waiters(lambda: RuntimeClosed(f"{gate.name} stopped"))
             for decisions in gate.approvals.values():
                 decisions.close()
 

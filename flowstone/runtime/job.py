@@ -29,7 +29,7 @@ from ..errors import ActorCrashed, FlowstoneError, NotFound
 from ..store.records import Materialization, Status
 from .executor import AwaitApproval, Env, JobResult
 
-__all__ = ["IO_CONFIG", "IO_KEY", "Job", "Read", "run_job"]
+__all__ = ["IO_CONFIG", "IO_KEY", "Job", "Read", "describe", "run_job"]
 
 IO_KEY = "flowstone.io_manager"
 IO_CONFIG = "flowstone.io_config"
@@ -76,7 +76,7 @@ async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
     except Exception as error:
         # Not the user's function (its errors are results): the store, an IO
         # manager or the runtime broke. Record it if we can, then report it.
-        await _close(job, env, state, Status.FAILED, _describe(error))
+        await _close(job, env, state, Status.FAILED, describe(error))
         if state.record is not None and state.record.status is Status.FAILED:
             return JobResult(state.record, error)
         raise
@@ -140,7 +140,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         raise
     except Exception as error:
         state.record = record = await store.complete(
-            record, Status.FAILED, error_message=_describe(error),
+            record, Status.FAILED, error_message=describe(error),
             metadata=_io_metadata(ctx.metadata, job), **_timing(record, started),
         )
         return JobResult(record, error)
@@ -220,7 +220,7 @@ async def _call_with_retry(asset: Asset, ctx: Context, deps: dict[str, Any], env
                 raise
             assert policy is not None
             delay = policy.delay(attempt)
-            ctx.log.warning("attempt %d/%d failed (%s); retrying in %.3fs", attempt, attempts, _describe(error), delay)
+            ctx.log.warning("attempt %d/%d failed (%s); retrying in %.3fs", attempt, attempts, describe(error), delay)
             ctx.metadata["attempts"] = attempt + 1
             if delay > 0:
                 await anyio.sleep(delay)
@@ -257,6 +257,7 @@ def _io_metadata(metadata: dict[str, Any], job: Job) -> dict[str, Any]:
     return out
 
 
-def _describe(error: BaseException) -> str:
+def describe(error: BaseException) -> str:
+    """``"ExcType: message"``, the form error messages are recorded in."""
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -28,7 +28,7 @@ from ..partitions import serialize_partition
 from ..store.records import Materialization, Status
 from ..actors.mailbox import CLEANUP_SECONDS, PendingCall, Reply
 from .executor import Detach, Env, Finished, JobResult, Lease, Submit
-from .job import Job, Read, run_job
+from .job import Job, Read, describe, run_job
 from .hashing import dependency_hash
 from .registry import Snapshot
 
@@ -316,6 +316,7 @@ class _Run:
         self.keys = {n.asset.name: n.key for n in nodes}
         self.outcomes: dict[str, _Outcome] = {}
         self.leases: dict[str, PendingCall] = {}
+        self.digests: dict[str, str] = {}
 
     # ------------------------------------------------------------ deciding
 
@@ -366,7 +367,9 @@ class _Run:
         for node in self.nodes:
             reads = self.reads(node, known)
             if reads is not None:
-                previous = self.reusable(node, self.digest(node, reads))
+                # Inputs already known here are the ones run_node will see: keep the hash.
+                digest = self.digests[node.asset.name] = self.digest(node, reads)
+                previous = self.reusable(node, digest)
                 if previous is not None:
                     known[node.asset.name] = _Outcome(record=previous, reused=True)
                     continue
@@ -441,7 +444,7 @@ class _Run:
                 except Exception as error:
                     # A store or IO manager broke its contract (raised something that
                     # is not a FlowstoneError): wrapped here, once, for the caller.
-                    wrapped = MaterializationFailed(name, node.key, tenant=self.tenant, error=_describe(error))
+                    wrapped = MaterializationFailed(name, node.key, tenant=self.tenant, error=describe(error))
                     wrapped.__cause__ = error
                     self.outcomes[name] = _Outcome(error=wrapped)
                 for reader in readers[name]:
@@ -460,7 +463,7 @@ class _Run:
         reads = self.reads(node, self.outcomes)
         if reads is None:
             return _Outcome()  # not run: an input failed (its lease is handed back)
-        digest = self.digest(node, reads)
+        digest = self.digests.get(name) or self.digest(node, reads)
         pending = self.leases.pop(name, None)
         if pending is None:
             previous = self.reusable(node, digest)
@@ -507,8 +510,3 @@ class _Run:
                         await executor.cast(finished)
             except RuntimeClosed:
                 pass  # the runtime closed under us: no lease left to hand back
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -24,7 +24,15 @@ from ..actors.mailbox import CLEANUP_SECONDS, Crash, Handle
 from ..actors.supervisor import RestartPolicy, supervise
 from ..dag import AssetGraph
 from ..definitions import Asset, FieldError
-from ..errors import ActorCrashed, BackfillNotFound, DefinitionError, FlowstoneError, NotFound, RuntimeClosed
+from ..errors import (
+    ActorCrashed,
+    BackfillNotFound,
+    DefinitionError,
+    FlowstoneError,
+    InvalidTransition,
+    NotFound,
+    RuntimeClosed,
+)
 from ..guards import Guard, authorize
 from ..io.memory import MemoryIO
 from ..io.protocol import IOManager
@@ -181,8 +189,6 @@ class Runtime:
     async def _decide(self, materialization_id: uuid.UUID | str, approve: bool, reason: str | None) -> None:
         record: Materialization = await self._env.store.get_by_id(parse_id(materialization_id))
         if record.status is not Status.WAITING_APPROVAL:
-            from ..errors import InvalidTransition
-
             raise InvalidTransition(
                 record.status, Status.RUNNING if approve else Status.FAILED,
                 asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,

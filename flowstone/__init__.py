@@ -21,6 +21,8 @@ from .errors import AccessDenied as AccessDenied
 from .errors import ActorCrashed as ActorCrashed
 from .errors import BackfillNotFound as BackfillNotFound
 from .errors import CycleError as CycleError
+from .errors import DatabaseError as DatabaseError
+from .errors import DatabaseUnavailable as DatabaseUnavailable
 from .errors import DefinitionError as DefinitionError
 from .errors import FlowstoneError as FlowstoneError
 from .errors import InvalidIdentifier as InvalidIdentifier
@@ -31,6 +33,7 @@ from .errors import MaterializationFailed as MaterializationFailed
 from .errors import NotFound as NotFound
 from .errors import RuntimeClosed as RuntimeClosed
 from .errors import SerializationError as SerializationError
+from .errors import TenancyNotEnforced as TenancyNotEnforced
 from .guards import Guard as Guard
 from .partitions import CompositePartitions as CompositePartitions
 from .partitions import DailyPartitions as DailyPartitions

@@ -23,6 +23,8 @@ __all__ = [
     "ActorCrashed",
     "BackfillNotFound",
     "CycleError",
+    "DatabaseError",
+    "DatabaseUnavailable",
     "DefinitionError",
     "FlowstoneError",
     "InvalidIdentifier",
@@ -33,6 +35,7 @@ __all__ = [
     "NotFound",
     "RuntimeClosed",
     "SerializationError",
+    "TenancyNotEnforced",
 ]
 
 class FlowstoneError(Exception):
@@ -255,3 +258,20 @@ class ActorCrashed(FlowstoneError):
 
 class RuntimeClosed(FlowstoneError):
     """The runtime (or the actor asked) is no longer running."""
+
+
+class DatabaseError(FlowstoneError):
+    """The database refused or failed an operation (``sqlstate`` says how, when known)."""
+
+    def __init__(self, message: str, *, sqlstate: str | None = None, **context: Any) -> None:
+        self.sqlstate = sqlstate
+        super().__init__(message, **context)
+
+
+class DatabaseUnavailable(DatabaseError, ConnectionError):
+    """The database could not be reached, or kept dropping the connection past the retries."""
+
+
+class TenancyNotEnforced(DatabaseError):
+    """A tenant is in use but the connection bypasses row-level security (a superuser
+    or BYPASSRLS role), so the database would not keep tenants apart."""

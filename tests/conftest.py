@@ -2,6 +2,8 @@
 
 import pytest
 
+from pgfixtures import pg_database, pg_dsn, pg_server  # noqa: F401  (fixtures)
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:

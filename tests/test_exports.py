@@ -22,12 +22,14 @@ PUBLIC = {
     "AccessDenied", "ActorCrashed", "BackfillNotFound", "CycleError", "DefinitionError",
     "FlowstoneError", "InvalidIdentifier", "InvalidPartition", "InvalidTenant",
     "InvalidTransition", "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
+    "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced",
 }
 
 ERRORS = {
     "AccessDenied", "ActorCrashed", "BackfillNotFound", "CycleError", "DefinitionError",
     "InvalidIdentifier", "InvalidPartition", "InvalidTenant", "InvalidTransition",
     "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
+    "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced",
 }
 
 

@@ -247,3 +247,59 @@ async def _worker(
                     progress.errors.append((serialize_partition(partition), str(error) or type(error).__name__))
             finally:
                 progress.running -= 1
+
+
+# ------------------------------------------------------- persistent stores
+
+
+def saved_to_json(saved: Saved) -> tuple[str, str, str]:
+    """``(spec, status, state)`` as JSON text for a database; partitions are kept
+    as their keys (a resumed backfill validates them again). ``io`` and
+    ``context`` must be JSON: a backfill that cannot be saved does not start."""
+    from ..postgres.jsonvalues import to_json
+
+    spec, status = saved.spec, saved.status
+    spec_json = to_json(
+        {
+            "id": str(spec.id), "asset": spec.asset,
+            "partitions": [serialize_partition(p) for p in spec.partitions],
+            "max_parallel": spec.max_parallel, "upstream": spec.upstream, "force": spec.force,
+            "io": _plain(spec.io), "context": _plain(spec.context), "tenant": spec.tenant,
+        },
+        asset=spec.asset, what="the backfill's io and context",
+    )
+    status_json = to_json(
+        {
+            **{name: getattr(status, name) for name in ("state", "total", "queued", "running", "succeeded", "failed", "cancelled")},
+            "errors": [list(error) for error in status.errors],
+            "started_at": status.started_at.isoformat() if status.started_at else None,
+            "finished_at": status.finished_at.isoformat() if status.finished_at else None,
+        },
+        asset=spec.asset, what="the backfill's status",
+    )
+    return spec_json, status_json, status.state
+
+
+def saved_from_json(spec_text: str, status_text: str) -> Saved:
+    import json
+
+    raw, state = json.loads(spec_text), json.loads(status_text)
+    spec = BackfillSpec(
+        id=uuid.UUID(raw["id"]), asset=raw["asset"], partitions=tuple(raw["partitions"]),
+        max_parallel=raw["max_parallel"], upstream=raw["upstream"], force=raw["force"],
+        io=raw["io"], context=raw["context"], tenant=raw["tenant"],
+    )
+    status = BackfillStatus(
+        id=spec.id, asset=spec.asset, **{k: state[k] for k in ("state", "total", "queued", "running", "succeeded", "failed", "cancelled")},
+        errors=tuple((key, message) for key, message in state["errors"]),
+        started_at=datetime.fromisoformat(state["started_at"]) if state["started_at"] else None,
+        finished_at=datetime.fromisoformat(state["finished_at"]) if state["finished_at"] else None,
+    )
+    return Saved(spec, status)
+
+
+def _plain(value: Mapping[str, Any] | None) -> Any:
+    """A mapping (perhaps read-only, perhaps nested) as plain dicts, for JSON."""
+    if value is None:
+        return None
+    return {key: _plain(item) if isinstance(item, Mapping) else item for key, item in value.items()}

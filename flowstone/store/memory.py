@@ -11,7 +11,7 @@ from ..actors import memory as m
 from ..actors.client import MemoryActorClient
 from ..partitions import serialize_partition
 from ..tenancy import current_tenant
-from .records import Materialization, Status, check_transition, evolve, new_record, parse_id, to_status, update_fields
+from .records import Materialization, Status, check_limit, check_transition, evolve, new_record, parse_id, to_status, update_fields
 
 __all__ = ["MemoryStore"]
 
@@ -58,10 +58,10 @@ class MemoryStore(MemoryActorClient):
         )
 
     async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]:
-        return await self.handle.call(m.ByStatus, tenant=current_tenant(), status=to_status(status), limit=_limit(limit))
+        return await self.handle.call(m.ByStatus, tenant=current_tenant(), status=to_status(status), limit=check_limit(limit))
 
     async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]:
-        return await self.handle.call(m.All, tenant=current_tenant(), asset=asset_name, limit=_limit(limit))
+        return await self.handle.call(m.All, tenant=current_tenant(), asset=asset_name, limit=check_limit(limit))
 
     async def latest_successes(
         self, pairs: Iterable[tuple[str, str | None]]
@@ -79,12 +79,3 @@ class MemoryStore(MemoryActorClient):
 
     async def load_backfill(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.LoadBackfill, tenant=current_tenant(), id=id)
-
-
-def _limit(limit: Any) -> int:
-    from ..definitions import FieldError
-    from ..errors import DefinitionError
-
-    if type(limit) is not int or limit < 0:
-        raise DefinitionError([FieldError("limit", f"must be an int >= 0, got {limit!r}")])
-    return limit

@@ -10,9 +10,11 @@ import uuid
 from datetime import date, datetime, timezone
 
 import anyio
+import attrs
 import pytest
 
 import flowstone as fs
+from flowstone.runtime.backfill import BackfillSpec, BackfillStatus, Saved
 from flowstone.store import TRANSITIONS, Status
 
 pytestmark = pytest.mark.anyio
@@ -190,8 +192,23 @@ class StoreContract:
     async def test_backfill_state_round_trips(self, store):
         backfill = uuid.uuid4()
         assert await store.load_backfill(backfill) is None
-        await store.save_backfill(backfill, {"done": 3})
-        assert await store.load_backfill(backfill) == {"done": 3}
+        spec = BackfillSpec(
+            id=backfill, asset="daily", partitions=("2025-01-01", "2025-01-02"), max_parallel=4,
+            upstream="missing", force=False, io={"config": {"table": "t"}}, context={"who": "me"}, tenant=None,
+        )
+        now = datetime(2025, 1, 3, 4, 5, 6, 789, tzinfo=timezone.utc)
+        running = BackfillStatus(
+            id=backfill, asset="daily", state="running", total=2, queued=1, running=1, succeeded=0,
+            failed=0, cancelled=0, started_at=now,
+        )
+        await store.save_backfill(backfill, Saved(spec, running))
+        assert await store.load_backfill(backfill) == Saved(spec, running)
+        done = attrs.evolve(
+            running, state="failed", queued=0, running=0, succeeded=1, failed=1,
+            errors=(("2025-01-02", "boom"),), finished_at=now,
+        )
+        await store.save_backfill(backfill, Saved(spec, done))
+        assert await store.load_backfill(backfill) == Saved(spec, done)
 
     # ---------------------------------------------------------------- tenants
 

@@ -1,0 +1,107 @@
+"""The one place FlowStone crosses from the caller's event loop to asyncio.
+
+asyncpg runs on asyncio only. On asyncio, ``Bridge.run(fn, *args)`` simply
+awaits ``fn(*args)``. On trio, it runs ``fn`` on an asyncio loop hosted by
+trio-asyncio: one loop per ``trio.run``, held open by a trio *system task* so
+that a store can connect lazily from any task and outlive the task that first
+used it. The loop closes when ``close()`` is called or when ``trio.run`` ends;
+either way the ``on_close`` hook (closing the connection pool) runs on it first.
+
+``fn`` is always an asyncio coroutine function that does a whole unit of work
+(acquire a connection, run a transaction, release): nothing asyncio-bound ever
+leaks to the caller's side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import sniffio
+
+__all__ = ["Bridge"]
+
+T = TypeVar("T")
+log = logging.getLogger("flowstone.postgres")
+
+CLOSE_SECONDS = 5.0
+
+
+class Bridge:
+    """Runs asyncio coroutine functions from asyncio or trio callers."""
+
+    def __init__(self, on_close: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._on_close = on_close
+        self._trio: _TrioLoop | None = None
+
+    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if sniffio.current_async_library() == "asyncio":
+            return await fn(*args)
+        return await self._run_on_trio(fn, args)
+
+    async def _run_on_trio(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+        import trio
+        import trio_asyncio
+
+        host = self._trio
+        if host is None or host.token is not trio.lowlevel.current_trio_token() or host.finished.is_set():
+            host = self._trio = _TrioLoop(self._on_close)
+            trio.lowlevel.spawn_system_task(host.hold, name="flowstone.postgres.asyncio-loop")
+        await host.ready.wait()
+        if host.loop is None:
+            raise RuntimeError("the asyncio loop for asyncpg did not start") from host.error
+        return await trio_asyncio.aio_as_trio(fn, loop=host.loop)(*args)
+
+    async def close(self) -> None:
+        """Run ``on_close`` and, on trio, end the hosted asyncio loop."""
+        host, self._trio = self._trio, None
+        if sniffio.current_async_library() == "asyncio":
+            if self._on_close is not None:
+                await self._on_close()
+            return
+        if host is not None:
+            host.stop.set()
+            await host.finished.wait()
+
+
+class _TrioLoop:
+    """One trio-asyncio loop held open by a system task until ``stop`` is set or
+    the trio run ends."""
+
+    def __init__(self, on_close: Callable[[], Awaitable[None]] | None) -> None:
+        import trio
+
+        self.token = trio.lowlevel.current_trio_token()
+        self.ready = trio.Event()
+        self.stop = trio.Event()
+        self.finished = trio.Event()
+        self.loop: Any = None
+        self.error: BaseException | None = None
+        self._on_close = on_close
+
+    async def hold(self) -> None:
+        import trio
+        import trio_asyncio
+
+        try:
+            async with trio_asyncio.open_loop() as loop:
+                self.loop = loop
+                self.ready.set()
+                try:
+                    await self.stop.wait()
+                finally:
+                    # Cancelled when trio.run ends: close the pool on this loop first.
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
+                        if self._on_close is not None:
+                            try:
+                                await trio_asyncio.aio_as_trio(self._on_close, loop=loop)()
+                            except Exception:  # a system task must not raise
+                                log.exception("closing the PostgreSQL pool failed")
+        except Exception as error:  # a system task must not raise: report and end
+            self.error = error
+            log.exception("the asyncio loop for asyncpg failed")
+        finally:
+            self.loop = None
+            self.ready.set()
+            self.finished.set()

@@ -1,0 +1,225 @@
+"""A lazily opened asyncpg pool that runs every unit of work as its tenant.
+
+``Database.run(tenant, fn, *args)`` acquires a connection, opens a transaction,
+sets ``flowstone.tenant_id`` for that transaction only (``set_config(..., true)``;
+the row-level security policies read it), runs ``fn(connection, *args)`` and
+commits. A connection the server drops (``pg_terminate_backend``, a restart) is
+retried on a fresh one a few times; the work functions are written so that a
+retry of a transaction whose COMMIT may or may not have landed changes nothing
+twice. Postgres errors come out as ``DatabaseError`` subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ..errors import DatabaseError, DatabaseUnavailable, FlowstoneError, TenancyNotEnforced
+from .bridge import Bridge
+
+__all__ = ["Database"]
+
+T = TypeVar("T")
+log = logging.getLogger("flowstone.postgres")
+
+RETRIES = 3
+RETRY_DELAY = 0.05
+"""First pause before retrying a dropped connection, doubling each time."""
+CONNECT_TIMEOUT = 10.0
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    return (
+        asyncpg.PostgresConnectionError,  # class 08
+        asyncpg.exceptions.OperatorInterventionError,  # class 57: admin shutdown, terminated backend
+        asyncpg.InterfaceError,  # "connection is closed", a connection lost mid-operation
+        ConnectionError,
+        OSError,
+        asyncio.TimeoutError,
+    )
+
+
+class Database:
+    """One pool (made lazily on first use, or the caller's own), and the tenant's transactions."""
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        pool: Any = None,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        allow_bypass_rls: bool = False,
+        retries: int = RETRIES,
+    ) -> None:
+        if dsn is None and pool is None:
+            raise DatabaseError("give a PostgreSQL dsn or an asyncpg pool")
+        self.dsn = dsn
+        self._pool = pool
+        self._owns_pool = pool is None
+        self._pool_loop: Any = None
+        self._opening: asyncio.Future[Any] | None = None
+        self.min_size, self.max_size = min_size, max_size
+        self.allow_bypass_rls = allow_bypass_rls
+        self.retries = retries
+        self.bypasses_rls: bool | None = None
+        self.bridge = Bridge(on_close=self._close_pool)
+
+    # ------------------------------------------------------------ public
+
+    async def run(self, tenant: str | None, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``fn(connection, *args)`` in one transaction as ``tenant``, retried on a dropped connection."""
+        return await self.bridge.run(self._run, tenant, fn, args)
+
+    async def run_plain(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``fn(connection, *args)`` on a pooled connection, outside any tenant (DDL, migrations)."""
+        return await self.bridge.run(self._run_plain, fn, args)
+
+    async def close(self) -> None:
+        await self.bridge.close()
+
+    # ------------------------------------------------------ asyncio side
+
+    async def _run(self, tenant: str | None, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+        pool = await self._get_pool()
+        if tenant is not None and self.bypasses_rls and not self.allow_bypass_rls:
+            raise TenancyNotEnforced(
+                "the PostgreSQL role bypasses row-level security (superuser or BYPASSRLS), so tenants "
+                "would not be kept apart; connect as a plain role, or pass allow_bypass_rls=True to accept it",
+                tenant=tenant,
+            )
+        errors = _connection_errors()
+        for attempt in range(self.retries + 1):
+            try:
+                async with pool.acquire() as connection:
+                    async with connection.transaction():
+                        await connection.execute("SELECT set_config('flowstone.tenant_id', $1, true)", tenant or "")
+                        return await fn(connection, *args)
+            except FlowstoneError:
+                raise
+            except errors as error:
+                if attempt == self.retries:
+                    raise DatabaseUnavailable(
+                        f"PostgreSQL connection lost {attempt + 1} times in a row: {error}", tenant=tenant
+                    ) from error
+                log.warning("PostgreSQL connection lost (%s); retrying on a new one", error)
+                await asyncio.sleep(RETRY_DELAY * 2**attempt)
+            except Exception as error:
+                raise _database_error(error, tenant) from error
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _run_plain(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+        pool = await self._get_pool()
+        try:
+            async with pool.acquire() as connection:
+                return await fn(connection, *args)
+        except FlowstoneError:
+            raise
+        except _connection_errors() as error:
+            raise DatabaseUnavailable(f"PostgreSQL connection failed: {error}") from error
+        except Exception as error:
+            raise _database_error(error, None) from error
+
+    async def _get_pool(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._pool is not None and (not self._owns_pool or self._pool_loop is loop):
+            return self._pool
+        if self._opening is not None and self._pool_loop is loop:
+            return await asyncio.shield(self._opening)
+        if self._pool is not None:
+            # Made on an event loop that has ended (a previous asyncio.run / trio.run): drop it.
+            self._forget_pool()
+        self._pool_loop = loop
+        self._opening = loop.create_future()
+        try:
+            pool = await self._open_pool()
+        except BaseException as error:
+            self._opening.set_exception(_as_unavailable(error, self.dsn))
+            self._opening.exception()  # retrieved: the callers below get it from here
+            self._opening = None
+            self._pool_loop = None
+            raise _as_unavailable(error, self.dsn) from error
+        self._pool = pool
+        self._opening.set_result(pool)
+        self._opening = None
+        return pool
+
+    async def _open_pool(self) -> Any:
+        import asyncpg
+
+        pool = await asyncpg.create_pool(
+            self.dsn, min_size=self.min_size, max_size=self.max_size, init=_init_connection,
+            reset=_reset_connection, timeout=CONNECT_TIMEOUT,
+        )
+        async with pool.acquire() as connection:
+            self.bypasses_rls = await connection.fetchval(
+                "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
+            )
+        return pool
+
+    def _forget_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        try:
+            pool.terminate()
+        except Exception:  # its loop is closed; the sockets went with it
+            pass
+
+    async def _close_pool(self) -> None:
+        pool = self._pool
+        if pool is None or not self._owns_pool or self._pool_loop is not asyncio.get_running_loop():
+            return
+        self._pool = None
+        self._pool_loop = None
+        try:
+            await asyncio.wait_for(pool.close(), timeout=5)
+        except (asyncio.TimeoutError, Exception):
+            pool.terminate()
+
+
+async def _init_connection(connection: Any) -> None:
+    await connection.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def _reset_connection(connection: Any) -> None:
+    """Every unit of work is one transaction with transaction-local settings, so a
+    released connection needs no RESET ALL round trip; only an aborted one is rolled back."""
+    if connection.is_in_transaction():
+        await connection.execute("ROLLBACK")
+
+
+def _as_unavailable(error: BaseException, dsn: str | None) -> BaseException:
+    if isinstance(error, FlowstoneError) or not isinstance(error, Exception):
+        return error
+    where = _redact(dsn)
+    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {where}: {error}")
+
+
+def _redact(dsn: str | None) -> str:
+    """The dsn without its password, for messages."""
+    if not dsn:
+        return "the given pool"
+    head, sep, tail = dsn.rpartition("@")
+    if not sep:
+        return dsn
+    scheme, _, credentials = head.partition("://")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{tail}"
+
+
+def _database_error(error: Exception, tenant: str | None) -> DatabaseError:
+    import asyncpg
+
+    sqlstate = getattr(error, "sqlstate", None)
+    if isinstance(error, asyncpg.UndefinedTableError):
+        return DatabaseError(
+            f"FlowStone's tables are missing ({error}); run 'await store.migrate()' first",
+            sqlstate=sqlstate, tenant=tenant,
+        )
+    if isinstance(error, asyncpg.InsufficientPrivilegeError):
+        return DatabaseError(f"PostgreSQL refused: {error}", sqlstate=sqlstate, tenant=tenant)
+    return DatabaseError(f"PostgreSQL error: {error}", sqlstate=sqlstate, tenant=tenant)

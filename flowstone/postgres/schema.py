@@ -1,0 +1,108 @@
+"""FlowStone's PostgreSQL schema, as numbered migrations (ADR 0006).
+
+``migrate(connection)`` takes a transaction-scoped advisory lock, reads the
+applied versions from ``flowstone_schema_migrations`` and applies the missing
+ones in order, each in the same transaction. Several processes may call it at
+once: the lock makes them take turns, and the second finds nothing to do.
+
+Every table that holds tenant data has ``tenant_id text NOT NULL DEFAULT ''``
+('' is "no tenant": tenant ids are never empty), row-level security enabled and
+forced, and one policy comparing ``tenant_id`` with the transaction's
+``flowstone.tenant_id`` setting. With no setting, only rows without a tenant are
+visible, never a tenant's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["LOCK_KEY", "MIGRATIONS", "migrate", "tenant_policy"]
+
+LOCK_KEY = 0x466C6F7753746F6E  # "FlowSton": the advisory lock migrations hold
+STATUSES = ("pending", "running", "success", "failed", "stale", "waiting_approval", "cancelled")
+TENANT_SETTING = "coalesce(current_setting('flowstone.tenant_id', true), '')"
+
+
+def tenant_policy(table: str) -> str:
+    """Row-level security for one (already quoted) table: enabled, forced, one policy."""
+    return f"""
+        ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE {table} FORCE ROW LEVEL SECURITY;
+        CREATE POLICY flowstone_tenant_isolation ON {table}
+            USING (tenant_id = {TENANT_SETTING})
+            WITH CHECK (tenant_id = {TENANT_SETTING});
+    """
+
+
+_V1 = f"""
+CREATE TABLE flowstone_materializations (
+    seq bigint GENERATED ALWAYS AS IDENTITY,
+    id uuid PRIMARY KEY,
+    tenant_id text NOT NULL DEFAULT '',
+    asset_name text NOT NULL,
+    partition text,
+    run_id uuid NOT NULL,
+    status text NOT NULL CHECK (status IN ({", ".join(f"'{s}'" for s in STATUSES)})),
+    started_at timestamptz,
+    completed_at timestamptz,
+    duration_ms double precision,
+    upstream_assets text[] NOT NULL DEFAULT '{{}}',
+    upstream_partitions jsonb NOT NULL DEFAULT '{{}}',
+    dependency_hash text,
+    metadata jsonb NOT NULL DEFAULT '{{}}',
+    error_message text,
+    executor_node text,
+    inserted_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+-- Every query is filtered by tenant (the policy), so indexes lead with it.
+CREATE INDEX flowstone_materializations_asset_partition
+    ON flowstone_materializations (tenant_id, asset_name, partition, seq DESC);
+CREATE INDEX flowstone_materializations_run ON flowstone_materializations (run_id);
+CREATE INDEX flowstone_materializations_status ON flowstone_materializations (tenant_id, status, seq DESC);
+CREATE INDEX flowstone_materializations_inserted ON flowstone_materializations (inserted_at);
+CREATE INDEX flowstone_materializations_tenant_seq ON flowstone_materializations (tenant_id, seq DESC);
+CREATE INDEX flowstone_materializations_upstream ON flowstone_materializations USING gin (upstream_assets);
+{tenant_policy("flowstone_materializations")}
+
+CREATE TABLE flowstone_backfills (
+    id uuid PRIMARY KEY,
+    tenant_id text NOT NULL DEFAULT '',
+    asset_name text NOT NULL,
+    state text NOT NULL,
+    spec jsonb NOT NULL,
+    status jsonb NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX flowstone_backfills_tenant ON flowstone_backfills (tenant_id, updated_at DESC);
+{tenant_policy("flowstone_backfills")}
+"""
+
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "materializations and backfills, with row-level security", _V1),
+)
+"""(version, what it does, SQL). Append only: a shipped migration never changes."""
+
+
+async def migrate(connection: Any) -> list[int]:
+    """Apply what is missing, under the advisory lock; the versions applied now."""
+    applied_now: list[int] = []
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        await connection.execute(
+            """CREATE TABLE IF NOT EXISTS flowstone_schema_migrations (
+                   version integer PRIMARY KEY,
+                   description text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now()
+               )"""
+        )
+        done = {row["version"] for row in await connection.fetch("SELECT version FROM flowstone_schema_migrations")}
+        for version, description, sql in MIGRATIONS:
+            if version in done:
+                continue
+            await connection.execute(sql)
+            await connection.execute(
+                "INSERT INTO flowstone_schema_migrations (version, description) VALUES ($1, $2)", version, description
+            )
+            applied_now.append(version)
+    return applied_now

@@ -1,0 +1,539 @@
+"""``fs.store.PostgresStore``: materialization records in PostgreSQL (asyncpg).
+
+Tenancy is the database's job: every unit of work runs in a transaction that
+sets ``flowstone.tenant_id`` and the tables' row-level security policies do the
+filtering (ADR 0006). Queries also name the tenant, so that indexes apply.
+
+Writes of records (``create`` and the runtime's ``complete``) are *group
+committed*: a writer that finds no flush in progress becomes the leader and
+writes everything queued in one transaction per tenant (one INSERT and one
+UPDATE statement for the whole batch); the others wait for that flush. A busy
+backfill pays one round trip per batch, not per row; a lone caller pays one
+transaction, as it would anyway. Every status change is a compare-and-set in
+SQL: an update that loses a race raises ``InvalidTransition``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+import attrs
+
+from ..definitions import FieldError
+from ..errors import DatabaseUnavailable, DefinitionError, FlowstoneError, NotFound, SerializationError
+from ..partitions import serialize_partition
+from ..postgres.database import Database
+from ..postgres.jsonvalues import to_json
+from ..postgres.schema import migrate as _migrate
+from ..tenancy import current_tenant
+from .records import (
+    TRANSITIONS,
+    Materialization,
+    Status,
+    check_limit,
+    check_transition,
+    evolve,
+    new_record,
+    parse_id,
+    to_status,
+    update_fields,
+)
+
+__all__ = ["PostgresStore"]
+
+WRITE_TIMEOUT = 30.0
+"""Longest a record write may take, retries included; it is shielded from
+cancellation meanwhile, so a cancelled run still leaves its record consistent."""
+
+TABLE = "flowstone_materializations"
+_COLUMNS = (
+    "id, tenant_id, asset_name, partition, run_id, status, started_at, completed_at, duration_ms, "
+    "upstream_assets, upstream_partitions, dependency_hash, metadata, error_message, executor_node, "
+    "inserted_at, updated_at"
+)
+_SELECT = f"SELECT {_COLUMNS} FROM {TABLE}"
+_SUCCESSES = "status IN ('success', 'stale')"
+_ROW_TYPES = (
+    "id uuid, tenant_id text, asset_name text, partition text, run_id uuid, status text, expected text, "
+    "started_at timestamptz, completed_at timestamptz, duration_ms double precision, upstream_assets jsonb, "
+    "upstream_partitions jsonb, dependency_hash text, metadata jsonb, error_message text, executor_node text, "
+    "inserted_at timestamptz, updated_at timestamptz"
+)
+_INSERT = f"""
+INSERT INTO {TABLE} ({_COLUMNS})
+SELECT r.id, r.tenant_id, r.asset_name, r.partition, r.run_id, r.status, r.started_at, r.completed_at,
+       r.duration_ms, ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)), r.upstream_partitions,
+       r.dependency_hash, r.metadata, r.error_message, r.executor_node, r.inserted_at, r.updated_at
+FROM jsonb_to_recordset($1::text::jsonb) AS r({_ROW_TYPES})
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
+# The second half of the WHERE makes a retried batch (whose COMMIT may have
+# landed before the connection dropped) a no-op instead of a false conflict.
+_COMPLETE = f"""
+UPDATE {TABLE} AS m SET
+    status = r.status, started_at = r.started_at, completed_at = r.completed_at, duration_ms = r.duration_ms,
+    upstream_assets = ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)),
+    upstream_partitions = r.upstream_partitions, dependency_hash = r.dependency_hash, metadata = r.metadata,
+    error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at
+FROM jsonb_to_recordset($1::text::jsonb) AS r({_ROW_TYPES})
+WHERE m.id = r.id AND m.tenant_id = r.tenant_id
+  AND (m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at))
+RETURNING m.id
+"""
+_LATEST_SUCCESSES = f"""
+SELECT l.* FROM unnest($2::text[], $3::text[]) AS p(asset, key)
+CROSS JOIN LATERAL (
+    {_SELECT} m WHERE m.tenant_id = $1 AND m.asset_name = p.asset AND m.partition = p.key AND {_SUCCESSES}
+    ORDER BY m.seq DESC LIMIT 1
+) AS l
+UNION ALL
+SELECT l.* FROM unnest($4::text[]) AS p(asset)
+CROSS JOIN LATERAL (
+    {_SELECT} m WHERE m.tenant_id = $1 AND m.asset_name = p.asset AND m.partition IS NULL AND {_SUCCESSES}
+    ORDER BY m.seq DESC LIMIT 1
+) AS l
+"""
+_MARK_STALE = f"""
+WITH RECURSIVE built_on(asset, key) AS (
+    SELECT $2::text, $3::text
+  UNION
+    SELECT m.asset_name, m.partition
+    FROM built_on b JOIN {TABLE} m
+      ON m.tenant_id = $1 AND m.status = 'success' AND m.upstream_assets @> ARRAY[b.asset]
+     AND m.upstream_partitions -> b.asset @> jsonb_build_array(b.key)
+)
+UPDATE {TABLE} AS m SET status = 'stale', updated_at = $4
+FROM built_on b
+WHERE m.tenant_id = $1 AND m.status = 'success' AND m.upstream_assets @> ARRAY[b.asset]
+  AND m.upstream_partitions -> b.asset @> jsonb_build_array(b.key)
+"""
+
+
+@attrs.define(eq=False)
+class _Write:
+    """One queued record write and, once flushed, its outcome."""
+
+    kind: str  # "insert" or "complete"
+    record: Materialization  # the state to write
+    expected: Status | None
+    row: str
+    done: bool = False
+    error: BaseException | None = None
+
+
+class PostgresStore:
+    """Records in PostgreSQL. ``PostgresStore(dsn)`` or ``PostgresStore(pool=asyncpg_pool)``.
+
+    Connects lazily on first use; ``await store.migrate()`` creates or upgrades the
+    schema; ``await store.close()`` (or ``async with``) releases the pool it made.
+    ``allow_bypass_rls=True`` accepts a superuser or BYPASSRLS connection while
+    tenants are in use (the database would not isolate them); by default that is
+    refused with ``TenancyNotEnforced``.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        pool: Any = None,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        allow_bypass_rls: bool = False,
+    ) -> None:
+        self.db = Database(dsn, pool, min_size=min_size, max_size=max_size, allow_bypass_rls=allow_bypass_rls)
+        self._queue: list[_Write] = []
+        self._flushing: anyio.Event | None = None
+
+    async def __aenter__(self) -> PostgresStore:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def migrate(self) -> list[int]:
+        """Create or upgrade the schema (idempotent, safe concurrently); the versions applied now."""
+        return await self.db.run_plain(_migrate)
+
+    # ------------------------------------------------------------ writes
+
+    async def create(self, **fields: Any) -> Materialization:
+        record = new_record(fields, current_tenant(), _utcnow())
+        await self._write(_Write("insert", record, None, _row(record, None)))
+        return record
+
+    async def complete(self, record: Materialization, status: Status, **fields: Any) -> Materialization:
+        check_transition(record.status, status, record)
+        changes = update_fields(fields)
+        if "\x00" in (changes.get("error_message") or ""):  # an exception's text: keep it, minus what text cannot hold
+            changes["error_message"] = changes["error_message"].replace("\x00", "\ufffd")
+        new = evolve(record, status=status, updated_at=_utcnow(), **changes)
+        await self._write(_Write("complete", new, record.status, _row(new, record.status)))
+        return new
+
+    async def update_status(self, id: uuid.UUID | str, status: Status | str, **fields: Any) -> Materialization:
+        record_id, target, changes = parse_id(id), to_status(status), update_fields(fields)
+        for name in ("metadata", "upstream_partitions"):
+            if name in changes:
+                changes[name] = json.loads(to_json(_plain(changes[name]), what=name))
+        if "upstream_partitions" in changes:
+            changes["upstream_partitions"] = {k: list(v) for k, v in changes["upstream_partitions"].items()}
+        tenant = current_tenant()
+        row = await self.db.run(tenant, _update_status, record_id, target, changes, _utcnow(), tenant or "")
+        return _record(row)
+
+    async def mark_stale(self, asset_name: str, partition: str | None) -> None:
+        tenant = current_tenant()
+        await self.db.run(tenant, _execute, _MARK_STALE, tenant or "", asset_name, partition, _utcnow())
+
+    async def _write(self, op: _Write) -> None:
+        """Queue ``op`` and return once a flush has written it (see the module doc)."""
+        self._queue.append(op)
+        try:
+            with anyio.fail_after(WRITE_TIMEOUT, shield=True):
+                while not op.done:
+                    if self._flushing is None:
+                        await self._lead_flush()
+                    else:
+                        await self._flushing.wait()
+        except TimeoutError:
+            if op in self._queue:
+                self._queue.remove(op)
+            raise DatabaseUnavailable(
+                f"writing the record took longer than {WRITE_TIMEOUT}s",
+                asset=op.record.asset_name, partition=op.record.partition, tenant=op.record.tenant_id,
+            ) from None
+        if op.error is not None:
+            raise op.error
+
+    async def _lead_flush(self) -> None:
+        batch, ids, rest = [], set(), []
+        for queued in self._queue:  # one write per record per batch; a second waits for the next
+            (rest if queued.record.id in ids else batch).append(queued)
+            ids.add(queued.record.id)
+        self._queue = rest
+        event = self._flushing = anyio.Event()
+        try:
+            by_tenant: dict[str | None, list[_Write]] = {}
+            for queued in batch:
+                by_tenant.setdefault(queued.record.tenant_id, []).append(queued)
+            for tenant, ops in by_tenant.items():
+                await self._flush(tenant, ops)
+        except BaseException as error:
+            for queued in batch:
+                if not queued.done:
+                    queued.done, queued.error = True, error
+            raise
+        finally:
+            self._flushing = None
+            event.set()
+
+    async def _flush(self, tenant: str | None, ops: list[_Write]) -> None:
+        try:
+            outcome = await self.db.run(tenant, _write_batch, tenant or "", ops)
+        except DatabaseUnavailable:
+            raise
+        except FlowstoneError:
+            if len(ops) == 1:
+                raise
+            # One bad row aborts the whole transaction: write them one by one so
+            # each caller hears about its own row only.
+            for op in ops:
+                try:
+                    await self._flush(tenant, [op])
+                except FlowstoneError as error:
+                    op.done, op.error = True, error
+            return
+        for op, error in zip(ops, outcome):
+            op.done, op.error = True, error
+
+    # ------------------------------------------------------------- reads
+
+    async def get(self, asset_name: str, partition: Any = None) -> Materialization:
+        key, tenant = serialize_partition(partition), current_tenant()
+        row = await self.db.run(
+            tenant, _fetchrow,
+            f"{_SELECT} WHERE tenant_id = $1 AND asset_name = $2 AND partition IS NOT DISTINCT FROM $3 "
+            "ORDER BY seq DESC LIMIT 1",
+            tenant or "", asset_name, key,
+        )
+        if row is None:
+            raise NotFound("no materialization", asset=asset_name, partition=key, tenant=tenant)
+        return _record(row)
+
+    async def get_by_id(self, id: uuid.UUID | str) -> Materialization:
+        record_id, tenant = parse_id(id), current_tenant()
+        row = await self.db.run(tenant, _fetchrow, f"{_SELECT} WHERE id = $1", record_id)
+        if row is None:
+            raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant)
+        return _record(row)
+
+    async def get_by_run_id(self, run_id: uuid.UUID | str) -> list[Materialization]:
+        rows = await self.db.run(
+            current_tenant(), _fetch, f"{_SELECT} WHERE run_id = $1 ORDER BY seq", parse_id(run_id, "run")
+        )
+        return [_record(row) for row in rows]
+
+    async def exists(self, asset_name: str, partition: Any = None) -> bool:
+        tenant = current_tenant()
+        return await self.db.run(
+            tenant, _fetchval,
+            f"SELECT EXISTS (SELECT 1 FROM {TABLE} WHERE tenant_id = $1 AND asset_name = $2 "
+            "AND partition IS NOT DISTINCT FROM $3)",
+            tenant or "", asset_name, serialize_partition(partition),
+        )
+
+    async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]:
+        tenant, wanted = current_tenant(), to_status(status)
+        rows = await self.db.run(
+            tenant, _fetch, f"{_SELECT} WHERE tenant_id = $1 AND status = $2 ORDER BY seq DESC LIMIT $3",
+            tenant or "", wanted.value, check_limit(limit),
+        )
+        return [_record(row) for row in rows]
+
+    async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]:
+        tenant, count = current_tenant(), check_limit(limit)
+        if asset_name is None:
+            sql, args = f"{_SELECT} WHERE tenant_id = $1 ORDER BY seq DESC LIMIT $2", (tenant or "", count)
+        else:
+            sql = f"{_SELECT} WHERE tenant_id = $1 AND asset_name = $2 ORDER BY seq DESC LIMIT $3"
+            args = (tenant or "", asset_name, count)
+        return [_record(row) for row in await self.db.run(tenant, _fetch, sql, *args)]
+
+    async def latest_successes(
+        self, pairs: Iterable[tuple[str, str | None]]
+    ) -> dict[tuple[str, str | None], Materialization]:
+        keyed, unkeyed = [], []
+        for asset, key in pairs:
+            (unkeyed.append(asset) if key is None else keyed.append((asset, key)))
+        if not keyed and not unkeyed:
+            return {}
+        tenant = current_tenant()
+        rows = await self.db.run(
+            tenant, _fetch, _LATEST_SUCCESSES, tenant or "",
+            [a for a, _ in keyed], [k for _, k in keyed], unkeyed,
+        )
+        return {(record.asset_name, record.partition): record for record in map(_record, rows)}
+
+    async def partitions_of(self, asset_name: str) -> dict[str | None, Materialization]:
+        tenant = current_tenant()
+        rows = await self.db.run(
+            tenant, _fetch,
+            f"SELECT DISTINCT ON (partition) {_COLUMNS} FROM {TABLE} "
+            f"WHERE tenant_id = $1 AND asset_name = $2 AND {_SUCCESSES} ORDER BY partition, seq DESC",
+            tenant or "", asset_name,
+        )
+        return {record.partition: record for record in map(_record, rows)}
+
+    # --------------------------------------------------------- backfills
+
+    async def save_backfill(self, id: uuid.UUID, state: Any) -> None:
+        from ..runtime.backfill import saved_to_json
+
+        tenant = current_tenant()
+        spec, status, state_name = saved_to_json(state)
+        await self.db.run(
+            tenant, _execute,
+            """INSERT INTO flowstone_backfills (id, tenant_id, asset_name, state, spec, status, updated_at)
+               VALUES ($1, $2, $3, $4, $5::text::jsonb, $6::text::jsonb, now())
+               ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, status = EXCLUDED.status,
+                   spec = EXCLUDED.spec, updated_at = now()""",
+            id, tenant or "", state.spec.asset, state_name, spec, status,
+        )
+
+    async def load_backfill(self, id: uuid.UUID) -> Any:
+        from ..runtime.backfill import saved_from_json
+
+        row = await self.db.run(
+            current_tenant(), _fetchrow, "SELECT spec::text, status::text FROM flowstone_backfills WHERE id = $1", id
+        )
+        return None if row is None else saved_from_json(row[0], row[1])
+
+
+# ---------------------------------------------------------------- asyncio side
+# These run on the asyncio loop (through the bridge), inside the tenant's transaction.
+
+
+async def _fetch(connection: Any, sql: str, *args: Any) -> list[Any]:
+    return await connection.fetch(sql, *args)
+
+
+async def _fetchrow(connection: Any, sql: str, *args: Any) -> Any:
+    return await connection.fetchrow(sql, *args)
+
+
+async def _fetchval(connection: Any, sql: str, *args: Any) -> Any:
+    return await connection.fetchval(sql, *args)
+
+
+async def _execute(connection: Any, sql: str, *args: Any) -> None:
+    await connection.execute(sql, *args)
+
+
+async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[BaseException | None]:
+    """One INSERT and one UPDATE for the batch; each op's error (or None)."""
+    inserts = [op for op in ops if op.kind == "insert"]
+    completes = [op for op in ops if op.kind == "complete"]
+    written: set[uuid.UUID] = set()
+    if inserts:
+        rows = await connection.fetch(_INSERT, "[" + ",".join(op.row for op in inserts) + "]")
+        written.update(row[0] for row in rows)
+    if completes:
+        rows = await connection.fetch(_COMPLETE, "[" + ",".join(op.row for op in completes) + "]")
+        written.update(row[0] for row in rows)
+    missing = [op.record.id for op in ops if op.record.id not in written]
+    current: dict[uuid.UUID, tuple[str, datetime]] = {}
+    if missing:
+        current = {
+            row[0]: (row[1], row[2])
+            for row in await connection.fetch(f"SELECT id, status, updated_at FROM {TABLE} WHERE id = ANY($1)", missing)
+        }
+    outcome: list[BaseException | None] = []
+    for op in ops:
+        record = op.record
+        if record.id in written:
+            outcome.append(None)
+        elif op.kind == "insert":
+            found = current.get(record.id)
+            # Ours already (a retried batch whose first COMMIT landed), or someone else's id.
+            outcome.append(
+                None if found is not None and found[1] == record.inserted_at
+                else DefinitionError([FieldError("id", f"a materialization with id {record.id} already exists")],
+                                     asset=record.asset_name, partition=record.partition, tenant=record.tenant_id)
+            )
+        elif record.id not in current:
+            outcome.append(NotFound(f"no materialization with id {str(record.id)!r}", tenant=record.tenant_id))
+        else:
+            try:
+                check_transition(Status(current[record.id][0]), record.status, record)
+                outcome.append(_lost_race(record, op.expected))
+            except FlowstoneError as error:
+                outcome.append(error)
+    return outcome
+
+
+def _lost_race(record: Materialization, expected: Status | None) -> BaseException:
+    from ..errors import InvalidTransition
+
+    return InvalidTransition(
+        expected or record.status, record.status, asset=record.asset_name, partition=record.partition,
+        tenant=record.tenant_id, detail="the record changed since it was read (another writer moved it first)",
+    )
+
+
+_UPDATABLE_SQL = {
+    "started_at": "started_at", "completed_at": "completed_at", "duration_ms": "duration_ms",
+    "upstream_assets": "upstream_assets", "upstream_partitions": "upstream_partitions",
+    "dependency_hash": "dependency_hash", "metadata": "metadata", "error_message": "error_message",
+    "executor_node": "executor_node",
+}
+"""Column of each updatable field: names reach SQL from this fixed table only."""
+
+
+async def _update_status(
+    connection: Any, record_id: uuid.UUID, target: Status, changes: dict[str, Any], now: datetime, tenant: str
+) -> Any:
+    allowed_from = [s.value for s, nexts in TRANSITIONS.items() if target in nexts]
+    sets = ["status = $4", "updated_at = $5"]
+    args: list[Any] = [record_id, tenant, allowed_from, target.value, now]
+    for name, value in changes.items():
+        args.append(list(value) if name == "upstream_assets" else value)
+        sets.append(f"{_UPDATABLE_SQL[name]} = ${len(args)}")
+    row = await connection.fetchrow(
+        f"UPDATE {TABLE} SET {', '.join(sets)} WHERE id = $1 AND tenant_id = $2 AND status = ANY($3::text[]) "
+        f"RETURNING {_COLUMNS}",
+        *args,
+    )
+    if row is not None:
+        return row
+    current = await connection.fetchrow(f"{_SELECT} WHERE id = $1", record_id)
+    if current is None:
+        raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant or None)
+    check_transition(Status(current["status"]), target, _record(current))
+    raise AssertionError("unreachable: the transition is allowed but the update matched nothing")
+
+
+# ----------------------------------------------------------------- mapping
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _plain(value: Any) -> Any:
+    """Records hold read-only mappings; JSON wants dicts."""
+    return {k: (list(v) if type(v) is tuple else v) for k, v in value.items()} if hasattr(value, "items") else value
+
+
+def _row(record: Materialization, expected: Status | None) -> str:
+    """The record as one JSON object for ``jsonb_to_recordset``."""
+    metadata = to_json(dict(record.metadata), asset=record.asset_name, partition=record.partition, what="metadata")
+    head = json.dumps({
+        "id": str(record.id),
+        "tenant_id": record.tenant_id or "",
+        "asset_name": record.asset_name,
+        "partition": record.partition,
+        "run_id": str(record.run_id),
+        "status": record.status.value,
+        "expected": expected.value if expected is not None else None,
+        "started_at": _iso(record.started_at),
+        "completed_at": _iso(record.completed_at),
+        "duration_ms": record.duration_ms,
+        "upstream_assets": list(record.upstream_assets),
+        "upstream_partitions": {k: list(v) for k, v in record.upstream_partitions.items()},
+        "dependency_hash": record.dependency_hash,
+        "error_message": record.error_message,
+        "executor_node": record.executor_node,
+        "inserted_at": _iso(record.inserted_at),
+        "updated_at": _iso(record.updated_at),
+    }, ensure_ascii=False)
+    if "\\u0000" in head and _has_nul(record):
+        raise SerializationError(
+            "a record field holds a NUL character (\\u0000), which PostgreSQL text cannot store",
+            asset=record.asset_name, partition=record.partition,
+        )
+    return f'{head[:-1]},"metadata":{metadata}}}'
+
+
+def _has_nul(record: Materialization) -> bool:
+    """Whether a text field holds a NUL (JSON escapes it; PostgreSQL text refuses it)."""
+    texts = [record.partition, record.error_message, record.executor_node, record.dependency_hash]
+    texts += record.upstream_assets
+    for name, keys in record.upstream_partitions.items():
+        texts.append(name)
+        texts.extend(keys)
+    return any(text is not None and "\x00" in text for text in texts)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _record(row: Any) -> Materialization:
+    return Materialization(
+        id=row[0],
+        asset_name=row[2],
+        partition=row[3],
+        run_id=row[4],
+        status=Status(row[5]),
+        started_at=row[6],
+        completed_at=row[7],
+        duration_ms=row[8],
+        upstream_assets=tuple(row[9]),
+        upstream_partitions={name: tuple(keys) for name, keys in row[10].items()},
+        dependency_hash=row[11],
+        metadata=row[12],
+        error_message=row[13],
+        executor_node=row[14],
+        tenant_id=row[1] or None,
+        inserted_at=row[15],
+        updated_at=row[16],
+    )

@@ -1,0 +1,1 @@
+"""Tools for testing pipelines built on FlowStone (SPEC 9)."""

@@ -38,6 +38,9 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
         asyncpg.PostgresConnectionError,  # class 08
         asyncpg.exceptions.OperatorInterventionError,  # class 57: admin shutdown, terminated backend
         asyncpg.InterfaceError,  # "connection is closed", a connection lost mid-operation
+        # "cannot switch to state ...": what asyncpg says when the server dropped
+        # the connection under an operation (connections are never shared here).
+        asyncpg.exceptions.InternalClientError,
         ConnectionError,
         OSError,
         asyncio.TimeoutError,
@@ -97,9 +100,15 @@ class Database:
         for attempt in range(self.retries + 1):
             try:
                 async with pool.acquire() as connection:
-                    async with connection.transaction():
-                        await connection.execute("SELECT set_config('flowstone.tenant_id', $1, true)", tenant or "")
-                        return await fn(connection, *args)
+                    try:
+                        async with connection.transaction():
+                            await connection.execute(
+                                "SELECT set_config('flowstone.tenant_id', $1, true)", tenant or ""
+                            )
+                            return await fn(connection, *args)
+                    except errors:
+                        connection.terminate()  # never handed out again: the pool opens a new one
+                        raise
             except FlowstoneError:
                 raise
             except errors as error:

@@ -185,8 +185,17 @@ async def run_backfill(
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(serve, handle.name, receive, on_message)
             with tenant_scope(spec.tenant) if spec.tenant is not None else nullcontext():
-                with work:
-                    await _work(spec, progress, runner)
+                try:
+                    with work:
+                        await _work(spec, progress, runner)
+                except anyio.get_cancelled_exc_class():
+                    # The runtime is stopping: what ran is recorded, the rest is
+                    # cancelled; a persistent store keeps that for resume_backfill.
+                    progress.cancel_requested = True
+                    progress.finished_at = utcnow()
+                    with anyio.CancelScope(shield=True):
+                        await save(Saved(spec, progress.status()))
+                    raise
             progress.finished_at = utcnow()
             final = progress.status()
             with anyio.CancelScope(shield=True):

@@ -1,0 +1,378 @@
+"""PostgreSQL beyond the shared contract: schema, migrations, row-level security as
+the database enforces it, compare-and-set, the runtime on Postgres, and dropped
+connections. Everything runs against a real server (tests/pgfixtures.py)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, timedelta
+
+import anyio
+import asyncpg
+import pytest
+
+import flowstone as fs
+from flowstone.postgres.schema import MIGRATIONS
+from flowstone.store import TERMINAL, PostgresStore, Status
+from pgfixtures import admin, run_sync
+from waiting import until
+
+pytestmark = pytest.mark.anyio
+
+DAILY = fs.DailyPartitions(start=date(2025, 1, 1), end=date(2025, 12, 31))
+DAYS = [date(2025, 1, 1) + timedelta(days=i) for i in range(40)]
+
+
+async def raw(dsn: str, sql: str, *args, tenant: str | None = None):
+    """One statement over a raw asyncpg connection (always on asyncio, in a thread)."""
+
+    async def go():
+        connection = await asyncpg.connect(dsn)
+        try:
+            async with connection.transaction():
+                if tenant is not None:
+                    await connection.execute("SELECT set_config('flowstone.tenant_id', $1, true)", tenant)
+                return await connection.fetch(sql, *args)
+        finally:
+            await connection.close()
+
+    return await anyio.to_thread.run_sync(run_sync, go)
+
+
+# ------------------------------------------------------------------ schema
+
+
+async def test_the_schema_has_every_field_a_status_check_and_the_indexes(anyio_backend, pg_database):
+    columns = {
+        row["column_name"] for row in await raw(
+            pg_database.admin_dsn,
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'flowstone_materializations'",
+        )
+    }
+    fields = {f.name for f in __import__("attrs").fields(fs.Materialization)}
+    assert fields <= columns
+    indexes = {
+        row["indexdef"] for row in await raw(
+            pg_database.admin_dsn, "SELECT indexdef FROM pg_indexes WHERE tablename = 'flowstone_materializations'"
+        )
+    }
+    for part in ("asset_name, partition", "(run_id)", "status", "(inserted_at)", "(tenant_id", "gin (upstream_assets)"):
+        assert any(part in definition for definition in indexes), part
+    with pytest.raises(asyncpg.CheckViolationError):
+        await raw(
+            pg_database.admin_dsn,
+            "INSERT INTO flowstone_materializations (id, asset_name, run_id, status, inserted_at, updated_at) "
+            "VALUES (gen_random_uuid(), 'a', gen_random_uuid(), 'exploded', now(), now())",
+        )
+    flags = await raw(
+        pg_database.admin_dsn,
+        "SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class "
+        "WHERE relname IN ('flowstone_materializations', 'flowstone_backfills')",
+    )
+    assert len(flags) == 2 and all(row["relrowsecurity"] and row["relforcerowsecurity"] for row in flags)
+
+
+async def test_migrate_is_idempotent_and_safe_when_many_processes_start_at_once(anyio_backend, pg_database):
+    fresh = f"{pg_database.name}_fresh"
+    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn, f"CREATE DATABASE {fresh}")
+    dsn = pg_database.admin_dsn.rsplit("/", 1)[0] + f"/{fresh}"
+    try:
+        stores = [PostgresStore(dsn) for _ in range(6)]
+        applied: list[list[int]] = []
+
+        async def migrate(store):
+            applied.append(await store.migrate())
+
+        async with anyio.create_task_group() as tasks:
+            for store in stores:
+                tasks.start_soon(migrate, store)
+        assert sorted(applied) == [[]] * 5 + [[version for version, _, _ in MIGRATIONS]]
+        assert await stores[0].migrate() == []
+        for store in stores:
+            await store.close()
+        versions = await raw(dsn, "SELECT version FROM flowstone_schema_migrations")
+        assert [row["version"] for row in versions] == [version for version, _, _ in MIGRATIONS]
+    finally:
+        await anyio.to_thread.run_sync(
+            run_sync, admin, pg_database.admin_dsn, f"DROP DATABASE IF EXISTS {fresh} WITH (FORCE)"
+        )
+
+
+async def test_an_unmigrated_database_says_to_migrate(anyio_backend, pg_database):
+    fresh = f"{pg_database.name}_empty"
+    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn, f"CREATE DATABASE {fresh}")
+    try:
+        async with PostgresStore(pg_database.admin_dsn.rsplit("/", 1)[0] + f"/{fresh}") as store:
+            with pytest.raises(fs.DatabaseError, match="migrate"):
+                await store.list_all()
+    finally:
+        await anyio.to_thread.run_sync(
+            run_sync, admin, pg_database.admin_dsn, f"DROP DATABASE IF EXISTS {fresh} WITH (FORCE)"
+        )
+
+
+async def test_an_unreachable_server_is_database_unavailable(anyio_backend):
+    async with PostgresStore("postgresql://nobody:secret@127.0.0.1:1/none") as store:
+        with pytest.raises(fs.DatabaseUnavailable) as info:
+            await store.list_all()
+    assert "secret" not in str(info.value)
+
+
+# ------------------------------------------------------ row-level security
+
+
+async def test_the_database_itself_keeps_tenants_apart_for_a_plain_role(anyio_backend, pg_database):
+    async with PostgresStore(pg_database.dsn) as store:
+        for tenant in ("a", "b"):
+            with fs.tenant_scope(tenant):
+                await store.create(asset_name="orders", partition=tenant)
+        await store.create(asset_name="orders", partition="nobody")
+    role = await raw(pg_database.dsn, "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user")
+    assert (role[0]["rolsuper"], role[0]["rolbypassrls"]) == (False, False)
+    table = "flowstone_materializations"
+    # No setting: no tenant's rows, only the rows without a tenant.
+    rows = await raw(pg_database.dsn, f"SELECT partition FROM {table}")
+    assert [row["partition"] for row in rows] == ["nobody"]
+    # A tenant's setting: that tenant's rows only, even when the query asks for another's.
+    rows = await raw(pg_database.dsn, f"SELECT partition FROM {table} WHERE tenant_id = 'b'", tenant="a")
+    assert rows == []
+    rows = await raw(pg_database.dsn, f"SELECT partition FROM {table}", tenant="a")
+    assert [row["partition"] for row in rows] == ["a"]
+    # Writing another tenant's row, or changing one, is refused or touches nothing.
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await raw(
+            pg_database.dsn,
+            f"INSERT INTO {table} (id, tenant_id, asset_name, run_id, status, inserted_at, updated_at) "
+            "VALUES (gen_random_uuid(), 'b', 'x', gen_random_uuid(), 'pending', now(), now())",
+            tenant="a",
+        )
+    changed = await raw(pg_database.dsn, f"UPDATE {table} SET status = 'cancelled' WHERE tenant_id = 'b' RETURNING id", tenant="a")
+    assert changed == []
+    everything = await raw(pg_database.admin_dsn, f"SELECT tenant_id, status FROM {table} ORDER BY seq")
+    assert [(r["tenant_id"], r["status"]) for r in everything] == [("a", "pending"), ("b", "pending"), ("", "pending")]
+
+
+async def test_a_superuser_connection_is_refused_while_tenants_are_in_use(anyio_backend, pg_database):
+    async with PostgresStore(pg_database.admin_dsn) as store:
+        await store.create(asset_name="orders")  # no tenant: nothing to isolate
+        with fs.tenant_scope("a"):
+            with pytest.raises(fs.TenancyNotEnforced, match="allow_bypass_rls"):
+                await store.create(asset_name="orders")
+            with pytest.raises(fs.TenancyNotEnforced):
+                await store.list_all()
+        assert len(await store.list_all()) == 1
+    async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as store:
+        with fs.tenant_scope("a"):
+            await store.create(asset_name="orders")
+            assert len(await store.list_all()) == 1
+
+
+# ------------------------------------------------------- compare-and-set
+
+
+async def test_concurrent_moves_of_one_record_let_exactly_one_win(anyio_backend, pg_dsn):
+    async with PostgresStore(pg_dsn) as first, PostgresStore(pg_dsn) as second:
+        for _ in range(10):
+            record = await first.create(asset_name="orders", status=Status.RUNNING)
+            outcomes: list[object] = []
+
+            async def move(store, status):
+                try:
+                    outcomes.append(await store.update_status(record.id, status))
+                except fs.InvalidTransition as error:
+                    outcomes.append(error)
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(move, first, Status.SUCCESS)
+                tasks.start_soon(move, second, Status.CANCELLED)
+            winners = [o for o in outcomes if isinstance(o, fs.Materialization)]
+            assert len(winners) == 1 and len(outcomes) == 2
+            assert (await first.get_by_id(record.id)).status is winners[0].status
+
+
+async def test_complete_on_a_record_moved_by_someone_else_is_invalid_transition(anyio_backend, pg_dsn):
+    async with PostgresStore(pg_dsn) as store:
+        record = await store.create(asset_name="orders", status=Status.RUNNING)
+        await store.update_status(record.id, Status.CANCELLED)
+        with pytest.raises(fs.InvalidTransition):
+            await store.complete(record, Status.SUCCESS)
+        assert (await store.get_by_id(record.id)).status is Status.CANCELLED
+
+
+async def test_one_bad_row_in_a_batch_fails_only_its_writer(anyio_backend, pg_dsn):
+    async with PostgresStore(pg_dsn) as store:
+        taken = await store.create(asset_name="orders")
+        outcomes: dict[int, object] = {}
+
+        async def write(index):
+            try:
+                fields = {"id": taken.id} if index == 3 else {}
+                outcomes[index] = await store.create(asset_name="orders", partition=str(index), **fields)
+            except fs.FlowstoneError as error:
+                outcomes[index] = error
+
+        async with anyio.create_task_group() as tasks:
+            for index in range(8):
+                tasks.start_soon(write, index)
+        assert isinstance(outcomes[3], fs.DefinitionError) and "already exists" in str(outcomes[3])
+        assert all(isinstance(outcomes[i], fs.Materialization) for i in range(8) if i != 3)
+        assert len(await store.list_all()) == 8
+
+
+async def test_values_postgres_cannot_hold_are_serialization_errors_and_store_nothing(anyio_backend, pg_dsn):
+    async with PostgresStore(pg_dsn) as store:
+        record = await store.create(asset_name="orders", status=Status.RUNNING)
+        for metadata in ({"when": date(2025, 1, 1)}, {1: "int key"}, {"x": float("nan")}, {"x": "nul\x00"}):
+            with pytest.raises(fs.SerializationError):
+                await store.complete(record, Status.SUCCESS, metadata=metadata)
+        with pytest.raises(fs.SerializationError):
+            await store.create(asset_name="orders", partition="nul\x00key")
+        done = await store.complete(record, Status.FAILED, error_message="boom \x00 in the text")
+        assert (await store.get_by_id(record.id)).error_message == done.error_message == "boom \ufffd in the text"
+        assert len(await store.list_all()) == 1
+
+
+async def test_sql_in_keys_and_metadata_is_stored_as_data(anyio_backend, pg_dsn):
+    hostile = "x'); DROP TABLE flowstone_materializations; --"
+    async with PostgresStore(pg_dsn) as store:
+        record = await store.create(asset_name="orders", partition=hostile, status=Status.RUNNING)
+        await store.complete(record, Status.SUCCESS, metadata={hostile: hostile})
+        found = await store.get("orders", hostile)
+        assert found.partition == hostile and dict(found.metadata) == {hostile: hostile}
+
+
+# ----------------------------------------------------------- the runtime
+
+
+def chain(calls: list[str]) -> list[fs.Asset]:
+    async def raw_fn(ctx, deps):
+        calls.append("raw")
+        return [1, 2, 3]
+
+    async def clean_fn(ctx, deps):
+        calls.append("clean")
+        return [v * 2 for v in deps["raw"]]
+
+    async def report_fn(ctx, deps):
+        calls.append("report")
+        return {"total": sum(deps["clean"])}
+
+    return [
+        fs.Asset(name="raw", execute_fn=raw_fn),
+        fs.Asset(name="clean", execute_fn=clean_fn, depends_on=["raw"]),
+        fs.Asset(name="report", execute_fn=report_fn, depends_on=["clean"]),
+    ]
+
+
+async def test_the_runtime_on_postgres_skips_marks_stale_and_rebuilds(anyio_backend, pg_dsn):
+    calls: list[str] = []
+    values = fs.io.MemoryIO()
+    async with PostgresStore(pg_dsn) as store:
+        async with fs.open_runtime(chain(calls), store=store, io_managers={"memory": values}) as rt:
+            first = await rt.materialize("report")
+            assert calls == ["raw", "clean", "report"]
+            assert first.materializations["report"].upstream_partitions == {"clean": (None,)}
+        calls.clear()
+        # A new runtime (a restart) on the same database: nothing to do.
+        async with fs.open_runtime(chain(calls), store=store, io_managers={"memory": values}) as rt:
+            again = await rt.materialize("report")
+            assert calls == [] and set(again.skipped) == {"raw", "clean", "report"}
+            await rt.materialize("raw", force=True)
+            assert (await rt.store.get_by_id(first.materializations["clean"].id)).status is Status.STALE
+            assert (await rt.store.get_by_id(first.materializations["report"].id)).status is Status.STALE
+            calls.clear()
+            rebuilt = await rt.materialize("report")
+            assert calls == ["clean", "report"] and rebuilt.skipped == ("raw",)
+            assert await rt.load("report") == {"total": 12}
+
+
+async def test_a_backfill_survives_a_restart_and_resume_runs_only_what_is_not_done(anyio_backend, pg_dsn):
+    calls: list[str] = []
+    release = anyio.Event()
+
+    async def work(ctx, deps):
+        calls.append(ctx.partition_key)
+        if len(calls) > 10:
+            await release.wait()  # stall so the first runtime stops with the backfill half done
+        return ctx.partition_key
+
+    events = [fs.Asset(name="events", execute_fn=work, partitioned_by=DAILY)]
+    values = fs.io.MemoryIO()
+    async with PostgresStore(pg_dsn) as store:
+        async with fs.open_runtime(events, store=store, io_managers={"memory": values}) as rt:
+            backfill = await rt.backfill("events", partitions=DAYS, max_parallel=3)
+
+            async def ten_done():
+                return (await rt.backfill_status(backfill)).succeeded >= 10
+
+            await until(ten_done)
+        # The first runtime is gone; a second one on the same database sees the backfill.
+        release.set()
+        calls.clear()
+        async with fs.open_runtime(events, store=store, io_managers={"memory": values}) as rt:
+            stopped = await rt.backfill_status(backfill)
+            assert stopped.state == "cancelled" and stopped.succeeded >= 10 and stopped.total == len(DAYS)
+            await rt.resume_backfill(backfill)
+            final = await rt.wait_backfill(backfill)
+            assert final.state == "succeeded" and final.succeeded == len(DAYS)
+            assert len(calls) == len(DAYS) - stopped.succeeded
+            records = await rt.store.list_all(limit=10_000)
+            successes = [r for r in records if r.status is Status.SUCCESS]
+            assert sorted(r.partition for r in successes) == sorted(d.isoformat() for d in DAYS)
+            assert all(r.status in TERMINAL for r in records)
+
+
+async def test_terminated_connections_mid_backfill_lose_and_duplicate_nothing(anyio_backend, pg_database):
+    """pg_terminate_backend on every connection of the store, several times, while a
+    backfill runs: each partition still ends in exactly one terminal record."""
+    started = anyio.Event()
+
+    async def work(ctx, deps):
+        started.set()
+        await anyio.sleep(0.002)
+        return ctx.partition_key
+
+    async def terminate():
+        return await raw(
+            pg_database.admin_dsn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE usename = 'flowstone_app' AND pid <> pg_backend_pid()",
+        )
+
+    days = [date(2025, 1, 1) + timedelta(days=i) for i in range(200)]
+    events = [fs.Asset(name="events", execute_fn=work, partitioned_by=DAILY)]
+    async with PostgresStore(pg_database.dsn, max_size=6) as store:
+        async with fs.open_runtime(events, store=store) as rt:
+            backfill = await rt.backfill("events", partitions=days, max_parallel=10)
+            await started.wait()
+            killed = 0
+            for _ in range(3):
+                killed += len(await terminate())
+                await anyio.sleep(0.02)
+            final = await rt.wait_backfill(backfill)
+            assert killed > 0
+            assert final.succeeded + final.failed == len(days) and final.state in ("succeeded", "failed")
+            records = await rt.store.list_all(limit=10_000)
+    assert all(r.status in TERMINAL for r in records)
+    by_partition: dict[str | None, list[fs.Materialization]] = {}
+    for record in records:
+        by_partition.setdefault(record.partition, []).append(record)
+    assert len(by_partition) == len(days)
+    for partition, found in by_partition.items():
+        assert len(found) == 1, (partition, [(r.status, r.error_message) for r in found])
+    assert len({r.id for r in records}) == len(records)
+
+
+async def test_a_tenant_runtime_on_postgres_sees_only_its_own_records(anyio_backend, pg_dsn):
+    calls: list[str] = []
+    async with PostgresStore(pg_dsn) as store:
+        async with fs.open_runtime(chain(calls), store=store) as rt:
+            with fs.tenant_scope("a"):
+                await rt.materialize("report")
+            with fs.tenant_scope("b"):
+                assert await rt.store.list_all() == []
+                result = await rt.materialize("report")
+                assert result.skipped == ()
+                assert {r.tenant_id for r in await rt.store.list_all()} == {"b"}
+            assert await rt.store.list_all() == []
+    assert uuid.UUID(str(result.run_id))

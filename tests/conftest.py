@@ -2,7 +2,7 @@
 
 import pytest
 
-from pgfixtures import pg_database, pg_dsn, pg_server  # noqa: F401  (fixtures)
+from pgfixtures import pg_database, pg_dsn, pg_server, pg_supply  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

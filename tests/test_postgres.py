@@ -74,7 +74,7 @@ async def test_the_schema_has_every_field_a_status_check_and_the_indexes(anyio_b
 
 async def test_migrate_is_idempotent_and_safe_when_many_processes_start_at_once(anyio_backend, pg_database):
     fresh = f"{pg_database.name}_fresh"
-    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn, f"CREATE DATABASE {fresh}")
+    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn, f"CREATE DATABASE {fresh} TEMPLATE template0")
     dsn = pg_database.admin_dsn.rsplit("/", 1)[0] + f"/{fresh}"
     try:
         stores = [PostgresStore(dsn) for _ in range(6)]
@@ -100,7 +100,7 @@ async def test_migrate_is_idempotent_and_safe_when_many_processes_start_at_once(
 
 async def test_an_unmigrated_database_says_to_migrate(anyio_backend, pg_database):
     fresh = f"{pg_database.name}_empty"
-    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn, f"CREATE DATABASE {fresh}")
+    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn, f"CREATE DATABASE {fresh} TEMPLATE template0")
     try:
         async with PostgresStore(pg_database.admin_dsn.rsplit("/", 1)[0] + f"/{fresh}") as store:
             with pytest.raises(fs.DatabaseError, match="migrate"):

@@ -1,0 +1,132 @@
+"""Backfills with records in PostgreSQL (issue #4 figures).
+
+Starts a throwaway cluster with the server's shipped durability settings (fsync
+and synchronous_commit on), or uses ``--dsn``; migrates a fresh database and
+runs as a plain role, as production would. Asset functions are trivial
+``async def``s with memory I/O: what is measured is FlowStone's record keeping.
+Each run uses its own database, so no run reads what another wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from datetime import date, timedelta
+from typing import Any
+
+import anyio
+
+import flowstone as fs
+from flowstone.store import PostgresStore
+from flowstone.testing.postgres import TemporaryPostgres
+
+from .report import emit, median
+from .runtime import daily
+
+APP_ROLE = "flowstone_bench"
+
+
+async def _admin(dsn: str, *statements: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def _with_database(dsn: str, database: str, user: str | None = None) -> str:
+    head, _, _ = dsn.rpartition("/")
+    if user is not None:
+        scheme, _, rest = head.partition("://")
+        head = f"{scheme}://{user}@{rest.rpartition('@')[2]}"
+    return f"{head}/{database}"
+
+
+async def _fresh_database(admin_dsn: str, name: str) -> str:
+    """A new migrated database and the plain role's dsn on it."""
+    await _admin(
+        admin_dsn,
+        f"DROP DATABASE IF EXISTS {name} WITH (FORCE)",
+        f"CREATE DATABASE {name} TEMPLATE template0",
+        f"""DO $$ BEGIN
+              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_ROLE}') THEN
+                  CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS;
+              END IF;
+            END $$""",
+    )
+    async with PostgresStore(_with_database(admin_dsn, name)) as owner:
+        await owner.migrate()
+    await _admin(
+        _with_database(admin_dsn, name),
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {APP_ROLE}",
+    )
+    return _with_database(admin_dsn, name, APP_ROLE)
+
+
+async def _backfill(dsn: str, count: int, max_parallel: int, pool: int) -> tuple[float, float]:
+    days = [date(2000, 1, 1) + timedelta(days=i) for i in range(count)]
+    async with PostgresStore(dsn, min_size=pool, max_size=pool) as store:
+        await store.list_all(limit=1)  # connect before the clock starts, as a long-running service would be
+        async with fs.open_runtime(daily(False), store=store) as rt:
+            start, cpu = time.perf_counter(), time.process_time()
+            backfill = await rt.backfill("events", partitions=days, max_parallel=max_parallel)
+            status = await rt.wait_backfill(backfill)
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+            records = await rt.store.list_by_status("success", limit=count + 1)
+    if status.succeeded != count or len(records) != count:
+        raise SystemExit(f"backfill incomplete: {status} with {len(records)} success records")
+    return elapsed, cpu
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m stress postgres", description=__doc__)
+    parser.add_argument("--dsn", default=os.environ.get("FLOWSTONE_BENCH_DSN"),
+                        help="a superuser dsn of a server to use instead of a throwaway cluster")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--big", type=int, default=10_000, help="partitions in the throughput run (0 skips it)")
+    parser.add_argument("--pool", type=int, default=10, help="connections in the store's pool")
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument("--no-fsync", action="store_true", help="throwaway cluster without fsync (not the figure)")
+    args = parser.parse_args(argv)
+    cluster = None if args.dsn else TemporaryPostgres(fsync=not args.no_fsync).start()
+    admin_dsn = args.dsn or cluster.dsn()
+    rows: list[dict[str, Any]] = []
+    try:
+        def measure(count: int, label: str, target_ms: float | None, dagster_s: float | None, repeat: int) -> None:
+            samples, busy = [], []
+            for attempt in range(repeat):
+                dsn = anyio.run(_fresh_database, admin_dsn, f"flowstone_bench_{count}_{attempt}")
+                elapsed, cpu = anyio.run(_backfill, dsn, count, 20, args.pool, backend=args.backend)
+                samples.append(elapsed)
+                busy.append(cpu / elapsed)
+            middle = median(samples)
+            row: dict[str, Any] = {
+                "scenario": label, "median_ms": middle * 1e3, "best_ms": min(samples) * 1e3,
+                "per_second": count / middle, "us_per_materialization": middle * 1e6 / count,
+                # Share of one core this process used: near 1.0 means bound by its own CPU,
+                # well below it means waiting on the server (round trips, fsync).
+                "client_cpu_share": median(busy),
+            }
+            if target_ms is not None:
+                row["target_ms"] = target_ms
+            if dagster_s is not None:
+                row["x_faster_than_dagster"] = dagster_s / middle
+            rows.append(row)
+
+        fsync = "off" if args.no_fsync and cluster else "on"
+        measure(366, f"366 daily partitions, max_parallel=20, Postgres (fsync {fsync})", 800, 78.0 * 366 / 365,
+                max(1, args.repeat))
+        if args.big:
+            measure(args.big, f"{args.big} partitions, max_parallel=20, Postgres (fsync {fsync})", None, None, 1)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    return emit(
+        "postgres", rows,
+        {"backend": args.backend, "big": args.big, "pool": args.pool, "repeat": args.repeat,
+         "server": "given dsn" if args.dsn else f"throwaway cluster, fsync {'off' if args.no_fsync else 'on'}"},
+    )

@@ -99,8 +99,12 @@ def run(argv: list[str]) -> dict[str, Any]:
         def measure(count: int, label: str, target_ms: float | None, dagster_s: float | None, repeat: int) -> None:
             samples, busy = [], []
             for attempt in range(repeat):
-                dsn = anyio.run(_fresh_database, admin_dsn, f"flowstone_bench_{count}_{attempt}")
-                elapsed, cpu = anyio.run(_backfill, dsn, count, 20, args.pool, backend=args.backend)
+                name = f"flowstone_bench_{count}_{attempt}"
+                dsn = anyio.run(_fresh_database, admin_dsn, name)
+                try:
+                    elapsed, cpu = anyio.run(_backfill, dsn, count, 20, args.pool, backend=args.backend)
+                finally:
+                    anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
                 samples.append(elapsed)
                 busy.append(cpu / elapsed)
             middle = median(samples)

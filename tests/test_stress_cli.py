@@ -17,7 +17,7 @@ def run_stress(*args: str) -> subprocess.CompletedProcess:
 def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
-    assert [line.split()[0] for line in listing.stdout.splitlines()] == ["core", "instructions", "memory", "runtime"]
+    assert [line.split()[0] for line in listing.stdout.splitlines()] == ["core", "instructions", "memory", "postgres", "runtime"]
 
 
 def test_core_scenario_prints_a_table_and_a_json_line():
@@ -61,3 +61,12 @@ def test_instructions_scenario_parses_its_options():
     """Not run in CI: under callgrind even a tiny run takes ~1.5 minutes."""
     result = run_stress("instructions", "--help")
     assert result.returncode == 0 and "callgrind" in result.stdout
+
+
+def test_postgres_scenario_short_run_reports_both_figures(pg_server):
+    result = run_stress("postgres", "--dsn", pg_server.admin, "--repeat", "1", "--big", "300")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = {row["scenario"].split(",")[0]: row for row in record["rows"]}
+    assert set(rows) == {"366 daily partitions", "300 partitions"}
+    assert all(row["per_second"] > 0 and 0 < row["client_cpu_share"] for row in rows.values())

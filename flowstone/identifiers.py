@@ -12,7 +12,7 @@ import re
 
 from .errors import InvalidIdentifier
 
-__all__ = ["MAX_IDENTIFIER_LENGTH", "check_identifier", "identifier_problem", "is_identifier"]
+__all__ = ["MAX_IDENTIFIER_LENGTH", "check_identifier", "identifier_problem", "is_identifier", "sql_table"]
 
 MAX_IDENTIFIER_LENGTH = 128
 _PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -51,3 +51,22 @@ def check_identifier(name: object, what: str = "name") -> str:
     if problem is not None:
         raise InvalidIdentifier(f"{what} {problem}")
     return name  # type: ignore[return-value]
+
+
+SQL_NAME_LIMIT = 63
+"""PostgreSQL truncates longer names silently; refusing them is safer."""
+
+
+def sql_table(name: object, what: str = "table") -> str:
+    """``table`` or ``schema.table``, each part an identifier of at most 63
+    characters, returned double-quoted and ready for SQL; else InvalidIdentifier."""
+    if not isinstance(name, str):
+        raise InvalidIdentifier(f"{what} must be a str, got {type(name).__name__}: {name!r}")
+    parts = name.split(".")
+    if len(parts) > 2:
+        raise InvalidIdentifier(f"{what} {name!r} has more than one '.': use table or schema.table")
+    for part in parts:
+        check_identifier(part, what)
+        if len(part) > SQL_NAME_LIMIT:
+            raise InvalidIdentifier(f"{what} part {part[:20]!r}... is longer than {SQL_NAME_LIMIT} characters")
+    return ".".join(f'"{part}"' for part in parts)

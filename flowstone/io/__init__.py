@@ -2,3 +2,4 @@
 
 from .memory import MemoryIO as MemoryIO
 from .protocol import IOManager as IOManager
+from .postgres import PostgresIO as PostgresIO

@@ -78,8 +78,29 @@ CREATE INDEX flowstone_backfills_tenant ON flowstone_backfills (tenant_id, updat
 {tenant_policy("flowstone_backfills")}
 """
 
+def values_table(table: str) -> str:
+    """PostgresIO's table of asset values (``table`` already quoted), with its policy.
+
+    ``partitioned`` tells an unpartitioned value (false, partition '') from the
+    value of the partition whose key is the empty string (true, '')."""
+    return f"""
+        CREATE TABLE {table} (
+            tenant_id text NOT NULL DEFAULT '',
+            asset_name text NOT NULL,
+            partitioned boolean NOT NULL,
+            partition text NOT NULL,
+            value jsonb NOT NULL,
+            size_bytes bigint NOT NULL,
+            updated_at timestamptz NOT NULL,
+            PRIMARY KEY (tenant_id, asset_name, partitioned, partition)
+        );
+        {tenant_policy(table)}
+    """
+
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "materializations and backfills, with row-level security", _V1),
+    (2, "flowstone_values: PostgresIO's default table, with row-level security", values_table("flowstone_values")),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

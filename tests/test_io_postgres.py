@@ -1,0 +1,174 @@
+"""PostgresIO: the shared IO contract against a real server, plus identifiers,
+hostile input and values JSON cannot hold. Asyncio and trio."""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flowstone as fs
+from contracts.io import IOContract
+from flowstone.identifiers import sql_table
+from pgfixtures import run_sync
+
+pytestmark = pytest.mark.anyio
+
+SQL_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+class TestPostgresIOContract(IOContract):
+    @pytest.fixture
+    async def io(self, pg_dsn):
+        async with fs.io.PostgresIO(pg_dsn) as io:
+            yield io
+
+
+class TestPostgresIOOnATableItCreates(IOContract):
+    @pytest.fixture
+    def config(self):
+        return {"table": "public.custom_values", "create": True}
+
+    @pytest.fixture
+    async def io(self, pg_dsn):
+        async with fs.io.PostgresIO(pg_dsn) as io:
+            yield io
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_only_strict_identifiers_become_table_names(name):
+    parts = name.split(".")
+    valid = len(parts) <= 2 and all(SQL_PART.fullmatch(part) for part in parts)
+    if valid:
+        assert sql_table(name) == ".".join(f'"{part}"' for part in parts)
+    else:
+        with pytest.raises(fs.InvalidIdentifier):
+            sql_table(name)
+
+
+@pytest.mark.parametrize("table", ['x"; DROP TABLE flowstone_values; --', "a.b.c", "", "1abc", "x" * 64, None, 3])
+async def test_a_hostile_table_name_is_refused_before_any_sql(anyio_backend, pg_dsn, table):
+    async with fs.io.PostgresIO(pg_dsn) as io:
+        await io.store("kept", {"v": 1}, None, {})
+        with pytest.raises(fs.InvalidIdentifier):
+            await io.store("orders", {"v": 1}, None, {"table": table, "create": True})
+        assert await io.load("kept", None, {}) == {"v": 1}
+
+
+@pytest.mark.parametrize(
+    "value", [date(2025, 1, 1), {1: "int key"}, float("nan"), {"s": "nul\x00"}, object(), b"bytes", {"set": {1}}]
+)
+async def test_what_json_cannot_hold_is_a_serialization_error_naming_asset_and_type(anyio_backend, pg_dsn, value):
+    async with fs.io.PostgresIO(pg_dsn) as io:
+        await io.store("orders", {"v": "before"}, None, {})
+        with pytest.raises(fs.SerializationError) as info:
+            await io.store("orders", value, None, {})
+        assert info.value.asset == "orders" and type(value).__name__ in str(info.value)
+        assert await io.load("orders", None, {}) == {"v": "before"}  # nothing already stored is lost
+
+
+async def test_unknown_config_is_a_definition_error(anyio_backend, pg_dsn):
+    async with fs.io.PostgresIO(pg_dsn) as io:
+        with pytest.raises(fs.DefinitionError, match="colour"):
+            await io.store("orders", 1, None, {"colour": "red"})
+
+
+TEXT = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=40)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+    max_leaves=10,
+)
+
+
+def same_json(loaded, stored) -> bool:
+    """Equal as JSON: JSONB keeps numbers as numeric, so a float written in exponent
+    form (1e16) comes back as the int it equals; strings, lists, maps are exact."""
+    if isinstance(stored, float) and not isinstance(loaded, bool):
+        return isinstance(loaded, (int, float)) and float(loaded) == stored
+    if isinstance(stored, dict):
+        return isinstance(loaded, dict) and loaded.keys() == stored.keys() and all(
+            same_json(loaded[k], stored[k]) for k in stored
+        )
+    if isinstance(stored, list):
+        return isinstance(loaded, list) and len(loaded) == len(stored) and all(
+            same_json(a, b) for a, b in zip(loaded, stored)
+        )
+    return type(loaded) is type(stored) and loaded == stored
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(TEXT, JSON), max_size=25))
+def test_sql_text_in_keys_and_values_is_data(pg_dsn, samples):
+    samples = [("'; DROP TABLE flowstone_values; --", {"q": "SELECT * FROM pg_roles"}), *samples]
+
+    async def check():
+        async with fs.io.PostgresIO(pg_dsn) as io:
+            expected = {}
+            for key, value in samples:
+                await io.store("data", value, key, {})
+                expected[key] = value
+            for key, value in expected.items():
+                assert same_json(await io.load("data", key, {}), value), (key, value)
+
+    run_sync(check)
+
+
+async def test_an_empty_key_and_no_partition_are_different_values(anyio_backend, pg_dsn):
+    async with fs.io.PostgresIO(pg_dsn) as io:
+        await io.store("a", "unpartitioned", None, {})
+        await io.store("a", "empty key", "", {})
+        assert await io.load("a", None, {}) == "unpartitioned"
+        assert await io.load("a", "", {}) == "empty key"
+
+
+async def test_the_runtime_stores_values_in_postgres(anyio_backend, pg_dsn):
+    async def numbers(ctx, deps):
+        return {"day": ctx.partition_key, "rows": [1, 2, 3]}
+
+    async def total(ctx, deps):
+        return sum(deps["numbers"]["rows"])
+
+    assets = [
+        fs.Asset(name="numbers", execute_fn=numbers, partitioned_by=fs.DailyPartitions(start=date(2025, 1, 1))),
+        fs.Asset(name="total", execute_fn=total, depends_on=("numbers",),
+                 partitioned_by=fs.DailyPartitions(start=date(2025, 1, 1))),
+    ]
+    async with fs.store.PostgresStore(pg_dsn) as store, fs.io.PostgresIO(pg_dsn) as io:
+        async with fs.open_runtime(assets, store=store, io_managers={"postgres": io}, default_io_manager="postgres") as rt:
+            await rt.materialize("total", date(2025, 1, 2))
+            assert await rt.load("total", date(2025, 1, 2)) == 6
+        assert await io.load("numbers", date(2025, 1, 2), {}) == {"day": "2025-01-02", "rows": [1, 2, 3]}
+
+
+async def test_no_dsn_anywhere_is_a_definition_error(monkeypatch):
+    monkeypatch.delenv("FLOWSTONE_DSN", raising=False)
+    with pytest.raises(fs.DefinitionError, match="FLOWSTONE_DSN"):
+        fs.io.PostgresIO()
+
+
+async def test_a_tenants_values_are_invisible_to_raw_sql_as_another_tenant(anyio_backend, pg_database):
+    import asyncpg
+
+    async with fs.io.PostgresIO(pg_database.dsn) as io:
+        with fs.tenant_scope("a"):
+            await io.store("secret", {"owner": "a"}, None, {})
+
+    async def peek():
+        connection = await asyncpg.connect(pg_database.dsn)
+        try:
+            seen = []
+            for tenant in ("b", ""):
+                async with connection.transaction():
+                    await connection.execute("SELECT set_config('flowstone.tenant_id', $1, true)", tenant)
+                    seen.append(await connection.fetchval("SELECT count(*) FROM flowstone_values"))
+            return seen
+        finally:
+            await connection.close()
+
+    assert await anyio.to_thread.run_sync(run_sync, peek) == [0, 0]

@@ -176,7 +176,7 @@ async def test_concurrent_moves_of_one_record_let_exactly_one_win(anyio_backend,
             record = await first.create(asset_name="orders", status=Status.RUNNING)
             outcomes: list[object] = []
 
-            async def move(store, status):
+            async def move(store, status, record=record, outcomes=outcomes):
                 try:
                     outcomes.append(await store.update_status(record.id, status))
                 except fs.InvalidTransition as error:

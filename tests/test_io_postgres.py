@@ -78,7 +78,8 @@ async def test_unknown_config_is_a_definition_error(anyio_backend, pg_dsn):
             await io.store("orders", 1, None, {"colour": "red"})
 
 
-TEXT = st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=40)
+# Everything PostgreSQL text can hold: no NUL, no lone surrogates (tested below).
+TEXT = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=40)
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | TEXT,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
@@ -117,6 +118,18 @@ def test_sql_text_in_keys_and_values_is_data(pg_dsn, samples):
                 assert same_json(await io.load("data", key, {}), value), (key, value)
 
     run_sync(check)
+
+
+@pytest.mark.parametrize("bad", ["nul\x00", "lone \ud800 surrogate"])
+async def test_text_postgres_cannot_hold_is_a_serialization_error_in_keys_and_values(anyio_backend, pg_dsn, bad):
+    async with fs.io.PostgresIO(pg_dsn) as io:
+        with pytest.raises(fs.SerializationError):
+            await io.store("orders", {"v": 1}, bad, {})
+        with pytest.raises(fs.SerializationError):
+            await io.store("orders", {"v": bad}, None, {})
+        with pytest.raises(fs.SerializationError):
+            await io.store("orders", {bad: 1}, None, {})
+        assert not await io.exists("orders", None, {})
 
 
 async def test_an_empty_key_and_no_partition_are_different_values(anyio_backend, pg_dsn):

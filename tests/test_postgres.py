@@ -227,8 +227,11 @@ async def test_values_postgres_cannot_hold_are_serialization_errors_and_store_no
                 await store.complete(record, Status.SUCCESS, metadata=metadata)
         with pytest.raises(fs.SerializationError):
             await store.create(asset_name="orders", partition="nul\x00key")
-        done = await store.complete(record, Status.FAILED, error_message="boom \x00 in the text")
-        assert (await store.get_by_id(record.id)).error_message == done.error_message == "boom \ufffd in the text"
+        with pytest.raises(fs.SerializationError):
+            await store.create(asset_name="orders", partition="lone \ud800")
+        done = await store.complete(record, Status.FAILED, error_message="boom \x00 and \udc00 in the text")
+        expected = "boom \ufffd and \ufffd in the text"
+        assert (await store.get_by_id(record.id)).error_message == done.error_message == expected
         assert len(await store.list_all()) == 1
 
 

@@ -20,8 +20,8 @@ from ..definitions import FieldError
 from ..errors import DefinitionError, NotFound, SerializationError
 from ..identifiers import sql_table
 from ..partitions import serialize_partition
-from ..postgres.database import Database
-from ..postgres.jsonvalues import to_json
+from ..postgres.database import PostgresClient
+from ..postgres.jsonvalues import text_problem, to_json
 from ..postgres.schema import LOCK_KEY, values_table
 from ..tenancy import current_tenant
 
@@ -31,35 +31,19 @@ DEFAULT_TABLE = "flowstone_values"
 _CONFIG_KEYS = frozenset({"table", "create"})
 
 
-class PostgresIO:
+class PostgresIO(PostgresClient):
     """``PostgresIO(dsn)`` or ``PostgresIO(pool=asyncpg_pool)``; with neither, ``FLOWSTONE_DSN``.
 
     Connects lazily; ``await io.close()`` or ``async with`` releases the pool it made.
     """
 
-    def __init__(
-        self,
-        dsn: str | None = None,
-        pool: Any = None,
-        *,
-        min_size: int = 1,
-        max_size: int = 10,
-        allow_bypass_rls: bool = False,
-    ) -> None:
+    def __init__(self, dsn: str | None = None, pool: Any = None, **options: Any) -> None:
+        """``options``: ``min_size``, ``max_size`` (the pool), ``allow_bypass_rls``."""
         dsn = dsn if dsn is not None or pool is not None else os.environ.get("FLOWSTONE_DSN")
         if dsn is None and pool is None:
             raise DefinitionError([FieldError("dsn", "PostgresIO needs a dsn, a pool, or FLOWSTONE_DSN set")])
-        self.db = Database(dsn, pool, min_size=min_size, max_size=max_size, allow_bypass_rls=allow_bypass_rls)
+        super().__init__(dsn, pool, **options)
         self._created: set[str] = set()
-
-    async def __aenter__(self) -> PostgresIO:
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.db.close()
 
     # ----------------------------------------------------------- protocol
 
@@ -131,8 +115,9 @@ class PostgresIO:
 def _where(key: str | None) -> tuple[bool, str]:
     if key is None:
         return (False, "")
-    if "\x00" in key:
-        raise SerializationError("a partition key with a NUL character cannot be stored in PostgreSQL", partition=key)
+    problem = text_problem(key)
+    if problem is not None:
+        raise SerializationError(f"a partition key with {problem} cannot be stored in PostgreSQL", partition=key)
     return (True, key)
 
 

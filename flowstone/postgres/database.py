@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from ..errors import DatabaseError, DatabaseUnavailable, FlowstoneError, TenancyNotEnforced
 from .bridge import Bridge
 
-__all__ = ["Database"]
+__all__ = ["Database", "PostgresClient"]
 
 T = TypeVar("T")
 log = logging.getLogger("flowstone.postgres")
@@ -188,6 +188,23 @@ class Database:
             await asyncio.wait_for(pool.close(), timeout=5)
         except (asyncio.TimeoutError, Exception):
             pool.terminate()
+
+
+class PostgresClient:
+    """Base of ``PostgresStore`` and ``PostgresIO``: a lazily opened pool (or the
+    caller's own), released by ``close()`` or by leaving ``async with``."""
+
+    def __init__(self, dsn: str | None = None, pool: Any = None, **options: Any) -> None:
+        self.db = Database(dsn, pool, **options)  # options: min_size, max_size, allow_bypass_rls
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.db.close()
 
 
 async def _init_connection(connection: Any) -> None:

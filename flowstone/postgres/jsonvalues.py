@@ -11,13 +11,30 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from ..errors import SerializationError
 
-__all__ = ["to_json"]
+__all__ = ["storable_text", "text_problem", "to_json"]
 
 _SCALARS = (str, int, float, bool, type(None))
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what PostgreSQL text cannot hold replaced by U+FFFD (for messages)."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def text_problem(text: str) -> str | None:
+    """Why PostgreSQL text cannot hold ``text`` (a NUL, a lone surrogate), or None."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    if found.group() == "\x00":
+        return "a NUL character (\\u0000)"
+    return f"a lone surrogate ({found.group().encode('utf-8', 'backslashreplace').decode()}), which UTF-8 cannot encode"
 
 
 def to_json(value: Any, *, asset: str | None = None, what: str = "value", partition: Any = None) -> str:
@@ -33,7 +50,8 @@ def to_json(value: Any, *, asset: str | None = None, what: str = "value", partit
 def _problem(value: Any, where: str) -> tuple[str, str] | None:
     kind = type(value)
     if kind is str:
-        return (where, "a string with a NUL character (\\u0000)") if "\x00" in value else None
+        problem = text_problem(value)
+        return None if problem is None else (where, f"a string with {problem}")
     if kind is float:
         return None if math.isfinite(value) else (where, f"the float {value!r}")
     if kind in (int, bool, type(None)):
@@ -42,8 +60,9 @@ def _problem(value: Any, where: str) -> tuple[str, str] | None:
         for key, item in value.items():
             if type(key) is not str:
                 return (where, f"a {type(key).__name__} key {key!r} (keys must be str)")
-            if "\x00" in key:
-                return (where, "a key with a NUL character (\\u0000)")
+            problem = text_problem(key)
+            if problem is not None:
+                return (where, f"a key with {problem}")
             found = _problem(item, f"{where}.{key}")
             if found is not None:
                 return found

@@ -27,8 +27,8 @@ import attrs
 from ..definitions import FieldError
 from ..errors import DatabaseUnavailable, DefinitionError, FlowstoneError, NotFound, SerializationError
 from ..partitions import serialize_partition
-from ..postgres.database import Database
-from ..postgres.jsonvalues import to_json
+from ..postgres.database import PostgresClient
+from ..postgres.jsonvalues import storable_text, text_problem, to_json
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
 from .records import (
@@ -127,7 +127,7 @@ class _Write:
     error: BaseException | None = None
 
 
-class PostgresStore:
+class PostgresStore(PostgresClient):
     """Records in PostgreSQL. ``PostgresStore(dsn)`` or ``PostgresStore(pool=asyncpg_pool)``.
 
     Connects lazily on first use; ``await store.migrate()`` creates or upgrades the
@@ -137,27 +137,11 @@ class PostgresStore:
     refused with ``TenancyNotEnforced``.
     """
 
-    def __init__(
-        self,
-        dsn: str | None = None,
-        pool: Any = None,
-        *,
-        min_size: int = 1,
-        max_size: int = 10,
-        allow_bypass_rls: bool = False,
-    ) -> None:
-        self.db = Database(dsn, pool, min_size=min_size, max_size=max_size, allow_bypass_rls=allow_bypass_rls)
+    def __init__(self, dsn: str | None = None, pool: Any = None, **options: Any) -> None:
+        """``options``: ``min_size``, ``max_size`` (the pool), ``allow_bypass_rls``."""
+        super().__init__(dsn, pool, **options)
         self._queue: list[_Write] = []
         self._flushing: anyio.Event | None = None
-
-    async def __aenter__(self) -> PostgresStore:
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self.db.close()
 
     async def migrate(self) -> list[int]:
         """Create or upgrade the schema (idempotent, safe concurrently); the versions applied now."""
@@ -173,8 +157,8 @@ class PostgresStore:
     async def complete(self, record: Materialization, status: Status, **fields: Any) -> Materialization:
         check_transition(record.status, status, record)
         changes = update_fields(fields)
-        if "\x00" in (changes.get("error_message") or ""):  # an exception's text: keep it, minus what text cannot hold
-            changes["error_message"] = changes["error_message"].replace("\x00", "\ufffd")
+        if changes.get("error_message"):  # an exception's text: keep it, minus what text cannot hold
+            changes["error_message"] = storable_text(changes["error_message"])
         new = evolve(record, status=status, updated_at=_utcnow(), **changes)
         await self._write(_Write("complete", new, record.status, _row(new, record.status)))
         return new
@@ -495,22 +479,27 @@ def _row(record: Materialization, expected: Status | None) -> str:
         "inserted_at": _iso(record.inserted_at),
         "updated_at": _iso(record.updated_at),
     }, ensure_ascii=False)
-    if "\\u0000" in head and _has_nul(record):
+    problem = _text_problem(record)
+    if problem is not None:
         raise SerializationError(
-            "a record field holds a NUL character (\\u0000), which PostgreSQL text cannot store",
+            f"a record field holds {problem}, which PostgreSQL text cannot store",
             asset=record.asset_name, partition=record.partition,
         )
     return f'{head[:-1]},"metadata":{metadata}}}'
 
 
-def _has_nul(record: Materialization) -> bool:
-    """Whether a text field holds a NUL (JSON escapes it; PostgreSQL text refuses it)."""
+def _text_problem(record: Materialization) -> str | None:
+    """Why a text field of the record cannot be stored (a NUL, a lone surrogate), or None."""
     texts = [record.partition, record.error_message, record.executor_node, record.dependency_hash]
     texts += record.upstream_assets
     for name, keys in record.upstream_partitions.items():
         texts.append(name)
         texts.extend(keys)
-    return any(text is not None and "\x00" in text for text in texts)
+    for text in texts:
+        problem = None if text is None else text_problem(text)
+        if problem is not None:
+            return problem
+    return None
 
 
 def _iso(value: datetime | None) -> str | None:

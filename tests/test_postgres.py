@@ -332,7 +332,6 @@ async def test_terminated_connections_mid_backfill_lose_and_duplicate_nothing(an
 
     async def work(ctx, deps):
         started.set()
-        await anyio.sleep(0.002)
         return ctx.partition_key
 
     async def terminate():
@@ -349,9 +348,13 @@ async def test_terminated_connections_mid_backfill_lose_and_duplicate_nothing(an
             backfill = await rt.backfill("events", partitions=days, max_parallel=10)
             await started.wait()
             killed = 0
-            for _ in range(3):
+            for round_ in range(3):  # at three points of progress, not at three times
                 killed += len(await terminate())
-                await anyio.sleep(0.02)
+
+                async def moved_on(at_least=20 * (round_ + 1)):
+                    return (await rt.backfill_status(backfill)).succeeded >= at_least
+
+                await until(moved_on)
             final = await rt.wait_backfill(backfill)
             assert killed > 0
             assert final.succeeded + final.failed == len(days) and final.state in ("succeeded", "failed")

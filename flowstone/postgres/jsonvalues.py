@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import SerializationError
 
-__all__ = ["storable_text", "text_problem", "to_json"]
+__all__ = ["plain", "storable_text", "text_problem", "to_json"]
 
 _SCALARS = (str, int, float, bool, type(None))
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -76,3 +77,10 @@ def _problem(value: Any, where: str) -> tuple[str, str] | None:
     if isinstance(value, _SCALARS):  # subclasses (an IntEnum, a str subclass): json may not round-trip them
         return (where, f"an instance of {kind.__name__} (a subclass of {kind.__mro__[1].__name__})")
     return (where, f"an object of type {kind.__name__}")
+
+
+def plain(value: Any) -> Any:
+    """Mappings (read-only ones, as records hold, nested too) as dicts, which JSON takes."""
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    return value

@@ -265,7 +265,7 @@ def saved_to_json(saved: Saved) -> tuple[str, str, str]:
     """``(spec, status, state)`` as JSON text for a database; partitions are kept
     as their keys (a resumed backfill validates them again). ``io`` and
     ``context`` must be JSON: a backfill that cannot be saved does not start."""
-    from ..postgres.jsonvalues import to_json
+    from ..postgres.jsonvalues import plain, to_json
 
     spec, status = saved.spec, saved.status
     spec_json = to_json(
@@ -273,7 +273,7 @@ def saved_to_json(saved: Saved) -> tuple[str, str, str]:
             "id": str(spec.id), "asset": spec.asset,
             "partitions": [serialize_partition(p) for p in spec.partitions],
             "max_parallel": spec.max_parallel, "upstream": spec.upstream, "force": spec.force,
-            "io": _plain(spec.io), "context": _plain(spec.context), "tenant": spec.tenant,
+            "io": plain(spec.io), "context": plain(spec.context), "tenant": spec.tenant,
         },
         asset=spec.asset, what="the backfill's io and context",
     )
@@ -305,10 +305,3 @@ def saved_from_json(spec_text: str, status_text: str) -> Saved:
         finished_at=datetime.fromisoformat(state["finished_at"]) if state["finished_at"] else None,
     )
     return Saved(spec, status)
-
-
-def _plain(value: Mapping[str, Any] | None) -> Any:
-    """A mapping (perhaps read-only, perhaps nested) as plain dicts, for JSON."""
-    if value is None:
-        return None
-    return {key: _plain(item) if isinstance(item, Mapping) else item for key, item in value.items()}

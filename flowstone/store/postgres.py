@@ -28,7 +28,7 @@ from ..definitions import FieldError
 from ..errors import DatabaseUnavailable, DefinitionError, FlowstoneError, NotFound, SerializationError
 from ..partitions import serialize_partition
 from ..postgres.database import PostgresClient
-from ..postgres.jsonvalues import storable_text, text_problem, to_json
+from ..postgres.jsonvalues import plain, storable_text, text_problem, to_json
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
 from .records import (
@@ -167,9 +167,7 @@ class PostgresStore(PostgresClient):
         record_id, target, changes = parse_id(id), to_status(status), update_fields(fields)
         for name in ("metadata", "upstream_partitions"):
             if name in changes:
-                changes[name] = json.loads(to_json(_plain(changes[name]), what=name))
-        if "upstream_partitions" in changes:
-            changes["upstream_partitions"] = {k: list(v) for k, v in changes["upstream_partitions"].items()}
+                changes[name] = json.loads(to_json(plain(changes[name]), what=name))  # checked, tuples as lists
         tenant = current_tenant()
         row = await self.db.run(tenant, _update_status, record_id, target, changes, _utcnow(), tenant or "")
         return _record(row)
@@ -450,11 +448,6 @@ async def _update_status(
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _plain(value: Any) -> Any:
-    """Records hold read-only mappings; JSON wants dicts."""
-    return {k: (list(v) if type(v) is tuple else v) for k, v in value.items()} if hasattr(value, "items") else value
 
 
 def _row(record: Materialization, expected: Status | None) -> str:

@@ -419,6 +419,64 @@ async def test_concurrent_materializations_of_one_partition_share_one_computatio
         assert len(await rt.store.list_all()) == 1
 
 
+class _LateLookups(fs.store.MemoryStore):
+    """A memory store whose lookups, once ``hold`` is set, answer only after ``release``:
+    a caller then decides on what it saw before another caller finished."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.looked = anyio.Event()
+        self.release = anyio.Event()
+
+    async def latest_successes(self, pairs):
+        found = await super().latest_successes(pairs)
+        if self.hold:
+            self.hold = False
+            self.looked.set()
+            await self.release.wait()
+        return found
+
+
+async def test_a_caller_that_saw_nothing_reuses_a_computation_finished_meanwhile(anyio_backend):
+    """The second caller looked up "nothing stored" before the first finished and asks
+    for leases after: it takes the first one's records (the downstream one too, whose
+    dependency hash it knows only once its input is settled) instead of computing again."""
+    calls = []
+
+    async def raw(ctx, deps):
+        calls.append("raw")
+        return 1
+
+    async def once(ctx, deps):
+        calls.append("once")
+        return deps["raw"] + 1
+
+    assets = [fs.Asset(name="raw", execute_fn=raw), fs.Asset(name="once", execute_fn=once, depends_on=("raw",))]
+    store = _LateLookups()
+    async with fs.open_runtime(assets, store=store) as rt:
+        late = []
+
+        async def second():
+            late.append(await rt.materialize("once"))
+
+        store.hold = True
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(second)
+            await store.looked.wait()
+            first = await rt.materialize("once")
+            store.release.set()
+        assert calls == ["raw", "once"]
+        assert late[0].materializations == first.materializations
+        assert set(late[0].skipped) == {"raw", "once"}
+        assert len(await rt.store.list_all()) == 2
+        # What a caller saw is respected: a stale record is rebuilt, and force recomputes.
+        await rt.store.mark_stale("raw", None)
+        await rt.materialize("once")
+        await rt.materialize("once", force=True)
+        assert calls == ["raw", "once", "once", "once"]
+
+
 async def test_max_concurrency_queues_partitions_beyond_the_limit(anyio_backend):
     inside, peak = [], []
     release = anyio.Event()

@@ -344,14 +344,17 @@ class _Run:
         upstream = {r.asset: [m.id for m in r.records] for r in reads}
         return dependency_hash(self.snapshot.versions[node.asset.name], node.key, upstream)
 
+    def may_reuse(self, name: str) -> bool:
+        """False when the request says ``name`` must run whatever is stored."""
+        is_target = name == self.request.target
+        return not ((self.request.force and is_target) or (self.request.upstream == "all" and not is_target))
+
     def reusable(self, node: _Node, digest: str) -> Materialization | None:
         """The latest success to reuse instead of running ``node``, if any."""
         name = node.asset.name
         previous = self.latest.get((name, node.key))
-        is_target = name == self.request.target
         if (
-            (self.request.force and is_target)
-            or (self.request.upstream == "all" and not is_target)
+            not self.may_reuse(name)
             or previous is None
             or previous.status is not Status.SUCCESS
             or previous.dependency_hash != digest
@@ -487,7 +490,20 @@ class _Run:
             replaces_success=(name, node.key) in self.latest,
         )
         done = await self.lead_or_follow(job, pending)
-        return _Outcome(record=done.record, error=done.error, value=done.value, has_value=done.has_value)
+        return _Outcome(
+            record=done.record, error=done.error, value=done.value, has_value=done.has_value, reused=done.reused
+        )
+
+    def finished_meanwhile(self, job: Job, recent: Materialization | None) -> bool:
+        """Whether ``recent`` (the executor's last success for this partition) was
+        finished after this run's lookup and is what this run would compute."""
+        seen = self.latest.get((job.asset.name, job.key))
+        return (
+            recent is not None
+            and (seen is None or recent.id != seen.id)
+            and recent.dependency_hash == job.dependency_hash
+            and self.may_reuse(job.asset.name)
+        )
 
     async def lead_or_follow(self, job: Job, pending: PendingCall) -> JobResult:
         """Run the job under the lease the executor granted, or take the leader's result."""
@@ -497,7 +513,10 @@ class _Run:
             return answer  # another caller computed it (single flight)
         result: JobResult | None = None
         try:
-            result = await run_job(job, self.env, executor)
+            if self.finished_meanwhile(job, answer.recent):
+                result = JobResult(answer.recent, reused=True)  # type: ignore[arg-type]
+            else:
+                result = await run_job(job, self.env, executor)
             return result
         finally:
             finished = Finished(

@@ -55,13 +55,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _ram_directory() -> str | None:
+    """A writable RAM-backed directory (``/dev/shm`` on Linux), if there is one."""
+    folder = "/dev/shm"
+    return folder if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK) else None
+
+
 class TemporaryPostgres:
     """One throwaway cluster. ``fsync=False`` trades durability for speed (tests);
-    benchmarks keep the default, as shipped."""
+    benchmarks keep the default, as shipped.
 
-    def __init__(self, *, fsync: bool = True, superuser: str = "postgres") -> None:
+    ``parent`` is where its directory goes. By default a cluster without fsync
+    lives in RAM when the machine has a RAM filesystem (``/dev/shm``): nothing it
+    writes needs to survive it, and on a virtual disk ``initdb`` and each
+    ``CREATE DATABASE`` take several times longer (measured: start 0.7 s instead
+    of 1.0-1.3 s, a database 15 ms instead of 0.1-0.35 s). A cluster with fsync
+    stays on disk, where fsync means something.
+    """
+
+    def __init__(self, *, fsync: bool = True, superuser: str = "postgres", parent: str | None = None) -> None:
         self.fsync = fsync
         self.superuser = superuser
+        self.parent = parent
         self.port: int | None = None
         self._dir: str | None = None
         self._bin = ""
@@ -71,7 +86,8 @@ class TemporaryPostgres:
 
     def start(self) -> TemporaryPostgres:
         self._bin = find_binaries()
-        self._dir = tempfile.mkdtemp(prefix="flowstone-pg-")
+        parent = self.parent or (None if self.fsync else _ram_directory())
+        self._dir = tempfile.mkdtemp(prefix="flowstone-pg-", dir=parent)
         data = os.path.join(self._dir, "data")
         if self._as_postgres:
             shutil.chown(self._dir, "postgres", "postgres")
@@ -150,4 +166,4 @@ class TemporaryPostgres:
 if __name__ == "__main__":  # pragma: no cover - a manual check: start, print, stop
     began = time.perf_counter()
     with TemporaryPostgres(fsync=False) as cluster:
-        print(cluster.dsn(), f"started in {time.perf_counter() - began:.2f}s")
+        print(cluster.dsn(), f"started in {time.perf_counter() - began:.2f}s under {cluster._dir}")

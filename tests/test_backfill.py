@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from datetime import date, timedelta
 
 import anyio
@@ -129,6 +131,68 @@ async def test_resume_runs_only_what_is_not_done(anyio_backend):
         assert len(calls) == 30 - done_before  # finished partitions were skipped, not recomputed
         successes = await rt.store.list_by_status("success", limit=100)
         assert len(successes) == 30 and len({r.partition for r in successes}) == 30
+
+
+async def test_a_running_backfill_saves_its_progress_periodically(anyio_backend, monkeypatch):
+    """So that a process killed outright leaves recent counts in the store (the
+    Postgres test kills a real process); the final save comes last."""
+    monkeypatch.setattr("flowstone.runtime.backfill.CHECKPOINT_SECONDS", 0.01)
+    release = anyio.Event()
+    calls = []
+
+    async def work(ctx, deps):
+        calls.append(1)
+        if len(calls) > 5:
+            await release.wait()
+        return 1
+
+    async with fs.open_runtime([asset_of(work)]) as rt:
+        backfill = await rt.backfill("events", partitions=DAYS, max_parallel=2)
+
+        async def checkpointed():
+            saved = await rt.store.load_backfill(backfill)
+            return saved.status.state == "running" and saved.status.succeeded == 5
+
+        await until(checkpointed)
+        release.set()
+        await rt.wait_backfill(backfill)
+        await anyio.sleep(0.05)  # several checkpoint periods: none may land after the final save
+        saved = await rt.store.load_backfill(backfill)
+        assert saved.status.state == "succeeded" and saved.status.succeeded == len(DAYS)
+
+
+async def test_resume_closes_records_left_unfinished_by_a_dead_process_only(anyio_backend):
+    """Records a dead process of this machine left open are closed; those of a live
+    process, of another machine, or of another asset are left alone."""
+    import socket
+    import subprocess
+    import sys
+
+    from flowstone.runtime.runtime import close_orphans
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    here = socket.gethostname()
+    dead, alive = f"{here}:{gone.stdout.strip()}/executor:events", f"{here}:{os.getppid()}/executor:events"
+    store = fs.store.MemoryStore()
+    async with fs.open_runtime([asset_of(lambda ctx, deps: 1)], store=store):
+        run = uuid.uuid4()
+
+        async def record(status, node, asset="events"):
+            made = await store.create(asset_name=asset, partition="2025-01-01", run_id=run, executor_node=node)
+            if status is not Status.PENDING:
+                made = await store.update_status(made.id, status)
+            return made.id
+
+        running, pending = await record(Status.RUNNING, dead), await record(Status.PENDING, dead)
+        untouched = [
+            await record(Status.RUNNING, alive), await record(Status.RUNNING, "elsewhere:1/executor:events"),
+            await record(Status.RUNNING, dead, asset="other"),
+        ]
+        assert await close_orphans(store, "events") == 2
+        assert (await store.get_by_id(running)).status is Status.FAILED
+        assert (await store.get_by_id(pending)).status is Status.CANCELLED
+        assert "orphaned: process" in (await store.get_by_id(running)).error_message
+        assert [(await store.get_by_id(i)).status for i in untouched] == [Status.RUNNING] * 3
 
 
 async def test_bad_partitions_are_refused_before_the_backfill_starts(anyio_backend):

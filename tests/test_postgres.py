@@ -325,6 +325,87 @@ async def test_a_backfill_survives_a_restart_and_resume_runs_only_what_is_not_do
             assert all(r.status in TERMINAL for r in records)
 
 
+_KILLED_WORKER = """
+import sys
+from datetime import date, timedelta
+import anyio
+import flowstone as fs
+import flowstone.runtime.backfill
+
+flowstone.runtime.backfill.CHECKPOINT_SECONDS = 0.02
+DAILY = fs.DailyPartitions(start=date(2025, 1, 1), end=date(2025, 12, 31))
+DAYS = [date(2025, 1, 1) + timedelta(days=i) for i in range(40)]
+
+async def main(dsn):
+    done = []
+
+    async def work(ctx, deps):
+        if len(done) >= 10:
+            print("stalled", flush=True)
+            await anyio.sleep_forever()  # killed here, with the backfill a quarter done
+        done.append(ctx.partition_key)
+        return ctx.partition_key
+
+    events = fs.Asset(name="events", execute_fn=work, partitioned_by=DAILY, code_version="1",
+                      io_manager="postgres")
+    async with fs.store.PostgresStore(dsn) as store, fs.io.PostgresIO(dsn) as values:
+        async with fs.open_runtime([events], store=store, io_managers={"postgres": values}) as rt:
+            print(await rt.backfill("events", partitions=DAYS, max_parallel=1), flush=True)
+            await anyio.sleep_forever()
+
+anyio.run(main, sys.argv[1])
+"""
+
+
+async def test_a_backfill_killed_with_its_process_is_resumed_from_what_the_database_holds(anyio_backend, pg_dsn):
+    """SIGKILL, not a clean stop: the saved status is the last checkpoint (running),
+    and a new runtime's resume computes only the partitions without a success."""
+    import subprocess
+    import sys
+
+    with subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WORKER, pg_dsn], stdout=subprocess.PIPE, text=True
+    ) as worker:
+        try:
+            with anyio.fail_after(30):
+                backfill = (await anyio.to_thread.run_sync(worker.stdout.readline)).strip()
+                assert await anyio.to_thread.run_sync(worker.stdout.readline) == "stalled\n", backfill
+                async with PostgresStore(pg_dsn) as store:
+
+                    async def checkpointed():
+                        saved = await store.load_backfill(uuid.UUID(backfill))
+                        return saved is not None and saved.status.succeeded == 10
+
+                    await until(checkpointed)
+        finally:
+            worker.kill()
+    calls: list[str] = []
+
+    async def work(ctx, deps):
+        calls.append(ctx.partition_key)
+        return ctx.partition_key
+
+    events = fs.Asset(name="events", execute_fn=work, partitioned_by=DAILY, code_version="1", io_manager="postgres")
+    async with PostgresStore(pg_dsn) as store, fs.io.PostgresIO(pg_dsn) as values:
+        async with fs.open_runtime([events], store=store, io_managers={"postgres": values}) as rt:
+            killed = await rt.backfill_status(backfill)
+            assert killed.state == "running" and killed.succeeded == 10  # the last checkpoint
+            before = {r.partition for r in await rt.store.list_by_status("success", limit=100)}
+            assert len(before) == 10
+            [orphan] = await rt.store.list_by_status("running", limit=100)  # the killed process's job
+            await rt.resume_backfill(backfill)
+            final = await rt.wait_backfill(backfill)
+            assert final.state == "succeeded" and final.succeeded == len(DAYS)
+            assert sorted(calls) == sorted(d.isoformat() for d in DAYS if d.isoformat() not in before)
+            successes = await rt.store.list_by_status("success", limit=100)
+            assert sorted(r.partition for r in successes) == sorted(d.isoformat() for d in DAYS)
+            assert await rt.load("events", DAYS[0]) == DAYS[0].isoformat()  # written by the killed process
+            # The killed process's in-flight job was closed by the resume, not left "running".
+            closed = await rt.store.get_by_id(orphan.id)
+            assert closed.status is Status.FAILED and "orphaned: process" in closed.error_message
+            assert all(r.status in TERMINAL for r in await rt.store.list_all(limit=1000))
+
+
 async def test_terminated_connections_mid_backfill_lose_and_duplicate_nothing(anyio_backend, pg_database):
     """pg_terminate_backend on every connection of the store, several times, while a
     backfill runs: each partition still ends in exactly one terminal record."""

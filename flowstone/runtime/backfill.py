@@ -39,6 +39,11 @@ log = logging.getLogger("flowstone.backfill")
 
 MAX_ERRORS = 100
 
+CHECKPOINT_SECONDS = 5.0
+"""How often a running backfill saves its progress, so that a process killed
+outright leaves counts no older than this (``resume_backfill`` does not need
+them: finished partitions are skipped whatever was saved)."""
+
 
 @attrs.frozen
 class BackfillSpec:
@@ -187,7 +192,13 @@ async def run_backfill(
             with tenant_scope(spec.tenant) if spec.tenant is not None else nullcontext():
                 try:
                     with work:
-                        await _work(spec, progress, runner)
+                        done = anyio.Event()
+                        async with anyio.create_task_group() as running:
+                            running.start_soon(_checkpoints, spec, progress, save, done)
+                            try:
+                                await _work(spec, progress, runner)
+                            finally:
+                                done.set()
                 except anyio.get_cancelled_exc_class():
                     # The runtime is stopping: what ran is recorded, the rest is
                     # cancelled; a persistent store keeps that for resume_backfill.
@@ -214,6 +225,25 @@ async def run_backfill(
         receive.close()
         with anyio.CancelScope(shield=True):
             await on_exit(handle)
+
+
+async def _checkpoints(
+    spec: BackfillSpec, progress: _Progress, save: Callable[[Saved], Awaitable[None]], done: anyio.Event
+) -> None:
+    """Save the progress every ``CHECKPOINT_SECONDS`` until ``done``. A save is never
+    cut short (the task group waits for it), so no checkpoint can land after the
+    final status. One that fails is logged and tried again next time: a store that
+    is down now may be back, and it never stops the backfill."""
+    while True:
+        with anyio.move_on_after(CHECKPOINT_SECONDS):
+            await done.wait()
+        if done.is_set():
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await save(Saved(spec, progress.status()))
+            except Exception as error:
+                log.warning("backfill %s: checkpoint not saved: %s", spec.id, error)
 
 
 def chunk_size(total: int, max_parallel: int) -> int:

@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup
 
 from ..actors.client import MemoryActorClient, stop_gracefully
 from ..actors.mailbox import CLEANUP_SECONDS, Crash, Handle
+from ..actors.memory import utcnow
 from ..actors.supervisor import RestartPolicy, supervise
 from ..dag import AssetGraph
 from ..definitions import Asset, FieldError
@@ -296,15 +297,62 @@ class Runtime:
         return await self._backfill_call(backfill_id, bf.Cancel)
 
     async def resume_backfill(self, backfill_id: uuid.UUID | str) -> uuid.UUID:
-        """Run again what a stopped backfill did not finish (finished partitions are skipped)."""
+        """Run again what a stopped backfill did not finish (finished partitions are skipped).
+
+        A backfill saved as ``running`` that this runtime is not running was left by
+        a process that ended without stopping it (killed, crashed). Records that
+        process left unfinished are closed first: ``failed`` when it had started
+        them, ``cancelled`` otherwise, with a message naming the process; only
+        processes of this machine whose pid is gone are treated so.
+        """
         bid = parse_id(backfill_id, "backfill")
         if await self._registry.call(reg.GetBackfill, id=bid) is not None:
             return bid  # still running
         saved = await self._env.store.load_backfill(bid)
         if saved is None:
             raise BackfillNotFound(bid, tenant=current_tenant())
+        if saved.status.state == "running":
+            await close_orphans(self._env.store, saved.spec.asset)
         await self._start_backfill(saved.spec, await self._snapshot())
         return bid
+
+
+ORPHAN_SCAN_LIMIT = 10_000
+"""At most this many unfinished records per status are looked at when closing orphans."""
+
+
+def _process_gone(node: str | None) -> bool:
+    """Whether ``node`` ("host:pid/executor:asset", as jobs record it) is a process
+    of this machine that no longer exists. Unknown hosts are never presumed dead."""
+    host, _, pid = (node or "").partition("/")[0].rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists (owned by someone else)
+    return False
+
+
+async def close_orphans(store: MaterializationStore, asset: str) -> int:
+    """Close ``asset``'s records left unfinished by dead processes of this machine; how many."""
+    closed = 0
+    endings = {Status.RUNNING: Status.FAILED, Status.WAITING_APPROVAL: Status.CANCELLED, Status.PENDING: Status.CANCELLED}
+    for status, ending in endings.items():
+        for record in await store.list_by_status(status, limit=ORPHAN_SCAN_LIMIT):
+            if record.asset_name != asset or not _process_gone(record.executor_node):
+                continue
+            try:
+                await store.update_status(
+                    record.id, ending, completed_at=utcnow(),
+                    error_message=f"orphaned: process {record.executor_node} ended without finishing it",
+                )
+                closed += 1
+            except InvalidTransition:
+                pass  # it moved meanwhile: someone else closed it
+    return closed
 
 
 @asynccontextmanager

@@ -4,6 +4,7 @@ connections. Everything runs against a real server (tests/pgfixtures.py)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import date, timedelta
 
@@ -463,3 +464,45 @@ async def test_a_tenant_runtime_on_postgres_sees_only_its_own_records(anyio_back
                 assert {r.tenant_id for r in await rt.store.list_all()} == {"b"}
             assert await rt.store.list_all() == []
     assert uuid.UUID(str(result.run_id))
+
+
+def test_a_store_used_from_one_event_loop_after_another_opens_a_new_pool(pg_database):
+    """A pool belongs to its event loop: a store kept across ``anyio.run`` calls (a
+    CLI calling it twice, a test suite) reconnects instead of using a dead loop's pool,
+    and the ended loop's connections are closed with it, not leaked."""
+    store = PostgresStore(pg_database.dsn)
+
+    def connected() -> int:
+        async def count() -> int:
+            connection = await asyncpg.connect(pg_database.admin_dsn)
+            try:
+                return await connection.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    pg_database.name,
+                )
+            finally:
+                await connection.close()
+
+        for _ in range(100):  # a closed connection's backend takes a moment to go
+            if (n := run_sync(count)) == 0:
+                return 0
+            time.sleep(0.01)
+        return n
+
+    async def write() -> uuid.UUID:
+        record = await store.create(asset_name="a", partition=None, run_id=uuid.uuid4())
+        return record.id
+
+    async def read(record_id: uuid.UUID) -> str:
+        return (await store.get_by_id(record_id)).asset_name
+
+    try:
+        first = anyio.run(write)
+        assert connected() == 0
+        assert anyio.run(read, first, backend="trio") == "a"
+        assert connected() == 0
+        second = anyio.run(write, backend="trio")
+        assert anyio.run(read, second) == "a"
+        assert connected() == 0
+    finally:
+        anyio.run(store.close)

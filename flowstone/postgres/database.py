@@ -66,6 +66,7 @@ class Database:
         self._pool = pool
         self._owns_pool = pool is None
         self._pool_loop: Any = None
+        self._keeper: asyncio.Task[None] | None = None
         self._opening: asyncio.Future[Any] | None = None
         self.min_size, self.max_size = min_size, max_size
         self.allow_bypass_rls = allow_bypass_rls
@@ -154,9 +155,23 @@ class Database:
             self._pool_loop = None
             raise _as_unavailable(error, self.dsn) from error
         self._pool = pool
+        self._keeper = loop.create_task(self._keep(pool), name="flowstone.postgres.pool-keeper")
         self._opening.set_result(pool)
         self._opening = None
         return pool
+
+    async def _keep(self, pool: Any) -> None:
+        """Close ``pool`` when its event loop shuts down without ``close()`` having
+        been called: ``asyncio.run`` (and so ``anyio.run``) cancels the tasks left
+        at the end, while the loop can still close sockets; a pool left to a closed
+        loop would leak its connections."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self._pool is pool:
+                self._pool = None
+                self._pool_loop = None
+                pool.terminate()
 
     async def _open_pool(self) -> Any:
         import asyncpg
@@ -184,6 +199,10 @@ class Database:
             return
         self._pool = None
         self._pool_loop = None
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.wait([keeper])
         try:
             await asyncio.wait_for(pool.close(), timeout=5)
         except (asyncio.TimeoutError, Exception):

@@ -33,6 +33,8 @@ from .errors import MaterializationFailed as MaterializationFailed
 from .errors import NotFound as NotFound
 from .errors import RuntimeClosed as RuntimeClosed
 from .errors import SerializationError as SerializationError
+from .errors import StorageError as StorageError
+from .errors import StorageUnavailable as StorageUnavailable
 from .errors import TenancyNotEnforced as TenancyNotEnforced
 from .guards import Guard as Guard
 from .partitions import CompositePartitions as CompositePartitions

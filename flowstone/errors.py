@@ -35,6 +35,8 @@ __all__ = [
     "NotFound",
     "RuntimeClosed",
     "SerializationError",
+    "StorageError",
+    "StorageUnavailable",
     "TenancyNotEnforced",
 ]
 
@@ -275,3 +277,17 @@ class DatabaseUnavailable(DatabaseError, ConnectionError):
 class TenancyNotEnforced(DatabaseError):
     """A tenant is in use but the connection bypasses row-level security (a superuser
     or BYPASSRLS role), so the database would not keep tenants apart."""
+
+
+class StorageError(FlowstoneError):
+    """Object or file storage refused or failed an operation. ``code`` is the
+    storage's own error code when it gave one (an S3 code such as ``AccessDenied``
+    or ``NoSuchBucket``, an errno name such as ``ENOSPC``)."""
+
+    def __init__(self, message: str, *, code: str | None = None, **context: Any) -> None:
+        self.code = code
+        super().__init__(f"{message} [{code}]" if code else message, **context)
+
+
+class StorageUnavailable(StorageError, ConnectionError):
+    """The storage could not be reached (connection refused or dropped, timed out)."""

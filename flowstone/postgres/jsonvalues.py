@@ -38,8 +38,12 @@ def text_problem(text: str) -> str | None:
     return f"a lone surrogate ({found.group().encode('utf-8', 'backslashreplace').decode()}), which UTF-8 cannot encode"
 
 
-def to_json(value: Any, *, asset: str | None = None, what: str = "value", partition: Any = None) -> str:
-    problem = _problem(value, "$")
+def to_json(
+    value: Any, *, asset: str | None = None, what: str = "value", partition: Any = None, for_postgres: bool = True
+) -> str:
+    """``value`` as JSON text, or SerializationError. ``for_postgres=False`` allows
+    NUL and lone surrogates in strings (files and objects hold them, escaped)."""
+    problem = _problem(value, "$", for_postgres)
     if problem is not None:
         where, bad = problem
         raise SerializationError(
@@ -48,10 +52,10 @@ def to_json(value: Any, *, asset: str | None = None, what: str = "value", partit
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _problem(value: Any, where: str) -> tuple[str, str] | None:
+def _problem(value: Any, where: str, check_text: bool = True) -> tuple[str, str] | None:
     kind = type(value)
     if kind is str:
-        problem = text_problem(value)
+        problem = text_problem(value) if check_text else None
         return None if problem is None else (where, f"a string with {problem}")
     if kind is float:
         return None if math.isfinite(value) else (where, f"the float {value!r}")
@@ -61,16 +65,16 @@ def _problem(value: Any, where: str) -> tuple[str, str] | None:
         for key, item in value.items():
             if type(key) is not str:
                 return (where, f"a {type(key).__name__} key {key!r} (keys must be str)")
-            problem = text_problem(key)
+            problem = text_problem(key) if check_text else None
             if problem is not None:
                 return (where, f"a key with {problem}")
-            found = _problem(item, f"{where}.{key}")
+            found = _problem(item, f"{where}.{key}", check_text)
             if found is not None:
                 return found
         return None
     if kind in (list, tuple):
         for index, item in enumerate(value):
-            found = _problem(item, f"{where}[{index}]")
+            found = _problem(item, f"{where}[{index}]", check_text)
             if found is not None:
                 return found
         return None

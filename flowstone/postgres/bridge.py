@@ -10,19 +10,25 @@ either way the ``on_close`` hook (closing the connection pool) runs on it first.
 ``fn`` is always an asyncio coroutine function that does a whole unit of work
 (acquire a connection, run a transaction, release): nothing asyncio-bound ever
 leaks to the caller's side.
+
+``LoopBound`` holds what such work needs across calls (a connection pool, an S3
+client): opened lazily on the running asyncio loop, opened again on a new loop,
+and closed when its loop shuts down if nobody closed it before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import sniffio
 
-__all__ = ["Bridge"]
+__all__ = ["Bridge", "LoopBound"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 log = logging.getLogger("flowstone.postgres")
 
 CLOSE_SECONDS = 5.0
@@ -105,3 +111,79 @@ class _TrioLoop:
             self.loop = None
             self.ready.set()
             self.finished.set()
+
+
+class LoopBound(Generic[R]):
+    """One resource per asyncio event loop, opened on first use.
+
+    ``open()`` makes it (callers arriving meanwhile share that one opening);
+    ``close(resource)`` releases it gracefully, on its loop; ``abort(resource)``
+    drops it synchronously (for a loop that is ending or gone). Used from a new
+    loop (a second ``asyncio.run``), the old resource is aborted and a new one
+    opened. A keeper task aborts the resource when its loop shuts down without
+    ``close()``: ``asyncio.run`` cancels leftover tasks while the loop can still
+    close sockets, so an ended loop's connections are not leaked.
+    """
+
+    def __init__(
+        self,
+        open: Callable[[], Awaitable[R]],
+        close: Callable[[R], Awaitable[None]],
+        abort: Callable[[R], None],
+    ) -> None:
+        self._open, self._close, self._abort = open, close, abort
+        self._value: R | None = None
+        self._loop: Any = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._opening: asyncio.Future[R] | None = None
+
+    async def get(self) -> R:
+        loop = asyncio.get_running_loop()
+        if self._value is not None and self._loop is loop:
+            return self._value
+        if self._opening is not None and self._loop is loop:
+            return await asyncio.shield(self._opening)
+        if self._value is not None:  # made on a loop that has ended
+            self._drop()
+        self._loop = opening_loop = loop
+        opening = self._opening = loop.create_future()
+        try:
+            value = await self._open()
+        except BaseException as error:
+            if self._opening is opening:
+                self._opening = None
+                self._loop = None
+            opening.set_exception(error if isinstance(error, Exception) else RuntimeError("opening was cancelled"))
+            opening.exception()  # retrieved: the callers sharing it get it from there
+            raise
+        self._opening = None
+        self._value = value
+        opening.set_result(value)
+        self._keeper = opening_loop.create_task(self._keep(value), name="flowstone.loop-bound-keeper")
+        return value
+
+    async def _keep(self, value: R) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self._value is value:
+                self._drop()
+
+    def _drop(self) -> None:
+        value, self._value, self._loop = self._value, None, None
+        try:
+            self._abort(value)  # type: ignore[arg-type]
+        except Exception:  # its loop is closed; the sockets went with it
+            pass
+
+    async def close(self) -> None:
+        """Release the resource if it belongs to the running loop (else nothing to do here)."""
+        value = self._value
+        if value is None or self._loop is not asyncio.get_running_loop():
+            return
+        self._value, self._loop = None, None
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.wait([keeper])
+        await self._close(value)

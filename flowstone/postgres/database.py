@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..errors import DatabaseError, DatabaseUnavailable, FlowstoneError, TenancyNotEnforced
-from .bridge import Bridge
+from .bridge import Bridge, LoopBound
 
 __all__ = ["Database", "PostgresClient"]
 
@@ -63,16 +63,13 @@ class Database:
         if dsn is None and pool is None:
             raise DatabaseError("give a PostgreSQL dsn or an asyncpg pool")
         self.dsn = dsn
-        self._pool = pool
-        self._owns_pool = pool is None
-        self._pool_loop: Any = None
-        self._keeper: asyncio.Task[None] | None = None
-        self._opening: asyncio.Future[Any] | None = None
+        self._given_pool = pool
+        self._own_pool: LoopBound[Any] = LoopBound(self._open_pool, _close_pool, _terminate)
         self.min_size, self.max_size = min_size, max_size
         self.allow_bypass_rls = allow_bypass_rls
         self.retries = retries
         self.bypasses_rls: bool | None = None
-        self.bridge = Bridge(on_close=self._close_pool)
+        self.bridge = Bridge(on_close=self._own_pool.close)
 
     # ------------------------------------------------------------ public
 
@@ -136,77 +133,42 @@ class Database:
             raise _database_error(error, None) from error
 
     async def _get_pool(self) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._pool is not None and (not self._owns_pool or self._pool_loop is loop):
-            return self._pool
-        if self._opening is not None and self._pool_loop is loop:
-            return await asyncio.shield(self._opening)
-        if self._pool is not None:
-            # Made on an event loop that has ended (a previous asyncio.run / trio.run): drop it.
-            self._forget_pool()
-        self._pool_loop = loop
-        self._opening = loop.create_future()
-        try:
-            pool = await self._open_pool()
-        except BaseException as error:
-            self._opening.set_exception(_as_unavailable(error, self.dsn))
-            self._opening.exception()  # retrieved: the callers below get it from here
-            self._opening = None
-            self._pool_loop = None
-            raise _as_unavailable(error, self.dsn) from error
-        self._pool = pool
-        self._keeper = loop.create_task(self._keep(pool), name="flowstone.postgres.pool-keeper")
-        self._opening.set_result(pool)
-        self._opening = None
-        return pool
-
-    async def _keep(self, pool: Any) -> None:
-        """Close ``pool`` when its event loop shuts down without ``close()`` having
-        been called: ``asyncio.run`` (and so ``anyio.run``) cancels the tasks left
-        at the end, while the loop can still close sockets; a pool left to a closed
-        loop would leak its connections."""
-        try:
-            await asyncio.Event().wait()
-        finally:
-            if self._pool is pool:
-                self._pool = None
-                self._pool_loop = None
-                pool.terminate()
+        if self._given_pool is not None:
+            return self._given_pool
+        return await self._own_pool.get()
 
     async def _open_pool(self) -> Any:
         import asyncpg
 
-        pool = await asyncpg.create_pool(
-            self.dsn, min_size=self.min_size, max_size=self.max_size, init=_init_connection,
-            reset=_reset_connection, timeout=CONNECT_TIMEOUT,
-        )
-        async with pool.acquire() as connection:
-            self.bypasses_rls = await connection.fetchval(
-                "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
+        pool = None
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn, min_size=self.min_size, max_size=self.max_size, init=_init_connection,
+                reset=_reset_connection, timeout=CONNECT_TIMEOUT,
             )
+            async with pool.acquire() as connection:
+                self.bypasses_rls = await connection.fetchval(
+                    "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
+                )
+        except BaseException as error:
+            if pool is not None:
+                pool.terminate()
+            wrapped = _as_unavailable(error, self.dsn)
+            if wrapped is error:
+                raise
+            raise wrapped from error
         return pool
 
-    def _forget_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        try:
-            pool.terminate()
-        except Exception:  # its loop is closed; the sockets went with it
-            pass
 
-    async def _close_pool(self) -> None:
-        pool = self._pool
-        if pool is None or not self._owns_pool or self._pool_loop is not asyncio.get_running_loop():
-            return
-        self._pool = None
-        self._pool_loop = None
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            keeper.cancel()
-            await asyncio.wait([keeper])
-        try:
-            await asyncio.wait_for(pool.close(), timeout=5)
-        except (asyncio.TimeoutError, Exception):
-            pool.terminate()
+async def _close_pool(pool: Any) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout=5)
+    except (asyncio.TimeoutError, Exception):
+        pool.terminate()
+
+
+def _terminate(pool: Any) -> None:
+    pool.terminate()
 
 
 class PostgresClient:

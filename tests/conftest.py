@@ -3,6 +3,7 @@
 import pytest
 
 from pgfixtures import pg_database, pg_dsn, pg_server, pg_supply  # noqa: F401  (fixtures)
+from s3fixtures import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

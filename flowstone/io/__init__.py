@@ -4,3 +4,4 @@ from .memory import MemoryIO as MemoryIO
 from .protocol import IOManager as IOManager
 from .postgres import PostgresIO as PostgresIO
 from .filesystem import FilesystemIO as FilesystemIO
+from .s3 import S3IO as S3IO

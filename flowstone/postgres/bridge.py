@@ -120,9 +120,10 @@ class LoopBound(Generic[R]):
     ``close(resource)`` releases it gracefully, on its loop; ``abort(resource)``
     drops it synchronously (for a loop that is ending or gone). Used from a new
     loop (a second ``asyncio.run``), the old resource is aborted and a new one
-    opened. A keeper task aborts the resource when its loop shuts down without
-    ``close()``: ``asyncio.run`` cancels leftover tasks while the loop can still
-    close sockets, so an ended loop's connections are not leaked.
+    opened. A keeper task closes the resource when its loop shuts down without
+    ``close()``: ``asyncio.run`` cancels leftover tasks and runs them to their
+    end while the loop can still close sockets, so an ended loop's connections
+    are not leaked.
     """
 
     def __init__(
@@ -166,8 +167,14 @@ class LoopBound(Generic[R]):
         try:
             await asyncio.Event().wait()
         finally:
+            # Cancelled once, by the loop's shutdown (or by close(), which cleared
+            # the value first): the loop still runs this to the end.
             if self._value is value:
-                self._drop()
+                self._value, self._loop = None, None
+                try:
+                    await asyncio.wait_for(self._close(value), CLOSE_SECONDS)
+                except BaseException:
+                    self._abort(value)
 
     def _drop(self) -> None:
         value, self._value, self._loop = self._value, None, None

@@ -1,0 +1,271 @@
+"""``fs.io.S3IO``: values as objects in S3 (or anything that speaks its API), via aioboto3.
+
+Keys are ``{prefix}/{tenant}/{asset}/{partition}.{ext}`` (``flowstone.io.naming``:
+tenant ids and partition keys are percent-encoded, so no key climbs out of its
+place, and they decode back exactly). Per-call ``config``: ``bucket`` (required),
+``prefix`` and ``format`` (``json``, the default, ``parquet``, ``arrow`` or
+``bytes``).
+
+The client is opened lazily on the running event loop and reused; on trio it
+lives on the same trio-asyncio bridge as asyncpg. Credentials come from the
+standard AWS chain unless a ``session`` (an ``aioboto3.Session``) is given.
+
+Large values are uploaded in parts (multipart upload) straight from the one
+encoded buffer: each part is a view of it, never a copy. A missing key is
+``fs.NotFound``; every other S3 failure is ``fs.StorageError`` with the S3 error
+code, or ``fs.StorageUnavailable`` when the endpoint cannot be reached.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+
+from ..errors import DefinitionError, NotFound, StorageError, StorageUnavailable
+from ..definitions import FieldError
+from ..partitions import serialize_partition
+from ..postgres.bridge import Bridge, LoopBound
+from ..tenancy import current_tenant
+from . import formats
+from .naming import object_path
+
+__all__ = ["S3IO"]
+
+_NO_CONFIG: Mapping[str, Any] = {}
+MiB = 1024 * 1024
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_PART = re.compile(r"[A-Za-z0-9_.=-]+")
+_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+ENCODE_IN_THREAD_BYTES = 64 * 1024
+"""JSON values are encoded on the event loop; tables always go to a worker thread."""
+
+
+class S3IO:
+    """``S3IO(endpoint_url=None, region_name=None, session=None)``.
+
+    ``client_config``: a ``botocore.config.Config`` (timeouts, retries); the
+    default retries twice and gives up connecting after 5 s. ``part_size`` and
+    ``multipart_threshold`` (bytes) control multipart uploads.
+    """
+
+    def __init__(
+        self,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        session: Any = None,
+        *,
+        client_config: Any = None,
+        part_size: int = 8 * MiB,
+        multipart_threshold: int = 16 * MiB,
+    ) -> None:
+        if part_size < 5 * MiB:
+            raise DefinitionError([FieldError("part_size", "S3 parts are at least 5 MiB")])
+        self.endpoint_url = endpoint_url
+        self.region_name = region_name
+        self.session = session
+        self.client_config = client_config
+        self.part_size = part_size
+        self.multipart_threshold = max(multipart_threshold, part_size)
+        self._client: LoopBound[Any] = LoopBound(self._open_client, _close_client, _abandon_client)
+        self._bridge = Bridge(on_close=self._client.close)
+
+    async def __aenter__(self) -> S3IO:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._bridge.close()
+
+    # ----------------------------------------------------------- protocol
+
+    async def store(self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
+        bucket, key, fmt = self._locate(asset, partition, config)
+        where = serialize_partition(partition)
+        if fmt in ("parquet", "arrow"):
+            body = await anyio.to_thread.run_sync(
+                lambda: formats.encode(fmt, value, asset=asset, partition=where)
+            )
+        else:
+            body = formats.encode(fmt, value, asset=asset, partition=where)
+        await self._bridge.run(self._put, bucket, key, memoryview(body), asset, where)
+
+    async def load(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> Any:
+        bucket, key, fmt = self._locate(asset, partition, config)
+        where = serialize_partition(partition)
+        data = await self._bridge.run(self._get, bucket, key, asset, where)
+        if fmt in ("parquet", "arrow"):
+            return await anyio.to_thread.run_sync(lambda: formats.decode(fmt, data, asset=asset, partition=where))
+        return formats.decode(fmt, data, asset=asset, partition=where)
+
+    async def delete(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
+        bucket, key, _ = self._locate(asset, partition, config)
+        await self._bridge.run(
+            self._call, "delete_object", asset, serialize_partition(partition), {"Bucket": bucket, "Key": key}
+        )
+
+    async def exists(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> bool:
+        try:
+            await self.metadata(asset, partition, config)
+        except NotFound:
+            return False
+        return True
+
+    async def metadata(
+        self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG
+    ) -> dict[str, Any]:
+        bucket, key, fmt = self._locate(asset, partition, config)
+        head = await self._bridge.run(
+            self._call, "head_object", asset, serialize_partition(partition), {"Bucket": bucket, "Key": key}
+        )
+        return {
+            "size_bytes": head["ContentLength"],
+            "updated_at": head["LastModified"],
+            "etag": head["ETag"].strip('"'),
+            "format": fmt,
+            "key": key,
+        }
+
+    # ------------------------------------------------------------ naming
+
+    def _locate(self, asset: str, partition: Any, config: Mapping[str, Any]) -> tuple[str, str, str]:
+        bucket = config.get("bucket")
+        if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket) or ".." in bucket:
+            raise DefinitionError([FieldError("bucket", f"S3IO needs config['bucket'], a valid bucket name; got {bucket!r}")])
+        prefix = config.get("prefix") or ""
+        if not isinstance(prefix, str):
+            raise DefinitionError([FieldError("prefix", f"must be a str, got {type(prefix).__name__}")])
+        parts = [p for p in prefix.split("/") if p]
+        if any(not _PREFIX_PART.fullmatch(p) or p in (".", "..") for p in parts):
+            raise DefinitionError([FieldError(
+                "prefix", f"{prefix!r}: use '/'-separated parts of letters, digits, '_', '.', '=' and '-'"
+            )])
+        fmt = formats.check_format(config.get("format") or "json")
+        key = "/".join([*parts, *object_path(current_tenant(), asset, partition, formats.EXTENSIONS[fmt])])
+        return bucket, key, fmt
+
+    # ------------------------------------------------------ asyncio side
+
+    async def _open_client(self) -> Any:
+        import aioboto3
+        from botocore.config import Config
+
+        session = self.session or aioboto3.Session()
+        config = self.client_config or Config(
+            retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60
+        )
+        manager = session.client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region_name, config=config
+        )
+        client = await manager.__aenter__()
+        return manager, client
+
+    async def _call(self, operation: str, asset: str, key: str | None, arguments: Mapping[str, Any]) -> Any:
+        _, client = await self._client.get()
+        try:
+            return await getattr(client, operation)(**arguments)
+        except Exception as error:
+            raise _storage_error(error, operation, asset, key) from error
+
+    async def _get(self, bucket: str, key: str, asset: str, where: str | None) -> bytes:
+        _, client = await self._client.get()
+        try:
+            answer = await client.get_object(Bucket=bucket, Key=key)
+            async with answer["Body"] as body:
+                return await body.read()
+        except Exception as error:
+            raise _storage_error(error, "get_object", asset, where) from error
+
+    async def _put(self, bucket: str, key: str, body: memoryview, asset: str, where: str | None) -> None:
+        _, client = await self._client.get()
+        try:
+            if len(body) <= self.multipart_threshold:
+                await client.put_object(Bucket=bucket, Key=key, Body=_View(body))
+                return
+            upload = await client.create_multipart_upload(Bucket=bucket, Key=key)
+            try:
+                parts = []
+                for number, start in enumerate(range(0, len(body), self.part_size), 1):
+                    part = await client.upload_part(
+                        Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=number,
+                        Body=_View(body[start:start + self.part_size]),
+                    )
+                    parts.append({"ETag": part["ETag"], "PartNumber": number})
+                await client.complete_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+                )
+            except BaseException:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    try:  # no half upload left behind (storage is billed for parts)
+                        await client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+                    except Exception:
+                        pass
+                raise
+        except Exception as error:
+            raise _storage_error(error, "put_object", asset, where) from error
+
+
+async def _close_client(opened: Any) -> None:
+    manager, _client = opened
+    await manager.__aexit__(None, None, None)
+
+
+def _abandon_client(opened: Any) -> None:
+    """Its loop is gone: nothing can be awaited, and its sockets went with the loop."""
+
+
+class _View(io.RawIOBase):
+    """A read-only file over a memoryview: botocore takes files, not views, and a
+    view is not a copy."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), len(self._view) - self._position)
+        buffer[:count] = self._view[self._position:self._position + count]
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+
+def _storage_error(error: Exception, operation: str, asset: str, key: str | None) -> Exception:
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+    tenant = current_tenant()
+    if isinstance(error, (NotFound, StorageError)):
+        return error
+    if isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        code = str(details.get("Code") or error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
+        if code in _MISSING:
+            return NotFound("no stored object", asset=asset, partition=key, tenant=tenant)
+        return StorageError(
+            f"S3 {operation} failed: {details.get('Message') or error}", code=code or None,
+            asset=asset, partition=key, tenant=tenant,
+        )
+    if isinstance(error, (BotoConnectionError, HTTPClientError, OSError)):
+        return StorageUnavailable(f"S3 {operation} failed: {error}", asset=asset, partition=key, tenant=tenant)
+    return StorageError(f"S3 {operation} failed: {error!r}", asset=asset, partition=key, tenant=tenant)

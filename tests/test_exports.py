@@ -22,14 +22,14 @@ PUBLIC = {
     "AccessDenied", "ActorCrashed", "BackfillNotFound", "CycleError", "DefinitionError",
     "FlowstoneError", "InvalidIdentifier", "InvalidPartition", "InvalidTenant",
     "InvalidTransition", "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
-    "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced",
+    "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced", "StorageError", "StorageUnavailable",
 }
 
 ERRORS = {
     "AccessDenied", "ActorCrashed", "BackfillNotFound", "CycleError", "DefinitionError",
     "InvalidIdentifier", "InvalidPartition", "InvalidTenant", "InvalidTransition",
     "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
-    "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced",
+    "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced", "StorageError", "StorageUnavailable",
 }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -25,6 +25,7 @@ from ..errors import NotFound, StorageError
 from ..partitions import serialize_partition
 from ..tenancy import current_tenant
 from . import formats
+from .many import load_concurrently
 from .naming import object_path
 
 __all__ = ["FilesystemIO"]
@@ -63,7 +64,20 @@ class FilesystemIO:
 
     async def load(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> Any:
         where = self._where(asset, partition)
-        return await anyio.to_thread.run_sync(self._load, where, asset, serialize_partition(partition))
+        return await anyio.to_thread.run_sync(
+            self._load, where, asset, serialize_partition(partition), _formats(config)
+        )
+
+    async def load_many(
+        self, asset: str, partitions: Sequence[Any], config: Mapping[str, Any] = _NO_CONFIG
+    ) -> dict[str | None, Any]:
+        """Several partitions' values by key, a few loads at a time."""
+        return await load_concurrently(self.load, asset, [serialize_partition(p) for p in partitions], config)
+
+    def path_of(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> str | None:
+        """The file holding the value now (``None`` if there is none); blocking, for worker threads."""
+        found = self._find(self._where(asset, partition), _formats(config))
+        return found[1] if found is not None else None
 
     async def delete(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
         where = self._where(asset, partition)
@@ -71,13 +85,15 @@ class FilesystemIO:
 
     async def exists(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> bool:
         where = self._where(asset, partition)
-        return await anyio.to_thread.run_sync(lambda: self._find(where) is not None)
+        return await anyio.to_thread.run_sync(lambda: self._find(where, _formats(config)) is not None)
 
     async def metadata(
         self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG
     ) -> dict[str, Any]:
         where = self._where(asset, partition)
-        return await anyio.to_thread.run_sync(self._metadata, where, asset, serialize_partition(partition))
+        return await anyio.to_thread.run_sync(
+            self._metadata, where, asset, serialize_partition(partition), _formats(config)
+        )
 
     # ---------------------------------------------------- worker threads
 
@@ -87,8 +103,8 @@ class FilesystemIO:
         parts[-1] = parts[-1][:-2]
         return os.path.join(self.root, *parts)
 
-    def _find(self, where: str) -> tuple[str, str] | None:
-        for fmt in _LOOKUP_ORDER:
+    def _find(self, where: str, candidates: tuple[str, ...] = _LOOKUP_ORDER) -> tuple[str, str] | None:
+        for fmt in candidates:
             path = f"{where}.{formats.EXTENSIONS[fmt]}"
             if os.path.isfile(path):
                 return fmt, path
@@ -120,8 +136,8 @@ class FilesystemIO:
             if self.durable:
                 _sync_directory(folder)
 
-    def _load(self, where: str, asset: str, key: str | None) -> Any:
-        found = self._find(where)
+    def _load(self, where: str, asset: str, key: str | None, candidates: tuple[str, ...]) -> Any:
+        found = self._find(where, candidates)
         if found is None:
             raise NotFound("no stored value", asset=asset, partition=key, tenant=current_tenant())
         fmt, path = found
@@ -141,8 +157,8 @@ class FilesystemIO:
             for fmt in _LOOKUP_ORDER:
                 _remove(f"{where}.{formats.EXTENSIONS[fmt]}")
 
-    def _metadata(self, where: str, asset: str, key: str | None) -> dict[str, Any]:
-        found = self._find(where)
+    def _metadata(self, where: str, asset: str, key: str | None, candidates: tuple[str, ...]) -> dict[str, Any]:
+        found = self._find(where, candidates)
         if found is None:
             raise NotFound("no stored value", asset=asset, partition=key, tenant=current_tenant())
         fmt, path = found
@@ -154,6 +170,12 @@ class FilesystemIO:
             "format": fmt,
             "path": path,
         }
+
+
+def _formats(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """Where to look for a value: the configured format only, else every one."""
+    fmt = config.get("format")
+    return (formats.check_format(fmt),) if fmt else _LOOKUP_ORDER
 
 
 def _remove(path: str) -> None:

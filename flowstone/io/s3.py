@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -31,6 +31,7 @@ from ..partitions import serialize_partition
 from ..postgres.bridge import Bridge, LoopBound
 from ..tenancy import current_tenant
 from . import formats
+from .many import load_concurrently
 from .naming import object_path
 
 __all__ = ["S3IO"]
@@ -102,6 +103,12 @@ class S3IO:
         if fmt in ("parquet", "arrow"):
             return await anyio.to_thread.run_sync(lambda: formats.decode(fmt, data, asset=asset, partition=where))
         return formats.decode(fmt, data, asset=asset, partition=where)
+
+    async def load_many(
+        self, asset: str, partitions: Sequence[Any], config: Mapping[str, Any] = _NO_CONFIG
+    ) -> dict[str | None, Any]:
+        """Several partitions' values by key, fetched a few at a time."""
+        return await load_concurrently(self.load, asset, [serialize_partition(p) for p in partitions], config)
 
     async def delete(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
         bucket, key, _ = self._locate(asset, partition, config)

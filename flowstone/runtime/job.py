@@ -186,6 +186,9 @@ async def _load_inputs(job: Job, env: Env) -> dict[str, Any]:
     deps: dict[str, Any] = {}
     for read in job.reads:
         values = read.values
+        if values is None and read.all_partitions and (many := await _load_many(read, env)) is not None:
+            deps[read.asset] = many
+            continue
         if values is None:
             values = tuple([await load_value(record, env) for record in read.records])
         if read.all_partitions:
@@ -193,6 +196,24 @@ async def _load_inputs(job: Job, env: Env) -> dict[str, Any]:
         else:
             deps[read.asset] = values[0]
     return deps
+
+
+async def _load_many(read: Read, env: Env) -> Any:
+    """Every partition through the manager's ``load_many`` (one call, concurrent loads,
+    and for Parquet one dataset), when they were all stored by one manager with one
+    configuration and it offers that; else ``None``."""
+    if not read.records:
+        return None
+    first = read.records[0].metadata
+    key, config = first.get(IO_KEY, env.default_io), first.get(IO_CONFIG, {})
+    manager = env.io_managers.get(key)
+    load_many = getattr(manager, "load_many", None)
+    if load_many is None or any(
+        r.metadata.get(IO_KEY, env.default_io) != key or r.metadata.get(IO_CONFIG, {}) != config
+        for r in read.records
+    ):
+        return None
+    return await load_many(read.asset, [r.partition for r in read.records], config)
 
 
 async def load_value(record: Materialization, env: Env) -> Any:

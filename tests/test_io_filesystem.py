@@ -148,3 +148,21 @@ def test_different_partition_keys_never_share_a_name(a, b):
 def test_an_object_name_too_long_for_storage_is_an_invalid_partition():
     with pytest.raises(fs.InvalidPartition, match="too long"):
         object_path(None, "a", "ü" * 200, "json")
+
+
+async def test_a_retry_policy_retries_the_function_but_not_a_value_no_format_holds(anyio_backend, tmp_path):
+    """Storage failures are retried only when they may pass (storage unreachable); a
+    value JSON cannot hold fails at once, and the function is not run again for it."""
+    calls = []
+
+    async def unstorable(ctx, deps):
+        calls.append(1)
+        return {"when": date(2025, 1, 1)}
+
+    asset = fs.Asset(name="a", execute_fn=unstorable, io_manager="files",
+                     retry=fs.RetryPolicy(max_attempts=5, backoff=0, jitter=False))
+    async with fs.open_runtime([asset], io_managers={"files": fs.io.FilesystemIO(tmp_path)}) as rt:
+        with pytest.raises(fs.MaterializationFailed, match="cannot be stored as JSON"):
+            await rt.materialize("a")
+        [record] = await rt.store.list_all()
+    assert calls == [1] and record.status is fs.Status.FAILED

@@ -4,6 +4,9 @@ credentials, and the server going away. Asyncio and trio."""
 
 from __future__ import annotations
 
+from datetime import date, timedelta
+
+import anyio
 import pyarrow as pa
 import pytest
 
@@ -105,9 +108,69 @@ async def test_a_server_that_is_gone_is_storage_unavailable(anyio_backend, s3_bu
     with socket.socket() as probe:  # a loopback port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    quick = Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2)
+    quick = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=1, read_timeout=2)
     async with fs.io.S3IO(
         endpoint_url=f"http://127.0.0.1:{port}", session=aioboto3.Session(**CREDENTIALS), client_config=quick
     ) as io:
         with pytest.raises(fs.StorageUnavailable):
             await io.store("a", {"v": 1}, None, {"bucket": s3_bucket})
+
+
+async def test_the_server_stopping_mid_backfill_fails_only_what_it_must_and_a_retry_policy_recovers(
+    anyio_backend, s3_bucket
+):
+    """A real server stopped during a backfill: partitions stored before it stay
+    readable, those that needed it fail with a clear error; with a retry policy on
+    the asset the same backfill rides out a restart and everything succeeds."""
+    import aioboto3
+    from botocore.config import Config
+
+    from s3fixtures import S3Server, start_moto
+
+    server = start_moto()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    S3Server(endpoint, server).admin().create_bucket(Bucket="faults")
+    quick = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=1, read_timeout=5)
+    config = {"bucket": "faults"}
+    daily = fs.DailyPartitions(start=date(2025, 1, 1), end=date(2025, 12, 31))
+    days = [date(2025, 1, 1) + timedelta(days=i) for i in range(12)]
+    state = {"server": server}
+
+    def events_asset(stop_at, retry=None, restart_after=None):
+        async def events(ctx, deps):
+            if ctx.partition == stop_at:
+                await anyio.to_thread.run_sync(state["server"].stop)
+                if restart_after is not None:
+                    async def restart():
+                        await anyio.sleep(restart_after)
+                        state["server"] = await anyio.to_thread.run_sync(start_moto, port)
+                    background.start_soon(restart)
+            return {"day": ctx.partition.isoformat()}
+
+        return fs.Asset(name="events", execute_fn=events, partitioned_by=daily, io_manager="s3",
+                        io_config=config, retry=retry, code_version="1")
+
+    store = fs.store.MemoryStore()
+    try:
+        async with anyio.create_task_group() as background:
+            async with fs.io.S3IO(endpoint_url=endpoint, session=aioboto3.Session(**CREDENTIALS),
+                                  client_config=quick) as s3:
+                async with fs.open_runtime([events_asset(days[5])], store=store, io_managers={"s3": s3}) as rt:
+                    first = await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=1))
+                    assert (first.succeeded, first.failed) == (5, 7)
+                    failed = await rt.store.list_by_status("failed", limit=100)
+                    assert all("S3" in r.error_message and "put_object" in r.error_message for r in failed)
+                state["server"] = await anyio.to_thread.run_sync(start_moto, port)
+                with_retry = events_asset(days[8], fs.RetryPolicy(max_attempts=12, backoff=0.1, jitter=False), 0.3)
+                async with fs.open_runtime([with_retry], store=store, io_managers={"s3": s3}) as rt:
+                    for day in days[:5]:  # stored before the stop, still there
+                        assert await rt.load("events", day) == {"day": day.isoformat()}
+                    second = await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=1))
+                    assert (second.succeeded, second.failed) == (12, 0)
+                    for day in days:
+                        assert await rt.load("events", day) == {"day": day.isoformat()}
+                    successes = await rt.store.list_by_status("success", limit=100)
+                    assert sorted(r.partition for r in successes) == [d.isoformat() for d in days]
+    finally:
+        state["server"].stop()

@@ -15,8 +15,8 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import anyio
 import attrs
@@ -25,7 +25,14 @@ from ..actors.mailbox import CLEANUP_SECONDS, Handle
 from ..actors.memory import utcnow
 from ..context import Context
 from ..definitions import Asset
-from ..errors import ActorCrashed, FlowstoneError, NotFound
+from ..errors import (
+    ActorCrashed,
+    DatabaseUnavailable,
+    FlowstoneError,
+    NotFound,
+    StorageError,
+    StorageUnavailable,
+)
 from ..store.records import Materialization, Status
 from .executor import AwaitApproval, Env, JobResult
 
@@ -34,6 +41,8 @@ __all__ = ["IO_CONFIG", "IO_KEY", "Job", "Read", "describe", "run_job"]
 IO_KEY = "flowstone.io_manager"
 IO_CONFIG = "flowstone.io_config"
 """Record metadata saying where the value went, so any later reader finds it."""
+
+T = TypeVar("T")
 
 _ACTIVE = (Status.PENDING, Status.RUNNING, Status.WAITING_APPROVAL)
 
@@ -133,9 +142,11 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     )
     manager = env.io_managers[job.io_key]
     try:
-        deps = await _load_inputs(job, env)
+        deps = await _retry_transient(asset, ctx, "loading inputs", _load_inputs, job, env)
         value = await _call_with_retry(asset, ctx, deps, env)
-        await manager.store(asset.name, value, job.partition, job.io_config)
+        await _retry_transient(
+            asset, ctx, "storing the value", manager.store, asset.name, value, job.partition, job.io_config
+        )
     except anyio.get_cancelled_exc_class():
         raise
     except Exception as error:
@@ -245,6 +256,40 @@ async def _call_with_retry(asset: Asset, ctx: Context, deps: dict[str, Any], env
             ctx.metadata["attempts"] = attempt + 1
             if delay > 0:
                 await anyio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_TRANSIENT_CODES = frozenset({
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "500", "503",
+})
+"""S3 error codes that say "try again" rather than "this cannot work"."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """A storage failure that may pass: unreachable storage or database, or an S3 code saying so."""
+    if isinstance(error, (StorageUnavailable, DatabaseUnavailable)):
+        return True
+    return isinstance(error, StorageError) and error.code in _TRANSIENT_CODES
+
+
+async def _retry_transient(asset: Asset, ctx: Context, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``fn(*args)`` retried per the asset's retry policy while it fails transiently
+    (storage unreachable, a server restarting); without a policy, or for any other
+    error, the first failure stands. The value is not computed again."""
+    policy = asset.retry
+    attempts = policy.max_attempts if policy is not None else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return await fn(*args)
+        except Exception as error:
+            if attempt == attempts or not is_transient(error):
+                raise
+            assert policy is not None
+            delay = policy.delay(attempt)
+            ctx.log.warning(
+                "%s failed (%s), attempt %d/%d; retrying in %.3fs", what, describe(error), attempt, attempts, delay
+            )
+            await anyio.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
 

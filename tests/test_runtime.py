@@ -628,14 +628,34 @@ async def test_bad_materialize_arguments_are_definition_errors(anyio_backend, kw
 
 
 async def test_open_runtime_validates_the_pipeline_and_its_keys_first(anyio_backend):
-    bad = fs.Pipeline("p", assets=[fs.Asset(name="a", execute_fn=lambda ctx, deps: 1, io_manager="s3", requires=("db",))])
+    bad = fs.Pipeline(
+        "p", assets=[fs.Asset(name="a", execute_fn=lambda ctx, deps: 1, io_manager="nowhere", requires=("db",))]
+    )
     with pytest.raises(fs.DefinitionError) as info:
         async with fs.open_runtime(bad):
             pass  # pragma: no cover
     assert {e.field for e in info.value.errors} == {"io_manager", "requires"}
     with pytest.raises(fs.DefinitionError, match="default_io_manager"):
-        async with fs.open_runtime(chain_pipeline(), default_io_manager="s3"):
+        async with fs.open_runtime(chain_pipeline(), default_io_manager="nowhere"):
             pass  # pragma: no cover
+
+
+async def test_built_in_io_managers_are_registered_unless_given(anyio_backend, tmp_path, monkeypatch):
+    """SPEC 5: filesystem, parquet and s3 always (they connect or write only when
+    used), postgres when FLOWSTONE_DSN is set; a manager the caller passes wins."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLOWSTONE_DSN", raising=False)
+    asset = fs.Asset(name="a", execute_fn=lambda ctx, deps: {"v": 1}, io_manager="filesystem")
+    async with fs.open_runtime([asset]) as rt:
+        await rt.materialize("a")
+        assert await rt.load("a") == {"v": 1}
+        assert set(rt.io_managers) == {"memory", "filesystem", "parquet", "s3"}
+    assert (tmp_path / ".flowstone" / "storage" / "@shared" / "a" / "@all.json").is_file()
+    mine = fs.io.FilesystemIO(tmp_path / "mine")
+    monkeypatch.setenv("FLOWSTONE_DSN", "postgresql://nobody@127.0.0.1:1/none")
+    async with fs.open_runtime([asset], io_managers={"filesystem": mine}) as rt:
+        assert rt.io_managers["filesystem"] is mine
+        assert isinstance(rt.io_managers["postgres"], fs.io.PostgresIO)
 
 
 async def test_the_io_override_stores_the_target_elsewhere_and_loads_find_it(anyio_backend):

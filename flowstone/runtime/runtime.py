@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -88,6 +89,11 @@ class Runtime:
     def store(self) -> MaterializationStore:
         """The materialization store in use."""
         return self._env.store
+
+    @property
+    def io_managers(self) -> Mapping[str, IOManager]:
+        """The IO managers in use, by key (the caller's and the built-in ones)."""
+        return MappingProxyType(dict(self._env.io_managers))
 
     async def _snapshot(self) -> reg.Snapshot:
         return await self._registry.call(reg.GetSnapshot)
@@ -374,6 +380,8 @@ async def open_runtime(
     """
     assets = pipeline if isinstance(pipeline, Pipeline) else Pipeline("runtime", assets=pipeline)
     managers: dict[str, IOManager] = dict(io_managers or {})
+    built_in = {key: make() for key, make in default_io_managers().items() if key not in managers}
+    managers.update(built_in)
     resources = dict(resources or {})
     if max_concurrency is not None and (type(max_concurrency) is not int or max_concurrency < 1):
         raise DefinitionError([FieldError("max_concurrency", f"must be an int >= 1 or None, got {max_concurrency!r}")])
@@ -423,6 +431,27 @@ async def open_runtime(
     finally:
         for client in bound:
             client.unbind()  # reusable by the next runtime; its data stays with it
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+            for manager in built_in.values():  # the ones this runtime made; the caller closes its own
+                await manager.close()  # type: ignore[attr-defined]
+
+
+def default_io_managers() -> dict[str, Any]:
+    """The built-in IO managers every runtime registers under their SPEC 5 keys unless
+    the caller passes its own: ``filesystem`` (``.flowstone/storage``), ``parquet``
+    (``.flowstone/parquet``), ``s3`` (credentials from the AWS chain, bucket per
+    asset) and, when ``FLOWSTONE_DSN`` is set, ``postgres``. Each connects or writes
+    only when an asset uses it; the runtime closes them when it stops."""
+    from ..io.filesystem import FilesystemIO
+    from ..io.parquet import ParquetIO
+    from ..io.s3 import S3IO
+
+    makers: dict[str, Any] = {"filesystem": FilesystemIO, "parquet": ParquetIO, "s3": S3IO}
+    if os.environ.get("FLOWSTONE_DSN"):
+        from ..io.postgres import PostgresIO
+
+        makers["postgres"] = PostgresIO
+    return makers
 
 
 async def _start_memory_clients(services: TaskGroup, clients: list[MemoryActorClient], policy: RestartPolicy) -> None:

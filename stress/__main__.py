@@ -10,11 +10,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import core, instructions, memory, postgres, runtime
+from . import core, instructions, io, memory, postgres, runtime
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "core": (core.run, "planning cost (graph, order, layers, validate) and partition key throughput"),
     "instructions": (instructions.run, "instructions per materialization under callgrind: deterministic, for A/B"),
+    "io": (io.run, "Parquet and S3 round trips of a 1M-row table (time, peak memory), S3IO(json) backfill (issue #5)"),
     "memory": (memory.run, "where a backfill's memory goes: store records vs the runtime's own share"),
     "postgres": (postgres.run, "backfills with records in PostgreSQL, fsync on: 366 and 10,000 partitions (issue #4)"),
     "runtime": (runtime.run, "materialize chains and fans, backfill 366 and 100,000 partitions (issue #3 figures)"),

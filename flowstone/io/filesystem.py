@@ -143,10 +143,12 @@ class FilesystemIO:
         fmt, path = found
         with _storage_errors("load", asset, key):
             try:
-                if fmt in ("parquet", "arrow"):
+                if fmt == "arrow":  # the IPC file format maps straight into memory: no copy
                     import pyarrow as pa
 
                     return formats.read_table(fmt, pa.memory_map(path), asset=asset, partition=key)
+                if fmt == "parquet":
+                    return formats.read_table(fmt, path, asset=asset, partition=key)
                 with open(path, "rb") as file:
                     return formats.decode(fmt, file.read(), asset=asset, partition=key)
             except FileNotFoundError:  # deleted between the lookup and the read

@@ -38,11 +38,10 @@ __all__ = ["S3IO"]
 
 _NO_CONFIG: Mapping[str, Any] = {}
 MiB = 1024 * 1024
+READ_CHUNK_BYTES = 1 * MiB
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_PART = re.compile(r"[A-Za-z0-9_.=-]+")
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
-ENCODE_IN_THREAD_BYTES = 64 * 1024
-"""JSON values are encoded on the event loop; tables always go to a worker thread."""
 
 
 class S3IO:
@@ -179,12 +178,24 @@ class S3IO:
         except Exception as error:
             raise _storage_error(error, operation, asset, key) from error
 
-    async def _get(self, bucket: str, key: str, asset: str, where: str | None) -> bytes:
+    async def _get(self, bucket: str, key: str, asset: str, where: str | None) -> bytearray:
+        """The object's bytes, read into one buffer of its size as they arrive (no
+        joined copy of the chunks)."""
         _, client = await self._client.get()
         try:
             answer = await client.get_object(Bucket=bucket, Key=key)
-            async with answer["Body"] as body:
-                return await body.read()
+            data = bytearray(answer["ContentLength"])
+            filled = 0
+            body = answer["Body"]
+            async with body:  # releases the connection, whatever happens
+                async for chunk in body.iter_chunks(READ_CHUNK_BYTES):
+                    data[filled:filled + len(chunk)] = chunk
+                    filled += len(chunk)
+            if filled != len(data):
+                raise StorageUnavailable(
+                    f"S3 get_object ended after {filled} of {len(data)} bytes", asset=asset, partition=where
+                )
+            return data
         except Exception as error:
             raise _storage_error(error, "get_object", asset, where) from error
 

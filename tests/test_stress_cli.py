@@ -17,7 +17,7 @@ def run_stress(*args: str) -> subprocess.CompletedProcess:
 def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
-    assert [line.split()[0] for line in listing.stdout.splitlines()] == ["core", "instructions", "memory", "postgres", "runtime"]
+    assert [line.split()[0] for line in listing.stdout.splitlines()] == ["core", "instructions", "io", "memory", "postgres", "runtime"]
 
 
 def test_core_scenario_prints_a_table_and_a_json_line():
@@ -70,3 +70,13 @@ def test_postgres_scenario_short_run_reports_both_figures(pg_server):
     rows = {row["scenario"].split(",")[0]: row for row in record["rows"]}
     assert set(rows) == {"366 daily partitions", "300 partitions"}
     assert all(row["per_second"] > 0 and 0 < row["client_cpu_share"] for row in rows.values())
+
+
+def test_io_scenario_short_run_measures_round_trips_and_a_backfill():
+    result = run_stress("io", "--rows", "20000", "--partitions", "20", "--repeat", "1")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = {row["scenario"]: row for row in record["rows"]}
+    trips = [row for name, row in rows.items() if "round trip" in name]
+    assert len(trips) == 2 and all(row["store_ms"] > 0 and row["peak_x_table"] > 0 for row in trips)
+    assert rows["20 partitions, S3IO(json), max_parallel=20"]["per_second"] > 0

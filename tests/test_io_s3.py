@@ -174,3 +174,31 @@ async def test_the_server_stopping_mid_backfill_fails_only_what_it_must_and_a_re
                     assert sorted(r.partition for r in successes) == [d.isoformat() for d in days]
     finally:
         state["server"].stop()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_client_the_caller_opened_is_used_and_left_open(anyio_backend, s3_server, s3_bucket):
+    """asyncio only: a client belongs to the loop it was opened on."""
+    session = s3_server.session()
+    async with session.client("s3", endpoint_url=s3_server.endpoint) as client:
+        async with fs.io.S3IO(client=client) as io:
+            await io.store("a", {"v": 1}, None, {"bucket": s3_bucket})
+        head = await client.head_object(Bucket=s3_bucket, Key="@shared/a/@all.json")  # still open
+    assert head["ContentLength"] == len(b'{"v":1}')
+
+
+async def test_hostile_keys_and_tenants_stay_under_their_prefix(anyio_backend, s3_server, s3_bucket):
+    from contracts.io import HOSTILE_KEYS
+
+    config = {"bucket": s3_bucket, "prefix": "safe"}
+    async with fs.io.S3IO(endpoint_url=s3_server.endpoint, session=s3_server.session()) as io:
+        for tenant in ("../..", "a/b", "ünï"):
+            with fs.tenant_scope(tenant):
+                for key in HOSTILE_KEYS:
+                    await io.store("attacker", {"k": key}, key, config)
+                    assert await io.load("attacker", key, config) == {"k": key}
+    keys = [o["Key"] for o in s3_server.admin().list_objects_v2(Bucket=s3_bucket, MaxKeys=1000)["Contents"]]
+    assert len(keys) == 3 * len(HOSTILE_KEYS)
+    for key in keys:
+        parts = key.split("/")
+        assert parts[0] == "safe" and parts[2] == "attacker" and ".." not in parts and "" not in parts

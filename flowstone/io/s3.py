@@ -45,7 +45,11 @@ _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
 class S3IO:
-    """``S3IO(endpoint_url=None, region_name=None, session=None)``.
+    """``S3IO(endpoint_url=None, region_name=None, session=None, client=None)``.
+
+    ``client``: an S3 client you opened yourself (``async with session.client("s3")
+    as client``), used as it is and never closed here; it belongs to its asyncio
+    loop, so it serves runtimes on that loop only (on trio, give a ``session``).
 
     ``client_config``: a ``botocore.config.Config`` (timeouts, retries); the
     default retries twice and gives up connecting after 5 s. ``part_size`` and
@@ -57,6 +61,7 @@ class S3IO:
         endpoint_url: str | None = None,
         region_name: str | None = None,
         session: Any = None,
+        client: Any = None,
         *,
         client_config: Any = None,
         part_size: int = 8 * MiB,
@@ -67,6 +72,7 @@ class S3IO:
         self.endpoint_url = endpoint_url
         self.region_name = region_name
         self.session = session
+        self._given_client = client
         self.client_config = client_config
         self.part_size = part_size
         self.multipart_threshold = max(multipart_threshold, part_size)
@@ -157,6 +163,12 @@ class S3IO:
 
     # ------------------------------------------------------ asyncio side
 
+    async def _get_client(self) -> Any:
+        if self._given_client is not None:
+            return self._given_client
+        _manager, client = await self._client.get()
+        return client
+
     async def _open_client(self) -> Any:
         import aioboto3
         from botocore.config import Config
@@ -172,7 +184,7 @@ class S3IO:
         return manager, client
 
     async def _call(self, operation: str, asset: str, key: str | None, arguments: Mapping[str, Any]) -> Any:
-        _, client = await self._client.get()
+        client = await self._get_client()
         try:
             return await getattr(client, operation)(**arguments)
         except Exception as error:
@@ -181,7 +193,7 @@ class S3IO:
     async def _get(self, bucket: str, key: str, asset: str, where: str | None) -> bytearray:
         """The object's bytes, read into one buffer of its size as they arrive (no
         joined copy of the chunks)."""
-        _, client = await self._client.get()
+        client = await self._get_client()
         try:
             answer = await client.get_object(Bucket=bucket, Key=key)
             data = bytearray(answer["ContentLength"])
@@ -200,7 +212,7 @@ class S3IO:
             raise _storage_error(error, "get_object", asset, where) from error
 
     async def _put(self, bucket: str, key: str, body: memoryview, asset: str, where: str | None) -> None:
-        _, client = await self._client.get()
+        client = await self._get_client()
         try:
             if len(body) <= self.multipart_threshold:
                 await client.put_object(Bucket=bucket, Key=key, Body=_View(body))

@@ -26,6 +26,7 @@ from ..partitions import serialize_partition
 from ..tenancy import current_tenant
 from . import formats
 from .many import load_concurrently
+from .protocol import Closeable
 from .naming import object_path
 
 __all__ = ["FilesystemIO"]
@@ -34,7 +35,7 @@ _NO_CONFIG: Mapping[str, Any] = {}
 _LOOKUP_ORDER = ("json", "arrow", "bytes", "parquet")
 
 
-class FilesystemIO:
+class FilesystemIO(Closeable):
     """``FilesystemIO(root=".flowstone/storage", durable=True)``.
 
     ``durable``: flush each file (and its directory) to disk before it replaces
@@ -45,15 +46,6 @@ class FilesystemIO:
     def __init__(self, root: str | os.PathLike[str] = ".flowstone/storage", *, durable: bool = True) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.durable = durable
-
-    async def __aenter__(self) -> FilesystemIO:
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Nothing to release; here so every IO manager closes the same way."""
 
     # ----------------------------------------------------------- protocol
 

@@ -25,6 +25,7 @@ from ..definitions import FieldError
 from ..errors import DefinitionError, SerializationError
 from ..partitions import serialize_partition
 from .filesystem import FilesystemIO
+from .protocol import Closeable
 from .s3 import S3IO
 
 __all__ = ["ParquetIO", "PartitionedTables"]
@@ -77,7 +78,7 @@ class PartitionedTables(Mapping[Any, Any]):
         return pa.concat_tables(pieces, promote_options="default")
 
 
-class ParquetIO:
+class ParquetIO(Closeable):
     """Parquet files on a local root, or objects on S3 through an ``S3IO``."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, s3: S3IO | None = None, *, durable: bool = True) -> None:
@@ -86,12 +87,6 @@ class ParquetIO:
         self.s3 = s3
         self.root = None if s3 is not None else os.path.abspath(os.fspath(root or ".flowstone/parquet"))
         self._files = FilesystemIO(self.root, durable=durable) if self.root is not None else None
-
-    async def __aenter__(self) -> ParquetIO:
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Closes the ``S3IO`` it was given, if any."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["IOManager"]
+__all__ = ["Closeable", "IOManager"]
 
 
 @runtime_checkable
@@ -27,3 +27,17 @@ class IOManager(Protocol):
     async def delete(self, asset: str, partition: Any, config: Mapping[str, Any]) -> None:
         """Remove the value; deleting a missing value is not an error."""
         ...
+
+
+class Closeable:
+    """``async with manager:`` closes it on the way out; ``close()`` releases what
+    the manager holds (nothing, unless a subclass says otherwise)."""
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        return None

@@ -32,6 +32,7 @@ from ..postgres.bridge import Bridge, LoopBound
 from ..tenancy import current_tenant
 from . import formats
 from .many import load_concurrently
+from .protocol import Closeable
 from .naming import object_path
 
 __all__ = ["S3IO"]
@@ -44,7 +45,7 @@ _PREFIX_PART = re.compile(r"[A-Za-z0-9_.=-]+")
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
-class S3IO:
+class S3IO(Closeable):
     """``S3IO(endpoint_url=None, region_name=None, session=None, client=None)``.
 
     ``client``: an S3 client you opened yourself (``async with session.client("s3")
@@ -78,12 +79,6 @@ class S3IO:
         self.multipart_threshold = max(multipart_threshold, part_size)
         self._client: LoopBound[Any] = LoopBound(self._open_client, _close_client, _abandon_client)
         self._bridge = Bridge(on_close=self._client.close)
-
-    async def __aenter__(self) -> S3IO:
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.close()
 
     async def close(self) -> None:
         await self._bridge.close()

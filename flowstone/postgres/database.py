@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ..errors import DatabaseError, DatabaseUnavailable, FlowstoneError, TenancyNotEnforced
 from .bridge import Bridge, LoopBound
+from ..io.protocol import Closeable
 
 __all__ = ["Database", "PostgresClient"]
 
@@ -171,18 +172,12 @@ def _terminate(pool: Any) -> None:
     pool.terminate()
 
 
-class PostgresClient:
+class PostgresClient(Closeable):
     """Base of ``PostgresStore`` and ``PostgresIO``: a lazily opened pool (or the
     caller's own), released by ``close()`` or by leaving ``async with``."""
 
     def __init__(self, dsn: str | None = None, pool: Any = None, **options: Any) -> None:
         self.db = Database(dsn, pool, **options)  # options: min_size, max_size, allow_bypass_rls
-
-    async def __aenter__(self) -> Any:
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.close()
 
     async def close(self) -> None:
         await self.db.close()

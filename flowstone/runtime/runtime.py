@@ -169,6 +169,15 @@ class Runtime:
             return
         raise AssertionError(f"{name} did not crash")  # pragma: no cover
 
+    async def actor_names(self) -> list[str]:
+        """The names ``kill_actor`` accepts: ``registry``, ``memory-store`` (when a
+        memory store or IO runs) and ``executor:<asset>`` for every asset."""
+        names = ["registry"]
+        if any(isinstance(c, MemoryActorClient) and c.started for c in (self._env.store, *self._env.io_managers.values())):
+            names.append("memory-store")
+        snapshot = await self._snapshot()
+        return names + sorted(f"executor:{name}" for name in snapshot.executors)
+
     async def _actor(self, name: str) -> Handle:
         if name == "registry":
             return self._registry
@@ -394,7 +403,7 @@ async def open_runtime(
     graph = AssetGraph(assets.assets)
     store = MemoryStore() if store is None else store
     managers.setdefault("memory", MemoryIO())
-    bound = [c for c in (store, *managers.values()) if isinstance(c, MemoryActorClient) and not c.started]
+    bound = [c for c in _unwrapped(store, *managers.values()) if isinstance(c, MemoryActorClient) and not c.started]
     try:
         async with anyio.create_task_group() as services:
             await _start_memory_clients(services, bound, restart_policy)
@@ -452,6 +461,16 @@ def default_io_managers() -> dict[str, Any]:
 
         makers["postgres"] = PostgresIO
     return makers
+
+
+def _unwrapped(*clients: Any) -> list[Any]:
+    """``clients`` and whatever they wrap (``.inner``, as ``FaultyIO`` has), once each."""
+    found: list[Any] = []
+    for client in clients:
+        while client is not None and not any(client is seen for seen in found):
+            found.append(client)
+            client = getattr(client, "inner", None)
+    return found
 
 
 async def _start_memory_clients(services: TaskGroup, clients: list[MemoryActorClient], policy: RestartPolicy) -> None:

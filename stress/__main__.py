@@ -10,15 +10,22 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import core, instructions, io, memory, postgres, runtime
+from . import chaos, core, instructions, io, load, memory, postgres, runtime, soak
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
+    "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
+    "cancel-storm": (load.run_cancel_storm, "backfills and materializations cancelled at random: nothing left open"),
+    "chaos": (chaos.run, "backfills while actors die, IO fails, Postgres drops, S3 restarts; then an integrity check"),
     "core": (core.run, "planning cost (graph, order, layers, validate) and partition key throughput"),
+    "dags": (load.run_dags, "a 1-1000-1 fan and a 500-asset chain, one materialize each"),
     "instructions": (instructions.run, "instructions per materialization under callgrind: deterministic, for A/B"),
     "io": (io.run, "Parquet and S3 round trips of a 1M-row table (time, peak memory), S3IO(json) backfill (issue #5)"),
     "memory": (memory.run, "where a backfill's memory goes: store records vs the runtime's own share"),
     "postgres": (postgres.run, "backfills with records in PostgreSQL, fsync on: 366 and 10,000 partitions (issue #4)"),
+    "registrations": (load.run_registrations, "many tasks registering assets into one running runtime"),
     "runtime": (runtime.run, "materialize chains and fans, backfill 366 and 100,000 partitions (issue #3 figures)"),
+    "soak": (soak.run, "mixed load with chaos for --minutes (default 10): memory must stay flat"),
+    "store-writes": (load.run_store_writes, "many tasks writing records into the memory store at once"),
 }
 
 

@@ -17,7 +17,10 @@ def run_stress(*args: str) -> subprocess.CompletedProcess:
 def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
-    assert [line.split()[0] for line in listing.stdout.splitlines()] == ["core", "instructions", "io", "memory", "postgres", "runtime"]
+    assert [line.split()[0] for line in listing.stdout.splitlines()] == [
+        "backfill", "cancel-storm", "chaos", "core", "dags", "instructions", "io", "memory", "postgres",
+        "registrations", "runtime", "soak", "store-writes",
+    ]
 
 
 def test_core_scenario_prints_a_table_and_a_json_line():
@@ -80,3 +83,38 @@ def test_io_scenario_short_run_measures_round_trips_and_a_backfill():
     trips = [row for name, row in rows.items() if "round trip" in name]
     assert len(trips) == 2 and all(row["store_ms"] > 0 and row["peak_x_table"] > 0 for row in trips)
     assert rows["20 partitions, S3IO(json), max_parallel=20"]["per_second"] > 0
+
+
+def last_json(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_harness_scenarios_short_runs_check_what_they_leave():
+    registrations = last_json(run_stress("registrations", "--count", "100", "--threads", "10"))
+    assert registrations["rows"][0]["operations"] == 100 and registrations["rows"][0]["failed"] == 0
+    writes = last_json(run_stress("store-writes", "--count", "500", "--threads", "20"))
+    assert writes["rows"][0]["operations"] == 500 and writes["rows"][0]["failed"] == 0
+
+
+def test_backfill_dags_and_cancel_storm_short_runs():
+    backfill = last_json(run_stress("backfill", "--count", "100", "--repeat", "1", "--stores", "memory,filesystem,postgres"))
+    assert [row["per_second"] > 0 for row in backfill["rows"]] == [True, True, True]
+    dags = last_json(run_stress("dags", "--width", "50", "--depth", "30", "--repeat", "1"))
+    assert len(dags["rows"]) == 2
+    storm = last_json(run_stress("cancel-storm", "--rounds", "2"))
+    assert "none open" in storm["rows"][0]["note"]
+
+
+def test_chaos_short_run_passes_its_integrity_check():
+    chaos = last_json(run_stress("chaos", "--partitions", "40", "--no-combined"))
+    assert [row["integrity"] for row in chaos["rows"]] == ["ok"] * 4
+    assert {row["scenario"].split(",")[0] for row in chaos["rows"]} == {
+        "chaos: actors", "chaos: io", "chaos: postgres", "chaos: s3",
+    }
+
+
+def test_soak_short_run_samples_memory_and_judges_it():
+    soak = last_json(run_stress("soak", "--minutes", "0.1", "--sample", "1", "--store", "memory", "--allow-mb", "50"))
+    row = soak["rows"][0]
+    assert row["verdict"] == "flat" and row["records_written"] > 0 and len(soak["options"]["samples"]) >= 3

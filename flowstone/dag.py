@@ -169,6 +169,11 @@ class AssetGraph:
         """Every asset ``name`` reads, directly or through others."""
         return set(self._ancestors(name))
 
+    def has_readers(self, name: str) -> bool:
+        """Whether any asset reads ``name`` directly (constant time)."""
+        self.get(name)
+        return bool(self._graph.succ[name])
+
     def dependents(self, name: str) -> set[str]:
         """Every asset that reads ``name``, directly or through others."""
         self.get(name)

@@ -477,6 +477,31 @@ async def test_a_caller_that_saw_nothing_reuses_a_computation_finished_meanwhile
         assert calls == ["raw", "once", "once", "once"]
 
 
+class _CountingStaleMarks(fs.store.MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.marked = []
+
+    async def mark_stale(self, asset_name, partition):
+        self.marked.append(asset_name)
+        await super().mark_stale(asset_name, partition)
+
+
+async def test_only_an_asset_something_reads_pays_for_the_stale_cascade(anyio_backend):
+    """A forced rebuild of a leaf has nothing in the graph built on it: no cascade
+    query (on PostgreSQL it grows with the table); its upstream still cascades."""
+    store = _CountingStaleMarks()
+    assets = [fs.Asset(name="raw", execute_fn=lambda ctx, deps: 1),
+              fs.Asset(name="report", execute_fn=lambda ctx, deps: 2, depends_on=("raw",))]
+    async with fs.open_runtime(assets, store=store) as rt:
+        first = await rt.materialize("report")
+        await rt.materialize("report", force=True)
+        assert store.marked == []  # report is a leaf
+        await rt.materialize("raw", force=True)
+        assert store.marked == ["raw"]
+        assert (await rt.store.get_by_id(first.materializations["report"].id)).status is Status.STALE
+
+
 async def test_max_concurrency_queues_partitions_beyond_the_limit(anyio_backend):
     inside, peak = [], []
     release = anyio.Event()

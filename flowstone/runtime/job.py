@@ -68,7 +68,9 @@ class Job:
     dependency_hash: str
     io_key: str
     io_config: Mapping[str, Any]
-    replaces_success: bool
+    marks_stale: bool
+    """Whether a success here should mark what was built on the previous one stale:
+    there was a previous success and some asset of the graph reads this one."""
 
 
 async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
@@ -158,7 +160,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     state.record = record = await store.complete(
         record, Status.SUCCESS, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
     )
-    if job.replaces_success:
+    if job.marks_stale:
         await store.mark_stale(asset.name, job.key)
     if getattr(manager, "returns_stored_object", False):
         return JobResult(record, value=value, has_value=True)

@@ -487,7 +487,10 @@ class _Run:
             dependency_hash=digest,
             io_key=io_key,
             io_config=io_config,
-            replaces_success=(name, node.key) in self.latest,
+            # Nothing in the graph reads a leaf, so nothing can be built on its old
+            # value here (records of other pipelines sharing the store are still
+            # rebuilt when they run: their dependency hash names the old record).
+            marks_stale=(name, node.key) in self.latest and self.snapshot.graph.has_readers(name),
         )
         done = await self.lead_or_follow(job, pending)
         return _Outcome(

@@ -133,9 +133,20 @@ async def test_resume_runs_only_what_is_not_done(anyio_backend):
         assert len(successes) == 30 and len({r.partition for r in successes}) == 30
 
 
+class _SavesRecorded(fs.store.MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved = []
+
+    async def save_backfill(self, id, state):
+        self.saved.append((state.status.state, state.status.succeeded))
+        await super().save_backfill(id, state)
+
+
 async def test_a_running_backfill_saves_its_progress_periodically(anyio_backend, monkeypatch):
     """So that a process killed outright leaves recent counts in the store (the
-    Postgres test kills a real process); the final save comes last."""
+    Postgres test kills a real process); the final save comes last, after every
+    checkpoint (checked once the runtime has stopped, when no task is left)."""
     monkeypatch.setattr("flowstone.runtime.backfill.CHECKPOINT_SECONDS", 0.01)
     release = anyio.Event()
     calls = []
@@ -146,7 +157,8 @@ async def test_a_running_backfill_saves_its_progress_periodically(anyio_backend,
             await release.wait()
         return 1
 
-    async with fs.open_runtime([asset_of(work)]) as rt:
+    store = _SavesRecorded()
+    async with fs.open_runtime([asset_of(work)], store=store) as rt:
         backfill = await rt.backfill("events", partitions=DAYS, max_parallel=2)
 
         async def checkpointed():
@@ -156,9 +168,10 @@ async def test_a_running_backfill_saves_its_progress_periodically(anyio_backend,
         await until(checkpointed)
         release.set()
         await rt.wait_backfill(backfill)
-        await anyio.sleep(0.05)  # several checkpoint periods: none may land after the final save
-        saved = await rt.store.load_backfill(backfill)
-        assert saved.status.state == "succeeded" and saved.status.succeeded == len(DAYS)
+    *progress, final = store.saved
+    assert final == ("succeeded", len(DAYS))
+    assert {state for state, _ in progress} == {"running"} and len(progress) >= 2  # the start, and checkpoints
+    assert ("running", 5) in progress
 
 
 async def test_resume_closes_records_left_unfinished_by_a_dead_process_only(anyio_backend):

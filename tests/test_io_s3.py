@@ -137,32 +137,43 @@ async def test_the_server_stopping_mid_backfill_fails_only_what_it_must_and_a_re
     days = [date(2025, 1, 1) + timedelta(days=i) for i in range(12)]
     state = {"server": server}
 
-    def events_asset(stop_at, retry=None, restart_after=None):
+    def events_asset(stop_at, retry=None, restart=False):
         async def events(ctx, deps):
             if ctx.partition == stop_at:
                 await anyio.to_thread.run_sync(state["server"].stop)
-                if restart_after is not None:
-                    async def restart():
-                        await anyio.sleep(restart_after)
+                if restart:
+                    async def start_again():
+                        await store_failed.wait()  # the outage was felt: now the server comes back
                         state["server"] = await anyio.to_thread.run_sync(start_moto, port)
-                    background.start_soon(restart)
+                    background.start_soon(start_again)
             return {"day": ctx.partition.isoformat()}
 
         return fs.Asset(name="events", execute_fn=events, partitioned_by=daily, io_manager="s3",
                         io_config=config, retry=retry, code_version="1")
 
     store = fs.store.MemoryStore()
+    store_failed = anyio.Event()
+
+    class Watched(fs.io.S3IO):
+        async def store(self, *args, **kwargs):
+            try:
+                await super().store(*args, **kwargs)
+            except fs.StorageUnavailable:
+                store_failed.set()
+                raise
+
     try:
         async with anyio.create_task_group() as background:
-            async with fs.io.S3IO(endpoint_url=endpoint, session=aioboto3.Session(**CREDENTIALS),
-                                  client_config=quick) as s3:
+            async with Watched(endpoint_url=endpoint, session=aioboto3.Session(**CREDENTIALS),
+                               client_config=quick) as s3:
                 async with fs.open_runtime([events_asset(days[5])], store=store, io_managers={"s3": s3}) as rt:
                     first = await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=1))
                     assert (first.succeeded, first.failed) == (5, 7)
                     failed = await rt.store.list_by_status("failed", limit=100)
                     assert all("S3" in r.error_message and "put_object" in r.error_message for r in failed)
                 state["server"] = await anyio.to_thread.run_sync(start_moto, port)
-                with_retry = events_asset(days[8], fs.RetryPolicy(max_attempts=12, backoff=0.1, jitter=False), 0.3)
+                store_failed = anyio.Event()  # the first part's outage was felt already
+                with_retry = events_asset(days[8], fs.RetryPolicy(max_attempts=12, backoff=0.1, jitter=False), True)
                 async with fs.open_runtime([with_retry], store=store, io_managers={"s3": s3}) as rt:
                     for day in days[:5]:  # stored before the stop, still there
                         assert await rt.load("events", day) == {"day": day.isoformat()}

@@ -33,7 +33,7 @@ import anyio
 
 import flowstone as fs
 
-from .report import emit, median, peak_rss_bytes
+from .report import emit, median, peak_rss_bytes, rss_bytes
 
 CREDENTIALS = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench", "region_name": "us-east-1"}
 BUCKET = "flowstone-bench"
@@ -70,14 +70,6 @@ class MotoProcess:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _reset_peak() -> bool:
@@ -117,7 +109,7 @@ def child(where: str, rows: int, endpoint: str | None) -> dict[str, Any]:
     # Building the table left the allocators some freed temporaries; counting the
     # table as exactly its size from here keeps them out of the figure.
     reset = _reset_peak()
-    baseline = _rss_bytes() - table_bytes
+    baseline = rss_bytes() - table_bytes
 
     async def round_trip() -> tuple[float, float, Any]:
         if where == "local":
@@ -129,7 +121,7 @@ def child(where: str, rows: int, endpoint: str | None) -> dict[str, Any]:
             return await _store_load(io, {"bucket": BUCKET, "prefix": "roundtrip"}, table)
 
     stored_s, loaded_s, loaded = anyio.run(round_trip)
-    peak = peak_rss_bytes()
+    peak = peakrss_bytes()
     if not isinstance(loaded, pa.Table) or not loaded.equals(table):
         raise SystemExit("the table did not come back equal")
     return {

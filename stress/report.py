@@ -11,6 +11,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
+def _status_bytes(field: str) -> int | None:
+    """A size field of Linux's ``/proc/self/status`` in bytes, or None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process's own address space so far.
 
@@ -18,15 +30,16 @@ def peak_rss_bytes() -> int:
     so a child started by a big parent (vfork, then exec) reports the parent's
     peak as its own.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    found = _status_bytes("VmHWM")
+    if found is not None:
+        return found
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux; 0 where unknown)."""
+    return _status_bytes("VmRSS") or 0
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> list[float]:

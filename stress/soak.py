@@ -32,17 +32,9 @@ import flowstone as fs
 from flowstone.actors.supervisor import RestartPolicy
 from flowstone.testing import ActorKiller, ConcurrentHarness, FaultyIO, InjectedFault, terminate_connections
 
-from .report import emit
+from .report import emit, rss_bytes
 
 START = date(2000, 1, 1)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 async def _work(ctx: Any, deps: Any) -> Any:
@@ -70,7 +62,7 @@ async def soak(args: argparse.Namespace, dsn: str | None) -> dict[str, Any]:
         async def sampler() -> None:
             while True:
                 gc.collect()
-                samples.append((time.monotonic() - began, _rss_bytes(), written, cycles))
+                samples.append((time.monotonic() - began, rss_bytes(), written, cycles))
                 seconds, rss, records, done = samples[-1]
                 print(f"  t={seconds:7.1f}s  rss={rss / 1e6:7.1f} MB  records={records:8d}  cycles={done}", flush=True)
                 await anyio.sleep(args.sample)
@@ -103,7 +95,7 @@ async def soak(args: argparse.Namespace, dsn: str | None) -> dict[str, Any]:
                     cycles += 1
             background.cancel_scope.cancel()
         gc.collect()
-        samples.append((time.monotonic() - began, _rss_bytes(), written, cycles))
+        samples.append((time.monotonic() - began, rss_bytes(), written, cycles))
         # After the chaos: no record left open, and the latest value of every
         # partition there (forced runs leave several successes per partition, so
         # check_integrity's one-success rule does not apply here).

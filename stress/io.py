@@ -121,7 +121,7 @@ def child(where: str, rows: int, endpoint: str | None) -> dict[str, Any]:
             return await _store_load(io, {"bucket": BUCKET, "prefix": "roundtrip"}, table)
 
     stored_s, loaded_s, loaded = anyio.run(round_trip)
-    peak = peakrss_bytes()
+    peak = peak_rss_bytes()
     if not isinstance(loaded, pa.Table) or not loaded.equals(table):
         raise SystemExit("the table did not come back equal")
     return {

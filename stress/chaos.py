@@ -162,9 +162,9 @@ class Services:
             await anyio.to_thread.run_sync(self._start_moto)
 
     async def postgres_database(self, name: str) -> str:
-        from .postgres import _fresh_database
+        from .postgres import fresh_database_from_any_loop
 
-        return await _fresh_database(self.cluster.dsn(), name)
+        return await fresh_database_from_any_loop(self.cluster.dsn(), name)
 
     def close(self) -> None:
         if self.moto is not None:

@@ -144,12 +144,12 @@ class _store_and_io:
         elif self.kind == "filesystem":
             self.opened = (fs.store.MemoryStore(), fs.io.FilesystemIO(self.root))
         else:
-            from .postgres import _fresh_database
+            from .postgres import fresh_database_from_any_loop
 
             from flowstone.testing.postgres import TemporaryPostgres
 
             self.cluster = await anyio.to_thread.run_sync(lambda: TemporaryPostgres().start())
-            dsn = await _fresh_database(self.cluster.dsn(), "flowstone_load")
+            dsn = await fresh_database_from_any_loop(self.cluster.dsn(), "flowstone_load")
             self.opened = (fs.store.PostgresStore(dsn), fs.io.PostgresIO(dsn))
         return self.opened
 

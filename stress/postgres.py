@@ -46,6 +46,12 @@ def _with_database(dsn: str, database: str, user: str | None = None) -> str:
     return f"{head}/{database}"
 
 
+async def fresh_database_from_any_loop(admin_dsn: str, name: str) -> str:
+    """``_fresh_database`` from asyncio or trio: asyncpg runs on an asyncio loop of
+    its own in a worker thread (the harness's set-up, not the code measured)."""
+    return await anyio.to_thread.run_sync(lambda: anyio.run(_fresh_database, admin_dsn, name))
+
+
 async def _fresh_database(admin_dsn: str, name: str) -> str:
     """A new migrated database and the plain role's dsn on it."""
     await _admin(

@@ -118,3 +118,8 @@ def test_soak_short_run_samples_memory_and_judges_it():
     soak = last_json(run_stress("soak", "--minutes", "0.1", "--sample", "1", "--store", "memory", "--allow-mb", "50"))
     row = soak["rows"][0]
     assert row["verdict"] == "flat" and row["records_written"] > 0 and len(soak["options"]["samples"]) >= 3
+
+
+def test_chaos_runs_on_trio_too():
+    chaos = last_json(run_stress("chaos", "--partitions", "30", "--kinds", "actors,io,postgres", "--backend", "trio"))
+    assert [row["integrity"] for row in chaos["rows"]] == ["ok"] * 4  # three kinds, then all together

@@ -232,51 +232,50 @@ async def cancel_storm(rounds: int, seed: int) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------- entry
 
 
-def _parser(name: str, about: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m stress {name}", description=about)
-    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
-    return parser
+def _entry(name: str, about: str, options: dict[str, dict[str, Any]], measure: Any) -> Any:
+    """``python -m stress <name>``: parse ``options`` (and ``--backend``), run
+    ``measure(args)`` on that backend, print its rows."""
+
+    def run(argv: list[str]) -> dict[str, Any]:
+        parser = argparse.ArgumentParser(prog=f"python -m stress {name}", description=about)
+        parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+        for flag, settings in options.items():
+            parser.add_argument(flag, **settings)
+        args = parser.parse_args(argv)
+
+        async def go() -> list[dict[str, Any]]:
+            return await measure(args)
+
+        return emit(name, anyio.run(go, backend=args.backend), vars(args))
+
+    return run
 
 
-def run_registrations(argv: list[str]) -> dict[str, Any]:
-    parser = _parser("registrations", "Many tasks register assets into one running runtime at once.")
-    parser.add_argument("--count", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=50)
-    args = parser.parse_args(argv)
-    return emit("registrations", anyio.run(registrations, args.count, args.threads, backend=args.backend), vars(args))
+_INT = {"type": int}
 
-
-def run_store_writes(argv: list[str]) -> dict[str, Any]:
-    parser = _parser("store-writes", "Many tasks write records into the memory store at once.")
-    parser.add_argument("--count", type=int, default=20000)
-    parser.add_argument("--threads", type=int, default=100)
-    args = parser.parse_args(argv)
-    return emit("store-writes", anyio.run(store_writes, args.count, args.threads, backend=args.backend), vars(args))
-
-
-def run_backfill(argv: list[str]) -> dict[str, Any]:
-    parser = _parser("backfill", "Backfill throughput on the memory, filesystem and Postgres stores and IO.")
-    parser.add_argument("--count", type=int, default=2000)
-    parser.add_argument("--stores", default="memory,filesystem,postgres", help="comma-separated")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args(argv)
-    stores = [s for s in args.stores.split(",") if s]
-    rows = anyio.run(backfill_throughput, args.count, stores, args.repeat, backend=args.backend)
-    return emit("backfill", rows, vars(args))
-
-
-def run_dags(argv: list[str]) -> dict[str, Any]:
-    parser = _parser("dags", "A wide fan and a deep chain, one materialize each.")
-    parser.add_argument("--width", type=int, default=1000)
-    parser.add_argument("--depth", type=int, default=500)
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args(argv)
-    return emit("dags", anyio.run(dags, args.width, args.depth, args.repeat, backend=args.backend), vars(args))
-
-
-def run_cancel_storm(argv: list[str]) -> dict[str, Any]:
-    parser = _parser("cancel-storm", "Backfills and materializations cancelled at random moments, many at once.")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args(argv)
-    return emit("cancel-storm", anyio.run(cancel_storm, args.rounds, args.seed, backend=args.backend), vars(args))
+run_registrations = _entry(
+    "registrations", "Many tasks register assets into one running runtime at once.",
+    {"--count": {**_INT, "default": 2000}, "--threads": {**_INT, "default": 50}},
+    lambda args: registrations(args.count, args.threads),
+)
+run_store_writes = _entry(
+    "store-writes", "Many tasks write records into the memory store at once.",
+    {"--count": {**_INT, "default": 20000}, "--threads": {**_INT, "default": 100}},
+    lambda args: store_writes(args.count, args.threads),
+)
+run_backfill = _entry(
+    "backfill", "Backfill throughput on the memory, filesystem and Postgres stores and IO.",
+    {"--count": {**_INT, "default": 2000}, "--repeat": {**_INT, "default": 3},
+     "--stores": {"default": "memory,filesystem,postgres", "help": "comma-separated"}},
+    lambda args: backfill_throughput(args.count, [s for s in args.stores.split(",") if s], args.repeat),
+)
+run_dags = _entry(
+    "dags", "A wide fan and a deep chain, one materialize each.",
+    {"--width": {**_INT, "default": 1000}, "--depth": {**_INT, "default": 500}, "--repeat": {**_INT, "default": 3}},
+    lambda args: dags(args.width, args.depth, args.repeat),
+)
+run_cancel_storm = _entry(
+    "cancel-storm", "Backfills and materializations cancelled at random moments, many at once.",
+    {"--rounds": {**_INT, "default": 10}, "--seed": {**_INT, "default": 1}},
+    lambda args: cancel_storm(args.rounds, args.seed),
+)

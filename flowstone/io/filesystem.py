@@ -91,9 +91,7 @@ class FilesystemIO(Closeable):
 
     def _where(self, asset: str, partition: Any) -> str:
         """The path of the value without its extension."""
-        parts = object_path(current_tenant(), asset, partition, "x")
-        parts[-1] = parts[-1][:-2]
-        return os.path.join(self.root, *parts)
+        return os.path.join(self.root, *object_path(current_tenant(), asset, partition, None))
 
     def _find(self, where: str, candidates: tuple[str, ...] = _LOOKUP_ORDER) -> tuple[str, str] | None:
         for fmt in candidates:

@@ -101,12 +101,13 @@ def partition_from_parts(parts: list[str]) -> str | None:
     return decode_segment("".join(p.removesuffix(CONTINUED) for p in parts[:-1]) + parts[-1])
 
 
-def object_path(tenant: str | None, asset: str, partition: Any, extension: str) -> list[str]:
-    """``[tenant, asset, *partition]`` segments, the last one with ``.extension``."""
+def object_path(tenant: str | None, asset: str, partition: Any, extension: str | None) -> list[str]:
+    """``[tenant, asset, *partition]`` segments, the last one with ``.extension`` if given."""
     check_identifier(asset, "asset name")
     parts = [tenant_segment(tenant), asset, *partition_parts(partition)]
-    parts[-1] = f"{parts[-1]}.{extension}"
-    size = sum(len(p) + 1 for p in parts)
+    if extension is not None:
+        parts[-1] = f"{parts[-1]}.{extension}"
+    size = sum(len(p) + 1 for p in parts) + (10 if extension is None else 0)  # room for an extension added later
     if size > MAX_KEY_BYTES - 100:  # room for a prefix
         raise InvalidPartition(
             f"the partition key is too long to name an object ({size} bytes once encoded)",

@@ -14,7 +14,6 @@
 from .chaos import ActorKiller as ActorKiller
 from .chaos import FaultyIO as FaultyIO
 from .chaos import InjectedFault as InjectedFault
-from .chaos import actor_names as actor_names
 from .chaos import kill_actor as kill_actor
 from .chaos import terminate_connections as terminate_connections
 from .harness import ConcurrentHarness as ConcurrentHarness

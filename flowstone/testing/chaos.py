@@ -12,8 +12,8 @@ that found a bug can be run again the same way.
 from __future__ import annotations
 
 import random
-from types import MappingProxyType
 from collections.abc import Collection, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -22,7 +22,7 @@ from ..errors import ActorCrashed, RuntimeClosed, StorageUnavailable
 
 _NO_CONFIG: Mapping[str, Any] = MappingProxyType({})
 
-__all__ = ["ActorKiller", "FaultyIO", "InjectedFault", "actor_names", "kill_actor", "terminate_connections"]
+__all__ = ["ActorKiller", "FaultyIO", "InjectedFault", "kill_actor", "terminate_connections"]
 
 
 class InjectedFault(StorageUnavailable):
@@ -30,17 +30,12 @@ class InjectedFault(StorageUnavailable):
     retry policy treats it as it would a real outage."""
 
 
-async def actor_names(rt: Any) -> list[str]:
-    """Every actor of a runtime that ``kill_actor`` accepts."""
-    return await rt.actor_names()
-
-
 async def kill_actor(rt: Any, name: str | None = None, *, seed: int | random.Random | None = None) -> str:
     """Crash ``name`` (or an actor picked at random, reproducibly with ``seed``); its
     supervisor restarts it. Returns the name killed."""
     if name is None:
         chooser = seed if isinstance(seed, random.Random) else random.Random(seed)
-        name = chooser.choice(await actor_names(rt))
+        name = chooser.choice(await rt.actor_names())
     await rt.kill_actor(name, reason="killed by chaos")
     return name
 
@@ -68,7 +63,7 @@ class ActorKiller:
 
     async def __aenter__(self) -> ActorKiller:
         if self.targets is None:
-            self.targets = [n for n in await actor_names(self.rt) if n.startswith("executor:")]
+            self.targets = [n for n in await self.rt.actor_names() if n.startswith("executor:")]
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
         self._tasks.start_soon(self._loop)

@@ -20,6 +20,7 @@ from .definitions import validate_asset as validate_asset
 from .errors import AccessDenied as AccessDenied
 from .errors import ActorCrashed as ActorCrashed
 from .errors import BackfillNotFound as BackfillNotFound
+from .errors import BackfillOwned as BackfillOwned
 from .errors import CycleError as CycleError
 from .errors import DatabaseError as DatabaseError
 from .errors import DatabaseUnavailable as DatabaseUnavailable
@@ -29,6 +30,7 @@ from .errors import InvalidIdentifier as InvalidIdentifier
 from .errors import InvalidPartition as InvalidPartition
 from .errors import InvalidTenant as InvalidTenant
 from .errors import InvalidTransition as InvalidTransition
+from .errors import LeaseLost as LeaseLost
 from .errors import MaterializationFailed as MaterializationFailed
 from .errors import NotFound as NotFound
 from .errors import RuntimeClosed as RuntimeClosed

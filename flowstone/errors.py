@@ -22,6 +22,7 @@ __all__ = [
     "AccessDenied",
     "ActorCrashed",
     "BackfillNotFound",
+    "BackfillOwned",
     "CycleError",
     "DatabaseError",
     "DatabaseUnavailable",
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidPartition",
     "InvalidTenant",
     "InvalidTransition",
+    "LeaseLost",
     "MaterializationFailed",
     "NotFound",
     "RuntimeClosed",
@@ -172,6 +174,29 @@ class BackfillNotFound(NotFound):
     def __init__(self, backfill_id: Any, *, tenant: str | None = None) -> None:
         self.backfill_id = backfill_id
         super().__init__(f"no backfill with id {str(backfill_id)!r}", tenant=tenant)
+
+
+class BackfillOwned(FlowstoneError):
+    """A backfill is still driven by a live process (its owner's heartbeat is recent),
+    so it cannot be resumed here. ``owner`` names that process, ``last_seen`` is its
+    last heartbeat. Cancel it there, or wait until it stops or its heartbeat is stale."""
+
+    def __init__(self, backfill_id: Any, owner: str, last_seen: Any, *, tenant: str | None = None) -> None:
+        self.backfill_id = backfill_id
+        self.owner = owner
+        self.last_seen = last_seen
+        seen = last_seen.isoformat(timespec="seconds") if hasattr(last_seen, "isoformat") else str(last_seen)
+        super().__init__(
+            f"backfill {str(backfill_id)!r} is still running in {owner} (last seen {seen}); "
+            "cancel it there, or resume it once that process has stopped",
+            tenant=tenant,
+        )
+
+
+class LeaseLost(FlowstoneError):
+    """This process no longer holds the lease it worked under: it expired and another
+    process took the work over, so this process's record and value writes are refused
+    (the other process's result stands)."""
 
 
 class AccessDenied(FlowstoneError):

@@ -138,9 +138,9 @@ class _SavesRecorded(fs.store.MemoryStore):
         super().__init__()
         self.saved = []
 
-    async def save_backfill(self, id, state):
+    async def save_backfill(self, id, state, *, owner=None):
         self.saved.append((state.status.state, state.status.succeeded))
-        await super().save_backfill(id, state)
+        await super().save_backfill(id, state, owner=owner)
 
 
 async def test_a_running_backfill_saves_its_progress_periodically(anyio_backend, monkeypatch):
@@ -172,40 +172,6 @@ async def test_a_running_backfill_saves_its_progress_periodically(anyio_backend,
     assert final == ("succeeded", len(DAYS))
     assert {state for state, _ in progress} == {"running"} and len(progress) >= 2  # the start, and checkpoints
     assert ("running", 5) in progress
-
-
-async def test_resume_closes_records_left_unfinished_by_a_dead_process_only(anyio_backend):
-    """Records a dead process of this machine left open are closed; those of a live
-    process, of another machine, or of another asset are left alone."""
-    import socket
-    import subprocess
-    import sys
-
-    from flowstone.runtime.runtime import close_orphans
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    here = socket.gethostname()
-    dead, alive = f"{here}:{gone.stdout.strip()}/executor:events", f"{here}:{os.getppid()}/executor:events"
-    store = fs.store.MemoryStore()
-    async with fs.open_runtime([asset_of(lambda ctx, deps: 1)], store=store):
-        run = uuid.uuid4()
-
-        async def record(status, node, asset="events"):
-            made = await store.create(asset_name=asset, partition="2025-01-01", run_id=run, executor_node=node)
-            if status is not Status.PENDING:
-                made = await store.update_status(made.id, status)
-            return made.id
-
-        running, pending = await record(Status.RUNNING, dead), await record(Status.PENDING, dead)
-        untouched = [
-            await record(Status.RUNNING, alive), await record(Status.RUNNING, "elsewhere:1/executor:events"),
-            await record(Status.RUNNING, dead, asset="other"),
-        ]
-        assert await close_orphans(store, "events") == 2
-        assert (await store.get_by_id(running)).status is Status.FAILED
-        assert (await store.get_by_id(pending)).status is Status.CANCELLED
-        assert "orphaned: process" in (await store.get_by_id(running)).error_message
-        assert [(await store.get_by_id(i)).status for i in untouched] == [Status.RUNNING] * 3
 
 
 async def test_bad_partitions_are_refused_before_the_backfill_starts(anyio_backend):
@@ -295,10 +261,10 @@ async def test_a_backfill_of_a_reader_computes_each_partition_with_its_upstream(
 class FaultyStore(fs.store.MemoryStore):
     """A real memory store that breaks its contract on one partition: a bare error."""
 
-    async def create(self, **fields):
+    async def begin(self, owner, seconds, **fields):
         if fields.get("partition") == "2025-01-03":
             raise RuntimeError("disk on fire")
-        return await super().create(**fields)
+        return await super().begin(owner, seconds, **fields)
 
 
 async def test_a_store_that_raises_a_bare_error_fails_one_partition_not_the_runtime(anyio_backend):

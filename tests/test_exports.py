@@ -23,6 +23,7 @@ PUBLIC = {
     "FlowstoneError", "InvalidIdentifier", "InvalidPartition", "InvalidTenant",
     "InvalidTransition", "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
     "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced", "StorageError", "StorageUnavailable",
+    "LeaseLost", "BackfillOwned",
 }
 
 ERRORS = {
@@ -30,6 +31,7 @@ ERRORS = {
     "InvalidIdentifier", "InvalidPartition", "InvalidTenant", "InvalidTransition",
     "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
     "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced", "StorageError", "StorageUnavailable",
+    "LeaseLost", "BackfillOwned",
 }
 
 

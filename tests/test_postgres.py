@@ -340,17 +340,20 @@ DAYS = [date(2025, 1, 1) + timedelta(days=i) for i in range(40)]
 async def main(dsn):
     done = []
 
-    async def work(ctx, deps):
+    async def raw(ctx, deps):
         if len(done) >= 10:
             print("stalled", flush=True)
-            await anyio.sleep_forever()  # killed here, with the backfill a quarter done
+            await anyio.sleep_forever()  # killed here, in the upstream asset, a quarter done
         done.append(ctx.partition_key)
         return ctx.partition_key
 
-    events = fs.Asset(name="events", execute_fn=work, partitioned_by=DAILY, code_version="1",
-                      io_manager="postgres")
+    assets = [
+        fs.Asset(name="raw", execute_fn=raw, partitioned_by=DAILY, code_version="1", io_manager="postgres"),
+        fs.Asset(name="events", execute_fn=lambda ctx, deps: deps["raw"], partitioned_by=DAILY, code_version="1",
+                 io_manager="postgres", depends_on=("raw",)),
+    ]
     async with fs.store.PostgresStore(dsn) as store, fs.io.PostgresIO(dsn) as values:
-        async with fs.open_runtime([events], store=store, io_managers={"postgres": values}) as rt:
+        async with fs.open_runtime(assets, store=store, io_managers={"postgres": values}) as rt:
             print(await rt.backfill("events", partitions=DAYS, max_parallel=1), flush=True)
             await anyio.sleep_forever()
 
@@ -358,12 +361,15 @@ anyio.run(main, sys.argv[1])
 """
 
 
-async def test_a_backfill_killed_with_its_process_is_resumed_from_what_the_database_holds(anyio_backend, pg_dsn):
-    """SIGKILL, not a clean stop: the saved status is the last checkpoint (running),
-    and a new runtime's resume computes only the partitions without a success."""
+async def test_a_backfill_killed_with_its_process_is_resumed_from_what_the_database_holds(anyio_backend, pg_database):
+    """SIGKILL, not a clean stop. While the dead owner's heartbeat is fresh a resume is
+    refused (it may be alive); once it is stale (aged here as time would) another
+    process takes the backfill over, closes what the dead one left open in every
+    asset (here the upstream one), and computes only the partitions without a success."""
     import subprocess
     import sys
 
+    pg_dsn = pg_database.dsn
     with subprocess.Popen(
         [sys.executable, "-c", _KILLED_WORKER, pg_dsn], stdout=subprocess.PIPE, text=True
     ) as worker:
@@ -380,30 +386,45 @@ async def test_a_backfill_killed_with_its_process_is_resumed_from_what_the_datab
                     await until(checkpointed)
         finally:
             worker.kill()
+            worker.wait()
     calls: list[str] = []
 
-    async def work(ctx, deps):
+    def raw(ctx, deps):
         calls.append(ctx.partition_key)
         return ctx.partition_key
 
-    events = fs.Asset(name="events", execute_fn=work, partitioned_by=DAILY, code_version="1", io_manager="postgres")
+    assets = [
+        fs.Asset(name="raw", execute_fn=raw, partitioned_by=DAILY, code_version="1", io_manager="postgres"),
+        fs.Asset(name="events", execute_fn=lambda ctx, deps: deps["raw"], partitioned_by=DAILY, code_version="1",
+                 io_manager="postgres", depends_on=("raw",)),
+    ]
     async with PostgresStore(pg_dsn) as store, fs.io.PostgresIO(pg_dsn) as values:
-        async with fs.open_runtime([events], store=store, io_managers={"postgres": values}) as rt:
+        async with fs.open_runtime(assets, store=store, io_managers={"postgres": values}) as rt:
             killed = await rt.backfill_status(backfill)
             assert killed.state == "running" and killed.succeeded == 10  # the last checkpoint
-            before = {r.partition for r in await rt.store.list_by_status("success", limit=100)}
-            assert len(before) == 10
             [orphan] = await rt.store.list_by_status("running", limit=100)  # the killed process's job
+            assert orphan.asset_name == "raw"
+            with pytest.raises(fs.BackfillOwned, match="last seen") as refused:
+                await rt.resume_backfill(backfill)
+            assert orphan.executor_node.startswith(refused.value.owner + "/")
+            # Time passes: the dead owner's heartbeat and lease grow old.
+            await anyio.to_thread.run_sync(
+                run_sync, admin, pg_database.admin_dsn,
+                "UPDATE flowstone_backfills SET heartbeat_at = heartbeat_at - interval '1 hour'",
+                "UPDATE flowstone_leases SET expires_at = expires_at - interval '1 hour'",
+            )
             await rt.resume_backfill(backfill)
             final = await rt.wait_backfill(backfill)
             assert final.state == "succeeded" and final.succeeded == len(DAYS)
-            assert sorted(calls) == sorted(d.isoformat() for d in DAYS if d.isoformat() not in before)
-            # One success per partition, its value in the database, nothing left open.
-            (await check_integrity(rt.store, "events", DAYS, rt.io_managers)).raise_if_bad()
+            assert sorted(calls) == [d.isoformat() for d in DAYS[10:]]
+            # One success per partition, its value in the database, nothing left open, in both assets.
+            for asset in ("raw", "events"):
+                (await check_integrity(rt.store, asset, DAYS, rt.io_managers)).raise_if_bad()
             assert await rt.load("events", DAYS[0]) == DAYS[0].isoformat()  # written by the killed process
-            # The killed process's in-flight job was closed by the resume, not left "running".
             closed = await rt.store.get_by_id(orphan.id)
-            assert closed.status is Status.FAILED and "orphaned: process" in closed.error_message
+            assert closed.status is Status.FAILED and closed.error_message.startswith(
+                f"orphaned: {refused.value.owner} stopped"
+            )
 
 
 async def test_terminated_connections_mid_backfill_lose_and_duplicate_nothing(anyio_backend, pg_database):

@@ -495,11 +495,12 @@ async def test_only_an_asset_something_reads_pays_for_the_stale_cascade(anyio_ba
               fs.Asset(name="report", execute_fn=lambda ctx, deps: 2, depends_on=("raw",))]
     async with fs.open_runtime(assets, store=store) as rt:
         first = await rt.materialize("report")
-        await rt.materialize("report", force=True)
+        second = await rt.materialize("report", force=True)
         assert store.marked == []  # report is a leaf
         await rt.materialize("raw", force=True)
         assert store.marked == ["raw"]
-        assert (await rt.store.get_by_id(first.materializations["report"].id)).status is Status.STALE
+        assert (await rt.store.get_by_id(first.materializations["report"].id)).status is Status.SUPERSEDED
+        assert (await rt.store.get_by_id(second.materializations["report"].id)).status is Status.STALE
 
 
 async def test_max_concurrency_queues_partitions_beyond_the_limit(anyio_backend):

@@ -175,19 +175,20 @@ async def test_terminate_connections_ends_the_store_s_connections_and_it_recover
 async def test_check_integrity_names_each_kind_of_problem(anyio_backend):
     io = fs.io.MemoryIO()
     async with fs.open_runtime([daily(lambda ctx, deps: 1)], io_managers={"memory": io}) as rt:
-        for day in DAYS[:3]:
-            await rt.materialize("events", day)
+        first = [await rt.materialize("events", day) for day in DAYS[:3]]
         assert (await check_integrity(rt.store, "events", DAYS[:3], rt.io_managers)).ok
         store, run = rt.store, uuid.uuid4()
         await store.create(asset_name="events", partition=DAYS[0].isoformat(), run_id=run)  # left pending
         twice = await store.create(asset_name="events", partition=DAYS[1].isoformat(), run_id=run)
         twice = await store.update_status(twice.id, Status.RUNNING)
-        await store.update_status(twice.id, Status.SUCCESS)  # a second success, and no value behind it
+        await store.update_status(twice.id, Status.SUCCESS)  # a second success supersedes the first
+        replaced = await store.get_by_id(first[1].materializations["events"].id)
         await io.delete("events", DAYS[2], {})
         report = await check_integrity(store, "events", DAYS[:4], rt.io_managers)
+    assert replaced.status is Status.SUPERSEDED
     text = "\n".join(report.problems)
     assert "is still pending" in text
-    assert f"partition '{DAYS[1].isoformat()}' has 2 successes" in text
+    assert "successes (duplicated)" not in text  # the store keeps one current success
     assert "points at a value" in text
     assert f"partition '{DAYS[3].isoformat()}' has no success" in text
     with pytest.raises(IntegrityError, match="integrity problems"):

@@ -22,8 +22,10 @@ from typing import Any
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..errors import NotFound
-from ..store.records import Materialization, Status, check_transition, evolve
+from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, LeaseLost, NotFound
+from ..definitions import FieldError
+from ..store.leases import BackfillClaim, Lease, LeaseTable, lost
+from ..store.records import ACTIVE, CURRENT, ORPHAN_ENDING, Materialization, Status, check_transition, evolve
 from .mailbox import Message, serve
 
 __all__ = ["MemoryData", "memory_actor"]
@@ -45,8 +47,18 @@ class StoredValue:
 
 
 @attrs.define
+class BackfillRow:
+    saved: Any
+    owner: str | None
+    heartbeat_at: datetime
+
+
+@attrs.define
 class MemoryData:
-    """Everything the actor keeps, with the indexes its queries need."""
+    """Everything the actor keeps, with the indexes its queries need.
+
+    ``now`` is the clock of leases and backfill heartbeats (tests pass their own to
+    make time pass without waiting)."""
 
     records: dict[uuid.UUID, Materialization] = attrs.field(factory=dict)
     latest: dict[Key, uuid.UUID] = attrs.field(factory=dict)
@@ -56,7 +68,12 @@ class MemoryData:
     by_status: dict[tuple[str | None, Status], dict[uuid.UUID, None]] = attrs.field(factory=dict)
     readers: dict[Key, set[uuid.UUID]] = attrs.field(factory=dict)
     values: dict[Key, StoredValue] = attrs.field(factory=dict)
-    backfills: dict[tuple[str | None, uuid.UUID], Any] = attrs.field(factory=dict)
+    backfills: dict[tuple[str | None, uuid.UUID], BackfillRow] = attrs.field(factory=dict)
+    now: Callable[[], datetime] = utcnow
+    leases: LeaseTable = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.leases = LeaseTable(self.now)
 
 
 # ------------------------------------------------------------------- messages
@@ -72,7 +89,12 @@ class _AtKey(Message):
 
 @attrs.frozen(kw_only=True)
 class Create(Message):
+    """A new record. ``orphan``: the record of an expired lease this one's lease
+    replaced, closed in the same step. Sent as a call when the caller chose the id
+    (it may clash), as a cast otherwise (a fresh uuid4 cannot)."""
+
     record: Materialization
+    orphan: tuple[uuid.UUID, str] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -90,6 +112,17 @@ class Replace(Message):
 
     record: Materialization
     expected: Status
+    lease: Lease | None = None
+    release: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class CloseOrphans(Message):
+    """Close every unfinished record of ``owner`` (a dead process) and drop its leases."""
+
+    tenant: str | None
+    owner: str
+    message: str
 
 
 @attrs.frozen(kw_only=True)
@@ -176,6 +209,15 @@ class SaveBackfill(Message):
     tenant: str | None
     id: uuid.UUID
     state: Any
+    owner: str | None
+
+
+@attrs.frozen(kw_only=True)
+class ClaimBackfill(Message):
+    tenant: str | None
+    id: uuid.UUID
+    owner: str
+    stale_after: float
 
 
 @attrs.frozen(kw_only=True)
@@ -211,6 +253,8 @@ class _Handlers:
             HasValue: self.has_value,
             SaveBackfill: self.save_backfill,
             LoadBackfill: self.load_backfill,
+            ClaimBackfill: self.claim_backfill,
+            CloseOrphans: self.close_orphans,
         }
 
     def __call__(self, message: Message) -> Any:
@@ -221,13 +265,23 @@ class _Handlers:
     def create(self, m: Create) -> Materialization:
         record = m.record
         data = self.data
+        if record.id in data.records:
+            # Whoever's it is, it is not overwritten (another tenant's id looks taken, as it does in SQL).
+            raise DefinitionError(
+                [FieldError("id", f"a materialization with id {record.id} already exists")],
+                asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
+            )
+        if m.orphan is not None:
+            self._close_orphan(record.tenant_id, *m.orphan)
+        if record.status in CURRENT:
+            self._supersede(record)
         key = (record.tenant_id, record.asset_name, record.partition)
         data.records[record.id] = record
         data.latest[key] = record.id
         data.by_tenant.setdefault(record.tenant_id, {})[record.id] = None
         data.by_run.setdefault((record.tenant_id, record.run_id), []).append(record.id)
         data.by_status.setdefault((record.tenant_id, record.status), {})[record.id] = None
-        if record.status is Status.SUCCESS:
+        if record.status in CURRENT:
             self._index_success(record)
         return record
 
@@ -244,13 +298,19 @@ class _Handlers:
 
     def replace(self, m: Replace) -> None:
         old = self.data.records.get(m.record.id)
-        if old is None or old.status is not m.expected:
-            found = "missing" if old is None else old.status.value
+        if old is None or old.status is not m.expected or old.tenant_id != m.record.tenant_id:
+            found = "missing" if old is None or old.tenant_id != m.record.tenant_id else old.status.value
             log.error(
                 "lost write-behind of %s %s: expected %s, found %s",
                 m.record.asset_name, m.record.id, m.expected.value, found,
             )
             return
+        if m.lease is not None:
+            if not self.data.leases.current(m.lease):
+                log.error("refused write of %s %s: %s", m.record.asset_name, m.record.id, lost(m.lease))
+                return
+            if m.release:
+                self.data.leases.release(m.lease)
         self._store(old, m.record)
 
     def _replace(self, old: Materialization, status: Status, fields: dict[str, Any]) -> Materialization:
@@ -259,12 +319,50 @@ class _Handlers:
     def _store(self, old: Materialization, new: Materialization) -> Materialization:
         status = new.status
         data = self.data
+        if status is Status.SUCCESS and old.status is not Status.SUCCESS:
+            self._supersede(new)
         data.records[new.id] = new
         del data.by_status[(old.tenant_id, old.status)][old.id]
         data.by_status.setdefault((new.tenant_id, status), {})[new.id] = None
         if status is Status.SUCCESS:
             self._index_success(new)
         return new
+
+    def _supersede(self, record: Materialization) -> None:
+        """The partition's current record, if another, becomes ``superseded``: one current success."""
+        data = self.data
+        current_id = data.latest_success.get((record.tenant_id, record.asset_name, record.partition))
+        if current_id is not None and current_id != record.id:
+            current = data.records[current_id]
+            if current.status in CURRENT:
+                self._store(current, evolve(current, status=Status.SUPERSEDED, updated_at=utcnow()))
+
+    def _close_orphan(self, tenant: str | None, record_id: uuid.UUID, owner: str) -> Materialization | None:
+        record = self.data.records.get(record_id)
+        if record is None or record.tenant_id != tenant or record.status not in ACTIVE:
+            return None
+        now = utcnow()
+        return self._store(record, evolve(
+            record, status=ORPHAN_ENDING[record.status], updated_at=now, completed_at=now,
+            error_message=f"orphaned: {owner} stopped renewing its lease without finishing it",
+        ))
+
+    def close_orphans(self, m: CloseOrphans) -> int:
+        data = self.data
+        prefix = f"{m.owner}/"
+        closed = 0
+        for status in ACTIVE:
+            for record_id in list(data.by_status.get((m.tenant, status), {})):
+                record = data.records[record_id]
+                if (record.executor_node or "").startswith(prefix):
+                    now = utcnow()
+                    self._store(record, evolve(
+                        record, status=ORPHAN_ENDING[status], updated_at=now, completed_at=now,
+                        error_message=m.message,
+                    ))
+                    closed += 1
+        data.leases.drop_owner(m.tenant, m.owner)
+        return closed
 
     def _index_success(self, record: Materialization) -> None:
         data = self.data
@@ -364,10 +462,30 @@ class _Handlers:
     # backfills
 
     def save_backfill(self, m: SaveBackfill) -> None:
-        self.data.backfills[(m.tenant, m.id)] = m.state
+        key = (m.tenant, m.id)
+        row = self.data.backfills.get(key)
+        if row is not None and row.owner != m.owner:
+            raise LeaseLost(
+                f"backfill {str(m.id)!r} is now driven by {row.owner}; {m.owner} may no longer save it",
+                tenant=m.tenant,
+            )
+        self.data.backfills[key] = BackfillRow(m.state, m.owner, self.data.now())
 
     def load_backfill(self, m: LoadBackfill) -> Any:
-        return self.data.backfills.get((m.tenant, m.id))
+        row = self.data.backfills.get((m.tenant, m.id))
+        return None if row is None else row.saved
+
+    def claim_backfill(self, m: ClaimBackfill) -> BackfillClaim:
+        row = self.data.backfills.get((m.tenant, m.id))
+        if row is None:
+            raise BackfillNotFound(m.id, tenant=m.tenant)
+        previous, seen = None, None
+        if row.saved.status.state == "running" and row.owner is not None and row.owner != m.owner:
+            if (self.data.now() - row.heartbeat_at).total_seconds() <= m.stale_after:
+                raise BackfillOwned(m.id, row.owner, row.heartbeat_at, tenant=m.tenant)
+            previous, seen = row.owner, row.heartbeat_at
+        row.owner, row.heartbeat_at = m.owner, self.data.now()
+        return BackfillClaim(row.saved, previous, seen)
 
 
 def memory_actor(data: MemoryData) -> Callable[[MemoryObjectReceiveStream[Message]], Any]:

@@ -135,6 +135,12 @@ class Database:
 
     async def _get_pool(self) -> Any:
         if self._given_pool is not None:
+            if self.bypasses_rls is None:  # the caller's pool is checked like our own
+                try:
+                    async with self._given_pool.acquire() as connection:
+                        self.bypasses_rls = await _bypasses_rls(connection)
+                except Exception as error:
+                    raise _as_unavailable(error, None) from error
             return self._given_pool
         return await self._own_pool.get()
 
@@ -148,9 +154,7 @@ class Database:
                 reset=_reset_connection, timeout=CONNECT_TIMEOUT,
             )
             async with pool.acquire() as connection:
-                self.bypasses_rls = await connection.fetchval(
-                    "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
-                )
+                self.bypasses_rls = await _bypasses_rls(connection)
         except BaseException as error:
             if pool is not None:
                 pool.terminate()
@@ -159,6 +163,11 @@ class Database:
                 raise
             raise wrapped from error
         return pool
+
+
+async def _bypasses_rls(connection: Any) -> bool:
+    """Whether the connection's role skips row-level security (superuser or BYPASSRLS)."""
+    return bool(await connection.fetchval("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"))
 
 
 async def _close_pool(pool: Any) -> None:

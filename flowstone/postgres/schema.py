@@ -20,6 +20,7 @@ __all__ = ["LOCK_KEY", "MIGRATIONS", "migrate", "tenant_policy"]
 
 LOCK_KEY = 0x466C6F7753746F6E  # "FlowSton": the advisory lock migrations hold
 STATUSES = ("pending", "running", "success", "failed", "stale", "waiting_approval", "cancelled")
+"""The statuses of migration 1; migration 3 adds ``superseded``."""
 TENANT_SETTING = "coalesce(current_setting('flowstone.tenant_id', true), '')"
 
 
@@ -98,9 +99,47 @@ def values_table(table: str) -> str:
     """
 
 
+_V3 = f"""
+-- Migrations may run as the tables' owner, to whom FORCE applies: see every tenant.
+ALTER TABLE flowstone_materializations NO FORCE ROW LEVEL SECURITY;
+ALTER TABLE flowstone_materializations DROP CONSTRAINT flowstone_materializations_status_check;
+ALTER TABLE flowstone_materializations ADD CONSTRAINT flowstone_materializations_status_check
+    CHECK (status IN ({", ".join(f"'{s}'" for s in (*STATUSES, "superseded"))}));
+-- One current record (success or stale) per partition: older ones are superseded.
+UPDATE flowstone_materializations AS m SET status = 'superseded', updated_at = now()
+WHERE m.status IN ('success', 'stale') AND EXISTS (
+    SELECT 1 FROM flowstone_materializations n
+    WHERE n.tenant_id = m.tenant_id AND n.asset_name = m.asset_name
+      AND n.partition IS NOT DISTINCT FROM m.partition AND n.status IN ('success', 'stale') AND n.seq > m.seq
+);
+CREATE UNIQUE INDEX flowstone_materializations_current ON flowstone_materializations
+    (tenant_id, asset_name, (partition IS NULL), coalesce(partition, '')) WHERE status IN ('success', 'stale');
+ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
+
+-- Who computes a partition now (ADR 0009): owner, expiry, fencing number.
+CREATE SEQUENCE flowstone_lease_fences;
+CREATE TABLE flowstone_leases (
+    tenant_id text NOT NULL DEFAULT '',
+    asset_name text NOT NULL,
+    partitioned boolean NOT NULL,
+    partition text NOT NULL,
+    owner text NOT NULL,
+    fence bigint NOT NULL UNIQUE,
+    record_id uuid,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, asset_name, partitioned, partition)
+);
+CREATE INDEX flowstone_leases_owner ON flowstone_leases (tenant_id, owner);
+{tenant_policy("flowstone_leases")}
+
+-- Backfills have an owner with a heartbeat.
+ALTER TABLE flowstone_backfills ADD COLUMN owner text, ADD COLUMN heartbeat_at timestamptz;
+"""
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "materializations and backfills, with row-level security", _V1),
     (2, "flowstone_values: PostgresIO's default table, with row-level security", values_table("flowstone_values")),
+    (3, "superseded records, one current success per partition, leases, backfill owners", _V3),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 
 from ..actors.mailbox import DEFERRED, Handle, Message, Reply, fail_pending, open_mailbox, serve
 from ..actors.memory import utcnow
-from ..errors import FlowstoneError, RuntimeClosed
+from ..errors import FlowstoneError, LeaseLost, RuntimeClosed
 from ..partitions import serialize_partition
 from ..tenancy import tenant_scope
 from .run import RunRequest
@@ -40,9 +40,18 @@ log = logging.getLogger("flowstone.backfill")
 MAX_ERRORS = 100
 
 CHECKPOINT_SECONDS = 5.0
-"""How often a running backfill saves its progress, so that a process killed
-outright leaves counts no older than this (``resume_backfill`` does not need
-them: finished partitions are skipped whatever was saved)."""
+"""How often a running backfill saves its progress. Each save is also its owner's
+heartbeat: a process killed outright leaves counts no older than this, and a
+heartbeat older than ``STALE_SECONDS`` says its owner is gone."""
+
+STALE_SECONDS = 30.0
+"""A running backfill whose owner has not saved for this long may be resumed elsewhere."""
+
+SAVE_ATTEMPTS = 5
+SAVE_DELAY = 0.2
+"""A save that fails is tried again (pauses from this, doubling), up to
+``SAVE_ATTEMPTS`` times; each try may take ``SAVE_TIMEOUT`` seconds."""
+SAVE_TIMEOUT = 10.0
 
 
 @attrs.frozen
@@ -131,9 +140,14 @@ class _Progress:
     finished_at: datetime | None = None
     cancel_requested: bool = False
     waiters: list[Reply] = attrs.field(factory=list)
+    lost: str | None = None
+    """Why another process drives this backfill now (it claimed it): we stopped."""
+    unsaved: str | None = None
+    """Why the final status could not be saved: the backfill fails, loudly."""
 
     def status(self) -> BackfillStatus:
         total = len(self.spec.partitions)
+        errors = list(self.errors)
         if self.finished_at is None:
             state, cancelled = "running", 0
             queued = total - self.started
@@ -141,6 +155,12 @@ class _Progress:
             cancelled = total - self.succeeded - self.failed
             queued = 0
             state = "cancelled" if self.cancel_requested else ("failed" if self.failed else "succeeded")
+            if self.lost is not None:
+                state = "cancelled"
+                errors.append((None, self.lost))
+            elif self.unsaved is not None:
+                state = "failed"
+                errors.append((None, f"the final status could not be saved: {self.unsaved}"))
         return BackfillStatus(
             id=self.spec.id,
             asset=self.spec.asset,
@@ -151,10 +171,29 @@ class _Progress:
             succeeded=self.succeeded,
             failed=self.failed,
             cancelled=cancelled,
-            errors=tuple(self.errors),
+            errors=tuple(errors),
             started_at=self.started_at,
             finished_at=self.finished_at,
         )
+
+
+async def save_retrying(save: Callable[[Saved], Awaitable[None]], saved: Saved) -> None:
+    """``save(saved)``, tried again while it fails (never dropped in silence); the last
+    failure is raised. ``LeaseLost`` (another process owns the backfill now) is final."""
+    for attempt in range(1, SAVE_ATTEMPTS + 1):
+        try:
+            with anyio.fail_after(SAVE_TIMEOUT):
+                await save(saved)
+            return
+        except LeaseLost:
+            raise
+        except (FlowstoneError, TimeoutError) as error:
+            if attempt == SAVE_ATTEMPTS:
+                raise
+            delay = SAVE_DELAY * 2 ** (attempt - 1)
+            log.warning("backfill %s: saving failed (%s), attempt %d/%d; again in %.1fs",
+                        saved.spec.id, error or "timed out", attempt, SAVE_ATTEMPTS, delay)
+            await anyio.sleep(delay)
 
 
 async def run_backfill(
@@ -162,11 +201,16 @@ async def run_backfill(
     runner: Runner,
     save: Callable[[Saved], Awaitable[None]],
     on_enter: Callable[[Handle], Awaitable[None]],
-    on_exit: Callable[[Handle], Awaitable[None]],
+    on_exit: Callable[[Handle, BackfillStatus | None], Awaitable[None]],
     *,
     task_status: TaskStatus[Handle] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The backfill actor; start with ``handle = await tg.start(run_backfill, ...)``."""
+    """The backfill actor; start with ``handle = await tg.start(run_backfill, ...)``.
+
+    ``save`` writes the status as this process's (retried; see ``save_retrying``): a
+    first save that fails means the backfill does not start; a checkpoint that finds
+    another owner stops it; a final save that fails makes it ``failed``, and
+    ``on_exit`` gets that status to keep, so the backfill is never unknown."""
     handle, send, receive = open_mailbox(f"backfill:{spec.id}")
     progress = _Progress(spec=spec, started_at=utcnow())
     work = anyio.CancelScope()
@@ -183,8 +227,9 @@ async def run_backfill(
         progress.waiters.append(message.reply)
         return DEFERRED
 
+    unsaved: BackfillStatus | None = None
     try:
-        await save(Saved(spec, progress.status()))
+        await save_retrying(save, Saved(spec, progress.status()))
         await on_enter(handle)  # registered before anyone can ask about it
         task_status.started(handle)
         async with anyio.create_task_group() as tasks:
@@ -194,7 +239,7 @@ async def run_backfill(
                     with work:
                         done = anyio.Event()
                         async with anyio.create_task_group() as running:
-                            running.start_soon(_checkpoints, spec, progress, save, done)
+                            running.start_soon(_checkpoints, spec, progress, save, done, work)
                             try:
                                 await _work(spec, progress, runner)
                             finally:
@@ -205,15 +250,15 @@ async def run_backfill(
                     progress.cancel_requested = True
                     progress.finished_at = utcnow()
                     with anyio.CancelScope(shield=True):
-                        await save(Saved(spec, progress.status()))
+                        unsaved = await _save_final(spec, progress, save)
                     raise
             progress.finished_at = utcnow()
-            final = progress.status()
             with anyio.CancelScope(shield=True):
-                await save(Saved(spec, final))
+                unsaved = await _save_final(spec, progress, save)
+                final = progress.status()
                 # Leave the registry before anyone hears "done", so a resume that
                 # follows at once starts a new run instead of finding this one.
-                await on_exit(handle)
+                await on_exit(handle, unsaved)
             for waiter in progress.waiters:
                 waiter.resolve(final)
             send.close()  # serve answers what is already queued, then ends
@@ -224,16 +269,35 @@ async def run_backfill(
         fail_pending(handle.name, receive, lambda: RuntimeClosed(f"backfill {spec.id} stopped"))
         receive.close()
         with anyio.CancelScope(shield=True):
-            await on_exit(handle)
+            await on_exit(handle, unsaved)
+
+
+async def _save_final(
+    spec: BackfillSpec, progress: _Progress, save: Callable[[Saved], Awaitable[None]]
+) -> BackfillStatus | None:
+    """Save the final status; the status to keep in memory when that failed (or when
+    another process owns the backfill now), else None."""
+    if progress.lost is None:
+        try:
+            await save_retrying(save, Saved(spec, progress.status()))
+            return None
+        except LeaseLost as error:
+            progress.lost = str(error)
+        except (FlowstoneError, TimeoutError) as error:
+            progress.unsaved = str(error) or type(error).__name__
+            log.error("backfill %s finished but its final status could not be saved: %s", spec.id, progress.unsaved)
+    return progress.status()
 
 
 async def _checkpoints(
-    spec: BackfillSpec, progress: _Progress, save: Callable[[Saved], Awaitable[None]], done: anyio.Event
+    spec: BackfillSpec, progress: _Progress, save: Callable[[Saved], Awaitable[None]], done: anyio.Event,
+    work: anyio.CancelScope,
 ) -> None:
-    """Save the progress every ``CHECKPOINT_SECONDS`` until ``done``. A save is never
-    cut short (the task group waits for it), so no checkpoint can land after the
-    final status. One that fails is logged and tried again next time: a store that
-    is down now may be back, and it never stops the backfill."""
+    """Save the progress every ``CHECKPOINT_SECONDS`` until ``done`` (each save is the
+    owner's heartbeat). A save is never cut short (the task group waits for it), so
+    no checkpoint can land after the final status. One that fails is logged and tried
+    again next time: a store that is down now may be back. One that finds another
+    owner stops the backfill: that process drives it now."""
     while True:
         with anyio.move_on_after(CHECKPOINT_SECONDS):
             await done.wait()
@@ -242,6 +306,11 @@ async def _checkpoints(
         with anyio.CancelScope(shield=True):
             try:
                 await save(Saved(spec, progress.status()))
+            except LeaseLost as error:
+                log.warning("backfill %s: %s; stopping here", spec.id, error)
+                progress.lost = str(error)
+                work.cancel()
+                return
             except Exception as error:
                 log.warning("backfill %s: checkpoint not saved: %s", spec.id, error)
 

@@ -45,6 +45,7 @@ from ..errors import ActorCrashed, FlowstoneError, NotFound, RuntimeClosed
 from ..io.protocol import IOManager
 from ..store.protocol import MaterializationStore
 from ..store.records import Materialization, Status
+from .leases import LeaseKeeper
 
 __all__ = [
     "AwaitApproval", "Decide", "Detach", "Env", "ExecutorStatistics", "Finished", "JobResult", "Lease", "Stats",
@@ -66,6 +67,9 @@ class Env:
     limiter: anyio.CapacityLimiter | None
     thread_limiter: anyio.CapacityLimiter
     node: str
+    """This runtime's owner id (``host:pid:random``): it owns leases and backfills, and
+    its records' ``executor_node`` starts with it."""
+    leases: LeaseKeeper
 
 
 @attrs.frozen
@@ -126,6 +130,7 @@ class Detach(Message):
 class AwaitApproval(Message):
     """A leader waits for a decision on ``record_id``; decisions go into ``decisions``."""
 
+    tenant: str | None
     record_id: uuid.UUID
     decisions: MemoryObjectSendStream[tuple[bool, str | None]]
 
@@ -135,6 +140,7 @@ class AwaitApproval(Message):
 
 @attrs.frozen(kw_only=True)
 class Decide(Message):
+    tenant: str | None
     record_id: uuid.UUID
     approve: bool
     reason: str | None = None
@@ -175,7 +181,7 @@ class _Gate:
         # series, so they carry the incarnation's identity too.
         self.tokens = ((id(self), n) for n in itertools.count())
         self.queue: deque[tuple[FlightKey, Reply]] = deque()
-        self.approvals: dict[uuid.UUID, MemoryObjectSendStream[tuple[bool, str | None]]] = {}
+        self.approvals: dict[tuple[str | None, uuid.UUID], MemoryObjectSendStream[tuple[bool, str | None]]] = {}
         self.recent: OrderedDict[FlightKey, Materialization] = OrderedDict()
         self.dispatch = {
             Submit: self.submit, Finished: self.finished, Detach: self.detach,
@@ -214,7 +220,7 @@ class _Gate:
     def finished(self, message: Finished) -> None:
         key = (message.tenant, message.key)
         if message.record_id is not None:
-            stale = self.approvals.pop(message.record_id, None)
+            stale = self.approvals.pop((message.tenant, message.record_id), None)
             if stale is not None:
                 stale.close()
         flight = self.flights.get(key)
@@ -258,10 +264,10 @@ class _Gate:
         message.waiter.close()
 
     def await_approval(self, message: AwaitApproval) -> None:
-        self.approvals[message.record_id] = message.decisions
+        self.approvals[(message.tenant, message.record_id)] = message.decisions
 
     def decide(self, message: Decide) -> None:
-        decisions = self.approvals.pop(message.record_id, None)
+        decisions = self.approvals.pop((message.tenant, message.record_id), None)
         if decisions is None:
             raise NotFound(
                 f"no materialization {str(message.record_id)!r} is waiting for approval here",

@@ -29,11 +29,13 @@ from ..errors import (
     ActorCrashed,
     DatabaseUnavailable,
     FlowstoneError,
+    LeaseLost,
     NotFound,
     StorageError,
     StorageUnavailable,
 )
-from ..store.records import Materialization, Status
+from ..store.leases import Lease
+from ..store.records import ACTIVE, Materialization, Status
 from .executor import AwaitApproval, Env, JobResult
 
 __all__ = ["IO_CONFIG", "IO_KEY", "Job", "Read", "describe", "run_job"]
@@ -43,8 +45,6 @@ IO_CONFIG = "flowstone.io_config"
 """Record metadata saying where the value went, so any later reader finds it."""
 
 T = TypeVar("T")
-
-_ACTIVE = (Status.PENDING, Status.RUNNING, Status.WAITING_APPROVAL)
 
 
 @attrs.frozen
@@ -74,7 +74,9 @@ class Job:
 
 
 async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
-    """Run ``job`` to a terminal record. Raises only for cancellation or a broken runtime."""
+    """Run ``job`` to a terminal record. Raises only for cancellation, a broken
+    runtime, ``LeaseHeld`` (another process computes this partition now: nothing
+    was recorded) or ``LeaseLost`` (it took the work over: nothing more is written)."""
     state = _State()
     try:
         if env.limiter is not None:
@@ -84,6 +86,8 @@ async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
     except anyio.get_cancelled_exc_class():
         await _close(job, env, state, Status.CANCELLED, "cancelled")
         raise
+    except LeaseLost:
+        raise
     except Exception as error:
         # Not the user's function (its errors are results): the store, an IO
         # manager or the runtime broke. Record it if we can, then report it.
@@ -91,20 +95,26 @@ async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
         if state.record is not None and state.record.status is Status.FAILED:
             return JobResult(state.record, error)
         raise
+    finally:
+        if state.lease is not None:
+            env.leases.drop(state.lease)
 
 
 @attrs.define
 class _State:
     record: Materialization | None = None
+    lease: Lease | None = None
 
 
 async def _close(job: Job, env: Env, state: _State, status: Status, message: str) -> None:
     record = state.record
-    if record is None or record.status not in _ACTIVE:
+    if record is None or record.status not in ACTIVE:
         return
     with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
         try:
-            state.record = await env.store.complete(record, status, error_message=message, **_timing(record))
+            state.record = await env.store.complete(
+                record, status, lease=state.lease, error_message=message, **_timing(record)
+            )
         except FlowstoneError as error:
             logging.getLogger("flowstone.runtime").error(
                 "could not record %s as %s: %s", job.asset.name, status.value, error
@@ -113,7 +123,10 @@ async def _close(job: Job, env: Env, state: _State, status: Status, message: str
 
 async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobResult:
     asset, store = job.asset, env.store
-    state.record = record = await store.create(
+    asked = env.leases.clock()
+    state.record, state.lease = record, lease = await store.begin(
+        env.node,
+        env.leases.seconds,
         asset_name=asset.name,
         partition=job.key,
         run_id=job.run_id,
@@ -124,14 +137,16 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         dependency_hash=job.dependency_hash,
         executor_node=_executor_node(env.node, asset.name),
     )
+    env.leases.hold(lease, asked)
     if asset.requires_approval:
         approved, reason = await _wait_for_approval(record, executor)
         if not approved:
             state.record = record = await store.complete(
-                record, Status.FAILED, error_message=f"rejected: {reason or 'no reason given'}", **_timing(record)
+                record, Status.FAILED, lease=lease, error_message=f"rejected: {reason or 'no reason given'}",
+                **_timing(record),
             )
             return JobResult(record)
-        state.record = record = await store.complete(record, Status.RUNNING, started_at=utcnow())
+        state.record = record = await store.complete(record, Status.RUNNING, lease=lease, started_at=utcnow())
     started = time.perf_counter()
     ctx = Context(
         asset=asset,
@@ -146,19 +161,20 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     try:
         deps = await _retry_transient(asset, ctx, "loading inputs", _load_inputs, job, env)
         value = await _call_with_retry(asset, ctx, deps, env)
+        env.leases.check(lease)  # a process that took this partition over writes its value, not us
         await _retry_transient(
             asset, ctx, "storing the value", manager.store, asset.name, value, job.partition, job.io_config
         )
-    except anyio.get_cancelled_exc_class():
+    except (anyio.get_cancelled_exc_class(), LeaseLost):
         raise
     except Exception as error:
         state.record = record = await store.complete(
-            record, Status.FAILED, error_message=describe(error),
+            record, Status.FAILED, lease=lease, error_message=describe(error),
             metadata=_io_metadata(ctx.metadata, job), **_timing(record, started),
         )
         return JobResult(record, error)
     state.record = record = await store.complete(
-        record, Status.SUCCESS, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
+        record, Status.SUCCESS, lease=lease, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
     )
     if job.marks_stale:
         await store.mark_stale(asset.name, job.key)
@@ -182,7 +198,7 @@ async def _wait_for_approval(record: Materialization, executor: Handle) -> tuple
     send, receive = anyio.create_memory_object_stream[tuple[bool, str | None]](1)
     with receive:
         try:
-            await executor.cast(AwaitApproval(record_id=record.id, decisions=send))
+            await executor.cast(AwaitApproval(tenant=record.tenant_id, record_id=record.id, decisions=send))
         except BaseException:
             send.close()
             raise

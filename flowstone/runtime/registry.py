@@ -37,10 +37,18 @@ class Snapshot:
     versions: Mapping[str, str]
 
 
+BackfillKey = tuple[str | None, uuid.UUID]
+"""(tenant, backfill id): another tenant's id is one that does not exist."""
+
+UNSAVED_KEPT = 1000
+
+
 @attrs.define
 class RegistryState:
     snapshot: Snapshot
-    backfills: dict[uuid.UUID, Handle] = attrs.field(factory=dict)
+    backfills: dict[BackfillKey, Handle] = attrs.field(factory=dict)
+    unsaved: dict[BackfillKey, Any] = attrs.field(factory=dict)
+    """Final statuses of backfills the store could not save: still known here."""
 
 
 def initial_snapshot(graph: AssetGraph, executors: dict[str, Handle]) -> Snapshot:
@@ -63,6 +71,7 @@ class Register(Message):
 
 @attrs.frozen(kw_only=True)
 class AddBackfill(Message):
+    tenant: str | None
     id: uuid.UUID
     handle: Handle
 
@@ -70,14 +79,20 @@ class AddBackfill(Message):
 @attrs.frozen(kw_only=True)
 class DropBackfill(Message):
     """Forget a finished backfill, if ``handle`` is still the one registered
-    (a resumed backfill with the same id may already have replaced it)."""
+    (a resumed backfill with the same id may already have replaced it).
+    ``unsaved``: its final status, when the store could not save it."""
 
+    tenant: str | None
     id: uuid.UUID
     handle: Handle
+    unsaved: Any = None
 
 
 @attrs.frozen(kw_only=True)
 class GetBackfill(Message):
+    """The running backfill's handle, or the final status the store could not save, or None."""
+
+    tenant: str | None
     id: uuid.UUID
 
 
@@ -107,12 +122,19 @@ def registry_actor(
         if isinstance(message, Register):
             return register(message)
         if isinstance(message, AddBackfill):
-            state.backfills[message.id] = message.handle
+            state.backfills[(message.tenant, message.id)] = message.handle
+            state.unsaved.pop((message.tenant, message.id), None)
         elif isinstance(message, DropBackfill):
-            if state.backfills.get(message.id) is message.handle:
-                del state.backfills[message.id]
+            key = (message.tenant, message.id)
+            if state.backfills.get(key) is message.handle:
+                del state.backfills[key]
+                if message.unsaved is not None:
+                    state.unsaved[key] = message.unsaved
+                    while len(state.unsaved) > UNSAVED_KEPT:
+                        del state.unsaved[next(iter(state.unsaved))]
         elif isinstance(message, GetBackfill):
-            return state.backfills.get(message.id)
+            key = (message.tenant, message.id)
+            return state.backfills.get(key) or state.unsaved.get(key)
         return None
 
     async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:

@@ -13,6 +13,7 @@ decisions (what ``upstream=`` and ``force=`` mean, what is skipped) are ADR 0005
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import deque
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from ..definitions import Asset, FieldError
 from ..errors import DefinitionError, FlowstoneError, InvalidPartition, MaterializationFailed, NotFound, RuntimeClosed
 from ..guards import Guard, authorize
 from ..partitions import serialize_partition
+from ..store.leases import LeaseHeld
 from ..store.records import Materialization, Status
 from ..actors.mailbox import CLEANUP_SECONDS, PendingCall, Reply
 from .executor import Detach, Env, Finished, JobResult, Lease, Submit
@@ -33,6 +35,8 @@ from .hashing import dependency_hash
 from .registry import Snapshot
 
 __all__ = ["RunRequest", "RunResult", "execute_run"]
+
+log = logging.getLogger("flowstone.runtime")
 
 UPSTREAM_MODES = ("missing", "none", "all")
 
@@ -508,6 +512,27 @@ class _Run:
             and self.may_reuse(job.asset.name)
         )
 
+    async def run_leased(self, job: Job, executor: Any) -> JobResult:
+        """Run the job once the store grants its lease. While another process holds
+        it, wait for that process to finish, then take its success when it is what
+        this run would compute (single flight across processes), else try again."""
+        store = self.env.store
+        while True:
+            try:
+                return await run_job(job, self.env, executor)
+            except LeaseHeld as held:
+                log.info("%s", held)
+                await store.wait_lease(job.asset.name, job.key, held.fence or 0, self.env.leases.seconds)
+            pair = (job.asset.name, job.key)
+            done = (await store.latest_successes([pair])).get(pair)
+            if (
+                done is not None
+                and done.status is Status.SUCCESS
+                and done.dependency_hash == job.dependency_hash
+                and self.may_reuse(job.asset.name)
+            ):
+                return JobResult(done, reused=True)
+
     async def lead_or_follow(self, job: Job, pending: PendingCall) -> JobResult:
         """Run the job under the lease the executor granted, or take the leader's result."""
         executor = self.snapshot.executors[job.asset.name]
@@ -519,7 +544,7 @@ class _Run:
             if self.finished_meanwhile(job, answer.recent):
                 result = JobResult(answer.recent, reused=True)  # type: ignore[arg-type]
             else:
-                result = await run_job(job, self.env, executor)
+                result = await self.run_leased(job, executor)
             return result
         finally:
             finished = Finished(

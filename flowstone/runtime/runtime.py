@@ -8,6 +8,7 @@ record ``cancelled`` in the store, then the outer one. Nothing outlives the bloc
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -18,11 +19,11 @@ from types import MappingProxyType
 from typing import Any
 
 import anyio
+import attrs
 from anyio.abc import TaskGroup
 
 from ..actors.client import MemoryActorClient, stop_gracefully
 from ..actors.mailbox import CLEANUP_SECONDS, Crash, Handle
-from ..actors.memory import utcnow
 from ..actors.supervisor import RestartPolicy, supervise
 from ..dag import AssetGraph
 from ..definitions import Asset, FieldError
@@ -48,6 +49,7 @@ from . import backfill as bf
 from . import registry as reg
 from .executor import Decide, Env, ExecutorStatistics, Stats, executor_actor
 from .job import load_value
+from .leases import LEASE_SECONDS, LeaseKeeper
 from .run import (
     Prefetched,
     RunRequest,
@@ -61,6 +63,8 @@ from .run import (
 )
 
 __all__ = ["Runtime", "materialize", "open_runtime"]
+
+log = logging.getLogger("flowstone.runtime")
 
 DEFAULT_THREADS = 40
 
@@ -194,25 +198,42 @@ class Runtime:
 
     # ------------------------------------------------------------- approvals
 
-    async def approve(self, materialization_id: uuid.UUID | str) -> None:
-        """Let a materialization waiting for approval run."""
-        await self._decide(materialization_id, True, None)
+    async def approve(
+        self, materialization_id: uuid.UUID | str, *, context: Mapping[str, Any] | None = None
+    ) -> None:
+        """Let a materialization waiting for approval run.
 
-    async def reject(self, materialization_id: uuid.UUID | str, reason: str | None = None) -> None:
-        """Fail a materialization waiting for approval, with ``reason`` as its error."""
-        await self._decide(materialization_id, False, reason)
+        Raises ``NotFound`` (no such record in the caller's tenant, or not waiting
+        here), ``InvalidTransition`` (not waiting for approval) or ``AccessDenied``
+        (the guard's ``can_materialize`` refused, asked with ``context``)."""
+        await self._decide(materialization_id, True, None, context)
 
-    async def _decide(self, materialization_id: uuid.UUID | str, approve: bool, reason: str | None) -> None:
+    async def reject(
+        self, materialization_id: uuid.UUID | str, reason: str | None = None, *,
+        context: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Fail a materialization waiting for approval, with ``reason`` as its error.
+        Raises as :meth:`approve` does."""
+        await self._decide(materialization_id, False, reason, context)
+
+    async def _decide(
+        self, materialization_id: uuid.UUID | str, approve: bool, reason: str | None,
+        context: Mapping[str, Any] | None,
+    ) -> None:
+        tenant = current_tenant()
         record: Materialization = await self._env.store.get_by_id(parse_id(materialization_id))
+        snapshot = await self._snapshot()
+        await authorize(
+            self._guard, "materialize", snapshot.graph.get(record.asset_name), {**(context or {}), "tenant": tenant}
+        )
         if record.status is not Status.WAITING_APPROVAL:
             raise InvalidTransition(
                 record.status, Status.RUNNING if approve else Status.FAILED,
                 asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
                 detail="it is not waiting for approval",
             )
-        snapshot = await self._snapshot()
         await snapshot.executors[record.asset_name].call(
-            Decide, record_id=record.id, approve=approve, reason=reason
+            Decide, tenant=tenant, record_id=record.id, approve=approve, reason=reason
         )
 
     # ------------------------------------------------------------- backfills
@@ -268,106 +289,111 @@ class Runtime:
         runner = bf.Runner(prefetch=prefetch, run=run)
 
         async def save(saved: bf.Saved) -> None:
-            with anyio.move_on_after(CLEANUP_SECONDS):
-                await store.save_backfill(spec.id, saved)
+            await store.save_backfill(spec.id, saved, owner=env.node)
 
-        async def on_exit(handle: Handle) -> None:
+        async def on_exit(handle: Handle, unsaved: bf.BackfillStatus | None) -> None:
             with anyio.move_on_after(CLEANUP_SECONDS):
                 try:
-                    await registry.call(reg.DropBackfill, id=spec.id, handle=handle)
+                    await registry.call(reg.DropBackfill, tenant=spec.tenant, id=spec.id, handle=handle, unsaved=unsaved)
                 except RuntimeClosed:
                     pass  # the runtime is shutting down: nothing left to deregister from
 
         async def on_enter(handle: Handle) -> None:
-            await registry.call(reg.AddBackfill, id=spec.id, handle=handle)
+            await registry.call(reg.AddBackfill, tenant=spec.tenant, id=spec.id, handle=handle)
 
         try:
             await self._workers.start(bf.run_backfill, spec, runner, save, on_enter, on_exit)
         except RuntimeError as error:  # the worker group is closed
             raise RuntimeClosed("the runtime is closed") from error
 
-    async def _backfill_call(self, backfill_id: uuid.UUID | str, message: type[Any]) -> bf.BackfillStatus:
-        bid = parse_id(backfill_id, "backfill")
-        handle = await self._registry.call(reg.GetBackfill, id=bid)
-        if handle is not None:
+    async def _backfill_call(
+        self, backfill_id: uuid.UUID | str, message: type[Any], context: Mapping[str, Any] | None = None,
+        *, guarded: bool = False,
+    ) -> bf.BackfillStatus:
+        """Ask the running backfill (in the caller's tenant), else read what the store
+        saved. ``guarded``: the guard must allow materializing its asset first."""
+        bid, tenant = parse_id(backfill_id, "backfill"), current_tenant()
+        found = await self._registry.call(reg.GetBackfill, tenant=tenant, id=bid)
+        if guarded:
+            if isinstance(found, Handle):
+                asset = (await found.call(bf.Status)).asset
+            else:
+                asset = found.asset if found is not None else (await self._saved_backfill(bid)).spec.asset
+            await self._authorize_asset(asset, context)
+        if isinstance(found, Handle):
             try:
-                return await handle.call(message)
+                return await found.call(message)
             except RuntimeClosed:
                 pass  # it finished between the two questions; the store has its final state
+            found = await self._registry.call(reg.GetBackfill, tenant=tenant, id=bid)
+        if found is not None and not isinstance(found, Handle):
+            return found  # finished, but the store could not save it
+        return (await self._saved_backfill(bid)).status
+
+    async def _saved_backfill(self, bid: uuid.UUID) -> bf.Saved:
+        tenant = current_tenant()
         saved = await self._env.store.load_backfill(bid)
-        if saved is None:
-            raise BackfillNotFound(bid, tenant=current_tenant())
-        return saved.status
+        if saved is None or saved.spec.tenant != tenant:
+            raise BackfillNotFound(bid, tenant=tenant)
+        return saved
+
+    async def _authorize_asset(self, name: str, context: Mapping[str, Any] | None) -> None:
+        snapshot = await self._snapshot()
+        await authorize(self._guard, "materialize", snapshot.graph.get(name), {**(context or {}), "tenant": current_tenant()})
 
     async def backfill_status(self, backfill_id: uuid.UUID | str) -> bf.BackfillStatus:
-        """Progress counts and state of a backfill."""
+        """Progress counts and state of a backfill; ``BackfillNotFound`` when the
+        caller's tenant has no backfill with that id."""
         return await self._backfill_call(backfill_id, bf.Status)
 
     async def wait_backfill(self, backfill_id: uuid.UUID | str) -> bf.BackfillStatus:
-        """Wait until the backfill has finished; its final status."""
+        """Wait until the backfill has finished; its final status. Raises as
+        :meth:`backfill_status` does."""
         return await self._backfill_call(backfill_id, bf.Wait)
 
-    async def cancel_backfill(self, backfill_id: uuid.UUID | str) -> bf.BackfillStatus:
-        """Stop new work, cancel work in flight, and return once every record is terminal."""
-        return await self._backfill_call(backfill_id, bf.Cancel)
+    async def cancel_backfill(
+        self, backfill_id: uuid.UUID | str, *, context: Mapping[str, Any] | None = None
+    ) -> bf.BackfillStatus:
+        """Stop new work, cancel work in flight, and return once every record is terminal.
 
-    async def resume_backfill(self, backfill_id: uuid.UUID | str) -> uuid.UUID:
-        """Run again what a stopped backfill did not finish (finished partitions are skipped).
+        Raises ``BackfillNotFound`` (no such backfill in the caller's tenant) or
+        ``AccessDenied`` (the guard's ``can_materialize`` refused, asked with ``context``)."""
+        return await self._backfill_call(backfill_id, bf.Cancel, context, guarded=True)
 
-        A backfill saved as ``running`` that this runtime is not running was left by
-        a process that ended without stopping it (killed, crashed). Records that
-        process left unfinished are closed first: ``failed`` when it had started
-        them, ``cancelled`` otherwise, with a message naming the process; only
-        processes of this machine whose pid is gone are treated so.
+    async def resume_backfill(
+        self, backfill_id: uuid.UUID | str, *, context: Mapping[str, Any] | None = None
+    ) -> uuid.UUID:
+        """Run again, here, what a stopped backfill did not finish (finished partitions
+        are skipped), under the caller's tenant and ``context``.
+
+        A backfill still saved as ``running`` belongs to the process that ran it. While
+        that owner's heartbeat is recent it is refused with ``BackfillOwned`` (naming
+        the owner and when it was last seen); once the heartbeat is stale the owner is
+        taken to be dead: this runtime becomes the owner and closes every record the
+        dead one left unfinished, in every asset (``failed`` when started, else
+        ``cancelled``, "orphaned: ..."). Raises ``BackfillNotFound`` (no such backfill
+        in the caller's tenant) or ``AccessDenied``.
         """
-        bid = parse_id(backfill_id, "backfill")
-        if await self._registry.call(reg.GetBackfill, id=bid) is not None:
-            return bid  # still running
-        saved = await self._env.store.load_backfill(bid)
-        if saved is None:
-            raise BackfillNotFound(bid, tenant=current_tenant())
-        if saved.status.state == "running":
-            await close_orphans(self._env.store, saved.spec.asset)
-        await self._start_backfill(saved.spec, await self._snapshot())
+        bid, tenant = parse_id(backfill_id, "backfill"), current_tenant()
+        if isinstance(await self._registry.call(reg.GetBackfill, tenant=tenant, id=bid), Handle):
+            await self._authorize_asset((await self._backfill_call(bid, bf.Status)).asset, context)
+            return bid  # still running here
+        saved = await self._saved_backfill(bid)
+        snapshot = await self._snapshot()
+        await self._authorize_asset(saved.spec.asset, context)
+        store = self._env.store
+        claim = await store.claim_backfill(bid, self._env.node, stale_after=bf.STALE_SECONDS)
+        if claim.previous_owner is not None:
+            seen = claim.last_seen.isoformat(timespec="seconds") if claim.last_seen else "never"
+            closed = await store.close_orphans(
+                claim.previous_owner,
+                f"orphaned: {claim.previous_owner} stopped (last seen {seen}) without finishing it",
+            )
+            log.warning("backfill %s: took it over from %s (last seen %s); closed %d orphaned records",
+                        bid, claim.previous_owner, seen, closed)
+        spec = attrs.evolve(claim.saved.spec, tenant=tenant, context=context)  # type: ignore[attr-defined]
+        await self._start_backfill(spec, snapshot)
         return bid
-
-
-ORPHAN_SCAN_LIMIT = 10_000
-"""At most this many unfinished records per status are looked at when closing orphans."""
-
-
-def _process_gone(node: str | None) -> bool:
-    """Whether ``node`` ("host:pid/executor:asset", as jobs record it) is a process
-    of this machine that no longer exists. Unknown hosts are never presumed dead."""
-    host, _, pid = (node or "").partition("/")[0].rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # it exists (owned by someone else)
-    return False
-
-
-async def close_orphans(store: MaterializationStore, asset: str) -> int:
-    """Close ``asset``'s records left unfinished by dead processes of this machine; how many."""
-    closed = 0
-    endings = {Status.RUNNING: Status.FAILED, Status.WAITING_APPROVAL: Status.CANCELLED, Status.PENDING: Status.CANCELLED}
-    for status, ending in endings.items():
-        for record in await store.list_by_status(status, limit=ORPHAN_SCAN_LIMIT):
-            if record.asset_name != asset or not _process_gone(record.executor_node):
-                continue
-            try:
-                await store.update_status(
-                    record.id, ending, completed_at=utcnow(),
-                    error_message=f"orphaned: process {record.executor_node} ended without finishing it",
-                )
-                closed += 1
-            except InvalidTransition:
-                pass  # it moved meanwhile: someone else closed it
-    return closed
 
 
 @asynccontextmanager
@@ -381,11 +407,14 @@ async def open_runtime(
     resources: Mapping[str, Any] | None = None,
     *,
     restart_policy: RestartPolicy = RestartPolicy(),
+    lease_seconds: float = LEASE_SECONDS,
 ) -> AsyncIterator[Runtime]:
     """Start a runtime for ``pipeline``; every task it starts stops when the block exits.
 
     The pipeline is validated first (with this runtime's IO manager and resource
-    keys), so a bad definition fails here, before anything runs.
+    keys), so a bad definition fails here, before anything runs. ``lease_seconds``:
+    how long this runtime's leases last unless renewed (renewed every third of it),
+    so how long other processes wait before taking over work of one that died.
     """
     assets = pipeline if isinstance(pipeline, Pipeline) else Pipeline("runtime", assets=pipeline)
     managers: dict[str, IOManager] = dict(io_managers or {})
@@ -394,6 +423,8 @@ async def open_runtime(
     resources = dict(resources or {})
     if max_concurrency is not None and (type(max_concurrency) is not int or max_concurrency < 1):
         raise DefinitionError([FieldError("max_concurrency", f"must be an int >= 1 or None, got {max_concurrency!r}")])
+    if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, (int, float)) or not 0 < lease_seconds < 86400:
+        raise DefinitionError([FieldError("lease_seconds", f"must be a number of seconds > 0, got {lease_seconds!r}")])
     keys = set(managers) | {"memory"}
     if default_io_manager not in keys:
         raise DefinitionError(
@@ -404,10 +435,13 @@ async def open_runtime(
     store = MemoryStore() if store is None else store
     managers.setdefault("memory", MemoryIO())
     bound = [c for c in _unwrapped(store, *managers.values()) if isinstance(c, MemoryActorClient) and not c.started]
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    keeper = LeaseKeeper(store, owner, lease_seconds)
     try:
         async with anyio.create_task_group() as services:
             await _start_memory_clients(services, bound, restart_policy)
             async with anyio.create_task_group() as workers:
+                await workers.start(keeper.run)  # cancelled with the jobs whose leases it renews
                 env = Env(
                     store=store,
                     io_managers=managers,
@@ -415,7 +449,8 @@ async def open_runtime(
                     resources=resources,
                     limiter=anyio.CapacityLimiter(max_concurrency) if max_concurrency else None,
                     thread_limiter=anyio.CapacityLimiter(max_concurrency or DEFAULT_THREADS),
-                    node=f"{socket.gethostname()}:{os.getpid()}",
+                    node=owner,
+                    leases=keeper,
                 )
 
                 async def spawn(asset: Asset) -> Handle:

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
+from datetime import datetime
 from typing import Any
-
 
 from ..actors import memory as m
 from ..actors.client import MemoryActorClient
+from ..errors import NotFound
 from ..partitions import serialize_partition
 from ..tenancy import current_tenant
-from .records import Materialization, Status, check_limit, check_transition, evolve, new_record, parse_id, to_status, update_fields
+from .leases import BackfillClaim, Lease
+from .records import (
+    TERMINAL,
+    Materialization,
+    Status,
+    check_limit,
+    check_transition,
+    evolve,
+    new_record,
+    parse_id,
+    to_status,
+    update_fields,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -20,13 +33,37 @@ class MemoryStore(MemoryActorClient):
     """The reference store: fast, in memory, lost when the process ends.
 
     ``create`` is a cast: it returns the record without waiting for the actor,
-    and the mailbox's order makes it visible to every later call.
+    and the mailbox's order makes it visible to every later call. Leases live in
+    the same data and are granted synchronously (one event loop thread: each call
+    is atomic). ``now`` is the clock of leases and heartbeats (tests pass their own).
     """
+
+    def __init__(self, *, data: m.MemoryData | None = None, now: Callable[[], datetime] | None = None) -> None:
+        super().__init__(data=data if data is not None or now is None else m.MemoryData(now=now))
 
     async def create(self, **fields: Any) -> Materialization:
         record = new_record(fields, current_tenant(), m.utcnow())
+        if "id" in fields:  # the caller's id may clash: wait for the answer
+            return await self.handle.call(m.Create, record=record)
         await self.handle.cast(m.Create(record=record))
         return record
+
+    async def begin(self, owner: str, seconds: float, **fields: Any) -> tuple[Materialization, Lease]:
+        tenant = current_tenant()
+        record = new_record(fields, tenant, m.utcnow())
+        lease, replaced = self._data.leases.acquire(tenant, record.asset_name, record.partition, owner, seconds, record.id)
+        orphan = (replaced.record_id, replaced.owner) if replaced is not None and replaced.record_id else None
+        await self.handle.cast(m.Create(record=record, orphan=orphan))
+        return record, lease
+
+    async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:
+        return self._data.leases.renew(current_tenant(), owner, fences, seconds)
+
+    async def wait_lease(self, asset_name: str, partition: str | None, fence: int, timeout: float) -> None:
+        await self._data.leases.wait(current_tenant(), asset_name, partition, fence, timeout)
+
+    async def close_orphans(self, owner: str, message: str) -> int:
+        return await self.handle.call(m.CloseOrphans, tenant=current_tenant(), owner=owner, message=message)
 
     async def get(self, asset_name: str, partition: Any = None) -> Materialization:
         return await self.handle.call(
@@ -44,12 +81,19 @@ class MemoryStore(MemoryActorClient):
             m.Update, tenant=current_tenant(), id=parse_id(id), status=to_status(status), fields=update_fields(fields)
         )
 
-    async def complete(self, record: Materialization, status: Status, **fields: Any) -> Materialization:
+    async def complete(
+        self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
+    ) -> Materialization:
         """The runtime's own transition of a record it holds the lease for: checked
         here, written behind (a cast); later calls see it, in mailbox order."""
+        tenant = current_tenant()
+        if record.tenant_id != tenant:
+            raise NotFound(f"no materialization with id {str(record.id)!r}", tenant=tenant)
         check_transition(record.status, status, record)
+        if lease is not None:
+            self._data.leases.check(lease)
         new = evolve(record, status=status, updated_at=m.utcnow(), **update_fields(fields))
-        await self.handle.cast(m.Replace(record=new, expected=record.status))
+        await self.handle.cast(m.Replace(record=new, expected=record.status, lease=lease, release=status in TERMINAL))
         return new
 
     async def exists(self, asset_name: str, partition: Any = None) -> bool:
@@ -74,8 +118,11 @@ class MemoryStore(MemoryActorClient):
     async def mark_stale(self, asset_name: str, partition: str | None) -> None:
         await self.handle.cast(m.MarkStale(tenant=current_tenant(), asset=asset_name, partition=partition))
 
-    async def save_backfill(self, id: uuid.UUID, state: Any) -> None:
-        await self.handle.cast(m.SaveBackfill(tenant=current_tenant(), id=id, state=state))
+    async def save_backfill(self, id: uuid.UUID, state: Any, *, owner: str | None = None) -> None:
+        await self.handle.call(m.SaveBackfill, tenant=current_tenant(), id=id, state=state, owner=owner)
+
+    async def claim_backfill(self, id: uuid.UUID, owner: str, *, stale_after: float) -> BackfillClaim:
+        return await self.handle.call(m.ClaimBackfill, tenant=current_tenant(), id=id, owner=owner, stale_after=stale_after)
 
     async def load_backfill(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.LoadBackfill, tenant=current_tenant(), id=id)

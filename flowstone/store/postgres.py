@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,13 +25,27 @@ import anyio
 import attrs
 
 from ..definitions import FieldError
-from ..errors import DatabaseUnavailable, DefinitionError, FlowstoneError, NotFound, SerializationError
+from ..errors import (
+    BackfillNotFound,
+    BackfillOwned,
+    DatabaseUnavailable,
+    DefinitionError,
+    FlowstoneError,
+    InvalidTransition,
+    LeaseLost,
+    NotFound,
+    SerializationError,
+)
 from ..partitions import serialize_partition
 from ..postgres.database import PostgresClient
 from ..postgres.jsonvalues import plain, storable_text, text_problem, to_json
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
+from .leases import BackfillClaim, Lease, LeaseHeld, lost
 from .records import (
+    ACTIVE,
+    CURRENT,
+    TERMINAL,
     TRANSITIONS,
     Materialization,
     Status,
@@ -113,16 +127,116 @@ FROM built_on b
 WHERE m.tenant_id = $1 AND m.status = 'success' AND m.upstream_assets @> ARRAY[b.asset]
   AND m.upstream_partitions -> b.asset @> jsonb_build_array(b.key)
 """
+_SAME_PARTITION = """m.asset_name = r.asset_name AND (m.partition IS NULL) = (r.partition IS NULL)
+      AND coalesce(m.partition, '') = coalesce(r.partition, '')"""
+"""Matches the unique index of current records (partition NULL and '' are different)."""
+
+_SUPERSEDE_NEW = f"""
+UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $3
+FROM jsonb_to_recordset($2::text::jsonb) AS r(id uuid, asset_name text, partition text)
+WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND {_SAME_PARTITION} AND m.id <> r.id
+"""
+_SUPERSEDE_FOR = f"""
+UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $4
+FROM {TABLE} AS r
+WHERE r.id = $1 AND r.tenant_id = $2 AND r.status = ANY($3::text[])
+  AND m.tenant_id = $2 AND m.status IN ('success', 'stale') AND {_SAME_PARTITION} AND m.id <> r.id
+"""
+# A batch of completions starts here: the leases of terminal moves are released
+# (a fence that is gone was taken over), those of other moves checked and locked,
+# and each success whose lease is still held supersedes its partition's current
+# record. The fences returned are the ones still held.
+_RELEASE_AND_SUPERSEDE = f"""
+WITH released AS (
+    DELETE FROM flowstone_leases WHERE tenant_id = $1 AND fence = ANY($2::bigint[]) RETURNING fence
+), kept AS (
+    SELECT fence FROM flowstone_leases WHERE tenant_id = $1 AND fence = ANY($3::bigint[]) FOR SHARE
+), held AS (
+    SELECT fence FROM released UNION ALL SELECT fence FROM kept
+), superseded AS (
+    UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $5
+    FROM jsonb_to_recordset($4::text::jsonb) AS r(id uuid, asset_name text, partition text, fence bigint)
+    WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND {_SAME_PARTITION} AND m.id <> r.id
+      AND (r.fence IS NULL OR r.fence IN (SELECT fence FROM held))
+    RETURNING m.id
+)
+SELECT fence FROM held
+"""
+_LEASE_KEY = """l.asset_name = r.asset_name AND l.partitioned = (r.partition IS NOT NULL)
+     AND l.partition = coalesce(r.partition, '')"""
+# Take each lease that is free or expired and insert the records of those granted;
+# the record an expired lease was taken from is closed as an orphan. One statement.
+_BEGIN = f"""
+WITH r AS (
+    SELECT * FROM jsonb_to_recordset($2::text::jsonb) AS r({_ROW_TYPES}, owner text, seconds double precision)
+), expired AS (
+    SELECT l.asset_name, l.partitioned, l.partition, l.record_id, l.owner
+    FROM flowstone_leases l JOIN r ON l.tenant_id = $1 AND {_LEASE_KEY}
+    WHERE l.expires_at <= clock_timestamp()
+), granted AS (
+    INSERT INTO flowstone_leases AS l (tenant_id, asset_name, partitioned, partition, owner, fence, record_id, expires_at)
+    SELECT $1, r.asset_name, r.partition IS NOT NULL, coalesce(r.partition, ''), r.owner,
+           nextval('flowstone_lease_fences'), r.id, clock_timestamp() + make_interval(secs => r.seconds)
+    FROM r
+    ON CONFLICT (tenant_id, asset_name, partitioned, partition) DO UPDATE
+        SET owner = EXCLUDED.owner, fence = EXCLUDED.fence, record_id = EXCLUDED.record_id,
+            expires_at = EXCLUDED.expires_at
+        WHERE l.expires_at <= clock_timestamp()
+    RETURNING l.record_id, l.fence, l.asset_name, l.partitioned, l.partition
+), orphans AS (
+    UPDATE {TABLE} AS m SET status = CASE m.status WHEN 'running' THEN 'failed' ELSE 'cancelled' END,
+        completed_at = $3, updated_at = $3,
+        error_message = 'orphaned: ' || e.owner || ' stopped renewing its lease without finishing it'
+    FROM expired e JOIN granted g USING (asset_name, partitioned, partition)
+    WHERE m.id = e.record_id AND m.tenant_id = $1 AND m.status IN ('pending', 'running', 'waiting_approval')
+), inserted AS (
+    INSERT INTO {TABLE} ({_COLUMNS})
+    SELECT r.id, $1, r.asset_name, r.partition, r.run_id, r.status, r.started_at, r.completed_at,
+           r.duration_ms, ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)), r.upstream_partitions,
+           r.dependency_hash, r.metadata, r.error_message, r.executor_node, r.inserted_at, r.updated_at
+    FROM r JOIN granted g ON g.record_id = r.id
+    ON CONFLICT (id) DO NOTHING
+)
+SELECT record_id, fence FROM granted
+"""
+_HOLDERS = """
+SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id
+FROM flowstone_leases l JOIN unnest($2::text[], $3::text[]) AS r(asset_name, partition) ON {key}
+WHERE l.tenant_id = $1
+""".format(key=_LEASE_KEY)
+_RENEW = """
+UPDATE flowstone_leases SET expires_at = clock_timestamp() + make_interval(secs => $3)
+WHERE tenant_id = $1 AND owner = $2 AND fence = ANY($4::bigint[])
+RETURNING fence
+"""
+_LEASE_LIVE = """
+SELECT fence = $5 AND expires_at > clock_timestamp() FROM flowstone_leases
+WHERE tenant_id = $1 AND asset_name = $2 AND partitioned = $3 AND partition = $4
+"""
+_CLOSE_ORPHANS = f"""
+WITH dropped AS (DELETE FROM flowstone_leases WHERE tenant_id = $1 AND owner = $2)
+UPDATE {TABLE} SET status = CASE status WHEN 'running' THEN 'failed' ELSE 'cancelled' END,
+    completed_at = $4, updated_at = $4, error_message = $3
+WHERE tenant_id = $1 AND status IN ('pending', 'running', 'waiting_approval')
+  AND starts_with(executor_node, $2 || '/')
+RETURNING id
+"""
+
+WAIT_POLL = (0.01, 0.5)
+"""First and longest pause between looks at a lease someone else holds."""
 
 
 @attrs.define(eq=False)
 class _Write:
     """One queued record write and, once flushed, its outcome."""
 
-    kind: str  # "insert" or "complete"
+    kind: str  # "insert", "begin" (lease and insert) or "complete"
     record: Materialization  # the state to write
     expected: Status | None
     row: str
+    lease: Lease | None = None  # "complete": the lease it writes under
+    release: bool = False
+    fence: int | None = None  # "begin": the fence of the lease granted
     done: bool = False
     error: BaseException | None = None
 
@@ -154,14 +268,54 @@ class PostgresStore(PostgresClient):
         await self._write(_Write("insert", record, None, _row(record, None)))
         return record
 
-    async def complete(self, record: Materialization, status: Status, **fields: Any) -> Materialization:
+    async def begin(self, owner: str, seconds: float, **fields: Any) -> tuple[Materialization, Lease]:
+        record = new_record(fields, current_tenant(), _utcnow())
+        extra = json.dumps({"owner": owner, "seconds": seconds}, ensure_ascii=False)[1:]
+        op = _Write("begin", record, None, f"{_row(record, None)[:-1]},{extra}")
+        await self._write(op)
+        assert op.fence is not None
+        return record, Lease(record.tenant_id, record.asset_name, record.partition, owner, op.fence)
+
+    async def complete(
+        self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
+    ) -> Materialization:
+        tenant = current_tenant()
+        if record.tenant_id != tenant:
+            raise NotFound(f"no materialization with id {str(record.id)!r}", tenant=tenant)
         check_transition(record.status, status, record)
         changes = update_fields(fields)
         if changes.get("error_message"):  # an exception's text: keep it, minus what text cannot hold
             changes["error_message"] = storable_text(changes["error_message"])
         new = evolve(record, status=status, updated_at=_utcnow(), **changes)
-        await self._write(_Write("complete", new, record.status, _row(new, record.status)))
+        await self._write(
+            _Write("complete", new, record.status, _row(new, record.status), lease=lease, release=status in TERMINAL)
+        )
         return new
+
+    async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:
+        if not fences:
+            return set()
+        tenant = current_tenant()
+        rows = await self.db.run(tenant, _fetch, _RENEW, tenant or "", owner, seconds, list(fences))
+        return {row[0] for row in rows}
+
+    async def wait_lease(self, asset_name: str, partition: str | None, fence: int, timeout: float) -> None:
+        tenant = current_tenant()
+        pause, longest = WAIT_POLL
+        with anyio.move_on_after(timeout):
+            while await self.db.run(
+                tenant, _fetchval, _LEASE_LIVE, tenant or "", asset_name, partition is not None, partition or "", fence
+            ):
+                # Polling, bounded: LISTEN/NOTIFY would need a connection per waiter (ADR 0009).
+                await anyio.sleep(pause)
+                pause = min(pause * 2, longest)
+
+    async def close_orphans(self, owner: str, message: str) -> int:
+        tenant = current_tenant()
+        rows = await self.db.run(
+            tenant, _fetch, _CLOSE_ORPHANS, tenant or "", owner, storable_text(message), _utcnow()
+        )
+        return len(rows)
 
     async def update_status(self, id: uuid.UUID | str, status: Status | str, **fields: Any) -> Materialization:
         record_id, target, changes = parse_id(id), to_status(status), update_fields(fields)
@@ -253,14 +407,16 @@ class PostgresStore(PostgresClient):
 
     async def get_by_id(self, id: uuid.UUID | str) -> Materialization:
         record_id, tenant = parse_id(id), current_tenant()
-        row = await self.db.run(tenant, _fetchrow, f"{_SELECT} WHERE id = $1", record_id)
+        row = await self.db.run(tenant, _fetchrow, f"{_SELECT} WHERE id = $1 AND tenant_id = $2", record_id, tenant or "")
         if row is None:
             raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant)
         return _record(row)
 
     async def get_by_run_id(self, run_id: uuid.UUID | str) -> list[Materialization]:
+        tenant = current_tenant()
         rows = await self.db.run(
-            current_tenant(), _fetch, f"{_SELECT} WHERE run_id = $1 ORDER BY seq", parse_id(run_id, "run")
+            tenant, _fetch, f"{_SELECT} WHERE run_id = $1 AND tenant_id = $2 ORDER BY seq",
+            parse_id(run_id, "run"), tenant or "",
         )
         return [_record(row) for row in rows]
 
@@ -317,27 +473,43 @@ class PostgresStore(PostgresClient):
 
     # --------------------------------------------------------- backfills
 
-    async def save_backfill(self, id: uuid.UUID, state: Any) -> None:
+    async def save_backfill(self, id: uuid.UUID, state: Any, *, owner: str | None = None) -> None:
         from ..runtime.backfill import saved_to_json
 
         tenant = current_tenant()
         spec, status, state_name = saved_to_json(state)
-        await self.db.run(
-            tenant, _execute,
-            """INSERT INTO flowstone_backfills (id, tenant_id, asset_name, state, spec, status, updated_at)
-               VALUES ($1, $2, $3, $4, $5::text::jsonb, $6::text::jsonb, now())
+        saved = await self.db.run(
+            tenant, _fetchval,
+            """INSERT INTO flowstone_backfills
+                   (id, tenant_id, asset_name, state, spec, status, owner, heartbeat_at, updated_at)
+               VALUES ($1, $2, $3, $4, $5::text::jsonb, $6::text::jsonb, $7, now(), now())
                ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, status = EXCLUDED.status,
-                   spec = EXCLUDED.spec, updated_at = now()""",
-            id, tenant or "", state.spec.asset, state_name, spec, status,
+                   spec = EXCLUDED.spec, heartbeat_at = now(), updated_at = now()
+               WHERE flowstone_backfills.tenant_id = EXCLUDED.tenant_id
+                 AND flowstone_backfills.owner IS NOT DISTINCT FROM EXCLUDED.owner
+               RETURNING true""",
+            id, tenant or "", state.spec.asset, state_name, spec, status, owner,
         )
+        if not saved:
+            raise LeaseLost(
+                f"backfill {str(id)!r} is now driven by another process; {owner} may no longer save it",
+                tenant=tenant,
+            )
 
     async def load_backfill(self, id: uuid.UUID) -> Any:
         from ..runtime.backfill import saved_from_json
 
+        tenant = current_tenant()
         row = await self.db.run(
-            current_tenant(), _fetchrow, "SELECT spec::text, status::text FROM flowstone_backfills WHERE id = $1", id
+            tenant, _fetchrow,
+            "SELECT spec::text, status::text FROM flowstone_backfills WHERE id = $1 AND tenant_id = $2",
+            id, tenant or "",
         )
         return None if row is None else saved_from_json(row[0], row[1])
+
+    async def claim_backfill(self, id: uuid.UUID, owner: str, *, stale_after: float) -> BackfillClaim:
+        tenant = current_tenant()
+        return await self.db.run(tenant, _claim_backfill, id, tenant or "", owner, stale_after)
 
 
 # ---------------------------------------------------------------- asyncio side
@@ -360,51 +532,157 @@ async def _execute(connection: Any, sql: str, *args: Any) -> None:
     await connection.execute(sql, *args)
 
 
+async def _claim_backfill(connection: Any, id: uuid.UUID, tenant: str, owner: str, stale_after: float) -> BackfillClaim:
+    from ..runtime.backfill import saved_from_json
+
+    row = await connection.fetchrow(
+        """SELECT spec::text, status::text, state, owner, heartbeat_at,
+                  coalesce(clock_timestamp() - heartbeat_at > make_interval(secs => $3), true)
+           FROM flowstone_backfills WHERE id = $1 AND tenant_id = $2 FOR UPDATE""",
+        id, tenant, stale_after,
+    )
+    if row is None:
+        raise BackfillNotFound(id, tenant=tenant or None)
+    previous, seen = None, None
+    if row[2] == "running" and row[3] is not None and row[3] != owner:
+        if not row[5]:
+            raise BackfillOwned(id, row[3], row[4], tenant=tenant or None)
+        previous, seen = row[3], row[4]
+    await connection.execute(
+        "UPDATE flowstone_backfills SET owner = $3, heartbeat_at = now() WHERE id = $1 AND tenant_id = $2",
+        id, tenant, owner,
+    )
+    return BackfillClaim(saved_from_json(row[0], row[1]), previous, seen)
+
+
 async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[BaseException | None]:
-    """One INSERT and one UPDATE for the batch; each op's error (or None)."""
+    """At most one statement per kind of write for the whole batch; each op's error (or None)."""
     inserts = [op for op in ops if op.kind == "insert"]
+    begins = [op for op in ops if op.kind == "begin"]
     completes = [op for op in ops if op.kind == "complete"]
     written: set[uuid.UUID] = set()
+    refused: dict[uuid.UUID, BaseException] = {}  # final answers
+    fenced_out: dict[uuid.UUID, BaseException] = {}  # unless the record already says what we wrote
+    now = _utcnow()
     if inserts:
+        current = [op for op in inserts if op.record.status in CURRENT]
+        if current:  # rare: create(status="success") by hand; the runtime uses begin + complete
+            await connection.execute(_SUPERSEDE_NEW, tenant, _keys(current), now)
         rows = await connection.fetch(_INSERT, "[" + ",".join(op.row for op in inserts) + "]")
         written.update(row[0] for row in rows)
+    if begins:
+        await _begin(connection, tenant, begins, now, written, refused)
+    if completes:
+        completes = await _release(connection, tenant, completes, now, fenced_out)
     if completes:
         rows = await connection.fetch(_COMPLETE, "[" + ",".join(op.row for op in completes) + "]")
         written.update(row[0] for row in rows)
-    missing = [op.record.id for op in ops if op.record.id not in written]
-    current: dict[uuid.UUID, tuple[str, datetime]] = {}
+    missing = [op.record.id for op in ops if op.record.id not in written and op.record.id not in refused]
+    current_rows: dict[uuid.UUID, tuple[str, datetime]] = {}
     if missing:
-        current = {
+        current_rows = {
             row[0]: (row[1], row[2])
-            for row in await connection.fetch(f"SELECT id, status, updated_at FROM {TABLE} WHERE id = ANY($1)", missing)
+            for row in await connection.fetch(
+                f"SELECT id, status, updated_at FROM {TABLE} WHERE id = ANY($1) AND tenant_id = $2", missing, tenant
+            )
         }
     outcome: list[BaseException | None] = []
     for op in ops:
         record = op.record
+        found = current_rows.get(record.id)
         if record.id in written:
             outcome.append(None)
-        elif op.kind == "insert":
-            found = current.get(record.id)
+        elif record.id in refused:
+            outcome.append(refused[record.id])
+        elif op.kind in ("insert", "begin"):
             # Ours already (a retried batch whose first COMMIT landed), or someone else's id.
             outcome.append(
                 None if found is not None and found[1] == record.inserted_at
                 else DefinitionError([FieldError("id", f"a materialization with id {record.id} already exists")],
                                      asset=record.asset_name, partition=record.partition, tenant=record.tenant_id)
             )
-        elif record.id not in current:
+        elif found is not None and found == (record.status.value, record.updated_at):
+            outcome.append(None)  # a retried batch whose first COMMIT landed (and released the lease)
+        elif record.id in fenced_out:
+            outcome.append(fenced_out[record.id])
+        elif found is None:
             outcome.append(NotFound(f"no materialization with id {str(record.id)!r}", tenant=record.tenant_id))
         else:
             try:
-                check_transition(Status(current[record.id][0]), record.status, record)
+                check_transition(Status(found[0]), record.status, record)
                 outcome.append(_lost_race(record, op.expected))
             except FlowstoneError as error:
                 outcome.append(error)
     return outcome
 
 
-def _lost_race(record: Materialization, expected: Status | None) -> BaseException:
-    from ..errors import InvalidTransition
+def _keys(ops: list[_Write]) -> str:
+    return json.dumps([
+        {"id": str(op.record.id), "asset_name": op.record.asset_name, "partition": op.record.partition,
+         "fence": op.lease.fence if op.lease is not None else None}
+        for op in ops
+    ], ensure_ascii=False)
 
+
+async def _begin(
+    connection: Any, tenant: str, ops: list[_Write], now: datetime,
+    written: set[uuid.UUID], refused: dict[uuid.UUID, BaseException],
+) -> None:
+    """Grant what is free, insert those records; say who holds the rest."""
+    granted = {
+        row[0]: row[1]
+        for row in await connection.fetch(_BEGIN, tenant, "[" + ",".join(op.row for op in ops) + "]", now)
+    }
+    held = [op for op in ops if op.record.id not in granted]
+    holders: dict[tuple[str, str | None], Any] = {}
+    if held:
+        rows = await connection.fetch(
+            _HOLDERS, tenant, [op.record.asset_name for op in held], [op.record.partition for op in held]
+        )
+        holders = {(row[0], row[2] if row[1] else None): row for row in rows}
+    for op in ops:
+        record = op.record
+        fence = granted.get(record.id)
+        holder = holders.get((record.asset_name, record.partition))
+        if fence is None and holder is not None and holder[6] == record.id:
+            fence = holder[4]  # ours: a retried batch whose first COMMIT landed
+        if fence is not None:
+            op.fence = fence
+            written.add(record.id)
+            continue
+        refused[record.id] = LeaseHeld(
+            record.asset_name, record.partition, tenant=record.tenant_id,
+            owner=holder[3] if holder else None, fence=holder[4] if holder else None,
+            expires_at=holder[5] if holder else None,
+        )
+
+
+async def _release(
+    connection: Any, tenant: str, ops: list[_Write], now: datetime, refused: dict[uuid.UUID, BaseException]
+) -> list[_Write]:
+    """Release (or check) the leases completions write under and supersede what their
+    successes replace; the completions still allowed (the others are refused)."""
+    fenced = [op for op in ops if op.lease is not None]
+    successes = [op for op in ops if op.record.status is Status.SUCCESS and op.expected is not Status.SUCCESS]
+    if not fenced and not successes:
+        return ops
+    rows = await connection.fetch(
+        _RELEASE_AND_SUPERSEDE, tenant,
+        [op.lease.fence for op in fenced if op.release and op.lease is not None],
+        [op.lease.fence for op in fenced if not op.release and op.lease is not None],
+        _keys(successes), now,
+    )
+    held = {row[0] for row in rows}
+    allowed = []
+    for op in ops:
+        if op.lease is not None and op.lease.fence not in held:
+            refused[op.record.id] = lost(op.lease)
+        else:
+            allowed.append(op)
+    return allowed
+
+
+def _lost_race(record: Materialization, expected: Status | None) -> BaseException:
     return InvalidTransition(
         expected or record.status, record.status, asset=record.asset_name, partition=record.partition,
         tenant=record.tenant_id, detail="the record changed since it was read (another writer moved it first)",
@@ -429,6 +707,8 @@ async def _update_status(
     for name, value in changes.items():
         args.append(list(value) if name == "upstream_assets" else value)
         sets.append(f"{_UPDATABLE_SQL[name]} = ${len(args)}")
+    if target is Status.SUCCESS:  # one current success: the previous one is superseded first
+        await connection.execute(_SUPERSEDE_FOR, record_id, tenant, allowed_from, now)
     row = await connection.fetchrow(
         f"UPDATE {TABLE} SET {', '.join(sets)} WHERE id = $1 AND tenant_id = $2 AND status = ANY($3::text[]) "
         f"RETURNING {_COLUMNS}",
@@ -436,7 +716,7 @@ async def _update_status(
     )
     if row is not None:
         return row
-    current = await connection.fetchrow(f"{_SELECT} WHERE id = $1", record_id)
+    current = await connection.fetchrow(f"{_SELECT} WHERE id = $1 AND tenant_id = $2", record_id, tenant)
     if current is None:
         raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant or None)
     check_transition(Status(current["status"]), target, _record(current))

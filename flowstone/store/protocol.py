@@ -8,9 +8,10 @@ implements them, and the shared contract suite (tests/contracts) checks them all
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, Protocol, runtime_checkable
 
+from .leases import BackfillClaim, Lease
 from .records import Materialization, Status
 
 __all__ = ["MaterializationStore"]
@@ -52,10 +53,40 @@ class MaterializationStore(Protocol):
         """Latest ``success``/``stale`` record of every partition of an asset, by key."""
         ...
 
-    async def complete(self, record: Materialization, status: Status, **fields: Any) -> Materialization:
+    async def complete(
+        self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
+    ) -> Materialization:
         """The runtime's own move of a record it holds the lease for (``record`` is
-        its current state). Checked against the status machine before anything is
-        sent; the store may write it behind, but later calls must see it."""
+        its current state, in the caller's tenant, else NotFound). Checked against
+        the status machine before anything is sent; the store may write it behind,
+        but later calls must see it. With ``lease``: refused with ``LeaseLost`` when
+        that lease is no longer current; a terminal status releases it. A success
+        supersedes the partition's previous current record in the same write."""
+        ...
+
+    # ---- single flight across processes (ADR 0009)
+
+    async def begin(self, owner: str, seconds: float, **fields: Any) -> tuple[Materialization, Lease]:
+        """Take the lease of the record's (tenant, asset, partition) for ``seconds`` and
+        create the record (``create(**fields)``) in the same write. Raises ``LeaseHeld``
+        while another owner's lease is unexpired; an expired lease is taken over and
+        its holder's record, if still open, closed as an orphan."""
+        ...
+
+    async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:
+        """Extend ``owner``'s leases (by fence, in the caller's tenant) to ``seconds`` from
+        now; the fences still held (the others were taken over or released)."""
+        ...
+
+    async def wait_lease(self, asset_name: str, partition: str | None, fence: int, timeout: float) -> None:
+        """Return once lease ``fence`` of that partition is released or expired, or
+        after ``timeout`` seconds; the caller then looks again."""
+        ...
+
+    async def close_orphans(self, owner: str, message: str) -> int:
+        """Close every unfinished record ``owner`` (a dead process) left in the caller's
+        tenant (running -> failed, pending / waiting_approval -> cancelled, with
+        ``message``) and drop its leases; how many records."""
         ...
 
     async def mark_stale(self, asset_name: str, partition: str | None) -> None:
@@ -63,9 +94,17 @@ class MaterializationStore(Protocol):
         may be written behind."""
         ...
 
-    async def save_backfill(self, id: uuid.UUID, state: Any) -> None:
-        """Keep a backfill's ``Saved`` (spec and status) so it can be reported and resumed.
-        A store that serializes may hand back partition keys in place of values."""
+    async def save_backfill(self, id: uuid.UUID, state: Any, *, owner: str | None = None) -> None:
+        """Keep a backfill's ``Saved`` (spec and status) so it can be reported and resumed,
+        and stamp ``owner``'s heartbeat. Raises ``LeaseLost`` when another owner has
+        claimed the backfill since. A store that serializes may hand back partition
+        keys in place of values."""
+        ...
+
+    async def claim_backfill(self, id: uuid.UUID, owner: str, *, stale_after: float) -> BackfillClaim:
+        """Make ``owner`` the backfill's owner, to resume it. Raises ``BackfillNotFound``
+        (no such backfill in the caller's tenant) or ``BackfillOwned`` (still running
+        under another owner whose heartbeat is at most ``stale_after`` seconds old)."""
         ...
 
     async def load_backfill(self, id: uuid.UUID) -> Any:

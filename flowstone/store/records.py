@@ -16,7 +16,7 @@ from ..errors import DefinitionError, InvalidTransition, NotFound
 from ..identifiers import check_identifier
 from ..partitions import serialize_partition
 
-__all__ = ["TERMINAL", "TRANSITIONS", "Materialization", "Status", "check_transition"]
+__all__ = ["ACTIVE", "CURRENT", "ORPHAN_ENDING", "TERMINAL", "TRANSITIONS", "Materialization", "Status", "check_transition"]
 
 
 class Status(str, enum.Enum):
@@ -29,6 +29,7 @@ class Status(str, enum.Enum):
     STALE = "stale"
     WAITING_APPROVAL = "waiting_approval"
     CANCELLED = "cancelled"
+    SUPERSEDED = "superseded"
 
     def __str__(self) -> str:
         return self.value
@@ -38,14 +39,28 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = MappingProxyType({
     Status.PENDING: frozenset({Status.RUNNING, Status.WAITING_APPROVAL, Status.CANCELLED}),
     Status.WAITING_APPROVAL: frozenset({Status.RUNNING, Status.FAILED, Status.CANCELLED}),
     Status.RUNNING: frozenset({Status.SUCCESS, Status.FAILED, Status.CANCELLED}),
-    Status.SUCCESS: frozenset({Status.STALE}),
+    Status.SUCCESS: frozenset({Status.STALE, Status.SUPERSEDED}),
     Status.FAILED: frozenset(),
-    Status.STALE: frozenset(),
+    Status.STALE: frozenset({Status.SUPERSEDED}),
     Status.CANCELLED: frozenset(),
+    Status.SUPERSEDED: frozenset(),
 })
 
-TERMINAL = frozenset({Status.SUCCESS, Status.FAILED, Status.STALE, Status.CANCELLED})
-"""Statuses a run leaves a record in; ``success`` can still become ``stale`` later."""
+TERMINAL = frozenset({Status.SUCCESS, Status.FAILED, Status.STALE, Status.CANCELLED, Status.SUPERSEDED})
+"""Statuses a run leaves a record in; ``success`` can still become ``stale`` or
+``superseded`` later."""
+
+CURRENT = frozenset({Status.SUCCESS, Status.STALE})
+"""The statuses of a partition's current record: at most one record of a (tenant,
+asset, partition) has one of them; a newer success supersedes it."""
+
+ACTIVE = frozenset({Status.PENDING, Status.RUNNING, Status.WAITING_APPROVAL})
+"""Statuses of work not finished yet; a process that dies leaves its records here."""
+
+ORPHAN_ENDING = MappingProxyType({
+    Status.RUNNING: Status.FAILED, Status.PENDING: Status.CANCELLED, Status.WAITING_APPROVAL: Status.CANCELLED,
+})
+"""How a dead process's unfinished record is closed: started work failed, the rest never ran."""
 
 
 def to_status(value: Any) -> Status:

@@ -1,0 +1,103 @@
+"""The runtime's side of leases: which ones it holds, renewed together.
+
+Jobs take a lease from the store when they start (``store.begin``) and hand it in
+with their last record write. Meanwhile the :class:`LeaseKeeper` renews every lease
+the runtime holds, a third of the lease's duration apart, in one store call per
+tenant: a job pays no task and no round trip of its own for renewal.
+
+The keeper also knows until when each lease is surely still ours: the moment the
+grant or the last renewal was *asked for*, plus the lease's duration. The store
+measures expiry from later (when it received the request), so no other process
+can have taken a lease over before that moment. A job checks it before writing its
+value; a lease that was lost, or that the store could not renew for most of its
+duration, stops the job with ``LeaseLost`` before it writes anything (ADR 0009).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import anyio
+import attrs
+from anyio.abc import TaskStatus
+
+from ..errors import FlowstoneError, LeaseLost
+from ..store.leases import Lease, lost
+from ..tenancy import tenant_scope
+
+__all__ = ["LEASE_SECONDS", "LeaseKeeper"]
+
+log = logging.getLogger("flowstone.runtime")
+
+LEASE_SECONDS = 30.0
+"""How long a lease lasts unless renewed: how long others wait for a process that
+died mid-job before they take its work over."""
+
+SAFETY = 0.25
+"""A value is written only while at least this share of the lease's duration is surely left."""
+
+
+@attrs.define(eq=False)
+class _Held:
+    lease: Lease
+    valid_until: float
+    lost: bool = False
+
+
+class LeaseKeeper:
+    """Every lease one runtime holds; ``run`` renews them until cancelled."""
+
+    def __init__(self, store: Any, owner: str, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.owner = owner
+        self.seconds = seconds
+        self.clock = clock
+        self.held: dict[int, _Held] = {}
+
+    def hold(self, lease: Lease, asked_at: float) -> None:
+        self.held[lease.fence] = _Held(lease, asked_at + self.seconds)
+
+    def drop(self, lease: Lease) -> None:
+        self.held.pop(lease.fence, None)
+
+    def check(self, lease: Lease) -> None:
+        """Raise ``LeaseLost`` unless ``lease`` is surely ours for a while yet."""
+        held = self.held.get(lease.fence)
+        if held is None or held.lost:
+            raise lost(lease)
+        if held.valid_until - self.clock() < self.seconds * SAFETY:
+            raise lost(lease, f"it could not be renewed for {self.seconds * (1 - SAFETY):.0f}s")
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await anyio.sleep(self.seconds / 3)
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Renew every lease held now, one store call per tenant."""
+        by_tenant: dict[str | None, list[_Held]] = {}
+        for held in list(self.held.values()):
+            if not held.lost:
+                by_tenant.setdefault(held.lease.tenant, []).append(held)
+        for tenant, leases in by_tenant.items():
+            asked = self.clock()
+            try:
+                with tenant_scope(tenant) if tenant is not None else nullcontext():
+                    kept = await self.store.renew_leases(self.owner, [h.lease.fence for h in leases], self.seconds)
+            except FlowstoneError as error:
+                log.warning("could not renew %d leases of tenant %r: %s", len(leases), tenant, error)
+                continue
+            for held in leases:
+                if held.lease.fence in kept:
+                    held.valid_until = asked + self.seconds
+                elif self.held.get(held.lease.fence) is held:  # not released meanwhile: taken over
+                    held.lost = True
+                    log.warning("%s", LeaseLost(
+                        "lease lost: another process took this partition over",
+                        asset=held.lease.asset, partition=held.lease.partition, tenant=tenant,
+                    ))

@@ -1,0 +1,165 @@
+"""Leases: who computes a partition now, kept in the store so every process sees it.
+
+A lease names one (tenant, asset, partition), its ``owner`` (a process's runtime),
+an expiry the owner renews while it works, and a ``fence``: a number that grows with
+every grant and is never given twice. A store grants a lease when nobody holds it or
+the holder's lease has expired (the holder is presumed dead), writes the record of
+the new materialization in the same step, and from then on accepts record writes
+under that lease only while its fence is still the current one: a holder whose lease
+expired and was taken over gets ``LeaseLost`` and changes nothing (ADR 0009).
+
+The memory store keeps its leases in a :class:`LeaseTable`; PostgreSQL keeps them in
+``flowstone_leases``. Both run the same contract suite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Callable, Collection
+from datetime import datetime, timedelta
+
+import anyio
+import attrs
+
+from ..errors import FlowstoneError, LeaseLost
+
+__all__ = ["BackfillClaim", "Lease", "LeaseHeld", "LeaseTable"]
+
+
+@attrs.frozen
+class Lease:
+    """Permission, granted by the store, to compute one partition: hand its ``fence``
+    with every record write; renew it before it expires."""
+
+    tenant: str | None
+    asset: str
+    partition: str | None
+    owner: str
+    fence: int
+
+
+class LeaseHeld(FlowstoneError):
+    """Another owner holds the lease: wait for it (``store.wait_lease``), then look
+    again; its success is probably what this caller wanted."""
+
+    def __init__(
+        self, asset: str, partition: str | None, *, owner: str | None, fence: int | None,
+        expires_at: datetime | None, tenant: str | None,
+    ) -> None:
+        self.owner = owner
+        self.fence = fence
+        self.expires_at = expires_at
+        super().__init__(
+            f"being computed by {owner or 'another process'} (lease {fence}, expires {expires_at})",
+            asset=asset, partition=partition, tenant=tenant,
+        )
+
+
+@attrs.frozen
+class BackfillClaim:
+    """What ``claim_backfill`` found: the saved backfill, and the owner it was taken
+    from when that owner had left it running (dead: its heartbeat was stale)."""
+
+    saved: object
+    previous_owner: str | None
+    last_seen: datetime | None
+
+
+def lost(lease: Lease, detail: str = "it expired and another process took the work over") -> LeaseLost:
+    return LeaseLost(
+        f"the lease (fence {lease.fence}) of {lease.owner} is gone: {detail}",
+        asset=lease.asset, partition=lease.partition, tenant=lease.tenant,
+    )
+
+
+# ----------------------------------------------------------- the memory store's
+
+Key = tuple[str | None, str, str | None]
+
+
+@attrs.define(eq=False)
+class _Row:
+    owner: str
+    fence: int
+    record_id: uuid.UUID | None
+    expires_at: datetime
+    released: anyio.Event | None = None  # made when someone waits
+
+
+class LeaseTable:
+    """The memory store's leases. Every method is synchronous: all callers share one
+    event loop thread, so each call is atomic, as a statement is in PostgreSQL."""
+
+    def __init__(self, now: Callable[[], datetime]) -> None:
+        self.now = now
+        self.rows: dict[Key, _Row] = {}
+        self.by_fence: dict[int, Key] = {}
+        self.fences = itertools.count(1)
+
+    def acquire(
+        self, tenant: str | None, asset: str, partition: str | None, owner: str, seconds: float,
+        record_id: uuid.UUID | None,
+    ) -> tuple[Lease, _Row | None]:
+        """Grant the lease or raise ``LeaseHeld``; with it, the expired row it replaced."""
+        key = (tenant, asset, partition)
+        now = self.now()
+        row = self.rows.get(key)
+        if row is not None and row.expires_at > now:
+            raise LeaseHeld(asset, partition, owner=row.owner, fence=row.fence, expires_at=row.expires_at, tenant=tenant)
+        if row is not None:
+            self._drop(key, row)
+        new = _Row(owner, next(self.fences), record_id, now + timedelta(seconds=seconds))
+        self.rows[key] = new
+        self.by_fence[new.fence] = key
+        return Lease(tenant, asset, partition, owner, new.fence), row
+
+    def current(self, lease: Lease) -> bool:
+        key = self.by_fence.get(lease.fence)
+        return key is not None and key == (lease.tenant, lease.asset, lease.partition)
+
+    def check(self, lease: Lease) -> None:
+        if not self.current(lease):
+            raise lost(lease)
+
+    def release(self, lease: Lease) -> None:
+        key = self.by_fence.get(lease.fence)
+        if key is not None:
+            self._drop(key, self.rows[key])
+
+    def renew(self, tenant: str | None, owner: str, fences: Collection[int], seconds: float) -> set[int]:
+        until = self.now() + timedelta(seconds=seconds)
+        kept = set()
+        for fence in fences:
+            key = self.by_fence.get(fence)
+            if key is None or key[0] != tenant:
+                continue
+            row = self.rows[key]
+            if row.owner == owner:
+                row.expires_at = until
+                kept.add(fence)
+        return kept
+
+    def drop_owner(self, tenant: str | None, owner: str) -> None:
+        for key, row in list(self.rows.items()):
+            if key[0] == tenant and row.owner == owner:
+                self._drop(key, row)
+
+    async def wait(self, tenant: str | None, asset: str, partition: str | None, fence: int, timeout: float) -> None:
+        """Return once lease ``fence`` is released or has expired, or after ``timeout`` seconds."""
+        row = self.rows.get((tenant, asset, partition))
+        if row is None or row.fence != fence:
+            return
+        remaining = (row.expires_at - self.now()).total_seconds()
+        if remaining <= 0:
+            return
+        if row.released is None:
+            row.released = anyio.Event()
+        with anyio.move_on_after(min(timeout, remaining)):
+            await row.released.wait()
+
+    def _drop(self, key: Key, row: _Row) -> None:
+        del self.rows[key]
+        self.by_fence.pop(row.fence, None)
+        if row.released is not None:
+            row.released.set()

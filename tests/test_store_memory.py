@@ -1,18 +1,41 @@
 """The memory store passes the store contract (tests/contracts/store.py)."""
 
+from datetime import datetime, timedelta, timezone
+
 import pytest
 
 import flowstone as fs
-from contracts.store import StoreContract
+from contracts.store import LeaseContract, StoreContract
 
 pytestmark = pytest.mark.anyio
 
 
-class TestMemoryStore(StoreContract):
+class _Clock:
+    """The memory store's clock, moved by the tests instead of waiting."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(timezone.utc) + self.offset
+
+
+class TestMemoryStore(StoreContract, LeaseContract):
     @pytest.fixture
-    async def store(self, anyio_backend):
-        async with fs.store.MemoryStore() as store:
+    def clock(self):
+        return _Clock()
+
+    @pytest.fixture
+    async def store(self, anyio_backend, clock):
+        async with fs.store.MemoryStore(now=clock) as store:
             yield store
+
+    @pytest.fixture
+    def age(self, clock):
+        async def age(seconds):
+            clock.offset += timedelta(seconds=seconds)
+
+        return age
 
 
 async def test_an_unstarted_memory_store_says_how_to_start_it(anyio_backend):

@@ -108,12 +108,12 @@ class Update(Message):
 @attrs.frozen(kw_only=True)
 class Replace(Message):
     """Write-behind of a transition the runtime owns: ``record`` replaces the
-    stored one if that one is still in ``expected`` status."""
+    stored one if that one is still in ``expected`` status, and unless ``lease``
+    was taken over between the client's check and now."""
 
     record: Materialization
     expected: Status
     lease: Lease | None = None
-    release: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -305,12 +305,9 @@ class _Handlers:
                 m.record.asset_name, m.record.id, m.expected.value, found,
             )
             return
-        if m.lease is not None:
-            if not self.data.leases.current(m.lease):
-                log.error("refused write of %s %s: %s", m.record.asset_name, m.record.id, lost(m.lease))
-                return
-            if m.release:
-                self.data.leases.release(m.lease)
+        if m.lease is not None and m.lease.fence in self.data.leases.taken_over:
+            log.error("refused write of %s %s: %s", m.record.asset_name, m.record.id, lost(m.lease))
+            return
         self._store(old, m.record)
 
     def _replace(self, old: Materialization, status: Status, fields: dict[str, Any]) -> Materialization:

@@ -91,11 +91,16 @@ class LeaseTable:
     """The memory store's leases. Every method is synchronous: all callers share one
     event loop thread, so each call is atomic, as a statement is in PostgreSQL."""
 
+    TAKEN_OVER_KEPT = 10_000
+
     def __init__(self, now: Callable[[], datetime]) -> None:
         self.now = now
         self.rows: dict[Key, _Row] = {}
         self.by_fence: dict[int, Key] = {}
         self.fences = itertools.count(1)
+        self.taken_over: dict[int, None] = {}
+        """Fences whose leases expired and went to someone else (the newest few):
+        a write already queued under one of them is refused when it is applied."""
 
     def acquire(
         self, tenant: str | None, asset: str, partition: str | None, owner: str, seconds: float,
@@ -109,6 +114,9 @@ class LeaseTable:
             raise LeaseHeld(asset, partition, owner=row.owner, fence=row.fence, expires_at=row.expires_at, tenant=tenant)
         if row is not None:
             self._drop(key, row)
+            self.taken_over[row.fence] = None
+            if len(self.taken_over) > self.TAKEN_OVER_KEPT:
+                del self.taken_over[next(iter(self.taken_over))]
         new = _Row(owner, next(self.fences), record_id, now + timedelta(seconds=seconds))
         self.rows[key] = new
         self.by_fence[new.fence] = key

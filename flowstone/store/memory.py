@@ -90,10 +90,15 @@ class MemoryStore(MemoryActorClient):
         if record.tenant_id != tenant:
             raise NotFound(f"no materialization with id {str(record.id)!r}", tenant=tenant)
         check_transition(record.status, status, record)
+        leases = self._data.leases
         if lease is not None:
-            self._data.leases.check(lease)
+            leases.check(lease)
         new = evolve(record, status=status, updated_at=m.utcnow(), **update_fields(fields))
-        await self.handle.cast(m.Replace(record=new, expected=record.status, lease=lease, release=status in TERMINAL))
+        await self.handle.cast(m.Replace(record=new, expected=record.status, lease=lease))
+        if lease is not None and status in TERMINAL:
+            # Released once the write is queued: whoever takes the lease next
+            # queues after it, so sees the record (and its success) first.
+            leases.release(lease)
         return new
 
     async def exists(self, asset_name: str, partition: Any = None) -> bool:

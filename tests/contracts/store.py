@@ -15,16 +15,23 @@ import pytest
 
 import flowstone as fs
 from flowstone.runtime.backfill import BackfillSpec, BackfillStatus, Saved
+from flowstone.store.leases import LeaseHeld
 from flowstone.store import TRANSITIONS, Status
 
 pytestmark = pytest.mark.anyio
 
 
 class StoreContract:
-    """Every store passes these; ``store`` is an opened store with no records."""
+    """Every store passes these; ``store`` is an opened store with no records, and
+    ``age(seconds)`` makes its leases and backfill heartbeats that much older (time
+    passing, without waiting for it)."""
 
     @pytest.fixture
     async def store(self):  # pragma: no cover - subclasses provide it
+        raise NotImplementedError
+
+    @pytest.fixture
+    def age(self, store):  # pragma: no cover - subclasses provide it
         raise NotImplementedError
 
     # ----------------------------------------------------------- create / get
@@ -246,6 +253,217 @@ class StoreContract:
         records = await store.list_all(limit=1000)
         assert len(records) == 200 and {r.status for r in records} == {Status.SUCCESS}
         assert len({r.partition for r in records}) == 200
+
+
+class LeaseContract:
+    """Single flight across processes and ownership of backfills (ADR 0009), mixed
+    into every store's contract class."""
+
+    # ------------------------------------------------------- one current success
+
+    async def test_a_new_success_supersedes_the_current_record_in_the_same_write(self, store):
+        first = await store.complete(await store.create(asset_name="a", partition="1", status=Status.RUNNING),
+                                     Status.SUCCESS)
+        second = await store.complete(await store.create(asset_name="a", partition="1", status=Status.RUNNING),
+                                      Status.SUCCESS)
+        assert (await store.get_by_id(first.id)).status is Status.SUPERSEDED
+        await store.update_status(second.id, Status.STALE)
+        third = await store.create(asset_name="a", partition="1", status=Status.RUNNING)
+        await store.update_status(third.id, Status.SUCCESS)  # the public move supersedes too
+        assert (await store.get_by_id(second.id)).status is Status.SUPERSEDED
+        assert [r.id for r in await store.list_by_status("success")] == [third.id]
+        assert (await store.latest_successes([("a", "1")]))[("a", "1")].id == third.id
+
+    async def test_superseding_keeps_partitions_tenants_and_the_unpartitioned_record_apart(self, store):
+        async def success(partition):
+            return await store.complete(
+                await store.create(asset_name="a", partition=partition, status=Status.RUNNING), Status.SUCCESS
+            )
+
+        kept = [await success(None), await success(""), await success("x")]
+        with fs.tenant_scope("other"):
+            await success("x")
+        assert [(await store.get_by_id(r.id)).status for r in kept] == [Status.SUCCESS] * 3
+
+    # ----------------------------------------------------------------- leases
+
+    async def test_begin_takes_the_lease_and_creates_the_record(self, store):
+        record, lease = await store.begin("p1", 30, asset_name="a", partition="1", status=Status.RUNNING)
+        assert (await store.get_by_id(record.id)).status is Status.RUNNING
+        assert (lease.owner, lease.asset, lease.partition, lease.tenant) == ("p1", "a", "1", None)
+        assert isinstance(lease.fence, int)
+
+    async def test_a_held_lease_is_refused_naming_its_holder_and_records_nothing(self, store):
+        _, lease = await store.begin("p1", 30, asset_name="a", partition="1", status=Status.RUNNING)
+        with pytest.raises(LeaseHeld) as held:
+            await store.begin("p2", 30, asset_name="a", partition="1", status=Status.RUNNING)
+        assert (held.value.owner, held.value.fence) == ("p1", lease.fence)
+        assert len(await store.list_all()) == 1
+        await store.begin("p2", 30, asset_name="a", partition="2", status=Status.RUNNING)  # another partition
+
+    async def test_a_terminal_write_releases_the_lease_and_the_next_fence_is_larger(self, store):
+        record, lease = await store.begin("p1", 30, asset_name="a", partition="1", status=Status.RUNNING)
+        await store.complete(record, Status.SUCCESS, lease=lease)
+        _, again = await store.begin("p2", 30, asset_name="a", partition="1", status=Status.RUNNING)
+        assert again.fence > lease.fence
+
+    async def test_an_expired_lease_is_taken_over_and_its_holder_fenced_out(self, store, age):
+        old, lease = await store.begin("dead", 10, asset_name="a", partition="1", status=Status.RUNNING)
+        await age(11)
+        new, taken = await store.begin("alive", 10, asset_name="a", partition="1", status=Status.RUNNING)
+        closed = await store.get_by_id(old.id)  # the holder's open record, closed in the same write
+        assert closed.status is Status.FAILED and closed.error_message.startswith("orphaned: dead")
+        with pytest.raises(fs.LeaseLost):
+            await store.complete(old, Status.SUCCESS, lease=lease)
+        done = await store.complete(new, Status.SUCCESS, lease=taken)
+        found = await store.latest_successes([("a", "1")])
+        assert found[("a", "1")].id == done.id
+        assert (await store.get_by_id(old.id)).status is Status.FAILED
+
+    async def test_a_fenced_out_holder_cannot_supersede_the_current_success(self, store, age):
+        old, lease = await store.begin("slow", 10, asset_name="a", partition="1", status=Status.RUNNING)
+        await age(11)
+        new, taken = await store.begin("fast", 10, asset_name="a", partition="1", status=Status.RUNNING)
+        current = await store.complete(new, Status.SUCCESS, lease=taken)
+        with pytest.raises(fs.LeaseLost):
+            await store.complete(old, Status.SUCCESS, lease=lease)
+        assert (await store.get_by_id(current.id)).status is Status.SUCCESS
+
+    async def test_renewal_keeps_a_lease_until_it_is_taken_over(self, store, age):
+        _, lease = await store.begin("p1", 10, asset_name="a", partition="1", status=Status.RUNNING)
+        await age(6)
+        assert await store.renew_leases("p1", [lease.fence], 10) == {lease.fence}
+        await age(6)  # 12 s after the grant, 6 after the renewal: still held
+        with pytest.raises(LeaseHeld):
+            await store.begin("p2", 10, asset_name="a", partition="1", status=Status.RUNNING)
+        assert await store.renew_leases("p2", [lease.fence], 10) == set()  # only its owner renews it
+        await age(11)
+        await store.begin("p2", 10, asset_name="a", partition="1", status=Status.RUNNING)
+        assert await store.renew_leases("p1", [lease.fence], 10) == set()
+
+    async def test_wait_lease_returns_once_the_holder_is_done(self, store):
+        record, lease = await store.begin("p1", 30, asset_name="a", partition="1", status=Status.RUNNING)
+        waited = anyio.Event()
+
+        async def waiter():
+            await store.wait_lease("a", "1", lease.fence, 30)
+            waited.set()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(waiter)
+                await anyio.lowlevel.checkpoint()
+                assert not waited.is_set()
+                await store.complete(record, Status.SUCCESS, lease=lease)
+        assert waited.is_set()
+        assert (await store.latest_successes([("a", "1")]))[("a", "1")].id == record.id
+
+    async def test_concurrent_begins_of_one_partition_grant_exactly_one(self, store):
+        granted, refused = [], []
+
+        async def contender(owner):
+            try:
+                granted.append(await store.begin(owner, 30, asset_name="a", partition="1", status=Status.RUNNING))
+            except LeaseHeld:
+                refused.append(owner)
+
+        async with anyio.create_task_group() as tasks:
+            for index in range(20):
+                tasks.start_soon(contender, f"p{index}")
+        assert len(granted) == 1 and len(refused) == 19
+        assert [r.id for r in await store.list_all()] == [granted[0][0].id]
+
+    async def test_leases_and_their_fences_belong_to_one_tenant(self, store):
+        with fs.tenant_scope("a"):
+            record, lease = await store.begin("p1", 30, asset_name="x", partition="1", status=Status.RUNNING)
+        with fs.tenant_scope("b"):
+            other, _ = await store.begin("p2", 30, asset_name="x", partition="1", status=Status.RUNNING)
+            assert await store.renew_leases("p1", [lease.fence], 30) == set()
+            with pytest.raises(fs.NotFound):
+                await store.complete(record, Status.SUCCESS, lease=lease)
+        with fs.tenant_scope("a"):
+            assert await store.renew_leases("p1", [lease.fence], 30) == {lease.fence}
+            assert (await store.get_by_id(record.id)).status is Status.RUNNING
+
+    async def test_close_orphans_closes_every_open_record_of_that_owner_only(self, store):
+        mine = [
+            (await store.begin("dead:1:x", 30, asset_name=name, partition="1", status=status,
+                               executor_node=f"dead:1:x/executor:{name}"))[0]
+            for name, status in (("raw", Status.RUNNING), ("report", Status.PENDING))
+        ]
+        theirs, _ = await store.begin("dead:1:xy", 30, asset_name="other", status=Status.RUNNING,
+                                      executor_node="dead:1:xy/executor:other")
+        assert await store.close_orphans("dead:1:x", "orphaned: dead:1:x is gone") == 2
+        assert [(await store.get_by_id(r.id)).status for r in mine] == [Status.FAILED, Status.CANCELLED]
+        assert (await store.get_by_id(mine[0].id)).error_message == "orphaned: dead:1:x is gone"
+        assert (await store.get_by_id(theirs.id)).status is Status.RUNNING
+        await store.begin("new", 30, asset_name="raw", partition="1", status=Status.RUNNING)  # its leases are gone
+
+    # ------------------------------------------------------- backfill owners
+
+    def _saved(self, state="running"):
+        backfill = uuid.uuid4()
+        spec = BackfillSpec(
+            id=backfill, asset="daily", partitions=("2025-01-01",), max_parallel=1, upstream="missing",
+            force=False, io=None, context=None, tenant=fs.current_tenant(),
+        )
+        status = BackfillStatus(id=backfill, asset="daily", state=state, total=1, queued=1, running=0,
+                                succeeded=0, failed=0, cancelled=0)
+        return Saved(spec, status)
+
+    async def test_a_backfill_with_a_live_owner_is_refused_naming_it(self, store):
+        saved = self._saved()
+        await store.save_backfill(saved.spec.id, saved, owner="host:1:aa")
+        with pytest.raises(fs.BackfillOwned, match="host:1:aa") as refused:
+            await store.claim_backfill(saved.spec.id, "host:2:bb", stale_after=30)
+        assert refused.value.owner == "host:1:aa" and refused.value.last_seen is not None
+        await store.save_backfill(saved.spec.id, saved, owner="host:1:aa")  # still its owner
+
+    async def test_a_backfill_whose_owner_went_silent_is_taken_over_and_fences_it_out(self, store, age):
+        saved = self._saved()
+        await store.save_backfill(saved.spec.id, saved, owner="host:1:aa")
+        await age(31)
+        claim = await store.claim_backfill(saved.spec.id, "host:2:bb", stale_after=30)
+        assert claim.saved == saved and claim.previous_owner == "host:1:aa" and claim.last_seen is not None
+        with pytest.raises(fs.LeaseLost):
+            await store.save_backfill(saved.spec.id, saved, owner="host:1:aa")
+        await store.save_backfill(saved.spec.id, saved, owner="host:2:bb")
+
+    async def test_a_finished_backfill_is_claimed_without_a_takeover(self, store):
+        saved = self._saved("cancelled")
+        await store.save_backfill(saved.spec.id, saved, owner="host:1:aa")
+        claim = await store.claim_backfill(saved.spec.id, "host:2:bb", stale_after=30)
+        assert claim.previous_owner is None
+
+    async def test_backfills_are_invisible_to_other_tenants(self, store):
+        with fs.tenant_scope("a"):
+            saved = self._saved()
+            await store.save_backfill(saved.spec.id, saved, owner="host:1:aa")
+        with fs.tenant_scope("b"):
+            assert await store.load_backfill(saved.spec.id) is None
+            with pytest.raises(fs.BackfillNotFound):
+                await store.claim_backfill(saved.spec.id, "host:2:bb", stale_after=0)
+
+    # ------------------------------------------------------------ ids by tenant
+
+    async def test_complete_writes_only_records_of_the_callers_tenant(self, store):
+        with fs.tenant_scope("a"):
+            record = await store.create(asset_name="orders", status=Status.RUNNING)
+        with fs.tenant_scope("b"):
+            with pytest.raises(fs.NotFound):
+                await store.complete(record, Status.SUCCESS)
+        with fs.tenant_scope("a"):
+            assert (await store.get_by_id(record.id)).status is Status.RUNNING
+
+    async def test_create_with_an_id_in_use_is_refused_whoever_uses_it(self, store):
+        with fs.tenant_scope("a"):
+            record = await store.create(asset_name="orders", status=Status.RUNNING)
+        for tenant in ("a", "b"):
+            with fs.tenant_scope(tenant), pytest.raises(fs.DefinitionError, match="already exists"):
+                await store.create(id=record.id, asset_name="stolen", status=Status.SUCCESS)
+        with fs.tenant_scope("a"):
+            kept = await store.get_by_id(record.id)
+            assert (kept.asset_name, kept.status) == ("orders", Status.RUNNING)
 
 
 class _no_tenant:

@@ -168,6 +168,64 @@ async def test_a_superuser_connection_is_refused_while_tenants_are_in_use(anyio_
             assert len(await store.list_all()) == 1
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a caller's asyncpg pool lives on asyncio
+async def test_a_callers_pool_is_checked_for_bypassing_rls_like_a_dsn(anyio_backend, pg_database):
+    async with asyncpg.create_pool(pg_database.admin_dsn, min_size=1, max_size=2) as pool:
+        async with PostgresStore(pool=pool) as store:
+            with fs.tenant_scope("a"), pytest.raises(fs.TenancyNotEnforced, match="allow_bypass_rls"):
+                await store.list_all()
+    async with asyncpg.create_pool(pg_database.dsn, min_size=1, max_size=2) as pool:
+        async with PostgresStore(pool=pool) as store:
+            with fs.tenant_scope("a"):
+                record = await store.create(asset_name="orders", status=Status.RUNNING)
+                await store.update_status(record.id, Status.SUCCESS, metadata={"rows": 3})
+                assert (await store.get_by_id(record.id)).metadata == {"rows": 3}
+
+
+async def test_every_statement_names_the_tenant_even_where_rls_is_bypassed(anyio_backend, pg_database):
+    """Defence in depth: with a role that bypasses RLS (opted in) and no tenant, another
+    tenant's ids are still not found."""
+    async with PostgresStore(pg_database.dsn) as store:
+        with fs.tenant_scope("a"):
+            record = await store.create(asset_name="orders", status=Status.RUNNING)
+            saved = _saved_backfill("a")
+            await store.save_backfill(saved.spec.id, saved, owner="me")
+    async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as bypassing:
+        for tenant in (None, "b"):
+            with fs.tenant_scope(tenant) if tenant else _nothing():
+                with pytest.raises(fs.NotFound):
+                    await bypassing.get_by_id(record.id)
+                assert await bypassing.get_by_run_id(record.run_id) == []
+                with pytest.raises(fs.NotFound):
+                    await bypassing.update_status(record.id, Status.CANCELLED)
+                with pytest.raises(fs.NotFound):
+                    await bypassing.complete(record, Status.SUCCESS)
+                assert await bypassing.load_backfill(saved.spec.id) is None
+                with pytest.raises(fs.BackfillNotFound):
+                    await bypassing.claim_backfill(saved.spec.id, "thief", stale_after=0)
+                assert await bypassing.close_orphans(record.executor_node or "", "x") == 0
+        with fs.tenant_scope("a"):
+            assert (await bypassing.get_by_id(record.id)).status is Status.RUNNING
+
+
+def _saved_backfill(tenant):
+    from flowstone.runtime.backfill import BackfillSpec, BackfillStatus, Saved
+
+    backfill = uuid.uuid4()
+    spec = BackfillSpec(id=backfill, asset="orders", partitions=("1",), max_parallel=1, upstream="missing",
+                        force=False, io=None, context=None, tenant=tenant)
+    return Saved(spec, BackfillStatus(id=backfill, asset="orders", state="running", total=1, queued=1, running=0,
+                                      succeeded=0, failed=0, cancelled=0))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
 # ------------------------------------------------------- compare-and-set
 
 

@@ -113,23 +113,30 @@ WHERE m.status IN ('success', 'stale') AND EXISTS (
       AND n.partition IS NOT DISTINCT FROM m.partition AND n.status IN ('success', 'stale') AND n.seq > m.seq
 );
 CREATE UNIQUE INDEX flowstone_materializations_current ON flowstone_materializations
-    (tenant_id, asset_name, (partition IS NULL), coalesce(partition, '')) WHERE status IN ('success', 'stale');
+    (tenant_id, asset_name, partition) WHERE status IN ('success', 'stale') AND partition IS NOT NULL;
+CREATE UNIQUE INDEX flowstone_materializations_current_unpartitioned ON flowstone_materializations
+    (tenant_id, asset_name) WHERE status IN ('success', 'stale') AND partition IS NULL;
 ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
 
 -- Who computes a partition now (ADR 0009): owner, expiry, fencing number.
 CREATE SEQUENCE flowstone_lease_fences;
+-- Only numbers: any role that may write leases may draw them (no extra grant to forget).
+GRANT USAGE ON SEQUENCE flowstone_lease_fences TO PUBLIC;
 CREATE TABLE flowstone_leases (
     tenant_id text NOT NULL DEFAULT '',
     asset_name text NOT NULL,
     partitioned boolean NOT NULL,
     partition text NOT NULL,
     owner text NOT NULL,
-    fence bigint NOT NULL UNIQUE,
+    fence bigint NOT NULL,
     record_id uuid,
     expires_at timestamptz NOT NULL,
-    PRIMARY KEY (tenant_id, asset_name, partitioned, partition)
+    -- The tenant comes last in every index: rows come and go with each
+    -- materialization, and an index scan that narrowed only to a tenant (the
+    -- policy's condition) would walk through every dead row not vacuumed yet.
+    PRIMARY KEY (asset_name, partition, partitioned, tenant_id)
 );
-CREATE INDEX flowstone_leases_owner ON flowstone_leases (tenant_id, owner);
+CREATE UNIQUE INDEX flowstone_leases_fence ON flowstone_leases (fence);
 {tenant_policy("flowstone_leases")}
 
 -- Backfills have an owner with a heartbeat.

@@ -96,23 +96,26 @@ UPDATE {TABLE} AS m SET
     upstream_partitions = r.upstream_partitions, dependency_hash = r.dependency_hash, metadata = r.metadata,
     error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at
 FROM jsonb_to_recordset($1::text::jsonb) AS r({_ROW_TYPES})
-WHERE m.id = r.id AND m.tenant_id = r.tenant_id
-  AND (m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at))
+WHERE m.id = r.id AND m.id = ANY($2::uuid[]) AND m.tenant_id = r.tenant_id
+  AND CASE WHEN m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at) THEN true END
 RETURNING m.id
 """
 _LATEST_SUCCESSES = f"""
 SELECT l.* FROM unnest($2::text[], $3::text[]) AS p(asset, key)
 CROSS JOIN LATERAL (
     {_SELECT} m WHERE m.tenant_id = $1 AND m.asset_name = p.asset AND m.partition = p.key AND {_SUCCESSES}
-    ORDER BY m.seq DESC LIMIT 1
+    LIMIT 1
 ) AS l
 UNION ALL
 SELECT l.* FROM unnest($4::text[]) AS p(asset)
 CROSS JOIN LATERAL (
     {_SELECT} m WHERE m.tenant_id = $1 AND m.asset_name = p.asset AND m.partition IS NULL AND {_SUCCESSES}
-    ORDER BY m.seq DESC LIMIT 1
+    LIMIT 1
 ) AS l
 """
+"""Each partition has at most one current record (success or stale), so each lookup
+is one probe of the unique index of current records; no ordering by age, which let
+the planner walk the tenant's newest records instead while the table was young."""
 _MARK_STALE = f"""
 WITH RECURSIVE built_on(asset, key) AS (
     SELECT $2::text, $3::text
@@ -127,20 +130,39 @@ FROM built_on b
 WHERE m.tenant_id = $1 AND m.status = 'success' AND m.upstream_assets @> ARRAY[b.asset]
   AND m.upstream_partitions -> b.asset @> jsonb_build_array(b.key)
 """
-_SAME_PARTITION = """m.asset_name = r.asset_name AND (m.partition IS NULL) = (r.partition IS NULL)
-      AND coalesce(m.partition, '') = coalesce(r.partition, '')"""
-"""Matches the unique index of current records (partition NULL and '' are different)."""
+_CURRENT_OF_R = f"""(
+    SELECT m.id FROM {TABLE} AS m
+    WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
+      AND m.partition = r.partition
+    UNION ALL
+    SELECT m.id FROM {TABLE} AS m
+    WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
+      AND m.partition IS NULL AND r.partition IS NULL
+    LIMIT 1
+)"""
+"""The current record of ``r``'s partition, found through the unique index of current
+records (one for keyed partitions, one for the unpartitioned record): a lookup per
+partition, whatever the planner knows of the table."""
+
+# Statements here name the rows they change by primary key inside ARRAY(...): the
+# planner then looks them up one by one. Joined directly, it chose to scan an index
+# of every success (or the whole table) once per batch, while the table grew.
+_BY_STATUS = "CASE WHEN m.status IN ('success', 'stale') THEN true END"
+"""A status test no index can serve, so the primary key is the only way in."""
 
 _SUPERSEDE_NEW = f"""
 UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $3
-FROM jsonb_to_recordset($2::text::jsonb) AS r(id uuid, asset_name text, partition text)
-WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND {_SAME_PARTITION} AND m.id <> r.id
+WHERE m.tenant_id = $1 AND m.id = ANY(ARRAY(
+    SELECT c.id FROM jsonb_to_recordset($2::text::jsonb) AS r(id uuid, asset_name text, partition text)
+    CROSS JOIN LATERAL {_CURRENT_OF_R} AS c WHERE c.id <> r.id
+)) AND {_BY_STATUS}
 """
 _SUPERSEDE_FOR = f"""
 UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $4
-FROM {TABLE} AS r
-WHERE r.id = $1 AND r.tenant_id = $2 AND r.status = ANY($3::text[])
-  AND m.tenant_id = $2 AND m.status IN ('success', 'stale') AND {_SAME_PARTITION} AND m.id <> r.id
+WHERE m.tenant_id = $1 AND m.id = ANY(ARRAY(
+    SELECT c.id FROM {TABLE} AS r CROSS JOIN LATERAL {_CURRENT_OF_R} AS c
+    WHERE r.id = $2 AND r.tenant_id = $1 AND r.status = ANY($3::text[]) AND c.id <> r.id
+)) AND {_BY_STATUS}
 """
 # A batch of completions starts here: the leases of terminal moves are released
 # (a fence that is gone was taken over), those of other moves checked and locked,
@@ -155,40 +177,43 @@ WITH released AS (
     SELECT fence FROM released UNION ALL SELECT fence FROM kept
 ), superseded AS (
     UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $5
-    FROM jsonb_to_recordset($4::text::jsonb) AS r(id uuid, asset_name text, partition text, fence bigint)
-    WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND {_SAME_PARTITION} AND m.id <> r.id
-      AND (r.fence IS NULL OR r.fence IN (SELECT fence FROM held))
+    WHERE m.tenant_id = $1 AND m.id = ANY(ARRAY(
+        SELECT c.id
+        FROM jsonb_to_recordset($4::text::jsonb) AS r(id uuid, asset_name text, partition text, fence bigint)
+        CROSS JOIN LATERAL {_CURRENT_OF_R} AS c
+        WHERE c.id <> r.id AND (r.fence IS NULL OR r.fence IN (SELECT fence FROM held))
+    )) AND {_BY_STATUS}
     RETURNING m.id
 )
 SELECT fence FROM held
 """
-_LEASE_KEY = """l.asset_name = r.asset_name AND l.partitioned = (r.partition IS NOT NULL)
-     AND l.partition = coalesce(r.partition, '')"""
+_LEASE_OF_R = """(
+    SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id
+    FROM flowstone_leases l
+    WHERE l.tenant_id = $1 AND l.asset_name = r.asset_name AND l.partitioned = r.partitioned
+      AND l.partition = r.lease_key
+    LIMIT 1  -- one per partition: keeps it a lookup by primary key
+)"""
+"""The lease of ``r``'s partition, by primary key (a join scanned every lease row of
+the tenant, the dead ones of released leases included)."""
 # Take each lease that is free or expired and insert the records of those granted;
 # the record an expired lease was taken from is closed as an orphan. One statement.
 _BEGIN = f"""
 WITH r AS (
-    SELECT * FROM jsonb_to_recordset($2::text::jsonb) AS r({_ROW_TYPES}, owner text, seconds double precision)
+    SELECT * FROM jsonb_to_recordset($2::text::jsonb)
+        AS r({_ROW_TYPES}, owner text, seconds double precision, partitioned boolean, lease_key text)
 ), expired AS (
-    SELECT l.asset_name, l.partitioned, l.partition, l.record_id, l.owner
-    FROM flowstone_leases l JOIN r ON l.tenant_id = $1 AND {_LEASE_KEY}
-    WHERE l.expires_at <= clock_timestamp()
+    SELECT l.* FROM r CROSS JOIN LATERAL {_LEASE_OF_R} AS l WHERE l.expires_at <= clock_timestamp()
 ), granted AS (
     INSERT INTO flowstone_leases AS l (tenant_id, asset_name, partitioned, partition, owner, fence, record_id, expires_at)
-    SELECT $1, r.asset_name, r.partition IS NOT NULL, coalesce(r.partition, ''), r.owner,
+    SELECT $1, r.asset_name, r.partitioned, r.lease_key, r.owner,
            nextval('flowstone_lease_fences'), r.id, clock_timestamp() + make_interval(secs => r.seconds)
     FROM r
-    ON CONFLICT (tenant_id, asset_name, partitioned, partition) DO UPDATE
+    ON CONFLICT (asset_name, partition, partitioned, tenant_id) DO UPDATE
         SET owner = EXCLUDED.owner, fence = EXCLUDED.fence, record_id = EXCLUDED.record_id,
             expires_at = EXCLUDED.expires_at
         WHERE l.expires_at <= clock_timestamp()
     RETURNING l.record_id, l.fence, l.asset_name, l.partitioned, l.partition
-), orphans AS (
-    UPDATE {TABLE} AS m SET status = CASE m.status WHEN 'running' THEN 'failed' ELSE 'cancelled' END,
-        completed_at = $3, updated_at = $3,
-        error_message = 'orphaned: ' || e.owner || ' stopped renewing its lease without finishing it'
-    FROM expired e JOIN granted g USING (asset_name, partitioned, partition)
-    WHERE m.id = e.record_id AND m.tenant_id = $1 AND m.status IN ('pending', 'running', 'waiting_approval')
 ), inserted AS (
     INSERT INTO {TABLE} ({_COLUMNS})
     SELECT r.id, $1, r.asset_name, r.partition, r.run_id, r.status, r.started_at, r.completed_at,
@@ -197,13 +222,22 @@ WITH r AS (
     FROM r JOIN granted g ON g.record_id = r.id
     ON CONFLICT (id) DO NOTHING
 )
-SELECT record_id, fence FROM granted
+SELECT g.record_id, g.fence, e.record_id, e.owner
+FROM granted g LEFT JOIN expired e USING (asset_name, partitioned, partition)
 """
-_HOLDERS = """
-SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id
-FROM flowstone_leases l JOIN unnest($2::text[], $3::text[]) AS r(asset_name, partition) ON {key}
-WHERE l.tenant_id = $1
-""".format(key=_LEASE_KEY)
+_CLOSE_TAKEN_OVER = f"""
+UPDATE {TABLE} AS m SET status = CASE m.status WHEN 'running' THEN 'failed' ELSE 'cancelled' END,
+    completed_at = $3, updated_at = $3,
+    error_message = 'orphaned: ' || r.owner || ' stopped renewing its lease without finishing it'
+FROM unnest($2::uuid[], $4::text[]) AS r(id, owner)
+WHERE m.tenant_id = $1 AND m.id = r.id AND m.id = ANY($2::uuid[])
+  AND CASE WHEN m.status IN ('pending', 'running', 'waiting_approval') THEN true END
+"""
+"""Closes the records of leases that expired and were taken over just now (rare)."""
+_HOLDERS = f"""
+SELECT l.* FROM unnest($2::text[], $3::boolean[], $4::text[]) AS r(asset_name, partitioned, lease_key)
+CROSS JOIN LATERAL {_LEASE_OF_R} AS l
+"""
 _RENEW = """
 UPDATE flowstone_leases SET expires_at = clock_timestamp() + make_interval(secs => $3)
 WHERE tenant_id = $1 AND owner = $2 AND fence = ANY($4::bigint[])
@@ -270,7 +304,10 @@ class PostgresStore(PostgresClient):
 
     async def begin(self, owner: str, seconds: float, **fields: Any) -> tuple[Materialization, Lease]:
         record = new_record(fields, current_tenant(), _utcnow())
-        extra = json.dumps({"owner": owner, "seconds": seconds}, ensure_ascii=False)[1:]
+        extra = json.dumps({
+            "owner": owner, "seconds": seconds, "partitioned": record.partition is not None,
+            "lease_key": record.partition or "",
+        }, ensure_ascii=False)[1:]
         op = _Write("begin", record, None, f"{_row(record, None)[:-1]},{extra}")
         await self._write(op)
         assert op.fence is not None
@@ -465,8 +502,7 @@ class PostgresStore(PostgresClient):
         tenant = current_tenant()
         rows = await self.db.run(
             tenant, _fetch,
-            f"SELECT DISTINCT ON (partition) {_COLUMNS} FROM {TABLE} "
-            f"WHERE tenant_id = $1 AND asset_name = $2 AND {_SUCCESSES} ORDER BY partition, seq DESC",
+            f"{_SELECT} WHERE tenant_id = $1 AND asset_name = $2 AND {_SUCCESSES}",  # one current record each
             tenant or "", asset_name,
         )
         return {record.partition: record for record in map(_record, rows)}
@@ -575,7 +611,9 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     if completes:
         completes = await _release(connection, tenant, completes, now, fenced_out)
     if completes:
-        rows = await connection.fetch(_COMPLETE, "[" + ",".join(op.row for op in completes) + "]")
+        rows = await connection.fetch(
+            _COMPLETE, "[" + ",".join(op.row for op in completes) + "]", [op.record.id for op in completes]
+        )
         written.update(row[0] for row in rows)
     missing = [op.record.id for op in ops if op.record.id not in written and op.record.id not in refused]
     current_rows: dict[uuid.UUID, tuple[str, datetime]] = {}
@@ -629,15 +667,17 @@ async def _begin(
     written: set[uuid.UUID], refused: dict[uuid.UUID, BaseException],
 ) -> None:
     """Grant what is free, insert those records; say who holds the rest."""
-    granted = {
-        row[0]: row[1]
-        for row in await connection.fetch(_BEGIN, tenant, "[" + ",".join(op.row for op in ops) + "]", now)
-    }
+    rows = await connection.fetch(_BEGIN, tenant, "[" + ",".join(op.row for op in ops) + "]")
+    granted = {row[0]: row[1] for row in rows}
+    orphans = [(row[2], row[3]) for row in rows if row[2] is not None]
+    if orphans:  # their holders stopped renewing: close what they left open
+        await connection.execute(_CLOSE_TAKEN_OVER, tenant, [o[0] for o in orphans], now, [o[1] for o in orphans])
     held = [op for op in ops if op.record.id not in granted]
     holders: dict[tuple[str, str | None], Any] = {}
     if held:
         rows = await connection.fetch(
-            _HOLDERS, tenant, [op.record.asset_name for op in held], [op.record.partition for op in held]
+            _HOLDERS, tenant, [op.record.asset_name for op in held],
+            [op.record.partition is not None for op in held], [op.record.partition or "" for op in held],
         )
         holders = {(row[0], row[2] if row[1] else None): row for row in rows}
     for op in ops:
@@ -705,10 +745,14 @@ async def _update_status(
     sets = ["status = $4", "updated_at = $5"]
     args: list[Any] = [record_id, tenant, allowed_from, target.value, now]
     for name, value in changes.items():
+        if name in ("metadata", "upstream_partitions"):  # as text: a caller's pool may have no jsonb codec
+            args.append(json.dumps(value, ensure_ascii=False))
+            sets.append(f"{_UPDATABLE_SQL[name]} = ${len(args)}::text::jsonb")
+            continue
         args.append(list(value) if name == "upstream_assets" else value)
         sets.append(f"{_UPDATABLE_SQL[name]} = ${len(args)}")
     if target is Status.SUCCESS:  # one current success: the previous one is superseded first
-        await connection.execute(_SUPERSEDE_FOR, record_id, tenant, allowed_from, now)
+        await connection.execute(_SUPERSEDE_FOR, tenant, record_id, allowed_from, now)
     row = await connection.fetchrow(
         f"UPDATE {TABLE} SET {', '.join(sets)} WHERE id = $1 AND tenant_id = $2 AND status = ANY($3::text[]) "
         f"RETURNING {_COLUMNS}",
@@ -775,6 +819,11 @@ def _text_problem(record: Materialization) -> str | None:
     return None
 
 
+def _json(value: Any) -> Any:
+    """A jsonb column's value: decoded by our pools' codec, or text from a caller's pool."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
@@ -790,9 +839,9 @@ def _record(row: Any) -> Materialization:
         completed_at=row[7],
         duration_ms=row[8],
         upstream_assets=tuple(row[9]),
-        upstream_partitions={name: tuple(keys) for name, keys in row[10].items()},
+        upstream_partitions={name: tuple(keys) for name, keys in _json(row[10]).items()},
         dependency_hash=row[11],
-        metadata=row[12],
+        metadata=_json(row[12]),
         error_message=row[13],
         executor_node=row[14],
         tenant_id=row[1] or None,

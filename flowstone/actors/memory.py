@@ -73,7 +73,8 @@ class MemoryData:
     leases: LeaseTable = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.leases = LeaseTable(self.now)
+        clock = self.now
+        self.leases = LeaseTable() if clock is utcnow else LeaseTable(lambda: clock().timestamp())
 
 
 # ------------------------------------------------------------------- messages

@@ -22,7 +22,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import anyio
-import attrs
 from anyio.abc import TaskStatus
 
 from ..errors import FlowstoneError, LeaseLost
@@ -41,11 +40,13 @@ SAFETY = 0.25
 """A value is written only while at least this share of the lease's duration is surely left."""
 
 
-@attrs.define(eq=False)
 class _Held:
-    lease: Lease
-    valid_until: float
-    lost: bool = False
+    __slots__ = ("lease", "lost", "valid_until")
+
+    def __init__(self, lease: Lease, valid_until: float) -> None:
+        self.lease = lease
+        self.valid_until = valid_until
+        self.lost = False
 
 
 class LeaseKeeper:

@@ -512,17 +512,14 @@ class _Run:
             and self.may_reuse(job.asset.name)
         )
 
-    async def run_leased(self, job: Job, executor: Any) -> JobResult:
-        """Run the job once the store grants its lease. While another process holds
-        it, wait for that process to finish, then take its success when it is what
-        this run would compute (single flight across processes), else try again."""
+    async def after_lease_held(self, job: Job, executor: Any, held: LeaseHeld) -> JobResult:
+        """Another process holds the store's lease of this partition: wait for it to
+        finish, then take its success when it is what this run would compute (single
+        flight across processes), else ask for the lease again."""
         store = self.env.store
         while True:
-            try:
-                return await run_job(job, self.env, executor)
-            except LeaseHeld as held:
-                log.info("%s", held)
-                await store.wait_lease(job.asset.name, job.key, held.fence or 0, self.env.leases.seconds)
+            log.info("%s", held)
+            await store.wait_lease(job.asset.name, job.key, held.fence or 0, self.env.leases.seconds)
             pair = (job.asset.name, job.key)
             done = (await store.latest_successes([pair])).get(pair)
             if (
@@ -532,6 +529,10 @@ class _Run:
                 and self.may_reuse(job.asset.name)
             ):
                 return JobResult(done, reused=True)
+            try:
+                return await run_job(job, self.env, executor)
+            except LeaseHeld as again:
+                held = again
 
     async def lead_or_follow(self, job: Job, pending: PendingCall) -> JobResult:
         """Run the job under the lease the executor granted, or take the leader's result."""
@@ -544,7 +545,10 @@ class _Run:
             if self.finished_meanwhile(job, answer.recent):
                 result = JobResult(answer.recent, reused=True)  # type: ignore[arg-type]
             else:
-                result = await self.run_leased(job, executor)
+                try:
+                    result = await run_job(job, self.env, executor)
+                except LeaseHeld as held:  # another process computes it now
+                    result = await self.after_lease_held(job, executor, held)
             return result
         finally:
             finished = Finished(

@@ -15,9 +15,11 @@ The memory store keeps its leases in a :class:`LeaseTable`; PostgreSQL keeps the
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Callable, Collection
-from datetime import datetime, timedelta
+from datetime import datetime, timezone
+from typing import NamedTuple
 
 import anyio
 import attrs
@@ -27,10 +29,10 @@ from ..errors import FlowstoneError, LeaseLost
 __all__ = ["BackfillClaim", "Lease", "LeaseHeld", "LeaseTable"]
 
 
-@attrs.frozen
-class Lease:
+class Lease(NamedTuple):
     """Permission, granted by the store, to compute one partition: hand its ``fence``
-    with every record write; renew it before it expires."""
+    with every record write; renew it before it expires. (A named tuple: one is made
+    per materialization, and this is the cheapest immutable record.)"""
 
     tenant: str | None
     asset: str
@@ -78,23 +80,26 @@ def lost(lease: Lease, detail: str = "it expired and another process took the wo
 Key = tuple[str | None, str, str | None]
 
 
-@attrs.define(eq=False)
 class _Row:
-    owner: str
-    fence: int
-    record_id: uuid.UUID | None
-    expires_at: datetime
-    released: anyio.Event | None = None  # made when someone waits
+    __slots__ = ("expires_at", "fence", "owner", "record_id", "released")
+
+    def __init__(self, owner: str, fence: int, record_id: uuid.UUID | None, expires_at: float) -> None:
+        self.owner = owner
+        self.fence = fence
+        self.record_id = record_id
+        self.expires_at = expires_at  # seconds since the epoch, on the table's clock
+        self.released: anyio.Event | None = None  # made when someone waits
 
 
 class LeaseTable:
     """The memory store's leases. Every method is synchronous: all callers share one
-    event loop thread, so each call is atomic, as a statement is in PostgreSQL."""
+    event loop thread, so each call is atomic, as a statement is in PostgreSQL.
+    ``clock`` gives seconds since the epoch (tests pass their own)."""
 
     TAKEN_OVER_KEPT = 10_000
 
-    def __init__(self, now: Callable[[], datetime]) -> None:
-        self.now = now
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.now = clock
         self.rows: dict[Key, _Row] = {}
         self.by_fence: dict[int, Key] = {}
         self.fences = itertools.count(1)
@@ -111,13 +116,16 @@ class LeaseTable:
         now = self.now()
         row = self.rows.get(key)
         if row is not None and row.expires_at > now:
-            raise LeaseHeld(asset, partition, owner=row.owner, fence=row.fence, expires_at=row.expires_at, tenant=tenant)
+            raise LeaseHeld(
+                asset, partition, owner=row.owner, fence=row.fence,
+                expires_at=datetime.fromtimestamp(row.expires_at, timezone.utc), tenant=tenant,
+            )
         if row is not None:
             self._drop(key, row)
             self.taken_over[row.fence] = None
             if len(self.taken_over) > self.TAKEN_OVER_KEPT:
                 del self.taken_over[next(iter(self.taken_over))]
-        new = _Row(owner, next(self.fences), record_id, now + timedelta(seconds=seconds))
+        new = _Row(owner, next(self.fences), record_id, now + seconds)
         self.rows[key] = new
         self.by_fence[new.fence] = key
         return Lease(tenant, asset, partition, owner, new.fence), row
@@ -136,7 +144,7 @@ class LeaseTable:
             self._drop(key, self.rows[key])
 
     def renew(self, tenant: str | None, owner: str, fences: Collection[int], seconds: float) -> set[int]:
-        until = self.now() + timedelta(seconds=seconds)
+        until = self.now() + seconds
         kept = set()
         for fence in fences:
             key = self.by_fence.get(fence)
@@ -158,7 +166,7 @@ class LeaseTable:
         row = self.rows.get((tenant, asset, partition))
         if row is None or row.fence != fence:
             return
-        remaining = (row.expires_at - self.now()).total_seconds()
+        remaining = row.expires_at - self.now()
         if remaining <= 0:
             return
         if row.released is None:

@@ -123,3 +123,12 @@ def test_soak_short_run_samples_memory_and_judges_it():
 def test_chaos_runs_on_trio_too():
     chaos = last_json(run_stress("chaos", "--partitions", "30", "--kinds", "actors,io,postgres", "--backend", "trio"))
     assert [row["integrity"] for row in chaos["rows"]] == ["ok"] * 4  # three kinds, then all together
+
+
+def test_processes_scenario_computes_each_partition_once_across_processes(pg_server):
+    result = run_stress("processes", "--dsn", pg_server.admin, "--partitions", "60", "--processes", "2")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    single, shared = record["rows"]
+    assert single["computed_by_each"] == [60]
+    assert shared["computed"] == 60 and len(shared["computed_by_each"]) == 2

@@ -131,6 +131,10 @@ CREATE TABLE flowstone_leases (
     fence bigint NOT NULL,
     record_id uuid,
     expires_at timestamptz NOT NULL,
+    -- A released lease stays as a row (owner '', expired): the success it ended
+    -- with tells a process that waited on it that the work is done.
+    done_id uuid,
+    done_hash text,
     -- The tenant comes last in every index: rows come and go with each
     -- materialization, and an index scan that narrowed only to a tenant (the
     -- policy's condition) would walk through every dead row not vacuumed yet.

@@ -30,6 +30,7 @@ from ..actors.mailbox import DEFERRED, Handle, Message, Reply, fail_pending, ope
 from ..actors.memory import utcnow
 from ..errors import FlowstoneError, LeaseLost, RuntimeClosed
 from ..partitions import serialize_partition
+from ..store.leases import LeaseHeld
 from ..tenancy import tenant_scope
 from .run import RunRequest
 
@@ -144,6 +145,8 @@ class _Progress:
     """Why another process drives this backfill now (it claimed it): we stopped."""
     unsaved: str | None = None
     """Why the final status could not be saved: the backfill fails, loudly."""
+    deferred: list[Any] = attrs.field(factory=list)
+    """Partitions another process was computing when their turn came: run last."""
 
     def status(self) -> BackfillStatus:
         total = len(self.spec.partitions)
@@ -334,27 +337,48 @@ async def _work(spec: BackfillSpec, progress: _Progress, runner: Runner) -> None
 async def _worker(
     spec: BackfillSpec, progress: _Progress, runner: Runner, feed: Iterator[Any], size: int
 ) -> None:
+    """Run chunks of partitions from the shared feed. A partition another process is
+    computing right now is put aside rather than waited for (several processes
+    backfilling the same partitions then share the work instead of queueing behind
+    each other); once the feed is empty, the ones put aside run, now waiting if they
+    must, and mostly find the other process's success to take."""
     while chunk := list(itertools.islice(feed, size)):
-        requests = [RunRequest(spec.asset, p, spec.upstream, spec.force, spec.io, spec.context) for p in chunk]
+        requests = [
+            RunRequest(spec.asset, p, spec.upstream, spec.force, spec.io, spec.context, defer_held=True)
+            for p in chunk
+        ]
         try:
             ahead = await runner.prefetch(requests)
         except FlowstoneError:
             ahead = None  # each run looks up for itself, and reports what is wrong
         for partition, request in zip(chunk, requests):
-            progress.started += 1
-            progress.running += 1
-            try:
-                await runner.run(request, ahead)
-                progress.succeeded += 1
-            except Exception as error:  # FlowstoneErrors, and anything a bug let through:
-                # one partition's failure never stops the others or the runtime
-                if not isinstance(error, FlowstoneError):
-                    log.exception("backfill %s: partition %r failed unexpectedly", spec.id, partition)
-                progress.failed += 1
-                if len(progress.errors) < MAX_ERRORS:
-                    progress.errors.append((serialize_partition(partition), str(error) or type(error).__name__))
-            finally:
-                progress.running -= 1
+            await _run_one(spec, progress, runner, partition, request, ahead)
+    while progress.deferred:
+        partition = progress.deferred.pop()
+        request = RunRequest(spec.asset, partition, spec.upstream, spec.force, spec.io, spec.context)
+        await _run_one(spec, progress, runner, partition, request, None)
+
+
+async def _run_one(
+    spec: BackfillSpec, progress: _Progress, runner: Runner, partition: Any, request: RunRequest, ahead: Any
+) -> None:
+    progress.started += 1
+    progress.running += 1
+    try:
+        await runner.run(request, ahead)
+        progress.succeeded += 1
+    except LeaseHeld:
+        progress.started -= 1  # queued again, for after the feed
+        progress.deferred.append(partition)
+    except Exception as error:  # FlowstoneErrors, and anything a bug let through:
+        # one partition's failure never stops the others or the runtime
+        if not isinstance(error, FlowstoneError):
+            log.exception("backfill %s: partition %r failed unexpectedly", spec.id, partition)
+        progress.failed += 1
+        if len(progress.errors) < MAX_ERRORS:
+            progress.errors.append((serialize_partition(partition), str(error) or type(error).__name__))
+    finally:
+        progress.running -= 1
 
 
 # ------------------------------------------------------- persistent stores

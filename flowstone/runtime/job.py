@@ -71,12 +71,16 @@ class Job:
     marks_stale: bool
     """Whether a success here should mark what was built on the previous one stale:
     there was a previous success and some asset of the graph reads this one."""
+    unless_done: tuple[uuid.UUID | None, str] | None = None
+    """(id of the success the run saw, dependency hash) when a success that another
+    process finished since may be taken instead of computing; None to compute anyway."""
 
 
 async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
     """Run ``job`` to a terminal record. Raises only for cancellation, a broken
-    runtime, ``LeaseHeld`` (another process computes this partition now: nothing
-    was recorded) or ``LeaseLost`` (it took the work over: nothing more is written)."""
+    runtime, ``LeaseHeld`` (another process computes this partition now) or
+    ``FinishedElsewhere`` (it did already): nothing was recorded; or ``LeaseLost``
+    (another process took the work over: nothing more is written)."""
     state = _State()
     try:
         if env.limiter is not None:
@@ -127,6 +131,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     state.record, state.lease = record, lease = await store.begin(
         env.node,
         env.leases.seconds,
+        unless_done=job.unless_done,
         asset_name=asset.name,
         partition=job.key,
         run_id=job.run_id,

@@ -26,7 +26,7 @@ from ..definitions import Asset, FieldError
 from ..errors import DefinitionError, FlowstoneError, InvalidPartition, MaterializationFailed, NotFound, RuntimeClosed
 from ..guards import Guard, authorize
 from ..partitions import serialize_partition
-from ..store.leases import LeaseHeld
+from ..store.leases import FinishedElsewhere, LeaseHeld
 from ..store.records import Materialization, Status
 from ..actors.mailbox import CLEANUP_SECONDS, PendingCall, Reply
 from .executor import Detach, Env, Finished, JobResult, Lease, Submit
@@ -58,6 +58,9 @@ class RunRequest:
     force: bool = False
     io: Mapping[str, Any] | None = None
     context: Mapping[str, Any] | None = None
+    defer_held: bool = False
+    """Raise ``LeaseHeld`` instead of waiting when another process computes one of
+    this run's partitions (a backfill does other partitions first)."""
 
 
 @attrs.frozen
@@ -495,6 +498,8 @@ class _Run:
             # value here (records of other pipelines sharing the store are still
             # rebuilt when they run: their dependency hash names the old record).
             marks_stale=(name, node.key) in self.latest and self.snapshot.graph.has_readers(name),
+            unless_done=(self.latest[(name, node.key)].id if (name, node.key) in self.latest else None, digest)
+            if self.may_reuse(name) else None,
         )
         done = await self.lead_or_follow(job, pending)
         return _Outcome(
@@ -516,6 +521,8 @@ class _Run:
         """Another process holds the store's lease of this partition: wait for it to
         finish, then take its success when it is what this run would compute (single
         flight across processes), else ask for the lease again."""
+        if self.request.defer_held:
+            raise held
         store = self.env.store
         while True:
             log.info("%s", held)
@@ -533,6 +540,8 @@ class _Run:
                 return await run_job(job, self.env, executor)
             except LeaseHeld as again:
                 held = again
+            except FinishedElsewhere as done:
+                return JobResult(done.record, reused=True)  # type: ignore[arg-type]
 
     async def lead_or_follow(self, job: Job, pending: PendingCall) -> JobResult:
         """Run the job under the lease the executor granted, or take the leader's result."""
@@ -549,6 +558,8 @@ class _Run:
                     result = await run_job(job, self.env, executor)
                 except LeaseHeld as held:  # another process computes it now
                     result = await self.after_lease_held(job, executor, held)
+                except FinishedElsewhere as done:  # another process did, since we looked
+                    result = JobResult(done.record, reused=True)  # type: ignore[arg-type]
             return result
         finally:
             finished = Finished(

@@ -19,14 +19,14 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
 import attrs
 
 from ..errors import FlowstoneError, LeaseLost
 
-__all__ = ["BackfillClaim", "Lease", "LeaseHeld", "LeaseTable"]
+__all__ = ["BackfillClaim", "FinishedElsewhere", "Lease", "LeaseHeld", "LeaseTable"]
 
 
 class Lease(NamedTuple):
@@ -56,6 +56,15 @@ class LeaseHeld(FlowstoneError):
             f"being computed by {owner or 'another process'} (lease {fence}, expires {expires_at})",
             asset=asset, partition=partition, tenant=tenant,
         )
+
+
+class FinishedElsewhere(FlowstoneError):
+    """``begin(..., unless_done=...)`` found that the partition got the success the
+    caller was about to compute after the caller looked: ``record`` is that success."""
+
+    def __init__(self, record: object) -> None:
+        self.record = record
+        super().__init__("already computed by another process meanwhile")
 
 
 @attrs.frozen
@@ -97,12 +106,16 @@ class LeaseTable:
     ``clock`` gives seconds since the epoch (tests pass their own)."""
 
     TAKEN_OVER_KEPT = 10_000
+    RECENT_KEPT = 1024
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.now = clock
         self.rows: dict[Key, _Row] = {}
         self.by_fence: dict[int, Key] = {}
         self.fences = itertools.count(1)
+        self.recent: dict[Key, Any] = {}
+        """The last success written under a lease, per partition (the newest few): a
+        success still queued for the actor is already known to the next ``begin``."""
         self.taken_over: dict[int, None] = {}
         """Fences whose leases expired and went to someone else (the newest few):
         a write already queued under one of them is refused when it is applied."""
@@ -138,10 +151,24 @@ class LeaseTable:
         if not self.current(lease):
             raise lost(lease)
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, success: Any = None) -> None:
         key = self.by_fence.get(lease.fence)
         if key is not None:
             self._drop(key, self.rows[key])
+            if success is not None:
+                self.recent[key] = success
+                if len(self.recent) > self.RECENT_KEPT:
+                    del self.recent[next(iter(self.recent))]
+
+    def finished(self, key: Key, unless_done: tuple[Any, str] | None) -> Any:
+        """The success of ``key`` written after the caller looked, with the caller's
+        dependency hash (``unless_done = (id seen, hash)``), or None."""
+        if unless_done is None:
+            return None
+        recent = self.recent.get(key)
+        if recent is not None and recent.dependency_hash == unless_done[1] and recent.id != unless_done[0]:
+            return recent
+        return None
 
     def renew(self, tenant: str | None, owner: str, fences: Collection[int], seconds: float) -> set[int]:
         until = self.now() + seconds

@@ -12,7 +12,7 @@ from ..actors.client import MemoryActorClient
 from ..errors import NotFound
 from ..partitions import serialize_partition
 from ..tenancy import current_tenant
-from .leases import BackfillClaim, Lease
+from .leases import BackfillClaim, FinishedElsewhere, Lease
 from .records import (
     TERMINAL,
     Materialization,
@@ -48,10 +48,16 @@ class MemoryStore(MemoryActorClient):
         await self.handle.cast(m.Create(record=record))
         return record
 
-    async def begin(self, owner: str, seconds: float, **fields: Any) -> tuple[Materialization, Lease]:
+    async def begin(
+        self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
+    ) -> tuple[Materialization, Lease]:
         tenant = current_tenant()
         record = new_record(fields, tenant, m.utcnow())
-        lease, replaced = self._data.leases.acquire(tenant, record.asset_name, record.partition, owner, seconds, record.id)
+        leases = self._data.leases
+        done = leases.finished((tenant, record.asset_name, record.partition), unless_done)
+        if done is not None:
+            raise FinishedElsewhere(done)
+        lease, replaced = leases.acquire(tenant, record.asset_name, record.partition, owner, seconds, record.id)
         orphan = (replaced.record_id, replaced.owner) if replaced is not None and replaced.record_id else None
         await self.handle.cast(m.Create(record=record, orphan=orphan))
         return record, lease
@@ -98,7 +104,7 @@ class MemoryStore(MemoryActorClient):
         if lease is not None and status in TERMINAL:
             # Released once the write is queued: whoever takes the lease next
             # queues after it, so sees the record (and its success) first.
-            leases.release(lease)
+            leases.release(lease, new if status is Status.SUCCESS else None)
         return new
 
     async def exists(self, asset_name: str, partition: Any = None) -> bool:

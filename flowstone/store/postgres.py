@@ -41,7 +41,7 @@ from ..postgres.database import PostgresClient
 from ..postgres.jsonvalues import plain, storable_text, text_problem, to_json
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
-from .leases import BackfillClaim, Lease, LeaseHeld, lost
+from .leases import BackfillClaim, FinishedElsewhere, Lease, LeaseHeld, lost
 from .records import (
     ACTIVE,
     CURRENT,
@@ -164,15 +164,27 @@ WHERE m.tenant_id = $1 AND m.id = ANY(ARRAY(
     WHERE r.id = $2 AND r.tenant_id = $1 AND r.status = ANY($3::text[]) AND c.id <> r.id
 )) AND {_BY_STATUS}
 """
+_LOCK_LEASES = """SELECT fence FROM flowstone_leases WHERE tenant_id = $1 AND fence = ANY({fences}::bigint[])
+    ORDER BY asset_name COLLATE "C", partitioned, partition COLLATE "C" FOR {mode}"""
+"""Lease rows are locked in key order (the order of ``begin`` batches too), so two
+processes whose statements touch the same rows wait for each other and never
+deadlock: PostgreSQL breaks a deadlock only after ``deadlock_timeout`` (a second)."""
+
 # A batch of completions starts here: the leases of terminal moves are released
 # (a fence that is gone was taken over), those of other moves checked and locked,
 # and each success whose lease is still held supersedes its partition's current
 # record. The fences returned are the ones still held.
 _RELEASE_AND_SUPERSEDE = f"""
-WITH released AS (
-    DELETE FROM flowstone_leases WHERE tenant_id = $1 AND fence = ANY($2::bigint[]) RETURNING fence
+WITH locked AS (
+    {_LOCK_LEASES.format(fences="$2", mode="UPDATE")}
+), released AS (
+    UPDATE flowstone_leases AS l SET expires_at = '-infinity', owner = '', done_id = x.done_id,
+        done_hash = x.done_hash
+    FROM unnest($2::bigint[], $6::uuid[], $7::text[]) AS x(fence, done_id, done_hash)
+    WHERE l.tenant_id = $1 AND l.fence IN (SELECT fence FROM locked) AND l.fence = x.fence AND l.owner <> ''
+    RETURNING l.fence
 ), kept AS (
-    SELECT fence FROM flowstone_leases WHERE tenant_id = $1 AND fence = ANY($3::bigint[]) FOR SHARE
+    {_LOCK_LEASES.format(fences="$3", mode="SHARE")}
 ), held AS (
     SELECT fence FROM released UNION ALL SELECT fence FROM kept
 ), superseded AS (
@@ -188,7 +200,8 @@ WITH released AS (
 SELECT fence FROM held
 """
 _LEASE_OF_R = """(
-    SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id
+    SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id, l.done_id,
+           l.done_hash
     FROM flowstone_leases l
     WHERE l.tenant_id = $1 AND l.asset_name = r.asset_name AND l.partitioned = r.partitioned
       AND l.partition = r.lease_key
@@ -199,11 +212,36 @@ the tenant, the dead ones of released leases included)."""
 # Take each lease that is free or expired and insert the records of those granted;
 # the record an expired lease was taken from is closed as an orphan. One statement.
 _BEGIN = f"""
-WITH r AS (
-    SELECT * FROM jsonb_to_recordset($2::text::jsonb)
-        AS r({_ROW_TYPES}, owner text, seconds double precision, partitioned boolean, lease_key text)
+WITH asked AS (
+    SELECT * FROM jsonb_to_recordset($2::text::jsonb) AS r({_ROW_TYPES}, owner text, seconds double precision,
+        partitioned boolean, lease_key text, seen uuid, reuse_hash text)
+), done AS (
+    -- Finished by another process since the caller looked, as the caller would have.
+    SELECT r.id AS asked_id, c.id AS current_id
+    FROM asked r CROSS JOIN LATERAL (
+        SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
+        WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
+          AND m.partition = r.partition
+        UNION ALL
+        SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
+        WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
+          AND m.partition IS NULL AND r.partition IS NULL
+        LIMIT 1
+    ) AS c
+    WHERE r.reuse_hash IS NOT NULL AND c.status = 'success' AND c.dependency_hash = r.reuse_hash
+      AND c.id IS DISTINCT FROM r.seen
+), r AS (
+    -- Not done, and not held by a live lease as of now: a held lease is reported
+    -- without locking its row (locking the rows of another process's leases made
+    -- its releases wait on us, and ours on it).
+    SELECT * FROM asked a WHERE id NOT IN (SELECT asked_id FROM done) AND NOT EXISTS (
+        SELECT 1 FROM flowstone_leases l
+        WHERE l.tenant_id = $1 AND l.asset_name = a.asset_name AND l.partitioned = a.partitioned
+          AND l.partition = a.lease_key AND l.owner <> '' AND l.expires_at > clock_timestamp()
+    )
 ), expired AS (
-    SELECT l.* FROM r CROSS JOIN LATERAL {_LEASE_OF_R} AS l WHERE l.expires_at <= clock_timestamp()
+    SELECT l.* FROM r CROSS JOIN LATERAL {_LEASE_OF_R} AS l
+    WHERE l.expires_at <= clock_timestamp() AND l.owner <> ''  -- expired, not released
 ), granted AS (
     INSERT INTO flowstone_leases AS l (tenant_id, asset_name, partitioned, partition, owner, fence, record_id, expires_at)
     SELECT $1, r.asset_name, r.partitioned, r.lease_key, r.owner,
@@ -211,8 +249,12 @@ WITH r AS (
     FROM r
     ON CONFLICT (asset_name, partition, partitioned, tenant_id) DO UPDATE
         SET owner = EXCLUDED.owner, fence = EXCLUDED.fence, record_id = EXCLUDED.record_id,
-            expires_at = EXCLUDED.expires_at
-        WHERE l.expires_at <= clock_timestamp()
+            expires_at = EXCLUDED.expires_at, done_id = NULL, done_hash = NULL
+        -- Evaluated on the newest row, after waiting for a holder that was finishing:
+        -- its release says whether it just did what this caller would do.
+        WHERE l.expires_at <= clock_timestamp() AND NOT coalesce(
+            (SELECT r.reuse_hash = l.done_hash AND l.done_id IS DISTINCT FROM r.seen
+             FROM r WHERE r.id = EXCLUDED.record_id), false)
     RETURNING l.record_id, l.fence, l.asset_name, l.partitioned, l.partition
 ), inserted AS (
     INSERT INTO {TABLE} ({_COLUMNS})
@@ -222,8 +264,10 @@ WITH r AS (
     FROM r JOIN granted g ON g.record_id = r.id
     ON CONFLICT (id) DO NOTHING
 )
-SELECT g.record_id, g.fence, e.record_id, e.owner
+SELECT g.record_id, g.fence, e.record_id, e.owner, NULL::uuid
 FROM granted g LEFT JOIN expired e USING (asset_name, partitioned, partition)
+UNION ALL
+SELECT asked_id, NULL, NULL, NULL, current_id FROM done
 """
 _CLOSE_TAKEN_OVER = f"""
 UPDATE {TABLE} AS m SET status = CASE m.status WHEN 'running' THEN 'failed' ELSE 'cancelled' END,
@@ -238,9 +282,10 @@ _HOLDERS = f"""
 SELECT l.* FROM unnest($2::text[], $3::boolean[], $4::text[]) AS r(asset_name, partitioned, lease_key)
 CROSS JOIN LATERAL {_LEASE_OF_R} AS l
 """
-_RENEW = """
+_RENEW = f"""
+WITH locked AS ({_LOCK_LEASES.format(fences="$4", mode="UPDATE")})
 UPDATE flowstone_leases SET expires_at = clock_timestamp() + make_interval(secs => $3)
-WHERE tenant_id = $1 AND owner = $2 AND fence = ANY($4::bigint[])
+WHERE tenant_id = $1 AND owner = $2 AND fence IN (SELECT fence FROM locked)
 RETURNING fence
 """
 _LEASE_LIVE = """
@@ -248,7 +293,10 @@ SELECT fence = $5 AND expires_at > clock_timestamp() FROM flowstone_leases
 WHERE tenant_id = $1 AND asset_name = $2 AND partitioned = $3 AND partition = $4
 """
 _CLOSE_ORPHANS = f"""
-WITH dropped AS (DELETE FROM flowstone_leases WHERE tenant_id = $1 AND owner = $2)
+WITH dropped AS (
+    UPDATE flowstone_leases SET expires_at = '-infinity', owner = '', done_id = NULL, done_hash = NULL
+    WHERE tenant_id = $1 AND owner = $2
+)
 UPDATE {TABLE} SET status = CASE status WHEN 'running' THEN 'failed' ELSE 'cancelled' END,
     completed_at = $4, updated_at = $4, error_message = $3
 WHERE tenant_id = $1 AND status IN ('pending', 'running', 'waiting_approval')
@@ -302,11 +350,15 @@ class PostgresStore(PostgresClient):
         await self._write(_Write("insert", record, None, _row(record, None)))
         return record
 
-    async def begin(self, owner: str, seconds: float, **fields: Any) -> tuple[Materialization, Lease]:
+    async def begin(
+        self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
+    ) -> tuple[Materialization, Lease]:
         record = new_record(fields, current_tenant(), _utcnow())
         extra = json.dumps({
             "owner": owner, "seconds": seconds, "partitioned": record.partition is not None,
             "lease_key": record.partition or "",
+            "seen": str(unless_done[0]) if unless_done and unless_done[0] else None,
+            "reuse_hash": unless_done[1] if unless_done else None,
         }, ensure_ascii=False)[1:]
         op = _Write("begin", record, None, f"{_row(record, None)[:-1]},{extra}")
         await self._write(op)
@@ -654,6 +706,12 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     return outcome
 
 
+def _wanted(row: str, done_hash: str | None, done_id: uuid.UUID) -> bool:
+    """Whether a begin op (its JSON row) takes the success ``done_id`` with ``done_hash``."""
+    asked = json.loads(row)
+    return asked["reuse_hash"] is not None and asked["reuse_hash"] == done_hash and asked["seen"] != str(done_id)
+
+
 def _keys(ops: list[_Write]) -> str:
     return json.dumps([
         {"id": str(op.record.id), "asset_name": op.record.asset_name, "partition": op.record.partition,
@@ -667,12 +725,25 @@ async def _begin(
     written: set[uuid.UUID], refused: dict[uuid.UUID, BaseException],
 ) -> None:
     """Grant what is free, insert those records; say who holds the rest."""
-    rows = await connection.fetch(_BEGIN, tenant, "[" + ",".join(op.row for op in ops) + "]")
-    granted = {row[0]: row[1] for row in rows}
+    # Rows are locked in key order, as everywhere (see _LOCK_LEASES).
+    ordered = sorted(ops, key=lambda op: (op.record.asset_name, op.record.partition is not None, op.record.partition or ""))
+    rows = await connection.fetch(_BEGIN, tenant, "[" + ",".join(op.row for op in ordered) + "]")
+    granted = {row[0]: row[1] for row in rows if row[1] is not None}
+    finished = {row[0]: row[4] for row in rows if row[4] is not None}
+    if finished:  # rare: another process finished these since their callers looked
+        current = {
+            row[0]: _record(row)
+            for row in await connection.fetch(
+                f"{_SELECT} WHERE id = ANY($1::uuid[]) AND tenant_id = $2", list(finished.values()), tenant
+            )
+        }
+        for op in ops:
+            if op.record.id in finished:
+                refused[op.record.id] = FinishedElsewhere(current[finished[op.record.id]])
     orphans = [(row[2], row[3]) for row in rows if row[2] is not None]
     if orphans:  # their holders stopped renewing: close what they left open
         await connection.execute(_CLOSE_TAKEN_OVER, tenant, [o[0] for o in orphans], now, [o[1] for o in orphans])
-    held = [op for op in ops if op.record.id not in granted]
+    held = [op for op in ops if op.record.id not in granted and op.record.id not in finished]
     holders: dict[tuple[str, str | None], Any] = {}
     if held:
         rows = await connection.fetch(
@@ -680,8 +751,29 @@ async def _begin(
             [op.record.partition is not None for op in held], [op.record.partition or "" for op in held],
         )
         holders = {(row[0], row[2] if row[1] else None): row for row in rows}
+        # A holder that finished while this statement waited for it: its release
+        # names the success, which these callers take (they asked unless_done).
+        done_ids = {
+            op.record.id: holders[key][7] for op in held
+            if (key := (op.record.asset_name, op.record.partition)) in holders
+            and holders[key][3] == "" and holders[key][7] is not None
+            and _wanted(op.row, holders[key][8], holders[key][7])
+        }
+        if done_ids:
+            current = {
+                row[0]: _record(row)
+                for row in await connection.fetch(
+                    f"{_SELECT} WHERE id = ANY($1::uuid[]) AND tenant_id = $2", list(done_ids.values()), tenant
+                )
+            }
+            for op in held:
+                if op.record.id in done_ids and done_ids[op.record.id] in current:
+                    finished[op.record.id] = done_ids[op.record.id]
+                    refused[op.record.id] = FinishedElsewhere(current[done_ids[op.record.id]])
     for op in ops:
         record = op.record
+        if record.id in finished:
+            continue
         fence = granted.get(record.id)
         holder = holders.get((record.asset_name, record.partition))
         if fence is None and holder is not None and holder[6] == record.id:
@@ -706,11 +798,15 @@ async def _release(
     successes = [op for op in ops if op.record.status is Status.SUCCESS and op.expected is not Status.SUCCESS]
     if not fenced and not successes:
         return ops
+    releasing = [op for op in fenced if op.release]
+    success = [op.record.status is Status.SUCCESS for op in releasing]
     rows = await connection.fetch(
         _RELEASE_AND_SUPERSEDE, tenant,
-        [op.lease.fence for op in fenced if op.release and op.lease is not None],
+        [op.lease.fence for op in releasing if op.lease is not None],
         [op.lease.fence for op in fenced if not op.release and op.lease is not None],
         _keys(successes), now,
+        [op.record.id if ok else None for op, ok in zip(releasing, success)],
+        [op.record.dependency_hash if ok else None for op, ok in zip(releasing, success)],
     )
     held = {row[0] for row in rows}
     allowed = []

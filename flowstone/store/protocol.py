@@ -66,11 +66,16 @@ class MaterializationStore(Protocol):
 
     # ---- single flight across processes (ADR 0009)
 
-    async def begin(self, owner: str, seconds: float, **fields: Any) -> tuple[Materialization, Lease]:
+    async def begin(
+        self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
+    ) -> tuple[Materialization, Lease]:
         """Take the lease of the record's (tenant, asset, partition) for ``seconds`` and
         create the record (``create(**fields)``) in the same write. Raises ``LeaseHeld``
         while another owner's lease is unexpired; an expired lease is taken over and
-        its holder's record, if still open, closed as an orphan."""
+        its holder's record, if still open, closed as an orphan. ``unless_done = (id
+        seen, dependency hash)``: when the partition's current success has that hash
+        and is not the one seen (another process finished it since the caller
+        looked), nothing is written and ``FinishedElsewhere`` carries that success."""
         ...
 
     async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:

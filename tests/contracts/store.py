@@ -15,7 +15,7 @@ import pytest
 
 import flowstone as fs
 from flowstone.runtime.backfill import BackfillSpec, BackfillStatus, Saved
-from flowstone.store.leases import LeaseHeld
+from flowstone.store.leases import FinishedElsewhere, LeaseHeld
 from flowstone.store import TRANSITIONS, Status
 
 pytestmark = pytest.mark.anyio
@@ -357,6 +357,24 @@ class LeaseContract:
                 await store.complete(record, Status.SUCCESS, lease=lease)
         assert waited.is_set()
         assert (await store.latest_successes([("a", "1")]))[("a", "1")].id == record.id
+
+    async def test_begin_unless_done_takes_a_success_finished_since_the_caller_looked(self, store):
+        """A caller that looked before another process finished the partition (same
+        dependency hash) gets that success instead of a lease: it does not compute again."""
+        record, lease = await store.begin("p1", 30, asset_name="a", partition="1", status=Status.RUNNING,
+                                          dependency_hash="h1")
+        done = await store.complete(record, Status.SUCCESS, lease=lease)
+        with pytest.raises(FinishedElsewhere) as finished:
+            await store.begin("p2", 30, unless_done=(None, "h1"), asset_name="a", partition="1",
+                              status=Status.RUNNING, dependency_hash="h1")
+        assert finished.value.record.id == done.id
+        assert [r.id for r in await store.list_all()] == [done.id]  # nothing written
+        # The success the caller saw, or another hash, is no reason to stop it.
+        await store.begin("p2", 30, unless_done=(done.id, "h1"), asset_name="a", partition="1",
+                          status=Status.RUNNING, dependency_hash="h1")
+        second, _ = await store.begin("p3", 30, unless_done=(None, "h2"), asset_name="a", partition="2",
+                                      status=Status.RUNNING, dependency_hash="h2")
+        assert second.partition == "2"
 
     async def test_concurrent_begins_of_one_partition_grant_exactly_one(self, store):
         granted, refused = [], []

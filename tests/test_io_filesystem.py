@@ -100,6 +100,18 @@ async def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(anyio_b
     assert os.listdir(tmp_path / "@shared" / "t") == ["@all.arrow"]
 
 
+async def test_a_write_interrupted_by_a_killed_process_leaves_nothing_behind_once_rewritten(anyio_backend, tmp_path):
+    """A process killed mid-write leaves its temporary file; the next write of that
+    object (the one that takes its partition over) removes it."""
+    io = fs.io.FilesystemIO(tmp_path)
+    folder = tmp_path / "@shared" / "events"
+    folder.mkdir(parents=True)
+    (folder / ".2025-01-15.json.tmp").write_bytes(b'{"half": ')  # what SIGKILL left mid-write
+    await io.store("events", {"rows": 3}, date(2025, 1, 15))
+    assert sorted(os.listdir(folder)) == ["2025-01-15.json"]
+    assert await io.load("events", date(2025, 1, 15)) == {"rows": 3}
+
+
 async def test_hostile_keys_and_tenants_never_leave_the_root(anyio_backend, tmp_path):
     root = tmp_path / "storage"
     io = fs.io.FilesystemIO(root)

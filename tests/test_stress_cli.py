@@ -18,7 +18,7 @@ def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
-        "backfill", "cancel-storm", "chaos", "core", "dags", "instructions", "io", "memory", "postgres",
+        "backfill", "cancel-storm", "chaos", "core", "dags", "instructions", "io", "memory", "postgres", "processes",
         "registrations", "runtime", "soak", "store-writes",
     ]
 

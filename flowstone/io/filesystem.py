@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -105,7 +104,12 @@ class FilesystemIO(Closeable):
         path = f"{where}.{formats.EXTENSIONS[fmt]}"
         with _storage_errors("store", asset, key):
             os.makedirs(folder, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            # One temporary name per object: only the lease holder writes an object, so
+            # a file already there was left by a write that was interrupted (a killed
+            # process) and is removed here instead of staying behind forever.
+            temporary = os.path.join(folder, f".{name}.{formats.EXTENSIONS[fmt]}.tmp")
+            _remove(temporary)
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 with os.fdopen(handle, "wb") as file:
                     if fmt in ("parquet", "arrow"):

@@ -43,7 +43,6 @@ from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
 from .leases import BackfillClaim, FinishedElsewhere, Lease, LeaseHeld, lost
 from .records import (
-    ACTIVE,
     CURRENT,
     TERMINAL,
     TRANSITIONS,

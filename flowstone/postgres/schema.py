@@ -112,10 +112,14 @@ WHERE m.status IN ('success', 'stale') AND EXISTS (
     WHERE n.tenant_id = m.tenant_id AND n.asset_name = m.asset_name
       AND n.partition IS NOT DISTINCT FROM m.partition AND n.status IN ('success', 'stale') AND n.seq > m.seq
 );
-CREATE UNIQUE INDEX flowstone_materializations_current ON flowstone_materializations
-    (tenant_id, asset_name, partition) WHERE status IN ('success', 'stale') AND partition IS NOT NULL;
-CREATE UNIQUE INDEX flowstone_materializations_current_unpartitioned ON flowstone_materializations
-    (tenant_id, asset_name) WHERE status IN ('success', 'stale') AND partition IS NULL;
+-- Checked at commit (deferred), so one statement may supersede the current record
+-- and complete its successor in any order.
+ALTER TABLE flowstone_materializations ADD CONSTRAINT flowstone_materializations_current
+    EXCLUDE USING btree (tenant_id WITH =, asset_name WITH =, partition WITH =)
+    WHERE (status IN ('success', 'stale') AND partition IS NOT NULL) DEFERRABLE INITIALLY DEFERRED;
+ALTER TABLE flowstone_materializations ADD CONSTRAINT flowstone_materializations_current_unpartitioned
+    EXCLUDE USING btree (tenant_id WITH =, asset_name WITH =)
+    WHERE (status IN ('success', 'stale') AND partition IS NULL) DEFERRABLE INITIALLY DEFERRED;
 ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
 
 -- Who computes a partition now (ADR 0009): owner, expiry, fencing number.

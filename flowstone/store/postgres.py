@@ -86,19 +86,6 @@ FROM jsonb_to_recordset($1::text::jsonb) AS r({_ROW_TYPES})
 ON CONFLICT (id) DO NOTHING
 RETURNING id
 """
-# The second half of the WHERE makes a retried batch (whose COMMIT may have
-# landed before the connection dropped) a no-op instead of a false conflict.
-_COMPLETE = f"""
-UPDATE {TABLE} AS m SET
-    status = r.status, started_at = r.started_at, completed_at = r.completed_at, duration_ms = r.duration_ms,
-    upstream_assets = ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)),
-    upstream_partitions = r.upstream_partitions, dependency_hash = r.dependency_hash, metadata = r.metadata,
-    error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at
-FROM jsonb_to_recordset($1::text::jsonb) AS r({_ROW_TYPES})
-WHERE m.id = r.id AND m.id = ANY($2::uuid[]) AND m.tenant_id = r.tenant_id
-  AND CASE WHEN m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at) THEN true END
-RETURNING m.id
-"""
 _LATEST_SUCCESSES = f"""
 SELECT l.* FROM unnest($2::text[], $3::text[]) AS p(asset, key)
 CROSS JOIN LATERAL (
@@ -173,31 +160,46 @@ deadlock: PostgreSQL breaks a deadlock only after ``deadlock_timeout`` (a second
 # (a fence that is gone was taken over), those of other moves checked and locked,
 # and each success whose lease is still held supersedes its partition's current
 # record. The fences returned are the ones still held.
-_RELEASE_AND_SUPERSEDE = f"""
+# In the last WHERE below, the second half of the CASE makes a retried batch (whose
+# COMMIT may have landed before the connection dropped) a no-op, not a false conflict.
+_COMPLETE_BATCH = f"""
 WITH locked AS (
-    {_LOCK_LEASES.format(fences="$2", mode="UPDATE")}
+    {_LOCK_LEASES.format(fences="$4", mode="UPDATE")}
 ), released AS (
     UPDATE flowstone_leases AS l SET expires_at = '-infinity', owner = '', done_id = x.done_id,
         done_hash = x.done_hash
-    FROM unnest($2::bigint[], $6::uuid[], $7::text[]) AS x(fence, done_id, done_hash)
+    FROM unnest($4::bigint[], $8::uuid[], $9::text[]) AS x(fence, done_id, done_hash)
     WHERE l.tenant_id = $1 AND l.fence IN (SELECT fence FROM locked) AND l.fence = x.fence AND l.owner <> ''
     RETURNING l.fence
 ), kept AS (
-    {_LOCK_LEASES.format(fences="$3", mode="SHARE")}
+    {_LOCK_LEASES.format(fences="$5", mode="SHARE")}
 ), held AS (
     SELECT fence FROM released UNION ALL SELECT fence FROM kept
 ), superseded AS (
-    UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $5
+    UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $7
     WHERE m.tenant_id = $1 AND m.id = ANY(ARRAY(
         SELECT c.id
-        FROM jsonb_to_recordset($4::text::jsonb) AS r(id uuid, asset_name text, partition text, fence bigint)
+        FROM jsonb_to_recordset($6::text::jsonb) AS r(id uuid, asset_name text, partition text, fence bigint)
         CROSS JOIN LATERAL {_CURRENT_OF_R} AS c
         WHERE c.id <> r.id AND (r.fence IS NULL OR r.fence IN (SELECT fence FROM held))
     )) AND {_BY_STATUS}
-    RETURNING m.id
 )
-SELECT fence FROM held
+UPDATE {TABLE} AS m SET
+    status = r.status, started_at = r.started_at, completed_at = r.completed_at, duration_ms = r.duration_ms,
+    upstream_assets = ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)),
+    upstream_partitions = r.upstream_partitions, dependency_hash = r.dependency_hash, metadata = r.metadata,
+    error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at
+FROM jsonb_to_recordset($2::text::jsonb) AS r({_ROW_TYPES}, fence bigint)
+WHERE m.id = r.id AND m.id = ANY($3::uuid[]) AND m.tenant_id = r.tenant_id
+  AND CASE WHEN m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at) THEN true END
+  AND (r.fence IS NULL OR r.fence IN (SELECT fence FROM held))
+RETURNING m.id
 """
+"""A batch of completions in one statement: the leases of terminal moves are released
+(a fence that is gone was taken over: that record is not written), those of other
+moves checked and locked, each success whose lease is still held supersedes its
+partition's current record, and the records are written. The exclusion constraints
+on current records are checked at commit, so the order of these writes is free."""
 _LEASE_OF_R = """(
     SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id, l.done_id,
            l.done_hash
@@ -376,7 +378,11 @@ class PostgresStore(PostgresClient):
             changes["error_message"] = storable_text(changes["error_message"])
         new = evolve(record, status=status, updated_at=_utcnow(), **changes)
         await self._write(
-            _Write("complete", new, record.status, _row(new, record.status), lease=lease, release=status in TERMINAL)
+            _Write(
+                "complete", new, record.status,
+                _row(new, record.status) if lease is None else f'{_row(new, record.status)[:-1]},"fence":{lease.fence}}}',
+                lease=lease, release=status in TERMINAL,
+            )
         )
         return new
 
@@ -649,7 +655,6 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     completes = [op for op in ops if op.kind == "complete"]
     written: set[uuid.UUID] = set()
     refused: dict[uuid.UUID, BaseException] = {}  # final answers
-    fenced_out: dict[uuid.UUID, BaseException] = {}  # unless the record already says what we wrote
     now = _utcnow()
     if inserts:
         current = [op for op in inserts if op.record.status in CURRENT]
@@ -660,12 +665,7 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     if begins:
         await _begin(connection, tenant, begins, now, written, refused)
     if completes:
-        completes = await _release(connection, tenant, completes, now, fenced_out)
-    if completes:
-        rows = await connection.fetch(
-            _COMPLETE, "[" + ",".join(op.row for op in completes) + "]", [op.record.id for op in completes]
-        )
-        written.update(row[0] for row in rows)
+        written.update(await _complete(connection, tenant, completes, now))
     missing = [op.record.id for op in ops if op.record.id not in written and op.record.id not in refused]
     current_rows: dict[uuid.UUID, tuple[str, datetime]] = {}
     if missing:
@@ -692,8 +692,8 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
             )
         elif found is not None and found == (record.status.value, record.updated_at):
             outcome.append(None)  # a retried batch whose first COMMIT landed (and released the lease)
-        elif record.id in fenced_out:
-            outcome.append(fenced_out[record.id])
+        elif op.lease is not None and found is not None:
+            outcome.append(lost(op.lease))  # its fence was gone: taken over (its record closed by the taker)
         elif found is None:
             outcome.append(NotFound(f"no materialization with id {str(record.id)!r}", tenant=record.tenant_id))
         else:
@@ -788,33 +788,21 @@ async def _begin(
         )
 
 
-async def _release(
-    connection: Any, tenant: str, ops: list[_Write], now: datetime, refused: dict[uuid.UUID, BaseException]
-) -> list[_Write]:
-    """Release (or check) the leases completions write under and supersede what their
-    successes replace; the completions still allowed (the others are refused)."""
+async def _complete(connection: Any, tenant: str, ops: list[_Write], now: datetime) -> set[uuid.UUID]:
+    """Write a batch of completions (see ``_COMPLETE_BATCH``); the ids written."""
     fenced = [op for op in ops if op.lease is not None]
-    successes = [op for op in ops if op.record.status is Status.SUCCESS and op.expected is not Status.SUCCESS]
-    if not fenced and not successes:
-        return ops
     releasing = [op for op in fenced if op.release]
     success = [op.record.status is Status.SUCCESS for op in releasing]
+    successes = [op for op in ops if op.record.status is Status.SUCCESS and op.expected is not Status.SUCCESS]
     rows = await connection.fetch(
-        _RELEASE_AND_SUPERSEDE, tenant,
+        _COMPLETE_BATCH, tenant, "[" + ",".join(op.row for op in ops) + "]", [op.record.id for op in ops],
         [op.lease.fence for op in releasing if op.lease is not None],
         [op.lease.fence for op in fenced if not op.release and op.lease is not None],
         _keys(successes), now,
-        [op.record.id if ok else None for op, ok in zip(releasing, success)],
-        [op.record.dependency_hash if ok else None for op, ok in zip(releasing, success)],
+        [op.record.id if ok else None for op, ok in zip(releasing, success, strict=True)],
+        [op.record.dependency_hash if ok else None for op, ok in zip(releasing, success, strict=True)],
     )
-    held = {row[0] for row in rows}
-    allowed = []
-    for op in ops:
-        if op.lease is not None and op.lease.fence not in held:
-            refused[op.record.id] = lost(op.lease)
-        else:
-            allowed.append(op)
-    return allowed
+    return {row[0] for row in rows}
 
 
 def _lost_race(record: Materialization, expected: Status | None) -> BaseException:

@@ -92,3 +92,26 @@ def test_cycle_error_alone_describes_its_cycle():
 def test_bad_input_raises_a_flowstone_error_never_a_bare_builtin(call):
     with pytest.raises(fs.FlowstoneError):
         call()
+
+
+PASSWORD_FORMS = [
+    "postgresql://app:s3cret-pw@127.0.0.1:1/db",
+    "postgresql://app@127.0.0.1:1/db?password=s3cret-pw",
+    "postgresql://app@127.0.0.1:1/db?password=s3cret%2Dpw",
+    "host=127.0.0.1 port=1 user=app password=s3cret-pw dbname=db",
+    "host=127.0.0.1 port=1 user=app password='s3cret-pw' dbname=db",
+    "postgresql://app:s3cret-pw@127.0.0.1:notaport/db",
+    "postgres://app:s3cret-pw@[::1/db",
+    "postgresql://app@127.0.0.1:1/db?sslmode=bogus&password=s3cret-pw",
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("dsn", PASSWORD_FORMS)
+async def test_no_message_shows_the_password_whatever_form_the_dsn_carried_it_in(anyio_backend, dsn):
+    """Nothing listens on port 1 (or the dsn is malformed): the error names where it
+    tried to connect, never the password."""
+    with pytest.raises(fs.DatabaseUnavailable) as info:
+        async with fs.store.PostgresStore(dsn) as store:
+            await store.list_all()
+    assert "s3cret" not in str(info.value) and "cannot connect to PostgreSQL at" in str(info.value)

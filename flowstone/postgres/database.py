@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 from ..errors import DatabaseError, DatabaseUnavailable, FlowstoneError, TenancyNotEnforced
 from .bridge import Bridge, LoopBound
@@ -206,20 +208,38 @@ async def _reset_connection(connection: Any) -> None:
 def _as_unavailable(error: BaseException, dsn: str | None) -> BaseException:
     if isinstance(error, FlowstoneError) or not isinstance(error, Exception):
         return error
-    where = _redact(dsn)
-    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {where}: {error}")
+    return DatabaseUnavailable(redact(f"cannot connect to PostgreSQL at {dsn or 'the given pool'}: {error}", dsn))
 
 
-def _redact(dsn: str | None) -> str:
-    """The dsn without its password, for messages."""
+_PASSWORD = re.compile(r"""password\s*=\s*('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^&\s]+)""", re.IGNORECASE)
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^@/?#]*)@")
+
+
+def dsn_secrets(dsn: str | None) -> set[str]:
+    """Every password a dsn carries, in the forms a message could show it: in the
+    URL's user info, as a ``password=`` query parameter, or in keyword form
+    (``host=... password=...``), quoted or not, percent-encoded or not."""
     if not dsn:
-        return "the given pool"
-    head, sep, tail = dsn.rpartition("@")
-    if not sep:
-        return dsn
-    scheme, _, credentials = head.partition("://")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}@{tail}"
+        return set()
+    found: set[str] = set()
+    userinfo = _USERINFO.match(dsn)
+    if userinfo and ":" in userinfo.group(1):
+        found.add(userinfo.group(1).split(":", 1)[1])
+    for match in _PASSWORD.finditer(dsn):
+        value = match.group(1)
+        found.add(value)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            found.add(value[1:-1])
+    found |= {unquote(secret) for secret in found}
+    return {secret for secret in found if secret}
+
+
+def redact(text: str, dsn: str | None) -> str:
+    """``text`` with every password of ``dsn`` replaced by ``***`` (longest first, so a
+    quoted or encoded form is not left half shown)."""
+    for secret in sorted(dsn_secrets(dsn), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _database_error(error: Exception, tenant: str | None) -> DatabaseError:

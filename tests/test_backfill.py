@@ -180,6 +180,8 @@ async def test_bad_partitions_are_refused_before_the_backfill_starts(anyio_backe
             await rt.backfill("events", partitions=DAYS, max_parallel=0)
         with pytest.raises(fs.DefinitionError, match="partitions"):
             await rt.backfill("events", partitions="2025-01-01")
+        with pytest.raises(fs.DefinitionError, match="partition_range"):  # meant as a range, would run two
+            await rt.backfill("events", partitions=(DAYS[0], DAYS[9]))
         assert await rt.store.list_all() == []
 
 

@@ -259,6 +259,14 @@ class Runtime:
             values: Iterable[Any] = asset.partitioned_by.keys() if asset.partitioned_by is not None else [None]
         elif isinstance(partitions, (str, bytes)) or not isinstance(partitions, Iterable):
             raise DefinitionError([FieldError("partitions", f"must be a list of partitions, got {partitions!r}")], asset=name)
+        elif isinstance(partitions, tuple):
+            # backfill(partitions=(start, end)) reads like a range but would run two
+            # partitions; a tuple is also how one composite key is written.
+            raise DefinitionError([FieldError(
+                "partitions",
+                f"a tuple is ambiguous (two partitions, or a range's two ends?), got {partitions!r}: pass a "
+                "list of partitions, or fs.partition_range(start, end, step) for every partition in between",
+            )], asset=name)
         else:
             values = partitions
         carries = carries_partitions(snapshot.graph, name)

@@ -72,6 +72,11 @@ def _with_context(message: str, asset: Any, partition: Any, tenant: Any) -> str:
         parts.append(f"partition={_partition_repr(partition)}")
     if tenant is not None:
         parts.append(f"tenant={tenant!r}")
+    if message.endswith("]") and " [" in message:
+        # The message already ends with context (an inner error's text): name only
+        # what it does not, so a wrapped error never reads "[asset='x'] [asset='x']".
+        said = message[message.rindex(" [") + 2:-1].split(", ")
+        parts = [part for part in parts if part not in said]
     return f"{message} [{', '.join(parts)}]" if parts else message
 
 

@@ -115,3 +115,13 @@ async def test_no_message_shows_the_password_whatever_form_the_dsn_carried_it_in
         async with fs.store.PostgresStore(dsn) as store:
             await store.list_all()
     assert "s3cret" not in str(info.value) and "cannot connect to PostgreSQL at" in str(info.value)
+
+
+def test_a_wrapped_error_names_its_context_once():
+    inner = fs.NotFound("no stored value", asset="daily", partition=date(2025, 1, 15))
+    outer = fs.MaterializationFailed("daily", date(2025, 1, 15), tenant="acme", error=f"NotFound: {inner}")
+    assert str(outer) == (
+        "materialization failed: NotFound: no stored value [asset='daily', partition='2025-01-15'] [tenant='acme']"
+    )
+    same = fs.MaterializationFailed("daily", date(2025, 1, 15), error=f"NotFound: {inner}")
+    assert str(same).count("asset='daily'") == 1

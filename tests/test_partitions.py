@@ -308,3 +308,14 @@ def test_partition_definitions_are_immutable_values():
     a = fs.DailyPartitions(start=date(2025, 1, 1))
     assert a == fs.DailyPartitions(start=date(2025, 1, 1))
     assert hash(a) == hash(fs.DailyPartitions(start=date(2025, 1, 1)))
+
+
+def test_static_keys_are_checked_by_lookup_and_keep_their_order_and_equality():
+    many = fs.StaticPartitions([f"customer-{i:05d}" for i in range(80_000)])
+    assert many.validate("customer-79999") == "customer-79999"
+    assert many.keys("customer-00003", "customer-00005") == ["customer-00003", "customer-00004", "customer-00005"]
+    for bad in ("customer-80000", ["customer-00001"], 1):
+        with pytest.raises(fs.InvalidPartition):
+            many.validate(bad)
+    assert fs.StaticPartitions(["a", "b"]) == fs.StaticPartitions(("a", "b")) != fs.StaticPartitions(["b", "a"])
+    assert "positions" not in repr(fs.StaticPartitions(["a"]))

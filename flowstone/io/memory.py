@@ -1,45 +1,77 @@
-"""``fs.io.MemoryIO``: values held by the memory-store actor, as the objects themselves."""
+"""``fs.io.MemoryIO``: values held by the memory-store actor, each a private copy."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
+import uuid
 from collections.abc import Mapping
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Any
 
 from ..actors import memory as m
 from ..actors.client import MemoryActorClient
+from ..errors import SerializationError
 from ..partitions import serialize_partition
 from ..tenancy import current_tenant
 
-__all__ = ["MemoryIO"]
+__all__ = ["MemoryIO", "private_copy"]
 
 _NO_CONFIG: Mapping[str, Any] = {}
 
+_IMMUTABLE = frozenset({type(None), bool, int, float, complex, str, bytes, Decimal, date, datetime, time, timedelta,
+                        uuid.UUID})
+_IMMUTABLE_TABLES = frozenset({"Table", "RecordBatch", "ChunkedArray", "Array"})
+
+
+def private_copy(value: Any, *, asset: str | None = None, partition: Any = None) -> Any:
+    """A copy of ``value`` that no one else holds: mutating it changes nothing stored.
+
+    Immutable values (numbers, text, dates, tuples of them, Arrow tables) are their
+    own copy, so the usual small values cost one type check. Anything else is deep
+    copied; a value that cannot be copied is a ``SerializationError``."""
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind is tuple and all(type(item) in _IMMUTABLE for item in value):
+        return value
+    if kind.__module__ == "pyarrow.lib" and kind.__name__ in _IMMUTABLE_TABLES:
+        return value
+    try:
+        return copy.deepcopy(value)
+    except (TypeError, ValueError, RecursionError, copy.Error) as error:
+        raise SerializationError(
+            f"MemoryIO keeps a private copy of each value, and a {kind.__name__} cannot be copied ({error})",
+            asset=asset, partition=partition,
+        ) from None
+
 
 class MemoryIO(MemoryActorClient):
-    """Keeps each value as the object itself: no copy, no serialization.
+    """Keeps a private copy of each value, with no serialization.
 
-    Safe under concurrent access because one actor serves every call. A value
-    mutated after it was stored changes what is stored, as with any in-memory
-    cache; use a serializing manager when that matters. ``store`` is a cast.
+    ``store`` copies what it is given and ``load`` hands out a copy, so neither the
+    producer nor a reader mutating its object changes what is stored (immutable
+    values are not copied). Safe under concurrent access because one actor serves
+    every call. ``store`` is a cast.
     """
 
     returns_stored_object = True
-    """``load`` gives back the very object ``store`` got, so the runtime may hand a
-    value to readers in the same run without loading it again."""
+    """The runtime may hand the value to readers in the same run without loading it
+    again (each reader gets its own ``private_copy``)."""
 
     async def load(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> Any:
-        return await self.handle.call(
-            m.GetValue, tenant=current_tenant(), asset=asset, partition=serialize_partition(partition)
-        )
+        key = serialize_partition(partition)
+        stored = await self.handle.call(m.GetValue, tenant=current_tenant(), asset=asset, partition=key)
+        return private_copy(stored, asset=asset, partition=key)
 
     async def store(
         self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG
     ) -> None:
-        await self.handle.cast(
-            m.PutValue(tenant=current_tenant(), asset=asset, partition=serialize_partition(partition), value=value)
-        )
+        key = serialize_partition(partition)
+        kept = private_copy(value, asset=asset, partition=key)
+        await self.handle.cast(m.PutValue(tenant=current_tenant(), asset=asset, partition=key, value=kept))
 
     async def delete(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
         await self.handle.cast(

@@ -34,6 +34,7 @@ from ..errors import (
     StorageError,
     StorageUnavailable,
 )
+from ..io.memory import private_copy
 from ..store.leases import Lease
 from ..store.records import ACTIVE, Materialization, Status
 from .executor import AwaitApproval, Env, JobResult
@@ -225,6 +226,8 @@ async def _load_inputs(job: Job, env: Env) -> dict[str, Any]:
             continue
         if values is None:
             values = tuple([await load_value(record, env) for record in read.records])
+        else:  # handed over in this run, not loaded: each reader still gets its own copy
+            values = tuple(private_copy(v, asset=read.asset) for v in values)
         if read.all_partitions:
             deps[read.asset] = {m.partition: v for m, v in zip(read.records, values)}
         else:

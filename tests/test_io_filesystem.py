@@ -112,6 +112,28 @@ async def test_a_write_interrupted_by_a_killed_process_leaves_nothing_behind_onc
     assert await io.load("events", date(2025, 1, 15)) == {"rows": 3}
 
 
+async def test_symbolic_links_planted_inside_the_root_are_refused(anyio_backend, tmp_path):
+    """A link inside the root could lead writes and reads outside it, or into another
+    tenant's folder: every operation through one is a StorageError, and the target is
+    left as it was."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "2025-01-15.json").write_text('{"secret": 1}')
+    io = fs.io.FilesystemIO(root)
+    (root / "@shared").mkdir(parents=True)
+    os.symlink(outside, root / "@shared" / "events")  # the asset's folder is a link
+    for call in (io.store("events", {"rows": 3}, date(2025, 1, 15)), io.load("events", date(2025, 1, 15)),
+                 io.delete("events", date(2025, 1, 15)), io.exists("events", date(2025, 1, 15))):
+        with pytest.raises(fs.StorageError, match="symbolic link"):
+            await call
+    assert sorted(os.listdir(outside)) == ["2025-01-15.json"]
+    assert (outside / "2025-01-15.json").read_text() == '{"secret": 1}'
+    (root / "@shared" / "report").mkdir()
+    os.symlink(outside / "2025-01-15.json", root / "@shared" / "report" / "@all.json")  # the file is a link
+    with pytest.raises(fs.StorageError, match="symbolic link"):
+        await io.load("report")
+
+
 async def test_hostile_keys_and_tenants_never_leave_the_root(anyio_backend, tmp_path):
     root = tmp_path / "storage"
     io = fs.io.FilesystemIO(root)

@@ -92,9 +92,27 @@ class FilesystemIO(Closeable):
         """The path of the value without its extension."""
         return os.path.join(self.root, *object_path(current_tenant(), asset, partition, None))
 
+    def _refuse_links(self, where: str) -> None:
+        """Raise ``StorageError`` when a folder between the root and ``where`` is a
+        symbolic link: one planted inside the root could lead a write or a read outside
+        it, or into another tenant's folder. (The root itself may be a link.)"""
+        current = self.root
+        for part in os.path.relpath(os.path.dirname(where), self.root).split(os.sep):
+            if part in ("", "."):
+                continue
+            current = os.path.join(current, part)
+            if os.path.islink(current):
+                raise StorageError(
+                    f"{current!r} is a symbolic link; FilesystemIO follows none inside its root", code="ELOOP"
+                )
+
     def _find(self, where: str, candidates: tuple[str, ...] = _LOOKUP_ORDER) -> tuple[str, str] | None:
+        self._refuse_links(where)
         for fmt in candidates:
             path = f"{where}.{formats.EXTENSIONS[fmt]}"
+            if os.path.islink(path):
+                raise StorageError(f"{path!r} is a symbolic link; FilesystemIO follows none inside its root",
+                                   code="ELOOP")
             if os.path.isfile(path):
                 return fmt, path
         return None
@@ -103,6 +121,7 @@ class FilesystemIO(Closeable):
         folder, name = os.path.split(where)
         path = f"{where}.{formats.EXTENSIONS[fmt]}"
         with _storage_errors("store", asset, key):
+            self._refuse_links(where)
             os.makedirs(folder, exist_ok=True)
             # One temporary name per object: only the lease holder writes an object, so
             # a file already there was left by a write that was interrupted (a killed
@@ -150,6 +169,7 @@ class FilesystemIO(Closeable):
 
     def _delete(self, where: str, asset: str, key: str | None) -> None:
         with _storage_errors("delete", asset, key):
+            self._refuse_links(where)
             for fmt in _LOOKUP_ORDER:
                 _remove(f"{where}.{formats.EXTENSIONS[fmt]}")
 

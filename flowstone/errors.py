@@ -12,7 +12,7 @@ is avoided on purpose: its ``str()`` wraps the message in quotes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -321,3 +321,25 @@ class StorageError(FlowstoneError):
 
 class StorageUnavailable(StorageError, ConnectionError):
     """The storage could not be reached (connection refused or dropped, timed out)."""
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException:
+    """The one real error inside a task group's ``ExceptionGroup``, so that callers
+    get the FlowStone error they can ``except`` (leaving out the cancellations the
+    first failure caused); the group itself when it holds several real errors."""
+    import anyio
+
+    leaves = list(_leaves(group))
+    real = [e for e in leaves if not isinstance(e, anyio.get_cancelled_exc_class())]
+    if len(real) == 1:
+        return real[0]
+    flowstone = [e for e in real if isinstance(e, FlowstoneError)]
+    return flowstone[0] if len(flowstone) == 1 else group
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error

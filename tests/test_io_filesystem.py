@@ -200,3 +200,23 @@ async def test_a_retry_policy_retries_the_function_but_not_a_value_no_format_hol
             await rt.materialize("a")
         [record] = await rt.store.list_all()
     assert calls == [1] and record.status is fs.Status.FAILED
+
+
+async def test_a_missing_partition_read_with_all_the_others_fails_as_not_found_not_a_group(anyio_backend, tmp_path):
+    """Every partition is read at once (load_many, in a task group); one that is gone
+    reaches the caller as the NotFound it is, not as an ExceptionGroup."""
+    io = fs.io.FilesystemIO(tmp_path)
+    daily = fs.DailyPartitions(start=date(2025, 1, 1), end=date(2025, 1, 31))
+    assets = [
+        fs.Asset(name="events", execute_fn=lambda ctx, deps: ctx.partition_key, partitioned_by=daily,
+                 io_manager="filesystem"),
+        fs.Asset(name="summary", execute_fn=lambda ctx, deps: len(deps["events"]), depends_on=("events",)),
+    ]
+    async with fs.open_runtime(assets, io_managers={"filesystem": io}) as rt:
+        for day in range(1, 4):
+            await rt.materialize("events", date(2025, 1, day))
+        await io.delete("events", date(2025, 1, 2))
+        with pytest.raises(fs.MaterializationFailed) as info:
+            await rt.materialize("summary")
+    assert info.value.error.startswith("NotFound: no stored value") and "ExceptionGroup" not in str(info.value)
+    assert isinstance(info.value.__cause__, fs.NotFound)

@@ -10,6 +10,8 @@ from typing import Any
 
 import anyio
 
+from ..errors import single_error
+
 __all__ = ["LOAD_MANY_CONCURRENCY", "load_concurrently"]
 
 LOAD_MANY_CONCURRENCY = 16
@@ -33,7 +35,10 @@ async def load_concurrently(
         async with gate:
             values[key] = await load(asset, key, config)
 
-    async with anyio.create_task_group() as tasks:
-        for key in keys:
-            tasks.start_soon(one, key)
+    try:
+        async with anyio.create_task_group() as tasks:
+            for key in keys:
+                tasks.start_soon(one, key)
+    except BaseExceptionGroup as group:
+        raise single_error(group) from None  # NotFound, StorageUnavailable: not a group
     return values

@@ -35,6 +35,7 @@ from ..errors import (
     InvalidTransition,
     NotFound,
     RuntimeClosed,
+    single_error,
 )
 from ..guards import Guard, authorize
 from ..io.memory import MemoryIO
@@ -479,7 +480,7 @@ async def open_runtime(
             memory = [c.handle for c in bound[:1]]
             await stop_gracefully(services, [*memory, registry])
     except BaseExceptionGroup as group:
-        raise _single(group) from None
+        raise single_error(group) from None
     finally:
         for client in bound:
             client.unbind()  # reusable by the next runtime; its data stays with it
@@ -522,24 +523,6 @@ async def _start_memory_clients(services: TaskGroup, clients: list[MemoryActorCl
         handle = await clients[0].start(services, policy)
         for client in clients[1:]:
             client.bind(handle)
-
-
-def _single(group: BaseExceptionGroup) -> BaseException:
-    """The one real error inside a task group's error, so callers can ``except`` it."""
-    leaves = list(_leaves(group))
-    real = [e for e in leaves if not isinstance(e, anyio.get_cancelled_exc_class())]
-    if len(real) == 1:
-        return real[0]
-    flowstone = [e for e in real if isinstance(e, FlowstoneError)]
-    return flowstone[0] if len(flowstone) == 1 else group
-
-
-def _leaves(error: BaseException) -> Iterable[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield error
 
 
 def materialize(

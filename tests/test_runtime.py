@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import logging
 from datetime import date
 
 import anyio
@@ -831,3 +832,27 @@ def test_random_graphs_run_each_asset_once_with_lineage_matching_the_graph(data)
         record = result.materializations[name]
         assert set(record.upstream_assets) == set(deps[name])
         assert all(position[d] < position[name] for d in deps[name])
+
+
+async def test_a_failure_keeps_a_bounded_traceback_and_is_logged_with_its_context(anyio_backend, caplog):
+    from flowstone.runtime.job import TRACEBACK_LIMIT
+
+    def build_report(ctx, deps):
+        raise ValueError("boom " + "x" * 20_000)
+
+    daily = fs.DailyPartitions(start=date(2025, 1, 1))
+    assets = [fs.Asset(name="report", execute_fn=build_report, partitioned_by=daily)]
+    with caplog.at_level(logging.WARNING, logger="flowstone"):
+        async with fs.open_runtime(assets) as rt:
+            with fs.tenant_scope("acme"), pytest.raises(fs.MaterializationFailed) as info:
+                await rt.materialize("report", date(2025, 1, 15))
+    record = info.value.result.materializations["report"]
+    assert record.status is Status.FAILED and record.error_message.startswith("ValueError: boom")
+    assert "build_report" not in record.error_message  # one line: type and message
+    assert "in build_report" in record.error_traceback and record.error_traceback.endswith("x\n")
+    assert len(record.error_traceback) <= TRACEBACK_LIMIT + 5
+    [logged] = [r for r in caplog.records if r.name.startswith("flowstone") and r.levelno == logging.WARNING]
+    assert (logged.asset, logged.partition, logged.tenant, logged.run_id) == (
+        "report", "2025-01-15", "acme", str(record.run_id)
+    )
+    assert "report" in logged.getMessage() and "acme" in logged.getMessage()

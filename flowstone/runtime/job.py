@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -175,9 +176,10 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         raise
     except Exception as error:
         state.record = record = await store.complete(
-            record, Status.FAILED, lease=lease, error_message=describe(error),
+            record, Status.FAILED, lease=lease, error_message=describe(error), error_traceback=traceback_of(error),
             metadata=_io_metadata(ctx.metadata, job), **_timing(record, started),
         )
+        _log_failure(record, error)
         return JobResult(record, error)
     state.record = record = await store.complete(
         record, Status.SUCCESS, lease=lease, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
@@ -347,6 +349,34 @@ def _io_metadata(metadata: dict[str, Any], job: Job) -> dict[str, Any]:
     if job.io_config:
         out[IO_CONFIG] = dict(job.io_config)
     return out
+
+
+TRACEBACK_LIMIT = 8_000
+"""Characters of a failure's traceback kept on its record: its start (the frames,
+outermost first) and its end (where it was raised, and the error)."""
+
+_failures = logging.getLogger("flowstone.runtime")
+
+
+def traceback_of(error: BaseException) -> str:
+    """The error's traceback as text, at most ``TRACEBACK_LIMIT`` characters (and the
+    five of the cut): the middle goes when it is longer."""
+    text = "".join(traceback.format_exception(error))
+    if len(text) <= TRACEBACK_LIMIT:
+        return text
+    half = TRACEBACK_LIMIT // 2
+    return f"{text[:half]}\n...\n{text[-half:]}"
+
+
+def _log_failure(record: Materialization, error: BaseException) -> None:
+    """One WARNING on the ``flowstone`` logger hierarchy per failed materialization,
+    naming the asset, partition, tenant and run (also as ``extra`` fields)."""
+    _failures.warning(
+        "materialization failed: %s [asset=%r, partition=%r, tenant=%r, run_id=%s]",
+        record.error_message, record.asset_name, record.partition, record.tenant_id, record.run_id,
+        extra={"asset": record.asset_name, "partition": record.partition, "tenant": record.tenant_id,
+               "run_id": str(record.run_id)},
+    )
 
 
 def describe(error: BaseException) -> str:

@@ -67,7 +67,7 @@ TABLE = "flowstone_materializations"
 _COLUMNS = (
     "id, tenant_id, asset_name, partition, run_id, status, started_at, completed_at, duration_ms, "
     "upstream_assets, upstream_partitions, dependency_hash, metadata, error_message, executor_node, "
-    "inserted_at, updated_at"
+    "inserted_at, updated_at, error_traceback"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM {TABLE}"
 _SUCCESSES = "status IN ('success', 'stale')"
@@ -75,13 +75,14 @@ _ROW_TYPES = (
     "id uuid, tenant_id text, asset_name text, partition text, run_id uuid, status text, expected text, "
     "started_at timestamptz, completed_at timestamptz, duration_ms double precision, upstream_assets jsonb, "
     "upstream_partitions jsonb, dependency_hash text, metadata jsonb, error_message text, executor_node text, "
-    "inserted_at timestamptz, updated_at timestamptz"
+    "inserted_at timestamptz, updated_at timestamptz, error_traceback text"
 )
 _INSERT = f"""
 INSERT INTO {TABLE} ({_COLUMNS})
 SELECT r.id, r.tenant_id, r.asset_name, r.partition, r.run_id, r.status, r.started_at, r.completed_at,
        r.duration_ms, ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)), r.upstream_partitions,
-       r.dependency_hash, r.metadata, r.error_message, r.executor_node, r.inserted_at, r.updated_at
+       r.dependency_hash, r.metadata, r.error_message, r.executor_node, r.inserted_at, r.updated_at,
+           r.error_traceback
 FROM jsonb_to_recordset($1::text::jsonb) AS r({_ROW_TYPES})
 ON CONFLICT (id) DO NOTHING
 RETURNING id
@@ -188,7 +189,8 @@ UPDATE {TABLE} AS m SET
     status = r.status, started_at = r.started_at, completed_at = r.completed_at, duration_ms = r.duration_ms,
     upstream_assets = ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)),
     upstream_partitions = r.upstream_partitions, dependency_hash = r.dependency_hash, metadata = r.metadata,
-    error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at
+    error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at,
+    error_traceback = r.error_traceback
 FROM jsonb_to_recordset($2::text::jsonb) AS r({_ROW_TYPES}, fence bigint)
 WHERE m.id = r.id AND m.id = ANY($3::uuid[]) AND m.tenant_id = r.tenant_id
   AND CASE WHEN m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at) THEN true END
@@ -261,7 +263,8 @@ WITH asked AS (
     INSERT INTO {TABLE} ({_COLUMNS})
     SELECT r.id, $1, r.asset_name, r.partition, r.run_id, r.status, r.started_at, r.completed_at,
            r.duration_ms, ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)), r.upstream_partitions,
-           r.dependency_hash, r.metadata, r.error_message, r.executor_node, r.inserted_at, r.updated_at
+           r.dependency_hash, r.metadata, r.error_message, r.executor_node, r.inserted_at, r.updated_at,
+           r.error_traceback
     FROM r JOIN granted g ON g.record_id = r.id
     ON CONFLICT (id) DO NOTHING
 )
@@ -374,8 +377,9 @@ class PostgresStore(PostgresClient):
             raise NotFound(f"no materialization with id {str(record.id)!r}", tenant=tenant)
         check_transition(record.status, status, record)
         changes = update_fields(fields)
-        if changes.get("error_message"):  # an exception's text: keep it, minus what text cannot hold
-            changes["error_message"] = storable_text(changes["error_message"])
+        for name in ("error_message", "error_traceback"):  # an exception's text: keep it, minus what text cannot hold
+            if changes.get(name):
+                changes[name] = storable_text(changes[name])
         new = evolve(record, status=status, updated_at=_utcnow(), **changes)
         await self._write(
             _Write(
@@ -816,6 +820,7 @@ _UPDATABLE_SQL = {
     "started_at": "started_at", "completed_at": "completed_at", "duration_ms": "duration_ms",
     "upstream_assets": "upstream_assets", "upstream_partitions": "upstream_partitions",
     "dependency_hash": "dependency_hash", "metadata": "metadata", "error_message": "error_message",
+    "error_traceback": "error_traceback",
     "executor_node": "executor_node",
 }
 """Column of each updatable field: names reach SQL from this fixed table only."""
@@ -878,6 +883,7 @@ def _row(record: Materialization, expected: Status | None) -> str:
         "executor_node": record.executor_node,
         "inserted_at": _iso(record.inserted_at),
         "updated_at": _iso(record.updated_at),
+        "error_traceback": record.error_traceback,
     }, ensure_ascii=False)
     problem = _text_problem(record)
     if problem is not None:
@@ -890,7 +896,8 @@ def _row(record: Materialization, expected: Status | None) -> str:
 
 def _text_problem(record: Materialization) -> str | None:
     """Why a text field of the record cannot be stored (a NUL, a lone surrogate), or None."""
-    texts = [record.partition, record.error_message, record.executor_node, record.dependency_hash]
+    texts = [record.partition, record.error_message, record.error_traceback, record.executor_node,
+             record.dependency_hash]
     texts += record.upstream_assets
     for name, keys in record.upstream_partitions.items():
         texts.append(name)
@@ -930,4 +937,5 @@ def _record(row: Any) -> Materialization:
         tenant_id=row[1] or None,
         inserted_at=row[15],
         updated_at=row[16],
+        error_traceback=row[17],
     )

@@ -120,6 +120,8 @@ class Materialization:
     tenant_id: str | None = None
     inserted_at: datetime | None = None
     updated_at: datetime | None = None
+    error_traceback: str | None = None
+    """Where a failure came from: the user's traceback, bounded (``TRACEBACK_LIMIT``)."""
 
 
 # ------------------------------------------------------------ building records
@@ -128,7 +130,7 @@ _SET_BY_STORE = frozenset({"inserted_at", "updated_at", "tenant_id"})
 _FIELDS = frozenset(f.name for f in attrs.fields(Materialization))
 UPDATABLE = frozenset({
     "started_at", "completed_at", "duration_ms", "upstream_assets", "upstream_partitions",
-    "dependency_hash", "metadata", "error_message", "executor_node",
+    "dependency_hash", "metadata", "error_message", "error_traceback", "executor_node",
 })
 """What ``update_status`` may change besides the status: never identity or tenant."""
 _CREATABLE = _FIELDS - _SET_BY_STORE

@@ -135,6 +135,15 @@ class StoreContract:
         with pytest.raises(fs.NotFound):
             await store.update_status(uuid.uuid4(), Status.RUNNING)
 
+    async def test_a_failure_keeps_its_message_and_traceback(self, store):
+        record = await store.create(asset_name="orders", status=Status.RUNNING)
+        trace = 'Traceback (most recent call last):\n  File "x.py", line 1, in build\nValueError: boom\n'
+        failed = await store.complete(record, Status.FAILED, error_message="ValueError: boom", error_traceback=trace)
+        assert (await store.get_by_id(record.id)).error_traceback == trace == failed.error_traceback
+        other = await store.create(asset_name="orders", status=Status.RUNNING)
+        await store.update_status(other.id, Status.FAILED, error_traceback=trace)
+        assert (await store.get_by_id(other.id)).error_traceback == trace
+
     async def test_complete_checks_first_and_is_visible_to_the_next_call(self, store):
         record = await store.create(asset_name="orders", status=Status.RUNNING)
         done = await store.complete(record, Status.SUCCESS, duration_ms=1.0)

@@ -88,6 +88,17 @@ async def test_table_inputs_of_every_shape_are_accepted_and_others_refused(anyio
         await io.store("t", expected, None, {"format": "pickle"})
 
 
+@pytest.mark.parametrize("fmt", ["arrow", "parquet"])
+async def test_a_column_of_text_is_refused_not_split_into_letters(anyio_backend, tmp_path, fmt):
+    """{"a": "hello"} used to become a five-row table of single letters."""
+    io = fs.io.FilesystemIO(tmp_path)
+    await io.store("t", {"a": ["kept"]}, None, {"format": fmt})
+    for bad in ({"a": "hello"}, {"a": b"bytes"}, {"a": {"x": 1}}, {"a": (c for c in "gen")}):
+        with pytest.raises(fs.SerializationError, match="column 'a' holds"):
+            await io.store("t", bad, None, {"format": fmt})
+    assert (await io.load("t", None)).to_pylist() == [{"a": "kept"}]
+
+
 async def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(anyio_backend, tmp_path):
     """A write that dies half way (here: the table cannot be encoded after the file
     was opened) is never visible: the old value stays, the temporary file goes."""

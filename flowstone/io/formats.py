@@ -59,6 +59,14 @@ def to_table(value: Any, *, asset: str | None = None, partition: Any = None) -> 
         if isinstance(value, list) and all(isinstance(row, Mapping) for row in value):
             return pa.Table.from_pylist(value)
         if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            for name, column in value.items():
+                # Text is iterable: pyarrow would silently make {"a": "hello"} five rows of letters.
+                if isinstance(column, (str, bytes, bytearray, Mapping)) or not hasattr(column, "__len__"):
+                    raise SerializationError(
+                        f"column {name!r} holds a {type(column).__name__}, not a list of values "
+                        "(a dict of columns maps each name to a list, an array or a pyarrow Array)",
+                        asset=asset, partition=partition,
+                    )
             return pa.table(dict(value))
     except (pa.ArrowException, TypeError, ValueError) as error:
         raise SerializationError(

@@ -335,32 +335,31 @@ class _Handlers:
             if current.status in CURRENT:
                 self._store(current, evolve(current, status=Status.SUPERSEDED, updated_at=utcnow()))
 
-    def _close_orphan(self, tenant: str | None, record_id: uuid.UUID, owner: str) -> Materialization | None:
+    def _close_orphan(self, tenant: str | None, record_id: uuid.UUID, owner: str) -> None:
         record = self.data.records.get(record_id)
-        if record is None or record.tenant_id != tenant or record.status not in ACTIVE:
-            return None
+        if record is not None and record.tenant_id == tenant and record.status in ACTIVE:
+            self._orphan(record, f"orphaned: {owner} stopped renewing its lease without finishing it")
+
+    def _orphan(self, record: Materialization, message: str) -> Materialization:
+        """Close an unfinished record its process left: failed if started, else cancelled."""
         now = utcnow()
         return self._store(record, evolve(
-            record, status=ORPHAN_ENDING[record.status], updated_at=now, completed_at=now,
-            error_message=f"orphaned: {owner} stopped renewing its lease without finishing it",
+            record, status=ORPHAN_ENDING[record.status], updated_at=now, completed_at=now, error_message=message,
         ))
 
     def close_orphans(self, m: CloseOrphans) -> int:
         data = self.data
         prefix = f"{m.owner}/"
-        closed = 0
-        for status in ACTIVE:
-            for record_id in list(data.by_status.get((m.tenant, status), {})):
-                record = data.records[record_id]
-                if (record.executor_node or "").startswith(prefix):
-                    now = utcnow()
-                    self._store(record, evolve(
-                        record, status=ORPHAN_ENDING[status], updated_at=now, completed_at=now,
-                        error_message=m.message,
-                    ))
-                    closed += 1
+        mine = [
+            data.records[record_id]
+            for status in ACTIVE
+            for record_id in data.by_status.get((m.tenant, status), {})
+            if (data.records[record_id].executor_node or "").startswith(prefix)
+        ]
+        for record in mine:
+            self._orphan(record, m.message)
         data.leases.drop_owner(m.tenant, m.owner)
-        return closed
+        return len(mine)
 
     def _index_success(self, record: Materialization) -> None:
         data = self.data

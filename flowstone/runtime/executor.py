@@ -9,12 +9,11 @@ A caller asks to run a partition (``Submit``). The executor answers with:
   computed: concurrent callers share one computation (single flight);
 - later, a lease, when every slot is taken: callers queue in order.
 
-A lease carries the last success a job of this executor finished for that
-partition (a few partitions are remembered). A caller decides to run from a
-lookup made before it asks, so another caller's job may have finished between
-the two steps; when that record is not the one the caller saw and has the
-dependency hash the caller would record, the caller takes it and hands the
-lease back unused: callers that both saw "nothing stored" compute once.
+A caller decides to run from a lookup made before it asks, so another caller's
+job may have finished between the two steps. The store answers that, for callers
+in this process and in others alike: the job asks it for the partition's lease
+"unless done" (ADR 0009) and takes the success finished meanwhile instead of
+computing it again.
 
 Running the job in the caller's task, not in a task the actor spawns, is a
 measured choice (ADR 0005): spawning a task costs more than everything else a
@@ -31,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,7 +43,7 @@ from ..definitions import Asset
 from ..errors import ActorCrashed, FlowstoneError, NotFound, RuntimeClosed
 from ..io.protocol import IOManager
 from ..store.protocol import MaterializationStore
-from ..store.records import Materialization, Status
+from ..store.records import Materialization
 from .leases import LeaseKeeper
 
 __all__ = [
@@ -88,16 +87,9 @@ class JobResult:
 
 @attrs.frozen
 class Lease:
-    """Permission to run one partition's job; hand it back with ``Finished``.
-    ``recent``: the last success this executor's jobs finished for the partition."""
+    """Permission to run one partition's job; hand it back with ``Finished``."""
 
     token: Any
-    recent: Materialization | None = None
-
-
-RECENT = 64
-"""How many partitions' last successes an executor remembers for leases; only
-callers whose lookups raced a job need them, later lookups find them in the store."""
 
 
 @attrs.frozen(kw_only=True)
@@ -182,7 +174,6 @@ class _Gate:
         self.tokens = ((id(self), n) for n in itertools.count())
         self.queue: deque[tuple[FlightKey, Reply]] = deque()
         self.approvals: dict[tuple[str | None, uuid.UUID], MemoryObjectSendStream[tuple[bool, str | None]]] = {}
-        self.recent: OrderedDict[FlightKey, Materialization] = OrderedDict()
         self.dispatch = {
             Submit: self.submit, Finished: self.finished, Detach: self.detach,
             AwaitApproval: self.await_approval, Decide: self.decide, Stats: self.stats,
@@ -215,7 +206,7 @@ class _Gate:
     def lease(self, key: FlightKey, followers: list[Reply] | None = None) -> Lease:
         flight = _Flight(next(self.tokens), followers or [])
         self.flights[key] = flight
-        return Lease(flight.token, self.recent.get(key))
+        return Lease(flight.token)
 
     def finished(self, message: Finished) -> None:
         key = (message.tenant, message.key)
@@ -227,7 +218,6 @@ class _Gate:
         if flight is None or flight.token != message.token:
             return None  # a lease from before a restart
         del self.flights[key]
-        self.remember(key, message.result)
         if message.result is None and flight.followers:
             promoted, *rest = flight.followers  # the leader was cancelled: the next one runs it
             promoted.resolve(self.lease(key, rest))
@@ -236,14 +226,6 @@ class _Gate:
             follower.resolve(message.result)
         self.grant_queued()
         return None
-
-    def remember(self, key: FlightKey, result: JobResult | None) -> None:
-        """Keep the last success per partition, for the most recent few partitions."""
-        if result is not None and result.error is None and result.record.status is Status.SUCCESS:
-            self.recent[key] = result.record
-            self.recent.move_to_end(key)
-            if len(self.recent) > RECENT:
-                self.recent.popitem(last=False)
 
     def grant_queued(self) -> None:
         while self.queue and (self.slots is None or len(self.flights) < self.slots):

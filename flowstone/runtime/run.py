@@ -506,17 +506,6 @@ class _Run:
             record=done.record, error=done.error, value=done.value, has_value=done.has_value, reused=done.reused
         )
 
-    def finished_meanwhile(self, job: Job, recent: Materialization | None) -> bool:
-        """Whether ``recent`` (the executor's last success for this partition) was
-        finished after this run's lookup and is what this run would compute."""
-        seen = self.latest.get((job.asset.name, job.key))
-        return (
-            recent is not None
-            and (seen is None or recent.id != seen.id)
-            and recent.dependency_hash == job.dependency_hash
-            and self.may_reuse(job.asset.name)
-        )
-
     async def after_lease_held(self, job: Job, executor: Any, held: LeaseHeld) -> JobResult:
         """Another process holds the store's lease of this partition: wait for it to
         finish, then take its success when it is what this run would compute (single
@@ -551,15 +540,12 @@ class _Run:
             return answer  # another caller computed it (single flight)
         result: JobResult | None = None
         try:
-            if self.finished_meanwhile(job, answer.recent):
-                result = JobResult(answer.recent, reused=True)  # type: ignore[arg-type]
-            else:
-                try:
-                    result = await run_job(job, self.env, executor)
-                except LeaseHeld as held:  # another process computes it now
-                    result = await self.after_lease_held(job, executor, held)
-                except FinishedElsewhere as done:  # another process did, since we looked
-                    result = JobResult(done.record, reused=True)  # type: ignore[arg-type]
+            try:
+                result = await run_job(job, self.env, executor)
+            except LeaseHeld as held:  # another process computes it now
+                result = await self.after_lease_held(job, executor, held)
+            except FinishedElsewhere as done:  # another caller did, since we looked
+                result = JobResult(done.record, reused=True)  # type: ignore[arg-type]
             return result
         finally:
             finished = Finished(

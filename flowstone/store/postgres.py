@@ -118,11 +118,11 @@ WHERE m.tenant_id = $1 AND m.status = 'success' AND m.upstream_assets @> ARRAY[b
   AND m.upstream_partitions -> b.asset @> jsonb_build_array(b.key)
 """
 _CURRENT_OF_R = f"""(
-    SELECT m.id FROM {TABLE} AS m
+    SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
     WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
       AND m.partition = r.partition
     UNION ALL
-    SELECT m.id FROM {TABLE} AS m
+    SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
     WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
       AND m.partition IS NULL AND r.partition IS NULL
     LIMIT 1
@@ -137,20 +137,21 @@ partition, whatever the planner knows of the table."""
 _BY_STATUS = "CASE WHEN m.status IN ('success', 'stale') THEN true END"
 """A status test no index can serve, so the primary key is the only way in."""
 
-_SUPERSEDE_NEW = f"""
-UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $3
-WHERE m.tenant_id = $1 AND m.id = ANY(ARRAY(
-    SELECT c.id FROM jsonb_to_recordset($2::text::jsonb) AS r(id uuid, asset_name text, partition text)
-    CROSS JOIN LATERAL {_CURRENT_OF_R} AS c WHERE c.id <> r.id
-)) AND {_BY_STATUS}
-"""
-_SUPERSEDE_FOR = f"""
-UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $4
-WHERE m.tenant_id = $1 AND m.id = ANY(ARRAY(
-    SELECT c.id FROM {TABLE} AS r CROSS JOIN LATERAL {_CURRENT_OF_R} AS c
-    WHERE r.id = $2 AND r.tenant_id = $1 AND r.status = ANY($3::text[]) AND c.id <> r.id
-)) AND {_BY_STATUS}
-"""
+
+
+def _supersede(rows: str, now: str, where: str = "TRUE") -> str:
+    """An UPDATE that supersedes the current record of each row ``r`` of ``rows`` (the
+    FROM clause naming them) other than ``r`` itself, when ``where`` holds for ``r``."""
+    return f"""UPDATE {TABLE} AS m SET status = 'superseded', updated_at = {now}
+    WHERE m.tenant_id = $1 AND m.id = ANY(ARRAY(
+        SELECT c.id FROM {rows} CROSS JOIN LATERAL {_CURRENT_OF_R} AS c WHERE c.id <> r.id AND {where}
+    )) AND {_BY_STATUS}"""
+
+
+_SUPERSEDE_NEW = _supersede("jsonb_to_recordset($2::text::jsonb) AS r(id uuid, asset_name text, partition text)", "$3")
+_SUPERSEDE_FOR = _supersede(
+    f"{TABLE} AS r", "$4", "r.id = $2 AND r.tenant_id = $1 AND r.status = ANY($3::text[])"
+)
 _LOCK_LEASES = """SELECT fence FROM flowstone_leases WHERE tenant_id = $1 AND fence = ANY({fences}::bigint[])
     ORDER BY asset_name COLLATE "C", partitioned, partition COLLATE "C" FOR {mode}"""
 """Lease rows are locked in key order (the order of ``begin`` batches too), so two
@@ -177,13 +178,10 @@ WITH locked AS (
 ), held AS (
     SELECT fence FROM released UNION ALL SELECT fence FROM kept
 ), superseded AS (
-    UPDATE {TABLE} AS m SET status = 'superseded', updated_at = $7
-    WHERE m.tenant_id = $1 AND m.id = ANY(ARRAY(
-        SELECT c.id
-        FROM jsonb_to_recordset($6::text::jsonb) AS r(id uuid, asset_name text, partition text, fence bigint)
-        CROSS JOIN LATERAL {_CURRENT_OF_R} AS c
-        WHERE c.id <> r.id AND (r.fence IS NULL OR r.fence IN (SELECT fence FROM held))
-    )) AND {_BY_STATUS}
+    {_supersede(
+        "jsonb_to_recordset($6::text::jsonb) AS r(id uuid, asset_name text, partition text, fence bigint)", "$7",
+        "(r.fence IS NULL OR r.fence IN (SELECT fence FROM held))",
+    )}
 )
 UPDATE {TABLE} AS m SET
     status = r.status, started_at = r.started_at, completed_at = r.completed_at, duration_ms = r.duration_ms,
@@ -221,16 +219,7 @@ WITH asked AS (
 ), done AS (
     -- Finished by another process since the caller looked, as the caller would have.
     SELECT r.id AS asked_id, c.id AS current_id
-    FROM asked r CROSS JOIN LATERAL (
-        SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
-        WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
-          AND m.partition = r.partition
-        UNION ALL
-        SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
-        WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
-          AND m.partition IS NULL AND r.partition IS NULL
-        LIMIT 1
-    ) AS c
+    FROM asked r CROSS JOIN LATERAL {_CURRENT_OF_R} AS c
     WHERE r.reuse_hash IS NOT NULL AND c.status = 'success' AND c.dependency_hash = r.reuse_hash
       AND c.id IS DISTINCT FROM r.seen
 ), r AS (

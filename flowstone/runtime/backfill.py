@@ -247,9 +247,12 @@ async def run_backfill(
                                 await _work(spec, progress, runner)
                             finally:
                                 done.set()
-                except anyio.get_cancelled_exc_class():
-                    # The runtime is stopping: what ran is recorded, the rest is
-                    # cancelled; a persistent store keeps that for resume_backfill.
+                except BaseException as stopping:
+                    if isinstance(stopping, Exception):
+                        raise
+                    # The runtime is stopping (cancelled, or Ctrl-C landed here): what
+                    # ran is recorded, the rest is cancelled; a persistent store keeps
+                    # that for resume_backfill.
                     progress.cancel_requested = True
                     progress.finished_at = utcnow()
                     with anyio.CancelScope(shield=True):

@@ -10,8 +10,10 @@ and bounded, so no record is left ``running``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import math
 import logging
 import time
 import traceback
@@ -89,12 +91,13 @@ async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
             async with env.limiter:
                 return await _attempt(job, env, executor, state)
         return await _attempt(job, env, executor, state)
-    except anyio.get_cancelled_exc_class():
-        await _close(job, env, state, Status.CANCELLED, "cancelled")
-        raise
     except LeaseLost:
         raise
-    except Exception as error:
+    except BaseException as error:
+        if not isinstance(error, Exception):  # the runtime's cancellation (the function's own
+            # BaseExceptions are its failures, recorded in _attempt): stopped, not failed
+            await _close(job, env, state, Status.CANCELLED, "cancelled")
+            raise
         # Not the user's function (its errors are results): the store, an IO
         # manager or the runtime broke. Record it if we can, then report it.
         await _close(job, env, state, Status.FAILED, describe(error))
@@ -172,9 +175,11 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         await _retry_transient(
             asset, ctx, "storing the value", manager.store, asset.name, value, job.partition, job.io_config
         )
-    except (anyio.get_cancelled_exc_class(), LeaseLost):
+    except LeaseLost:
         raise
-    except Exception as error:
+    except BaseException as error:
+        if stopped(error):
+            raise
         state.record = record = await store.complete(
             record, Status.FAILED, lease=lease, error_message=describe(error), error_traceback=traceback_of(error),
             metadata=_io_metadata(ctx.metadata, job), **_timing(record, started),
@@ -273,10 +278,8 @@ async def _call_with_retry(asset: Asset, ctx: Context, deps: dict[str, Any], env
     for attempt in range(1, attempts + 1):
         try:
             return await _call(asset, ctx, deps, env)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as error:
-            if attempt == attempts:
+        except BaseException as error:
+            if attempt == attempts or stopped(error):
                 raise
             assert policy is not None
             delay = policy.delay(attempt)
@@ -285,6 +288,40 @@ async def _call_with_retry(asset: Asset, ctx: Context, deps: dict[str, Any], env
             if delay > 0:
                 await anyio.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def stopped(error: BaseException) -> bool:
+    """Whether ``error`` stops the work rather than fails it: a ``BaseException`` (a
+    cancellation, a ``KeyboardInterrupt``) while the runtime is cancelling this task,
+    or Ctrl-C itself. Anything else, ``BaseException`` subclasses included, is the
+    function's failure: a cancellation exception a function raised with nobody
+    cancelling it too."""
+    return not isinstance(error, Exception) and (cancelling() or _from_ctrl_c(error))
+
+
+def _from_ctrl_c(error: BaseException) -> bool:
+    """A ``KeyboardInterrupt`` that trio delivered for Ctrl-C (its innermost frame is
+    trio's signal handling, not the function's own ``raise``). asyncio turns Ctrl-C
+    into a cancellation of the main task, which ``cancelling()`` sees."""
+    if not isinstance(error, KeyboardInterrupt) or error.__traceback__ is None:
+        return False
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("trio.")
+
+
+def cancelling() -> bool:
+    """Whether the current task is being cancelled: a cancelled scope encloses it (on
+    either backend), or, on asyncio, something called ``task.cancel()`` on it."""
+    deadline = anyio.current_effective_deadline()
+    if deadline == -math.inf or deadline <= anyio.current_time():
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop: trio, where the deadline said it all
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 _TRANSIENT_CODES = frozenset({

@@ -19,6 +19,7 @@ from .definitions import asset as asset
 from .definitions import validate_asset as validate_asset
 from .errors import AccessDenied as AccessDenied
 from .errors import ActorCrashed as ActorCrashed
+from .errors import AssetTimeout as AssetTimeout
 from .errors import BackfillNotFound as BackfillNotFound
 from .errors import BackfillOwned as BackfillOwned
 from .errors import CycleError as CycleError

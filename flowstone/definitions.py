@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import random
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -114,6 +115,8 @@ class Asset:
     requires_approval: bool = attrs.field(default=False, kw_only=True)
     retry: RetryPolicy | None = attrs.field(default=None, kw_only=True)
     max_concurrency: int | None = attrs.field(default=None, kw_only=True)
+    timeout: float | None = attrs.field(default=None, kw_only=True)
+    executor: str | None = attrs.field(default=None, kw_only=True)
     module: str | None = attrs.field(default=None, kw_only=True)
     line: int | None = attrs.field(default=None, kw_only=True)
 
@@ -162,7 +165,48 @@ def validate_asset(asset: Asset) -> list[FieldError]:
     limit = asset.max_concurrency
     if limit is not None and (type(limit) is not int or limit < 1):
         problem("max_concurrency", f"must be an int >= 1 or None, got {limit!r}")
+    seconds = asset.timeout
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf
+    ):
+        problem("timeout", f"must be a number of seconds > 0 or None, got {seconds!r}")
+    if (why := _executor_problem(asset)) is not None:
+        problem("executor", why)
     return errors
+
+
+EXECUTORS = ("async", "thread", "process")
+
+
+def executor_of(asset: Asset) -> str:
+    """Where the function runs: the asset's ``executor``, else ``"async"`` for an
+    ``async def`` and ``"thread"`` for a plain function."""
+    if asset.executor is not None:
+        return asset.executor
+    return "async" if inspect.iscoroutinefunction(asset.execute_fn) else "thread"
+
+
+def _executor_problem(asset: Asset) -> str | None:
+    executor, fn = asset.executor, asset.execute_fn
+    if executor is None or not callable(fn):
+        return None
+    if executor not in EXECUTORS:
+        return f"must be one of {', '.join(map(repr, EXECUTORS))} or None, got {executor!r}"
+    coroutine = inspect.iscoroutinefunction(fn)
+    if executor == "async":
+        return None if coroutine else "'async' runs an async def; this is a plain function (use 'thread' or 'process')"
+    if coroutine:
+        return f"{executor!r} runs a plain function; this is an async def (use 'async', or make it a def)"
+    if executor == "process":
+        qualname = getattr(fn, "__qualname__", "")
+        if not inspect.isfunction(fn) or "<" in qualname or not getattr(fn, "__module__", None):
+            return (
+                "'process' needs a function defined at module level (a worker process imports it "
+                f"by module and name), got {qualname or fn!r}"
+            )
+        if asset.requires:
+            return "'process' cannot pass resources (they are live objects of this process)"
+    return None
 
 
 def _check_names(field: str, value: Any, problem: Callable[[str, str], None], own_name: Any = None) -> None:
@@ -244,6 +288,8 @@ def asset(
     requires_approval: bool = False,
     retry: RetryPolicy | None = None,
     max_concurrency: int | None = None,
+    timeout: float | None = None,
+    executor: str | None = None,
 ) -> Any:
     """Define an asset from the function that computes it: ``@fs.asset`` or ``@fs.asset(...)``.
 
@@ -270,6 +316,8 @@ def asset(
             requires_approval=requires_approval,
             retry=retry,
             max_concurrency=max_concurrency,
+            timeout=timeout,
+            executor=executor,
             module=getattr(func, "__module__", None),
             line=code.co_firstlineno if code is not None else None,
         )

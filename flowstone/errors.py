@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AccessDenied",
     "ActorCrashed",
+    "AssetTimeout",
     "BackfillNotFound",
     "BackfillOwned",
     "CycleError",
@@ -202,6 +203,24 @@ class LeaseLost(FlowstoneError):
     """This process no longer holds the lease it worked under: it expired and another
     process took the work over, so this process's record and value writes are refused
     (the other process's result stands)."""
+
+
+class AssetTimeout(FlowstoneError, TimeoutError):
+    """The asset's function was still running after its ``timeout`` seconds: it was
+    cancelled and the materialization failed. (A plain function in a worker thread
+    cannot be stopped: the runtime stops waiting and the thread finishes on its own.)"""
+
+    def __init__(
+        self, seconds: float, *, executor: str, asset: str | None = None, partition: Any = None,
+        tenant: str | None = None,
+    ) -> None:
+        self.seconds = seconds
+        left = "; its thread runs on until the function returns (threads cannot be stopped)" \
+            if executor == "thread" else ""
+        super().__init__(
+            f"still running after its timeout of {seconds:g}s: cancelled{left}",
+            asset=asset, partition=partition, tenant=tenant,
+        )
 
 
 class AccessDenied(FlowstoneError):

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import chaos, core, instructions, io, load, memory, postgres, processes, runtime, soak
+from . import chaos, core, executors, instructions, io, load, memory, postgres, processes, runtime, soak
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
@@ -18,6 +18,7 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "chaos": (chaos.run, "backfills while actors die, IO fails, Postgres drops, S3 restarts; then an integrity check"),
     "core": (core.run, "planning cost (graph, order, layers, validate) and partition key throughput"),
     "dags": (load.run_dags, "a 1-1000-1 fan and a 500-asset chain, one materialize each"),
+    "executors": (executors.run, "a CPU-bound 8-partition backfill with executor='thread' and 'process' (issue #12)"),
     "instructions": (instructions.run, "instructions per materialization under callgrind: deterministic, for A/B"),
     "io": (io.run, "Parquet and S3 round trips of a 1M-row table (time, peak memory), S3IO(json) backfill (issue #5)"),
     "memory": (memory.run, "where a backfill's memory goes: store records vs the runtime's own share"),

@@ -22,6 +22,7 @@ import anyio
 
 import flowstone as fs
 from flowstone.actors.memory import utcnow
+from flowstone.runtime import threads
 from flowstone.runtime.hashing import dependency_hash
 from flowstone.store.records import new_record
 
@@ -131,7 +132,7 @@ async def cost_split(n: int = 2000) -> list[dict[str, Any]]:
 
         start = time.perf_counter()
         for _ in range(n // 4):
-            await anyio.to_thread.run_sync(plain)
+            await threads.run_sync(plain)
         rows.append({"piece": "worker-thread hand-off", "us_each": (time.perf_counter() - start) / (n // 4) * 1e6,
                      "per_materialization": "1 for a plain (def) asset, 0 for async def"})
     return rows

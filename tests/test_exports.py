@@ -23,7 +23,7 @@ PUBLIC = {
     "FlowstoneError", "InvalidIdentifier", "InvalidPartition", "InvalidTenant",
     "InvalidTransition", "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
     "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced", "StorageError", "StorageUnavailable",
-    "LeaseLost", "BackfillOwned",
+    "LeaseLost", "BackfillOwned", "AssetTimeout",
 }
 
 ERRORS = {
@@ -31,7 +31,7 @@ ERRORS = {
     "InvalidIdentifier", "InvalidPartition", "InvalidTenant", "InvalidTransition",
     "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
     "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced", "StorageError", "StorageUnavailable",
-    "LeaseLost", "BackfillOwned",
+    "LeaseLost", "BackfillOwned", "AssetTimeout",
 }
 
 

@@ -4,6 +4,8 @@ subclasses, a cancellation nobody asked for, time limits. On asyncio and trio.""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -177,3 +179,266 @@ def test_ctrl_c_cancels_the_work_in_flight_it_fails_nothing(backend):
     assert "KeyboardInterrupt" in err  # Ctrl-C still stops the program
     outcome = json.loads(out)
     assert outcome == {"state": "cancelled", "failed": 0, "records": ["cancelled", "success"]}, err
+
+
+# ------------------------------------------------------------ time limits
+
+
+async def test_an_async_function_past_its_timeout_fails_with_asset_timeout(anyio_backend):
+    async def stuck(ctx, deps):
+        await anyio.sleep_forever()
+
+    async with fs.open_runtime([fs.Asset(name="stuck", execute_fn=stuck, timeout=0.05)]) as rt:
+        with pytest.raises(fs.MaterializationFailed) as info:
+            await rt.materialize("stuck")
+    assert isinstance(info.value.__cause__, fs.AssetTimeout) and isinstance(info.value.__cause__, TimeoutError)
+    record = info.value.result.materializations["stuck"]
+    assert record.status is Status.FAILED
+    assert record.error_message.startswith("AssetTimeout: still running after its timeout of 0.05s")
+
+
+async def test_a_thread_past_its_timeout_is_abandoned_and_the_runtime_goes_on(anyio_backend):
+    release = threading.Event()
+    finished = threading.Event()
+
+    def stuck(ctx, deps):
+        release.wait(30)
+        finished.set()
+        return 1
+
+    assets = [fs.Asset(name="stuck", execute_fn=stuck, timeout=0.05)]
+    async with fs.open_runtime(assets) as rt:
+        with pytest.raises(fs.MaterializationFailed) as info:
+            await rt.materialize("stuck")
+        assert "threads cannot be stopped" in str(info.value.__cause__)
+        assert not finished.is_set()  # the runtime did not wait for the thread
+    release.set()
+    assert finished.wait(5)
+
+
+async def test_a_timeout_error_the_function_raises_itself_is_not_a_time_limit(anyio_backend):
+    async def raises(ctx, deps):
+        raise TimeoutError("the API timed out")
+
+    async with fs.open_runtime([fs.Asset(name="raises", execute_fn=raises, timeout=30)]) as rt:
+        with pytest.raises(fs.MaterializationFailed) as info:
+            await rt.materialize("raises")
+    assert type(info.value.__cause__) is TimeoutError
+    assert info.value.result.materializations["raises"].error_message == "TimeoutError: the API timed out"
+
+
+async def test_a_time_limit_applies_to_each_attempt(anyio_backend):
+    attempts: list[int] = []
+
+    async def slow_then_fast(ctx, deps):
+        attempts.append(1)
+        if len(attempts) == 1:
+            await anyio.sleep_forever()
+        return "done"
+
+    retry = fs.RetryPolicy(max_attempts=2, backoff=0)
+    assets = [fs.Asset(name="a", execute_fn=slow_then_fast, timeout=0.05, retry=retry)]
+    async with fs.open_runtime(assets) as rt:
+        result = await rt.materialize("a")
+        assert result.materializations["a"].status is Status.SUCCESS and len(attempts) == 2
+        assert await rt.load("a") == "done"
+
+
+_NEVER_RETURNS = """
+import sys, threading
+import anyio
+import flowstone as fs
+
+def forever(ctx, deps):
+    threading.Event().wait()
+
+async def main():
+    async with fs.open_runtime([fs.Asset(name="forever", execute_fn=forever, timeout=0.1)]) as rt:
+        try:
+            await rt.materialize("forever")
+        except fs.MaterializationFailed as error:
+            print(type(error.__cause__).__name__, flush=True)
+
+anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_function_that_never_returns_does_not_keep_the_program_from_exiting(backend):
+    done = subprocess.run(
+        [sys.executable, "-c", _NEVER_RETURNS, backend], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "AssetTimeout"), done.stderr
+
+
+@pytest.mark.parametrize(
+    "fields, problem",
+    [
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": -1.5}, "timeout"),
+        ({"timeout": True}, "timeout"),
+        ({"timeout": float("inf")}, "timeout"),
+        ({"timeout": "10"}, "timeout"),
+        ({"executor": "fork"}, "executor"),
+        ({"executor": "async"}, "executor"),  # on a plain function
+    ],
+)
+def test_bad_time_limits_and_executors_are_definition_errors(fields, problem):
+    with pytest.raises(fs.DefinitionError) as info:
+        fs.asset(name="a", **fields)(_cpu_bound)
+    assert problem in str(info.value)
+
+
+# ------------------------------------------------------------ worker processes
+# Functions a worker process runs are found there by module and name: module level.
+
+
+def _cpu_bound(ctx, deps):
+    ctx.log.info("summing %s", ctx.partition_key)
+    ctx.metadata["pid"] = os.getpid()
+    return {"partition": ctx.partition_key, "tenant": ctx.tenant, "sum": sum(i * i for i in range(10_000))}
+
+
+def _totals(ctx, deps):
+    return {key: value["sum"] for key, value in sorted(deps["squares"].items())}
+
+
+def _returns_a_set(ctx, deps):
+    return {1, 2, 3}
+
+
+def _raises(ctx, deps):
+    raise ValueError("bad input in the worker")
+
+
+class Unpicklable(Exception):
+    def __init__(self, code, detail):
+        super().__init__(f"code {code}: {detail}")
+
+
+def _raises_unpicklable(ctx, deps):
+    raise Unpicklable(7, "no")
+
+
+def _spins(ctx, deps):
+    print(os.getpid(), file=open(ctx.asset.metadata["pid_file"], "w"), flush=True)
+    while True:
+        pass
+
+
+async def test_a_process_executor_runs_the_function_in_another_process(anyio_backend, caplog):
+    days = fs.partition_range(date(2025, 1, 1), date(2025, 1, 3), "day")
+    assets = [
+        fs.Asset(name="squares", execute_fn=_cpu_bound, partitioned_by=DAILY, executor="process"),
+        fs.Asset(name="totals", execute_fn=_totals, depends_on=["squares"], executor="process"),
+    ]
+    with caplog.at_level(logging.INFO, logger="flowstone"):
+        async with fs.open_runtime(assets) as rt:
+            with fs.tenant_scope("acme"):
+                status = await rt.wait_backfill(await rt.backfill("squares", days))
+                assert status.state == "succeeded"
+                value = await rt.load("squares", date(2025, 1, 2))
+                result = await rt.materialize("totals")
+                totals = await rt.load("totals")
+                [record] = [r for r in await rt.store.list_all(asset_name="squares") if r.partition == "2025-01-02"]
+    assert record.metadata["pid"] != os.getpid()
+    assert value == {"partition": "2025-01-02", "tenant": "acme", "sum": 333283335000}
+    assert totals == {str(day): 333283335000 for day in days}  # crossed as JSON: keys are text
+    assert result.materializations["totals"].status is Status.SUCCESS
+    assert any(r.getMessage() == "summing 2025-01-02" and r.name == "flowstone.asset.squares" for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "fn, message, frame",
+    [
+        (_raises, "ValueError: bad input in the worker", "in _raises"),
+        (_raises_unpicklable, "WorkerFailure: Unpicklable: code 7: no", "in _raises_unpicklable"),
+        (_returns_a_set, "SerializationError: a set value cannot be stored as JSON", "in _pack"),
+    ],
+)
+async def test_a_process_function_failure_is_recorded_with_the_worker_traceback(anyio_backend, fn, message, frame):
+    assets = [fs.Asset(name="a", execute_fn=fn, executor="process"),
+              fs.Asset(name="fine", execute_fn=_cpu_bound, executor="process")]
+    async with fs.open_runtime(assets) as rt:
+        with pytest.raises(fs.MaterializationFailed) as info:
+            await rt.materialize("a")
+        record = info.value.result.materializations["a"]
+        assert record.status is Status.FAILED and record.error_message.startswith(message)
+        assert "raised in a worker process" in record.error_traceback
+        assert frame in record.error_traceback
+        # the failure stayed in the function: the runtime and its workers go on
+        assert (await rt.materialize("fine")).materializations["fine"].status is Status.SUCCESS
+
+
+async def test_a_process_past_its_timeout_is_killed(anyio_backend, tmp_path):
+    pid_file = tmp_path / "pid"
+    assets = [fs.Asset(name="spins", execute_fn=_spins, executor="process", timeout=1,
+                       metadata={"pid_file": str(pid_file)}),
+              fs.Asset(name="fine", execute_fn=_cpu_bound, executor="process")]
+    async with fs.open_runtime(assets) as rt:
+        await rt.materialize("fine")  # a worker started (and idle) before the clock runs
+        with pytest.raises(fs.MaterializationFailed) as info:
+            await rt.materialize("spins")
+    assert isinstance(info.value.__cause__, fs.AssetTimeout)
+    assert "threads cannot be stopped" not in str(info.value.__cause__)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped
+
+
+def test_a_process_executor_needs_a_module_level_plain_function():
+    def nested(ctx, deps):
+        return 1
+
+    async def coroutine(ctx, deps):
+        return 1
+
+    for fn in (nested, lambda ctx, deps: 1, coroutine):
+        with pytest.raises(fs.DefinitionError, match="executor"):
+            fs.asset(name="a", executor="process")(fn)
+    with pytest.raises(fs.DefinitionError, match="resources"):
+        fs.asset(name="a", executor="process", requires=["db"])(_cpu_bound)
+
+
+@fs.asset(executor="process", partitioned_by=DAILY, metadata={"owner": "data"})
+def decorated(ctx, deps):
+    return {"name": ctx.asset.name, "owner": ctx.asset.metadata["owner"], "day": ctx.partition.isoformat()}
+
+
+async def test_a_decorated_asset_runs_in_a_process_too(anyio_backend):
+    async with fs.open_runtime([decorated]) as rt:
+        await rt.materialize("decorated", date(2025, 1, 4))
+        assert await rt.load("decorated", date(2025, 1, 4)) == {"name": "decorated", "owner": "data", "day": "2025-01-04"}
+
+
+_MAIN_PROGRAM = """
+import sys
+import anyio
+import flowstone as fs
+
+def pid_of_worker(ctx, deps):
+    import os
+    return os.getpid()
+
+async def main():
+    asset = fs.Asset(name="where", execute_fn=pid_of_worker, executor="process")
+    async with fs.open_runtime([asset]) as rt:
+        await rt.materialize("where")
+        import os
+        print("worker" if await rt.load("where") != os.getpid() else "same process", flush=True)
+
+if __name__ == "__main__":
+    anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_a_process_function_of_the_main_program_is_found(tmp_path, how):
+    """As multiprocessing does: python script.py and python -m pkg both work."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(_MAIN_PROGRAM)
+    command = [sys.executable, str(package / "__main__.py")] if how == "script" else [sys.executable, "-m", "pkg"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "worker"), done.stderr

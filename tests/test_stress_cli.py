@@ -18,7 +18,7 @@ def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
-        "backfill", "cancel-storm", "chaos", "core", "dags", "instructions", "io", "memory", "postgres", "processes",
+        "backfill", "cancel-storm", "chaos", "core", "dags", "executors", "instructions", "io", "memory", "postgres", "processes",
         "registrations", "runtime", "soak", "store-writes",
     ]
 
@@ -33,6 +33,15 @@ def test_core_scenario_prints_a_table_and_a_json_line():
     assert "plan on built graph: 100-asset chain" in measures
     assert all(row["median_ms"] > 0 for row in record["rows"])
     assert lines[1].split()[0] == "measure"  # the table's header
+
+
+def test_executors_scenario_compares_threads_and_processes():
+    result = run_stress("executors", "--partitions", "2", "--work", "1000", "--repeat", "2", "--backend", "trio")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = {row["executor"]: row for row in record["rows"]}
+    assert set(rows) == {"thread", "process, first (starts workers)", "process", "speed-up, process over thread"}
+    assert rows["process"]["partitions"] == 2 and rows["process"]["seconds"] > 0
 
 
 def test_unknown_scenario_exits_non_zero():

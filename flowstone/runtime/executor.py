@@ -45,6 +45,7 @@ from ..io.protocol import IOManager
 from ..store.protocol import MaterializationStore
 from ..store.records import Materialization
 from .leases import LeaseKeeper
+from .processes import ProcessPool
 
 __all__ = [
     "AwaitApproval", "Decide", "Detach", "Env", "ExecutorStatistics", "Finished", "JobResult", "Lease", "Stats",
@@ -69,6 +70,8 @@ class Env:
     """This runtime's owner id (``host:pid:random``): it owns leases and backfills, and
     its records' ``executor_node`` starts with it."""
     leases: LeaseKeeper
+    processes: ProcessPool
+    """Worker processes for ``executor="process"`` assets (none start until one runs)."""
 
 
 @attrs.frozen

@@ -27,9 +27,10 @@ import attrs
 from ..actors.mailbox import CLEANUP_SECONDS, Handle
 from ..actors.memory import utcnow
 from ..context import Context
-from ..definitions import Asset
+from ..definitions import Asset, executor_of
 from ..errors import (
     ActorCrashed,
+    AssetTimeout,
     DatabaseUnavailable,
     FlowstoneError,
     LeaseLost,
@@ -40,7 +41,9 @@ from ..errors import (
 from ..io.memory import private_copy
 from ..store.leases import Lease
 from ..store.records import ACTIVE, Materialization, Status
+from . import threads
 from .executor import AwaitApproval, Env, JobResult
+from .processes import run_in_process
 
 __all__ = ["IO_CONFIG", "IO_KEY", "Job", "Read", "describe", "run_job"]
 
@@ -170,7 +173,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     manager = env.io_managers[job.io_key]
     try:
         deps = await _retry_transient(asset, ctx, "loading inputs", _load_inputs, job, env)
-        value = await _call_with_retry(asset, ctx, deps, env)
+        value = await _call_with_retry(asset, ctx, deps, env, job)
         env.leases.check(lease)  # a process that took this partition over writes its value, not us
         await _retry_transient(
             asset, ctx, "storing the value", manager.store, asset.name, value, job.partition, job.io_config
@@ -272,12 +275,12 @@ async def load_value(record: Materialization, env: Env) -> Any:
     return await manager.load(record.asset_name, record.partition, record.metadata.get(IO_CONFIG, {}))
 
 
-async def _call_with_retry(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env) -> Any:
+async def _call_with_retry(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env, job: Job) -> Any:
     policy = asset.retry
     attempts = policy.max_attempts if policy is not None else 1
     for attempt in range(1, attempts + 1):
         try:
-            return await _call(asset, ctx, deps, env)
+            return await _call(asset, ctx, deps, env, job)
         except BaseException as error:
             if attempt == attempts or stopped(error):
                 raise
@@ -358,12 +361,27 @@ async def _retry_transient(asset: Asset, ctx: Context, what: str, fn: Callable[.
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _call(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env) -> Any:
+async def _call(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env, job: Job) -> Any:
+    """One call of the asset's function where its executor says, within its timeout."""
+    if asset.timeout is None:
+        return await _run_function(asset, ctx, deps, env, job)
+    with anyio.move_on_after(asset.timeout):
+        return await _run_function(asset, ctx, deps, env, job)
+    raise AssetTimeout(
+        asset.timeout, executor=executor_of(asset), asset=asset.name, partition=job.partition, tenant=job.tenant
+    )
+
+
+async def _run_function(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env, job: Job) -> Any:
     fn = asset.execute_fn
     assert fn is not None
-    if inspect.iscoroutinefunction(fn):
+    executor = executor_of(asset)
+    if executor == "async":
         return await fn(ctx, deps)
-    result = await anyio.to_thread.run_sync(fn, ctx, deps, limiter=env.thread_limiter, abandon_on_cancel=True)
+    if executor == "process":
+        every_partition = frozenset(read.asset for read in job.reads if read.all_partitions)
+        return await run_in_process(env.processes, asset, ctx, deps, every_partition)
+    result = await threads.run_sync(fn, ctx, deps, limiter=env.thread_limiter)
     if inspect.isawaitable(result):  # a plain callable that returned a coroutine
         result = await result
     return result

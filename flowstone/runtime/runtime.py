@@ -51,6 +51,7 @@ from . import registry as reg
 from .executor import Decide, Env, ExecutorStatistics, Stats, executor_actor
 from .job import load_value
 from .leases import LEASE_SECONDS, LeaseKeeper
+from .processes import ProcessPool
 from .run import (
     Prefetched,
     RunRequest,
@@ -446,6 +447,7 @@ async def open_runtime(
     bound = [c for c in _unwrapped(store, *managers.values()) if isinstance(c, MemoryActorClient) and not c.started]
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     keeper = LeaseKeeper(store, owner, lease_seconds)
+    processes = ProcessPool()
     try:
         async with anyio.create_task_group() as services:
             await _start_memory_clients(services, bound, restart_policy)
@@ -460,6 +462,7 @@ async def open_runtime(
                     thread_limiter=anyio.CapacityLimiter(max_concurrency or DEFAULT_THREADS),
                     node=owner,
                     leases=keeper,
+                    processes=processes,
                 )
 
                 async def spawn(asset: Asset) -> Handle:
@@ -484,6 +487,7 @@ async def open_runtime(
     finally:
         for client in bound:
             client.unbind()  # reusable by the next runtime; its data stays with it
+        await processes.aclose()
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
             for manager in built_in.values():  # the ones this runtime made; the caller closes its own
                 await manager.close()  # type: ignore[attr-defined]

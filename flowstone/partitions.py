@@ -24,6 +24,7 @@ __all__ = [
     "DailyPartitions",
     "HourlyPartitions",
     "PartitionKind",
+    "PartitionRange",
     "PartitionsDefinition",
     "StaticPartitions",
     "can_map",
@@ -184,14 +185,16 @@ def _check_kind(kind: Any) -> None:
 _CALENDAR_STEPS = ("hour", "day", "week", "month")
 
 
-def partition_range(start: Any, stop: Any, step: str | timedelta = "day") -> list[Any]:
-    """Every partition from ``start`` to ``stop``, both included.
+def partition_range(start: Any, stop: Any, step: str | timedelta = "day") -> PartitionRange:
+    """Every partition from ``start`` to ``stop``, both included, as a lazy sequence.
 
     ``step`` is ``"hour"``, ``"day"``, ``"week"``, ``"month"`` or a positive
     ``timedelta``. Dates take whole-day steps; datetimes must be timezone-aware and
     are stepped in UTC, so a daylight-saving change never skips or repeats an hour.
     Months step from ``start`` with the day clamped to the month's end (Jan 31 ->
-    Feb 28 -> Mar 31), so the sequence does not drift.
+    Feb 28 -> Mar 31), so the sequence does not drift. The result is never built
+    as a list: ``len``, indexing, ``in`` and iteration compute each item, and it
+    equals the list of its items.
     """
     if type(start) is not type(stop) or not isinstance(start, date):
         raise InvalidPartition(
@@ -214,10 +217,94 @@ def partition_range(start: Any, stop: Any, step: str | timedelta = "day") -> lis
             f"{serialize_partition(stop)!r}"
         )
     if step == "month":
-        return _month_range(start, stop)
+        return PartitionRange(start, stop, "month", None, _months_between(start, stop) + 1)
     delta = _step_delta(step, is_datetime)
-    count = (stop - start) // delta
-    return [start + delta * i for i in range(count + 1)]
+    return PartitionRange(start, stop, step, delta, (stop - start) // delta + 1)
+
+
+class PartitionRange(Sequence[Any]):
+    """The partitions ``start``, ``start + step``, ... up to ``stop`` (made by
+    :func:`partition_range`): a sequence that computes its items instead of holding
+    them, so ten million hourly partitions take a few hundred bytes."""
+
+    __slots__ = ("start", "stop", "step", "_delta", "_count")
+
+    def __init__(self, start: Any, stop: Any, step: str | timedelta, delta: timedelta | None, count: int) -> None:
+        self.start, self.stop, self.step = start, stop, step
+        self._delta, self._count = delta, count
+
+    @property
+    def step_delta(self) -> timedelta | None:
+        """The fixed step, or None for calendar months."""
+        return self._delta
+
+    @property
+    def last(self) -> Any:
+        """The last partition (``stop`` itself when the step lands on it)."""
+        return self[self._count - 1]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if not isinstance(index, int):
+            raise TypeError(f"partition range indices must be integers or slices, not {type(index).__name__}")
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError("partition range index out of range")
+        if self._delta is None:
+            return _add_months(self.start, index)
+        return self.start + self._delta * index
+
+    def __iter__(self) -> Any:
+        if self._delta is None:
+            return (_add_months(self.start, i) for i in range(self._count))
+        return itertools.accumulate(itertools.repeat(self._delta, self._count - 1), initial=self.start)
+
+    def __contains__(self, value: Any) -> bool:
+        if type(value) is not type(self.start) or (isinstance(value, datetime) and value.utcoffset() is None):
+            return False
+        if self._delta is None:
+            return self.start <= value <= self.stop and value == _add_months(
+                self.start, _months_between(self.start, value))
+        offset = value - self.start
+        return offset >= timedelta(0) and offset // self._delta < self._count and not offset % self._delta
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        if value not in self:
+            raise ValueError(f"{value!r} is not in {self!r}")
+        found = _months_between(self.start, value) if self._delta is None else (value - self.start) // self._delta
+        if found < start or (stop is not None and found >= stop):
+            raise ValueError(f"{value!r} is not in {self!r} between {start} and {stop}")
+        return found
+
+    def count(self, value: Any) -> int:
+        return 1 if value in self else 0
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PartitionRange) and other._delta == self._delta:
+            return self._count == other._count and (not self._count or self.start == other.start)
+        if isinstance(other, (list, tuple, PartitionRange)):
+            return len(other) == self._count and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
+
+    def __repr__(self) -> str:
+        step = self.step if isinstance(self.step, str) else repr(self.step)
+        return (f"partition_range({serialize_partition(self.start)!r}, {serialize_partition(self.stop)!r}, "
+                f"{step!r}) ({self._count} partitions)")
+
+
+def _months_between(start: date, value: date) -> int:
+    """How many month steps from ``start`` stay at or before ``value``."""
+    months = (value.year - start.year) * 12 + value.month - start.month
+    if months > 0 and _add_months(start, months) > value:
+        months -= 1
+    return months
 
 
 def _step_delta(step: Any, is_datetime: bool) -> timedelta:
@@ -237,16 +324,6 @@ def _step_delta(step: Any, is_datetime: bool) -> timedelta:
             "(use datetimes for hourly partitions)"
         )
     return delta
-
-
-def _month_range(start: date, stop: date) -> list[Any]:
-    out = []
-    for months in itertools.count():
-        current = _add_months(start, months)
-        if current > stop:
-            return out
-        out.append(current)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _add_months(value: date, months: int) -> date:
@@ -280,6 +357,13 @@ class PartitionsDefinition:
 
     def validate(self, partition: Any) -> Any:
         raise NotImplementedError
+
+    def validate_range(self, partitions: PartitionRange) -> PartitionRange | None:
+        """``partitions`` when every item is a canonical partition of this definition,
+        decided from its ends and its step without visiting each item; ``None`` when
+        that cannot be told so (check the items one by one). Raises
+        :class:`~flowstone.InvalidPartition` when some items are not partitions here."""
+        return None
 
     def key(self, partition: Any) -> str:
         """The string key of a partition of this definition, validated first."""
@@ -323,6 +407,21 @@ class _TimeWindowPartitions(PartitionsDefinition):
 
     def validate(self, partition: Any) -> Any:
         return self._check_bounds(self._value(partition))
+
+    def validate_range(self, partitions: PartitionRange) -> PartitionRange:
+        if partitions:
+            # both ends in bounds and of this type: every item between is too
+            self.validate(partitions.start)
+            self.validate(partitions.last)
+            if not self._aligned(partitions):
+                raise InvalidPartition(
+                    f"{partitions!r} steps off {type(self).__name__}'s {self._step} boundaries"
+                )
+        return partitions
+
+    def _aligned(self, partitions: PartitionRange) -> bool:
+        """Whether a range starting on a partition lands on partitions at every step."""
+        return True  # dates step in whole days
 
     def _value(self, partition: Any) -> Any:
         """The partition as this definition's type, without the range check."""
@@ -406,6 +505,10 @@ class HourlyPartitions(_TimeWindowPartitions):
 
     def _last_complete(self) -> datetime:
         return _utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+
+    def _aligned(self, partitions: PartitionRange) -> bool:
+        step = partitions.step_delta
+        return step is None or not step % timedelta(hours=1)
 
 
 def _static_keys(keys: Iterable[str]) -> tuple[str, ...]:

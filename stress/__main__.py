@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import chaos, core, executors, instructions, io, load, memory, postgres, processes, runtime, soak
+from . import chaos, core, executors, instructions, io, load, memory, postgres, processes, ranges, runtime, soak
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
@@ -24,6 +24,7 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "memory": (memory.run, "where a backfill's memory goes: store records vs the runtime's own share"),
     "postgres": (postgres.run, "backfills with records in PostgreSQL, fsync on: 366 and 10,000 partitions (issue #4)"),
     "processes": (processes.run, "several OS processes backfilling the same partitions over one PostgreSQL: each computed once"),
+    "ranges": (ranges.run, "backfill over 10 million hourly partitions: time to return, memory, saved spec (issue #12)"),
     "registrations": (load.run_registrations, "many tasks registering assets into one running runtime"),
     "runtime": (runtime.run, "materialize chains and fans, backfill 366 and 100,000 partitions (issue #3 figures)"),
     "soak": (soak.run, "mixed load with chaos for --minutes (default 10): memory must stay flat"),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+import tracemalloc
+from datetime import date, datetime, timedelta, timezone
 
 import anyio
 import pytest
 
 import flowstone as fs
 from waiting import until
+from flowstone.partitions import PartitionRange
 from flowstone.store import TERMINAL, Status
 
 pytestmark = pytest.mark.anyio
@@ -302,3 +304,69 @@ async def test_an_upstream_shared_by_every_partition_is_computed_once(anyio_back
         assert await rt.load("priced", DAYS[9]) == 20
         lookups = await rt.store.list_all(asset_name="lookup")
         assert [r.status for r in lookups] == [Status.SUCCESS]
+
+
+# ------------------------------------------------------------ lazy ranges
+
+HOURLY = fs.HourlyPartitions(start=datetime(2000, 1, 1, tzinfo=timezone.utc))
+TEN_MILLION_HOURS = fs.partition_range(
+    datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(2000, 1, 1, tzinfo=timezone.utc) + timedelta(hours=9_999_999),
+    "hour",
+)
+
+
+def test_a_partition_range_is_lazy_and_equals_its_items():
+    assert isinstance(TEN_MILLION_HOURS, PartitionRange) and len(TEN_MILLION_HOURS) == 10_000_000
+    assert TEN_MILLION_HOURS[-1] == datetime(2000, 1, 1, tzinfo=timezone.utc) + timedelta(hours=9_999_999)
+    assert TEN_MILLION_HOURS[5_000_000] in TEN_MILLION_HOURS
+    assert TEN_MILLION_HOURS.index(TEN_MILLION_HOURS[1234]) == 1234
+    assert datetime(2000, 1, 1, 0, 30, tzinfo=timezone.utc) not in TEN_MILLION_HOURS
+    week = fs.partition_range(date(2025, 1, 1), date(2025, 1, 7), "day")
+    assert week == [date(2025, 1, d) for d in range(1, 8)] and list(week)[2:4] == week[2:4]
+    assert fs.partition_range(date(2025, 1, 31), date(2025, 4, 30), "month") == [
+        date(2025, 1, 31), date(2025, 2, 28), date(2025, 3, 31), date(2025, 4, 30)
+    ]
+    tracemalloc.start()
+    try:
+        fs.partition_range(datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(3000, 1, 1, tzinfo=timezone.utc), "hour")
+        allocated, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert allocated < 10_000  # the 8.8 million hours as a list would be half a gigabyte
+
+
+async def test_a_backfill_over_ten_million_hours_starts_without_listing_them(anyio_backend):
+    async def hour(ctx, deps):
+        return ctx.partition.hour
+
+    async with fs.store.MemoryStore() as store:
+        async with fs.open_runtime([fs.Asset(name="h", execute_fn=hour, partitioned_by=HOURLY)], store=store) as rt:
+            backfill = await rt.backfill("h", TEN_MILLION_HOURS, max_parallel=4)
+            assert (await rt.backfill_status(backfill)).total == 10_000_000
+            saved = await store.load_backfill(backfill)
+            assert saved.spec.partitions is TEN_MILLION_HOURS  # kept as the range, never a list
+            stopped = await rt.cancel_backfill(backfill)
+            assert stopped.state == "cancelled" and stopped.total == 10_000_000
+
+
+@pytest.mark.parametrize(
+    "partitions, problem",
+    [
+        (fs.partition_range(datetime(1999, 12, 31, tzinfo=timezone.utc), datetime(2000, 1, 2, tzinfo=timezone.utc),
+                            "hour"), "outside HourlyPartitions"),
+        (fs.partition_range(datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(2000, 1, 2, tzinfo=timezone.utc),
+                            timedelta(minutes=30)), "steps off HourlyPartitions's hour boundaries"),
+        (fs.partition_range(date(2000, 1, 1), date(2000, 1, 3), "day"), "must be an aware datetime"),
+    ],
+)
+async def test_a_range_that_is_not_the_assets_partitions_is_refused_before_anything_runs(
+    anyio_backend, partitions, problem
+):
+    async def hour(ctx, deps):
+        return 1
+
+    async with fs.open_runtime([fs.Asset(name="h", execute_fn=hour, partitioned_by=HOURLY)]) as rt:
+        with pytest.raises(fs.InvalidPartition, match=problem) as info:
+            await rt.backfill("h", partitions)
+        assert info.value.asset == "h"
+        assert await rt.store.list_all() == []

@@ -576,3 +576,35 @@ def test_a_store_used_from_one_event_loop_after_another_opens_a_new_pool(pg_data
         assert connected() == 0
     finally:
         anyio.run(store.close)
+
+
+async def test_a_backfill_over_a_range_is_saved_as_the_range_and_resumes_from_it(anyio_backend, pg_database):
+    from datetime import datetime, timezone
+
+    hourly = fs.HourlyPartitions(start=datetime(2000, 1, 1, tzinfo=timezone.utc))
+    hours = fs.partition_range(
+        datetime(2000, 1, 1, tzinfo=timezone.utc), datetime(2000, 1, 1, tzinfo=timezone.utc) + timedelta(hours=9_999_999),
+        "hour",
+    )
+
+    async def hour(ctx, deps):
+        return ctx.partition.hour
+
+    assets = [fs.Asset(name="hourly", execute_fn=hour, partitioned_by=hourly)]
+    async with PostgresStore(pg_database.dsn) as store:
+        async with fs.open_runtime(assets, store=store) as rt:
+            backfill = await rt.backfill("hourly", hours, max_parallel=2)
+            await rt.cancel_backfill(backfill)
+        async def saved_spec() -> str:
+            connection = await asyncpg.connect(pg_database.admin_dsn)
+            try:
+                return await connection.fetchval("SELECT spec::text FROM flowstone_backfills WHERE id = $1", backfill)
+            finally:
+                await connection.close()
+
+        spec = run_sync(saved_spec)
+        assert len(spec) < 1_000 and '"range": ["2000-01-01T00:00:00Z", "3140-10-17T15:00:00Z", "hour", "datetime"]' in spec
+        async with fs.open_runtime(assets, store=store) as rt:
+            await rt.resume_backfill(backfill)
+            assert (await rt.backfill_status(backfill)).total == 10_000_000
+            assert (await rt.cancel_backfill(backfill)).state == "cancelled"

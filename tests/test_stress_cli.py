@@ -18,7 +18,7 @@ def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
-        "backfill", "cancel-storm", "chaos", "core", "dags", "executors", "instructions", "io", "memory", "postgres", "processes",
+        "backfill", "cancel-storm", "chaos", "core", "dags", "executors", "instructions", "io", "memory", "postgres", "processes", "ranges",
         "registrations", "runtime", "soak", "store-writes",
     ]
 

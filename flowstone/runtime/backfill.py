@@ -18,8 +18,8 @@ import itertools
 import logging
 import uuid
 from contextlib import nullcontext
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -29,7 +29,7 @@ from anyio.abc import TaskStatus
 from ..actors.mailbox import DEFERRED, Handle, Message, Reply, fail_pending, open_mailbox, serve
 from ..actors.memory import utcnow
 from ..errors import FlowstoneError, LeaseLost, RuntimeClosed
-from ..partitions import serialize_partition
+from ..partitions import PartitionRange, deserialize_partition, partition_range, serialize_partition
 from ..store.leases import LeaseHeld
 from ..tenancy import tenant_scope
 from .run import RunRequest
@@ -61,7 +61,8 @@ class BackfillSpec:
 
     id: uuid.UUID
     asset: str
-    partitions: tuple[Any, ...]
+    partitions: Sequence[Any]
+    """A tuple of partitions, or a lazy ``PartitionRange`` (saved as its ends and step)."""
     max_parallel: int
     upstream: str
     force: bool
@@ -389,15 +390,16 @@ async def _run_one(
 
 def saved_to_json(saved: Saved) -> tuple[str, str, str]:
     """``(spec, status, state)`` as JSON text for a database; partitions are kept
-    as their keys (a resumed backfill validates them again). ``io`` and
-    ``context`` must be JSON: a backfill that cannot be saved does not start."""
+    as their keys (a resumed backfill validates them again), a range as its two
+    ends and its step. ``io`` and ``context`` must be JSON: a backfill that cannot
+    be saved does not start."""
     from ..postgres.jsonvalues import plain, to_json
 
     spec, status = saved.spec, saved.status
     spec_json = to_json(
         {
             "id": str(spec.id), "asset": spec.asset,
-            "partitions": [serialize_partition(p) for p in spec.partitions],
+            "partitions": _partitions_to_json(spec.partitions),
             "max_parallel": spec.max_parallel, "upstream": spec.upstream, "force": spec.force,
             "io": plain(spec.io), "context": plain(spec.context), "tenant": spec.tenant,
         },
@@ -420,7 +422,7 @@ def saved_from_json(spec_text: str, status_text: str) -> Saved:
 
     raw, state = json.loads(spec_text), json.loads(status_text)
     spec = BackfillSpec(
-        id=uuid.UUID(raw["id"]), asset=raw["asset"], partitions=tuple(raw["partitions"]),
+        id=uuid.UUID(raw["id"]), asset=raw["asset"], partitions=_partitions_from_json(raw["partitions"]),
         max_parallel=raw["max_parallel"], upstream=raw["upstream"], force=raw["force"],
         io=raw["io"], context=raw["context"], tenant=raw["tenant"],
     )
@@ -431,3 +433,22 @@ def saved_from_json(spec_text: str, status_text: str) -> Saved:
         finished_at=datetime.fromisoformat(state["finished_at"]) if state["finished_at"] else None,
     )
     return Saved(spec, status)
+
+
+def _partitions_to_json(partitions: Sequence[Any]) -> Any:
+    if isinstance(partitions, PartitionRange):
+        step = partitions.step if isinstance(partitions.step, str) else partitions.step.total_seconds()
+        kind = "datetime" if isinstance(partitions.start, datetime) else "date"
+        return {"range": [serialize_partition(partitions.start), serialize_partition(partitions.stop), step, kind]}
+    return [serialize_partition(p) for p in partitions]
+
+
+def _partitions_from_json(saved: Any) -> Sequence[Any]:
+    if isinstance(saved, dict):
+        start, stop, step, kind = saved["range"]
+        return partition_range(
+            deserialize_partition(start, kind), deserialize_partition(stop, kind),
+            step if isinstance(step, str) else timedelta(seconds=step),
+        )
+    return tuple(saved)
+

@@ -32,6 +32,7 @@ from ..errors import (
     BackfillNotFound,
     DefinitionError,
     FlowstoneError,
+    InvalidPartition,
     InvalidTransition,
     NotFound,
     RuntimeClosed,
@@ -40,7 +41,7 @@ from ..errors import (
 from ..guards import Guard, authorize
 from ..io.memory import MemoryIO
 from ..io.protocol import IOManager
-from ..partitions import serialize_partition
+from ..partitions import PartitionRange, serialize_partition
 from ..pipeline import Pipeline
 from ..store.memory import MemoryStore
 from ..store.protocol import MaterializationStore
@@ -272,7 +273,9 @@ class Runtime:
         else:
             values = partitions
         carries = carries_partitions(snapshot.graph, name)
-        checked = tuple(dict.fromkeys(target_partition(asset, p, carries=carries) for p in values))
+        checked = _lazy(asset, values)
+        if checked is None:
+            checked = tuple(dict.fromkeys(target_partition(asset, p, carries=carries) for p in values))
         tenant = current_tenant()
         await authorize(self._guard, "materialize", asset, {**(context or {}), "tenant": tenant})
         spec = bf.BackfillSpec(
@@ -491,6 +494,17 @@ async def open_runtime(
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
             for manager in built_in.values():  # the ones this runtime made; the caller closes its own
                 await manager.close()  # type: ignore[attr-defined]
+
+
+def _lazy(asset: Asset, values: Iterable[Any]) -> PartitionRange | None:
+    """A range of the asset's own partitions, checked at its ends and step and kept
+    lazy (ten million hours are never listed); None to check item by item."""
+    if not isinstance(values, PartitionRange) or asset.partitioned_by is None:
+        return None
+    try:
+        return asset.partitioned_by.validate_range(values)
+    except InvalidPartition as error:
+        raise InvalidPartition(error.message, asset=asset.name) from None
 
 
 def default_io_managers() -> dict[str, Any]:

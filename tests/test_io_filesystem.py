@@ -4,6 +4,7 @@ writes, hostile keys on a real file tree, and the object-name encoding."""
 from __future__ import annotations
 
 import os
+import re
 from contextlib import nullcontext
 from datetime import date
 
@@ -97,6 +98,34 @@ async def test_a_column_of_text_is_refused_not_split_into_letters(anyio_backend,
         with pytest.raises(fs.SerializationError, match="column 'a' holds"):
             await io.store("t", bad, None, {"format": fmt})
     assert (await io.load("t", None)).to_pylist() == [{"a": "kept"}]
+
+
+@pytest.mark.parametrize(
+    "fmt, value, problem",
+    [
+        ("json", "cycle", "contains itself (a cycle)"),
+        ("json", "deep", "nested more than 256 levels deep"),
+        ("json", {"n": 10**5000}, "an int of more than 4300 digits"),
+        ("parquet", {"n": [2**70]}, "beyond its column type's range"),
+        ("arrow", [{"n": -(2**64)}], "beyond its column type's range"),
+    ],
+)
+async def test_values_a_format_cannot_hold_are_serialization_errors(anyio_backend, tmp_path, fmt, value, problem):
+    if value == "cycle":
+        value = []
+        value.append(value)
+    elif value == "deep":
+        value = []
+        for _ in range(5_000):
+            value = [value]
+    io = fs.io.FilesystemIO(tmp_path)
+    kept = {"n": [1]}
+    await io.store("t", kept, None, {"format": fmt})
+    with pytest.raises(fs.SerializationError, match=re.escape(problem)) as info:
+        await io.store("t", value, None, {"format": fmt})
+    assert info.value.asset == "t"
+    loaded = await io.load("t", None, {"format": fmt})
+    assert (loaded if fmt == "json" else loaded.to_pydict()) == kept
 
 
 async def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(anyio_backend, tmp_path):

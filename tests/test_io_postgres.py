@@ -72,6 +72,37 @@ async def test_what_json_cannot_hold_is_a_serialization_error_naming_asset_and_t
         assert await io.load("orders", None, {}) == {"v": "before"}  # nothing already stored is lost
 
 
+def _cyclic() -> dict:
+    value: dict = {"name": "loop"}
+    value["self"] = value
+    return value
+
+
+def _nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        (_cyclic(), "a dict that contains itself (a cycle) at $.self"),
+        (_nested(10_000), "nested more than 256 levels deep"),
+        ({"n": 10**5000}, "an int of more than 4300 digits at $.n"),
+    ],
+)
+async def test_cyclic_deep_and_oversized_values_are_serialization_errors(anyio_backend, pg_dsn, value, problem):
+    async with fs.io.PostgresIO(pg_dsn) as io:
+        await io.store("orders", {"v": "before"}, None, {})
+        with pytest.raises(fs.SerializationError, match=re.escape(problem)):
+            await io.store("orders", value, None, {})
+        assert await io.load("orders", None, {}) == {"v": "before"}
+        await io.store("orders", {"n": 2**70, "deep": _nested(200)}, None, {})  # within bounds: kept exactly
+        assert await io.load("orders", None, {}) == {"n": 2**70, "deep": _nested(200)}
+
+
 async def test_unknown_config_is_a_definition_error(anyio_backend, pg_dsn):
     async with fs.io.PostgresIO(pg_dsn) as io:
         with pytest.raises(fs.DefinitionError, match="colour"):

@@ -44,6 +44,13 @@ def test_executors_scenario_compares_threads_and_processes():
     assert rows["process"]["partitions"] == 2 and rows["process"]["seconds"] > 0
 
 
+def test_ranges_scenario_starts_a_big_backfill_lazily():
+    result = run_stress("ranges", "--hours", "100000", "--run", "0", "--no-postgres")
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert row["store"] == "memory" and row["partitions"] == row["resumed_total"] == 100_000
+
+
 def test_unknown_scenario_exits_non_zero():
     assert run_stress("nope").returncode == 2
 

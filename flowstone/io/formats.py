@@ -68,7 +68,12 @@ def to_table(value: Any, *, asset: str | None = None, partition: Any = None) -> 
                         asset=asset, partition=partition,
                     )
             return pa.table(dict(value))
-    except (pa.ArrowException, TypeError, ValueError) as error:
+    except OverflowError as error:  # an int beyond the column type's range (int64, uint64)
+        raise SerializationError(
+            f"a {type(value).__name__} value cannot be made a table: a number is beyond its column type's range "
+            f"({error})", asset=asset, partition=partition,
+        ) from error
+    except (pa.ArrowException, TypeError, ValueError, RecursionError) as error:
         raise SerializationError(
             f"a {type(value).__name__} value cannot be made a table: {error}", asset=asset, partition=partition
         ) from error
@@ -145,7 +150,7 @@ def decode(fmt: str, data: Any, *, asset: str | None = None, partition: Any = No
     if fmt == "json":
         try:
             return json.loads(data if isinstance(data, (bytes, bytearray)) else bytes(data))
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise SerializationError(f"stored JSON is damaged: {error}", asset=asset, partition=partition) from error
     return read_table(fmt, data, asset=asset, partition=partition)
 

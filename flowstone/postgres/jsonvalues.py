@@ -2,8 +2,10 @@
 
 ``json.dumps`` quietly turns ``{1: "a"}`` into ``{"1": "a"}``, writes ``NaN`` that
 PostgreSQL refuses, and would happily pass a ``\\u0000`` that JSONB cannot hold.
-``to_json`` refuses all three (and anything not JSON) with a SerializationError
-naming the asset and the offending type, before anything reaches the database.
+``to_json`` refuses all three (and anything not JSON: a value that contains
+itself, one nested deeper than ``MAX_DEPTH``, an int too long to write) with a
+SerializationError naming the asset, the offending type and where it sits, before
+anything reaches the database.
 Tuples are written as arrays and read back as lists.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,41 +49,71 @@ def to_json(
     problem = _problem(value, "$", for_postgres)
     if problem is not None:
         where, bad = problem
+        if len(where) > 100:  # a deep value's path: its start and where it ends
+            where = f"{where[:50]}...{where[-40:]}"
         raise SerializationError(
             f"{what} cannot be stored as JSON: {bad} at {where}", asset=asset, partition=partition
         )
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _problem(value: Any, where: str, check_text: bool = True) -> tuple[str, str] | None:
+MAX_DEPTH = 256
+"""Containers nested deeper than this are refused: JSON readers (PostgreSQL's among
+them) recurse per level, and a value this deep is almost always a mistake."""
+
+_INT_DIGITS = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 0
+_INT_BOUND = 10**_INT_DIGITS if _INT_DIGITS else None
+"""Python writes ints of at most this many digits as text (``sys.int_max_str_digits``)."""
+
+
+def _problem(
+    value: Any, where: str, check_text: bool = True, depth: int = 0, path: set[int] | None = None
+) -> tuple[str, str] | None:
     kind = type(value)
     if kind is str:
         problem = text_problem(value) if check_text else None
         return None if problem is None else (where, f"a string with {problem}")
     if kind is float:
         return None if math.isfinite(value) else (where, f"the float {value!r}")
-    if kind in (int, bool, type(None)):
+    if kind is int:
+        if _INT_BOUND is not None and value.bit_length() > 64 and not -_INT_BOUND < value < _INT_BOUND:
+            return (where, f"an int of more than {_INT_DIGITS} digits")
         return None
-    if kind is dict:
+    if kind in (bool, type(None)):
+        return None
+    if kind in (dict, list, tuple):
+        if depth >= MAX_DEPTH:
+            return (where, f"a value nested more than {MAX_DEPTH} levels deep")
+        path = set() if path is None else path
+        if id(value) in path:
+            return (where, f"a {kind.__name__} that contains itself (a cycle)")
+        path.add(id(value))
+        try:
+            return _container_problem(value, where, check_text, depth + 1, path)
+        finally:
+            path.discard(id(value))
+    if isinstance(value, _SCALARS):  # subclasses (an IntEnum, a str subclass): json may not round-trip them
+        return (where, f"an instance of {kind.__name__} (a subclass of {kind.__mro__[1].__name__})")
+    return (where, f"an object of type {kind.__name__}")
+
+
+def _container_problem(value: Any, where: str, check_text: bool, depth: int, path: set[int]) -> tuple[str, str] | None:
+    if type(value) is dict:
         for key, item in value.items():
             if type(key) is not str:
                 return (where, f"a {type(key).__name__} key {key!r} (keys must be str)")
             problem = text_problem(key) if check_text else None
             if problem is not None:
                 return (where, f"a key with {problem}")
-            found = _problem(item, f"{where}.{key}", check_text)
+            found = _problem(item, f"{where}.{key}", check_text, depth, path)
             if found is not None:
                 return found
         return None
-    if kind in (list, tuple):
-        for index, item in enumerate(value):
-            found = _problem(item, f"{where}[{index}]", check_text)
-            if found is not None:
-                return found
-        return None
-    if isinstance(value, _SCALARS):  # subclasses (an IntEnum, a str subclass): json may not round-trip them
-        return (where, f"an instance of {kind.__name__} (a subclass of {kind.__mro__[1].__name__})")
-    return (where, f"an object of type {kind.__name__}")
+    for index, item in enumerate(value):
+        found = _problem(item, f"{where}[{index}]", check_text, depth, path)
+        if found is not None:
+            return found
+    return None
 
 
 def plain(value: Any) -> Any:

@@ -79,9 +79,14 @@ async def test_s3_errors_keep_their_code_and_bad_config_is_refused(anyio_backend
             await io.store("a", {"v": 1}, None, {"bucket": "no-such-bucket-here"})
         assert info.value.code == "NoSuchBucket" and info.value.asset == "a"
         for config in ({}, {"bucket": "UPPER"}, {"bucket": s3_bucket, "prefix": "../up"},
-                       {"bucket": s3_bucket, "prefix": "a b"}):
+                       {"bucket": s3_bucket, "prefix": "a b"}, {"bucket": s3_bucket, "prefix": "x" * 100}):
             with pytest.raises(fs.DefinitionError):
                 await io.store("a", {"v": 1}, None, config)
+        # the longest prefix and the longest partition key still make a key S3 takes
+        longest = {"bucket": s3_bucket, "prefix": "/".join(["p" * 48, "q" * 50])}
+        partition = "k" * 900  # the longest a path allows (924 bytes with asset "a")
+        await io.store("a", {"v": 2}, partition, longest)
+        assert await io.load("a", partition, longest) == {"v": 2}
         with pytest.raises(fs.SerializationError):
             await io.store("a", {"when": object()}, None, {"bucket": s3_bucket})
         with pytest.raises(fs.SerializationError):

@@ -30,7 +30,7 @@ from ..identifiers import check_identifier
 from ..partitions import serialize_partition
 
 __all__ = [
-    "MAX_KEY_BYTES", "SEGMENT_BYTES", "decode_segment", "encode_segment", "object_path", "partition_from_parts",
+    "MAX_KEY_BYTES", "PREFIX_BYTES", "SEGMENT_BYTES", "decode_segment", "encode_segment", "object_path", "partition_from_parts",
     "partition_parts", "tenant_segment",
 ]
 
@@ -40,6 +40,8 @@ EMPTY = "@empty"
 CONTINUED = "@"
 SEGMENT_BYTES = 200
 MAX_KEY_BYTES = 1024
+PREFIX_BYTES = 100
+"""What an object key keeps for a prefix (S3IO refuses longer ones); the rest is the path."""
 
 _KEEP = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 _ENCODED = re.compile(r"(?:%[0-9A-F]{2}|[A-Za-z0-9_-])*")
@@ -108,7 +110,7 @@ def object_path(tenant: str | None, asset: str, partition: Any, extension: str |
     if extension is not None:
         parts[-1] = f"{parts[-1]}.{extension}"
     size = sum(len(p) + 1 for p in parts) + (10 if extension is None else 0)  # room for an extension added later
-    if size > MAX_KEY_BYTES - 100:  # room for a prefix
+    if size > MAX_KEY_BYTES - PREFIX_BYTES:  # room for a prefix
         raise InvalidPartition(
             f"the partition key is too long to name an object ({size} bytes once encoded)",
             asset=asset, partition=serialize_partition(partition), tenant=tenant,

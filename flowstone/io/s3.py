@@ -33,12 +33,14 @@ from ..tenancy import current_tenant
 from . import formats
 from .many import load_concurrently
 from .protocol import Closeable
-from .naming import object_path
+from .naming import MAX_KEY_BYTES, PREFIX_BYTES, object_path
 
 __all__ = ["S3IO"]
 
 _NO_CONFIG: Mapping[str, Any] = {}
 MiB = 1024 * 1024
+MAX_PREFIX_BYTES = PREFIX_BYTES
+"""A prefix's share of an object key (its parts and their slashes)."""
 READ_CHUNK_BYTES = 1 * MiB
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_PART = re.compile(r"[A-Za-z0-9_.=-]+")
@@ -151,6 +153,11 @@ class S3IO(Closeable):
         if any(not _PREFIX_PART.fullmatch(p) or p in (".", "..") for p in parts):
             raise DefinitionError([FieldError(
                 "prefix", f"{prefix!r}: use '/'-separated parts of letters, digits, '_', '.', '=' and '-'"
+            )])
+        if sum(len(p) + 1 for p in parts) > MAX_PREFIX_BYTES:
+            raise DefinitionError([FieldError(
+                "prefix", f"{prefix[:40]!r}... is {len(prefix)} characters; at most {MAX_PREFIX_BYTES} fit, "
+                f"since S3 keys hold {MAX_KEY_BYTES} bytes and the rest names the tenant, asset and partition",
             )])
         fmt = formats.check_format(config.get("format") or "json")
         key = "/".join([*parts, *object_path(current_tenant(), asset, partition, formats.EXTENSIONS[fmt])])

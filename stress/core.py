@@ -12,6 +12,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import flowstone as fs
+from flowstone.runtime.hashing import code_versions
 
 from .report import emit, median, timed
 
@@ -25,6 +26,36 @@ def chain(length: int) -> list[fs.Asset]:
         fs.Asset(name=f"a{i}", depends_on=(f"a{i - 1}",) if i else (), execute_fn=_fn)
         for i in range(length)
     ]
+
+
+_HELPERS = """
+RATE = 0.2
+TABLE = {f"k{i}": i for i in range(100)}
+def rounded(x):
+    return round(x, 2)
+def with_tax(x):
+    return rounded(x * (1 + RATE))
+def lookup(key):
+    return TABLE.get(key, 0)
+"""
+
+
+def versioned_pipeline(count: int) -> list[fs.Asset]:
+    """``count`` assets with functions of their own that call shared helpers and read
+    module constants, as a real package's would: what automatic code versions walk."""
+    import types
+
+    helpers = types.ModuleType("bench_pkg.helpers")
+    exec(compile(_HELPERS, "<bench_pkg/helpers.py>", "exec"), helpers.__dict__)  # noqa: S102
+    module = types.ModuleType("bench_pkg.assets")
+    module.__dict__["helpers"] = helpers
+    source = "".join(
+        f"LIMIT_{i} = {i}\ndef f{i}(ctx, deps):\n    'Asset {i}.'\n"
+        f"    return helpers.with_tax(LIMIT_{i}) + helpers.lookup('k{i % 100}')\n"
+        for i in range(count)
+    )
+    exec(compile(source, "<bench_pkg/assets.py>", "exec"), module.__dict__)  # noqa: S102
+    return [fs.Asset(name=f"a{i}", execute_fn=getattr(module, f"f{i}")) for i in range(count)]
 
 
 def fan(width: int) -> list[fs.Asset]:
@@ -60,6 +91,9 @@ def run(argv: list[str]) -> dict[str, Any]:
     row("layers on built graph: 1-200-1 fan", timed(lambda: wide_graph.layers("sink"), repeat), 202)
     big = fs.Pipeline("big", assets=chain(1000))
     row("validate: 1000-asset pipeline", timed(big.validate, max(1, repeat // 4)), 1000)
+    versioned = versioned_pipeline(1000)
+    row("automatic code versions: 1000 assets with helpers and constants",
+        timed(lambda: code_versions(versioned), max(1, repeat // 4)), 1000)
 
     days = [date(2000, 1, 1) + timedelta(days=i) for i in range(n)]
     row("serialize date keys", timed(lambda: [fs.serialize_partition(d) for d in days], 3), n)

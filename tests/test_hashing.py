@@ -1,6 +1,8 @@
 """Code versions and dependency hashes: what decides that work can be skipped."""
 
+import types
 import uuid
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -79,3 +81,99 @@ def test_reading_a_different_materialization_changes_the_hash():
     a, b = uuid.uuid4(), uuid.uuid4()
     assert dependency_hash("1", None, {"raw": [a]}) != dependency_hash("1", None, {"raw": [b]})
     assert dependency_hash("1", None, {"raw": [a]}) != dependency_hash("1", None, {"raw2": [a]})
+
+
+# ------------------------------------------------ what the automatic version covers
+
+
+def package(**sources: str) -> dict[str, types.ModuleType]:
+    """Modules of one package ``mypkg``, each able to use the ones before it by name."""
+    modules: dict[str, types.ModuleType] = {}
+    for name, source in sources.items():
+        module = types.ModuleType(f"mypkg.{name}")
+        module.__dict__.update(modules)
+        exec(compile(source, f"<mypkg/{name}.py>", "exec"), module.__dict__)
+        modules[name] = module
+    return modules
+
+
+HELPERS = """
+RATE = 0.2
+def rounded(x):
+    return round(x, 2)
+def with_tax(x):
+    return rounded(x * (1 + RATE))
+class Prices:
+    def total(self, rows):
+        return sum(with_tax(r) for r in rows)
+"""
+
+ASSETS = """
+import json
+LIMIT = 10
+def report(ctx, deps):
+    '''Totals per day.'''
+    # a comment
+    return {"total": helpers.with_tax(LIMIT), "json": json.dumps([1])}
+def priced(ctx, deps):
+    return Prices().total([1, 2])
+"""
+
+
+def version(helpers: str = HELPERS, assets: str = ASSETS, name: str = "report") -> str:
+    modules = package(helpers=helpers, assets=assets)
+    modules["assets"].__dict__["Prices"] = modules["helpers"].Prices
+    return code_version(fs.Asset(name="a", execute_fn=getattr(modules["assets"], name)))
+
+
+def test_docstrings_comments_and_blank_lines_do_not_change_the_version():
+    base = version()
+    assert version(assets=ASSETS.replace("'''Totals per day.'''", "'''Totals per day, in euros.'''")) == base
+    assert version(assets=ASSETS.replace("'''Totals per day.'''\n", "")) == base
+    assert version(assets=ASSETS.replace("# a comment", "# another comment\n\n")) == base
+
+
+def test_a_module_constant_the_function_reads_changes_the_version():
+    assert version(assets=ASSETS.replace("LIMIT = 10", "LIMIT = 11")) != version()
+    assert version(assets=ASSETS + "\nUNUSED = 1\n") == version()  # one it does not read does not
+
+
+def test_a_helper_and_what_the_helper_uses_change_the_version_transitively():
+    base = version()
+    assert version(helpers=HELPERS.replace("x * (1 + RATE)", "x * (1 + RATE) + 0")) != base  # the helper
+    assert version(helpers=HELPERS.replace("round(x, 2)", "round(x, 3)")) != base  # the helper's helper
+    assert version(helpers=HELPERS.replace("RATE = 0.2", "RATE = 0.21")) != base  # a constant it reads
+    assert version(helpers=HELPERS + "\ndef unrelated():\n    return 1\n") == base
+
+
+def test_a_class_of_the_package_counts_by_its_methods():
+    base = version(name="priced")
+    assert version(helpers=HELPERS.replace("sum(with_tax(r)", "sum(2 * with_tax(r)"), name="priced") != base
+    assert version(helpers=HELPERS.replace("round(x, 2)", "round(x, 4)"), name="priced") != base
+
+
+def test_recursion_and_mutual_recursion_end():
+    source = "def a(n):\n    return b(n - 1) if n else 0\ndef b(n):\n    return a(n)\ndef f(ctx, deps):\n    return a(3)\n"
+    modules = package(m=source)
+    assert code_version(fs.Asset(name="x", execute_fn=modules["m"].f)).startswith("code:")
+
+
+def test_the_transitive_version_is_the_same_in_another_process():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, types\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import test_hashing as t\n"
+        "print(t.version(), t.version(name='priced'))\n"
+    )
+    here = str(Path(__file__).parent)
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", script, here], capture_output=True, text=True, check=True, timeout=60,
+            env={"PYTHONHASHSEED": seed, "PATH": "", "PYTHONPATH": str(Path(fs.__file__).parent.parent)},
+        ).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    assert runs == {f"{version()} {version(name='priced')}"}

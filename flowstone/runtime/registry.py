@@ -23,7 +23,7 @@ from ..actors.mailbox import Handle, Message, serve
 from ..dag import AssetGraph
 from ..definitions import Asset
 from ..pipeline import addition_problems, raise_problems
-from .hashing import code_version
+from .hashing import code_version, code_versions
 
 __all__ = ["RegistryState", "Snapshot", "registry_actor"]
 
@@ -55,7 +55,7 @@ def initial_snapshot(graph: AssetGraph, executors: dict[str, Handle]) -> Snapsho
     return Snapshot(
         graph=graph,
         executors=MappingProxyType(dict(executors)),
-        versions=MappingProxyType({a.name: code_version(a) for a in graph.assets}),
+        versions=MappingProxyType(code_versions(graph.assets)),
     )
 
 

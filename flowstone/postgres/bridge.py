@@ -92,6 +92,10 @@ class _TrioLoop:
 
         try:
             async with trio_asyncio.open_loop() as loop:
+                # trio-asyncio's default handler raises what asyncio only logs (a
+                # future of asyncpg's whose error nobody retrieved after a cancelled
+                # query), and that would end this loop and every store on it.
+                loop.set_exception_handler(_log_loop_error)
                 self.loop = loop
                 self.ready.set()
                 try:
@@ -111,6 +115,11 @@ class _TrioLoop:
             self.loop = None
             self.ready.set()
             self.finished.set()
+
+
+def _log_loop_error(loop: Any, context: dict[str, Any]) -> None:
+    """What plain asyncio does with an error no task will see: log it."""
+    log.debug("asyncio (under trio): %s", context.get("message"), exc_info=context.get("exception"))
 
 
 class LoopBound(Generic[R]):

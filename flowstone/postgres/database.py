@@ -108,7 +108,7 @@ class Database:
                             )
                             return await fn(connection, *args)
                     except errors:
-                        connection.terminate()  # never handed out again: the pool opens a new one
+                        _discard(connection)  # never handed out again: the pool opens a new one
                         raise
             except FlowstoneError:
                 raise
@@ -165,6 +165,16 @@ class Database:
                 raise
             raise wrapped from error
         return pool
+
+
+def _discard(connection: Any) -> None:
+    """Terminate a connection an error left in doubt, unless it is closed already or
+    the pool took it back (a cancelled operation may have released it first)."""
+    try:
+        if not connection.is_closed():
+            connection.terminate()
+    except Exception as error:  # asyncpg: "connection has been released back to the pool"
+        log.debug("connection not terminated: %s", error)
 
 
 async def _bypasses_rls(connection: Any) -> bool:

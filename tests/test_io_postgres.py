@@ -7,6 +7,7 @@ import re
 from datetime import date
 
 import anyio
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 import flowstone as fs
 from contracts.io import IOContract
 from flowstone.identifiers import sql_table
-from pgfixtures import run_sync
+from pgfixtures import admin, run_sync
 
 pytestmark = pytest.mark.anyio
 
@@ -216,3 +217,110 @@ async def test_a_tenants_values_are_invisible_to_raw_sql_as_another_tenant(anyio
             await connection.close()
 
     assert await anyio.to_thread.run_sync(run_sync, peek) == [0, 0]
+
+
+# ------------------------------------------------------------ a table of your own
+
+_EVENTS = """
+CREATE TABLE events (
+    id serial PRIMARY KEY,
+    partition_key text NOT NULL UNIQUE,
+    data jsonb NOT NULL,
+    updated_at timestamptz NOT NULL,
+    note text DEFAULT 'kept'
+);
+GRANT SELECT, INSERT, UPDATE, DELETE ON events TO flowstone_app;
+GRANT USAGE ON SEQUENCE events_id_seq TO flowstone_app;
+"""
+EVENTS = {"table": "events", "partition_column": "partition_key", "data_column": "data"}
+
+
+async def _rows(admin_dsn: str, sql: str) -> list:
+    async def fetch() -> list:
+        connection = await asyncpg.connect(admin_dsn)
+        try:
+            return [tuple(row) for row in await connection.fetch(sql)]
+        finally:
+            await connection.close()
+
+    return run_sync(fetch)
+
+
+async def test_values_go_into_a_table_the_user_already_has(anyio_backend, pg_database):
+    run_sync(admin, pg_database.admin_dsn, _EVENTS)
+
+    async def daily(ctx, deps):
+        return {"day": ctx.partition_key, "n": ctx.partition.day}
+
+    asset = fs.Asset(name="daily", execute_fn=daily, io_manager="postgres", io_config=EVENTS,
+                     partitioned_by=fs.DailyPartitions(start=date(2025, 1, 1)))
+    async with fs.io.PostgresIO(pg_database.dsn) as io:
+        async with fs.open_runtime([asset], io_managers={"postgres": io}) as rt:
+            await rt.materialize("daily", date(2025, 1, 2))
+            await rt.materialize("daily", date(2025, 1, 2), force=True)  # an upsert: still one row
+            await rt.materialize("daily", date(2025, 1, 3))
+            assert await rt.load("daily", date(2025, 1, 3)) == {"day": "2025-01-03", "n": 3}
+        assert (await io.metadata("daily", date(2025, 1, 2), EVENTS))["size_bytes"] > 0
+        assert await io.exists("daily", date(2025, 1, 2), EVENTS)
+        await io.delete("daily", date(2025, 1, 3), EVENTS)
+        assert not await io.exists("daily", date(2025, 1, 3), EVENTS)
+        with pytest.raises(fs.NotFound):
+            await io.load("daily", date(2025, 1, 3), EVENTS)
+    rows = await _rows(pg_database.admin_dsn, "SELECT partition_key, data::text, note, updated_at IS NOT NULL FROM events")
+    assert rows == [("2025-01-02", '{"n": 2, "day": "2025-01-02"}', "kept", True)]
+
+
+@pytest.mark.parametrize(
+    "table_sql, config, problem",
+    [
+        ("CREATE TABLE t (k text UNIQUE, data jsonb, updated_at timestamptz)",
+         {"partition_column": "missing", "data_column": "data"}, "has no column 'missing'"),
+        ("CREATE TABLE t (k text UNIQUE, data text, updated_at timestamptz)",
+         {"partition_column": "k", "data_column": "data"}, "t\".data is text; a jsonb column is needed"),
+        ("CREATE TABLE t (k text UNIQUE, data jsonb)",
+         {"partition_column": "k", "data_column": "data"}, "has no column 'updated_at'"),
+        ("CREATE TABLE t (k text, data jsonb, updated_at timestamptz)",
+         {"partition_column": "k", "data_column": "data"}, "needs a unique index on (k)"),
+        ("CREATE TABLE t (k text UNIQUE, data jsonb, updated_at timestamptz)",
+         {"partition_column": "k"}, "give both partition_column and data_column"),
+        ("CREATE TABLE t (k text UNIQUE, data jsonb, updated_at timestamptz)",
+         {"partition_column": "k", "data_column": "data", "create": True}, "create a table of your own yourself"),
+    ],
+)
+async def test_a_table_that_cannot_hold_values_is_a_definition_error_naming_why(
+    anyio_backend, pg_database, table_sql, config, problem
+):
+    run_sync(admin, pg_database.admin_dsn, f"{table_sql}; GRANT ALL ON t TO flowstone_app")
+    async with fs.io.PostgresIO(pg_database.dsn) as io:
+        with pytest.raises(fs.DefinitionError, match=re.escape(problem)):
+            await io.store("a", {"v": 1}, "p1", {"table": "t", **config})
+
+
+@pytest.mark.parametrize("column", ['k" = k; DROP TABLE t; --', "k;", "", "k" * 64, "data\x00"])
+async def test_hostile_column_names_are_refused_before_any_sql(anyio_backend, pg_dsn, column):
+    async with fs.io.PostgresIO(pg_dsn) as io:
+        with pytest.raises(fs.InvalidIdentifier):
+            await io.store("a", {"v": 1}, "p1", {"table": "t", "partition_column": column, "data_column": "data"})
+
+
+async def test_a_user_table_keeps_tenants_apart_only_with_a_tenant_column(anyio_backend, pg_database):
+    run_sync(admin, pg_database.admin_dsn, _EVENTS, """
+        CREATE TABLE shared_events (
+            tenant_id text NOT NULL, partition_key text NOT NULL, data jsonb NOT NULL,
+            updated_at timestamptz NOT NULL, UNIQUE (tenant_id, partition_key)
+        );
+        GRANT ALL ON shared_events TO flowstone_app;
+    """)
+    shared = {**EVENTS, "table": "shared_events"}
+    async with fs.io.PostgresIO(pg_database.dsn) as io:
+        for tenant in ("a", "b"):
+            with fs.tenant_scope(tenant):
+                await io.store("daily", {"owner": tenant}, "p1", shared)
+        with fs.tenant_scope("a"):
+            assert await io.load("daily", "p1", shared) == {"owner": "a"}
+            with pytest.raises(fs.TenancyNotEnforced, match="no tenant_id column"):
+                await io.store("daily", {"v": 1}, "p1", EVENTS)
+        with pytest.raises(fs.DefinitionError, match="keyed by partition"):
+            await io.store("daily", {"v": 1}, None, EVENTS)
+    assert await _rows(pg_database.admin_dsn, "SELECT count(*) FROM events") == [(0,)]
+    assert await _rows(pg_database.admin_dsn, "SELECT tenant_id FROM shared_events ORDER BY 1") == [("a",), ("b",)]

@@ -8,10 +8,12 @@ a store always gives the value that wrote it (see docs/adr/0002).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
+import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone, tzinfo
 from types import MappingProxyType
 from typing import Any, ClassVar, Union
 
@@ -383,26 +385,38 @@ class _TimeWindowPartitions(PartitionsDefinition):
     With no ``end``, ``keys()`` stops at the last *complete* period (yesterday,
     the previous hour), as a scheduler would; ``validate`` still accepts any
     period from ``start`` on, so a run for the current period is allowed.
+    ``timezone`` (an IANA name; UTC when None) says where days and hours are
+    local: a day runs from local midnight to local midnight (23 or 25 hours on
+    daylight-saving days), an hour starts on a local hour.
     """
 
     _step: ClassVar[str]
 
     def __attrs_post_init__(self) -> None:
-        end = getattr(self, "end", None)
-        if end is not None and end < self.start:  # type: ignore[attr-defined]
+        zone_of(self.timezone)  # type: ignore[attr-defined]  # an unknown name fails here
+        object.__setattr__(self, "start", self._bound(self.start, "start"))  # type: ignore[has-type]
+        if self.end is not None:  # type: ignore[has-type]
+            object.__setattr__(self, "end", self._bound(self.end, "end"))  # type: ignore[has-type]
+        end = self.end
+        if end is not None and end < self.start:
             raise InvalidPartition(
                 f"{type(self).__name__} end {serialize_partition(end)!r} is before start "
-                f"{serialize_partition(self.start)!r}"  # type: ignore[attr-defined]
+                f"{serialize_partition(self.start)!r}"
             )
 
-    def keys(self, start: Any = None, end: Any = None) -> list[Any]:
+    @property
+    def zone(self) -> tzinfo:
+        """The ``tzinfo`` of ``timezone`` (UTC when it is None)."""
+        return zone_of(self.timezone)  # type: ignore[attr-defined]
+
+    def keys(self, start: Any = None, end: Any = None) -> PartitionRange:  # type: ignore[override]
         """Partitions from ``start`` to ``end`` (both included), clamped to the definition."""
         lo = self.start if start is None else max(self._value(start), self.start)
         hi = self._last_complete() if self.end is None else self.end
         if end is not None:
             hi = min(self._value(end), hi)
         if lo > hi:
-            return []
+            return _empty(lo, self._step)
         return partition_range(lo, hi, self._step)
 
     def validate(self, partition: Any) -> Any:
@@ -419,9 +433,19 @@ class _TimeWindowPartitions(PartitionsDefinition):
                 )
         return partitions
 
+    def window(self, partition: Any) -> tuple[datetime, datetime]:
+        """When the partition's period starts and ends (end excluded), in UTC (two
+        datetimes of one ``ZoneInfo`` subtract as wall clocks: a 25-hour day would
+        measure 24). ``.astimezone(definition.zone)`` shows them locally."""
+        raise NotImplementedError
+
     def _aligned(self, partitions: PartitionRange) -> bool:
         """Whether a range starting on a partition lands on partitions at every step."""
         return True  # dates step in whole days
+
+    def _bound(self, value: Any, which: str) -> Any:
+        """``start`` or ``end`` as this definition's type."""
+        raise NotImplementedError
 
     def _value(self, partition: Any) -> Any:
         """The partition as this definition's type, without the range check."""
@@ -440,6 +464,34 @@ class _TimeWindowPartitions(PartitionsDefinition):
         raise NotImplementedError
 
 
+@functools.lru_cache(maxsize=64)
+def zone_of(name: str | None) -> tzinfo:
+    """The time zone named ``name`` (an IANA name such as ``"America/Los_Angeles"``),
+    UTC for None; ``InvalidPartition`` for anything else."""
+    if name is None:
+        return timezone.utc
+    if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
+        raise InvalidPartition(f"timezone must be an IANA name such as 'America/Los_Angeles', got {name!r}")
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as error:
+        raise InvalidPartition(
+            f"unknown time zone {name!r}: use an IANA name such as 'America/Los_Angeles' ({error})"
+        ) from None
+
+
+def local_midnight(day: date, zone: tzinfo) -> datetime:
+    """When ``day`` starts in ``zone``, in UTC: its local midnight, or the first local
+    time after it where midnight does not exist (a clock change at midnight)."""
+    # fold=0 reads a skipped wall time with the offset before the change, which
+    # lands on the first instant after the gap; a repeated midnight is its first.
+    return datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(timezone.utc)
+
+
+def _empty(start: Any, step: str) -> PartitionRange:
+    return PartitionRange(start, start, step, _step_delta(step, isinstance(start, datetime)), 0)
+
+
 def _require_date(value: Any, what: str) -> date:
     if isinstance(value, str):
         value = deserialize_partition(value, "date")
@@ -448,67 +500,102 @@ def _require_date(value: Any, what: str) -> date:
     return value
 
 
-def _optional_date(value: Any) -> date | None:
-    return None if value is None else _require_date(value, "DailyPartitions end")
-
-
 @attrs.frozen
 class DailyPartitions(_TimeWindowPartitions):
-    """One partition per calendar day from ``start`` (a ``date``)."""
+    """One partition per calendar day from ``start`` (a ``date``), local to ``timezone``."""
 
     kind: ClassVar[PartitionKind] = "date"
     _step: ClassVar[str] = "day"
 
-    start: date = attrs.field(converter=lambda v: _require_date(v, "DailyPartitions start"))
-    end: date | None = attrs.field(default=None, converter=_optional_date)
+    start: date
+    end: date | None = None
+    timezone: str | None = None
+
+    def _bound(self, value: Any, which: str) -> date:
+        return _require_date(value, f"DailyPartitions {which}")
 
     def _value(self, partition: Any) -> date:
         return _require_date(partition, "daily partition")
 
+    def window(self, partition: Any) -> tuple[datetime, datetime]:
+        day, zone = self.validate(partition), self.zone
+        return local_midnight(day, zone), local_midnight(day + timedelta(days=1), zone)
+
     def _last_complete(self) -> date:
-        return _utcnow().date() - timedelta(days=1)
+        return _utcnow().astimezone(self.zone).date() - timedelta(days=1)
 
 
-def _require_hour(value: Any, what: str) -> datetime:
+def _require_hour(value: Any, what: str, zone: tzinfo = timezone.utc, *, naive_is_local: bool = False) -> datetime:
     if isinstance(value, str):
         value = deserialize_partition(value, "datetime")
     elif isinstance(value, date) and not isinstance(value, datetime):
-        value = datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+        value = local_midnight(value, zone)
     if not isinstance(value, datetime):
         raise InvalidPartition(f"{what} must be an aware datetime, got {value!r}")
     if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidPartition(f"{what} {value.isoformat()!r} is naive; give it a timezone")
+        if not naive_is_local:
+            raise InvalidPartition(f"{what} {value.isoformat()!r} is naive; give it a timezone")
+        value = value.replace(tzinfo=zone)  # a wall time in the definition's zone
     value = value.astimezone(timezone.utc)
-    if (value.minute, value.second, value.microsecond) != (0, 0, 0):
-        raise InvalidPartition(f"{what} {serialize_partition(value)!r} is not on the hour")
+    local = value.astimezone(zone)
+    if (local.minute, local.second, local.microsecond) != (0, 0, 0):
+        where = "" if zone is timezone.utc else f" in {zone}"
+        raise InvalidPartition(f"{what} {serialize_partition(value)!r} is not on the hour{where}")
     return value
-
-
-def _optional_hour(value: Any) -> datetime | None:
-    return None if value is None else _require_hour(value, "HourlyPartitions end")
 
 
 @attrs.frozen
 class HourlyPartitions(_TimeWindowPartitions):
-    """One partition per hour (UTC) from ``start`` (an aware datetime on the hour, or a date)."""
+    """One partition per hour from ``start`` (an aware datetime on the hour, or a
+    date for its midnight); hours start on the hour of ``timezone`` (UTC when None).
+
+    Partitions are the hours' starting instants, as UTC datetimes (keys end in
+    ``Z``): a fall-back night's two local 01:00 hours are two partitions, a
+    spring-forward night has no local 02:00. ``start`` and ``end`` may be naive
+    when ``timezone`` is given: they are read as local wall times.
+    """
 
     kind: ClassVar[PartitionKind] = "datetime"
     _step: ClassVar[str] = "hour"
 
-    start: datetime = attrs.field(converter=lambda v: _require_hour(v, "HourlyPartitions start"))
-    end: datetime | None = attrs.field(default=None, converter=_optional_hour)
+    start: datetime
+    end: datetime | None = None
+    timezone: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        zone = zone_of(self.timezone)
+        if self.timezone is not None:
+            _check_whole_hour_shifts(self.timezone, zone, self.start)
+        super().__attrs_post_init__()
+
+    def _bound(self, value: Any, which: str) -> datetime:
+        return _require_hour(value, f"HourlyPartitions {which}", self.zone, naive_is_local=self.timezone is not None)
 
     def _value(self, partition: Any) -> datetime:
         if isinstance(partition, date) and not isinstance(partition, datetime):
             raise InvalidPartition(f"hourly partition must be an aware datetime, got date {partition}")
-        return _require_hour(partition, "hourly partition")
+        return _require_hour(partition, "hourly partition", self.zone)
+
+    def window(self, partition: Any) -> tuple[datetime, datetime]:
+        hour = self.validate(partition)
+        return hour, hour + timedelta(hours=1)
 
     def _last_complete(self) -> datetime:
-        return _utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+        local = _utcnow().astimezone(self.zone).replace(minute=0, second=0, microsecond=0)
+        return local.astimezone(timezone.utc) - timedelta(hours=1)
 
     def _aligned(self, partitions: PartitionRange) -> bool:
         step = partitions.step_delta
         return step is None or not step % timedelta(hours=1)
+
+
+def _check_whole_hour_shifts(name: str, zone: tzinfo, start: Any) -> None:
+    """Hourly partitions step one hour at a time; a zone whose clocks shift by part of
+    an hour (Lord Howe Island) would move its hours off the hour."""
+    year = start.year if isinstance(start, date) else 2000
+    offsets = {datetime(year, month, 1, 12, tzinfo=zone).utcoffset() for month in (1, 4, 7, 10)}
+    if len({offset % timedelta(hours=1) for offset in offsets if offset is not None}) > 1:
+        raise InvalidPartition(f"hourly partitions in {name!r} are not supported: its clocks shift by part of an hour")
 
 
 def _static_keys(keys: Iterable[str]) -> tuple[str, ...]:
@@ -623,8 +710,9 @@ class CompositePartitions(PartitionsDefinition):
 def can_map(upstream: PartitionsDefinition | None, downstream: PartitionsDefinition | None) -> bool:
     """Whether a ``downstream`` asset can read ``upstream`` with the built-in mappings.
 
-    Identity (same definition class and kind: each partition reads the same
-    partition upstream, which must exist there), all-partitions (an unpartitioned
+    Identity (same definition class and kind, and for days and hours the same
+    time zone: each partition reads the same partition upstream, which must exist
+    there), all-partitions (an unpartitioned
     asset reads every upstream partition) and broadcast (a partitioned asset reads
     an unpartitioned upstream's single value). See docs/adr/0002.
     """
@@ -640,4 +728,7 @@ def can_map(upstream: PartitionsDefinition | None, downstream: PartitionsDefinit
         return len(upstream.dimensions) == len(downstream.dimensions) and all(
             can_map(u, d) for u, d in zip(upstream.dimensions, downstream.dimensions)
         )
+    if isinstance(upstream, _TimeWindowPartitions) and isinstance(downstream, _TimeWindowPartitions):
+        # 2025-03-09 in Los Angeles is not the UTC day of that date: same zone only
+        return upstream.timezone == downstream.timezone
     return True

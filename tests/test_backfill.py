@@ -370,3 +370,22 @@ async def test_a_range_that_is_not_the_assets_partitions_is_refused_before_anyth
             await rt.backfill("h", partitions)
         assert info.value.asset == "h"
         assert await rt.store.list_all() == []
+
+
+async def test_a_backfill_of_a_local_fall_back_day_runs_its_twenty_five_hours(anyio_backend):
+    zone = "America/Los_Angeles"
+    daily = fs.DailyPartitions(start=date(2025, 1, 1), timezone=zone)
+    hourly = fs.HourlyPartitions(start=date(2025, 1, 1), timezone=zone)
+
+    async def hour(ctx, deps):
+        return ctx.partition.astimezone(hourly.zone).strftime("%H:%M %Z")
+
+    async with fs.open_runtime([fs.Asset(name="h", execute_fn=hour, partitioned_by=hourly)]) as rt:
+        start, end = daily.window(date(2025, 11, 2))
+        status = await rt.wait_backfill(await rt.backfill("h", hourly.keys(start, end - timedelta(hours=1))))
+        assert (status.state, status.succeeded) == ("succeeded", 25)
+        keys = sorted(r.partition for r in await rt.store.list_all(asset_name="h"))
+        assert keys[0] == "2025-11-02T07:00:00Z" and keys[-1] == "2025-11-03T07:00:00Z"
+        assert [await rt.load("h", k) for k in ("2025-11-02T08:00:00Z", "2025-11-02T09:00:00Z")] == [
+            "01:00 PDT", "01:00 PST"
+        ]

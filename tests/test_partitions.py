@@ -319,3 +319,79 @@ def test_static_keys_are_checked_by_lookup_and_keep_their_order_and_equality():
             many.validate(bad)
     assert fs.StaticPartitions(["a", "b"]) == fs.StaticPartitions(("a", "b")) != fs.StaticPartitions(["b", "a"])
     assert "positions" not in repr(fs.StaticPartitions(["a"]))
+
+
+# ------------------------------------------------------------------ time zones
+
+LA = "America/Los_Angeles"
+
+
+def test_a_local_day_starts_at_local_midnight_on_dst_days_too():
+    daily = fs.DailyPartitions(start=date(2025, 1, 1), timezone=LA)
+    lengths = {}
+    for day in (date(2025, 3, 9), date(2025, 3, 10), date(2025, 11, 2)):
+        start, end = daily.window(day)
+        local = start.astimezone(daily.zone)
+        assert (local.hour, local.minute, local.date()) == (0, 0, day)  # local midnight, in Los Angeles
+        lengths[day] = end - start
+    assert lengths == {
+        date(2025, 3, 9): timedelta(hours=23), date(2025, 3, 10): timedelta(hours=24),
+        date(2025, 11, 2): timedelta(hours=25),
+    }
+    assert daily.window(date(2025, 3, 9))[0] == datetime(2025, 3, 9, 8, tzinfo=UTC)
+    assert fs.serialize_partition(date(2025, 3, 9)) == "2025-03-09"  # keys stay ISO dates
+
+
+def test_a_fall_back_night_has_two_local_one_oclock_hours_and_spring_forward_none():
+    hourly = fs.HourlyPartitions(start=date(2025, 1, 1), timezone=LA)
+    daily = fs.DailyPartitions(start=date(2025, 1, 1), timezone=LA)
+    zone = ZoneInfo(LA)
+
+    def hours_of(day):
+        start, end = daily.window(day)
+        return hourly.keys(start, end - timedelta(hours=1))
+
+    fall = hours_of(date(2025, 11, 2))
+    local = [h.astimezone(zone) for h in fall]
+    assert len(fall) == 25 and [h.hour for h in local].count(1) == 2
+    ones = [fs.serialize_partition(h) for h in fall if h.astimezone(zone).hour == 1]
+    assert ones == ["2025-11-02T08:00:00Z", "2025-11-02T09:00:00Z"]  # distinct keys, UTC with Z
+    spring = hours_of(date(2025, 3, 9))
+    assert len(spring) == 23 and 2 not in [h.astimezone(zone).hour for h in spring]
+
+
+def test_hours_of_a_half_hour_zone_start_on_its_own_hours():
+    kolkata = fs.HourlyPartitions(start=datetime(2025, 1, 1), timezone="Asia/Kolkata")  # naive: local
+    assert kolkata.start == datetime(2024, 12, 31, 18, 30, tzinfo=UTC)
+    assert kolkata.validate("2025-01-01T04:30:00Z") == datetime(2025, 1, 1, 4, 30, tzinfo=UTC)
+    with pytest.raises(fs.InvalidPartition, match="not on the hour in Asia/Kolkata"):
+        kolkata.validate("2025-01-01T04:00:00Z")
+    assert [h.astimezone(ZoneInfo("Asia/Kolkata")).minute for h in kolkata.keys(end=kolkata.start + timedelta(hours=5))] == [0] * 6
+
+
+@pytest.mark.parametrize("name", ["Mars/Olympus_Mons", "", "America/../etc", 5, "UTC\x00"])
+def test_an_unknown_time_zone_is_refused(name):
+    with pytest.raises(fs.InvalidPartition, match="timezone|time zone"):
+        fs.DailyPartitions(start=date(2025, 1, 1), timezone=name)
+
+
+def test_days_of_different_zones_do_not_map_onto_each_other():
+    from flowstone.partitions import can_map
+
+    utc_days = fs.DailyPartitions(start=date(2025, 1, 1))
+    la_days = fs.DailyPartitions(start=date(2025, 1, 1), timezone=LA)
+    assert can_map(la_days, fs.DailyPartitions(start=date(2025, 2, 1), timezone=LA))
+    assert not can_map(utc_days, la_days) and not can_map(la_days, utc_days)
+    assert la_days != utc_days
+
+
+def test_yesterday_is_local():
+    from flowstone import partitions
+
+    keys_at = {}
+    for zone in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):  # UTC+14 and UTC-11: two dates apart at times
+        daily = fs.DailyPartitions(start=date(2020, 1, 1), timezone=zone)
+        keys_at[zone] = daily.keys()[-1]
+    now = partitions._utcnow()
+    assert keys_at["Pacific/Kiritimati"] == now.astimezone(ZoneInfo("Pacific/Kiritimati")).date() - timedelta(days=1)
+    assert keys_at["Pacific/Pago_Pago"] == now.astimezone(ZoneInfo("Pacific/Pago_Pago")).date() - timedelta(days=1)

@@ -36,6 +36,7 @@ def _asset() -> fs.Asset:
 async def _measure(store: Any, hours: int, run_seconds: float) -> dict[str, Any]:
     days = fs.partition_range(START, START + timedelta(hours=hours - 1), "hour")
     async with fs.open_runtime([_asset()], store=store) as rt:
+        await store.list_all(limit=1)  # connected before the clock starts
         before = rss_bytes()
         began = time.perf_counter()
         backfill = await rt.backfill("hourly", days, max_parallel=10)
@@ -59,6 +60,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--dsn", default=os.environ.get("FLOWSTONE_BENCH_DSN"),
                         help="a superuser dsn of a server to use instead of a throwaway cluster")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     args = parser.parse_args(argv)
     hours, run_seconds = max(1, args.hours), max(0.0, args.run)
 
@@ -66,7 +68,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         async with fs.store.MemoryStore() as store:
             return await _measure(store, hours, run_seconds)
 
-    rows = [{"store": "memory", **anyio.run(on_memory)}]
+    rows = [{"store": "memory", **anyio.run(on_memory, backend=args.backend)}]
     if not args.no_postgres:
         cluster = None if args.dsn else TemporaryPostgres().start()
         admin_dsn = args.dsn or cluster.dsn()
@@ -75,20 +77,21 @@ def run(argv: list[str]) -> dict[str, Any]:
 
             async def on_postgres() -> dict[str, Any]:
                 async with fs.store.PostgresStore(dsn) as store:
-                    row = await _measure(store, hours, run_seconds)
+                    return await _measure(store, hours, run_seconds)
+
+            async def saved_spec_bytes() -> int:
                 import asyncpg
 
                 connection = await asyncpg.connect(admin_dsn.rsplit("/", 1)[0] + "/flowstone_ranges")
                 try:
-                    row["saved_spec_bytes"] = await connection.fetchval(
-                        "SELECT max(octet_length(spec::text)) FROM flowstone_backfills")
+                    return await connection.fetchval("SELECT max(octet_length(spec::text)) FROM flowstone_backfills")
                 finally:
                     await connection.close()
-                return row
 
-            rows.append({"store": "postgres", **anyio.run(on_postgres)})
+            row = anyio.run(on_postgres, backend=args.backend)
+            rows.append({"store": "postgres", **row, "saved_spec_bytes": anyio.run(saved_spec_bytes)})
             anyio.run(_admin, admin_dsn, "DROP DATABASE IF EXISTS flowstone_ranges WITH (FORCE)")
         finally:
             if cluster is not None:
                 cluster.stop()
-    return emit("ranges", rows, {"hours": hours, "run": run_seconds})
+    return emit("ranges", rows, {"hours": hours, "run": run_seconds, "backend": args.backend})

@@ -248,9 +248,9 @@ async def run_backfill(
                                 await _work(spec, progress, runner)
                             finally:
                                 done.set()
-                except BaseException as stopping:
-                    if isinstance(stopping, Exception):
-                        raise
+                except Exception:
+                    raise
+                except BaseException:
                     # The runtime is stopping (cancelled, or Ctrl-C landed here): what
                     # ran is recorded, the rest is cancelled; a persistent store keeps
                     # that for resume_backfill.

@@ -96,16 +96,17 @@ async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
         return await _attempt(job, env, executor, state)
     except LeaseLost:
         raise
-    except BaseException as error:
-        if not isinstance(error, Exception):  # the runtime's cancellation (the function's own
-            # BaseExceptions are its failures, recorded in _attempt): stopped, not failed
-            await _close(job, env, state, Status.CANCELLED, "cancelled")
-            raise
+    except Exception as error:
         # Not the user's function (its errors are results): the store, an IO
         # manager or the runtime broke. Record it if we can, then report it.
         await _close(job, env, state, Status.FAILED, describe(error))
         if state.record is not None and state.record.status is Status.FAILED:
             return JobResult(state.record, error)
+        raise
+    except BaseException:
+        # The runtime's cancellation, or Ctrl-C: stopped, not failed. (What the
+        # function raises, BaseExceptions included, _attempt records as its failure.)
+        await _close(job, env, state, Status.CANCELLED, "cancelled")
         raise
     finally:
         if state.lease is not None:

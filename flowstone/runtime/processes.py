@@ -25,6 +25,7 @@ ends of one pipe read them: the worker's replies are the caller's own child's.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -51,6 +52,7 @@ from ..context import Context
 from ..definitions import Asset
 from ..io import formats
 from ..tenancy import tenant_scope
+from . import threads
 
 __all__ = ["ProcessPool", "WorkerFailure", "run_in_process"]
 
@@ -138,11 +140,11 @@ class _Worker:
     async def exchange(self, request: Any) -> Any:
         assert self.process.stdin is not None
         data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-        await self.process.stdin.send(_HEADER.pack(len(data)) + data)
         try:
+            await self.process.stdin.send(_HEADER.pack(len(data)) + data)
             (size,) = _HEADER.unpack(await self.replies.receive_exactly(_HEADER.size))
             return pickle.loads(await self.replies.receive_exactly(size))
-        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError) as error:
+        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as error:
             code = self.process.returncode if self.process.returncode is not None else await self.process.wait()
             raise WorkerFailure("BrokenWorkerProcess", f"the worker process died (exit status {code})") from error
 
@@ -164,19 +166,20 @@ async def run_in_process(
     asset reading a partitioned one)."""
     fn = asset.execute_fn
     assert fn is not None
-    fmt = asset.io_config.get("format")
     call = {
         "definition": _definition(asset),
         "asset": asset.name, "partition": ctx.partition, "partition_key": ctx.partition_key,
-        "run_id": str(ctx.run_id), "tenant": ctx.tenant, "format": fmt, "log_level": ctx.log.getEffectiveLevel(),
-        "deps": {name: _pack_input(name, value, name in every_partition) for name, value in deps.items()},
+        "run_id": str(ctx.run_id), "tenant": ctx.tenant, "format": asset.io_config.get("format"),
+        "log_level": ctx.log.getEffectiveLevel(),
+        # encoding is CPU work (JSON, Arrow): off the event loop, as IO managers do it
+        "deps": await threads.run_sync(_pack_inputs, deps, every_partition),
     }
     reply = await pool.call(("call", fn.__module__, fn.__qualname__, call))
     for level, line in reply["log"]:
         ctx.log.log(level, "%s", line)
     ctx.metadata.update(reply["metadata"])
     if reply["ok"]:
-        return _unpack(reply["value"], asset=asset.name, partition=ctx.partition)
+        return await threads.run_sync(functools.partial(_unpack, reply["value"], asset=asset.name, partition=ctx.partition))
     raise _error(reply)
 
 
@@ -189,6 +192,10 @@ def _definition(asset: Asset) -> dict[str, Any]:
             value = getattr(asset, field.name)
             fields[field.name] = dict(value) if isinstance(value, Mapping) else value
     return fields
+
+
+def _pack_inputs(deps: Mapping[str, Any], every_partition: frozenset[str]) -> dict[str, tuple[str, Any]]:
+    return {name: _pack_input(name, value, name in every_partition) for name, value in deps.items()}
 
 
 def _pack_input(name: str, value: Any, many: bool) -> tuple[str, Any]:

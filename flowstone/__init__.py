@@ -61,7 +61,8 @@ from .store import Status as Status
 from .tenancy import current_tenant as current_tenant
 from .tenancy import tenant_scope as tenant_scope
 
-from . import io as io  # noqa: E402  (fs.io and fs.store right after import)
+from . import events as events  # noqa: E402  (fs.events, fs.io and fs.store right after import)
+from . import io as io  # noqa: E402
 from . import store as store  # noqa: E402
 
 __version__ = "0.1.0.dev0"

@@ -22,16 +22,32 @@ from .report import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 
+WATCHED = """
+import contextlib
+async def consume(events):
+    async for _ in events:
+        pass
+@contextlib.asynccontextmanager
+async def watched(rt, count):
+    # count subscribers of this tenant, each drained by a task of its own
+    async with anyio.create_task_group() as tasks, contextlib.AsyncExitStack() as stack:
+        for _ in range(count):
+            tasks.start_soon(consume, await stack.enter_async_context(rt.events()))
+        yield
+"""
+
 CHAIN = """
 import anyio, sys
 from stress.runtime import chain
 import flowstone as fs
+{watched}
 async def main():
     async with fs.open_runtime(chain({length}, False)) as rt:
         for i in range(int(sys.argv[1])):
             with fs.tenant_scope(f"t{{i}}"):  # a fresh namespace: nothing to reuse, nothing to mark stale
-                await rt.materialize("a{last}")
-                await rt.store.list_all(limit=1)  # until the write-behind is applied
+                async with watched(rt, {subscribers}):
+                    await rt.materialize("a{last}")
+                    await rt.store.list_all(limit=1)  # until the write-behind is applied
 anyio.run(main)
 """
 
@@ -40,12 +56,14 @@ import anyio, sys
 from datetime import date, timedelta
 from stress.runtime import daily
 import flowstone as fs
+{watched}
 async def main():
     days = [date(2000, 1, 1) + timedelta(days=i) for i in range({length})]
     async with fs.open_runtime(daily(False)) as rt:
         for i in range(int(sys.argv[1])):
             with fs.tenant_scope(f"t{{i}}"):
-                await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=20))
+                async with watched(rt, {subscribers}):
+                    await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=20))
 anyio.run(main)
 """
 
@@ -67,6 +85,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--chain", type=int, default=100, help="assets in the chain")
     parser.add_argument("--partitions", type=int, default=366, help="partitions in the backfill")
     parser.add_argument("--runs", type=int, default=5, help="extra runs counted (more: steadier, slower)")
+    parser.add_argument("--subscribers", type=int, default=0, help="event subscribers draining the events of each run")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
@@ -76,7 +95,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         (f"{args.chain}-asset chain, per materialization", CHAIN, args.chain),
         (f"{args.partitions}-partition backfill, per partition", BACKFILL, args.partitions),
     ):
-        code = template.format(length=length, last=length - 1)
+        code = template.format(length=length, last=length - 1, subscribers=max(0, args.subscribers), watched=WATCHED)
         base, more = _instructions(code, 1), _instructions(code, 1 + runs)
         rows.append({"measure": what, "instructions": (more - base) // (runs * length)})
-    return emit("instructions", rows, {"chain": args.chain, "partitions": args.partitions, "runs": runs})
+    return emit("instructions", rows, {"chain": args.chain, "partitions": args.partitions, "runs": runs,
+                                       "subscribers": max(0, args.subscribers)})

@@ -27,12 +27,14 @@ import attrs
 from anyio.abc import TaskStatus
 
 from ..actors.mailbox import DEFERRED, Handle, Message, Reply, fail_pending, open_mailbox, serve
+from .. import events as ev
 from ..actors.memory import utcnow
 from ..errors import FlowstoneError, LeaseLost, RuntimeClosed
 from ..partitions import PartitionRange, deserialize_partition, partition_range, serialize_partition
 from ..store.leases import LeaseHeld
 from ..tenancy import tenant_scope
 from .run import RunRequest
+from .watch import EventBus
 
 __all__ = ["BackfillSpec", "BackfillStatus", "run_backfill"]
 
@@ -148,6 +150,26 @@ class _Progress:
     """Why the final status could not be saved: the backfill fails, loudly."""
     deferred: list[Any] = attrs.field(factory=list)
     """Partitions another process was computing when their turn came: run last."""
+    bus: EventBus | None = None
+    """The runtime's watchers, told of each partition done and of the end."""
+
+    def announce_progress(self) -> None:
+        if self.bus is not None and self.bus.subscribers:
+            spec = self.spec
+            self.bus.publish(ev.BackfillProgress(
+                at=utcnow(), tenant=spec.tenant, run_id=None, backfill_id=spec.id, asset=spec.asset,
+                total=len(spec.partitions), queued=len(spec.partitions) - self.started, running=self.running,
+                succeeded=self.succeeded, failed=self.failed, cancelled=0,
+            ))
+
+    def announce_end(self) -> None:
+        if self.bus is not None and self.bus.subscribers:
+            status = self.status()
+            self.bus.publish(ev.BackfillFinished(
+                at=utcnow(), tenant=self.spec.tenant, run_id=None, backfill_id=status.id, asset=status.asset,
+                state=status.state, total=status.total, succeeded=status.succeeded, failed=status.failed,
+                cancelled=status.cancelled,
+            ))
 
     def status(self) -> BackfillStatus:
         total = len(self.spec.partitions)
@@ -207,6 +229,7 @@ async def run_backfill(
     on_enter: Callable[[Handle], Awaitable[None]],
     on_exit: Callable[[Handle, BackfillStatus | None], Awaitable[None]],
     *,
+    bus: EventBus | None = None,
     task_status: TaskStatus[Handle] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """The backfill actor; start with ``handle = await tg.start(run_backfill, ...)``.
@@ -216,7 +239,7 @@ async def run_backfill(
     another owner stops it; a final save that fails makes it ``failed``, and
     ``on_exit`` gets that status to keep, so the backfill is never unknown."""
     handle, send, receive = open_mailbox(f"backfill:{spec.id}")
-    progress = _Progress(spec=spec, started_at=utcnow())
+    progress = _Progress(spec=spec, started_at=utcnow(), bus=bus)
     work = anyio.CancelScope()
 
     def on_message(message: Message) -> Any:
@@ -258,11 +281,13 @@ async def run_backfill(
                     progress.finished_at = utcnow()
                     with anyio.CancelScope(shield=True):
                         unsaved = await _save_final(spec, progress, save)
+                    progress.announce_end()
                     raise
             progress.finished_at = utcnow()
             with anyio.CancelScope(shield=True):
                 unsaved = await _save_final(spec, progress, save)
                 final = progress.status()
+                progress.announce_end()
                 # Leave the registry before anyone hears "done", so a resume that
                 # follows at once starts a new run instead of finding this one.
                 await on_exit(handle, unsaved)
@@ -383,6 +408,7 @@ async def _run_one(
             progress.errors.append((serialize_partition(partition), str(error) or type(error).__name__))
     finally:
         progress.running -= 1
+    progress.announce_progress()
 
 
 # ------------------------------------------------------- persistent stores

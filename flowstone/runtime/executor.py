@@ -46,6 +46,8 @@ from ..store.protocol import MaterializationStore
 from ..store.records import Materialization
 from .leases import LeaseKeeper
 from .processes import ProcessPool
+from .tracing import Tracing
+from .watch import EventBus
 
 __all__ = [
     "AwaitApproval", "Decide", "Detach", "Env", "ExecutorStatistics", "Finished", "JobResult", "Lease", "Stats",
@@ -72,6 +74,10 @@ class Env:
     leases: LeaseKeeper
     processes: ProcessPool
     """Worker processes for ``executor="process"`` assets (none start until one runs)."""
+    events: EventBus
+    """Who watches this runtime (``rt.events``); publishers check for subscribers first."""
+    tracing: Tracing | None = None
+    """OpenTelemetry, when its API is installed (``flowstone.runtime.tracing``), else None."""
 
 
 @attrs.frozen

@@ -26,6 +26,7 @@ import attrs
 
 from ..actors.mailbox import CLEANUP_SECONDS, Handle
 from ..actors.memory import utcnow
+from .. import events as ev
 from ..context import Context
 from ..definitions import Asset, executor_of
 from ..errors import (
@@ -41,7 +42,7 @@ from ..errors import (
 from ..io.memory import private_copy
 from ..store.leases import Lease
 from ..store.records import ACTIVE, Materialization, Status
-from . import threads
+from . import threads, tracing
 from .executor import AwaitApproval, Env, JobResult
 from .processes import run_in_process
 
@@ -88,6 +89,22 @@ async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
     runtime, ``LeaseHeld`` (another process computes this partition now) or
     ``FinishedElsewhere`` (it did already): nothing was recorded; or ``LeaseLost``
     (another process took the work over: nothing more is written)."""
+    tracer = env.tracing.tracer() if env.tracing is not None else None
+    if tracer is None:
+        return await _run_job(job, env, executor)
+    # a flowstone.materialize span, a child of the run's
+    with tracer.start_as_current_span(
+        "flowstone.materialize",
+        attributes=tracing.attributes(asset=job.asset.name, partition=job.key, tenant=job.tenant,
+                                      run_id=str(job.run_id)),
+    ) as span:
+        result = await _run_job(job, env, executor)
+        span.set_attribute("flowstone.status", result.record.status.value)
+        span.set_attribute("flowstone.materialization_id", str(result.record.id))
+        return result
+
+
+async def _run_job(job: Job, env: Env, executor: Handle) -> JobResult:
     state = _State()
     try:
         if env.limiter is not None:
@@ -125,9 +142,14 @@ async def _close(job: Job, env: Env, state: _State, status: Status, message: str
         return
     with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
         try:
-            state.record = await env.store.complete(
+            state.record = closed = await env.store.complete(
                 record, status, lease=state.lease, error_message=message, **_timing(record)
             )
+            if env.events.subscribers:
+                if status is Status.CANCELLED:
+                    _announce(env, ev.MaterializationCancelled, closed)
+                else:
+                    _announce(env, ev.MaterializationFailed, closed, error=message)
         except FlowstoneError as error:
             logging.getLogger("flowstone.runtime").error(
                 "could not record %s as %s: %s", job.asset.name, status.value, error
@@ -159,8 +181,12 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
                 record, Status.FAILED, lease=lease, error_message=f"rejected: {reason or 'no reason given'}",
                 **_timing(record),
             )
+            if env.events.subscribers:
+                _announce(env, ev.MaterializationFailed, record, error=record.error_message)
             return JobResult(record)
         state.record = record = await store.complete(record, Status.RUNNING, lease=lease, started_at=utcnow())
+    if env.events.subscribers:
+        _announce(env, ev.MaterializationStarted, record)
     started = time.perf_counter()
     ctx = Context(
         asset=asset,
@@ -189,15 +215,27 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
             metadata=_io_metadata(ctx.metadata, job), **_timing(record, started),
         )
         _log_failure(record, error)
+        if env.events.subscribers:
+            _announce(env, ev.MaterializationFailed, record, error=record.error_message)
         return JobResult(record, error)
     state.record = record = await store.complete(
         record, Status.SUCCESS, lease=lease, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
     )
+    if env.events.subscribers:
+        _announce(env, ev.MaterializationSucceeded, record, duration_ms=record.duration_ms)
     if job.marks_stale:
         await store.mark_stale(asset.name, job.key)
     if getattr(manager, "returns_stored_object", False):
         return JobResult(record, value=value, has_value=True)
     return JobResult(record)
+
+
+def _announce(env: Env, kind: type[ev.Event], record: Materialization, **extra: Any) -> None:
+    """Tell the runtime's watchers about ``record`` (callers check for watchers first)."""
+    env.events.publish(kind(  # type: ignore[call-arg]
+        at=utcnow(), tenant=record.tenant_id, run_id=record.run_id, asset=record.asset_name,
+        partition=record.partition, materialization_id=record.id, **extra,
+    ))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -22,6 +22,8 @@ from typing import Any
 import anyio
 import attrs
 
+from .. import events as ev
+from ..actors.memory import utcnow
 from ..definitions import Asset, FieldError
 from ..errors import DefinitionError, FlowstoneError, InvalidPartition, MaterializationFailed, NotFound, RuntimeClosed
 from ..guards import Guard, authorize
@@ -31,6 +33,7 @@ from ..store.records import Materialization, Status
 from ..actors.mailbox import CLEANUP_SECONDS, PendingCall, Reply
 from .executor import Detach, Env, Finished, JobResult, Lease, Submit
 from .job import Job, Read, describe, run_job
+from . import tracing
 from .hashing import dependency_hash
 from .registry import Snapshot
 
@@ -226,6 +229,37 @@ async def execute_run(
     ``nodes`` is the plan when the caller made it already; ``prefetched`` saves
     the store round trip for the pairs it covers.
     """
+    tracer = env.tracing.tracer() if env.tracing is not None else None
+    if tracer is None:
+        return await _execute_run(snapshot, env, guard, request, tenant, run_id, nodes=nodes, prefetched=prefetched)
+    run_id = run_id or uuid.uuid4()
+    with tracer.start_as_current_span(
+        "flowstone.run",
+        attributes=tracing.attributes(asset=request.target, partition=serialize_partition(request.partition),
+                                      tenant=tenant, run_id=str(run_id)),
+    ) as span:
+        try:
+            result = await _execute_run(
+                snapshot, env, guard, request, tenant, run_id, nodes=nodes, prefetched=prefetched
+            )
+        except MaterializationFailed:
+            span.set_attribute("flowstone.status", "failed")
+            raise
+        span.set_attribute("flowstone.status", "success")
+        return result
+
+
+async def _execute_run(
+    snapshot: Snapshot,
+    env: Env,
+    guard: Guard | None,
+    request: RunRequest,
+    tenant: str | None,
+    run_id: uuid.UUID | None = None,
+    *,
+    nodes: list[_Node] | None = None,
+    prefetched: Prefetched | None = None,
+) -> RunResult:
     nodes = plan(snapshot, request) if nodes is None else nodes
     run_id = run_id or uuid.uuid4()
     guard_context = {**(request.context or {}), "tenant": tenant}
@@ -258,6 +292,15 @@ async def execute_run(
     run = _Run(nodes, snapshot, env, request, run_id, tenant, latest, every)
     await run.execute()
     outcomes = run.outcomes
+    if env.events.subscribers:
+        now = utcnow()
+        for node in nodes:
+            outcome = outcomes[node.asset.name]
+            if outcome.reused and outcome.record is not None:
+                env.events.publish(ev.MaterializationSkipped(
+                    at=now, tenant=tenant, run_id=run_id, asset=node.asset.name, partition=node.key,
+                    materialization_id=outcome.record.id,
+                ))
 
     result = RunResult(
         run_id=run_id,

@@ -8,6 +8,7 @@ record ``cancelled`` in the store, then the outer one. Nothing outlives the bloc
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -22,12 +23,14 @@ import anyio
 import attrs
 from anyio.abc import TaskGroup
 
+from .. import events as ev
 from ..actors.client import MemoryActorClient, stop_gracefully
 from ..actors.mailbox import CLEANUP_SECONDS, Crash, Handle
 from ..actors.supervisor import RestartPolicy, supervise
 from ..dag import AssetGraph
 from ..definitions import Asset, FieldError
 from ..errors import (
+    AccessDenied,
     ActorCrashed,
     BackfillNotFound,
     DefinitionError,
@@ -48,11 +51,13 @@ from ..store.protocol import MaterializationStore
 from ..store.records import Materialization, Status, parse_id
 from ..tenancy import current_tenant
 from . import backfill as bf
+from . import tracing
 from . import registry as reg
 from .executor import Decide, Env, ExecutorStatistics, Stats, executor_actor
 from .job import load_value
 from .leases import LEASE_SECONDS, LeaseKeeper
 from .processes import ProcessPool
+from .watch import DEFAULT_BUFFER, EventBus, Subscription
 from .run import (
     Prefetched,
     RunRequest,
@@ -104,6 +109,54 @@ class Runtime:
 
     async def _snapshot(self) -> reg.Snapshot:
         return await self._registry.call(reg.GetSnapshot)
+
+    # ---------------------------------------------------------------- events
+
+    @asynccontextmanager
+    async def events(
+        self,
+        asset: str | None = None,
+        kinds: Iterable[type[ev.Event] | str] | None = None,
+        *,
+        buffer: int = DEFAULT_BUFFER,
+        context: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[Subscription]:
+        """Watch the runtime: ``async with rt.events() as events: async for event in events``.
+
+        Yields the caller's tenant's events (``flowstone.events``) from the moment the
+        block is entered, of ``asset`` only when given, of the ``kinds`` given (event
+        classes or their names) when given. At most ``buffer`` events wait for the
+        subscriber; what does not fit arrives as one ``EventsDropped(count)``. With a
+        guard, events of an asset the caller may not access (``can_access`` with
+        ``context``) are left out. Iteration ends when the runtime closes.
+
+        Raises ``DefinitionError`` for an unknown kind or a bad ``buffer``, and
+        ``NotFound`` for an unknown asset.
+        """
+        wanted = _event_kinds(kinds)
+        if type(buffer) is not int or buffer < 1:
+            raise DefinitionError([FieldError("buffer", f"must be an int >= 1, got {buffer!r}")])
+        tenant = current_tenant()
+        if asset is not None:
+            (await self._snapshot()).graph.get(asset)  # NotFound for a name nobody defined
+        allowed = None
+        if self._guard is not None:
+            guard, snapshot_of = self._guard, self._snapshot
+            guard_context = {**(context or {}), "tenant": tenant}
+
+            async def allowed(name: str) -> bool:
+                try:
+                    await authorize(guard, "access", (await snapshot_of()).graph.get(name), guard_context)
+                except (AccessDenied, NotFound):
+                    return False
+                return True
+
+        subscription = Subscription(self._env.events, tenant, asset, wanted, buffer, allowed)
+        self._env.events.subscribers.append(subscription)
+        try:
+            yield subscription
+        finally:
+            subscription.close()
 
     # ---------------------------------------------------------------- assets
 
@@ -315,7 +368,9 @@ class Runtime:
             await registry.call(reg.AddBackfill, tenant=spec.tenant, id=spec.id, handle=handle)
 
         try:
-            await self._workers.start(bf.run_backfill, spec, runner, save, on_enter, on_exit)
+            await self._workers.start(
+                functools.partial(bf.run_backfill, bus=env.events), spec, runner, save, on_enter, on_exit
+            )
         except RuntimeError as error:  # the worker group is closed
             raise RuntimeClosed("the runtime is closed") from error
 
@@ -451,6 +506,7 @@ async def open_runtime(
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     keeper = LeaseKeeper(store, owner, lease_seconds)
     processes = ProcessPool()
+    bus = EventBus()
     try:
         async with anyio.create_task_group() as services:
             await _start_memory_clients(services, bound, restart_policy)
@@ -466,6 +522,8 @@ async def open_runtime(
                     node=owner,
                     leases=keeper,
                     processes=processes,
+                    events=bus,
+                    tracing=tracing.tracing(),
                 )
 
                 async def spawn(asset: Asset) -> Handle:
@@ -490,10 +548,27 @@ async def open_runtime(
     finally:
         for client in bound:
             client.unbind()  # reusable by the next runtime; its data stays with it
+        bus.close()
         await processes.aclose()
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
             for manager in built_in.values():  # the ones this runtime made; the caller closes its own
                 await manager.close()  # type: ignore[attr-defined]
+
+
+def _event_kinds(kinds: Iterable[type[ev.Event] | str] | None) -> tuple[type[ev.Event], ...] | None:
+    if kinds is None:
+        return None
+    if isinstance(kinds, (str, type)):
+        kinds = [kinds]
+    found = []
+    for kind in kinds:
+        name = kind if isinstance(kind, str) else getattr(kind, "__name__", None)
+        if name not in ev.KINDS or (not isinstance(kind, str) and ev.KINDS[name] is not kind):
+            raise DefinitionError([FieldError(
+                "kinds", f"unknown event kind {kind!r}; known: {', '.join(ev.KINDS)}"
+            )])
+        found.append(ev.KINDS[name])
+    return tuple(found)
 
 
 def _lazy(asset: Asset, values: Iterable[Any]) -> PartitionRange | None:

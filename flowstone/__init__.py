@@ -5,6 +5,9 @@ modules behind it are named for what they hold: definitions -> dag -> runtime
 -> store and io.
 """
 
+from . import events as events
+from . import io as io
+from . import store as store
 from .context import Context as Context
 from .dag import AssetGraph as AssetGraph
 from .dag import check_cycles as check_cycles
@@ -40,6 +43,7 @@ from .errors import StorageError as StorageError
 from .errors import StorageUnavailable as StorageUnavailable
 from .errors import TenancyNotEnforced as TenancyNotEnforced
 from .guards import Guard as Guard
+from .io import IOManager as IOManager
 from .partitions import CompositePartitions as CompositePartitions
 from .partitions import DailyPartitions as DailyPartitions
 from .partitions import HourlyPartitions as HourlyPartitions
@@ -48,7 +52,6 @@ from .partitions import StaticPartitions as StaticPartitions
 from .partitions import deserialize_partition as deserialize_partition
 from .partitions import partition_range as partition_range
 from .partitions import serialize_partition as serialize_partition
-from .io import IOManager as IOManager
 from .pipeline import Pipeline as Pipeline
 from .runtime.backfill import BackfillStatus as BackfillStatus
 from .runtime.run import RunResult as RunResult
@@ -60,9 +63,5 @@ from .store import MaterializationStore as MaterializationStore
 from .store import Status as Status
 from .tenancy import current_tenant as current_tenant
 from .tenancy import tenant_scope as tenant_scope
-
-from . import events as events  # noqa: E402  (fs.events, fs.io and fs.store right after import)
-from . import io as io  # noqa: E402
-from . import store as store  # noqa: E402
 
 __version__ = "0.1.0.dev0"

@@ -209,7 +209,7 @@ class AssetGraph:
 
     def _plan(self, target: str | None) -> set[str]:
         """``target`` and its dependencies (or every asset), checked to be plannable."""
-        names = set(self._assets) if target is None else self._ancestors(target) | {target}
+        names = set(self._assets) if target is None else set(self._ancestors(target)) | {target}
         errors = [
             FieldError("depends_on", f"unknown dependency {dep!r}", name)
             for name in sorted(names & self._unknown.keys(), key=self._order.__getitem__)

@@ -304,14 +304,14 @@ def asset(
         definition = Asset(
             name=name if name is not None else getattr(func, "__name__", None),  # type: ignore[arg-type]
             description=description if description is not None else doc,
-            depends_on=depends_on,  # type: ignore[arg-type]
+            depends_on=depends_on,
             io_manager=io_manager,
             io_config={} if io_config is None else io_config,
             partitioned_by=partitioned_by,
             execute_fn=func,
-            requires=requires,  # type: ignore[arg-type]
+            requires=requires,
             metadata={} if metadata is None else metadata,
-            tags=tags,  # type: ignore[arg-type]
+            tags=tags,
             code_version=code_version,
             requires_approval=requires_approval,
             retry=retry,

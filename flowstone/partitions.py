@@ -15,7 +15,7 @@ import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from types import MappingProxyType
-from typing import Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
@@ -35,7 +35,7 @@ __all__ = [
     "serialize_partition",
 ]
 
-PartitionKind = Union[str, tuple["PartitionKind", ...]]
+PartitionKind = str | tuple["PartitionKind", ...]
 """``"date"``, ``"datetime"``, ``"string"``, or a tuple of kinds for composite keys."""
 
 _KINDS = ("date", "datetime", "string")
@@ -149,7 +149,7 @@ def _deserialize(key: str, kind: PartitionKind) -> Any:
                 f"partition key {key!r} has {len(parts)} part(s); "
                 f"expected {len(kind)} for kind {kind!r}"
             )
-        return tuple(_deserialize(p, k) for p, k in zip(parts, kind))
+        return tuple(_deserialize(p, k) for p, k in zip(parts, kind, strict=True))
     if kind == "string":
         return key
     if kind == "date":
@@ -204,7 +204,7 @@ def partition_range(start: Any, stop: Any, step: str | timedelta = "day") -> Par
             f"{type(start).__name__} {start!r} and {type(stop).__name__} {stop!r}"
         )
     is_datetime = isinstance(start, datetime)
-    if is_datetime:
+    if isinstance(start, datetime) and isinstance(stop, datetime):
         for bound in (start, stop):
             if bound.tzinfo is None or bound.utcoffset() is None:
                 raise InvalidPartition(
@@ -229,7 +229,7 @@ class PartitionRange(Sequence[Any]):
     :func:`partition_range`): a sequence that computes its items instead of holding
     them, so ten million hourly partitions take a few hundred bytes."""
 
-    __slots__ = ("start", "stop", "step", "_delta", "_count")
+    __slots__ = ("_count", "_delta", "start", "step", "stop")
 
     def __init__(self, start: Any, stop: Any, step: str | timedelta, delta: timedelta | None, count: int) -> None:
         self.start, self.stop, self.step = start, stop, step
@@ -290,7 +290,7 @@ class PartitionRange(Sequence[Any]):
         if isinstance(other, PartitionRange) and other._delta == self._delta:
             return self._count == other._count and (not self._count or self.start == other.start)
         if isinstance(other, (list, tuple, PartitionRange)):
-            return len(other) == self._count and all(a == b for a, b in zip(self, other))
+            return len(other) == self._count and all(a == b for a, b in zip(self, other, strict=True))
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
@@ -391,12 +391,16 @@ class _TimeWindowPartitions(PartitionsDefinition):
     """
 
     _step: ClassVar[str]
+    if TYPE_CHECKING:  # the subclasses' fields, typed by each of them
+        start: Any
+        end: Any
+        timezone: str | None
 
     def __attrs_post_init__(self) -> None:
-        zone_of(self.timezone)  # type: ignore[attr-defined]  # an unknown name fails here
-        object.__setattr__(self, "start", self._bound(self.start, "start"))  # type: ignore[has-type]
-        if self.end is not None:  # type: ignore[has-type]
-            object.__setattr__(self, "end", self._bound(self.end, "end"))  # type: ignore[has-type]
+        zone_of(self.timezone)  # an unknown name fails here
+        object.__setattr__(self, "start", self._bound(self.start, "start"))
+        if self.end is not None:
+            object.__setattr__(self, "end", self._bound(self.end, "end"))
         end = self.end
         if end is not None and end < self.start:
             raise InvalidPartition(
@@ -407,7 +411,7 @@ class _TimeWindowPartitions(PartitionsDefinition):
     @property
     def zone(self) -> tzinfo:
         """The ``tzinfo`` of ``timezone`` (UTC when it is None)."""
-        return zone_of(self.timezone)  # type: ignore[attr-defined]
+        return zone_of(self.timezone)
 
     def keys(self, start: Any = None, end: Any = None) -> PartitionRange:  # type: ignore[override]
         """Partitions from ``start`` to ``end`` (both included), clamped to the definition."""
@@ -683,7 +687,7 @@ class CompositePartitions(PartitionsDefinition):
         """
         starts = self._bounds(start)
         ends = self._bounds(end)
-        per_dim = [d.keys(s, e) for d, s, e in zip(self.dimensions, starts, ends)]
+        per_dim = [d.keys(s, e) for d, s, e in zip(self.dimensions, starts, ends, strict=True)]
         return list(itertools.product(*per_dim))
 
     def _bounds(self, bound: Any) -> tuple[Any, ...]:
@@ -704,7 +708,7 @@ class CompositePartitions(PartitionsDefinition):
                 f"composite partition must be a tuple of {len(self.dimensions)} values, "
                 f"got {partition!r}"
             )
-        return tuple(d.validate(p) for d, p in zip(self.dimensions, partition))
+        return tuple(d.validate(p) for d, p in zip(self.dimensions, partition, strict=True))
 
 
 def can_map(upstream: PartitionsDefinition | None, downstream: PartitionsDefinition | None) -> bool:
@@ -726,7 +730,7 @@ def can_map(upstream: PartitionsDefinition | None, downstream: PartitionsDefinit
     if isinstance(upstream, CompositePartitions):
         assert isinstance(downstream, CompositePartitions)
         return len(upstream.dimensions) == len(downstream.dimensions) and all(
-            can_map(u, d) for u, d in zip(upstream.dimensions, downstream.dimensions)
+            can_map(u, d) for u, d in zip(upstream.dimensions, downstream.dimensions, strict=True)
         )
     if isinstance(upstream, _TimeWindowPartitions) and isinstance(downstream, _TimeWindowPartitions):
         # 2025-03-09 in Los Angeles is not the UTC day of that date: same zone only

@@ -146,7 +146,8 @@ def asset_problems(
     if resources is not None:
         for key in item.requires:
             if key not in resources:
-                errors.append(FieldError("requires", f"unknown resource {key!r}; known: {sorted(resources)}", item.name))
+                errors.append(
+                    FieldError("requires", f"unknown resource {key!r}; known: {sorted(resources)}", item.name))
     return errors
 
 

@@ -442,3 +442,64 @@ def test_a_process_function_of_the_main_program_is_found(tmp_path, how):
     command = [sys.executable, str(package / "__main__.py")] if how == "script" else [sys.executable, "-m", "pkg"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, "worker"), done.stderr
+
+
+COMPOSITE = fs.CompositePartitions(
+    fs.StaticPartitions(["eu", "us"]), fs.DailyPartitions(start=date(2025, 1, 1), timezone="Europe/Paris")
+)
+
+
+def _sees_its_definition(ctx, deps):
+    return {
+        "same_definition": ctx.asset.partitioned_by == COMPOSITE,
+        "partition_is_a_tuple_of_values": ctx.partition == ("eu", date(2025, 1, 2)),
+        "retry": ctx.asset.retry.max_attempts,
+        "input": deps["upstream"],
+    }
+
+
+def _bad_metadata(ctx, deps):
+    ctx.metadata["when"] = {1, 2}
+    return 1
+
+
+async def test_a_plain_function_in_a_process_sees_the_same_asset_partition_and_inputs(anyio_backend):
+    async def upstream(ctx, deps):
+        return {"payload": b"\x00\xff".hex()}
+
+    assets = [
+        fs.Asset(name="upstream", execute_fn=upstream, partitioned_by=COMPOSITE),
+        fs.Asset(name="seen", execute_fn=_sees_its_definition, partitioned_by=COMPOSITE, executor="process",
+                 depends_on=["upstream"], retry=fs.RetryPolicy(max_attempts=2, backoff=0)),
+        fs.Asset(name="bad", execute_fn=_bad_metadata, executor="process"),
+    ]
+    async with fs.open_runtime(assets) as rt:
+        await rt.materialize("seen", ("eu", date(2025, 1, 2)))
+        assert await rt.load("seen", ("eu", date(2025, 1, 2))) == {
+            "same_definition": True, "partition_is_a_tuple_of_values": True, "retry": 2,
+            "input": {"payload": "00ff"},
+        }
+        with pytest.raises(fs.MaterializationFailed) as info:
+            await rt.materialize("bad")
+        assert isinstance(info.value.__cause__, fs.SerializationError)
+        assert "ctx.metadata must hold JSON values" in str(info.value.__cause__)
+
+
+def test_frames_carry_json_and_bytes_and_nothing_else():
+    from flowstone.runtime.processes import decode_frame, encode_frame
+
+    message = ["call", {"blob": b"\x00\x01", "nested": [b"", {"x": 1}], "text": "é"}]
+    frame = encode_frame(message)
+    head_size = int.from_bytes(frame[:4], "big")
+    head, rest = frame[4:4 + head_size], frame[4 + head_size:]
+    count = int.from_bytes(rest[:4], "big")
+    blobs, offset = [], 4
+    for _ in range(count):
+        size = int.from_bytes(rest[offset:offset + 4], "big")
+        blobs.append(rest[offset + 4:offset + 4 + size])
+        offset += 4 + size
+    assert json.loads(head) and count == 2 and decode_frame(head, blobs) == [
+        "call", {"blob": b"\x00\x01", "nested": [b"", {"x": 1}], "text": "é"}
+    ]
+    with pytest.raises(TypeError):
+        encode_frame({"value": object()})  # what JSON cannot say does not cross

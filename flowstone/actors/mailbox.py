@@ -181,7 +181,7 @@ class PendingCall:
     :meth:`abandon` must be called, once.
     """
 
-    __slots__ = ("_actor", "_reply", "_receive")
+    __slots__ = ("_actor", "_receive", "_reply")
 
     def __init__(self, actor: str, reply: Reply, receive: MemoryObjectReceiveStream[Outcome[Any]]) -> None:
         self._actor = actor
@@ -265,7 +265,7 @@ async def serve(name: str, mailbox: MemoryObjectReceiveStream[Message], handle: 
         reply = message.reply
         try:
             if message.__class__ is Crash:
-                raise CrashRequested(message.reason)  # type: ignore[attr-defined]
+                raise CrashRequested(message.reason)
             result = handle(message)
             if inspect.iscoroutine(result):  # an async handler
                 result = await result

@@ -22,8 +22,8 @@ from typing import Any
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, LeaseLost, NotFound
 from ..definitions import FieldError
+from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, LeaseLost, NotFound
 from ..store.leases import BackfillClaim, Lease, LeaseTable, lost
 from ..store.records import ACTIVE, CURRENT, ORPHAN_ENDING, Materialization, Status, check_transition, evolve
 from .mailbox import Message, serve
@@ -393,7 +393,7 @@ class _Handlers:
         if m.asset is None:
             return self._newest(ids, m.limit)
         records = self.data.records
-        out = []
+        out: list[Materialization] = []
         for record_id in reversed(ids):
             if len(out) >= m.limit:
                 break
@@ -402,7 +402,7 @@ class _Handlers:
         return out
 
     def _newest(self, ids: dict[uuid.UUID, None], limit: int) -> list[Materialization]:
-        out = []
+        out: list[Materialization] = []
         for record_id in reversed(ids):
             if len(out) >= limit:
                 break

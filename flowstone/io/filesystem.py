@@ -25,8 +25,8 @@ from ..partitions import serialize_partition
 from ..tenancy import current_tenant
 from . import formats
 from .many import load_concurrently
-from .protocol import Closeable
 from .naming import object_path
+from .protocol import Closeable
 
 __all__ = ["FilesystemIO"]
 
@@ -48,7 +48,9 @@ class FilesystemIO(Closeable):
 
     # ----------------------------------------------------------- protocol
 
-    async def store(self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
+    async def store(
+        self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG
+    ) -> None:
         fmt = formats.check_format(config.get("format") or formats.format_of(value))
         where = self._where(asset, partition)
         await anyio.to_thread.run_sync(self._store, where, fmt, value, asset, serialize_partition(partition))

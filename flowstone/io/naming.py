@@ -30,7 +30,8 @@ from ..identifiers import check_identifier
 from ..partitions import serialize_partition
 
 __all__ = [
-    "MAX_KEY_BYTES", "PREFIX_BYTES", "SEGMENT_BYTES", "decode_segment", "encode_segment", "object_path", "partition_from_parts",
+    "MAX_KEY_BYTES", "PREFIX_BYTES", "SEGMENT_BYTES", "decode_segment", "encode_segment", "object_path",
+    "partition_from_parts",
     "partition_parts", "tenant_segment",
 ]
 

@@ -81,7 +81,9 @@ class PartitionedTables(Mapping[Any, Any]):
 class ParquetIO(Closeable):
     """Parquet files on a local root, or objects on S3 through an ``S3IO``."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, s3: S3IO | None = None, *, durable: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] | None = None, s3: S3IO | None = None, *, durable: bool = True
+    ) -> None:
         if root is not None and s3 is not None:
             raise DefinitionError([FieldError("root", "give a local root or s3, not both")])
         self.s3 = s3
@@ -105,7 +107,9 @@ class ParquetIO(Closeable):
 
     # ----------------------------------------------------------- protocol
 
-    async def store(self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
+    async def store(
+        self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG
+    ) -> None:
         await self._backend.store(asset, value, partition, self._parquet(config))
 
     async def load(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> Any:
@@ -128,12 +132,12 @@ class ParquetIO(Closeable):
         """Every partition asked for, as one :class:`PartitionedTables`."""
         config = self._parquet(config)
         tables = await self._backend.load_many(asset, partitions, config)
-        paths = None
+        paths: list[str] | None = None
         if self._files is not None:
             files = self._files
-            paths = await anyio.to_thread.run_sync(
+            found = await anyio.to_thread.run_sync(
                 lambda: [files.path_of(asset, key, config) for key in tables]
             )
-            if any(p is None for p in paths):  # deleted since: the in-memory tables are what we have
-                paths = None
+            # one deleted since: the in-memory tables are what we have
+            paths = [p for p in found if p is not None] if all(p is not None for p in found) else None
         return PartitionedTables(tables, paths)

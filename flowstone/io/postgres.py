@@ -74,7 +74,8 @@ class PostgresIO(PostgresClient):
             f"""INSERT INTO {table} (tenant_id, asset_name, partitioned, partition, value, size_bytes, updated_at)
                 VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7)
                 ON CONFLICT (tenant_id, asset_name, partitioned, partition)
-                DO UPDATE SET value = EXCLUDED.value, size_bytes = EXCLUDED.size_bytes, updated_at = EXCLUDED.updated_at""",
+                DO UPDATE SET value = EXCLUDED.value, size_bytes = EXCLUDED.size_bytes,
+                              updated_at = EXCLUDED.updated_at""",
             tenant or "", asset, *_where(key), text, len(text.encode("utf-8")), datetime.now(timezone.utc),
         )
 
@@ -86,8 +87,8 @@ class PostgresIO(PostgresClient):
         key = serialize_partition(partition)
         own = await self._user_table(asset, key, config)
         if own is not None:
-            table = own.table
-            await self.db.run(own.tenant, _execute, f"DELETE FROM {table.table} WHERE {table.where}", *own.key_args)
+            mine = own.table
+            await self.db.run(own.tenant, _execute, f"DELETE FROM {mine.table} WHERE {mine.where}", *own.key_args)
             return
         table, tenant = await self._table(config), current_tenant()
         await self.db.run(
@@ -113,10 +114,13 @@ class PostgresIO(PostgresClient):
         key = serialize_partition(partition)
         own = await self._user_table(asset, key, config)
         if own is not None:
-            table = own.table
-            wanted = {"value": table.data, "1": "1", "size_bytes, updated_at": f"octet_length({table.data}::text), updated_at"}
+            mine = own.table
+            wanted = {
+                "value": mine.data, "1": "1",
+                "size_bytes, updated_at": f"octet_length({mine.data}::text), updated_at",
+            }
             row = await self.db.run(
-                own.tenant, _fetchrow, f"SELECT {wanted[columns]} FROM {table.table} WHERE {table.where}", *own.key_args
+                own.tenant, _fetchrow, f"SELECT {wanted[columns]} FROM {mine.table} WHERE {mine.where}", *own.key_args
             )
             if row is None:
                 raise NotFound("no stored value", asset=asset, partition=key, tenant=own.tenant)
@@ -142,9 +146,11 @@ class PostgresIO(PostgresClient):
         problems = [FieldError(c, "give both partition_column and data_column for a table of your own")
                     for c in ("partition_column", "data_column") if c not in config]
         if "table" not in config:
-            problems.append(FieldError("table", "name the table of your own that partition_column and data_column are in"))
+            problems.append(FieldError(
+                "table", "name the table of your own that partition_column and data_column are in"))
         if config.get("create"):
-            problems.append(FieldError("create", "creates FlowStone's own values table; create a table of your own yourself"))
+            problems.append(FieldError(
+                "create", "creates FlowStone's own values table; create a table of your own yourself"))
         if problems:
             raise DefinitionError(problems, asset=asset)
         table = sql_table(config["table"], "PostgresIO table")
@@ -222,7 +228,8 @@ async def _inspect_table(connection: Any, table: str, partition: str, data: str,
     """Check a user's table has what a value needs; DefinitionError naming what is missing."""
     regclass = await connection.fetchval("SELECT to_regclass($1)::oid", table)
     if regclass is None:
-        raise DefinitionError([FieldError("table", f"{table} does not exist (or this role cannot see it)")], asset=asset)
+        raise DefinitionError(
+            [FieldError("table", f"{table} does not exist (or this role cannot see it)")], asset=asset)
     types = dict(await connection.fetch(
         "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
         "WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped", regclass,

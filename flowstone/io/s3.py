@@ -25,15 +25,15 @@ from typing import Any
 
 import anyio
 
-from ..errors import DefinitionError, NotFound, StorageError, StorageUnavailable
 from ..definitions import FieldError
+from ..errors import DefinitionError, NotFound, StorageError, StorageUnavailable
 from ..partitions import serialize_partition
 from ..postgres.bridge import Bridge, LoopBound
 from ..tenancy import current_tenant
 from . import formats
 from .many import load_concurrently
-from .protocol import Closeable
 from .naming import MAX_KEY_BYTES, PREFIX_BYTES, object_path
+from .protocol import Closeable
 
 __all__ = ["S3IO"]
 
@@ -87,7 +87,9 @@ class S3IO(Closeable):
 
     # ----------------------------------------------------------- protocol
 
-    async def store(self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
+    async def store(
+        self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG
+    ) -> None:
         bucket, key, fmt = self._locate(asset, partition, config)
         where = serialize_partition(partition)
         if fmt in ("parquet", "arrow"):
@@ -145,7 +147,8 @@ class S3IO(Closeable):
     def _locate(self, asset: str, partition: Any, config: Mapping[str, Any]) -> tuple[str, str, str]:
         bucket = config.get("bucket")
         if not isinstance(bucket, str) or not _BUCKET.fullmatch(bucket) or ".." in bucket:
-            raise DefinitionError([FieldError("bucket", f"S3IO needs config['bucket'], a valid bucket name; got {bucket!r}")])
+            raise DefinitionError(
+                [FieldError("bucket", f"S3IO needs config['bucket'], a valid bucket name; got {bucket!r}")])
         prefix = config.get("prefix") or ""
         if not isinstance(prefix, str):
             raise DefinitionError([FieldError("prefix", f"must be a str, got {type(prefix).__name__}")])
@@ -284,7 +287,8 @@ class _View(io.RawIOBase):
 
 
 def _storage_error(error: Exception, operation: str, asset: str, key: str | None) -> Exception:
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     tenant = current_tenant()
     if isinstance(error, (NotFound, StorageError)):

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from ..errors import DatabaseError, DatabaseUnavailable, FlowstoneError, TenancyNotEnforced
-from .bridge import Bridge, LoopBound
 from ..io.protocol import Closeable
+from .bridge import Bridge, LoopBound
 
 __all__ = ["Database", "PostgresClient"]
 
@@ -185,7 +185,7 @@ async def _bypasses_rls(connection: Any) -> bool:
 async def _close_pool(pool: Any) -> None:
     try:
         await asyncio.wait_for(pool.close(), timeout=5)
-    except (asyncio.TimeoutError, Exception):
+    except (TimeoutError, Exception):
         pool.terminate()
 
 

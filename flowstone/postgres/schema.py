@@ -155,7 +155,8 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "materializations and backfills, with row-level security", _V1),
     (2, "flowstone_values: PostgresIO's default table, with row-level security", values_table("flowstone_values")),
     (3, "superseded records, one current success per partition, leases, backfill owners", _V3),
-    (4, "error_traceback on materializations", "ALTER TABLE flowstone_materializations ADD COLUMN error_traceback text;"),
+    (4, "error_traceback on materializations",
+     "ALTER TABLE flowstone_materializations ADD COLUMN error_traceback text;"),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

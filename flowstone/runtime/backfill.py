@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
-from contextlib import nullcontext
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,8 +26,8 @@ import anyio
 import attrs
 from anyio.abc import TaskStatus
 
-from ..actors.mailbox import DEFERRED, Handle, Message, Reply, fail_pending, open_mailbox, serve
 from .. import events as ev
+from ..actors.mailbox import DEFERRED, Handle, Message, Reply, fail_pending, open_mailbox, serve
 from ..actors.memory import utcnow
 from ..errors import FlowstoneError, LeaseLost, RuntimeClosed
 from ..partitions import PartitionRange, deserialize_partition, partition_range, serialize_partition
@@ -380,7 +380,7 @@ async def _worker(
             ahead = await runner.prefetch(requests)
         except FlowstoneError:
             ahead = None  # each run looks up for itself, and reports what is wrong
-        for partition, request in zip(chunk, requests):
+        for partition, request in zip(chunk, requests, strict=True):
             await _run_one(spec, progress, runner, partition, request, ahead)
     while progress.deferred:
         partition = progress.deferred.pop()
@@ -414,6 +414,9 @@ async def _run_one(
 # ------------------------------------------------------- persistent stores
 
 
+_COUNTS = ("state", "total", "queued", "running", "succeeded", "failed", "cancelled")
+
+
 def saved_to_json(saved: Saved) -> tuple[str, str, str]:
     """``(spec, status, state)`` as JSON text for a database; partitions are kept
     as their keys (a resumed backfill validates them again), a range as its two
@@ -433,7 +436,7 @@ def saved_to_json(saved: Saved) -> tuple[str, str, str]:
     )
     status_json = to_json(
         {
-            **{name: getattr(status, name) for name in ("state", "total", "queued", "running", "succeeded", "failed", "cancelled")},
+            **{name: getattr(status, name) for name in _COUNTS},
             "errors": [list(error) for error in status.errors],
             "started_at": status.started_at.isoformat() if status.started_at else None,
             "finished_at": status.finished_at.isoformat() if status.finished_at else None,
@@ -453,7 +456,7 @@ def saved_from_json(spec_text: str, status_text: str) -> Saved:
         io=raw["io"], context=raw["context"], tenant=raw["tenant"],
     )
     status = BackfillStatus(
-        id=spec.id, asset=spec.asset, **{k: state[k] for k in ("state", "total", "queued", "running", "succeeded", "failed", "cancelled")},
+        id=spec.id, asset=spec.asset, **{k: state[k] for k in _COUNTS},
         errors=tuple((key, message) for key, message in state["errors"]),
         started_at=datetime.fromisoformat(state["started_at"]) if state["started_at"] else None,
         finished_at=datetime.fromisoformat(state["finished_at"]) if state["finished_at"] else None,

@@ -183,7 +183,7 @@ class _Gate:
         self.tokens = ((id(self), n) for n in itertools.count())
         self.queue: deque[tuple[FlightKey, Reply]] = deque()
         self.approvals: dict[tuple[str | None, uuid.UUID], MemoryObjectSendStream[tuple[bool, str | None]]] = {}
-        self.dispatch = {
+        self.dispatch: dict[type[Message], Callable[[Any], Any]] = {
             Submit: self.submit, Finished: self.finished, Detach: self.detach,
             AwaitApproval: self.await_approval, Decide: self.decide, Stats: self.stats,
         }

@@ -92,7 +92,7 @@ class _CodeHasher:
         if isinstance(fn, types.FunctionType):
             self.function(fn)
             return
-        call = getattr(type(fn), "__call__", None)
+        call = inspect.getattr_static(type(fn), "__call__", None)
         if isinstance(call, types.FunctionType):  # an instance with __call__
             self.put(f"instance of {type(fn).__qualname__}")
             self.function(call)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import math
 import logging
+import math
 import time
 import traceback
 import uuid
@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 import anyio
 import attrs
 
+from .. import events as ev
 from ..actors.mailbox import CLEANUP_SECONDS, Handle
 from ..actors.memory import utcnow
-from .. import events as ev
 from ..context import Context
 from ..definitions import Asset, executor_of
 from ..errors import (
@@ -278,7 +278,7 @@ async def _load_inputs(job: Job, env: Env) -> dict[str, Any]:
         else:  # handed over in this run, not loaded: each reader still gets its own copy
             values = tuple(private_copy(v, asset=read.asset) for v in values)
         if read.all_partitions:
-            deps[read.asset] = {m.partition: v for m, v in zip(read.records, values)}
+            deps[read.asset] = {m.partition: v for m, v in zip(read.records, values, strict=True)}
         else:
             deps[read.asset] = values[0]
     return deps

@@ -2,9 +2,10 @@
 
 CPU-bound Python holds the GIL, so worker threads take turns; worker processes
 run side by side. Each runtime has its own pool (``ProcessPool``): at most one busy
-worker per CPU, started on first use, reused, and stopped with the runtime. What crosses the boundary is what storage would hold: each input and
-the result travel encoded in a storage format (the asset's configured ``format``,
-else JSON, Arrow for tables, bytes as they are), so a value that could not be
+worker per CPU, started on first use, reused, and stopped with the runtime. What
+crosses the boundary is what storage would hold: each input and the result travel
+encoded in a storage format (the asset's configured ``format``, else JSON, Arrow
+for tables, bytes as they are), so a value that could not be
 stored fails in the worker as a ``SerializationError`` instead of arriving as
 something else. The function is found in the worker by its module and qualified
 name (a module-level function; the module is imported there; a function of the
@@ -19,17 +20,20 @@ worker process: unlike a thread, it really stops. Workers ignore Ctrl-C (the
 calling process decides what stops), print to the caller's standard error, and
 exit when the caller's end of their pipe closes, so none outlives its runtime.
 
-Parent and worker speak in frames (a 4-byte length, then a pickle). Only these two
-ends of one pipe read them: the worker's replies are the caller's own child's.
+Parent and worker speak in frames of JSON plus raw byte blobs (the encoded
+values), never pickles: nothing crosses that a storage format or JSON cannot
+say. An exception comes back as its type's module and name, its arguments and
+its traceback text, and is rebuilt from a class the calling process already has
+loaded (else it is a ``WorkerFailure`` naming it).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import json
 import logging
 import os
-import pickle
 import runpy
 import signal
 import struct
@@ -40,6 +44,7 @@ import types
 import uuid
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +54,26 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from ..context import Context
-from ..definitions import Asset
+from ..definitions import Asset, RetryPolicy
+from ..errors import SerializationError
 from ..io import formats
+from ..partitions import (
+    CompositePartitions,
+    DailyPartitions,
+    HourlyPartitions,
+    PartitionsDefinition,
+    StaticPartitions,
+    deserialize_partition,
+    serialize_partition,
+)
 from ..tenancy import tenant_scope
 from . import threads
 
 __all__ = ["ProcessPool", "WorkerFailure", "run_in_process"]
 
 _HEADER = struct.Struct(">I")
+_BLOB = "\u0000blob"
+"""The key marking a byte blob's place in a frame's JSON (no JSON a user can store has it)."""
 START_SECONDS = 60.0
 """A worker that has not answered its first frame by then is given up on."""
 
@@ -105,7 +122,7 @@ class ProcessPool:
         self._all.add(worker)
         try:
             with anyio.fail_after(START_SECONDS):
-                await worker.exchange(("init", sys.path, _main_module()))
+                await worker.exchange(["init", sys.path, _main_module()])
         except BaseException:
             self._all.discard(worker)
             with anyio.CancelScope(shield=True):
@@ -139,11 +156,14 @@ class _Worker:
 
     async def exchange(self, request: Any) -> Any:
         assert self.process.stdin is not None
-        data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            await self.process.stdin.send(_HEADER.pack(len(data)) + data)
-            (size,) = _HEADER.unpack(await self.replies.receive_exactly(_HEADER.size))
-            return pickle.loads(await self.replies.receive_exactly(size))
+            await self.process.stdin.send(encode_frame(request))
+            head = await self.replies.receive_exactly(_size(await self.replies.receive_exactly(_HEADER.size)))
+            blobs = [
+                await self.replies.receive_exactly(_size(await self.replies.receive_exactly(_HEADER.size)))
+                for _ in range(_size(await self.replies.receive_exactly(_HEADER.size)))
+            ]
+            return decode_frame(head, blobs)
         except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as error:
             code = self.process.returncode if self.process.returncode is not None else await self.process.wait()
             raise WorkerFailure("BrokenWorkerProcess", f"the worker process died (exit status {code})") from error
@@ -168,48 +188,114 @@ async def run_in_process(
     assert fn is not None
     call = {
         "definition": _definition(asset),
-        "asset": asset.name, "partition": ctx.partition, "partition_key": ctx.partition_key,
+        "asset": asset.name, "partition_key": serialize_partition(ctx.partition),
+        "partition_kind": _kind_of(ctx.partition),
         "run_id": str(ctx.run_id), "tenant": ctx.tenant, "format": asset.io_config.get("format"),
         "log_level": ctx.log.getEffectiveLevel(),
         # encoding is CPU work (JSON, Arrow): off the event loop, as IO managers do it
         "deps": await threads.run_sync(_pack_inputs, deps, every_partition),
     }
-    reply = await pool.call(("call", fn.__module__, fn.__qualname__, call))
+    reply = await pool.call(["call", fn.__module__, fn.__qualname__, call])
     for level, line in reply["log"]:
         ctx.log.log(level, "%s", line)
     ctx.metadata.update(reply["metadata"])
     if reply["ok"]:
-        return await threads.run_sync(functools.partial(_unpack, reply["value"], asset=asset.name, partition=ctx.partition))
+        unpack = functools.partial(_unpack, reply["value"], asset=asset.name, partition=ctx.partition)
+        return await threads.run_sync(unpack)
     raise _error(reply)
 
 
 def _definition(asset: Asset) -> dict[str, Any]:
-    """The asset's fields but its function, as plain values, so ``ctx.asset`` in the
-    worker is the same definition."""
-    fields = {}
+    """The asset's fields but its function, as JSON, so ``ctx.asset`` in the worker is
+    the same definition (a mapping that JSON cannot hold is left empty)."""
+    fields: dict[str, Any] = {}
     for field in attrs.fields(Asset):
-        if field.name != "execute_fn":
-            value = getattr(asset, field.name)
-            fields[field.name] = dict(value) if isinstance(value, Mapping) else value
+        value = getattr(asset, field.name)
+        if field.name == "execute_fn":
+            continue
+        if field.name == "partitioned_by":
+            value = _partitions_json(value)
+        elif field.name == "retry":
+            value = attrs.asdict(value) if value is not None else None
+        elif isinstance(value, Mapping):
+            value = dict(value)
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                value = {}
+        fields[field.name] = value
     return fields
 
 
-def _pack_inputs(deps: Mapping[str, Any], every_partition: frozenset[str]) -> dict[str, tuple[str, Any]]:
+def _asset_from(fields: dict[str, Any], fn: Callable[..., Any]) -> Asset:
+    fields = dict(fields)
+    fields["partitioned_by"] = _partitions_from(fields["partitioned_by"])
+    fields["retry"] = RetryPolicy(**fields["retry"]) if fields["retry"] is not None else None
+    return Asset(**fields, execute_fn=fn)
+
+
+def _partitions_json(definition: PartitionsDefinition | None) -> Any:
+    """The built-in partition definitions as JSON (another kind travels as None)."""
+    if isinstance(definition, (DailyPartitions, HourlyPartitions)):
+        return {"type": type(definition).__name__, "start": serialize_partition(definition.start),
+                "end": serialize_partition(definition.end), "timezone": definition.timezone}
+    if isinstance(definition, StaticPartitions):
+        return {"type": "StaticPartitions", "keys": list(definition.partition_keys)}
+    if isinstance(definition, CompositePartitions):
+        dimensions = [_partitions_json(d) for d in definition.dimensions]
+        return None if None in dimensions else {"type": "CompositePartitions", "dimensions": dimensions}
+    return None
+
+
+def _partitions_from(data: Any) -> PartitionsDefinition | None:
+    if data is None:
+        return None
+    kind = data["type"]
+    if kind == "StaticPartitions":
+        return StaticPartitions(data["keys"])
+    if kind == "CompositePartitions":
+        dimensions = [_partitions_from(d) for d in data["dimensions"]]
+        return CompositePartitions(*(d for d in dimensions if d is not None))  # never None: see _partitions_json
+    window = DailyPartitions if kind == "DailyPartitions" else HourlyPartitions
+    return window(data["start"], data["end"], data["timezone"])
+
+
+def _kind_of(partition: Any) -> Any:
+    """The kind ``deserialize_partition`` needs to read ``partition``'s key back."""
+    if partition is None:
+        return None
+    if isinstance(partition, tuple):
+        return [_kind_of(part) for part in partition]
+    return "datetime" if isinstance(partition, datetime) else "date" if isinstance(partition, date) else "string"
+
+
+def _partition_from(key: str | None, kind: Any) -> Any:
+    if key is None:
+        return None
+    return deserialize_partition(key, _kind_tuple(kind))
+
+
+def _kind_tuple(kind: Any) -> Any:
+    return tuple(_kind_tuple(k) for k in kind) if isinstance(kind, list) else kind
+
+
+def _pack_inputs(deps: Mapping[str, Any], every_partition: frozenset[str]) -> dict[str, Any]:
     return {name: _pack_input(name, value, name in every_partition) for name, value in deps.items()}
 
 
-def _pack_input(name: str, value: Any, many: bool) -> tuple[str, Any]:
-    """One input: ``("one", packed)``, or ``("many", [(partition, packed), ...])`` for
-    a mapping of every partition."""
+def _pack_input(name: str, value: Any, many: bool) -> Any:
+    """One input: ``["one", packed]``, or ``["many", [[key, packed], ...]]`` for a
+    mapping of every partition (by key)."""
     if many:
-        return ("many", [(key, _pack(one, None, asset=name, partition=key)) for key, one in value.items()])
-    return ("one", _pack(value, None, asset=name, partition=None))
+        return ["many", [[serialize_partition(key), _pack(one, None, asset=name, partition=key)]
+                         for key, one in value.items()]]
+    return ["one", _pack(value, None, asset=name, partition=None)]
 
 
-def _pack(value: Any, fmt: str | None, *, asset: str, partition: Any) -> tuple[str, bytes]:
+def _pack(value: Any, fmt: str | None, *, asset: str, partition: Any) -> list[Any]:
     fmt = _transport(fmt, value)
     data = formats.encode(fmt, value, asset=asset, partition=partition)
-    return fmt, data if isinstance(data, bytes) else data.to_pybytes()
+    return [fmt, data if isinstance(data, bytes) else data.to_pybytes()]
 
 
 def _transport(fmt: str | None, value: Any) -> str:
@@ -219,22 +305,67 @@ def _transport(fmt: str | None, value: Any) -> str:
     return "arrow" if fmt == "parquet" else formats.check_format(fmt)
 
 
-def _unpack(packed: tuple[str, bytes], *, asset: str, partition: Any) -> Any:
+def _unpack(packed: list[Any], *, asset: str, partition: Any) -> Any:
     fmt, data = packed
     return formats.decode(fmt, data, asset=asset, partition=partition)
 
 
 def _error(reply: Mapping[str, Any]) -> BaseException:
+    """The worker's exception, rebuilt from its class where this process has it loaded
+    and its arguments were plain data; else a ``WorkerFailure`` naming it."""
+    raised = reply["error"]
     error: BaseException | None = None
-    if reply["pickled"] is not None:
+    cls: Any = sys.modules.get(raised["module"])
+    for part in raised["qualname"].split(".") if cls is not None else ():
+        cls = getattr(cls, part, None)
+    if isinstance(cls, type) and issubclass(cls, BaseException) and raised["args"] is not None:
         try:
-            error = pickle.loads(reply["pickled"])
+            error = cls(*raised["args"])
         except Exception:
             error = None
-    if not isinstance(error, BaseException):
-        error = WorkerFailure(reply["type"], reply["message"])
-    error.add_note(f"raised in a worker process:\n{reply['traceback']}")
+    if error is None:
+        error = WorkerFailure(raised["type"], raised["message"])
+    error.add_note(f"raised in a worker process:\n{raised['traceback']}")
     return error
+
+
+def encode_frame(message: Any) -> bytes:
+    """``message`` (JSON, with bytes anywhere in it) as one frame: the JSON's length and
+    text, then how many blobs, then each blob's length and bytes."""
+    blobs: list[bytes] = []
+
+    def lift(value: Any) -> Any:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            blobs.append(bytes(value))
+            return {_BLOB: len(blobs) - 1}
+        if isinstance(value, dict):
+            return {key: lift(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [lift(item) for item in value]
+        return value
+
+    head = json.dumps(lift(message), separators=(",", ":")).encode("utf-8")
+    parts = [_HEADER.pack(len(head)), head, _HEADER.pack(len(blobs))]
+    for blob in blobs:
+        parts += [_HEADER.pack(len(blob)), blob]
+    return b"".join(parts)
+
+
+def decode_frame(head: bytes, blobs: list[bytes]) -> Any:
+    def lower(value: Any) -> Any:
+        if isinstance(value, dict):
+            if len(value) == 1 and _BLOB in value:
+                return blobs[value[_BLOB]]
+            return {key: lower(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [lower(item) for item in value]
+        return value
+
+    return lower(json.loads(head))
+
+
+def _size(header: bytes) -> int:
+    return int(_HEADER.unpack(header)[0])
 
 
 # ------------------------------------------------------------ in the worker
@@ -254,16 +385,24 @@ def serve() -> None:
         else:
             _, module, qualname, call = request
             reply = _call_in_worker(module, qualname, call)
-        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        replies.write(_HEADER.pack(len(data)) + data)
+        replies.write(encode_frame(reply))
 
 
 def _read_frame(stream: Any) -> Any:
-    header = _read_exactly(stream, _HEADER.size)
-    if header is None:
+    """The next frame, or None when the caller closed the pipe."""
+    sizes = _read_exactly(stream, _HEADER.size)
+    head = None if sizes is None else _read_exactly(stream, _size(sizes))
+    count = None if head is None else _read_exactly(stream, _HEADER.size)
+    if head is None or count is None:
         return None
-    data = _read_exactly(stream, _HEADER.unpack(header)[0])
-    return None if data is None else pickle.loads(data)
+    blobs = []
+    for _ in range(_size(count)):
+        size = _read_exactly(stream, _HEADER.size)
+        blob = None if size is None else _read_exactly(stream, _size(size))
+        if blob is None:
+            return None
+        blobs.append(blob)
+    return decode_frame(head, blobs)
 
 
 def _read_exactly(stream: Any, size: int) -> bytes | None:
@@ -293,7 +432,10 @@ def _function(module: str, qualname: str) -> Callable[..., Any]:
             raise ImportError(
                 f"executor='process': {module}.{qualname} cannot be found in a worker process: {error}"
             ) from error
-        _functions[key] = found.execute_fn if isinstance(found, Asset) else found
+        function = found.execute_fn if isinstance(found, Asset) else found
+        if not callable(function):
+            raise ImportError(f"executor='process': {module}.{qualname} is not a function in a worker process")
+        _functions[key] = function
     return _functions[key]
 
 
@@ -325,7 +467,7 @@ class _Lines(logging.Handler):
 
 def _call_in_worker(module: str, qualname: str, call: dict[str, Any]) -> dict[str, Any]:
     """Runs in the worker process: never raises, so the worker survives any failure."""
-    name, partition = call["asset"], call["partition"]
+    name = call["asset"]
     log = logging.getLogger(f"flowstone.asset.{name}")
     log.setLevel(call["log_level"])  # what the calling process would keep, it gets
     lines = _Lines()
@@ -333,8 +475,9 @@ def _call_in_worker(module: str, qualname: str, call: dict[str, Any]) -> dict[st
     metadata: dict[str, Any] = {}
     try:
         fn = _function(module, qualname)
+        partition = _partition_from(call["partition_key"], call["partition_kind"])
         ctx = Context(
-            asset=Asset(**call["definition"], execute_fn=fn),
+            asset=_asset_from(call["definition"], fn),
             partition=partition, partition_key=call["partition_key"], run_id=uuid.UUID(call["run_id"]),
             tenant=call["tenant"], log=log, metadata=metadata,
         )
@@ -342,28 +485,42 @@ def _call_in_worker(module: str, qualname: str, call: dict[str, Any]) -> dict[st
         with tenant_scope(call["tenant"]) if call["tenant"] is not None else nullcontext():
             value = fn(ctx, deps)
         packed = _pack(value, call["format"], asset=name, partition=partition)
+        try:  # saved on the record: JSON only, said here rather than by the frame
+            json.dumps(metadata)
+        except (TypeError, ValueError) as error:
+            raise SerializationError(f"ctx.metadata must hold JSON values: {error}", asset=name) from None
         return {"ok": True, "value": packed, "metadata": metadata, "log": lines.lines}
     except BaseException as error:
+        kind = type(error)
         return {
-            "ok": False, "pickled": _pickled(error), "type": type(error).__name__, "message": str(error),
-            "traceback": "".join(traceback.format_exception(error)), "metadata": metadata, "log": lines.lines,
+            "ok": False, "metadata": _plain_or_empty(metadata), "log": lines.lines,
+            "error": {"module": kind.__module__, "qualname": kind.__qualname__, "args": _plain_args(error),
+                      "type": kind.__name__, "message": str(error),
+                      "traceback": "".join(traceback.format_exception(error))},
         }
     finally:
         log.removeHandler(lines)
 
 
-def _unpack_input(name: str, packed: tuple[str, Any]) -> Any:
+def _unpack_input(name: str, packed: list[Any]) -> Any:
     kind, payload = packed
     if kind == "many":
         return {partition: _unpack(one, asset=name, partition=partition) for partition, one in payload}
     return _unpack(payload, asset=name, partition=None)
 
 
-def _pickled(error: BaseException) -> bytes | None:
-    """The exception pickled, when it survives the round trip (custom constructors often do not)."""
+def _plain_args(error: BaseException) -> list[Any] | None:
+    """The exception's arguments when JSON holds them (to rebuild it on the other side)."""
     try:
-        data = pickle.dumps(error)
-        pickle.loads(data)
-        return data
-    except Exception:
+        json.dumps(error.args)
+    except (TypeError, ValueError):
         return None
+    return list(error.args)
+
+
+def _plain_or_empty(metadata: dict[str, Any]) -> dict[str, Any]:
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError):
+        return {}
+    return metadata

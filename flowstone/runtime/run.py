@@ -23,6 +23,7 @@ import anyio
 import attrs
 
 from .. import events as ev
+from ..actors.mailbox import CLEANUP_SECONDS, PendingCall, Reply
 from ..actors.memory import utcnow
 from ..definitions import Asset, FieldError
 from ..errors import DefinitionError, FlowstoneError, InvalidPartition, MaterializationFailed, NotFound, RuntimeClosed
@@ -30,11 +31,10 @@ from ..guards import Guard, authorize
 from ..partitions import serialize_partition
 from ..store.leases import FinishedElsewhere, LeaseHeld
 from ..store.records import Materialization, Status
-from ..actors.mailbox import CLEANUP_SECONDS, PendingCall, Reply
-from .executor import Detach, Env, Finished, JobResult, Lease, Submit
-from .job import Job, Read, describe, run_job
 from . import tracing
+from .executor import Detach, Env, Finished, JobResult, Lease, Submit
 from .hashing import dependency_hash
+from .job import Job, Read, describe, run_job
 from .registry import Snapshot
 
 __all__ = ["RunRequest", "RunResult", "execute_run"]

@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import MappingProxyType
 from typing import Any
@@ -34,7 +34,6 @@ from ..errors import (
     ActorCrashed,
     BackfillNotFound,
     DefinitionError,
-    FlowstoneError,
     InvalidPartition,
     InvalidTransition,
     NotFound,
@@ -51,13 +50,12 @@ from ..store.protocol import MaterializationStore
 from ..store.records import Materialization, Status, parse_id
 from ..tenancy import current_tenant
 from . import backfill as bf
-from . import tracing
 from . import registry as reg
+from . import tracing
 from .executor import Decide, Env, ExecutorStatistics, Stats, executor_actor
 from .job import load_value
 from .leases import LEASE_SECONDS, LeaseKeeper
 from .processes import ProcessPool
-from .watch import DEFAULT_BUFFER, EventBus, Subscription
 from .run import (
     Prefetched,
     RunRequest,
@@ -69,12 +67,14 @@ from .run import (
     plan,
     target_partition,
 )
+from .watch import DEFAULT_BUFFER, EventBus, Subscription
 
 __all__ = ["Runtime", "materialize", "open_runtime"]
 
 log = logging.getLogger("flowstone.runtime")
 
 DEFAULT_THREADS = 40
+DEFAULT_RESTART_POLICY = RestartPolicy()
 
 
 class Runtime:
@@ -233,7 +233,8 @@ class Runtime:
         """The names ``kill_actor`` accepts: ``registry``, ``memory-store`` (when a
         memory store or IO runs) and ``executor:<asset>`` for every asset."""
         names = ["registry"]
-        if any(isinstance(c, MemoryActorClient) and c.started for c in (self._env.store, *self._env.io_managers.values())):
+        clients = (self._env.store, *self._env.io_managers.values())
+        if any(isinstance(c, MemoryActorClient) and c.started for c in clients):
             names.append("memory-store")
         snapshot = await self._snapshot()
         return names + sorted(f"executor:{name}" for name in snapshot.executors)
@@ -307,14 +308,16 @@ class Runtime:
     ) -> uuid.UUID:
         """Start materializing ``name`` over ``partitions`` (default: all) and return its id at once."""
         if type(max_parallel) is not int or max_parallel < 1:
-            raise DefinitionError([FieldError("max_parallel", f"must be an int >= 1, got {max_parallel!r}")], asset=name)
+            raise DefinitionError(
+                [FieldError("max_parallel", f"must be an int >= 1, got {max_parallel!r}")], asset=name)
         check_request(RunRequest(name, None, upstream, force, io, context), self._env.io_managers)
         snapshot = await self._snapshot()
         asset = snapshot.graph.get(name)
         if partitions is None:
             values: Iterable[Any] = asset.partitioned_by.keys() if asset.partitioned_by is not None else [None]
         elif isinstance(partitions, (str, bytes)) or not isinstance(partitions, Iterable):
-            raise DefinitionError([FieldError("partitions", f"must be a list of partitions, got {partitions!r}")], asset=name)
+            raise DefinitionError(
+                [FieldError("partitions", f"must be a list of partitions, got {partitions!r}")], asset=name)
         elif isinstance(partitions, tuple):
             # backfill(partitions=(start, end)) reads like a range but would run two
             # partitions; a tuple is also how one composite key is written.
@@ -326,7 +329,7 @@ class Runtime:
         else:
             values = partitions
         carries = carries_partitions(snapshot.graph, name)
-        checked = _lazy(asset, values)
+        checked: Sequence[Any] | None = _lazy(asset, values)
         if checked is None:
             checked = tuple(dict.fromkeys(target_partition(asset, p, carries=carries) for p in values))
         tenant = current_tenant()
@@ -360,7 +363,8 @@ class Runtime:
         async def on_exit(handle: Handle, unsaved: bf.BackfillStatus | None) -> None:
             with anyio.move_on_after(CLEANUP_SECONDS):
                 try:
-                    await registry.call(reg.DropBackfill, tenant=spec.tenant, id=spec.id, handle=handle, unsaved=unsaved)
+                    await registry.call(
+                        reg.DropBackfill, tenant=spec.tenant, id=spec.id, handle=handle, unsaved=unsaved)
                 except RuntimeClosed:
                     pass  # the runtime is shutting down: nothing left to deregister from
 
@@ -407,7 +411,8 @@ class Runtime:
 
     async def _authorize_asset(self, name: str, context: Mapping[str, Any] | None) -> None:
         snapshot = await self._snapshot()
-        await authorize(self._guard, "materialize", snapshot.graph.get(name), {**(context or {}), "tenant": current_tenant()})
+        guard_context = {**(context or {}), "tenant": current_tenant()}
+        await authorize(self._guard, "materialize", snapshot.graph.get(name), guard_context)
 
     async def backfill_status(self, backfill_id: uuid.UUID | str) -> bf.BackfillStatus:
         """Progress counts and state of a backfill; ``BackfillNotFound`` when the
@@ -474,7 +479,7 @@ async def open_runtime(
     max_concurrency: int | None = None,
     resources: Mapping[str, Any] | None = None,
     *,
-    restart_policy: RestartPolicy = RestartPolicy(),
+    restart_policy: RestartPolicy = DEFAULT_RESTART_POLICY,
     lease_seconds: float = LEASE_SECONDS,
 ) -> AsyncIterator[Runtime]:
     """Start a runtime for ``pipeline``; every task it starts stops when the block exits.
@@ -527,7 +532,8 @@ async def open_runtime(
                 )
 
                 async def spawn(asset: Asset) -> Handle:
-                    return await workers.start(supervise, f"executor:{asset.name}", executor_actor(asset), restart_policy)
+                    return await workers.start(
+                        supervise, f"executor:{asset.name}", executor_actor(asset), restart_policy)
 
                 executors = {a.name: await spawn(a) for a in graph.assets}
                 state = reg.RegistryState(reg.initial_snapshot(graph, executors))
@@ -552,7 +558,7 @@ async def open_runtime(
         await processes.aclose()
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
             for manager in built_in.values():  # the ones this runtime made; the caller closes its own
-                await manager.close()  # type: ignore[attr-defined]
+                await manager.close()
 
 
 def _event_kinds(kinds: Iterable[type[ev.Event] | str] | None) -> tuple[type[ev.Event], ...] | None:

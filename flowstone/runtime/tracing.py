@@ -37,7 +37,7 @@ class Tracing:
         # set (1.5 µs, twice per backfilled partition); the module's own global says
         # the same for the price of an attribute read. Where it is missing (another
         # version of the API), the public call answers.
-        provider = getattr(self._trace, "_TRACER_PROVIDER", _MISSING)
+        provider: Any = getattr(self._trace, "_TRACER_PROVIDER", _MISSING)
         if provider is None:
             return None
         if provider is _MISSING:

@@ -113,7 +113,8 @@ class MemoryStore(MemoryActorClient):
         )
 
     async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]:
-        return await self.handle.call(m.ByStatus, tenant=current_tenant(), status=to_status(status), limit=check_limit(limit))
+        return await self.handle.call(
+            m.ByStatus, tenant=current_tenant(), status=to_status(status), limit=check_limit(limit))
 
     async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]:
         return await self.handle.call(m.All, tenant=current_tenant(), asset=asset_name, limit=check_limit(limit))
@@ -133,7 +134,8 @@ class MemoryStore(MemoryActorClient):
         await self.handle.call(m.SaveBackfill, tenant=current_tenant(), id=id, state=state, owner=owner)
 
     async def claim_backfill(self, id: uuid.UUID, owner: str, *, stale_after: float) -> BackfillClaim:
-        return await self.handle.call(m.ClaimBackfill, tenant=current_tenant(), id=id, owner=owner, stale_after=stale_after)
+        return await self.handle.call(
+            m.ClaimBackfill, tenant=current_tenant(), id=id, owner=owner, stale_after=stale_after)
 
     async def load_backfill(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.LoadBackfill, tenant=current_tenant(), id=id)

@@ -235,7 +235,8 @@ WITH asked AS (
     SELECT l.* FROM r CROSS JOIN LATERAL {_LEASE_OF_R} AS l
     WHERE l.expires_at <= clock_timestamp() AND l.owner <> ''  -- expired, not released
 ), granted AS (
-    INSERT INTO flowstone_leases AS l (tenant_id, asset_name, partitioned, partition, owner, fence, record_id, expires_at)
+    INSERT INTO flowstone_leases AS l
+        (tenant_id, asset_name, partitioned, partition, owner, fence, record_id, expires_at)
     SELECT $1, r.asset_name, r.partitioned, r.lease_key, r.owner,
            nextval('flowstone_lease_fences'), r.id, clock_timestamp() + make_interval(secs => r.seconds)
     FROM r
@@ -373,7 +374,8 @@ class PostgresStore(PostgresClient):
         await self._write(
             _Write(
                 "complete", new, record.status,
-                _row(new, record.status) if lease is None else f'{_row(new, record.status)[:-1]},"fence":{lease.fence}}}',
+                _row(new, record.status) if lease is None
+                else f'{_row(new, record.status)[:-1]},"fence":{lease.fence}}}',
                 lease=lease, release=status in TERMINAL,
             )
         )
@@ -438,7 +440,9 @@ class PostgresStore(PostgresClient):
             raise op.error
 
     async def _lead_flush(self) -> None:
-        batch, ids, rest = [], set(), []
+        batch: list[_Write] = []
+        rest: list[_Write] = []
+        ids: set[uuid.UUID] = set()
         for queued in self._queue:  # one write per record per batch; a second waits for the next
             (rest if queued.record.id in ids else batch).append(queued)
             ids.add(queued.record.id)
@@ -472,11 +476,11 @@ class PostgresStore(PostgresClient):
             for op in ops:
                 try:
                     await self._flush(tenant, [op])
-                except FlowstoneError as error:
-                    op.done, op.error = True, error
+                except FlowstoneError as own_error:
+                    op.done, op.error = True, own_error
             return
-        for op, error in zip(ops, outcome):
-            op.done, op.error = True, error
+        for op, found in zip(ops, outcome, strict=True):
+            op.done, op.error = True, found
 
     # ------------------------------------------------------------- reads
 
@@ -494,7 +498,8 @@ class PostgresStore(PostgresClient):
 
     async def get_by_id(self, id: uuid.UUID | str) -> Materialization:
         record_id, tenant = parse_id(id), current_tenant()
-        row = await self.db.run(tenant, _fetchrow, f"{_SELECT} WHERE id = $1 AND tenant_id = $2", record_id, tenant or "")
+        row = await self.db.run(
+            tenant, _fetchrow, f"{_SELECT} WHERE id = $1 AND tenant_id = $2", record_id, tenant or "")
         if row is None:
             raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant)
         return _record(row)
@@ -526,6 +531,7 @@ class PostgresStore(PostgresClient):
 
     async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]:
         tenant, count = current_tenant(), check_limit(limit)
+        args: tuple[Any, ...]
         if asset_name is None:
             sql, args = f"{_SELECT} WHERE tenant_id = $1 ORDER BY seq DESC LIMIT $2", (tenant or "", count)
         else:
@@ -718,7 +724,8 @@ async def _begin(
 ) -> None:
     """Grant what is free, insert those records; say who holds the rest."""
     # Rows are locked in key order, as everywhere (see _LOCK_LEASES).
-    ordered = sorted(ops, key=lambda op: (op.record.asset_name, op.record.partition is not None, op.record.partition or ""))
+    ordered = sorted(
+        ops, key=lambda op: (op.record.asset_name, op.record.partition is not None, op.record.partition or ""))
     rows = await connection.fetch(_BEGIN, tenant, "[" + ",".join(op.row for op in ordered) + "]")
     granted = {row[0]: row[1] for row in rows if row[1] is not None}
     finished = {row[0]: row[4] for row in rows if row[4] is not None}

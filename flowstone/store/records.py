@@ -16,10 +16,12 @@ from ..errors import DefinitionError, InvalidTransition, NotFound
 from ..identifiers import check_identifier
 from ..partitions import serialize_partition
 
-__all__ = ["ACTIVE", "CURRENT", "ORPHAN_ENDING", "TERMINAL", "TRANSITIONS", "Materialization", "Status", "check_transition"]
+__all__ = [
+    "ACTIVE", "CURRENT", "ORPHAN_ENDING", "TERMINAL", "TRANSITIONS", "Materialization", "Status", "check_transition",
+]
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """Where a materialization is in its life. ``str`` so it stores and prints as its value."""
 
     PENDING = "pending"

@@ -129,7 +129,9 @@ class FaultyIO:
         await self._maybe_fail("load", asset, partition)
         return await self.inner.load(asset, partition, config)
 
-    async def store(self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
+    async def store(
+        self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG
+    ) -> None:
         await self._maybe_fail("store", asset, partition)
         await self.inner.store(asset, value, partition, config)
 

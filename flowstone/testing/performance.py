@@ -49,7 +49,7 @@ def assert_performance(
         raise ValueError("give max_time_ms, max_memory_bytes, or both")
     if type(repeat) is not int or repeat < 1:
         raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
-    name = label or getattr(fn, "__qualname__", repr(fn))
+    name: str = label or getattr(fn, "__qualname__", None) or repr(fn)
     if inspect.iscoroutinefunction(fn):
         return _measure_async(fn, max_time_ms, max_memory_bytes, repeat, name)
     best, peak = None, None
@@ -107,7 +107,8 @@ def _verdict(
 ) -> Measurement:
     problems = []
     if max_time_ms is not None and time_ms is not None and time_ms > max_time_ms:
-        problems.append(f"took {time_ms:.3f} ms, over the limit of {max_time_ms:g} ms by {time_ms - max_time_ms:.3f} ms")
+        over = time_ms - max_time_ms
+        problems.append(f"took {time_ms:.3f} ms, over the limit of {max_time_ms:g} ms by {over:.3f} ms")
     if max_memory_bytes is not None and peak is not None and peak > max_memory_bytes:
         problems.append(
             f"peaked at {peak:,} bytes of traced memory, over the limit of {max_memory_bytes:,} "

@@ -100,7 +100,8 @@ class TemporaryPostgres:
             options = (
                 f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='' "
                 f"-c max_connections=200 -c fsync={'on' if self.fsync else 'off'} "
-                f"-c synchronous_commit={'on' if self.fsync else 'off'} -c full_page_writes={'on' if self.fsync else 'off'}"
+                f"-c synchronous_commit={'on' if self.fsync else 'off'} "
+                f"-c full_page_writes={'on' if self.fsync else 'off'}"
             )
             self._run(
                 "pg_ctl", "-D", data, "-o", options, "-l", os.path.join(self._dir, "log"),
@@ -159,7 +160,8 @@ class TemporaryPostgres:
             raise PostgresUnavailable(f"{program} could not run: {error}") from error
         if done.returncode != 0:
             raise PostgresUnavailable(
-                f"{program} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}\n{self.log()[-2000:]}"
+                f"{program} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}\n"
+                f"{self.log()[-2000:]}"
             )
 
 

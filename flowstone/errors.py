@@ -331,15 +331,25 @@ class TenancyNotEnforced(DatabaseError):
 class StorageError(FlowstoneError):
     """Object or file storage refused or failed an operation. ``code`` is the
     storage's own error code when it gave one (an S3 code such as ``AccessDenied``
-    or ``NoSuchBucket``, an errno name such as ``ENOSPC``)."""
+    or ``NoSuchBucket``, an errno name such as ``ENOSPC``). ``transient`` is the
+    storage adapter's answer to "may trying again help?" (a server restarting or
+    throttling: yes; access denied: no); the runtime retries only those."""
 
-    def __init__(self, message: str, *, code: str | None = None, **context: Any) -> None:
+    transient: bool = False
+
+    def __init__(
+        self, message: str, *, code: str | None = None, transient: bool | None = None, **context: Any
+    ) -> None:
         self.code = code
+        if transient is not None:
+            self.transient = transient
         super().__init__(f"{message} [{code}]" if code else message, **context)
 
 
 class StorageUnavailable(StorageError, ConnectionError):
     """The storage could not be reached (connection refused or dropped, timed out)."""
+
+    transient = True
 
 
 def single_error(group: BaseExceptionGroup) -> BaseException:

@@ -8,6 +8,7 @@ import anyio
 import pytest
 
 import flowstone as fs
+from flowstone.testing import kill_actor
 from waiting import until
 from flowstone.store import Status
 
@@ -79,7 +80,7 @@ async def test_a_crash_of_the_executor_fails_what_waits_for_approval(anyio_backe
     calls: list[int] = []
     async with fs.open_runtime(gated(calls)) as rt:
         async with parked(rt) as (record, outcome):
-            await rt.kill_actor("executor:publish")
+            await kill_actor(rt, "executor:publish")
         assert calls == []
         error = outcome["error"]
         assert isinstance(error, fs.MaterializationFailed) and isinstance(error.__cause__, fs.ActorCrashed)

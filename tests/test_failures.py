@@ -503,3 +503,53 @@ def test_frames_carry_json_and_bytes_and_nothing_else():
     ]
     with pytest.raises(TypeError):
         encode_frame({"value": object()})  # what JSON cannot say does not cross
+
+
+# ------------------------------------------------------------ transient storage failures
+
+
+class FlakyStore(fs.io.MemoryIO):
+    """A user's own IO manager whose backend answers "try again" a few times."""
+
+    def __init__(self, failures: int, transient: bool) -> None:
+        super().__init__()
+        self.failures, self.transient, self.tries = failures, transient, 0
+
+    async def store(self, asset, value, partition=None, config=None):
+        self.tries += 1
+        if self.tries <= self.failures:
+            raise fs.StorageError("backend busy", code="Busy", transient=self.transient, asset=asset)
+        await super().store(asset, value, partition, config or {})
+
+
+@pytest.mark.parametrize("transient, outcome, tries", [(True, Status.SUCCESS, 3), (False, Status.FAILED, 1)])
+async def test_the_adapter_says_what_is_worth_retrying(anyio_backend, transient, outcome, tries):
+    computed = []
+
+    async def value(ctx, deps):
+        computed.append(1)
+        return 42
+
+    flaky = FlakyStore(failures=2, transient=transient)
+    asset = fs.Asset(name="a", execute_fn=value, io_manager="flaky",
+                     retry=fs.RetryPolicy(max_attempts=3, backoff=0, jitter=False))
+    async with fs.open_runtime([asset], io_managers={"flaky": flaky}) as rt:
+        try:
+            result = await rt.materialize("a")
+            record = result.materializations["a"]
+        except fs.MaterializationFailed as error:
+            record = error.result.materializations["a"]
+    assert (record.status, flaky.tries, len(computed)) == (outcome, tries, 1)  # the value is not computed again
+
+
+def test_s3_codes_that_say_try_again_are_transient_and_others_are_not():
+    from botocore.exceptions import ClientError
+
+    from flowstone.io.s3 import _storage_error
+
+    def s3(code):
+        return _storage_error(ClientError({"Error": {"Code": code, "Message": code}}, "PutObject"), "put", "a", None)
+
+    assert s3("SlowDown").transient and s3("503").transient
+    assert not s3("AccessDenied").transient and s3("AccessDenied").code == "AccessDenied"
+    assert fs.StorageUnavailable("gone").transient

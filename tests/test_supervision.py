@@ -6,6 +6,7 @@ import anyio
 import pytest
 
 import flowstone as fs
+from flowstone.testing import kill_actor
 from waiting import until
 from flowstone.actors.supervisor import RestartPolicy
 from flowstone.store import Status
@@ -30,7 +31,7 @@ async def test_the_caller_whose_request_crashes_the_store_gets_actor_crashed(any
 async def test_a_restarted_store_keeps_every_record_and_value(anyio_backend):
     async with fs.open_runtime(simple()) as rt:
         first = await rt.materialize("a")
-        await rt.kill_actor("memory-store")
+        await kill_actor(rt, "memory-store")
         assert (await rt.store.get_by_id(first.materializations["a"].id)).status is Status.SUCCESS
         assert await rt.load("a") == 1
         assert (await rt.materialize("a")).skipped == ("a",)
@@ -38,7 +39,7 @@ async def test_a_restarted_store_keeps_every_record_and_value(anyio_backend):
 
 async def test_a_restarted_registry_still_knows_every_asset(anyio_backend):
     async with fs.open_runtime(simple()) as rt:
-        await rt.kill_actor("registry")
+        await kill_actor(rt, "registry")
         assert [a.name for a in await rt.assets()] == ["a"]
         await rt.materialize("a")
 
@@ -70,7 +71,7 @@ async def test_callers_waiting_on_a_crashed_executor_get_actor_crashed_and_it_re
             await started.wait()
             tasks.start_soon(run, "y")  # waits for the only slot
             await until(queued)
-            await rt.kill_actor("executor:slow")
+            await kill_actor(rt, "executor:slow")
             await until(lambda: _has(outcomes, "y"))
             release.set()
         assert isinstance(outcomes["y"], fs.ActorCrashed)  # it was waiting on the executor
@@ -87,11 +88,11 @@ async def test_too_many_crashes_fail_the_whole_runtime_loudly(anyio_backend):
     with pytest.raises(fs.ActorCrashed, match="giving up"):
         async with fs.open_runtime(simple(), restart_policy=RestartPolicy(max_restarts=2, window=60)) as rt:
             for _ in range(3):
-                await rt.kill_actor("memory-store")
+                await kill_actor(rt, "memory-store")
             await anyio.Event().wait()  # the failing runtime cancels this block
 
 
 async def test_unknown_actor_names_are_not_found(anyio_backend):
     async with fs.open_runtime(simple()) as rt:
         with pytest.raises(fs.NotFound, match="executor:<asset>"):
-            await rt.kill_actor("executor:nope")
+            await kill_actor(rt, "executor:nope")

@@ -100,7 +100,7 @@ def test_a_harness_refuses_nonsense():
 async def test_kill_actor_picks_reproducibly_and_the_runtime_recovers(anyio_backend):
     assets = [daily(lambda ctx, deps: 1), fs.Asset(name="other", execute_fn=lambda ctx, deps: 2)]
     async with fs.open_runtime(assets) as rt:
-        assert await rt.actor_names() == ["registry", "memory-store", "executor:events", "executor:other"]
+        assert await rt._actor_names() == ["registry", "memory-store", "executor:events", "executor:other"]
         first = [await kill_actor(rt, seed=seed) for seed in (1, 2, 3)]
         again = [await kill_actor(rt, seed=seed) for seed in (1, 2, 3)]
         assert first == again

@@ -286,6 +286,12 @@ class _View(io.RawIOBase):
         return len(self._view)
 
 
+_TRANSIENT_CODES = frozenset({
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "500", "503",
+})
+"""S3 error codes that say "try again" rather than "this cannot work"."""
+
+
 def _storage_error(error: Exception, operation: str, asset: str, key: str | None) -> Exception:
     from botocore.exceptions import ClientError, HTTPClientError
     from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -300,7 +306,7 @@ def _storage_error(error: Exception, operation: str, asset: str, key: str | None
             return NotFound("no stored object", asset=asset, partition=key, tenant=tenant)
         return StorageError(
             f"S3 {operation} failed: {details.get('Message') or error}", code=code or None,
-            asset=asset, partition=key, tenant=tenant,
+            transient=code in _TRANSIENT_CODES, asset=asset, partition=key, tenant=tenant,
         )
     if isinstance(error, (BotoConnectionError, HTTPClientError, OSError)):
         return StorageUnavailable(f"S3 {operation} failed: {error}", asset=asset, partition=key, tenant=tenant)

@@ -37,9 +37,9 @@ from ..errors import (
     LeaseLost,
     NotFound,
     StorageError,
-    StorageUnavailable,
 )
 from ..io.memory import private_copy
+from ..io.protocol import LoadsMany, returns_stored_object
 from ..store.leases import Lease
 from ..store.records import ACTIVE, Materialization, Status
 from . import threads, tracing
@@ -225,7 +225,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         _announce(env, ev.MaterializationSucceeded, record, duration_ms=record.duration_ms)
     if job.marks_stale:
         await store.mark_stale(asset.name, job.key)
-    if getattr(manager, "returns_stored_object", False):
+    if returns_stored_object(manager):
         return JobResult(record, value=value, has_value=True)
     return JobResult(record)
 
@@ -293,13 +293,12 @@ async def _load_many(read: Read, env: Env) -> Any:
     first = read.records[0].metadata
     key, config = first.get(IO_KEY, env.default_io), first.get(IO_CONFIG, {})
     manager = env.io_managers.get(key)
-    load_many = getattr(manager, "load_many", None)
-    if load_many is None or any(
+    if not isinstance(manager, LoadsMany) or any(
         r.metadata.get(IO_KEY, env.default_io) != key or r.metadata.get(IO_CONFIG, {}) != config
         for r in read.records
     ):
         return None
-    return await load_many(read.asset, [r.partition for r in read.records], config)
+    return await manager.load_many(read.asset, [r.partition for r in read.records], config)
 
 
 async def load_value(record: Materialization, env: Env) -> Any:
@@ -366,17 +365,12 @@ def cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-_TRANSIENT_CODES = frozenset({
-    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "500", "503",
-})
-"""S3 error codes that say "try again" rather than "this cannot work"."""
-
-
 def is_transient(error: BaseException) -> bool:
-    """A storage failure that may pass: unreachable storage or database, or an S3 code saying so."""
-    if isinstance(error, (StorageUnavailable, DatabaseUnavailable)):
+    """A failure that may pass: unreachable storage or database, or one its adapter
+    marked ``transient`` (the adapter knows its backend's codes; the runtime does not)."""
+    if isinstance(error, DatabaseUnavailable):
         return True
-    return isinstance(error, StorageError) and error.code in _TRANSIENT_CODES
+    return isinstance(error, StorageError) and error.transient
 
 
 async def _retry_transient(asset: Asset, ctx: Context, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:

@@ -25,13 +25,12 @@ from anyio.abc import TaskGroup
 
 from .. import events as ev
 from ..actors.client import MemoryActorClient, stop_gracefully
-from ..actors.mailbox import CLEANUP_SECONDS, Crash, Handle
+from ..actors.mailbox import CLEANUP_SECONDS, Handle
 from ..actors.supervisor import RestartPolicy, supervise
 from ..dag import AssetGraph
 from ..definitions import Asset, FieldError
 from ..errors import (
     AccessDenied,
-    ActorCrashed,
     BackfillNotFound,
     DefinitionError,
     InvalidPartition,
@@ -215,23 +214,11 @@ class Runtime:
             for pending in asked.values():
                 pending.discard()  # those not read because one failed
 
-    async def kill_actor(self, name: str, reason: str = "killed on purpose") -> None:
-        """Crash one actor as a bug would: for supervision tests and chaos runs.
+    # The chaos tools' seam (``flowstone.testing.kill_actor``): not part of the API.
 
-        ``name`` is ``"memory-store"``, ``"registry"`` or ``"executor:<asset>"``.
-        The actor's supervisor restarts it (or, past its restart budget, fails
-        the runtime). Returns once the actor has crashed.
-        """
-        handle = await self._actor(name)
-        try:
-            await handle.call(Crash, reason=reason)
-        except ActorCrashed:
-            return
-        raise AssertionError(f"{name} did not crash")  # pragma: no cover
-
-    async def actor_names(self) -> list[str]:
-        """The names ``kill_actor`` accepts: ``registry``, ``memory-store`` (when a
-        memory store or IO runs) and ``executor:<asset>`` for every asset."""
+    async def _actor_names(self) -> list[str]:
+        """``registry``, ``memory-store`` (when a memory store or IO runs) and
+        ``executor:<asset>`` for every asset."""
         names = ["registry"]
         clients = (self._env.store, *self._env.io_managers.values())
         if any(isinstance(c, MemoryActorClient) and c.started for c in clients):

@@ -18,7 +18,9 @@ from typing import Any
 
 import anyio
 
+from ..actors.mailbox import Crash
 from ..errors import ActorCrashed, RuntimeClosed, StorageUnavailable
+from ..io.protocol import returns_stored_object
 
 _NO_CONFIG: Mapping[str, Any] = MappingProxyType({})
 
@@ -30,14 +32,23 @@ class InjectedFault(StorageUnavailable):
     retry policy treats it as it would a real outage."""
 
 
-async def kill_actor(rt: Any, name: str | None = None, *, seed: int | random.Random | None = None) -> str:
-    """Crash ``name`` (or an actor picked at random, reproducibly with ``seed``); its
-    supervisor restarts it. Returns the name killed."""
+async def kill_actor(
+    rt: Any, name: str | None = None, *, seed: int | random.Random | None = None, reason: str = "killed by chaos"
+) -> str:
+    """Crash one actor of ``rt`` as a bug would, and return its name: ``name``
+    (``"memory-store"``, ``"registry"`` or ``"executor:<asset>"``), or one picked at
+    random, reproducibly with ``seed``. Its supervisor restarts it (or, past its
+    restart budget, fails the runtime). Returns once the actor has crashed; raises
+    ``NotFound`` for a name the runtime has no actor for."""
     if name is None:
         chooser = seed if isinstance(seed, random.Random) else random.Random(seed)
-        name = chooser.choice(await rt.actor_names())
-    await rt.kill_actor(name, reason="killed by chaos")
-    return name
+        name = chooser.choice(await rt._actor_names())
+    handle = await rt._actor(name)
+    try:
+        await handle.call(Crash, reason=reason)
+    except ActorCrashed:
+        return name
+    raise AssertionError(f"{name} did not crash")  # pragma: no cover
 
 
 class ActorKiller:
@@ -63,7 +74,7 @@ class ActorKiller:
 
     async def __aenter__(self) -> ActorKiller:
         if self.targets is None:
-            self.targets = [n for n in await self.rt.actor_names() if n.startswith("executor:")]
+            self.targets = [n for n in await self.rt._actor_names() if n.startswith("executor:")]
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
         self._tasks.start_soon(self._loop)
@@ -78,7 +89,7 @@ class ActorKiller:
             await anyio.sleep(self.every)
             name = self.random.choice(self.targets or ["registry"])
             try:
-                await self.rt.kill_actor(name, reason="killed by chaos")
+                await kill_actor(self.rt, name)
             except (ActorCrashed, RuntimeClosed):
                 return  # past its restart budget, or the runtime is stopping
             self.killed.append(name)
@@ -110,7 +121,7 @@ class FaultyIO:
         self.operations = frozenset(operations)
         self.faults: dict[str, int] = {}
         self.calls: dict[str, int] = {}
-        if getattr(inner, "returns_stored_object", False):
+        if returns_stored_object(inner):
             self.returns_stored_object = True
 
     async def _maybe_fail(self, operation: str, asset: str, partition: Any) -> None:

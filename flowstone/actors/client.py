@@ -7,6 +7,7 @@ it; used alone, ``async with MemoryStore() as store:`` starts a private one.
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ class MemoryActorClient:
 
         self._data = data if data is not None else MemoryData()
         self._handle: Handle | None = None
-        self._own_group: TaskGroup | None = None
+        self._own: tuple[AsyncExitStack, TaskGroup] | None = None  # the group of an "async with" of its own
 
     @property
     def handle(self) -> Handle:
@@ -65,21 +66,22 @@ class MemoryActorClient:
 
     async def __aenter__(self) -> Any:
         if self._handle is None:
-            group = anyio.create_task_group()
-            await group.__aenter__()
-            self._own_group = group
-            await self.start(group, RestartPolicy())
+            async with AsyncExitStack() as stack:
+                group = await stack.enter_async_context(anyio.create_task_group())
+                await self.start(group, RestartPolicy())  # if this fails, the stack closes the group
+                self._own = (stack.pop_all(), group)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        group, self._own_group = self._own_group, None
-        if group is None:
+        own, self._own = self._own, None
+        if own is None:
             return None
+        stack, group = own
         handle, self._handle = self._handle, None
         await stop_gracefully(group, [handle] if handle is not None else [])
-        return await group.__aexit__(exc_type, exc, tb)
+        return await stack.__aexit__(exc_type, exc, tb)
 
 
 async def stop_gracefully(group: TaskGroup, handles: list[Handle]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -182,11 +183,11 @@ class S3IO(Closeable):
         config = self.client_config or Config(
             retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=60
         )
-        manager = session.client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.region_name, config=config
-        )
-        client = await manager.__aenter__()
-        return manager, client
+        async with AsyncExitStack() as stack:  # held open across calls; closed by _close_client
+            client = await stack.enter_async_context(session.client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region_name, config=config
+            ))
+            return stack.pop_all(), client
 
     async def _call(self, operation: str, asset: str, key: str | None, arguments: Mapping[str, Any]) -> Any:
         client = await self._get_client()
@@ -246,8 +247,8 @@ class S3IO(Closeable):
 
 
 async def _close_client(opened: Any) -> None:
-    manager, _client = opened
-    await manager.__aexit__(None, None, None)
+    stack, _client = opened
+    await stack.aclose()
 
 
 def _abandon_client(opened: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Mapping, Sequence
+from contextlib import AsyncExitStack
 from types import MappingProxyType
 from typing import Any
 
@@ -69,20 +70,21 @@ class ActorKiller:
         self.targets = list(targets) if targets is not None else None
         self.limit = limit
         self.killed: list[str] = []
-        self._scope: anyio.CancelScope | None = None
-        self._tasks: Any = None
+        self._stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> ActorKiller:
         if self.targets is None:
             self.targets = [n for n in await self.rt._actor_names() if n.startswith("executor:")]
-        self._tasks = anyio.create_task_group()
-        await self._tasks.__aenter__()
-        self._tasks.start_soon(self._loop)
+        async with AsyncExitStack() as stack:
+            tasks = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tasks.cancel_scope.cancel)  # on the way out, before the group waits
+            tasks.start_soon(self._loop)
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
-        self._tasks.cancel_scope.cancel()
-        return await self._tasks.__aexit__(*exc)
+        stack, self._stack = self._stack, None
+        return await stack.__aexit__(*exc) if stack is not None else None
 
     async def _loop(self) -> None:
         while len(self.killed) < self.limit:

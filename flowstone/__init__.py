@@ -63,5 +63,5 @@ from .store import MaterializationStore as MaterializationStore
 from .store import Status as Status
 from .tenancy import current_tenant as current_tenant
 from .tenancy import tenant_scope as tenant_scope
+from .version import __version__ as __version__
 
-__version__ = "0.1.0.dev0"

@@ -23,7 +23,7 @@ import flowstone as fs
 from .report import emit
 from .runtime import daily
 
-STORE = ("flowstone/actors/memory.py", "flowstone/store/", "flowstone/io/")
+STORE = ("flowstone/store/", "flowstone/io/")
 RUNTIME = ("flowstone/runtime/", "flowstone/actors/mailbox.py", "flowstone/actors/supervisor.py")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 
 import flowstone as fs
-from flowstone.actors.memory import utcnow
+from flowstone.plumbing.clock import utcnow
 from flowstone.runtime import threads
 from flowstone.runtime.hashing import dependency_hash
 from flowstone.store.records import new_record

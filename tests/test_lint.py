@@ -1,4 +1,5 @@
-"""The lint and type gate on flowstone/: ruff and mypy, configured in pyproject.toml.
+"""The lint and type gate on flowstone/: ruff, mypy and the import layers, configured in
+pyproject.toml.
 
 Part of the suite so that CI (which runs the suite) fails on either."""
 
@@ -24,3 +25,11 @@ def test_mypy_finds_nothing_in_flowstone():
     done = _run("mypy")  # files and options: [tool.mypy] in pyproject.toml
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Success" in done.stdout
+
+
+def test_the_layers_import_one_way():
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports"))], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 broken" in done.stdout

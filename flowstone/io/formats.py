@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import SerializationError
-from ..postgres.jsonvalues import to_json
+from ..plumbing.jsonvalues import to_json
 
 __all__ = ["EXTENSIONS", "FORMATS", "decode", "encode", "format_of", "to_table"]
 

@@ -11,10 +11,10 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from ..actors import memory as m
-from ..actors.client import MemoryActorClient
 from ..errors import SerializationError
 from ..partitions import serialize_partition
+from ..store import memory_actor as m
+from ..store.memory_client import MemoryActorClient
 from ..tenancy import current_tenant
 
 __all__ = ["MemoryIO", "private_copy"]

@@ -4,7 +4,7 @@
 ``store.migrate()``; ``schema.table`` allowed) and ``create`` (default False:
 create the table, with its row-level security, when it does not exist). Table
 names are checked against a strict pattern and double-quoted; every value is a
-bound parameter; values are strict JSON (see ``flowstone.postgres.jsonvalues``),
+bound parameter; values are strict JSON (see ``flowstone.plumbing.jsonvalues``),
 so what JSON cannot hold is a SerializationError before anything is written.
 Tenants are kept apart by the table's row-level security, as for records.
 
@@ -32,8 +32,8 @@ from ..definitions import FieldError
 from ..errors import DefinitionError, InvalidIdentifier, NotFound, SerializationError, TenancyNotEnforced
 from ..identifiers import SQL_NAME_LIMIT, check_identifier, sql_table
 from ..partitions import serialize_partition
+from ..plumbing.jsonvalues import text_problem, to_json
 from ..postgres.database import PostgresClient
-from ..postgres.jsonvalues import text_problem, to_json
 from ..postgres.schema import LOCK_KEY, values_table
 from ..tenancy import current_tenant
 

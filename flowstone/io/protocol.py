@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from ..plumbing.closeable import Closeable
+
 __all__ = ["Closeable", "IOManager", "LoadsMany", "returns_stored_object"]
 
 
@@ -47,17 +49,3 @@ def returns_stored_object(manager: Any) -> bool:
     value that was stored, with no encoding, so a reader in the same run may be handed
     the value without loading it (``MemoryIO``). False unless declared."""
     return getattr(manager, "returns_stored_object", False) is True
-
-
-class Closeable:
-    """``async with manager:`` closes it on the way out; ``close()`` releases what
-    the manager holds (nothing, unless a subclass says otherwise)."""
-
-    async def __aenter__(self) -> Any:
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        return None

@@ -29,7 +29,7 @@ import anyio
 from ..definitions import FieldError
 from ..errors import DefinitionError, NotFound, StorageError, StorageUnavailable
 from ..partitions import serialize_partition
-from ..postgres.bridge import Bridge, LoopBound
+from ..plumbing.bridge import Bridge, LoopBound
 from ..tenancy import current_tenant
 from . import formats
 from .many import load_concurrently

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from ..errors import DatabaseError, DatabaseUnavailable, FlowstoneError, TenancyNotEnforced
-from ..io.protocol import Closeable
-from .bridge import Bridge, LoopBound
+from ..plumbing.bridge import Bridge, LoopBound
+from ..plumbing.closeable import Closeable
 
 __all__ = ["Database", "PostgresClient"]
 

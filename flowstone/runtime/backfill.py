@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import nullcontext
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -28,9 +27,10 @@ from anyio.abc import TaskStatus
 
 from .. import events as ev
 from ..actors.mailbox import DEFERRED, Handle, Message, Reply, fail_pending, open_mailbox, serve
-from ..actors.memory import utcnow
 from ..errors import FlowstoneError, LeaseLost, RuntimeClosed
-from ..partitions import PartitionRange, deserialize_partition, partition_range, serialize_partition
+from ..partitions import serialize_partition
+from ..plumbing.clock import utcnow
+from ..store.backfills import BackfillSpec, BackfillStatus, Saved
 from ..store.leases import LeaseHeld
 from ..tenancy import tenant_scope
 from .run import RunRequest
@@ -55,52 +55,6 @@ SAVE_DELAY = 0.2
 """A save that fails is tried again (pauses from this, doubling), up to
 ``SAVE_ATTEMPTS`` times; each try may take ``SAVE_TIMEOUT`` seconds."""
 SAVE_TIMEOUT = 10.0
-
-
-@attrs.frozen
-class BackfillSpec:
-    """What a backfill was asked to do; saved in the store so it can be resumed."""
-
-    id: uuid.UUID
-    asset: str
-    partitions: Sequence[Any]
-    """A tuple of partitions, or a lazy ``PartitionRange`` (saved as its ends and step)."""
-    max_parallel: int
-    upstream: str
-    force: bool
-    io: Mapping[str, Any] | None
-    context: Mapping[str, Any] | None
-    tenant: str | None
-
-
-@attrs.frozen
-class BackfillStatus:
-    """A snapshot of a backfill's progress. ``state``: running, succeeded, failed, cancelled."""
-
-    id: uuid.UUID
-    asset: str
-    state: str
-    total: int
-    queued: int
-    running: int
-    succeeded: int
-    failed: int
-    cancelled: int
-    errors: tuple[tuple[str | None, str], ...] = ()
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.state != "running"
-
-
-@attrs.frozen
-class Saved:
-    """What the store keeps per backfill."""
-
-    spec: BackfillSpec
-    status: BackfillStatus
 
 
 @attrs.frozen(kw_only=True)
@@ -409,75 +363,3 @@ async def _run_one(
     finally:
         progress.running -= 1
     progress.announce_progress()
-
-
-# ------------------------------------------------------- persistent stores
-
-
-_COUNTS = ("state", "total", "queued", "running", "succeeded", "failed", "cancelled")
-
-
-def saved_to_json(saved: Saved) -> tuple[str, str, str]:
-    """``(spec, status, state)`` as JSON text for a database; partitions are kept
-    as their keys (a resumed backfill validates them again), a range as its two
-    ends and its step. ``io`` and ``context`` must be JSON: a backfill that cannot
-    be saved does not start."""
-    from ..postgres.jsonvalues import plain, to_json
-
-    spec, status = saved.spec, saved.status
-    spec_json = to_json(
-        {
-            "id": str(spec.id), "asset": spec.asset,
-            "partitions": _partitions_to_json(spec.partitions),
-            "max_parallel": spec.max_parallel, "upstream": spec.upstream, "force": spec.force,
-            "io": plain(spec.io), "context": plain(spec.context), "tenant": spec.tenant,
-        },
-        asset=spec.asset, what="the backfill's io and context",
-    )
-    status_json = to_json(
-        {
-            **{name: getattr(status, name) for name in _COUNTS},
-            "errors": [list(error) for error in status.errors],
-            "started_at": status.started_at.isoformat() if status.started_at else None,
-            "finished_at": status.finished_at.isoformat() if status.finished_at else None,
-        },
-        asset=spec.asset, what="the backfill's status",
-    )
-    return spec_json, status_json, status.state
-
-
-def saved_from_json(spec_text: str, status_text: str) -> Saved:
-    import json
-
-    raw, state = json.loads(spec_text), json.loads(status_text)
-    spec = BackfillSpec(
-        id=uuid.UUID(raw["id"]), asset=raw["asset"], partitions=_partitions_from_json(raw["partitions"]),
-        max_parallel=raw["max_parallel"], upstream=raw["upstream"], force=raw["force"],
-        io=raw["io"], context=raw["context"], tenant=raw["tenant"],
-    )
-    status = BackfillStatus(
-        id=spec.id, asset=spec.asset, **{k: state[k] for k in _COUNTS},
-        errors=tuple((key, message) for key, message in state["errors"]),
-        started_at=datetime.fromisoformat(state["started_at"]) if state["started_at"] else None,
-        finished_at=datetime.fromisoformat(state["finished_at"]) if state["finished_at"] else None,
-    )
-    return Saved(spec, status)
-
-
-def _partitions_to_json(partitions: Sequence[Any]) -> Any:
-    if isinstance(partitions, PartitionRange):
-        step = partitions.step if isinstance(partitions.step, str) else partitions.step.total_seconds()
-        kind = "datetime" if isinstance(partitions.start, datetime) else "date"
-        return {"range": [serialize_partition(partitions.start), serialize_partition(partitions.stop), step, kind]}
-    return [serialize_partition(p) for p in partitions]
-
-
-def _partitions_from_json(saved: Any) -> Sequence[Any]:
-    if isinstance(saved, dict):
-        start, stop, step, kind = saved["range"]
-        return partition_range(
-            deserialize_partition(start, kind), deserialize_partition(stop, kind),
-            step if isinstance(step, str) else timedelta(seconds=step),
-        )
-    return tuple(saved)
-

@@ -26,7 +26,6 @@ import attrs
 
 from .. import events as ev
 from ..actors.mailbox import CLEANUP_SECONDS, Handle
-from ..actors.memory import utcnow
 from ..context import Context
 from ..definitions import Asset, executor_of
 from ..errors import (
@@ -40,6 +39,7 @@ from ..errors import (
 )
 from ..io.memory import private_copy
 from ..io.protocol import LoadsMany, returns_stored_object
+from ..plumbing.clock import utcnow
 from ..store.leases import Lease
 from ..store.records import ACTIVE, Materialization, Status
 from . import threads, tracing

@@ -24,11 +24,11 @@ import attrs
 
 from .. import events as ev
 from ..actors.mailbox import CLEANUP_SECONDS, PendingCall, Reply
-from ..actors.memory import utcnow
 from ..definitions import Asset, FieldError
 from ..errors import DefinitionError, FlowstoneError, InvalidPartition, MaterializationFailed, NotFound, RuntimeClosed
 from ..guards import Guard, authorize
 from ..partitions import serialize_partition
+from ..plumbing.clock import utcnow
 from ..store.leases import FinishedElsewhere, LeaseHeld
 from ..store.records import Materialization, Status
 from . import tracing

@@ -24,7 +24,6 @@ import attrs
 from anyio.abc import TaskGroup
 
 from .. import events as ev
-from ..actors.client import MemoryActorClient, stop_gracefully
 from ..actors.mailbox import CLEANUP_SECONDS, Handle
 from ..actors.supervisor import RestartPolicy, supervise
 from ..dag import AssetGraph
@@ -45,6 +44,7 @@ from ..io.protocol import IOManager
 from ..partitions import PartitionRange, serialize_partition
 from ..pipeline import Pipeline
 from ..store.memory import MemoryStore
+from ..store.memory_client import MemoryActorClient, stop_gracefully
 from ..store.protocol import MaterializationStore
 from ..store.records import Materialization, Status, parse_id
 from ..tenancy import current_tenant

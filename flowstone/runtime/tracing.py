@@ -56,7 +56,7 @@ def tracing() -> Tracing | None:
         from opentelemetry import trace
     except ImportError:  # another opentelemetry-* package, without the API
         return None
-    from .. import __version__
+    from ..version import __version__
 
     trace.get_tracer_provider()  # a provider named by OTEL_PYTHON_TRACER_PROVIDER is set up now
     return Tracing(trace, __version__)

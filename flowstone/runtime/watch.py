@@ -16,8 +16,8 @@ from typing import Any
 
 import anyio
 
-from ..actors.memory import utcnow
 from ..events import Event, EventsDropped
+from ..plumbing.clock import utcnow
 
 __all__ = ["EventBus", "Subscription"]
 

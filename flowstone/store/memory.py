@@ -7,12 +7,12 @@ from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from typing import Any
 
-from ..actors import memory as m
-from ..actors.client import MemoryActorClient
 from ..errors import NotFound
 from ..partitions import serialize_partition
 from ..tenancy import current_tenant
+from . import memory_actor as m
 from .leases import BackfillClaim, FinishedElsewhere, Lease
+from .memory_client import MemoryActorClient
 from .records import (
     TERMINAL,
     Materialization,

@@ -37,10 +37,11 @@ from ..errors import (
     SerializationError,
 )
 from ..partitions import serialize_partition
+from ..plumbing.jsonvalues import plain, storable_text, text_problem, to_json
 from ..postgres.database import PostgresClient
-from ..postgres.jsonvalues import plain, storable_text, text_problem, to_json
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
+from .backfills import saved_from_json, saved_to_json
 from .leases import BackfillClaim, FinishedElsewhere, Lease, LeaseHeld, lost
 from .records import (
     CURRENT,
@@ -566,8 +567,6 @@ class PostgresStore(PostgresClient):
     # --------------------------------------------------------- backfills
 
     async def save_backfill(self, id: uuid.UUID, state: Any, *, owner: str | None = None) -> None:
-        from ..runtime.backfill import saved_to_json
-
         tenant = current_tenant()
         spec, status, state_name = saved_to_json(state)
         saved = await self.db.run(
@@ -589,8 +588,6 @@ class PostgresStore(PostgresClient):
             )
 
     async def load_backfill(self, id: uuid.UUID) -> Any:
-        from ..runtime.backfill import saved_from_json
-
         tenant = current_tenant()
         row = await self.db.run(
             tenant, _fetchrow,
@@ -625,8 +622,6 @@ async def _execute(connection: Any, sql: str, *args: Any) -> None:
 
 
 async def _claim_backfill(connection: Any, id: uuid.UUID, tenant: str, owner: str, stale_after: float) -> BackfillClaim:
-    from ..runtime.backfill import saved_from_json
-
     row = await connection.fetchrow(
         """SELECT spec::text, status::text, state, owner, heartbeat_at,
                   coalesce(clock_timestamp() - heartbeat_at > make_interval(secs => $3), true)

@@ -173,7 +173,7 @@ async def terminate_connections(dsn: str) -> int:
     """End every connection to ``dsn``'s database made by its role, except this one
     (as a server restart would); how many were ended. The role may always signal
     its own backends, so no superuser is needed."""
-    from ..postgres.bridge import Bridge
+    from ..plumbing.bridge import Bridge
 
     async def terminate() -> int:
         import asyncpg

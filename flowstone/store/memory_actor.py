@@ -16,17 +16,18 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ..actors.mailbox import Message, serve
 from ..definitions import FieldError
 from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, LeaseLost, NotFound
-from ..store.leases import BackfillClaim, Lease, LeaseTable, lost
-from ..store.records import ACTIVE, CURRENT, ORPHAN_ENDING, Materialization, Status, check_transition, evolve
-from .mailbox import Message, serve
+from ..plumbing.clock import utcnow
+from .leases import BackfillClaim, Lease, LeaseTable, lost
+from .records import ACTIVE, CURRENT, ORPHAN_ENDING, Materialization, Status, check_transition, evolve
 
 __all__ = ["MemoryData", "memory_actor"]
 
@@ -34,10 +35,6 @@ log = logging.getLogger("flowstone.store")
 
 Key = tuple[str | None, str, str | None]
 """(tenant, asset name, partition key)"""
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @attrs.define

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
+from ..actors.mailbox import CLEANUP_SECONDS, Handle
+from ..actors.supervisor import RestartPolicy, supervise
 from ..errors import RuntimeClosed
-from .mailbox import CLEANUP_SECONDS, Handle
-from .supervisor import RestartPolicy, supervise
 
 if TYPE_CHECKING:
-    from .memory import MemoryData
+    from .memory_actor import MemoryData
 
 
 class MemoryActorClient:
@@ -28,7 +28,7 @@ class MemoryActorClient:
     def __init__(self, *, data: MemoryData | None = None) -> None:
         # Imported here: the actor module imports the store's records, whose
         # package imports this client (MemoryStore).
-        from .memory import MemoryData
+        from .memory_actor import MemoryData
 
         self._data = data if data is not None else MemoryData()
         self._handle: Handle | None = None
@@ -57,7 +57,7 @@ class MemoryActorClient:
 
     async def start(self, task_group: TaskGroup, policy: RestartPolicy) -> Handle:
         """Start the memory-store actor in ``task_group`` and bind to it."""
-        from .memory import memory_actor
+        from .memory_actor import memory_actor
 
         handle = await task_group.start(supervise, "memory-store", memory_actor(self._data), policy)
         self.bind(handle)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -25,7 +25,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..errors import ActorCrashed, FlowstoneError, RuntimeClosed
 
-__all__ = ["CLEANUP_SECONDS", "DEFERRED", "Crash", "Handle", "Message", "Outcome", "Reply", "open_mailbox", "serve"]
+__all__ = [
+    "CLEANUP_SECONDS", "DEFERRED", "Crash", "Handle", "Handlers", "Message", "Outcome", "Reply", "open_mailbox",
+    "serve",
+]
 
 log = logging.getLogger("flowstone.actors")
 
@@ -232,13 +235,18 @@ def open_mailbox(name: str) -> tuple[Handle, MemoryObjectSendStream[Message], Me
     return Handle(name, send), send, receive
 
 
-Handler = Callable[[Message], Any]
+Handler = Callable[[Any], Any]
+Handlers = Mapping[type[Message], Handler]
+"""An actor's protocol in one place: the handler of each message type it takes."""
 
 
-async def serve(name: str, mailbox: MemoryObjectReceiveStream[Message], handle: Handler) -> None:
-    """Run ``handle`` on each message until the mailbox closes.
+async def serve(name: str, mailbox: MemoryObjectReceiveStream[Message], handlers: Handlers) -> None:
+    """Answer each message with the handler of its type, until the mailbox closes.
 
-    ``handle`` returns the reply value (or an awaitable of it). A
+    Every actor dispatches this one way: ``handlers`` maps each message type it
+    takes (exactly, not subclasses) to a handler, which returns the reply value
+    (or an awaitable of it, or ``DEFERRED`` to answer later). A message of another
+    type is a bug. A
     ``FlowstoneError`` it raises is the caller's answer and the actor goes on;
     any other exception is a bug: the caller gets :class:`ActorCrashed` with the
     bug as ``__cause__``, and the exception propagates so the supervisor restarts
@@ -264,9 +272,12 @@ async def serve(name: str, mailbox: MemoryObjectReceiveStream[Message], handle: 
         # plain functions, and a coroutine per message is measurable at this rate.
         reply = message.reply
         try:
-            if message.__class__ is Crash:
-                raise CrashRequested(message.reason)
-            result = handle(message)
+            handler = handlers.get(message.__class__)
+            if handler is None:
+                if message.__class__ is Crash:
+                    raise CrashRequested(message.reason)
+                raise TypeError(f"{name} takes no {message.__class__.__name__} message")
+            result = handler(message)
             if inspect.iscoroutine(result):  # an async handler
                 result = await result
         except Exception as error:

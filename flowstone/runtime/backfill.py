@@ -26,7 +26,7 @@ import attrs
 from anyio.abc import TaskStatus
 
 from .. import events as ev
-from ..actors.mailbox import DEFERRED, Handle, Message, Reply, fail_pending, open_mailbox, serve
+from ..actors.mailbox import DEFERRED, Handle, Handlers, Message, Reply, fail_pending, open_mailbox, serve
 from ..errors import FlowstoneError, LeaseLost, RuntimeClosed
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
@@ -196,17 +196,23 @@ async def run_backfill(
     progress = _Progress(spec=spec, started_at=utcnow(), bus=bus)
     work = anyio.CancelScope()
 
-    def on_message(message: Message) -> Any:
-        if isinstance(message, Status):
-            return progress.status()
-        if isinstance(message, Cancel):
-            progress.cancel_requested = progress.finished_at is None
-            work.cancel()
+    def status(message: Status) -> BackfillStatus:
+        return progress.status()
+
+    def wait(message: Wait | Cancel) -> Any:
+        """Answered when the backfill ends (at once when it has)."""
         if progress.finished_at is not None:
             return progress.status()
         assert message.reply is not None
         progress.waiters.append(message.reply)
         return DEFERRED
+
+    def cancel(message: Cancel) -> Any:
+        progress.cancel_requested = progress.finished_at is None
+        work.cancel()
+        return wait(message)
+
+    handlers: Handlers = {Status: status, Wait: wait, Cancel: cancel}
 
     unsaved: BackfillStatus | None = None
     try:
@@ -214,7 +220,7 @@ async def run_backfill(
         await on_enter(handle)  # registered before anyone can ask about it
         task_status.started(handle)
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, handle.name, receive, on_message)
+            tasks.start_soon(serve, handle.name, receive, handlers)
             with tenant_scope(spec.tenant) if spec.tenant is not None else nullcontext():
                 try:
                     with work:

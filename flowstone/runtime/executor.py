@@ -188,9 +188,6 @@ class _Gate:
             AwaitApproval: self.await_approval, Decide: self.decide, Stats: self.stats,
         }
 
-    def __call__(self, message: Message) -> Any:
-        return self.dispatch[type(message)](message)
-
     def stats(self, _message: Stats) -> ExecutorStatistics:
         return ExecutorStatistics(
             asset=self.asset.name,
@@ -303,7 +300,7 @@ def executor_actor(asset: Asset) -> Any:
     async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
         gate = _Gate(asset)
         try:
-            await serve(gate.name, mailbox, gate)
+            await serve(gate.name, mailbox, gate.dispatch)
         except Exception as error:
             gate.crashed(error)
             raise

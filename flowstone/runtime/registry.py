@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..actors.mailbox import Handle, Message, serve
+from ..actors.mailbox import Handle, Handlers, Message, serve
 from ..dag import AssetGraph
 from ..definitions import Asset
 from ..pipeline import addition_problems, raise_problems
@@ -116,28 +116,32 @@ def registry_actor(
         )
         return state.snapshot
 
-    def handle(message: Message) -> Any:
-        if isinstance(message, GetSnapshot):
-            return state.snapshot
-        if isinstance(message, Register):
-            return register(message)
-        if isinstance(message, AddBackfill):
-            state.backfills[(message.tenant, message.id)] = message.handle
-            state.unsaved.pop((message.tenant, message.id), None)
-        elif isinstance(message, DropBackfill):
-            key = (message.tenant, message.id)
-            if state.backfills.get(key) is message.handle:
-                del state.backfills[key]
-                if message.unsaved is not None:
-                    state.unsaved[key] = message.unsaved
-                    while len(state.unsaved) > UNSAVED_KEPT:
-                        del state.unsaved[next(iter(state.unsaved))]
-        elif isinstance(message, GetBackfill):
-            key = (message.tenant, message.id)
-            return state.backfills.get(key) or state.unsaved.get(key)
-        return None
+    def get_snapshot(message: GetSnapshot) -> Snapshot:
+        return state.snapshot
+
+    def add_backfill(message: AddBackfill) -> None:
+        state.backfills[(message.tenant, message.id)] = message.handle
+        state.unsaved.pop((message.tenant, message.id), None)
+
+    def drop_backfill(message: DropBackfill) -> None:
+        key = (message.tenant, message.id)
+        if state.backfills.get(key) is message.handle:
+            del state.backfills[key]
+            if message.unsaved is not None:
+                state.unsaved[key] = message.unsaved
+                while len(state.unsaved) > UNSAVED_KEPT:
+                    del state.unsaved[next(iter(state.unsaved))]
+
+    def get_backfill(message: GetBackfill) -> Any:
+        key = (message.tenant, message.id)
+        return state.backfills.get(key) or state.unsaved.get(key)
+
+    handlers: Handlers = {
+        GetSnapshot: get_snapshot, Register: register, AddBackfill: add_backfill,
+        DropBackfill: drop_backfill, GetBackfill: get_backfill,
+    }
 
     async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
-        await serve("registry", mailbox, handle)
+        await serve("registry", mailbox, handlers)
 
     return incarnation

@@ -255,9 +255,6 @@ class _Handlers:
             CloseOrphans: self.close_orphans,
         }
 
-    def __call__(self, message: Message) -> Any:
-        return self.dispatch[type(message)](message)
-
     # records
 
     def create(self, m: Create) -> Materialization:
@@ -486,6 +483,6 @@ def memory_actor(data: MemoryData) -> Callable[[MemoryObjectReceiveStream[Messag
     """The incarnation function the supervisor restarts: same data every time."""
 
     async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
-        await serve("memory-store", mailbox, _Handlers(data))
+        await serve("memory-store", mailbox, _Handlers(data).dispatch)
 
     return incarnation

@@ -33,6 +33,7 @@ __all__ = [
 log = logging.getLogger("flowstone.actors")
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 MAILBOX_SIZE = 1024
 """Messages an actor may have queued before senders wait: deep enough that a
@@ -88,8 +89,10 @@ class Reply:
 
 
 @attrs.frozen(kw_only=True)
-class Message:
-    """Base of every message. ``reply`` is ``None`` for casts."""
+class Message(Generic[R]):
+    """Base of every message; ``R`` is what its handler answers (``None`` for a cast),
+    so ``await handle.call(GetSnapshot)`` is typed as a ``Snapshot``. ``reply`` is
+    ``None`` for casts."""
 
     reply: Reply | None = None
 
@@ -98,7 +101,7 @@ class Message:
 
 
 @attrs.frozen(kw_only=True)
-class Crash(Message):
+class Crash(Message[None]):
     """Makes the receiving actor crash as a bug would: for supervision tests and chaos."""
 
     reason: str = "crash requested"
@@ -117,12 +120,12 @@ class Handle:
 
     async def call(
         self,
-        message_type: type[Message],
+        message_type: type[Message[R]],
         /,
         *,
         on_cancel: Callable[[Reply, Outcome[Any] | None], Awaitable[None]] | None = None,
         **fields: Any,
-    ) -> Any:
+    ) -> R:
         """Send a request and wait for its answer; errors arrive as raised errors.
 
         If the caller is cancelled while waiting, ``on_cancel(reply, late)`` runs
@@ -133,7 +136,7 @@ class Handle:
         pending = await self.request(message_type, **fields)
         return await pending.result(on_cancel)
 
-    async def request(self, message_type: type[Message], /, **fields: Any) -> PendingCall:
+    async def request(self, message_type: type[Message[R]], /, **fields: Any) -> PendingCall[R]:
         """Post a request now and read its answer later (``PendingCall.result``).
 
         Lets a caller ask several actors at once and pay one event-loop turn for
@@ -177,7 +180,7 @@ class Handle:
             raise RuntimeClosed(f"{self.name} is not running (the runtime is closed)") from None
 
 
-class PendingCall:
+class PendingCall(Generic[R]):
     """A request already posted; its answer is read once, or the request handed back.
 
     Owns the receiving end of the reply stream: either :meth:`result` or
@@ -193,7 +196,7 @@ class PendingCall:
 
     async def result(
         self, on_cancel: Callable[[Reply, Outcome[Any] | None], Awaitable[None]] | None = None
-    ) -> Any:
+    ) -> R:
         """The answer; no yield at all when it has already arrived."""
         with self._receive:
             try:
@@ -209,7 +212,8 @@ class PendingCall:
                     raise
             except anyio.EndOfStream:
                 raise ActorCrashed(self._actor) from None
-        return outcome.unwrap()
+        value: R = outcome.unwrap()
+        return value
 
     def discard(self) -> None:
         """Stop listening for the answer, telling the actor nothing (idempotent)."""

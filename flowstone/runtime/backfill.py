@@ -58,17 +58,17 @@ SAVE_TIMEOUT = 10.0
 
 
 @attrs.frozen(kw_only=True)
-class Status(Message):
+class Status(Message[BackfillStatus]):
     pass
 
 
 @attrs.frozen(kw_only=True)
-class Cancel(Message):
+class Cancel(Message[BackfillStatus]):
     pass
 
 
 @attrs.frozen(kw_only=True)
-class Wait(Message):
+class Wait(Message[BackfillStatus]):
     pass
 
 

@@ -102,13 +102,13 @@ class Lease:
 
 
 @attrs.frozen(kw_only=True)
-class Submit(Message):
+class Submit(Message["Lease | JobResult"]):
     tenant: str | None
     key: str | None
 
 
 @attrs.frozen(kw_only=True)
-class Finished(Message):
+class Finished(Message[None]):
     """The leader is done; ``result`` is ``None`` when the job was cancelled."""
 
     tenant: str | None
@@ -119,7 +119,7 @@ class Finished(Message):
 
 
 @attrs.frozen(kw_only=True)
-class Detach(Message):
+class Detach(Message[None]):
     """A follower or queued caller stopped waiting (it was cancelled)."""
 
     tenant: str | None
@@ -128,7 +128,7 @@ class Detach(Message):
 
 
 @attrs.frozen(kw_only=True)
-class AwaitApproval(Message):
+class AwaitApproval(Message[None]):
     """A leader waits for a decision on ``record_id``; decisions go into ``decisions``."""
 
     tenant: str | None
@@ -140,7 +140,7 @@ class AwaitApproval(Message):
 
 
 @attrs.frozen(kw_only=True)
-class Decide(Message):
+class Decide(Message[None]):
     tenant: str | None
     record_id: uuid.UUID
     approve: bool
@@ -148,7 +148,7 @@ class Decide(Message):
 
 
 @attrs.frozen(kw_only=True)
-class Stats(Message):
+class Stats(Message["ExecutorStatistics"]):
     pass
 
 

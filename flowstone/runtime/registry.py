@@ -60,24 +60,24 @@ def initial_snapshot(graph: AssetGraph, executors: dict[str, Handle]) -> Snapsho
 
 
 @attrs.frozen(kw_only=True)
-class GetSnapshot(Message):
+class GetSnapshot(Message["Snapshot"]):
     pass
 
 
 @attrs.frozen(kw_only=True)
-class Register(Message):
+class Register(Message["Snapshot"]):
     asset: Asset
 
 
 @attrs.frozen(kw_only=True)
-class AddBackfill(Message):
+class AddBackfill(Message[None]):
     tenant: str | None
     id: uuid.UUID
     handle: Handle
 
 
 @attrs.frozen(kw_only=True)
-class DropBackfill(Message):
+class DropBackfill(Message[None]):
     """Forget a finished backfill, if ``handle`` is still the one registered
     (a resumed backfill with the same id may already have replaced it).
     ``unsaved``: its final status, when the store could not save it."""
@@ -89,7 +89,7 @@ class DropBackfill(Message):
 
 
 @attrs.frozen(kw_only=True)
-class GetBackfill(Message):
+class GetBackfill(Message[Any]):
     """The running backfill's handle, or the final status the store could not save, or None."""
 
     tenant: str | None

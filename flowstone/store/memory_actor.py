@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -77,8 +77,11 @@ class MemoryData:
 # ------------------------------------------------------------------- messages
 
 
+R = TypeVar("R")
+
+
 @attrs.frozen(kw_only=True)
-class _AtKey(Message):
+class _AtKey(Message[R]):
     """A message about one (tenant, asset, partition key)."""
 
     tenant: str | None
@@ -86,7 +89,7 @@ class _AtKey(Message):
     partition: str | None
 
 @attrs.frozen(kw_only=True)
-class Create(Message):
+class Create(Message[Materialization]):
     """A new record. ``orphan``: the record of an expired lease this one's lease
     replaced, closed in the same step. Sent as a call when the caller chose the id
     (it may clash), as a cast otherwise (a fresh uuid4 cannot)."""
@@ -96,7 +99,7 @@ class Create(Message):
 
 
 @attrs.frozen(kw_only=True)
-class Update(Message):
+class Update(Message[Materialization]):
     tenant: str | None
     id: uuid.UUID
     status: Status
@@ -104,7 +107,7 @@ class Update(Message):
 
 
 @attrs.frozen(kw_only=True)
-class Replace(Message):
+class Replace(Message[None]):
     """Write-behind of a transition the runtime owns: ``record`` replaces the
     stored one if that one is still in ``expected`` status, and unless ``lease``
     was taken over between the client's check and now."""
@@ -115,7 +118,7 @@ class Replace(Message):
 
 
 @attrs.frozen(kw_only=True)
-class CloseOrphans(Message):
+class CloseOrphans(Message[int]):
     """Close every unfinished record of ``owner`` (a dead process) and drop its leases."""
 
     tenant: str | None
@@ -124,43 +127,43 @@ class CloseOrphans(Message):
 
 
 @attrs.frozen(kw_only=True)
-class Latest(_AtKey):
+class Latest(_AtKey[Materialization]):
     pass
 
 
 @attrs.frozen(kw_only=True)
-class Exists(_AtKey):
+class Exists(_AtKey[bool]):
     pass
 
 
 @attrs.frozen(kw_only=True)
-class ById(Message):
+class ById(Message[Materialization]):
     tenant: str | None
     id: uuid.UUID
 
 
 @attrs.frozen(kw_only=True)
-class ByRun(Message):
+class ByRun(Message[list[Materialization]]):
     tenant: str | None
     run_id: uuid.UUID
 
 
 @attrs.frozen(kw_only=True)
-class ByStatus(Message):
+class ByStatus(Message[list[Materialization]]):
     tenant: str | None
     status: Status
     limit: int
 
 
 @attrs.frozen(kw_only=True)
-class All(Message):
+class All(Message[list[Materialization]]):
     tenant: str | None
     asset: str | None
     limit: int
 
 
 @attrs.frozen(kw_only=True)
-class LatestSuccesses(Message):
+class LatestSuccesses(Message[dict[tuple[str, str | None], Materialization]]):
     """Latest success-or-stale record of each (asset, partition) pair; missing pairs omitted."""
 
     tenant: str | None
@@ -168,7 +171,7 @@ class LatestSuccesses(Message):
 
 
 @attrs.frozen(kw_only=True)
-class AllPartitions(Message):
+class AllPartitions(Message[dict[str | None, Materialization]]):
     """Latest success-or-stale record of every partition of one asset, by key."""
 
     tenant: str | None
@@ -176,34 +179,34 @@ class AllPartitions(Message):
 
 
 @attrs.frozen(kw_only=True)
-class MarkStale(Message):
+class MarkStale(Message[list[Materialization]]):
     tenant: str | None
     asset: str
     partition: str | None
 
 
 @attrs.frozen(kw_only=True)
-class PutValue(_AtKey):
+class PutValue(_AtKey[None]):
     value: Any
 
 
 @attrs.frozen(kw_only=True)
-class GetValue(_AtKey):
+class GetValue(_AtKey[Any]):
     with_meta: bool = False
 
 
 @attrs.frozen(kw_only=True)
-class DropValue(_AtKey):
+class DropValue(_AtKey[None]):
     pass
 
 
 @attrs.frozen(kw_only=True)
-class HasValue(_AtKey):
+class HasValue(_AtKey[bool]):
     pass
 
 
 @attrs.frozen(kw_only=True)
-class SaveBackfill(Message):
+class SaveBackfill(Message[None]):
     tenant: str | None
     id: uuid.UUID
     state: Any
@@ -211,7 +214,7 @@ class SaveBackfill(Message):
 
 
 @attrs.frozen(kw_only=True)
-class ClaimBackfill(Message):
+class ClaimBackfill(Message[BackfillClaim]):
     tenant: str | None
     id: uuid.UUID
     owner: str
@@ -219,7 +222,7 @@ class ClaimBackfill(Message):
 
 
 @attrs.frozen(kw_only=True)
-class LoadBackfill(Message):
+class LoadBackfill(Message[Any]):
     tenant: str | None
     id: uuid.UUID
 

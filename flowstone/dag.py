@@ -3,7 +3,8 @@
 Edges run from a dependency to the asset that reads it, so a topological order is
 an execution order. :class:`AssetGraph` is an immutable snapshot built once from a
 set of assets (the runtime's registry keeps one and replaces it on ``register``);
-the module-level functions of SPEC 2 are thin wrappers that build one on demand.
+the module-level functions (``fs.execution_order`` and friends) are thin wrappers
+that build one on demand.
 
 Ties are broken by definition order everywhere, so plans, layers and reported
 cycles are deterministic from one run to the next.

@@ -92,7 +92,7 @@ def _frozen_mapping(value: Any) -> Any:
 class Asset:
     """A persistent piece of data and the function that computes it.
 
-    Fields follow SPEC 1. ``metadata`` and ``io_config`` are read-only mappings;
+    ``metadata`` and ``io_config`` are read-only mappings;
     ``depends_on``, ``requires`` and ``tags`` are tuples (lists are converted, and
     ``Asset`` objects in ``depends_on`` are replaced by their names).
     """

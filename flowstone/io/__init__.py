@@ -1,4 +1,4 @@
-"""I/O managers: where asset values live (SPEC 5)."""
+"""I/O managers: where asset values live."""
 
 from .filesystem import FilesystemIO as FilesystemIO
 from .memory import MemoryIO as MemoryIO

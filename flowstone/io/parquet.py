@@ -9,7 +9,7 @@ written atomically (temporary file, then rename). A value may be a
 threads.
 
 An unpartitioned asset that reads a partitioned Parquet asset gets a
-:class:`PartitionedTables`: the mapping key -> table that SPEC 3 promises, which
+:class:`PartitionedTables`: the mapping key -> table every such reader gets, which
 also reads as one dataset (``.dataset()``, ``.to_table()``).
 """
 

@@ -1,4 +1,4 @@
-"""The contract of an I/O manager: where asset values live (SPEC 5)."""
+"""The contract of an I/O manager: where asset values live."""
 
 from __future__ import annotations
 

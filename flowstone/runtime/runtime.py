@@ -181,14 +181,29 @@ class Runtime:
         io: Mapping[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> RunResult:
-        """Compute ``name`` (and what it needs) for one partition; see SPEC 7."""
+        """Compute ``name`` and what it needs for one partition, skipping what is up to
+        date, and return the run's records.
+
+        ``upstream``: ``"missing"`` (compute upstream assets that are missing, stale or
+        changed), ``"all"`` or ``"none"`` (read what is stored). ``force`` recomputes
+        the target. ``io`` overrides the target's IO manager for this run.
+
+        Raises ``MaterializationFailed`` (an asset failed; the partial result and the
+        asset's exception as ``__cause__``), ``NotFound`` (an unknown asset, or with
+        ``upstream="none"`` an input never materialized), ``InvalidPartition``,
+        ``DefinitionError`` (bad options), ``AccessDenied`` (the guard refused, asked
+        with ``context``) or ``RuntimeClosed``.
+        """
         request = RunRequest(name, partition, upstream, force, io, context)
         check_request(request, self._env.io_managers)
         snapshot = await self._snapshot()
         return await execute_run(snapshot, self._env, self._guard, request, current_tenant())
 
     async def load(self, name: str, partition: Any = None, *, context: Mapping[str, Any] | None = None) -> Any:
-        """The value of the latest successful materialization of ``name`` at ``partition``."""
+        """The value of the latest successful materialization of ``name`` at ``partition``
+        (a private copy for ``MemoryIO``). Raises ``NotFound`` (no such asset, or no
+        success to load), ``InvalidPartition`` or ``AccessDenied`` (the guard's
+        ``can_access``, asked with ``context``)."""
         snapshot = await self._snapshot()
         asset = snapshot.graph.get(name)
         key = serialize_partition(
@@ -293,7 +308,14 @@ class Runtime:
         io: Mapping[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> uuid.UUID:
-        """Start materializing ``name`` over ``partitions`` (default: all) and return its id at once."""
+        """Start materializing ``name`` over ``partitions`` (default: all) and return its id at once.
+
+        ``partitions`` is a list of partitions or a lazy ``fs.partition_range``; at most
+        ``max_parallel`` run at once. Raises, before anything runs: ``DefinitionError``
+        (bad options, or a tuple of partitions), ``InvalidPartition``, ``NotFound``
+        (unknown asset), ``AccessDenied``, or a storage error when the backfill cannot be
+        saved. Failures of partitions are in ``backfill_status``, not raised.
+        """
         if type(max_parallel) is not int or max_parallel < 1:
             raise DefinitionError(
                 [FieldError("max_parallel", f"must be an int >= 1, got {max_parallel!r}")], asset=name)
@@ -576,7 +598,7 @@ def _lazy(asset: Asset, values: Iterable[Any]) -> PartitionRange | None:
 
 
 def default_io_managers() -> dict[str, Any]:
-    """The built-in IO managers every runtime registers under their SPEC 5 keys unless
+    """The built-in IO managers every runtime registers under their documented keys unless
     the caller passes its own: ``filesystem`` (``.flowstone/storage``), ``parquet``
     (``.flowstone/parquet``), ``s3`` (credentials from the AWS chain, bucket per
     asset) and, when ``FLOWSTONE_DSN`` is set, ``postgres``. Each connects or writes

@@ -1,4 +1,4 @@
-"""Materialization records and the stores that keep them (SPEC 6)."""
+"""Materialization records and the stores that keep them."""
 
 from .memory import MemoryStore as MemoryStore
 from .postgres import PostgresStore as PostgresStore

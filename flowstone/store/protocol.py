@@ -1,4 +1,4 @@
-"""The contract every materialization store keeps (SPEC 6).
+"""The contract every materialization store keeps.
 
 The first seven methods are the public protocol. The rest are what the runtime
 needs to plan and record runs in few round trips; every store FlowStone ships

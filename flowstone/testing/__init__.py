@@ -1,4 +1,4 @@
-"""Tools for testing pipelines built on FlowStone (SPEC 9).
+"""Tools for testing pipelines built on FlowStone.
 
 - ``ConcurrentHarness``: run an operation many times at once; latency percentiles
   and errors by type.

@@ -24,6 +24,7 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import ActorCrashed, FlowstoneError, RuntimeClosed
+from ..plumbing.interrupts import internal
 
 __all__ = [
     "CLEANUP_SECONDS", "DEFERRED", "Crash", "Handle", "Handlers", "Message", "Outcome", "Reply", "open_mailbox",
@@ -244,6 +245,7 @@ Handlers = Mapping[type[Message], Handler]
 """An actor's protocol in one place: the handler of each message type it takes."""
 
 
+@internal  # Ctrl-C goes to the caller's task, not into this loop
 async def serve(name: str, mailbox: MemoryObjectReceiveStream[Message], handlers: Handlers) -> None:
     """Answer each message with the handler of its type, until the mailbox closes.
 

@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..errors import ActorCrashed, RuntimeClosed
+from ..plumbing.interrupts import internal
 from .mailbox import Handle, Message, fail_pending, open_mailbox
 
 __all__ = ["RestartPolicy", "supervise"]
@@ -37,6 +38,7 @@ class RestartPolicy:
     window: float = 60.0
 
 
+@internal  # Ctrl-C goes to the caller's task, not into this loop
 async def supervise(
     name: str,
     incarnation: Incarnation,

@@ -30,6 +30,7 @@ from ..actors.mailbox import DEFERRED, Handle, Handlers, Message, Reply, fail_pe
 from ..errors import FlowstoneError, LeaseLost, RuntimeClosed
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
+from ..plumbing.interrupts import internal
 from ..store.backfills import BackfillSpec, BackfillStatus, Saved
 from ..store.leases import LeaseHeld
 from ..tenancy import tenant_scope
@@ -176,6 +177,7 @@ async def save_retrying(save: Callable[[Saved], Awaitable[None]], saved: Saved) 
             await anyio.sleep(delay)
 
 
+@internal  # Ctrl-C goes to the caller's task, not into this loop
 async def run_backfill(
     spec: BackfillSpec,
     runner: Runner,

@@ -25,6 +25,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ..errors import FlowstoneError, LeaseLost
+from ..plumbing.interrupts import internal
 from ..store.leases import Lease, lost
 from ..tenancy import tenant_scope
 
@@ -73,6 +74,7 @@ class LeaseKeeper:
         if held.valid_until - self.clock() < self.seconds * SAFETY:
             raise lost(lease, f"it could not be renewed for {self.seconds * (1 - SAFETY):.0f}s")
 
+    @internal  # Ctrl-C goes to the caller's task, not into this loop
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:

@@ -23,6 +23,7 @@ __all__ = [
     "Event",
     "EventsDropped",
     "MaterializationCancelled",
+    "MaterializationEvent",
     "MaterializationFailed",
     "MaterializationSkipped",
     "MaterializationStarted",
@@ -40,8 +41,8 @@ class Event:
 
 
 @attrs.frozen(kw_only=True, slots=True)
-class MaterializationStarted(Event):
-    """The function of ``asset`` is about to run for ``partition`` (after approval, if asked)."""
+class MaterializationEvent(Event):
+    """Base of the events of one materialization: its asset, partition key and record."""
 
     asset: str
     partition: str | None
@@ -49,43 +50,34 @@ class MaterializationStarted(Event):
 
 
 @attrs.frozen(kw_only=True, slots=True)
-class MaterializationSucceeded(Event):
+class MaterializationStarted(MaterializationEvent):
+    """The function of ``asset`` is about to run for ``partition`` (after approval, if asked)."""
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class MaterializationSucceeded(MaterializationEvent):
     """The value of ``asset`` for ``partition`` is stored and its record says ``success``."""
 
-    asset: str
-    partition: str | None
-    materialization_id: uuid.UUID
     duration_ms: float | None
 
 
 @attrs.frozen(kw_only=True, slots=True)
-class MaterializationFailed(Event):
+class MaterializationFailed(MaterializationEvent):
     """The materialization failed; ``error`` is its record's one-line ``error_message``.
 
     (Not the exception ``fs.MaterializationFailed``: this one is a fact to watch.)"""
 
-    asset: str
-    partition: str | None
-    materialization_id: uuid.UUID
     error: str
 
 
 @attrs.frozen(kw_only=True, slots=True)
-class MaterializationCancelled(Event):
+class MaterializationCancelled(MaterializationEvent):
     """The materialization was stopped (a cancel, a shutdown) and its record says ``cancelled``."""
-
-    asset: str
-    partition: str | None
-    materialization_id: uuid.UUID
 
 
 @attrs.frozen(kw_only=True, slots=True)
-class MaterializationSkipped(Event):
+class MaterializationSkipped(MaterializationEvent):
     """Nothing to compute: ``materialization_id`` is the up-to-date success reused."""
-
-    asset: str
-    partition: str | None
-    materialization_id: uuid.UUID
 
 
 @attrs.frozen(kw_only=True, slots=True)

@@ -230,9 +230,9 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     return JobResult(record)
 
 
-def _announce(env: Env, kind: type[ev.Event], record: Materialization, **extra: Any) -> None:
+def _announce(env: Env, kind: type[ev.MaterializationEvent], record: Materialization, **extra: Any) -> None:
     """Tell the runtime's watchers about ``record`` (callers check for watchers first)."""
-    env.events.publish(kind(  # type: ignore[call-arg]
+    env.events.publish(kind(
         at=utcnow(), tenant=record.tenant_id, run_id=record.run_id, asset=record.asset_name,
         partition=record.partition, materialization_id=record.id, **extra,
     ))

@@ -230,18 +230,16 @@ async def execute_run(
     the store round trip for the pairs it covers.
     """
     tracer = env.tracing.tracer() if env.tracing is not None else None
-    if tracer is None:
-        return await _execute_run(snapshot, env, guard, request, tenant, run_id, nodes=nodes, prefetched=prefetched)
     run_id = run_id or uuid.uuid4()
+    if tracer is None:
+        return await _execute_run(snapshot, env, guard, request, tenant, run_id, nodes, prefetched)
     with tracer.start_as_current_span(
         "flowstone.run",
         attributes=tracing.attributes(asset=request.target, partition=serialize_partition(request.partition),
                                       tenant=tenant, run_id=str(run_id)),
     ) as span:
         try:
-            result = await _execute_run(
-                snapshot, env, guard, request, tenant, run_id, nodes=nodes, prefetched=prefetched
-            )
+            result = await _execute_run(snapshot, env, guard, request, tenant, run_id, nodes, prefetched)
         except MaterializationFailed:
             span.set_attribute("flowstone.status", "failed")
             raise
@@ -250,18 +248,10 @@ async def execute_run(
 
 
 async def _execute_run(
-    snapshot: Snapshot,
-    env: Env,
-    guard: Guard | None,
-    request: RunRequest,
-    tenant: str | None,
-    run_id: uuid.UUID | None = None,
-    *,
-    nodes: list[_Node] | None = None,
-    prefetched: Prefetched | None = None,
+    snapshot: Snapshot, env: Env, guard: Guard | None, request: RunRequest, tenant: str | None, run_id: uuid.UUID,
+    nodes: list[_Node] | None, prefetched: Prefetched | None,
 ) -> RunResult:
     nodes = plan(snapshot, request) if nodes is None else nodes
-    run_id = run_id or uuid.uuid4()
     guard_context = {**(request.context or {}), "tenant": tenant}
     if guard is not None:
         await _authorize(snapshot, guard, nodes, guard_context)

@@ -57,7 +57,8 @@ def serialize_partition(partition: Any) -> str | None:
 
     ``date`` -> ``"2025-01-15"``; aware ``datetime`` -> UTC ISO-8601 with ``Z``;
     ``str`` -> itself; ``tuple`` -> parts joined with ``|`` (``|`` and ``\\``
-    inside a part are escaped with ``\\``); ``None`` -> ``None``.
+    inside a part are escaped with ``\\``); ``None`` -> ``None``. Raises
+    :class:`~flowstone.InvalidPartition` for a naive datetime or any other type.
     """
     if partition is None:
         return None

@@ -60,7 +60,9 @@ def tenant_scope(tenant: str) -> Iterator[str]:
     """Make ``tenant`` the current tenant for the block (task-local, nestable).
 
     ``with fs.tenant_scope("acme"):`` — everything the block reads and writes is
-    scoped to ``acme``. The id is validated before the block starts.
+    scoped to ``acme``. The id is validated before the block starts: an empty,
+    over-long (more than 128 characters) or control-character id raises
+    :class:`~flowstone.InvalidTenant`.
     """
     token = _current.set(validate_tenant(tenant))
     try:

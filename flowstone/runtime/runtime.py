@@ -497,6 +497,10 @@ async def open_runtime(
     keys), so a bad definition fails here, before anything runs. ``lease_seconds``:
     how long this runtime's leases last unless renewed (renewed every third of it),
     so how long other processes wait before taking over work of one that died.
+
+    Raises ``DefinitionError`` (an invalid pipeline or option, an unknown IO manager
+    or resource key) or ``CycleError`` before anything starts; a store or IO manager
+    that cannot connect raises its storage error when first used.
     """
     assets = pipeline if isinstance(pipeline, Pipeline) else Pipeline("runtime", assets=pipeline)
     managers: dict[str, IOManager] = dict(io_managers or {})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from types import MappingProxyType
@@ -477,6 +476,8 @@ def zone_of(name: str | None) -> tzinfo:
         return timezone.utc
     if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
         raise InvalidPartition(f"timezone must be an IANA name such as 'America/Los_Angeles', got {name!r}")
+    import zoneinfo  # here: UTC-only pipelines never load the time zone database
+
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as error:

@@ -20,7 +20,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..errors import ActorCrashed, RuntimeClosed
-from ..plumbing.interrupts import internal
+from ..plumbing.interrupts import internal, protect_on_trio
 from .mailbox import Handle, Message, fail_pending, open_mailbox
 
 __all__ = ["RestartPolicy", "supervise"]
@@ -50,6 +50,7 @@ async def supervise(
 
     Start with ``handle = await tg.start(supervise, name, incarnation, policy)``.
     """
+    protect_on_trio()
     handle, send, receive = open_mailbox(name)
     crashes: deque[float] = deque()
     try:

@@ -34,7 +34,6 @@ import importlib
 import json
 import logging
 import os
-import runpy
 import signal
 import struct
 import subprocess
@@ -51,7 +50,6 @@ from typing import Any
 import anyio
 import attrs
 from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from ..context import Context
 from ..definitions import Asset, RetryPolicy
@@ -150,6 +148,8 @@ def _main_module() -> tuple[str, str] | None:
 
 class _Worker:
     def __init__(self, process: Process) -> None:
+        from anyio.streams.buffered import BufferedByteReceiveStream  # only once a worker starts
+
         self.process = process
         assert process.stdout is not None
         self.replies = BufferedByteReceiveStream(process.stdout)
@@ -447,6 +447,8 @@ def _main() -> types.ModuleType:
         if how is None:
             raise ImportError("the program has no main module file (python -c?): define the function in a module")
         kind, where = how
+        import runpy
+
         if kind == "module":
             module = importlib.import_module(where)
         else:

@@ -43,6 +43,7 @@ from ..io.memory import MemoryIO
 from ..io.protocol import IOManager
 from ..partitions import PartitionRange, serialize_partition
 from ..pipeline import Pipeline
+from ..plumbing.interrupts import protect_on_trio
 from ..store.memory import MemoryStore
 from ..store.memory_client import MemoryActorClient, stop_gracefully
 from ..store.protocol import MaterializationStore
@@ -502,6 +503,7 @@ async def open_runtime(
     or resource key) or ``CycleError`` before anything starts; a store or IO manager
     that cannot connect raises its storage error when first used.
     """
+    protect_on_trio()
     assets = pipeline if isinstance(pipeline, Pipeline) else Pipeline("runtime", assets=pipeline)
     managers: dict[str, IOManager] = dict(io_managers or {})
     built_in = {key: make() for key, make in default_io_managers().items() if key not in managers}

@@ -176,8 +176,8 @@ class PostgresIO(PostgresClient):
         return _Bound(found, tenant, (tenant, _where(key)[1]) if found.has_tenant else (_where(key)[1],))
 
     async def _table(self, config: Mapping[str, Any]) -> str:
-        """The checked, quoted table of ``config``, created first when asked to."""
-        _check_keys(config or {})
+        """The checked, quoted table of ``config``, created first when asked to (its
+        keys were checked by ``_user_table``, which every caller asks first)."""
         table = sql_table((config or {}).get("table", DEFAULT_TABLE), "PostgresIO table")
         if (config or {}).get("create") and table not in self._created:
             await self.db.run_plain(_create_table, table)

@@ -146,10 +146,7 @@ async def _close(job: Job, env: Env, state: _State, status: Status, message: str
                 record, status, lease=state.lease, error_message=message, **_timing(record)
             )
             if env.events.subscribers:
-                if status is Status.CANCELLED:
-                    _announce(env, ev.MaterializationCancelled, closed)
-                else:
-                    _announce(env, ev.MaterializationFailed, closed, error=message)
+                _announce(env, closed)
         except FlowstoneError as error:
             logging.getLogger("flowstone.runtime").error(
                 "could not record %s as %s: %s", job.asset.name, status.value, error
@@ -182,11 +179,11 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
                 **_timing(record),
             )
             if env.events.subscribers:
-                _announce(env, ev.MaterializationFailed, record, error=record.error_message)
+                _announce(env, record)
             return JobResult(record)
         state.record = record = await store.complete(record, Status.RUNNING, lease=lease, started_at=utcnow())
     if env.events.subscribers:
-        _announce(env, ev.MaterializationStarted, record)
+        _announce(env, record)
     started = time.perf_counter()
     ctx = Context(
         asset=asset,
@@ -216,13 +213,13 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         )
         _log_failure(record, error)
         if env.events.subscribers:
-            _announce(env, ev.MaterializationFailed, record, error=record.error_message)
+            _announce(env, record)
         return JobResult(record, error)
     state.record = record = await store.complete(
         record, Status.SUCCESS, lease=lease, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
     )
     if env.events.subscribers:
-        _announce(env, ev.MaterializationSucceeded, record, duration_ms=record.duration_ms)
+        _announce(env, record)
     if job.marks_stale:
         await store.mark_stale(asset.name, job.key)
     if returns_stored_object(manager):
@@ -230,12 +227,23 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     return JobResult(record)
 
 
-def _announce(env: Env, kind: type[ev.MaterializationEvent], record: Materialization, **extra: Any) -> None:
-    """Tell the runtime's watchers about ``record`` (callers check for watchers first)."""
-    env.events.publish(kind(
-        at=utcnow(), tenant=record.tenant_id, run_id=record.run_id, asset=record.asset_name,
-        partition=record.partition, materialization_id=record.id, **extra,
-    ))
+def _announce(env: Env, record: Materialization) -> None:
+    """Tell the runtime's watchers what ``record`` says now: running (started),
+    success, failed or cancelled. Callers check for watchers first."""
+    fields: dict[str, Any] = {
+        "at": utcnow(), "tenant": record.tenant_id, "run_id": record.run_id, "asset": record.asset_name,
+        "partition": record.partition, "materialization_id": record.id,
+    }
+    event: ev.Event
+    if record.status is Status.SUCCESS:
+        event = ev.MaterializationSucceeded(**fields, duration_ms=record.duration_ms)
+    elif record.status is Status.FAILED:
+        event = ev.MaterializationFailed(**fields, error=record.error_message or "")
+    elif record.status is Status.CANCELLED:
+        event = ev.MaterializationCancelled(**fields)
+    else:
+        event = ev.MaterializationStarted(**fields)
+    env.events.publish(event)
 
 
 @functools.lru_cache(maxsize=4096)

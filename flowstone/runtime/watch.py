@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
 
 import anyio
 
@@ -116,7 +115,3 @@ class Subscription:
         """Events waiting in this subscriber's buffer."""
         return len(self._queue)
 
-
-def make_event(kind: type[Event], **fields: Any) -> Event:
-    """An event stamped now."""
-    return kind(at=utcnow(), **fields)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import NotFound
 from ..partitions import serialize_partition
+from ..plumbing.clock import utcnow
 from ..tenancy import current_tenant
 from . import memory_actor as m
 from .leases import BackfillClaim, FinishedElsewhere, Lease
@@ -42,7 +43,7 @@ class MemoryStore(MemoryActorClient):
         super().__init__(data=data if data is not None or now is None else m.MemoryData(now=now))
 
     async def create(self, **fields: Any) -> Materialization:
-        record = new_record(fields, current_tenant(), m.utcnow())
+        record = new_record(fields, current_tenant(), utcnow())
         if "id" in fields:  # the caller's id may clash: wait for the answer
             return await self.handle.call(m.Create, record=record)
         await self.handle.cast(m.Create(record=record))
@@ -52,7 +53,7 @@ class MemoryStore(MemoryActorClient):
         self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
     ) -> tuple[Materialization, Lease]:
         tenant = current_tenant()
-        record = new_record(fields, tenant, m.utcnow())
+        record = new_record(fields, tenant, utcnow())
         leases = self._data.leases
         done = leases.finished((tenant, record.asset_name, record.partition), unless_done)
         if done is not None:
@@ -99,7 +100,7 @@ class MemoryStore(MemoryActorClient):
         leases = self._data.leases
         if lease is not None:
             leases.check(lease)
-        new = evolve(record, status=status, updated_at=m.utcnow(), **update_fields(fields))
+        new = evolve(record, status=status, updated_at=utcnow(), **update_fields(fields))
         await self.handle.cast(m.Replace(record=new, expected=record.status, lease=lease))
         if lease is not None and status in TERMINAL:
             # Released once the write is queued: whoever takes the lease next

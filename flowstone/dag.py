@@ -92,6 +92,7 @@ class AssetGraph:
         return tuple(self._assets.values())
 
     def get(self, name: str) -> Asset:
+        """The asset called ``name``. Raises ``NotFound`` listing the known names."""
         try:
             return self._assets[name]
         except (KeyError, TypeError):
@@ -160,6 +161,7 @@ class AssetGraph:
         return errors
 
     def check_cycles(self) -> None:
+        """Raise ``CycleError`` naming the first cycle, if the graph has any."""
         cycles = self.cycles()
         if cycles:
             raise CycleError(cycles[0])
@@ -167,7 +169,8 @@ class AssetGraph:
     # ----------------------------------------------------------------- queries
 
     def dependencies(self, name: str) -> set[str]:
-        """Every asset ``name`` reads, directly or through others."""
+        """Every asset ``name`` reads, directly or through others. Raises ``NotFound``
+        for an unknown name."""
         return set(self._ancestors(name))
 
     def has_readers(self, name: str) -> bool:
@@ -176,7 +179,8 @@ class AssetGraph:
         return bool(self._graph.succ[name])
 
     def dependents(self, name: str) -> set[str]:
-        """Every asset that reads ``name``, directly or through others."""
+        """Every asset that reads ``name``, directly or through others. Raises
+        ``NotFound`` for an unknown name."""
         self.get(name)
         return set(nx.descendants(self._graph, name))
 
@@ -189,7 +193,10 @@ class AssetGraph:
         return found
 
     def execution_order(self, target: str) -> list[str]:
-        """``target`` and everything it depends on, dependencies first."""
+        """``target`` and everything it depends on, dependencies first.
+
+        Raises ``NotFound`` for an unknown target, ``CycleError`` when a cycle is
+        among them and ``DefinitionError`` for an unknown dependency."""
         order = self._memo.get(("order", target))
         if order is None:
             names = self._plan(target)
@@ -200,6 +207,7 @@ class AssetGraph:
         """Groups that can run concurrently: each layer depends only on earlier ones.
 
         With a ``target``, only it and its dependencies; otherwise every asset.
+        Raises as :meth:`execution_order` does.
         """
         names = self._plan(target)
         depth = self._ranks[1]
@@ -230,12 +238,14 @@ def _cycle_problem(cycle: list[str]) -> FieldError:
 
 
 def execution_order(target: str, assets: Assets) -> list[str]:
-    """The target and everything it depends on, dependencies first."""
+    """The target and everything it depends on, dependencies first; raises as
+    :meth:`AssetGraph.execution_order` does."""
     return AssetGraph.of(assets).execution_order(target)
 
 
 def execution_layers(assets: Assets, target: str | None = None) -> list[list[str]]:
-    """Layers of assets that can run concurrently, dependencies first."""
+    """Layers of assets that can run concurrently, dependencies first; raises as
+    :meth:`AssetGraph.execution_order` does."""
     return AssetGraph.of(assets).layers(target)
 
 
@@ -245,10 +255,10 @@ def check_cycles(assets: Assets) -> None:
 
 
 def dependencies(name: str, assets: Assets) -> set[str]:
-    """Every asset that ``name`` depends on, transitively."""
+    """Every asset that ``name`` depends on, transitively; ``NotFound`` if unknown."""
     return AssetGraph.of(assets).dependencies(name)
 
 
 def dependents(name: str, assets: Assets) -> set[str]:
-    """Every asset that depends on ``name``, transitively."""
+    """Every asset that depends on ``name``, transitively; ``NotFound`` if unknown."""
     return AssetGraph.of(assets).dependents(name)

@@ -355,9 +355,13 @@ class PartitionsDefinition:
     kind: ClassVar[PartitionKind]
 
     def keys(self, start: Any = None, end: Any = None) -> list[Any]:
+        """The partitions from ``start`` to ``end`` (both included, either open).
+        Raises ``InvalidPartition`` for a bound that is not a partition here."""
         raise NotImplementedError
 
     def validate(self, partition: Any) -> Any:
+        """The canonical value of ``partition`` (or of its string key). Raises
+        ``InvalidPartition`` saying what a partition here looks like."""
         raise NotImplementedError
 
     def validate_range(self, partitions: PartitionRange) -> PartitionRange | None:
@@ -368,7 +372,8 @@ class PartitionsDefinition:
         return None
 
     def key(self, partition: Any) -> str:
-        """The string key of a partition of this definition, validated first."""
+        """The string key of a partition of this definition, validated first
+        (``InvalidPartition`` otherwise)."""
         key = serialize_partition(self.validate(partition))
         assert key is not None
         return key
@@ -645,6 +650,7 @@ class StaticPartitions(PartitionsDefinition):
         return list(self.partition_keys[lo:hi])
 
     def validate(self, partition: Any) -> str:
+        """``partition`` itself; ``InvalidPartition`` listing the keys if it is not one."""
         if type(partition) is not str or partition not in self._positions:
             shown = ", ".join(repr(k) for k in self.partition_keys[:10])
             more = ", ..." if len(self.partition_keys) > 10 else ""
@@ -703,6 +709,8 @@ class CompositePartitions(PartitionsDefinition):
         return bound
 
     def validate(self, partition: Any) -> tuple[Any, ...]:
+        """The canonical tuple, one value per dimension (the key string is read too);
+        ``InvalidPartition`` naming the dimension that refuses its value."""
         if isinstance(partition, str):
             partition = deserialize_partition(partition, self.kind)
         if not isinstance(partition, tuple) or len(partition) != len(self.dimensions):

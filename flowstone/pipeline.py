@@ -60,7 +60,8 @@ class Pipeline:
         return item
 
     def asset(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
-        """``fs.asset`` that also adds the asset to this pipeline."""
+        """``fs.asset`` that also adds the asset to this pipeline; raises
+        ``DefinitionError`` as ``fs.asset`` does."""
         if fn is not None:
             return self.add(asset(fn, **options))
         make = asset(**options)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import anyio
 import attrs
@@ -35,6 +35,7 @@ log = logging.getLogger("flowstone.actors")
 
 T = TypeVar("T")
 R = TypeVar("R")
+P = ParamSpec("P")
 
 MAILBOX_SIZE = 1024
 """Messages an actor may have queued before senders wait: deep enough that a
@@ -119,25 +120,18 @@ class Handle:
     name: str
     _mailbox: MemoryObjectSendStream[Message] = attrs.field(repr=False)
 
-    async def call(
-        self,
-        message_type: type[Message[R]],
-        /,
-        *,
-        on_cancel: Callable[[Reply, Outcome[Any] | None], Awaitable[None]] | None = None,
-        **fields: Any,
-    ) -> R:
+    async def call(self, message_type: Callable[P, Message[R]], /, *args: P.args, **fields: P.kwargs) -> R:
         """Send a request and wait for its answer; errors arrive as raised errors.
 
-        If the caller is cancelled while waiting, ``on_cancel(reply, late)`` runs
-        shielded (bounded by :data:`CLEANUP_SECONDS`) so the actor can learn that
-        this waiter is gone: ``reply`` identifies the request, and ``late`` is an
-        answer that arrived as the cancellation did (a lease to hand back), if any.
+        The message's fields are checked against its class by the type checker,
+        and the answer is typed by the class (``Message[R]`` answers ``R``).
         """
-        pending = await self.request(message_type, **fields)
-        return await pending.result(on_cancel)
+        pending = await self.request(message_type, *args, **fields)
+        return await pending.result()
 
-    async def request(self, message_type: type[Message[R]], /, **fields: Any) -> PendingCall[R]:
+    async def request(
+        self, message_type: Callable[P, Message[R]], /, *args: P.args, **fields: P.kwargs
+    ) -> PendingCall[R]:
         """Post a request now and read its answer later (``PendingCall.result``).
 
         Lets a caller ask several actors at once and pay one event-loop turn for
@@ -145,8 +139,9 @@ class Handle:
         """
         send, receive = anyio.create_memory_object_stream[Outcome[Any]](1)
         reply = Reply(send)
+        make: Callable[..., Message[R]] = message_type  # the reply is the one field callers do not give
         try:
-            await self._post(message_type(reply=reply, **fields))
+            await self._post(make(*args, reply=reply, **fields))
         except BaseException:
             send.close()
             receive.close()

@@ -25,7 +25,12 @@ class IOManager(Protocol):
         """The stored value; raises ``fs.NotFound`` when there is none."""
         ...
 
-    async def store(self, asset: str, value: Any, partition: Any, config: Mapping[str, Any]) -> None: ...
+    async def store(self, asset: str, value: Any, partition: Any, config: Mapping[str, Any]) -> None:
+        """Keep ``value``, replacing what was there. Raises ``SerializationError``
+        for a value the manager cannot encode (nothing stored is lost) and
+        ``StorageError`` when the backend refuses (``transient`` says whether a
+        retry may help)."""
+        ...
 
     async def delete(self, asset: str, partition: Any, config: Mapping[str, Any]) -> None:
         """Remove the value; deleting a missing value is not an error."""

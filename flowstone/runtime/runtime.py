@@ -656,6 +656,8 @@ def materialize(
     ``runtime_options`` go to :func:`open_runtime`. With the default in-memory
     store nothing is kept between calls; pass the same ``store`` and
     ``io_managers`` objects to keep records and values.
+
+    Raises what :func:`open_runtime` and :meth:`Runtime.materialize` raise.
     """
 
     async def main() -> RunResult:

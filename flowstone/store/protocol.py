@@ -21,13 +21,20 @@ __all__ = ["MaterializationStore"]
 class MaterializationStore(Protocol):
     """Records of materializations, scoped to ``current_tenant()`` on every call."""
 
-    async def create(self, **fields: Any) -> Materialization: ...
+    async def create(self, **fields: Any) -> Materialization:
+        """A new record in the caller's tenant. Raises ``InvalidIdentifier`` or
+        ``InvalidPartition`` for a bad name or key, ``StorageError`` when the
+        store cannot write (``DatabaseUnavailable`` when it cannot be reached)."""
+        ...
 
     async def get(self, asset_name: str, partition: Any) -> Materialization:
         """The latest record (any status) for the asset and partition; raises NotFound."""
         ...
 
-    async def get_by_run_id(self, run_id: uuid.UUID | str) -> list[Materialization]: ...
+    async def get_by_run_id(self, run_id: uuid.UUID | str) -> list[Materialization]:
+        """Every record of a run in the caller's tenant, in creation order (an empty
+        list for an unknown run). Raises ``NotFound`` for a string that is not a UUID."""
+        ...
 
     async def update_status(self, id: uuid.UUID | str, status: Status | str, **fields: Any) -> Materialization:
         """Move a record along the status machine; raises InvalidTransition otherwise."""
@@ -41,7 +48,10 @@ class MaterializationStore(Protocol):
 
     # ---- what the runtime needs beyond the public protocol
 
-    async def get_by_id(self, id: uuid.UUID | str) -> Materialization: ...
+    async def get_by_id(self, id: uuid.UUID | str) -> Materialization:
+        """The record with that id in the caller's tenant. Raises ``NotFound``, also
+        for another tenant's id and for a string that is not a UUID."""
+        ...
 
     async def latest_successes(
         self, pairs: Iterable[tuple[str, str | None]]

@@ -130,10 +130,14 @@ async def test_a_runtime_shutting_down_cancels_its_work_it_fails_none(anyio_back
 
 
 _CTRL_C = """
-import json, sys, time
+import json, signal, sys, time
 from datetime import date
 import anyio
 import flowstone as fs
+
+# As at a terminal: a shell that starts the tests in the background makes its
+# children ignore SIGINT, and Python then never raises KeyboardInterrupt.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DAILY = fs.DailyPartitions(start=date(2025, 1, 1), end=date(2025, 1, 10))
 

@@ -37,7 +37,7 @@ from ..errors import (
     SerializationError,
 )
 from ..partitions import serialize_partition
-from ..plumbing.jsonvalues import plain, storable_text, text_problem, to_json
+from ..plumbing.jsonvalues import plain, storable_text, to_json
 from ..postgres.database import PostgresClient
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
@@ -55,6 +55,7 @@ from .records import (
     new_record,
     parse_id,
     to_status,
+    unstorable_text,
     update_fields,
 )
 
@@ -876,28 +877,13 @@ def _row(record: Materialization, expected: Status | None) -> str:
         "updated_at": _iso(record.updated_at),
         "error_traceback": record.error_traceback,
     }, ensure_ascii=False)
-    problem = _text_problem(record)
+    problem = unstorable_text(record)
     if problem is not None:
         raise SerializationError(
             f"a record field holds {problem}, which PostgreSQL text cannot store",
             asset=record.asset_name, partition=record.partition,
         )
     return f'{head[:-1]},"metadata":{metadata}}}'
-
-
-def _text_problem(record: Materialization) -> str | None:
-    """Why a text field of the record cannot be stored (a NUL, a lone surrogate), or None."""
-    texts = [record.partition, record.error_message, record.error_traceback, record.executor_node,
-             record.dependency_hash]
-    texts += record.upstream_assets
-    for name, keys in record.upstream_partitions.items():
-        texts.append(name)
-        texts.extend(keys)
-    for text in texts:
-        problem = None if text is None else text_problem(text)
-        if problem is not None:
-            return problem
-    return None
 
 
 def _json(value: Any) -> Any:

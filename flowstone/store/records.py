@@ -15,6 +15,7 @@ from ..definitions import FieldError
 from ..errors import DefinitionError, InvalidTransition, NotFound
 from ..identifiers import check_identifier
 from ..partitions import serialize_partition
+from ..plumbing.jsonvalues import text_problem
 
 __all__ = [
     "ACTIVE", "CURRENT", "ORPHAN_ENDING", "TERMINAL", "TRANSITIONS", "Materialization", "Status", "check_transition",
@@ -203,3 +204,18 @@ def update_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     if "upstream_assets" in values:
         values["upstream_assets"] = tuple(values["upstream_assets"])
     return values
+
+
+def unstorable_text(record: Materialization) -> str | None:
+    """Why a text field of the record cannot be stored (a NUL, a lone surrogate), or None."""
+    texts = [record.partition, record.error_message, record.error_traceback, record.executor_node,
+             record.dependency_hash]
+    texts += record.upstream_assets
+    for name, keys in record.upstream_partitions.items():
+        texts.append(name)
+        texts.extend(keys)
+    for text in texts:
+        problem = None if text is None else text_problem(text)
+        if problem is not None:
+            return problem
+    return None

@@ -22,7 +22,7 @@ import anyio
 
 import flowstone as fs
 from flowstone.plumbing.clock import utcnow
-from flowstone.runtime import threads
+from flowstone.plumbing import threads
 from flowstone.runtime.hashing import dependency_hash
 from flowstone.store.records import new_record
 

@@ -39,10 +39,11 @@ from ..errors import (
 )
 from ..io.memory import private_copy
 from ..io.protocol import LoadsMany, returns_stored_object
+from ..plumbing import threads
 from ..plumbing.clock import utcnow
 from ..store.leases import Lease
 from ..store.records import ACTIVE, Materialization, Status
-from . import threads, tracing
+from . import tracing
 from .executor import AwaitApproval, Env, JobResult
 from .processes import run_in_process
 

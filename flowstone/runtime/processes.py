@@ -64,8 +64,8 @@ from ..partitions import (
     deserialize_partition,
     serialize_partition,
 )
+from ..plumbing import threads
 from ..tenancy import tenant_scope
-from . import threads
 
 __all__ = ["ProcessPool", "WorkerFailure", "run_in_process"]
 

@@ -7,3 +7,4 @@ from .records import TERMINAL as TERMINAL
 from .records import TRANSITIONS as TRANSITIONS
 from .records import Materialization as Materialization
 from .records import Status as Status
+from .sqlite import SqliteStore as SqliteStore

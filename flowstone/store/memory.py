@@ -128,6 +128,9 @@ class MemoryStore(MemoryActorClient):
     async def partitions_of(self, asset_name: str) -> dict[str | None, Materialization]:
         return await self.handle.call(m.AllPartitions, tenant=current_tenant(), asset=asset_name)
 
+    async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
+        return await self.handle.call(m.PartitionStates, tenant=current_tenant(), asset=asset_name)
+
     async def mark_stale(self, asset_name: str, partition: str | None) -> None:
         await self.handle.cast(m.MarkStale(tenant=current_tenant(), asset=asset_name, partition=partition))
 

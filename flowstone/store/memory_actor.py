@@ -179,6 +179,14 @@ class AllPartitions(Message[dict[str | None, Materialization]]):
 
 
 @attrs.frozen(kw_only=True)
+class PartitionStates(Message[dict[str | None, Status]]):
+    """The status of the latest record of every partition of one asset, by key."""
+
+    tenant: str | None
+    asset: str
+
+
+@attrs.frozen(kw_only=True)
 class MarkStale(Message[list[Materialization]]):
     tenant: str | None
     asset: str
@@ -247,6 +255,7 @@ class _Handlers:
             All: self.all,
             LatestSuccesses: self.latest_successes,
             AllPartitions: self.all_partitions,
+            PartitionStates: self.partition_states,
             MarkStale: self.mark_stale,
             PutValue: self.put_value,
             GetValue: self.get_value,
@@ -419,6 +428,14 @@ class _Handlers:
         return {
             key: records[record_id]
             for (tenant, asset, key), record_id in self.data.latest_success.items()
+            if tenant == m.tenant and asset == m.asset
+        }
+
+    def partition_states(self, m: PartitionStates) -> dict[str | None, Status]:
+        records = self.data.records
+        return {
+            key: records[record_id].status
+            for (tenant, asset, key), record_id in self.data.latest.items()
             if tenant == m.tenant and asset == m.asset
         }
 

@@ -565,6 +565,16 @@ class PostgresStore(PostgresClient):
         )
         return {record.partition: record for record in map(_record, rows)}
 
+    async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
+        tenant = current_tenant()
+        rows = await self.db.run(
+            tenant, _fetch,
+            f"SELECT DISTINCT ON (partition) partition, status FROM {TABLE} WHERE tenant_id = $1 AND asset_name = $2 "
+            "ORDER BY partition, seq DESC",
+            tenant or "", asset_name,
+        )
+        return {row[0]: Status(row[1]) for row in rows}
+
     # --------------------------------------------------------- backfills
 
     async def save_backfill(self, id: uuid.UUID, state: Any, *, owner: str | None = None) -> None:

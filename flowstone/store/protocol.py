@@ -63,6 +63,11 @@ class MaterializationStore(Protocol):
         """Latest ``success``/``stale`` record of every partition of an asset, by key."""
         ...
 
+    async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
+        """The status of the latest record of every partition of an asset that has
+        one, by key: what ``flowstone status`` summarizes (one query, no records built)."""
+        ...
+
     async def complete(
         self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
     ) -> Materialization:

@@ -188,6 +188,21 @@ class StoreContract:
         assert sorted(await store.partitions_of("a")) == ["1", "2"]
         assert await store.partitions_of("nothing") == {}
 
+    async def test_partition_states_are_the_latest_record_of_each_partition(self, store):
+        ok = await store.complete(await store.create(asset_name="a", partition="1", status=Status.RUNNING),
+                                  Status.SUCCESS)
+        await store.create(asset_name="a", partition="1", status=Status.FAILED)  # a later attempt failed
+        await store.complete(await store.create(asset_name="a", partition="2", status=Status.RUNNING),
+                             Status.SUCCESS)
+        await store.update_status(ok.id, Status.STALE)
+        await store.create(asset_name="a", status=Status.RUNNING)
+        await store.create(asset_name="b", partition="9", status=Status.FAILED)
+        with fs.tenant_scope("other"):
+            await store.create(asset_name="a", partition="3", status=Status.FAILED)
+            assert await store.partition_states("a") == {"3": Status.FAILED}
+        assert await store.partition_states("a") == {"1": Status.FAILED, "2": Status.SUCCESS, None: Status.RUNNING}
+        assert await store.partition_states("nothing") == {}
+
     async def test_mark_stale_follows_lineage_transitively(self, store):
         async def success(name, key, reads):
             record = await store.create(

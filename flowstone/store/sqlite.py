@@ -1,0 +1,648 @@
+"""``fs.store.SqliteStore``: materialization records in one SQLite file.
+
+The embedded default of the command line, the daemon and the web view: nothing
+to install or run, and several processes may use one file at once (WAL: readers
+never wait for the writer; writers take turns on SQLite's lock, waiting up to the
+busy timeout). Each store object has one connection on a thread of its own
+(``sqlite_thread``), which group-commits the writes queued while it worked.
+
+Tenancy: SQLite has no row-level security, so every statement here names the
+caller's tenant (``tenant_id``, '' for none) and every index leads with it. The
+logic of leases and backfill owners is the PostgreSQL store's, written as
+Python over a write transaction: SQLite runs one writer at a time, so what
+PostgreSQL does with row locks, the write lock does here.
+
+Durability: ``synchronous=FULL`` by default (each commit is on disk before the
+caller hears of it); ``synchronous="NORMAL"`` trades the last commits before a
+power cut (never an application crash) for fewer fsyncs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Collection, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from ..definitions import FieldError
+from ..errors import (
+    BackfillNotFound,
+    BackfillOwned,
+    DatabaseError,
+    DatabaseUnavailable,
+    DefinitionError,
+    InvalidTransition,
+    LeaseLost,
+    NotFound,
+    SerializationError,
+)
+from ..partitions import serialize_partition
+from ..plumbing.jsonvalues import plain, storable_text, to_json
+from ..tenancy import current_tenant
+from .backfills import saved_from_json, saved_to_json
+from .leases import BackfillClaim, FinishedElsewhere, Lease, LeaseHeld, lost
+from .records import (
+    CURRENT,
+    TERMINAL,
+    Materialization,
+    Status,
+    check_limit,
+    check_transition,
+    evolve,
+    new_record,
+    parse_id,
+    to_status,
+    unstorable_text,
+    update_fields,
+)
+from .sqlite_batches import Connections
+from .sqlite_schema import migrate as _migrate
+
+__all__ = ["DEFAULT_URL", "SqliteStore", "sqlite_path"]
+
+DEFAULT_URL = "sqlite:///.flowstone/flowstone.db"
+
+BUSY_TIMEOUT = 30.0
+"""Seconds a writer waits for another process's write lock before giving up."""
+
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs", "davfs",
+    "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone", "fuse.davfs", "fuse.glusterfs",
+})
+"""Where SQLite's file locks are not to be trusted (its own documentation warns of
+corruption): such a location is refused."""
+
+WAIT_POLL = (0.005, 0.25)
+"""First and longest pause between looks at a lease another process holds."""
+
+_TABLE = "flowstone_materializations"
+_COLUMNS = (
+    "id, tenant_id, asset_name, partition, run_id, status, started_at, completed_at, duration_ms, "
+    "upstream_assets, upstream_partitions, dependency_hash, metadata, error_message, error_traceback, "
+    "executor_node, inserted_at, updated_at"
+)
+_SELECT = f"SELECT {_COLUMNS} FROM {_TABLE}"
+_INSERT = f"INSERT INTO {_TABLE} ({_COLUMNS}) VALUES ({', '.join('?' * 18)})"
+_REWRITE = f"""UPDATE {_TABLE} SET status = ?, started_at = ?, completed_at = ?, duration_ms = ?,
+    upstream_assets = ?, upstream_partitions = ?, dependency_hash = ?, metadata = ?, error_message = ?,
+    error_traceback = ?, executor_node = ?, updated_at = ?
+    WHERE id = ? AND tenant_id = ? AND status = ?"""
+_CURRENT = "status IN ('success', 'stale')"
+_SUPERSEDE = f"""UPDATE {_TABLE} SET status = 'superseded', updated_at = ?
+    WHERE tenant_id = ? AND asset_name = ? AND partition IS ? AND {_CURRENT} AND id <> ?"""
+_CLOSE = f"""UPDATE {_TABLE} SET status = CASE status WHEN 'running' THEN 'failed' ELSE 'cancelled' END,
+    completed_at = ?, updated_at = ?, error_message = ?"""
+_ACTIVE = "status IN ('pending', 'running', 'waiting_approval')"
+_LEASE_KEY = "tenant_id = ? AND asset_name = ? AND partitioned = ? AND partition = ?"
+_RELEASED = float("-inf")
+
+
+def sqlite_path(url: str | os.PathLike[str]) -> str:
+    """The file of a ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` URL,
+    or of a plain path. The store is a file shared by processes: ``:memory:`` is
+    refused (use ``MemoryStore``)."""
+    text = os.fspath(url)
+    if text.startswith("sqlite://"):
+        rest = text[len("sqlite://"):]
+        if not rest.startswith("/"):
+            raise DefinitionError([FieldError("store", f"a SQLite URL is sqlite:///path, got {text!r}")])
+        text = rest[1:]
+    if not text or text == ":memory:" or text.startswith("file:"):
+        raise DefinitionError([FieldError(
+            "store", f"the SQLite store needs a file path (sqlite:///path/to/flowstone.db), got {os.fspath(url)!r}; "
+            "for a store in memory use fs.store.MemoryStore()")])
+    return text
+
+
+class SqliteStore:
+    """Records in one SQLite file: ``SqliteStore(".flowstone/flowstone.db")`` (or a
+    ``sqlite:///`` URL). The file and its folder are made on first use and the
+    schema migrated then; ``await store.close()`` (or ``async with``) ends the
+    store's connection thread. Raises ``DatabaseUnavailable`` on first use when the
+    location is read-only, and ``DatabaseError`` when it is on a network filesystem.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_URL, *, synchronous: str = "FULL") -> None:
+        self.path = sqlite_path(path)
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise DefinitionError([FieldError("synchronous", f"must be FULL, NORMAL or EXTRA, got {synchronous!r}")])
+        self.synchronous = synchronous.upper()
+        self._db = Connections(self.path, self._prepare)
+        self._applied: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self.path!r})"
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        """On a thread, before first use: check the location, configure, migrate."""
+        check_location(self.path)
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise DatabaseError(f"SQLite could not use write-ahead logging for {self.path} (mode {mode})")
+        connection.execute(f"PRAGMA synchronous = {self.synchronous}")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            self._applied = _migrate(connection)
+            connection.execute("COMMIT")
+        finally:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+
+    async def migrate(self) -> list[int]:
+        """Create or upgrade the schema (idempotent, safe from several processes at
+        once); the versions applied now. The store also does this on first use."""
+        applied = list(self._applied)
+        applied += await self._db.write(_migrate)
+        self._applied = []
+        return applied
+
+    async def close(self) -> None:
+        self._db.close()
+
+    async def __aenter__(self) -> SqliteStore:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- writes
+
+    async def create(self, **fields: Any) -> Materialization:
+        tenant = current_tenant()
+        record = new_record(fields, tenant, _utcnow())
+        values = _values(record)
+        await self._db.write(lambda c: _insert(c, record, values))
+        return record
+
+    async def begin(
+        self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
+    ) -> tuple[Materialization, Lease]:
+        tenant = current_tenant()
+        record = new_record(fields, tenant, _utcnow())
+        values = _values(record)
+        fence = await self._db.write(lambda c: _begin(c, record, values, owner, seconds, unless_done))
+        return record, Lease(tenant, record.asset_name, record.partition, owner, fence)
+
+    async def complete(
+        self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
+    ) -> Materialization:
+        tenant = current_tenant()
+        if record.tenant_id != tenant:
+            raise NotFound(f"no materialization with id {str(record.id)!r}", tenant=tenant)
+        check_transition(record.status, status, record)
+        changes = update_fields(fields)
+        for name in ("error_message", "error_traceback"):  # an exception's text: keep it, minus the unstorable
+            if changes.get(name):
+                changes[name] = storable_text(changes[name])
+        new = evolve(record, status=status, updated_at=_utcnow(), **changes)
+        values = _values(new)
+        await self._db.write(lambda c: _rewrite(c, new, values, record.status, lease))
+        return new
+
+    async def update_status(self, id: uuid.UUID | str, status: Status | str, **fields: Any) -> Materialization:
+        record_id, target, changes = parse_id(id), to_status(status), update_fields(fields)
+        tenant = _tenant()
+        return await self._db.write(lambda c: _update_status(c, tenant, record_id, target, changes))
+
+    async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:
+        if not fences:
+            return set()
+        tenant, wanted = _tenant(), list(fences)
+
+        def renew(c: sqlite3.Connection) -> set[int]:
+            marks = ", ".join("?" * len(wanted))
+            rows = c.execute(
+                f"UPDATE flowstone_leases SET expires_at = ? WHERE tenant_id = ? AND owner = ? AND fence IN ({marks}) "
+                "RETURNING fence",
+                (time.time() + seconds, tenant, owner, *wanted),
+            ).fetchall()
+            return {row[0] for row in rows}
+
+        return await self._db.write(renew)
+
+    async def wait_lease(self, asset_name: str, partition: str | None, fence: int, timeout: float) -> None:
+        key = (_tenant(), asset_name, partition is not None, partition or "")
+
+        def live(c: sqlite3.Connection) -> bool:
+            row = c.execute(f"SELECT fence, expires_at FROM flowstone_leases WHERE {_LEASE_KEY}", key).fetchone()
+            return row is not None and row[0] == fence and row[1] > time.time()
+
+        pause, longest = WAIT_POLL
+        with anyio.move_on_after(timeout):
+            while await self._db.read(live):
+                # Polling, bounded: another process holds it, and SQLite cannot notify.
+                await anyio.sleep(pause)
+                pause = min(pause * 2, longest)
+
+    async def close_orphans(self, owner: str, message: str) -> int:
+        tenant, text, now = _tenant(), storable_text(message), _iso(_utcnow())
+
+        def close(c: sqlite3.Connection) -> int:
+            c.execute(
+                "UPDATE flowstone_leases SET owner = '', expires_at = ?, done_id = NULL, done_hash = NULL "
+                "WHERE tenant_id = ? AND owner = ?",
+                (_RELEASED, tenant, owner),
+            )
+            prefix = f"{owner}/"
+            return c.execute(
+                f"{_CLOSE} WHERE tenant_id = ? AND {_ACTIVE} AND substr(executor_node, 1, ?) = ?",
+                (now, now, text, tenant, len(prefix), prefix),
+            ).rowcount
+
+        return await self._db.write(close)
+
+    async def mark_stale(self, asset_name: str, partition: str | None) -> None:
+        tenant = _tenant()
+        await self._db.write(lambda c: _mark_stale(c, tenant, asset_name, partition))
+
+    # ----------------------------------------------------------------- reads
+
+    async def get(self, asset_name: str, partition: Any = None) -> Materialization:
+        key, tenant = serialize_partition(partition), _tenant()
+        row = await self._db.read(lambda c: c.execute(
+            f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND partition IS ? ORDER BY seq DESC LIMIT 1",
+            (tenant, asset_name, key),
+        ).fetchone())
+        if row is None:
+            raise NotFound("no materialization", asset=asset_name, partition=key, tenant=tenant or None)
+        return _record(row)
+
+    async def get_by_id(self, id: uuid.UUID | str) -> Materialization:
+        record_id, tenant = parse_id(id), _tenant()
+        row = await self._db.read(lambda c: _by_id(c, tenant, record_id))
+        if row is None:
+            raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant or None)
+        return _record(row)
+
+    async def get_by_run_id(self, run_id: uuid.UUID | str) -> list[Materialization]:
+        run, tenant = str(parse_id(run_id, "run")), _tenant()
+        return await self._read_records(f"{_SELECT} WHERE tenant_id = ? AND run_id = ? ORDER BY seq", (tenant, run))
+
+    async def exists(self, asset_name: str, partition: Any = None) -> bool:
+        key, tenant = serialize_partition(partition), _tenant()
+        row = await self._db.read(lambda c: c.execute(
+            f"SELECT 1 FROM {_TABLE} WHERE tenant_id = ? AND asset_name = ? AND partition IS ? LIMIT 1",
+            (tenant, asset_name, key),
+        ).fetchone())
+        return row is not None
+
+    async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]:
+        wanted, count = to_status(status), check_limit(limit)
+        return await self._read_records(
+            f"{_SELECT} WHERE tenant_id = ? AND status = ? ORDER BY seq DESC LIMIT ?", (_tenant(), wanted.value, count)
+        )
+
+    async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]:
+        count, tenant = check_limit(limit), _tenant()
+        if asset_name is None:
+            return await self._read_records(
+                f"{_SELECT} WHERE tenant_id = ? ORDER BY seq DESC LIMIT ?", (tenant, count))
+        return await self._read_records(
+            f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? ORDER BY seq DESC LIMIT ?", (tenant, asset_name, count)
+        )
+
+    async def latest_successes(
+        self, pairs: Iterable[tuple[str, str | None]]
+    ) -> dict[tuple[str, str | None], Materialization]:
+        wanted, tenant = list(pairs), _tenant()
+        if not wanted:
+            return {}
+
+        def find(c: sqlite3.Connection) -> list[Any]:
+            rows = []
+            for asset, key in wanted:
+                row = c.execute(
+                    f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND partition IS ? AND {_CURRENT}",
+                    (tenant, asset, key),
+                ).fetchone()
+                if row is not None:
+                    rows.append(row)
+            return rows
+
+        return {(r.asset_name, r.partition): r for r in map(_record, await self._db.read(find))}
+
+    async def partitions_of(self, asset_name: str) -> dict[str | None, Materialization]:
+        records = await self._read_records(
+            f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND {_CURRENT}", (_tenant(), asset_name))
+        return {record.partition: record for record in records}
+
+    async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
+        tenant = _tenant()
+        rows = await self._db.read_many(lambda c: c.execute(
+            f"""SELECT partition, status FROM {_TABLE} WHERE seq IN (
+                    SELECT max(seq) FROM {_TABLE} WHERE tenant_id = ? AND asset_name = ? GROUP BY partition)""",
+            (tenant, asset_name),
+        ).fetchall())
+        return {key: Status(status) for key, status in rows}
+
+    async def _read_records(self, sql: str, args: tuple[Any, ...]) -> list[Materialization]:
+        rows = await self._db.read_many(lambda c: c.execute(sql, args).fetchall())
+        return [_record(row) for row in rows]
+
+    # ------------------------------------------------------------- backfills
+
+    async def save_backfill(self, id: uuid.UUID, state: Any, *, owner: str | None = None) -> None:
+        tenant = _tenant()
+        spec, status, state_name = saved_to_json(state)
+
+        def save(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT tenant_id, owner FROM flowstone_backfills WHERE id = ?", (str(id),)).fetchone()
+            if row is not None and (row[0] != tenant or row[1] != owner):
+                raise LeaseLost(
+                    f"backfill {str(id)!r} is now driven by another process; {owner} may no longer save it",
+                    tenant=tenant or None,
+                )
+            c.execute(
+                """INSERT INTO flowstone_backfills
+                       (id, tenant_id, asset_name, state, spec, status, owner, heartbeat_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (id) DO UPDATE SET state = excluded.state, status = excluded.status,
+                       spec = excluded.spec, heartbeat_at = excluded.heartbeat_at, updated_at = excluded.updated_at""",
+                (str(id), tenant, state.spec.asset, state_name, spec, status, owner, time.time(), _iso(_utcnow())),
+            )
+
+        await self._db.write(save)
+
+    async def load_backfill(self, id: uuid.UUID) -> Any:
+        tenant = _tenant()
+        row = await self._db.read(lambda c: c.execute(
+            "SELECT spec, status FROM flowstone_backfills WHERE id = ? AND tenant_id = ?", (str(id), tenant)
+        ).fetchone())
+        return None if row is None else saved_from_json(row[0], row[1])
+
+    async def claim_backfill(self, id: uuid.UUID, owner: str, *, stale_after: float) -> BackfillClaim:
+        tenant = _tenant()
+
+        def claim(c: sqlite3.Connection) -> BackfillClaim:
+            row = c.execute(
+                "SELECT spec, status, state, owner, heartbeat_at FROM flowstone_backfills "
+                "WHERE id = ? AND tenant_id = ?",
+                (str(id), tenant),
+            ).fetchone()
+            if row is None:
+                raise BackfillNotFound(id, tenant=tenant or None)
+            now = time.time()
+            previous, seen = None, None
+            if row[2] == "running" and row[3] is not None and row[3] != owner:
+                last_seen = datetime.fromtimestamp(row[4], timezone.utc)
+                if now - row[4] <= stale_after:
+                    raise BackfillOwned(id, row[3], last_seen, tenant=tenant or None)
+                previous, seen = row[3], last_seen
+            c.execute(
+                "UPDATE flowstone_backfills SET owner = ?, heartbeat_at = ? WHERE id = ? AND tenant_id = ?",
+                (owner, now, str(id), tenant),
+            )
+            return BackfillClaim(saved_from_json(row[0], row[1]), previous, seen)
+
+        return await self._db.write(claim)
+
+
+# ------------------------------------------------------------------ location
+
+
+def check_location(path: str) -> None:
+    """Make the file's folder if needed; refuse a read-only or network location."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise DatabaseUnavailable(f"cannot make the folder of the SQLite store {path!r}: {error.strerror}") from None
+    kind = filesystem_type(folder)
+    if kind in NETWORK_FILESYSTEMS:
+        raise DatabaseError(
+            f"the SQLite store {path!r} is on a network filesystem ({kind}), where SQLite's locks are unreliable "
+            "and the file can be corrupted; put it on a local disk, or use PostgreSQL (--store postgresql://...)"
+        )
+    read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY) or not os.access(folder, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)
+    )
+    if read_only:
+        raise DatabaseUnavailable(
+            f"the SQLite store {path!r} is in a read-only location; choose a writable path "
+            "(--store sqlite:///path/to/flowstone.db)"
+        )
+
+
+def filesystem_type(folder: str, mounts: str | None = None) -> str | None:
+    """The filesystem type of the mount holding ``folder`` (Linux ``/proc/self/mounts``
+    format, read from the system unless given), or None where that is not known."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return None
+    real = os.path.realpath(folder)
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+# ------------------------------------------------------- on the store's thread
+
+
+def _tenant() -> str:
+    return current_tenant() or ""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _values(record: Materialization) -> tuple[Any, ...]:
+    """The record's row, in ``_COLUMNS`` order; SerializationError for what cannot be stored."""
+    problem = unstorable_text(record)
+    if problem is not None:
+        raise SerializationError(
+            f"a record field holds {problem}, which the store cannot keep",
+            asset=record.asset_name, partition=record.partition,
+        )
+    return (
+        str(record.id), record.tenant_id or "", record.asset_name, record.partition, str(record.run_id),
+        record.status.value, _iso(record.started_at), _iso(record.completed_at), record.duration_ms,
+        json.dumps(list(record.upstream_assets), ensure_ascii=False),
+        json.dumps({name: list(keys) for name, keys in record.upstream_partitions.items()}, ensure_ascii=False),
+        record.dependency_hash,
+        to_json(plain(record.metadata), asset=record.asset_name, partition=record.partition, what="metadata"),
+        record.error_message, record.error_traceback, record.executor_node,
+        _iso(record.inserted_at), _iso(record.updated_at),
+    )
+
+
+def _time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _record(row: Any) -> Materialization:
+    return Materialization(
+        id=uuid.UUID(row[0]),
+        tenant_id=row[1] or None,
+        asset_name=row[2],
+        partition=row[3],
+        run_id=uuid.UUID(row[4]),
+        status=Status(row[5]),
+        started_at=_time(row[6]),
+        completed_at=_time(row[7]),
+        duration_ms=row[8],
+        upstream_assets=tuple(json.loads(row[9])),
+        upstream_partitions={name: tuple(keys) for name, keys in json.loads(row[10]).items()},
+        dependency_hash=row[11],
+        metadata=json.loads(row[12]),
+        error_message=row[13],
+        error_traceback=row[14],
+        executor_node=row[15],
+        inserted_at=_time(row[16]),
+        updated_at=_time(row[17]),
+    )
+
+
+def _by_id(c: sqlite3.Connection, tenant: str, record_id: uuid.UUID) -> Any:
+    return c.execute(f"{_SELECT} WHERE id = ? AND tenant_id = ?", (str(record_id), tenant)).fetchone()
+
+
+def _insert(c: sqlite3.Connection, record: Materialization, values: tuple[Any, ...]) -> None:
+    if record.status in CURRENT:
+        c.execute(_SUPERSEDE, (values[17], values[1], record.asset_name, record.partition, values[0]))
+    try:
+        c.execute(_INSERT, values)
+    except sqlite3.IntegrityError:
+        # Whoever's it is, it is not overwritten (another tenant's id looks taken too).
+        raise DefinitionError(
+            [FieldError("id", f"a materialization with id {record.id} already exists")],
+            asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
+        ) from None
+
+
+def _begin(
+    c: sqlite3.Connection, record: Materialization, values: tuple[Any, ...], owner: str, seconds: float,
+    unless_done: tuple[Any, str] | None,
+) -> int:
+    """Take the lease of the record's partition and insert the record (see the protocol)."""
+    tenant = values[1]
+    if unless_done is not None:
+        row = c.execute(
+            f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND partition IS ? AND status = 'success'",
+            (tenant, record.asset_name, record.partition),
+        ).fetchone()
+        seen = None if unless_done[0] is None else str(unless_done[0])
+        if row is not None and row[11] == unless_done[1] and row[0] != seen:
+            raise FinishedElsewhere(_record(row))
+    key = (tenant, record.asset_name, record.partition is not None, record.partition or "")
+    now = time.time()
+    held = c.execute(
+        f"SELECT owner, fence, expires_at, record_id FROM flowstone_leases WHERE {_LEASE_KEY}", key
+    ).fetchone()
+    if held is not None and held[0] != "":
+        if held[2] > now:
+            raise LeaseHeld(
+                record.asset_name, record.partition, owner=held[0], fence=held[1],
+                expires_at=datetime.fromtimestamp(held[2], timezone.utc), tenant=record.tenant_id,
+            )
+        if held[3] is not None:  # its holder stopped renewing: close what it left open
+            stamp = values[17]
+            c.execute(
+                f"{_CLOSE} WHERE id = ? AND tenant_id = ? AND {_ACTIVE}",
+                (stamp, stamp, f"orphaned: {held[0]} stopped renewing its lease without finishing it", held[3],
+                 tenant),
+            )
+    fence = c.execute("UPDATE flowstone_counters SET value = value + 1 WHERE name = 'fence' RETURNING value"
+                      ).fetchone()[0]
+    c.execute(
+        """INSERT INTO flowstone_leases (tenant_id, asset_name, partitioned, partition, owner, fence, record_id,
+               expires_at, done_id, done_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)
+           ON CONFLICT (tenant_id, asset_name, partitioned, partition) DO UPDATE SET owner = excluded.owner,
+               fence = excluded.fence, record_id = excluded.record_id, expires_at = excluded.expires_at,
+               done_id = NULL, done_hash = NULL""",
+        (*key, owner, fence, values[0], now + seconds),
+    )
+    _insert(c, record, values)
+    return int(fence)
+
+
+def _rewrite(
+    c: sqlite3.Connection, new: Materialization, values: tuple[Any, ...], expected: Status, lease: Lease | None
+) -> None:
+    """The runtime's move of a record it holds the lease for: compare-and-set on the
+    status, under the lease's fence; a terminal move releases the lease."""
+    tenant = values[1]
+    if lease is not None:
+        key = (tenant, lease.asset, lease.partition is not None, lease.partition or "")
+        row = c.execute(f"SELECT fence, owner FROM flowstone_leases WHERE {_LEASE_KEY}", key).fetchone()
+        if row is None or row[0] != lease.fence or row[1] == "":
+            raise lost(lease)
+    if new.status is Status.SUCCESS and expected is not Status.SUCCESS:
+        c.execute(_SUPERSEDE, (values[17], tenant, new.asset_name, new.partition, values[0]))
+    updated = c.execute(_REWRITE, (*values[5:9], *values[9:16], values[17], values[0], tenant, expected.value))
+    if updated.rowcount == 0:
+        row = c.execute(f"SELECT status FROM {_TABLE} WHERE id = ? AND tenant_id = ?", (values[0], tenant)).fetchone()
+        if row is None:
+            raise NotFound(f"no materialization with id {str(new.id)!r}", tenant=tenant or None)
+        check_transition(Status(row[0]), new.status, new)
+        raise InvalidTransition(
+            expected, new.status, asset=new.asset_name, partition=new.partition, tenant=new.tenant_id,
+            detail="the record changed since it was read (another writer moved it first)",
+        )
+    if lease is not None and new.status in TERMINAL:
+        success = new.status is Status.SUCCESS
+        c.execute(
+            f"UPDATE flowstone_leases SET owner = '', expires_at = ?, done_id = ?, done_hash = ? "
+            f"WHERE {_LEASE_KEY} AND fence = ?",
+            (_RELEASED, values[0] if success else None, new.dependency_hash if success else None,
+             tenant, lease.asset, lease.partition is not None, lease.partition or "", lease.fence),
+        )
+
+
+def _update_status(
+    c: sqlite3.Connection, tenant: str, record_id: uuid.UUID, target: Status, changes: dict[str, Any]
+) -> Materialization:
+    row = _by_id(c, tenant, record_id)
+    if row is None:
+        raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant or None)
+    old = _record(row)
+    check_transition(old.status, target, old)
+    new = evolve(old, status=target, updated_at=_utcnow(), **changes)
+    _rewrite(c, new, _values(new), old.status, None)
+    return new
+
+
+def _mark_stale(c: sqlite3.Connection, tenant: str, asset_name: str, partition: str | None) -> None:
+    """Every success that read ``asset_name@partition``, directly or through others, becomes stale."""
+    now = _iso(_utcnow())
+    queue = [(asset_name, partition)]
+    seen = set(queue)
+    while queue:
+        asset, key = queue.pop()
+        rows = c.execute(
+            f"""UPDATE {_TABLE} AS m SET status = 'stale', updated_at = ?
+                WHERE tenant_id = ? AND status = 'success' AND EXISTS (
+                    SELECT 1 FROM json_each(m.upstream_partitions, ?) AS k WHERE k.value IS ?)
+                RETURNING asset_name, partition""",
+            (now, tenant, f'$."{asset}"', key),
+        ).fetchall()
+        for found in rows:
+            if (found[0], found[1]) not in seen:
+                seen.add((found[0], found[1]))
+                queue.append((found[0], found[1]))
+

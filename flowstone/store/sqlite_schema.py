@@ -1,0 +1,109 @@
+"""The embedded store's SQLite schema, as numbered migrations (like PostgreSQL's).
+
+``migrate(connection)`` runs inside a ``BEGIN IMMEDIATE`` transaction (the
+caller's): several processes opening one new file take turns, and the second
+finds nothing to do. Every table that holds tenant data has ``tenant_id TEXT NOT
+NULL`` ('' is "no tenant": tenant ids are never empty) and every index leads with
+it, because every statement of the store names the caller's tenant.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timezone
+
+__all__ = ["MIGRATIONS", "migrate"]
+
+_V1 = """
+CREATE TABLE flowstone_materializations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id TEXT NOT NULL,
+    asset_name TEXT NOT NULL,
+    partition TEXT,
+    run_id TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'success', 'failed', 'stale',
+                                           'waiting_approval', 'cancelled', 'superseded')),
+    started_at TEXT,
+    completed_at TEXT,
+    duration_ms REAL,
+    upstream_assets TEXT NOT NULL,
+    upstream_partitions TEXT NOT NULL,
+    dependency_hash TEXT,
+    metadata TEXT NOT NULL,
+    error_message TEXT,
+    error_traceback TEXT,
+    executor_node TEXT,
+    inserted_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX flowstone_materializations_partition
+    ON flowstone_materializations (tenant_id, asset_name, partition, seq);
+CREATE INDEX flowstone_materializations_run ON flowstone_materializations (tenant_id, run_id, seq);
+CREATE INDEX flowstone_materializations_status ON flowstone_materializations (tenant_id, status, seq);
+CREATE INDEX flowstone_materializations_tenant_asset ON flowstone_materializations (tenant_id, asset_name, seq);
+-- One current record (success or stale) per partition; char(0) stands for "no
+-- partition" (keys never hold a NUL).
+CREATE UNIQUE INDEX flowstone_materializations_current
+    ON flowstone_materializations (tenant_id, asset_name, coalesce(partition, char(0)))
+    WHERE status IN ('success', 'stale');
+
+-- Who computes a partition now (ADR 0009): owner, expiry, fencing number. A
+-- released lease stays (owner '', expired), naming the success it ended with.
+CREATE TABLE flowstone_leases (
+    tenant_id TEXT NOT NULL,
+    asset_name TEXT NOT NULL,
+    partitioned INTEGER NOT NULL,
+    partition TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    fence INTEGER NOT NULL UNIQUE,
+    record_id TEXT,
+    expires_at REAL NOT NULL,
+    done_id TEXT,
+    done_hash TEXT,
+    PRIMARY KEY (tenant_id, asset_name, partitioned, partition)
+) WITHOUT ROWID;
+CREATE TABLE flowstone_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO flowstone_counters VALUES ('fence', 0);
+
+CREATE TABLE flowstone_backfills (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    asset_name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    owner TEXT,
+    heartbeat_at REAL NOT NULL,
+    updated_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX flowstone_backfills_tenant ON flowstone_backfills (tenant_id, updated_at);
+"""
+
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1),)
+
+
+def migrate(connection: sqlite3.Connection) -> list[int]:
+    """Apply the missing migrations in the caller's write transaction; the versions applied."""
+    connection.execute(
+        "CREATE TABLE IF NOT EXISTS flowstone_schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
+    )
+    done = {row[0] for row in connection.execute("SELECT version FROM flowstone_schema_migrations")}
+    applied = []
+    for version, script in MIGRATIONS:
+        if version in done:
+            continue
+        for statement in _statements(script):
+            connection.execute(statement)
+        connection.execute(
+            "INSERT INTO flowstone_schema_migrations VALUES (?, ?)",
+            (version, datetime.now(timezone.utc).isoformat()),
+        )
+        applied.append(version)
+    return applied
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a migration (``executescript`` would commit the transaction)."""
+    lines = [line for line in script.splitlines() if not line.lstrip().startswith("--")]
+    return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]

@@ -1,6 +1,9 @@
 """Pins the public surface: what `import flowstone as fs` offers."""
 
 import inspect
+import json
+import subprocess
+import sys
 
 import flowstone as fs
 
@@ -36,9 +39,10 @@ ERRORS = {
 
 
 def public_names() -> set[str]:
+    """Every public name the package offers (loaded on first use), modules aside."""
     return {
-        name for name, value in vars(fs).items()
-        if not name.startswith("_") and not inspect.ismodule(value)
+        name for name in dir(fs)
+        if not name.startswith("_") and not inspect.ismodule(getattr(fs, name))
     }
 
 
@@ -63,3 +67,26 @@ def test_flowstone_error_is_an_exception_not_a_base_exception_only():
 def test_store_and_io_submodules_are_reachable_right_after_import():
     assert fs.store.MemoryStore and fs.store.Status is fs.Status
     assert fs.io.MemoryIO and fs.io.IOManager is fs.IOManager
+
+
+def test_every_name_in_all_resolves_and_unknown_names_are_attribute_errors():
+    assert set(fs.__all__) == PUBLIC | {"events", "io", "store"}
+    for name in fs.__all__:
+        assert getattr(fs, name) is not None
+    try:
+        fs.no_such_thing  # noqa: B018
+    except AttributeError as error:
+        assert "no_such_thing" in str(error)
+    else:
+        raise AssertionError("an unknown name must be an AttributeError")
+
+
+def test_importing_flowstone_loads_none_of_the_heavy_parts():
+    """``import flowstone`` stays cheap for the command line: names load on first use."""
+    code = (
+        "import sys, json, flowstone\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('networkx', 'anyio', 'attrs', 'attr', 'asyncpg', 'pyarrow', 'trio', 'rich') or m.startswith('flowstone.'))))"
+    )
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert loaded == ["flowstone.version"]

@@ -19,6 +19,7 @@ they see the last commit and wait for no writer.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from ..plumbing import threads
 
 __all__ = ["Connections", "database_error"]
 
+log = logging.getLogger("flowstone.store")
+
 BUSY_TIMEOUT = 30.0
 """Seconds a writer waits for another process's write lock before giving up."""
 
@@ -40,6 +43,9 @@ READ_BUSY_TIMEOUT = 5.0
 WRITE_TIMEOUT = BUSY_TIMEOUT + 30.0
 """Longest a caller waits for its write; the wait is shielded from cancellation
 meanwhile, so a cancelled run still knows whether its record was written."""
+
+CHECKPOINT_EVERY = 200
+"""Commits between two checkpoints when commits are not fsynced one by one."""
 
 BATCH_LIMIT = 2048
 """Writes per transaction at most: other processes get the write lock between batches."""
@@ -62,9 +68,11 @@ class Connections:
     use (and again after a fork); ``prepare(connection)`` runs once on a thread
     before anything else (configure, migrate: it may wait for another process)."""
 
-    def __init__(self, path: str, prepare: Callable[[sqlite3.Connection], None]) -> None:
+    def __init__(self, path: str, prepare: Callable[[sqlite3.Connection], None], *, fsync_each: bool) -> None:
         self._path = path
         self._prepare = prepare
+        self._fsync_each = fsync_each
+        self._commits = 0
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._opening: anyio.Event | None = None
@@ -156,6 +164,8 @@ class Connections:
             # From here on the writer never waits on the event loop's thread: a
             # busy lock is waited for on a thread (see _run).
             writer.execute("PRAGMA busy_timeout = 0")
+            if not self._fsync_each:  # checkpoints run on a thread, not inside a commit here
+                writer.execute("PRAGMA wal_autocheckpoint = 0")
             reader = self._connect(READ_BUSY_TIMEOUT)
         except sqlite3.Error as error:
             writer.close()
@@ -186,6 +196,21 @@ class Connections:
         finally:
             self._flushing = None
             event.set()
+        if self._commits >= CHECKPOINT_EVERY:
+            self._commits = 0
+            await threads.run_sync(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        """Copy the log into the database file (and fsync it), on a thread, with a
+        connection of its own: a passive checkpoint waits for no reader or writer."""
+        try:
+            connection = self._connect(READ_BUSY_TIMEOUT)
+            try:
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                connection.close()
+        except sqlite3.Error as error:
+            log.warning("SQLite checkpoint of %s failed (it is tried again later): %s", self._path, error)
 
     async def _run(self, connection: sqlite3.Connection, batch: list[_Write]) -> None:
         try:
@@ -196,30 +221,62 @@ class Connections:
             # Another process writes now: wait for its lock on a thread, not here.
             await threads.run_sync(_begin_waiting, connection)
         try:
-            for op in batch:
-                connection.execute("SAVEPOINT op")
-                try:
-                    op.value = op.fn(connection)
-                except sqlite3.Error as error:
-                    if connection.in_transaction and not _aborts_transaction(error):
-                        connection.execute("ROLLBACK TO op")
-                        connection.execute("RELEASE op")
-                        op.error = database_error(error)
-                        continue
-                    raise
-                except Exception as error:
-                    connection.execute("ROLLBACK TO op")
-                    connection.execute("RELEASE op")
-                    op.error = error
-                    continue
-                connection.execute("RELEASE op")
-            await threads.run_sync(connection.execute, "COMMIT")  # the fsync
+            if not _apply_together(connection, batch):
+                _apply_one_by_one(connection, batch)
+            if self._fsync_each:
+                await threads.run_sync(connection.execute, "COMMIT")  # the fsync
+            else:
+                connection.execute("COMMIT")  # appends to the log; no fsync (see checkpoint)
+                self._commits += 1
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             raise
         for op in batch:
             op.done = True
+
+
+def _apply_together(connection: sqlite3.Connection, batch: list[_Write]) -> bool:
+    """Every write of the batch with no savepoint of its own (each costs two
+    statements); False, with nothing applied, when one of them failed."""
+    connection.execute("SAVEPOINT batch")
+    for op in batch:
+        try:
+            op.value = op.fn(connection)
+        except sqlite3.Error as error:
+            if not connection.in_transaction or _aborts_transaction(error):
+                raise
+            break
+        except Exception:
+            break
+    else:
+        connection.execute("RELEASE batch")
+        return True
+    connection.execute("ROLLBACK TO batch")
+    connection.execute("RELEASE batch")
+    return False
+
+
+def _apply_one_by_one(connection: sqlite3.Connection, batch: list[_Write]) -> None:
+    """Each write in a savepoint: one that fails is rolled back alone and hears why."""
+    for op in batch:
+        op.value = None
+        connection.execute("SAVEPOINT op")
+        try:
+            op.value = op.fn(connection)
+        except sqlite3.Error as error:
+            if connection.in_transaction and not _aborts_transaction(error):
+                connection.execute("ROLLBACK TO op")
+                connection.execute("RELEASE op")
+                op.error = database_error(error)
+                continue
+            raise
+        except Exception as error:
+            connection.execute("ROLLBACK TO op")
+            connection.execute("RELEASE op")
+            op.error = error
+            continue
+        connection.execute("RELEASE op")
 
 
 def _begin_waiting(connection: sqlite3.Connection) -> None:

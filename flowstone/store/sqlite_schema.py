@@ -41,7 +41,6 @@ CREATE INDEX flowstone_materializations_partition
     ON flowstone_materializations (tenant_id, asset_name, partition, seq);
 CREATE INDEX flowstone_materializations_run ON flowstone_materializations (tenant_id, run_id, seq);
 CREATE INDEX flowstone_materializations_status ON flowstone_materializations (tenant_id, status, seq);
-CREATE INDEX flowstone_materializations_tenant_asset ON flowstone_materializations (tenant_id, asset_name, seq);
 -- One current record (success or stale) per partition; char(0) stands for "no
 -- partition" (keys never hold a NUL).
 CREATE UNIQUE INDEX flowstone_materializations_current
@@ -49,7 +48,9 @@ CREATE UNIQUE INDEX flowstone_materializations_current
     WHERE status IN ('success', 'stale');
 
 -- Who computes a partition now (ADR 0009): owner, expiry, fencing number. A
--- released lease stays (owner '', expired), naming the success it ended with.
+-- released lease stays (owner '', expired), naming the success it ended with;
+-- rows are never deleted, so the next fence is one more than the largest (the
+-- unique index on fence answers that in one lookup, under the write lock).
 CREATE TABLE flowstone_leases (
     tenant_id TEXT NOT NULL,
     asset_name TEXT NOT NULL,
@@ -63,8 +64,6 @@ CREATE TABLE flowstone_leases (
     done_hash TEXT,
     PRIMARY KEY (tenant_id, asset_name, partitioned, partition)
 ) WITHOUT ROWID;
-CREATE TABLE flowstone_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO flowstone_counters VALUES ('fence', 0);
 
 CREATE TABLE flowstone_backfills (
     id TEXT PRIMARY KEY,

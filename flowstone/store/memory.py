@@ -141,5 +141,8 @@ class MemoryStore(MemoryActorClient):
         return await self.handle.call(
             m.ClaimBackfill, tenant=current_tenant(), id=id, owner=owner, stale_after=stale_after)
 
+    async def list_backfills(self, *, limit: int = 100) -> list[Any]:
+        return await self.handle.call(m.ListBackfills, tenant=current_tenant(), limit=check_limit(limit))
+
     async def load_backfill(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.LoadBackfill, tenant=current_tenant(), id=id)

@@ -230,6 +230,12 @@ class ClaimBackfill(Message[BackfillClaim]):
 
 
 @attrs.frozen(kw_only=True)
+class ListBackfills(Message[list[Any]]):
+    tenant: str | None
+    limit: int
+
+
+@attrs.frozen(kw_only=True)
 class LoadBackfill(Message[Any]):
     tenant: str | None
     id: uuid.UUID
@@ -263,6 +269,7 @@ class _Handlers:
             HasValue: self.has_value,
             SaveBackfill: self.save_backfill,
             LoadBackfill: self.load_backfill,
+            ListBackfills: self.list_backfills,
             ClaimBackfill: self.claim_backfill,
             CloseOrphans: self.close_orphans,
         }
@@ -480,7 +487,17 @@ class _Handlers:
                 f"backfill {str(m.id)!r} is now driven by {row.owner}; {m.owner} may no longer save it",
                 tenant=m.tenant,
             )
+        self.data.backfills.pop(key, None)  # to the end: the most recently saved is last
         self.data.backfills[key] = BackfillRow(m.state, m.owner, self.data.now())
+
+    def list_backfills(self, m: ListBackfills) -> list[Any]:
+        found: list[Any] = []
+        for (tenant, _id), row in reversed(self.data.backfills.items()):
+            if len(found) >= m.limit:
+                break
+            if tenant == m.tenant:
+                found.append(row.saved)
+        return found
 
     def load_backfill(self, m: LoadBackfill) -> Any:
         row = self.data.backfills.get((m.tenant, m.id))

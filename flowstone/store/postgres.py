@@ -598,6 +598,16 @@ class PostgresStore(PostgresClient):
                 tenant=tenant,
             )
 
+    async def list_backfills(self, *, limit: int = 100) -> list[Any]:
+        tenant = current_tenant()
+        rows = await self.db.run(
+            tenant, _fetch,
+            "SELECT spec::text, status::text FROM flowstone_backfills WHERE tenant_id = $1 "
+            "ORDER BY updated_at DESC LIMIT $2",
+            tenant or "", check_limit(limit),
+        )
+        return [saved_from_json(row[0], row[1]) for row in rows]
+
     async def load_backfill(self, id: uuid.UUID) -> Any:
         tenant = current_tenant()
         row = await self.db.run(

@@ -127,6 +127,10 @@ class MaterializationStore(Protocol):
         under another owner whose heartbeat is at most ``stale_after`` seconds old)."""
         ...
 
+    async def list_backfills(self, *, limit: int = 100) -> list[Any]:
+        """The ``Saved`` of the caller's tenant's backfills, most recently saved first."""
+        ...
+
     async def load_backfill(self, id: uuid.UUID) -> Any:
         """The last ``Saved`` of that backfill in the caller's tenant, or None."""
         ...

@@ -378,6 +378,14 @@ class SqliteStore:
 
         await self._db.write(save)
 
+    async def list_backfills(self, *, limit: int = 100) -> list[Any]:
+        tenant, count = _tenant(), check_limit(limit)
+        rows = await self._db.read_many(lambda c: c.execute(
+            "SELECT spec, status FROM flowstone_backfills WHERE tenant_id = ? ORDER BY updated_at DESC "
+            "LIMIT ?", (tenant, count),
+        ).fetchall())
+        return [saved_from_json(spec, status) for spec, status in rows]
+
     async def load_backfill(self, id: uuid.UUID) -> Any:
         tenant = _tenant()
         row = await self._db.read(lambda c: c.execute(

@@ -241,6 +241,23 @@ class StoreContract:
         await store.save_backfill(backfill, Saved(spec, done))
         assert await store.load_backfill(backfill) == Saved(spec, done)
 
+    async def test_backfills_are_listed_most_recently_saved_first_per_tenant(self, store):
+        saved = []
+        for asset in ("a", "b"):
+            backfill = uuid.uuid4()
+            spec = BackfillSpec(id=backfill, asset=asset, partitions=("1",), max_parallel=1, upstream="missing",
+                                force=False, io=None, context=None, tenant=None)
+            status = BackfillStatus(id=backfill, asset=asset, state="running", total=1, queued=1, running=0,
+                                    succeeded=0, failed=0, cancelled=0)
+            saved.append(Saved(spec, status))
+            await store.save_backfill(backfill, saved[-1])
+        assert [s.spec.asset for s in await store.list_backfills()] == ["b", "a"]
+        await store.save_backfill(saved[0].spec.id, saved[0])  # saved again: now the most recent
+        assert [s.spec.asset for s in await store.list_backfills()] == ["a", "b"]
+        assert [s.spec.asset for s in await store.list_backfills(limit=1)] == ["a"]
+        with fs.tenant_scope("other"):
+            assert await store.list_backfills() == []
+
     # ---------------------------------------------------------------- tenants
 
     async def test_records_are_invisible_across_tenants(self, store):

@@ -138,7 +138,9 @@ class SqliteStore:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise DefinitionError([FieldError("synchronous", f"must be FULL, NORMAL or EXTRA, got {synchronous!r}")])
         self.synchronous = synchronous.upper()
-        self._db = Connections(self.path, self._prepare, fsync_each=self.synchronous != "NORMAL")
+        self._db = Connections(
+            self.path, self._prepare, fsync_each=self.synchronous != "NORMAL", check=lambda: check_location(self.path)
+        )
         self._applied: list[int] = []
 
     def __repr__(self) -> str:
@@ -147,8 +149,7 @@ class SqliteStore:
     # ------------------------------------------------------------ lifecycle
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
-        """On a thread, before first use: check the location, configure, migrate."""
-        check_location(self.path)
+        """On a thread, before first use (the location checked): configure, migrate."""
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise DatabaseError(f"SQLite could not use write-ahead logging for {self.path} (mode {mode})")
@@ -164,9 +165,8 @@ class SqliteStore:
     async def migrate(self) -> list[int]:
         """Create or upgrade the schema (idempotent, safe from several processes at
         once); the versions applied now. The store also does this on first use."""
-        applied = list(self._applied)
-        applied += await self._db.write(_migrate)
-        self._applied = []
+        now = await self._db.write(_migrate)  # opening the store may have applied some already
+        applied, self._applied = [*self._applied, *now], []
         return applied
 
     async def close(self) -> None:

@@ -65,11 +65,16 @@ class _Write:
 
 class Connections:
     """A writer and a reader connection to the file at ``path``, opened on first
-    use (and again after a fork); ``prepare(connection)`` runs once on a thread
-    before anything else (configure, migrate: it may wait for another process)."""
+    use (and again after a fork): ``check()`` first (is the location usable?),
+    then ``prepare(connection)`` once, on a thread, before anything else
+    (configure, migrate: it may wait for another process)."""
 
-    def __init__(self, path: str, prepare: Callable[[sqlite3.Connection], None], *, fsync_each: bool) -> None:
+    def __init__(
+        self, path: str, prepare: Callable[[sqlite3.Connection], None], *, fsync_each: bool,
+        check: Callable[[], None] = lambda: None,
+    ) -> None:
         self._path = path
+        self._check = check
         self._prepare = prepare
         self._fsync_each = fsync_each
         self._commits = 0
@@ -155,6 +160,7 @@ class Connections:
                 self._opening = None
 
     def _open_both(self) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+        self._check()
         try:
             writer = self._connect(BUSY_TIMEOUT)
         except sqlite3.Error as error:

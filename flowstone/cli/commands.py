@@ -1,0 +1,477 @@
+"""The commands. Each ``cmd_<name>(args)`` runs in the event loop and returns the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from .. import events as ev
+from ..errors import InvalidPartition
+from ..partitions import serialize_partition
+from ..pipeline import Pipeline
+from ..runtime.runtime import Runtime, open_runtime
+from ..store.records import Status
+from . import EXIT_FAILED, EXIT_OK
+from .config import CliError, load_pipeline, open_store, pipeline_reference, store_url
+from .progress import ProgressView
+from .render import (
+    STATES,
+    describe_range,
+    dot,
+    emit_json,
+    mermaid,
+    partition_summary,
+    record_json,
+    table,
+    text_tree,
+)
+
+RANGES_SHOWN = 8
+"""Ranges per state that ``status`` prints for an asset; ``--json`` has them all."""
+
+EVENT_BUFFER = 10_000
+
+
+def _pipeline(args: argparse.Namespace) -> Pipeline:
+    pipeline: Pipeline = load_pipeline(pipeline_reference(args.pipeline))
+    pipeline.validate()
+    return pipeline
+
+
+@asynccontextmanager
+async def _store(args: argparse.Namespace, *, must_exist: bool = True) -> AsyncIterator[Any]:
+    """The store the command uses (SQLite or PostgreSQL), closed when the command ends."""
+    store = open_store(store_url(args.store), must_exist=must_exist)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def _runtime(args: argparse.Namespace) -> AsyncIterator[Runtime]:
+    pipeline = _pipeline(args)
+    async with _store(args, must_exist=False) as store, open_runtime(
+        pipeline, store=store, default_io_manager="filesystem"
+    ) as rt:
+        yield rt
+
+
+def _partition(pipeline: Pipeline, asset: str, given: str | None) -> Any:
+    """The partition value of ``given`` (its key as typed) for ``asset``."""
+    definition = pipeline.get(asset).partitioned_by
+    if definition is None:
+        if given is not None:
+            raise InvalidPartition(f"asset {asset!r} is not partitioned: leave out --partition", asset=asset)
+        return None
+    if given is None:
+        raise InvalidPartition(f"asset {asset!r} is partitioned: give --partition (for example "
+                               f"{_example(definition)})", asset=asset)
+    return definition.validate(given)
+
+
+def _example(definition: Any) -> str:
+    keys = definition.keys()
+    return str(serialize_partition(keys[0])) if len(keys) else "a key"
+
+
+# ---------------------------------------------------------------- reading
+
+
+async def cmd_assets(args: argparse.Namespace) -> int:
+    pipeline = _pipeline(args)
+    rows: list[dict[str, Any]] = []
+    for asset in pipeline.assets:
+        rows.append({
+            "name": asset.name, "depends_on": list(asset.depends_on), "io_manager": asset.io_manager,
+            "partitions": _describe_partitions(asset.partitioned_by), "code_version": asset.code_version,
+            "description": asset.description,
+        })
+    if args.json:
+        emit_json({"assets": rows})
+    else:
+        print(table(["asset", "partitions", "depends on", "io manager", "description"], [
+            [r["name"], r["partitions"] or "-", ", ".join(r["depends_on"]) or "-", r["io_manager"] or "(default)",
+             _short(r["description"] or "", 60)]
+            for r in rows
+        ]))
+    return EXIT_OK
+
+
+def _describe_partitions(definition: Any) -> str | None:
+    if definition is None:
+        return None
+    name = type(definition).__name__.removesuffix("Partitions").lower()
+    start, end = getattr(definition, "start", None), getattr(definition, "end", None)
+    if start is not None:
+        return f"{name} {serialize_partition(start)}..{serialize_partition(end) if end is not None else ''}"
+    return f"{name} ({len(definition.keys())})"
+
+
+async def cmd_graph(args: argparse.Namespace) -> int:
+    graph = _pipeline(args).graph()
+    names = [asset.name for asset in graph.assets]
+    edges = [(dep, asset.name) for asset in graph.assets for dep in asset.depends_on]
+    if args.json:
+        emit_json({"assets": names, "edges": [list(edge) for edge in edges]})
+    elif args.format == "mermaid":
+        print(mermaid(names, edges))
+    elif args.format == "dot":
+        print(dot(names, edges))
+    else:
+        readers: dict[str, list[str]] = {name: [] for name in names}
+        for upstream, downstream in edges:
+            readers[upstream].append(downstream)
+        roots = [asset.name for asset in graph.assets if not asset.depends_on]
+        print(text_tree(roots, readers))
+    return EXIT_OK
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    pipeline = _pipeline(args)
+    assets = [pipeline.get(args.asset)] if args.asset else list(pipeline.assets)
+    async with _store(args) as store:
+        summaries = []
+        for asset in assets:
+            states = await store.partition_states(asset.name)
+            definition = asset.partitioned_by
+            keys: Iterable[str | None] = [None] if definition is None else map(serialize_partition, definition.keys())
+            summary = partition_summary(keys, states)
+            summaries.append({"asset": asset.name, "partitioned": definition is not None, **summary})
+    if args.json:
+        emit_json({"assets": summaries})
+        return EXIT_OK
+    print(table(["asset", "partitions", *STATES], [
+        [s["asset"], s["total"] if s["partitioned"] else "-", *(s["counts"][state] for state in STATES)]
+        for s in summaries
+    ]))
+    for s in summaries:
+        if not s["partitioned"] or s["total"] == 0:
+            continue
+        print(f"\n{s['asset']}")
+        for state in STATES:
+            runs = s["ranges"][state]
+            if not runs:
+                continue
+            shown = ", ".join(describe_range(*run) for run in runs[:RANGES_SHOWN])
+            hidden = len(runs) - RANGES_SHOWN
+            more = f", ... and {hidden} more ranges (--json lists them)" if hidden > 0 else ""
+            print(f"  {state:<10} {s['counts'][state]:>7}  {shown}{more}")
+    return EXIT_OK
+
+
+async def cmd_records(args: argparse.Namespace) -> int:
+    if type(args.limit) is not int or args.limit < 1:
+        raise CliError("--limit must be at least 1")
+    status = Status(args.status) if args.status in {s.value for s in Status} else None
+    if args.status and status is None:
+        raise CliError(f"unknown status {args.status!r}; one of: {', '.join(s.value for s in Status)}")
+    partition = None
+    if args.partition is not None:
+        if not args.asset:
+            raise CliError("--partition needs an asset: flowstone records ASSET --partition P")
+        partition = serialize_partition(_partition(_pipeline(args), args.asset, args.partition))
+    filtered = (status is not None and args.asset) or partition is not None
+    fetch = 100_000 if filtered else args.limit
+    async with _store(args) as store:
+        if status is not None:
+            found = await store.list_by_status(status, limit=fetch)
+        else:
+            found = await store.list_all(asset_name=args.asset, limit=fetch)
+    chosen = [
+        r for r in found
+        if (not args.asset or r.asset_name == args.asset) and (partition is None or r.partition == partition)
+    ][: args.limit]
+    if args.json:
+        emit_json({"records": [record_json(r) for r in chosen]})
+        return EXIT_OK
+    print(table(["id", "asset", "partition", "status", "started", "ms", "error"], [
+        [str(r.id)[:8], r.asset_name, r.partition or "-", r.status.value, r.started_at, r.duration_ms,
+         _short(r.error_message or "", 60)]
+        for r in chosen
+    ]))
+    return EXIT_OK
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+async def cmd_lineage(args: argparse.Namespace) -> int:
+    pipeline = _pipeline(args)
+    graph = pipeline.graph()
+    start = serialize_partition(_partition(pipeline, args.asset, args.partition)) if (
+        args.partition is not None or pipeline.get(args.asset).partitioned_by is None) else None
+    async with _store(args) as store:
+        if start is None and pipeline.get(args.asset).partitioned_by is not None:
+            keys = sorted(k for k in await store.partitions_of(args.asset) if k is not None)
+        else:
+            keys = [start]
+        if args.downstream:
+            tree = await _downstream(store, graph, args.asset, keys)
+        else:
+            tree = await _upstream(store, args.asset, keys, depth=0)
+    if args.json:
+        emit_json(tree)
+        return EXIT_OK
+    children: dict[str, list[str]] = {}
+    labels: dict[str, str] = {}
+
+    def index(node: dict[str, Any], path: str) -> None:
+        labels[path] = _lineage_label(node)
+        children[path] = []
+        for number, child in enumerate(node["children"]):
+            child_path = f"{path}/{number}"
+            children[path].append(child_path)
+            index(child, child_path)
+
+    index(tree, "root")
+    print(text_tree(["root"], children, label=labels.__getitem__))
+    return EXIT_OK
+
+
+def _lineage_label(node: dict[str, Any]) -> str:
+    keys = node["partitions"]
+    where = "" if keys == [None] else (
+        f" @ {keys[0]}" if len(keys) == 1 else f" @ {len(keys)} partitions {keys[0]}..{keys[-1]}" if keys else
+        " (no partitions)")
+    found = node["records"]
+    if not found:
+        return f"{node['asset']}{where}: never succeeded"
+    latest = max((r["completed_at"] or "" for r in found), default="")
+    states = sorted({r["status"] for r in found})
+    return f"{node['asset']}{where}: {', '.join(states)}" + (f", latest {latest[:19]}" if latest else "")
+
+
+_LINEAGE_DEPTH = 50
+
+
+async def _upstream(store: Any, asset: str, keys: Sequence[str | None], depth: int) -> dict[str, Any]:
+    found = await store.latest_successes([(asset, key) for key in keys])
+    records = [found[(asset, key)] for key in keys if (asset, key) in found]
+    reads: dict[str, dict[str | None, None]] = {}
+    for record in records:
+        for upstream, upstream_keys in record.upstream_partitions.items():
+            reads.setdefault(upstream, {}).update(dict.fromkeys(upstream_keys))
+    children = []
+    if depth < _LINEAGE_DEPTH:
+        for upstream, upstream_keys in reads.items():
+            children.append(await _upstream(store, upstream, list(upstream_keys), depth + 1))
+    return {"asset": asset, "partitions": list(keys), "records": [_brief(r) for r in records], "children": children}
+
+
+async def _downstream(store: Any, graph: Any, asset: str, keys: Sequence[str | None]) -> dict[str, Any]:
+    wanted = set(keys)
+    found = await store.latest_successes([(asset, key) for key in keys])
+    children = []
+    for reader in sorted(name for name in graph.dependents(asset) if asset in graph.get(name).depends_on):
+        built = [
+            r for r in (await store.partitions_of(reader)).values()
+            if wanted & set(r.upstream_partitions.get(asset, ()))
+        ]
+        if built:
+            children.append(await _downstream(store, graph, reader, sorted(
+                (r.partition for r in built), key=lambda k: (k is not None, k or ""))))
+    return {"asset": asset, "partitions": list(keys), "records": [_brief(r) for r in found.values()],
+            "children": children}
+
+
+def _brief(record: Any) -> dict[str, Any]:
+    return {"id": str(record.id), "partition": record.partition, "status": record.status.value,
+            "completed_at": record.completed_at.isoformat() if record.completed_at else None}
+
+
+async def cmd_backfills(args: argparse.Namespace) -> int:
+    async with _store(args) as store:
+        saved = await store.list_backfills(limit=args.limit)
+    rows = [_backfill_json(s.status) for s in saved]
+    if args.json:
+        emit_json({"backfills": rows})
+        return EXIT_OK
+    print(table(["id", "asset", "state", "total", "succeeded", "failed", "cancelled", "started", "finished"], [
+        [r["id"], r["asset"], r["state"], r["total"], r["succeeded"], r["failed"], r["cancelled"],
+         (r["started_at"] or "-")[:19], (r["finished_at"] or "-")[:19]]
+        for r in rows
+    ]))
+    return EXIT_OK
+
+
+def _backfill_json(status: Any) -> dict[str, Any]:
+    return {
+        "id": str(status.id), "asset": status.asset, "state": status.state, "total": status.total,
+        "queued": status.queued, "running": status.running, "succeeded": status.succeeded,
+        "failed": status.failed, "cancelled": status.cancelled,
+        "errors": [{"partition": key, "error": message} for key, message in status.errors],
+        "started_at": status.started_at.isoformat() if status.started_at else None,
+        "finished_at": status.finished_at.isoformat() if status.finished_at else None,
+    }
+
+
+# ---------------------------------------------------------------- running
+
+
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    async with _store(args, must_exist=False) as store:
+        applied = await store.migrate()
+    if args.json:
+        emit_json({"applied": applied})
+    else:
+        print(f"migrated: applied {', '.join(map(str, applied))}" if applied else "the schema is up to date")
+    return EXIT_OK
+
+
+async def cmd_materialize(args: argparse.Namespace) -> int:
+    from ..errors import MaterializationFailed
+
+    async with _runtime(args) as rt:
+        pipeline = Pipeline("cli", assets=await rt.assets())
+        partition = _partition(pipeline, args.asset, args.partition)
+        total = 1 if args.upstream == "none" else len(pipeline.graph().execution_order(args.asset))
+        view = ProgressView(f"materialize {args.asset}", total, "assets", quiet=args.json)
+        failure: MaterializationFailed | None = None
+        async with rt.events(buffer=EVENT_BUFFER) as events:
+            async def watch() -> None:
+                done = failed = skipped = 0
+                async for event in events:
+                    if isinstance(event, (ev.MaterializationSucceeded, ev.MaterializationSkipped)):
+                        done += 1
+                        skipped += isinstance(event, ev.MaterializationSkipped)
+                    elif isinstance(event, ev.MaterializationFailed):
+                        failed += 1
+                    view.update(done=done, failed=failed, skipped=skipped)
+
+            import anyio
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(watch)
+                try:
+                    result = await rt.materialize(
+                        args.asset, partition, upstream=args.upstream, force=args.force)
+                except MaterializationFailed as error:
+                    failure, result = error, error.result
+                tasks.cancel_scope.cancel()
+        records = list(result.materializations.values()) if result is not None else []
+        view.total = len(records) or view.total  # what the run planned, now that it is known
+        view.update(  # the result is the last word: events still queued are not waited for
+            done=sum(r.status is Status.SUCCESS for r in records),
+            failed=sum(r.status is Status.FAILED for r in records),
+            skipped=len(result.skipped) if result is not None else 0,
+        )
+        view.close()
+    if args.json:
+        emit_json({"ok": failure is None, "error": str(failure) if failure else None,
+                   "skipped": list(result.skipped) if result is not None else [],
+                   "records": [record_json(r) for r in records]})
+    else:
+        skipped = set(result.skipped) if result is not None else set()
+        print(table(["asset", "partition", "status", "ms", "note"], [
+            [r.asset_name, r.partition or "-", r.status.value, r.duration_ms,
+             "up to date: reused" if r.asset_name in skipped else _short(r.error_message or "", 60)]
+            for r in records
+        ]))
+        if failure is not None:
+            print(f"flowstone: materialization failed: {failure}")
+    return EXIT_OK if failure is None else EXIT_FAILED
+
+
+async def cmd_backfill(args: argparse.Namespace) -> int:
+    if type(args.max_parallel) is not int or args.max_parallel < 1:
+        raise CliError("--max-parallel must be at least 1")
+    async with _runtime(args) as rt:
+        pipeline = Pipeline("cli", assets=await rt.assets())
+        partitions = _backfill_partitions(pipeline, args)
+
+        async def start() -> uuid.UUID:
+            return await rt.backfill(args.asset, partitions, max_parallel=args.max_parallel,
+                                     upstream=args.upstream, force=args.force)
+
+        status = await _follow_backfill(rt, args, f"backfill {args.asset}", start)
+    return _backfill_summary(args, status)
+
+
+async def cmd_resume(args: argparse.Namespace) -> int:
+    async with _runtime(args) as rt:
+        async def start() -> uuid.UUID:
+            return await rt.resume_backfill(args.id)
+
+        status = await _follow_backfill(rt, args, f"resume {args.id[:8]}", start)
+    return _backfill_summary(args, status)
+
+
+def _backfill_partitions(pipeline: Pipeline, args: argparse.Namespace) -> Any:
+    definition = pipeline.get(args.asset).partitioned_by
+    if definition is None:
+        raise CliError(f"asset {args.asset!r} is not partitioned: use 'flowstone materialize {args.asset}'")
+    if (args.start is None) != (args.end is None):
+        raise CliError("give both --from and --to (or --partition P, repeated)")
+    if args.start is not None and args.partitions:
+        raise CliError("give --from/--to or --partition, not both")
+    if args.partitions:
+        return [definition.validate(p) for p in args.partitions]
+    if args.start is not None:
+        first, last = definition.validate(args.start), definition.validate(args.end)
+        if last < first:
+            raise CliError(f"--to {args.end} is before --from {args.start}")
+        return definition.keys(first, last)
+    return None  # every partition
+
+
+async def _follow_backfill(
+    rt: Runtime, args: argparse.Namespace, title: str, start: Callable[[], Awaitable[uuid.UUID]]
+) -> Any:
+    """Start the backfill and show its progress until it ends; its final status."""
+    async with rt.events(
+        asset=args.asset if hasattr(args, "asset") else None, buffer=EVENT_BUFFER,
+        kinds=["BackfillProgress", "BackfillFinished", "MaterializationSkipped"],
+    ) as events:
+        backfill = await start()
+        status = await rt.backfill_status(backfill)
+        view = ProgressView(title, status.total, "partitions", quiet=args.json)
+        skipped = 0
+        try:
+            if status.done:
+                return status
+            async for event in events:
+                if isinstance(event, ev.MaterializationSkipped):
+                    skipped += 1
+                elif isinstance(event, ev.BackfillProgress) and event.backfill_id == backfill:
+                    view.update(done=event.succeeded, failed=event.failed + event.cancelled, skipped=skipped)
+                elif isinstance(event, ev.BackfillFinished) and event.backfill_id == backfill:
+                    break
+                elif isinstance(event, ev.EventsDropped):  # fell behind: read the counts instead
+                    now = await rt.backfill_status(backfill)
+                    view.update(done=now.succeeded, failed=now.failed + now.cancelled, skipped=skipped)
+            status = await rt.wait_backfill(backfill)
+            view.update(done=status.succeeded, failed=status.failed + status.cancelled, skipped=skipped)
+        finally:
+            view.close()
+        args._skipped, args._elapsed, args._rate = skipped, view.elapsed(), view.rate()
+    return status
+
+
+def _backfill_summary(args: argparse.Namespace, status: Any) -> int:
+    failed = status.state != "succeeded"
+    if args.json:
+        emit_json({**_backfill_json(status), "skipped": getattr(args, "_skipped", 0),
+                   "seconds": round(getattr(args, "_elapsed", 0.0), 3)})
+        return EXIT_FAILED if failed else EXIT_OK
+    elapsed, rate = getattr(args, "_elapsed", 0.0), getattr(args, "_rate", 0.0)
+    print(table(["backfill", "asset", "state", "total", "succeeded", "skipped", "failed", "cancelled", "seconds",
+                 "per second"], [
+        [str(status.id), status.asset, status.state, status.total, status.succeeded, getattr(args, "_skipped", 0),
+         status.failed, status.cancelled, round(elapsed, 2), round(rate, 1)],
+    ]))
+    if status.errors:
+        print("\nfailed partitions:")
+        for key, message in status.errors[:10]:
+            print(f"  {key}: {_short(message, 100)}")
+        if len(status.errors) > 10:
+            print(f"  ... and {len(status.errors) - 10} more (flowstone records {status.asset} --status failed)")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+__all__ = [name for name in dir() if name.startswith("cmd_")]

@@ -1,0 +1,85 @@
+"""Running one command: the tenant, the event loop, and errors as exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from typing import Any
+
+from . import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNREACHABLE, EXIT_USAGE
+from .config import CliError, UserCodeError
+
+__all__ = ["exit_code", "run_command"]
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import anyio
+
+    from ..tenancy import tenant_scope
+    from . import commands
+
+    _logging(args.debug)
+    handler = getattr(commands, f"cmd_{args.command}")
+    try:
+        with tenant_scope(args.tenant) if args.tenant else _nothing():
+            code: int = anyio.run(handler, args)
+        return code
+    except KeyboardInterrupt:
+        print("flowstone: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UserCodeError as error:
+        sys.stderr.write(error.traceback)
+        print(f"flowstone: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"flowstone: error: {describe(error)}", file=sys.stderr)
+        return exit_code(error)
+
+
+def exit_code(error: BaseException) -> int:
+    """1 a materialization failed; 3 the store or storage cannot be reached or used;
+    2 everything else the user can fix (usage, definitions, unknown names)."""
+    from ..errors import DatabaseError, FlowstoneError, MaterializationFailed, StorageError
+
+    if isinstance(error, CliError):
+        return error.code
+    if isinstance(error, MaterializationFailed):
+        return EXIT_FAILED
+    if isinstance(error, (DatabaseError, StorageError, OSError)):
+        return EXIT_UNREACHABLE
+    if isinstance(error, FlowstoneError):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def describe(error: BaseException) -> str:
+    """One line: the message, with what to do when that is known."""
+    from ..errors import DatabaseError, FlowstoneError
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, DatabaseError) and "does not exist" in text and "relation" in text:
+        text += " (the schema is missing: run 'flowstone migrate')"
+    if not isinstance(error, (FlowstoneError, CliError, OSError)):
+        text = f"{type(error).__name__}: {text} (an unexpected error: run with --debug for the traceback)"
+    return text
+
+
+def _logging(debug: bool) -> None:
+    """Failures are reported by the command itself; the library's warnings only with --debug."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("flowstone")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

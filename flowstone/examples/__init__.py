@@ -1,0 +1,1 @@
+"""Example pipelines shipped with FlowStone (``flowstone.examples.flights``: NYC flights, 2013)."""

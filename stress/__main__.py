@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import chaos, core, executors, instructions, io, load, memory, postgres, processes, ranges, runtime, soak, sqlite
+from . import chaos, core, executors, instructions, io, load, memory, postgres, processes, ranges, runtime, soak, sqlite, startup
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
@@ -27,6 +27,7 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "ranges": (ranges.run, "backfill over 10 million hourly partitions: time to return, memory, saved spec (issue #12)"),
     "registrations": (load.run_registrations, "many tasks registering assets into one running runtime"),
     "runtime": (runtime.run, "materialize chains and fans, backfill 366 and 100,000 partitions (issue #3 figures)"),
+    "startup": (startup.run, "import flowstone, flowstone --help, and the flights example's main job (issue #14)"),
     "sqlite": (sqlite.run, "backfills with records in the embedded SQLite store: 366, 10,000; status of 100,000 (issue #14)"),
     "soak": (soak.run, "mixed load with chaos for --minutes (default 10): memory must stay flat"),
     "store-writes": (load.run_store_writes, "many tasks writing records into the memory store at once"),

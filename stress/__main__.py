@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import chaos, core, executors, instructions, io, load, memory, postgres, processes, ranges, runtime, soak, sqlite, startup
+from . import chaos, core, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, soak, sqlite, startup
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
@@ -19,6 +19,7 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "core": (core.run, "planning cost (graph, order, layers, validate) and partition key throughput"),
     "dags": (load.run_dags, "a 1-1000-1 fan and a 500-asset chain, one materialize each"),
     "executors": (executors.run, "a CPU-bound 8-partition backfill with executor='thread' and 'process' (issue #12)"),
+    "flights-dagster": (flights_dagster.run, "the flights main job in FlowStone and in Dagster (--dagster-python)"),
     "instructions": (instructions.run, "instructions per materialization under callgrind: deterministic, for A/B"),
     "io": (io.run, "Parquet and S3 round trips of a 1M-row table (time, peak memory), S3IO(json) backfill (issue #5)"),
     "memory": (memory.run, "where a backfill's memory goes: store records vs the runtime's own share"),
@@ -27,9 +28,9 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "ranges": (ranges.run, "backfill over 10 million hourly partitions: time to return, memory, saved spec (issue #12)"),
     "registrations": (load.run_registrations, "many tasks registering assets into one running runtime"),
     "runtime": (runtime.run, "materialize chains and fans, backfill 366 and 100,000 partitions (issue #3 figures)"),
-    "startup": (startup.run, "import flowstone, flowstone --help, and the flights example's main job (issue #14)"),
-    "sqlite": (sqlite.run, "backfills with records in the embedded SQLite store: 366, 10,000; status of 100,000 (issue #14)"),
     "soak": (soak.run, "mixed load with chaos for --minutes (default 10): memory must stay flat"),
+    "sqlite": (sqlite.run, "backfills with records in the embedded SQLite store: 366, 10,000; status of 100,000 (issue #14)"),
+    "startup": (startup.run, "import flowstone, flowstone --help, and the flights example's main job (issue #14)"),
     "store-writes": (load.run_store_writes, "many tasks writing records into the memory store at once"),
 }
 

@@ -3,14 +3,19 @@ what an embedded store must refuse."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import subprocess
+import tempfile
+from pathlib import Path
 
 import anyio
 import pytest
 
 import flowstone as fs
 from contracts.store import LeaseContract, StoreContract
-from flowstone.store.sqlite import SqliteStore, filesystem_type, sqlite_path
+from flowstone.store.sqlite import NETWORK_FILESYSTEMS, SqliteStore, filesystem_type, sqlite_path
 
 pytestmark = pytest.mark.anyio
 
@@ -34,3 +39,63 @@ class TestSqliteStoreContract(StoreContract, LeaseContract):
             await anyio.to_thread.run_sync(older, seconds)
 
         return age
+
+
+# ----------------------------------------------------------- where the file is
+
+def test_the_mount_of_a_folder_is_the_longest_mount_point_above_it():
+    mounts = (
+        "/dev/vda / ext4 rw,relatime 0 0\n"
+        "server:/export /mnt/share nfs4 rw,relatime 0 0\n"
+        "//host/team /mnt/share/smb cifs rw 0 0\n"
+        "tmpfs /mnt/shared tmpfs rw 0 0\n"
+    )
+    assert filesystem_type("/mnt/share/project", mounts) == "nfs4"
+    assert filesystem_type("/mnt/share/smb/x", mounts) == "cifs"
+    assert filesystem_type("/mnt/shared/x", mounts) == "tmpfs"  # a sibling with a common prefix is not inside
+    assert filesystem_type("/home/me", mounts) == "ext4"
+    assert {"nfs4", "cifs"} <= NETWORK_FILESYSTEMS and "tmpfs" not in NETWORK_FILESYSTEMS
+
+
+@pytest.mark.parametrize("url", [":memory:", "sqlite://relative.db", "file:x.db?mode=memory", ""])
+def test_a_store_that_is_not_a_file_is_refused(url):
+    with pytest.raises(fs.DefinitionError, match="file path|sqlite:///"):
+        sqlite_path(url)
+
+
+def test_sqlite_urls_name_relative_and_absolute_files():
+    assert sqlite_path("sqlite:///.flowstone/flowstone.db") == ".flowstone/flowstone.db"
+    assert sqlite_path("sqlite:////var/lib/flowstone.db") == "/var/lib/flowstone.db"
+
+
+@pytest.fixture
+def read_only_folder():
+    """A folder nobody may write to: a read-only mount when running as root (root
+    writes through permissions), else a folder without write permission."""
+    folder = Path(tempfile.mkdtemp(prefix="flowstone-ro-", dir="/tmp"))
+    mounted = False
+    try:
+        if os.geteuid() == 0:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                                  capture_output=True, text=True, timeout=30)
+            if done.returncode != 0:
+                pytest.skip(f"running as root and cannot mount a read-only folder: {done.stderr.strip()}")
+            mounted = True
+        else:
+            folder.chmod(0o555)
+        yield folder
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True, timeout=30)
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+async def test_a_read_only_location_is_refused_before_anything_is_written(read_only_folder):
+    store = SqliteStore(read_only_folder / "flowstone.db")
+    with pytest.raises(fs.DatabaseUnavailable, match="read-only location"):
+        await store.list_all()
+    with pytest.raises(fs.DatabaseUnavailable, match="read-only location"):
+        await store.create(asset_name="orders")
+    await store.close()
+    assert list(read_only_folder.iterdir()) == []

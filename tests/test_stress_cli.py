@@ -18,8 +18,9 @@ def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
-        "backfill", "cancel-storm", "chaos", "core", "dags", "executors", "instructions", "io", "memory", "postgres", "processes", "ranges",
-        "registrations", "runtime", "soak", "store-writes",
+        "backfill", "cancel-storm", "chaos", "core", "dags", "executors", "flights-dagster", "instructions", "io",
+        "memory", "postgres", "processes", "ranges", "registrations", "runtime", "soak", "sqlite", "startup",
+        "store-writes",
     ]
 
 
@@ -49,6 +50,22 @@ def test_ranges_scenario_starts_a_big_backfill_lazily():
     assert result.returncode == 0, result.stderr
     [row] = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
     assert row["store"] == "memory" and row["partitions"] == row["resumed_total"] == 100_000
+
+
+def test_sqlite_scenario_compares_with_the_memory_store():
+    result = run_stress("sqlite", "--repeat", "1", "--big", "300", "--status", "500")
+    assert result.returncode == 0, result.stderr
+    rows = {row["scenario"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])["rows"]}
+    assert rows["366 daily partitions, max_parallel=20, SQLite (synchronous=NORMAL)"]["per_second"] > 0
+    assert rows["300 partitions on the memory store (the runtime's own share)"]["per_second"] > 0
+    assert rows["status of 500 partitions (one asset)"]["median_ms"] > 0
+
+
+def test_startup_scenario_times_import_and_help():
+    result = run_stress("startup", "--repeat", "2", "--no-example")
+    assert result.returncode == 0, result.stderr
+    rows = {row["scenario"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])["rows"]}
+    assert rows["import flowstone"]["median_ms"] > 0 and rows["flowstone --help"]["target_ms"] == 150
 
 
 def test_unknown_scenario_exits_non_zero():

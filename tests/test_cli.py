@@ -340,3 +340,44 @@ def test_a_backfill_while_another_process_reads_and_a_third_materializes(project
                                    ).fetchone()[0]
     connection.close()
     assert computed == [] and total == 2008  # each partition computed once, by whichever process came first
+
+
+SLOW = '''
+from datetime import date
+import anyio
+import flowstone as fs
+
+days = fs.DailyPartitions(start=date(2024, 1, 1), end=date(2024, 12, 31))
+pipeline = fs.Pipeline("slow")
+
+@pipeline.asset(partitioned_by=days, code_version="1")
+async def slow(ctx, deps):
+    await anyio.sleep(0.1)  # the work: slow enough to be stopped half way
+    return 1
+'''
+
+
+def test_cancel_stops_a_backfill_running_in_another_process(project):
+    (project.folder / "slow.py").write_text(SLOW)
+    env = project.env(FLOWSTONE_PIPELINE="slow:pipeline")
+    assert project.run("migrate", env=env).returncode == 0
+    owner = subprocess.Popen(
+        [sys.executable, "-m", "flowstone", "backfill", "slow", "--max-parallel", "2"],
+        cwd=project.folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert owner.stdout.readline().startswith("backfill slow: ")  # it is under way
+        [running] = json.loads(project.run("backfills", "--json", env=env).stdout)["backfills"]
+        assert running["state"] == "running"
+        cancelled = project.run("cancel", running["id"], "--json", env=env)
+        assert cancelled.returncode == 0, cancelled.stderr
+        outcome = json.loads(cancelled.stdout)
+        assert outcome["state"] == "cancelled" and 0 < outcome["succeeded"] < 366 and outcome["cancelled"] > 0
+        out, err = owner.communicate(timeout=60)
+    finally:
+        owner.kill()
+    assert owner.returncode == 1, err  # the backfill did not complete
+    assert "cancelled" in out
+    again = project.run("cancel", running["id"], "--json", env=env)  # nothing left to stop
+    assert again.returncode == 0 and json.loads(again.stdout)["state"] == "cancelled"
+    assert project.run("cancel", "not-an-id", env=env).returncode == 2

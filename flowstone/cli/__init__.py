@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     resume = command("resume", "run again, here, what a stopped backfill did not finish")
     resume.add_argument("id")
 
+    cancel = command("cancel", "stop a running backfill, wherever it runs, and wait until it has")
+    cancel.add_argument("id")
+
     command("migrate", "create or upgrade the store's schema")
     return parser
 

@@ -402,6 +402,59 @@ async def cmd_resume(args: argparse.Namespace) -> int:
     return _backfill_summary(args, status)
 
 
+CANCEL_POLL = 0.5
+"""Seconds between two looks at a backfill that was asked to stop."""
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    """Ask the owner of a running backfill to stop it (it does at its next checkpoint),
+    and wait until it has; a backfill whose owner died is closed here."""
+    import os
+    import socket
+
+    import anyio
+    import attrs
+
+    from ..errors import BackfillOwned
+    from ..plumbing.clock import utcnow
+    from ..runtime.backfill import CHECKPOINT_SECONDS, STALE_SECONDS
+    from ..store.backfills import Saved
+    from ..store.records import parse_id
+
+    backfill = parse_id(args.id, "backfill")
+    me = f"{socket.gethostname()}:{os.getpid()}:cancel"
+    async with _store(args) as store:
+        saved = await store.request_cancel(backfill)
+        with anyio.move_on_after(STALE_SECONDS + 2 * CHECKPOINT_SECONDS + 10):
+            while saved.status.state == "running":
+                try:
+                    claim = await store.claim_backfill(backfill, me, stale_after=STALE_SECONDS)
+                except BackfillOwned:  # its owner is alive: it stops at its next checkpoint
+                    await anyio.sleep(CANCEL_POLL)
+                    saved = await store.load_backfill(backfill)
+                    continue
+                status = claim.saved.status
+                if status.state == "running":  # its owner is gone: close it here
+                    if claim.previous_owner is not None:
+                        await store.close_orphans(
+                            claim.previous_owner, f"orphaned: {claim.previous_owner} stopped; cancelled by {me}")
+                    status = attrs.evolve(
+                        status, state="cancelled", queued=0, running=0, finished_at=utcnow(),
+                        cancelled=status.total - status.succeeded - status.failed,
+                    )
+                    await store.save_backfill(backfill, Saved(claim.saved.spec, status), owner=me)
+                saved = await store.load_backfill(backfill)
+    if saved.status.state == "running":
+        raise CliError(f"backfill {backfill} is still running: its owner did not stop in time", code=EXIT_FAILED)
+    if args.json:
+        emit_json(_backfill_json(saved.status))
+    else:
+        status = saved.status
+        print(f"backfill {backfill}: {status.state} ({status.succeeded} succeeded, {status.failed} failed, "
+              f"{status.cancelled} cancelled of {status.total})")
+    return EXIT_OK
+
+
 def _backfill_partitions(pipeline: Pipeline, args: argparse.Namespace) -> Any:
     definition = pipeline.get(args.asset).partitioned_by
     if definition is None:

@@ -157,6 +157,8 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (3, "superseded records, one current success per partition, leases, backfill owners", _V3),
     (4, "error_traceback on materializations",
      "ALTER TABLE flowstone_materializations ADD COLUMN error_traceback text;"),
+    (5, "a cancel asked of a backfill's owner from another process",
+     "ALTER TABLE flowstone_backfills ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;"),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

@@ -32,7 +32,7 @@ from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
 from ..plumbing.interrupts import internal
 from ..store.backfills import BackfillSpec, BackfillStatus, Saved
-from ..store.leases import LeaseHeld
+from ..store.leases import CancelRequested, LeaseHeld
 from ..tenancy import tenant_scope
 from .run import RunRequest
 from .watch import EventBus
@@ -303,6 +303,11 @@ async def _checkpoints(
             except LeaseLost as error:
                 log.warning("backfill %s: %s; stopping here", spec.id, error)
                 progress.lost = str(error)
+                work.cancel()
+                return
+            except CancelRequested:
+                log.info("backfill %s: cancelled from another process", spec.id)
+                progress.cancel_requested = True
                 work.cancel()
                 return
             except Exception as error:

@@ -26,7 +26,7 @@ import attrs
 
 from ..errors import FlowstoneError, LeaseLost
 
-__all__ = ["BackfillClaim", "FinishedElsewhere", "Lease", "LeaseHeld", "LeaseTable"]
+__all__ = ["BackfillClaim", "CancelRequested", "FinishedElsewhere", "Lease", "LeaseHeld", "LeaseTable"]
 
 
 class Lease(NamedTuple):
@@ -65,6 +65,11 @@ class FinishedElsewhere(FlowstoneError):
     def __init__(self, record: object) -> None:
         self.record = record
         super().__init__("already computed by another process meanwhile")
+
+
+class CancelRequested(FlowstoneError):
+    """Someone asked (``store.request_cancel``, ``flowstone cancel``) that this running
+    backfill stop: its owner finds out when it saves its next checkpoint, and stops."""
 
 
 @attrs.frozen

@@ -141,6 +141,9 @@ class MemoryStore(MemoryActorClient):
         return await self.handle.call(
             m.ClaimBackfill, tenant=current_tenant(), id=id, owner=owner, stale_after=stale_after)
 
+    async def request_cancel(self, id: uuid.UUID) -> Any:
+        return await self.handle.call(m.RequestCancel, tenant=current_tenant(), id=parse_id(id, "backfill"))
+
     async def list_backfills(self, *, limit: int = 100) -> list[Any]:
         return await self.handle.call(m.ListBackfills, tenant=current_tenant(), limit=check_limit(limit))
 

@@ -26,7 +26,7 @@ from ..actors.mailbox import Message, serve
 from ..definitions import FieldError
 from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, LeaseLost, NotFound
 from ..plumbing.clock import utcnow
-from .leases import BackfillClaim, Lease, LeaseTable, lost
+from .leases import BackfillClaim, CancelRequested, Lease, LeaseTable, lost
 from .records import ACTIVE, CURRENT, ORPHAN_ENDING, Materialization, Status, check_transition, evolve
 
 __all__ = ["MemoryData", "memory_actor"]
@@ -48,6 +48,7 @@ class BackfillRow:
     saved: Any
     owner: str | None
     heartbeat_at: datetime
+    cancel: bool = False
 
 
 @attrs.define
@@ -230,6 +231,12 @@ class ClaimBackfill(Message[BackfillClaim]):
 
 
 @attrs.frozen(kw_only=True)
+class RequestCancel(Message[Any]):
+    tenant: str | None
+    id: uuid.UUID
+
+
+@attrs.frozen(kw_only=True)
 class ListBackfills(Message[list[Any]]):
     tenant: str | None
     limit: int
@@ -270,6 +277,7 @@ class _Handlers:
             SaveBackfill: self.save_backfill,
             LoadBackfill: self.load_backfill,
             ListBackfills: self.list_backfills,
+            RequestCancel: self.request_cancel,
             ClaimBackfill: self.claim_backfill,
             CloseOrphans: self.close_orphans,
         }
@@ -487,8 +495,18 @@ class _Handlers:
                 f"backfill {str(m.id)!r} is now driven by {row.owner}; {m.owner} may no longer save it",
                 tenant=m.tenant,
             )
+        running = m.state.status.state == "running"
+        if row is not None and row.cancel and running:
+            raise CancelRequested(f"backfill {str(m.id)!r}: a cancel was requested", tenant=m.tenant)
         self.data.backfills.pop(key, None)  # to the end: the most recently saved is last
-        self.data.backfills[key] = BackfillRow(m.state, m.owner, self.data.now())
+        self.data.backfills[key] = BackfillRow(m.state, m.owner, self.data.now(), cancel=False)
+
+    def request_cancel(self, m: RequestCancel) -> Any:
+        row = self.data.backfills.get((m.tenant, m.id))
+        if row is None:
+            raise BackfillNotFound(m.id, tenant=m.tenant)
+        row.cancel = row.saved.status.state == "running"
+        return row.saved
 
     def list_backfills(self, m: ListBackfills) -> list[Any]:
         found: list[Any] = []

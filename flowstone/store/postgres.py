@@ -42,7 +42,7 @@ from ..postgres.database import PostgresClient
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
 from .backfills import saved_from_json, saved_to_json
-from .leases import BackfillClaim, FinishedElsewhere, Lease, LeaseHeld, lost
+from .leases import BackfillClaim, CancelRequested, FinishedElsewhere, Lease, LeaseHeld, lost
 from .records import (
     CURRENT,
     TERMINAL,
@@ -586,17 +586,37 @@ class PostgresStore(PostgresClient):
                    (id, tenant_id, asset_name, state, spec, status, owner, heartbeat_at, updated_at)
                VALUES ($1, $2, $3, $4, $5::text::jsonb, $6::text::jsonb, $7, now(), now())
                ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, status = EXCLUDED.status,
-                   spec = EXCLUDED.spec, heartbeat_at = now(), updated_at = now()
+                   spec = EXCLUDED.spec, heartbeat_at = now(), updated_at = now(), cancel_requested = false
                WHERE flowstone_backfills.tenant_id = EXCLUDED.tenant_id
                  AND flowstone_backfills.owner IS NOT DISTINCT FROM EXCLUDED.owner
+                 AND NOT (flowstone_backfills.cancel_requested AND EXCLUDED.state = 'running')
                RETURNING true""",
             id, tenant or "", state.spec.asset, state_name, spec, status, owner,
         )
+        if not saved and await self.db.run(
+            tenant, _fetchval,
+            "SELECT cancel_requested AND owner IS NOT DISTINCT FROM $3 FROM flowstone_backfills "
+            "WHERE id = $1 AND tenant_id = $2",
+            id, tenant or "", owner,
+        ):
+            raise CancelRequested(f"backfill {str(id)!r}: a cancel was requested", tenant=tenant)
         if not saved:
             raise LeaseLost(
                 f"backfill {str(id)!r} is now driven by another process; {owner} may no longer save it",
                 tenant=tenant,
             )
+
+    async def request_cancel(self, id: uuid.UUID) -> Any:
+        tenant, bid = current_tenant(), parse_id(id, "backfill")
+        row = await self.db.run(
+            tenant, _fetchrow,
+            """UPDATE flowstone_backfills SET cancel_requested = (state = 'running')
+               WHERE id = $1 AND tenant_id = $2 RETURNING spec::text, status::text""",
+            bid, tenant or "",
+        )
+        if row is None:
+            raise BackfillNotFound(bid, tenant=tenant)
+        return saved_from_json(row[0], row[1])
 
     async def list_backfills(self, *, limit: int = 100) -> list[Any]:
         tenant = current_tenant()

@@ -117,8 +117,16 @@ class MaterializationStore(Protocol):
     async def save_backfill(self, id: uuid.UUID, state: Any, *, owner: str | None = None) -> None:
         """Keep a backfill's ``Saved`` (spec and status) so it can be reported and resumed,
         and stamp ``owner``'s heartbeat. Raises ``LeaseLost`` when another owner has
-        claimed the backfill since. A store that serializes may hand back partition
+        claimed the backfill since, and ``CancelRequested`` (saving nothing) when a
+        cancel was asked for and the state saved is still ``running``; saving a final
+        state clears the request. A store that serializes may hand back partition
         keys in place of values."""
+        ...
+
+    async def request_cancel(self, id: uuid.UUID) -> Any:
+        """Ask the owner of a running backfill to stop it (its next save raises
+        ``CancelRequested``); the backfill's ``Saved`` as it is now. A backfill that has
+        finished is left as it is. Raises ``BackfillNotFound`` (none in the caller's tenant)."""
         ...
 
     async def claim_backfill(self, id: uuid.UUID, owner: str, *, stale_after: float) -> BackfillClaim:

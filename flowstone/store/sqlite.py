@@ -50,7 +50,7 @@ from ..partitions import serialize_partition
 from ..plumbing.jsonvalues import plain, storable_text, to_json
 from ..tenancy import current_tenant
 from .backfills import saved_from_json, saved_to_json
-from .leases import BackfillClaim, FinishedElsewhere, Lease, LeaseHeld, lost
+from .leases import BackfillClaim, CancelRequested, FinishedElsewhere, Lease, LeaseHeld, lost
 from .records import (
     CURRENT,
     TERMINAL,
@@ -361,22 +361,37 @@ class SqliteStore:
         spec, status, state_name = saved_to_json(state)
 
         def save(c: sqlite3.Connection) -> None:
-            row = c.execute("SELECT tenant_id, owner FROM flowstone_backfills WHERE id = ?", (str(id),)).fetchone()
+            row = c.execute(
+                "SELECT tenant_id, owner, cancel_requested FROM flowstone_backfills WHERE id = ?", (str(id),)
+            ).fetchone()
             if row is not None and (row[0] != tenant or row[1] != owner):
                 raise LeaseLost(
                     f"backfill {str(id)!r} is now driven by another process; {owner} may no longer save it",
                     tenant=tenant or None,
                 )
+            if row is not None and row[2] and state_name == "running":
+                raise CancelRequested(f"backfill {str(id)!r}: a cancel was requested", tenant=tenant or None)
             c.execute(
                 """INSERT INTO flowstone_backfills
                        (id, tenant_id, asset_name, state, spec, status, owner, heartbeat_at, updated_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (id) DO UPDATE SET state = excluded.state, status = excluded.status,
-                       spec = excluded.spec, heartbeat_at = excluded.heartbeat_at, updated_at = excluded.updated_at""",
+                       spec = excluded.spec, heartbeat_at = excluded.heartbeat_at, updated_at = excluded.updated_at,
+                       cancel_requested = 0""",
                 (str(id), tenant, state.spec.asset, state_name, spec, status, owner, time.time(), _iso(_utcnow())),
             )
 
         await self._db.write(save)
+
+    async def request_cancel(self, id: uuid.UUID) -> Any:
+        tenant, bid = _tenant(), str(parse_id(id, "backfill"))
+        row = await self._db.write(lambda c: c.execute(
+            """UPDATE flowstone_backfills SET cancel_requested = (state = 'running')
+               WHERE id = ? AND tenant_id = ? RETURNING spec, status""", (bid, tenant),
+        ).fetchone())
+        if row is None:
+            raise BackfillNotFound(uuid.UUID(bid), tenant=tenant or None)
+        return saved_from_json(row[0], row[1])
 
     async def list_backfills(self, *, limit: int = 100) -> list[Any]:
         tenant, count = _tenant(), check_limit(limit)

@@ -79,7 +79,11 @@ CREATE TABLE flowstone_backfills (
 CREATE INDEX flowstone_backfills_tenant ON flowstone_backfills (tenant_id, updated_at);
 """
 
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1),)
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (1, _V1),
+    (2, "ALTER TABLE flowstone_backfills ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0"),
+)
+"""(version, SQL). Append only: a shipped migration never changes."""
 
 
 def migrate(connection: sqlite3.Connection) -> list[int]:

@@ -15,7 +15,7 @@ import pytest
 
 import flowstone as fs
 from flowstone.runtime.backfill import BackfillSpec, BackfillStatus, Saved
-from flowstone.store.leases import FinishedElsewhere, LeaseHeld
+from flowstone.store.leases import CancelRequested, FinishedElsewhere, LeaseHeld
 from flowstone.store import TRANSITIONS, Status
 
 pytestmark = pytest.mark.anyio
@@ -493,6 +493,29 @@ class LeaseContract:
         await store.save_backfill(saved.spec.id, saved, owner="host:1:aa")
         claim = await store.claim_backfill(saved.spec.id, "host:2:bb", stale_after=30)
         assert claim.previous_owner is None
+
+    async def test_a_cancel_request_stops_the_owners_next_running_save_only(self, store):
+        saved = self._saved()
+        await store.save_backfill(saved.spec.id, saved, owner="host:1:aa")
+        assert (await store.request_cancel(saved.spec.id)).spec.id == saved.spec.id
+        with pytest.raises(CancelRequested):
+            await store.save_backfill(saved.spec.id, saved, owner="host:1:aa")  # a checkpoint: stop
+        assert (await store.load_backfill(saved.spec.id)).status.state == "running"  # nothing saved
+        done = Saved(saved.spec, attrs.evolve(saved.status, state="cancelled", queued=0, cancelled=1))
+        await store.save_backfill(saved.spec.id, done, owner="host:1:aa")  # the final save is kept
+        assert (await store.load_backfill(saved.spec.id)).status.state == "cancelled"
+
+    async def test_a_cancel_request_leaves_a_finished_backfill_alone_and_is_tenant_scoped(self, store):
+        with fs.tenant_scope("a"):
+            finished = self._saved("succeeded")
+            await store.save_backfill(finished.spec.id, finished, owner="host:1:aa")
+            assert (await store.request_cancel(finished.spec.id)).status.state == "succeeded"
+            resumed = Saved(finished.spec, attrs.evolve(finished.status, state="running"))
+            await store.save_backfill(finished.spec.id, resumed, owner="host:1:aa")  # no request was left behind
+        with fs.tenant_scope("b"), pytest.raises(fs.BackfillNotFound):
+            await store.request_cancel(finished.spec.id)
+        with pytest.raises(fs.BackfillNotFound):
+            await store.request_cancel(uuid.uuid4())
 
     async def test_backfills_are_invisible_to_other_tenants(self, store):
         with fs.tenant_scope("a"):

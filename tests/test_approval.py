@@ -90,3 +90,20 @@ async def test_a_crash_of_the_executor_fails_what_waits_for_approval(anyio_backe
             await rt.approve(again.id)
         assert later["result"].materializations["publish"].status is Status.SUCCESS
         assert calls == [1]
+
+
+async def test_a_decision_made_by_another_process_reaches_the_waiting_one(anyio_backend, tmp_path):
+    """Two runtimes over one SQLite file, as two processes would be: the one that waits
+    finds the other's decision in the store."""
+    calls: list[int] = []
+    path = tmp_path / "flowstone.db"
+    async with fs.store.SqliteStore(path) as mine, fs.store.SqliteStore(path) as theirs:
+        async with fs.open_runtime(gated(calls), store=mine) as waiting, fs.open_runtime(
+            gated([]), store=theirs
+        ) as elsewhere:
+            async with parked(waiting) as (record, outcome):
+                await elsewhere.approve(record.id)
+                with pytest.raises(fs.InvalidTransition, match="decided already"):
+                    await elsewhere.reject(record.id, "too late")
+            assert outcome["result"].materializations["publish"].status is Status.SUCCESS
+            assert calls == [1]

@@ -381,3 +381,45 @@ def test_cancel_stops_a_backfill_running_in_another_process(project):
     again = project.run("cancel", running["id"], "--json", env=env)  # nothing left to stop
     assert again.returncode == 0 and json.loads(again.stdout)["state"] == "cancelled"
     assert project.run("cancel", "not-an-id", env=env).returncode == 2
+
+
+GATED = '''
+import flowstone as fs
+
+pipeline = fs.Pipeline("gated")
+
+@pipeline.asset(requires_approval=True)
+async def publish(ctx, deps):
+    return "published"
+'''
+
+
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_approve_and_reject_reach_a_run_waiting_in_another_process(project, decision):
+    (project.folder / "gated.py").write_text(GATED)
+    env = project.env(FLOWSTONE_PIPELINE="gated:pipeline")
+    assert project.run("migrate", env=env).returncode == 0
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "flowstone", "materialize", "publish", "--json"],
+        cwd=project.folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        record = None
+        while record is None:  # the store lock orders this: the record is there once written
+            found = json.loads(project.run("records", "--status", "waiting_approval", "--json", env=env).stdout)
+            record = found["records"][0] if found["records"] else None
+            assert waiting.poll() is None, waiting.stderr.read()
+        args = [decision, record["id"]] + (["--reason", "numbers look wrong"] if decision == "reject" else [])
+        decided = project.run(*args, "--json", env=env)
+        assert decided.returncode == 0, decided.stderr
+        assert json.loads(decided.stdout)["decision"] == ("approved" if decision == "approve" else "rejected")
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    outcome = json.loads(out)
+    if decision == "approve":
+        assert waiting.returncode == 0 and outcome["records"][0]["status"] == "success"
+    else:
+        assert waiting.returncode == 1 and "rejected: numbers look wrong" in outcome["error"]
+    again = project.run("approve", record["id"], env=env)
+    assert again.returncode == 2 and "decided already" in _one_line_error(again)

@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     cancel = command("cancel", "stop a running backfill, wherever it runs, and wait until it has")
     cancel.add_argument("id")
 
+    approve = command("approve", "let a materialization waiting for approval run (wherever it waits)")
+    approve.add_argument("id")
+    reject = command("reject", "fail a materialization waiting for approval, with a reason")
+    reject.add_argument("id")
+    reject.add_argument("--reason", required=True, metavar="R")
+
     command("migrate", "create or upgrade the store's schema")
     return parser
 

@@ -402,6 +402,28 @@ async def cmd_resume(args: argparse.Namespace) -> int:
     return _backfill_summary(args, status)
 
 
+async def cmd_approve(args: argparse.Namespace) -> int:
+    return await _decide(args, True, None)
+
+
+async def cmd_reject(args: argparse.Namespace) -> int:
+    return await _decide(args, False, args.reason)
+
+
+async def _decide(args: argparse.Namespace, approve: bool, reason: str | None) -> int:
+    """Keep the decision in the store; the process whose run waits for it acts on it."""
+    async with _store(args) as store:
+        record = await store.decide(args.id, approve, reason)
+    if args.json:
+        emit_json({"id": str(record.id), "asset": record.asset_name, "partition": record.partition,
+                   "decision": "approved" if approve else "rejected", "reason": reason})
+    else:
+        where = f" @ {record.partition}" if record.partition is not None else ""
+        print(f"{'approved' if approve else 'rejected'}: {record.asset_name}{where} ({record.id}); "
+              "the run waiting for it goes on within a second")
+    return EXIT_OK
+
+
 CANCEL_POLL = 0.5
 """Seconds between two looks at a backfill that was asked to stop."""
 

@@ -159,6 +159,17 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
      "ALTER TABLE flowstone_materializations ADD COLUMN error_traceback text;"),
     (5, "a cancel asked of a backfill's owner from another process",
      "ALTER TABLE flowstone_backfills ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;"),
+    (6, "approval decisions made in another process than the waiting one", f"""
+        CREATE TABLE flowstone_decisions (
+            tenant_id text NOT NULL DEFAULT '',
+            record_id uuid NOT NULL,
+            approve boolean NOT NULL,
+            reason text,
+            decided_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (record_id, tenant_id)
+        );
+        {tenant_policy("flowstone_decisions")}
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

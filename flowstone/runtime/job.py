@@ -173,7 +173,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     )
     env.leases.hold(lease, asked)
     if asset.requires_approval:
-        approved, reason = await _wait_for_approval(record, executor)
+        approved, reason = await _wait_for_approval(record, executor, store)
         if not approved:
             state.record = record = await store.complete(
                 record, Status.FAILED, lease=lease, error_message=f"rejected: {reason or 'no reason given'}",
@@ -258,7 +258,13 @@ def _executor_node(node: str, asset: str) -> str:
     return f"{node}/executor:{asset}"
 
 
-async def _wait_for_approval(record: Materialization, executor: Handle) -> tuple[bool, str | None]:
+APPROVAL_POLL = 1.0
+"""Seconds between two looks in the store for a decision made in another process."""
+
+
+async def _wait_for_approval(record: Materialization, executor: Handle, store: Any) -> tuple[bool, str | None]:
+    """The decision: from this process's runtime at once (through the executor), or
+    from another process's, found in the store within ``APPROVAL_POLL`` seconds."""
     send, receive = anyio.create_memory_object_stream[tuple[bool, str | None]](1)
     with receive:
         try:
@@ -267,7 +273,12 @@ async def _wait_for_approval(record: Materialization, executor: Handle) -> tuple
             send.close()
             raise
         try:
-            return await receive.receive()
+            while True:
+                with anyio.move_on_after(APPROVAL_POLL):
+                    return await receive.receive()
+                decided: tuple[bool, str | None] | None = await store.decision(record.id)
+                if decided is not None:
+                    return decided
         except anyio.EndOfStream:
             raise ActorCrashed(
                 executor.name, detail="it restarted while this materialization waited for approval",

@@ -33,7 +33,6 @@ from ..errors import (
     BackfillNotFound,
     DefinitionError,
     InvalidPartition,
-    InvalidTransition,
     NotFound,
     RuntimeClosed,
     single_error,
@@ -47,7 +46,7 @@ from ..plumbing.interrupts import protect_on_trio
 from ..store.memory import MemoryStore
 from ..store.memory_client import MemoryActorClient, stop_gracefully
 from ..store.protocol import MaterializationStore
-from ..store.records import Materialization, Status, parse_id
+from ..store.records import Materialization, check_decidable, parse_id
 from ..tenancy import current_tenant
 from . import backfill as bf
 from . import registry as reg
@@ -261,11 +260,13 @@ class Runtime:
     async def approve(
         self, materialization_id: uuid.UUID | str, *, context: Mapping[str, Any] | None = None
     ) -> None:
-        """Let a materialization waiting for approval run.
+        """Let a materialization waiting for approval run, in this process or any other
+        sharing the store (the decision is kept there; a process that waits looks
+        every second).
 
-        Raises ``NotFound`` (no such record in the caller's tenant, or not waiting
-        here), ``InvalidTransition`` (not waiting for approval) or ``AccessDenied``
-        (the guard's ``can_materialize`` refused, asked with ``context``)."""
+        Raises ``NotFound`` (no such record in the caller's tenant),
+        ``InvalidTransition`` (not waiting for approval, or decided already) or
+        ``AccessDenied`` (the guard's ``can_materialize`` refused, asked with ``context``)."""
         await self._decide(materialization_id, True, None, context)
 
     async def reject(
@@ -286,15 +287,15 @@ class Runtime:
         await authorize(
             self._guard, "materialize", snapshot.graph.get(record.asset_name), {**(context or {}), "tenant": tenant}
         )
-        if record.status is not Status.WAITING_APPROVAL:
-            raise InvalidTransition(
-                record.status, Status.RUNNING if approve else Status.FAILED,
-                asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
-                detail="it is not waiting for approval",
-            )
-        await snapshot.executors[record.asset_name].call(
-            Decide, tenant=tenant, record_id=record.id, approve=approve, reason=reason
-        )
+        check_decidable(record, approve, decided=False)
+        # Kept in the store first: the process that runs it, this one or another, acts on it.
+        await self._env.store.decide(record.id, approve, reason)
+        executor = snapshot.executors.get(record.asset_name)
+        if executor is not None:
+            try:  # waiting here: it goes on at once instead of at its next look in the store
+                await executor.call(Decide, tenant=tenant, record_id=record.id, approve=approve, reason=reason)
+            except NotFound:
+                pass  # waiting in another process: it finds the decision in the store
 
     # ------------------------------------------------------------- backfills
 

@@ -141,6 +141,13 @@ class MemoryStore(MemoryActorClient):
         return await self.handle.call(
             m.ClaimBackfill, tenant=current_tenant(), id=id, owner=owner, stale_after=stale_after)
 
+    async def decide(self, id: uuid.UUID | str, approve: bool, reason: str | None = None) -> Materialization:
+        return await self.handle.call(m.Decide, tenant=current_tenant(), id=parse_id(id), approve=approve,
+                                      reason=reason)
+
+    async def decision(self, id: uuid.UUID) -> tuple[bool, str | None] | None:
+        return await self.handle.call(m.DecisionOf, tenant=current_tenant(), id=parse_id(id))
+
     async def request_cancel(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.RequestCancel, tenant=current_tenant(), id=parse_id(id, "backfill"))
 

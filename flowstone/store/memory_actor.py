@@ -27,7 +27,16 @@ from ..definitions import FieldError
 from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, LeaseLost, NotFound
 from ..plumbing.clock import utcnow
 from .leases import BackfillClaim, CancelRequested, Lease, LeaseTable, lost
-from .records import ACTIVE, CURRENT, ORPHAN_ENDING, Materialization, Status, check_transition, evolve
+from .records import (
+    ACTIVE,
+    CURRENT,
+    ORPHAN_ENDING,
+    Materialization,
+    Status,
+    check_decidable,
+    check_transition,
+    evolve,
+)
 
 __all__ = ["MemoryData", "memory_actor"]
 
@@ -67,6 +76,7 @@ class MemoryData:
     readers: dict[Key, set[uuid.UUID]] = attrs.field(factory=dict)
     values: dict[Key, StoredValue] = attrs.field(factory=dict)
     backfills: dict[tuple[str | None, uuid.UUID], BackfillRow] = attrs.field(factory=dict)
+    decisions: dict[tuple[str | None, uuid.UUID], tuple[bool, str | None]] = attrs.field(factory=dict)
     now: Callable[[], datetime] = utcnow
     leases: LeaseTable = attrs.field(init=False)
 
@@ -231,6 +241,20 @@ class ClaimBackfill(Message[BackfillClaim]):
 
 
 @attrs.frozen(kw_only=True)
+class Decide(Message[Materialization]):
+    tenant: str | None
+    id: uuid.UUID
+    approve: bool
+    reason: str | None
+
+
+@attrs.frozen(kw_only=True)
+class DecisionOf(Message["tuple[bool, str | None] | None"]):
+    tenant: str | None
+    id: uuid.UUID
+
+
+@attrs.frozen(kw_only=True)
 class RequestCancel(Message[Any]):
     tenant: str | None
     id: uuid.UUID
@@ -278,6 +302,8 @@ class _Handlers:
             LoadBackfill: self.load_backfill,
             ListBackfills: self.list_backfills,
             RequestCancel: self.request_cancel,
+            Decide: self.decide,
+            DecisionOf: self.decision_of,
             ClaimBackfill: self.claim_backfill,
             CloseOrphans: self.close_orphans,
         }
@@ -500,6 +526,15 @@ class _Handlers:
             raise CancelRequested(f"backfill {str(m.id)!r}: a cancel was requested", tenant=m.tenant)
         self.data.backfills.pop(key, None)  # to the end: the most recently saved is last
         self.data.backfills[key] = BackfillRow(m.state, m.owner, self.data.now(), cancel=False)
+
+    def decide(self, m: Decide) -> Materialization:
+        record = self._get(m.tenant, m.id)
+        check_decidable(record, m.approve, (m.tenant, m.id) in self.data.decisions)
+        self.data.decisions[(m.tenant, m.id)] = (m.approve, m.reason)
+        return record
+
+    def decision_of(self, m: DecisionOf) -> tuple[bool, str | None] | None:
+        return self.data.decisions.get((m.tenant, m.id))
 
     def request_cancel(self, m: RequestCancel) -> Any:
         row = self.data.backfills.get((m.tenant, m.id))

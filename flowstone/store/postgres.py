@@ -49,6 +49,7 @@ from .records import (
     TRANSITIONS,
     Materialization,
     Status,
+    check_decidable,
     check_limit,
     check_transition,
     evolve,
@@ -606,6 +607,20 @@ class PostgresStore(PostgresClient):
                 tenant=tenant,
             )
 
+    async def decide(self, id: uuid.UUID | str, approve: bool, reason: str | None = None) -> Materialization:
+        record_id, tenant = parse_id(id), current_tenant()
+        text = None if reason is None else storable_text(reason)
+        return await self.db.run(tenant, _decide, record_id, tenant or "", approve, text)
+
+    async def decision(self, id: uuid.UUID) -> tuple[bool, str | None] | None:
+        tenant = current_tenant()
+        row = await self.db.run(
+            tenant, _fetchrow,
+            "SELECT approve, reason FROM flowstone_decisions WHERE record_id = $1 AND tenant_id = $2",
+            parse_id(id), tenant or "",
+        )
+        return None if row is None else (row[0], row[1])
+
     async def request_cancel(self, id: uuid.UUID) -> Any:
         tenant, bid = current_tenant(), parse_id(id, "backfill")
         row = await self.db.run(
@@ -660,6 +675,21 @@ async def _fetchval(connection: Any, sql: str, *args: Any) -> Any:
 
 async def _execute(connection: Any, sql: str, *args: Any) -> None:
     await connection.execute(sql, *args)
+
+
+async def _decide(connection: Any, record_id: uuid.UUID, tenant: str, approve: bool, reason: str | None) -> Any:
+    row = await connection.fetchrow(f"{_SELECT} WHERE id = $1 AND tenant_id = $2 FOR UPDATE", record_id, tenant)
+    if row is None:
+        raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant or None)
+    record = _record(row)
+    decided = await connection.fetchval(
+        "SELECT true FROM flowstone_decisions WHERE record_id = $1 AND tenant_id = $2", record_id, tenant)
+    check_decidable(record, approve, bool(decided))
+    await connection.execute(
+        "INSERT INTO flowstone_decisions (tenant_id, record_id, approve, reason) VALUES ($1, $2, $3, $4)",
+        tenant, record_id, approve, reason,
+    )
+    return record
 
 
 async def _claim_backfill(connection: Any, id: uuid.UUID, tenant: str, owner: str, stale_after: float) -> BackfillClaim:

@@ -123,6 +123,17 @@ class MaterializationStore(Protocol):
         keys in place of values."""
         ...
 
+    async def decide(self, id: uuid.UUID | str, approve: bool, reason: str | None = None) -> Materialization:
+        """Keep the decision on a materialization waiting for approval, for the process
+        that runs it (it looks while it waits); the record. Raises ``NotFound`` (none in
+        the caller's tenant) or ``InvalidTransition`` (not waiting for approval, or
+        decided already)."""
+        ...
+
+    async def decision(self, id: uuid.UUID) -> tuple[bool, str | None] | None:
+        """The decision kept for that record in the caller's tenant, or None."""
+        ...
+
     async def request_cancel(self, id: uuid.UUID) -> Any:
         """Ask the owner of a running backfill to stop it (its next save raises
         ``CancelRequested``); the backfill's ``Saved`` as it is now. A backfill that has

@@ -206,6 +206,16 @@ def update_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+def check_decidable(record: Materialization, approve: bool, decided: bool) -> None:
+    """``InvalidTransition`` unless the record waits for a decision nobody made yet."""
+    if record.status is not Status.WAITING_APPROVAL or decided:
+        raise InvalidTransition(
+            record.status, Status.RUNNING if approve else Status.FAILED,
+            asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
+            detail="it was decided already" if decided else "it is not waiting for approval",
+        )
+
+
 def unstorable_text(record: Materialization) -> str | None:
     """Why a text field of the record cannot be stored (a NUL, a lone surrogate), or None."""
     texts = [record.partition, record.error_message, record.error_traceback, record.executor_node,

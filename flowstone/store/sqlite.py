@@ -56,6 +56,7 @@ from .records import (
     TERMINAL,
     Materialization,
     Status,
+    check_decidable,
     check_limit,
     check_transition,
     evolve,
@@ -382,6 +383,31 @@ class SqliteStore:
             )
 
         await self._db.write(save)
+
+    async def decide(self, id: uuid.UUID | str, approve: bool, reason: str | None = None) -> Materialization:
+        record_id, tenant = parse_id(id), _tenant()
+        text = None if reason is None else storable_text(reason)
+
+        def decide(c: sqlite3.Connection) -> Materialization:
+            row = _by_id(c, tenant, record_id)
+            if row is None:
+                raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant or None)
+            record = _record(row)
+            decided = c.execute("SELECT 1 FROM flowstone_decisions WHERE tenant_id = ? AND record_id = ?",
+                                (tenant, str(record_id))).fetchone()
+            check_decidable(record, approve, decided is not None)
+            c.execute("INSERT INTO flowstone_decisions VALUES (?, ?, ?, ?, ?)",
+                      (tenant, str(record_id), approve, text, _iso(_utcnow())))
+            return record
+
+        return await self._db.write(decide)
+
+    async def decision(self, id: uuid.UUID) -> tuple[bool, str | None] | None:
+        record_id, tenant = str(parse_id(id)), _tenant()
+        row = await self._db.read(lambda c: c.execute(
+            "SELECT approve, reason FROM flowstone_decisions WHERE tenant_id = ? AND record_id = ?",
+            (tenant, record_id)).fetchone())
+        return None if row is None else (bool(row[0]), row[1])
 
     async def request_cancel(self, id: uuid.UUID) -> Any:
         tenant, bid = _tenant(), str(parse_id(id, "backfill"))

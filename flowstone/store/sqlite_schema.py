@@ -82,6 +82,14 @@ CREATE INDEX flowstone_backfills_tenant ON flowstone_backfills (tenant_id, updat
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1),
     (2, "ALTER TABLE flowstone_backfills ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0"),
+    (3, """CREATE TABLE flowstone_decisions (
+            tenant_id TEXT NOT NULL,
+            record_id TEXT NOT NULL,
+            approve INTEGER NOT NULL,
+            reason TEXT,
+            decided_at TEXT NOT NULL,
+            PRIMARY KEY (tenant_id, record_id)
+        ) WITHOUT ROWID"""),
 )
 """(version, SQL). Append only: a shipped migration never changes."""
 

@@ -494,6 +494,23 @@ class LeaseContract:
         claim = await store.claim_backfill(saved.spec.id, "host:2:bb", stale_after=30)
         assert claim.previous_owner is None
 
+    async def test_a_decision_is_kept_once_for_a_record_waiting_for_approval(self, store):
+        waiting = await store.create(asset_name="publish", status=Status.WAITING_APPROVAL)
+        assert await store.decision(waiting.id) is None
+        assert (await store.decide(waiting.id, False, "numbers look wrong")).id == waiting.id
+        assert await store.decision(waiting.id) == (False, "numbers look wrong")
+        with pytest.raises(fs.InvalidTransition, match="decided already"):
+            await store.decide(waiting.id, True)
+        running = await store.create(asset_name="publish", status=Status.RUNNING)
+        with pytest.raises(fs.InvalidTransition, match="not waiting for approval"):
+            await store.decide(running.id, True)
+        with fs.tenant_scope("other"):
+            with pytest.raises(fs.NotFound):
+                await store.decide(waiting.id, True)
+            assert await store.decision(waiting.id) is None
+        with pytest.raises(fs.NotFound):
+            await store.decide(uuid.uuid4(), True)
+
     async def test_a_cancel_request_stops_the_owners_next_running_save_only(self, store):
         saved = self._saved()
         await store.save_backfill(saved.spec.id, saved, owner="host:1:aa")

@@ -423,3 +423,21 @@ def test_approve_and_reject_reach_a_run_waiting_in_another_process(project, deci
         assert waiting.returncode == 1 and "rejected: numbers look wrong" in outcome["error"]
     again = project.run("approve", record["id"], env=env)
     assert again.returncode == 2 and "decided already" in _one_line_error(again)
+
+
+def test_a_detached_backfill_runs_on_after_the_command_returns(project):
+    (project.folder / "slow.py").write_text(SLOW)
+    env = project.env(FLOWSTONE_PIPELINE="slow:pipeline")
+    started = project.run("backfill", "slow", "--from", "2024-01-01", "--to", "2024-01-20", "--detach", "--json",
+                          env=env)
+    assert started.returncode == 0, started.stderr
+    detached = json.loads(started.stdout)
+    assert Path(project.folder, detached["log"]).is_file()
+    state = None
+    while state != "succeeded":  # it goes on alone; the store says how far
+        [backfill] = json.loads(project.run("backfills", "--json", env=env).stdout)["backfills"]
+        assert backfill["id"] == detached["id"] and backfill["state"] in ("running", "succeeded")
+        state = backfill["state"]
+    assert backfill["succeeded"] == 20
+    bad = project.run("backfill", "slow", "--from", "2023-01-01", "--to", "2023-01-02", "--detach", env=env)
+    assert bad.returncode == 2 and "outside" in _one_line_error(bad)

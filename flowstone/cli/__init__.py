@@ -11,6 +11,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -78,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--max-parallel", type=int, default=10, metavar="N", help="partitions at once (10)")
     backfill.add_argument("--upstream", choices=["missing", "none", "all"], default="missing")
     backfill.add_argument("--force", action="store_true", help="recompute partitions even if up to date")
+    backfill.add_argument("--detach", action="store_true",
+                          help="run it in a background process; print its id and return at once")
+    backfill.add_argument("--announce", metavar="PATH", help=argparse.SUPPRESS)  # how --detach learns the id
 
     status = command("status", "per asset: partitions succeeded, failed, missing, stale, as ranges")
     status.add_argument("asset", nargs="?")
@@ -115,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; the exit code (the console script exits with it)."""
     args = _parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.version:
         from ..version import __version__
 

@@ -381,6 +381,8 @@ async def cmd_materialize(args: argparse.Namespace) -> int:
 async def cmd_backfill(args: argparse.Namespace) -> int:
     if type(args.max_parallel) is not int or args.max_parallel < 1:
         raise CliError("--max-parallel must be at least 1")
+    if args.detach:
+        return await _detach(args)
     async with _runtime(args) as rt:
         pipeline = Pipeline("cli", assets=await rt.assets())
         partitions = _backfill_partitions(pipeline, args)
@@ -504,6 +506,8 @@ async def _follow_backfill(
         kinds=["BackfillProgress", "BackfillFinished", "MaterializationSkipped"],
     ) as events:
         backfill = await start()
+        if getattr(args, "announce", None):
+            _announce(args.announce, backfill)
         status = await rt.backfill_status(backfill)
         view = ProgressView(title, status.total, "partitions", quiet=args.json)
         skipped = 0
@@ -526,6 +530,62 @@ async def _follow_backfill(
             view.close()
         args._skipped, args._elapsed, args._rate = skipped, view.elapsed(), view.rate()
     return status
+
+
+DETACH_SECONDS = 120.0
+"""How long ``--detach`` waits for the background process to start the backfill."""
+
+
+async def _detach(args: argparse.Namespace) -> int:
+    """Start the same backfill in a process of its own (a new session: it outlives this
+    one and the terminal), wait until it has started, print its id and return."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import anyio
+
+    logs = Path(".flowstone") / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    announce = Path(tempfile.mkdtemp(prefix="flowstone-detach-")) / "id"
+    command = [sys.executable, "-m", "flowstone", *(a for a in args.argv if a != "--detach"), "--announce",
+               str(announce)]
+    log_path = logs / f"backfill-{os.getpid()}-{int(anyio.current_time() * 1000)}.log"
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    with anyio.move_on_after(DETACH_SECONDS):
+        while not announce.exists():
+            if child.poll() is not None:  # it failed before starting: say why
+                lines = log_path.read_text().strip().splitlines()
+                why = lines[-1].removeprefix("flowstone: error: ") if lines else "the backfill did not start"
+                raise CliError(why, code=child.returncode or EXIT_FAILED)
+            await anyio.sleep(0.05)
+    if not announce.exists():
+        raise CliError(f"the background backfill did not start in {DETACH_SECONDS:g}s; see {log_path}",
+                       code=EXIT_FAILED)
+    backfill = announce.read_text().strip()
+    announce.unlink()
+    announce.parent.rmdir()
+    if args.json:
+        emit_json({"id": backfill, "pid": child.pid, "log": str(log_path)})
+    else:
+        print(f"backfill {backfill} runs in process {child.pid} (log: {log_path}); "
+              f"follow it with 'flowstone backfills', stop it with 'flowstone cancel {backfill}'")
+    return EXIT_OK
+
+
+def _announce(path: str, backfill: uuid.UUID) -> None:
+    """Tell the process that started this one (``--detach``) the backfill's id: written
+    whole, then renamed, so it never reads half an id."""
+    import os
+
+    partial = f"{path}.partial"
+    with open(partial, "w") as out:
+        out.write(str(backfill))
+    os.replace(partial, path)
 
 
 def _backfill_summary(args: argparse.Namespace, status: Any) -> int:

@@ -593,19 +593,22 @@ def _begin(
 ) -> int:
     """Take the lease of the record's partition and insert the record (see the protocol)."""
     tenant = values[1]
-    if unless_done is not None:
-        row = c.execute(
-            f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND partition IS ? AND status = 'success'",
-            (tenant, record.asset_name, record.partition),
-        ).fetchone()
-        seen = None if unless_done[0] is None else str(unless_done[0])
-        if row is not None and row[11] == unless_done[1] and row[0] != seen:
-            raise FinishedElsewhere(_record(row))
     key = (tenant, record.asset_name, record.partition is not None, record.partition or "")
     now = time.time()
     held = c.execute(
-        f"SELECT owner, fence, expires_at, record_id FROM flowstone_leases WHERE {_LEASE_KEY}", key
+        "SELECT owner, fence, expires_at, record_id, done_id, done_hash FROM flowstone_leases "
+        f"WHERE {_LEASE_KEY}", key
     ).fetchone()
+    if unless_done is not None and held is not None and held[0] == "" and held[4] is not None:
+        # A released lease names the success it ended with: the one the caller is
+        # about to compute again when the hash is the caller's and it is not the one
+        # the caller saw (another process finished it since the caller looked).
+        seen = None if unless_done[0] is None else str(unless_done[0])
+        if held[5] == unless_done[1] and held[4] != seen:
+            done = c.execute(f"{_SELECT} WHERE id = ? AND tenant_id = ? AND status = 'success'",
+                             (held[4], tenant)).fetchone()
+            if done is not None:
+                raise FinishedElsewhere(_record(done))
     if held is not None and held[0] != "":
         if held[2] > now:
             raise LeaseHeld(
@@ -655,9 +658,15 @@ def _rewrite(
             row = c.execute(f"SELECT fence, owner FROM flowstone_leases WHERE {_LEASE_KEY}", key).fetchone()
             if row is None or row[0] != lease.fence or row[1] == "":
                 raise lost(lease)
-    if new.status is Status.SUCCESS and expected is not Status.SUCCESS:
+    row = (*values[5:9], *values[9:16], values[17], values[0], tenant, expected.value)
+    try:
+        updated = c.execute(_REWRITE, row)
+    except sqlite3.IntegrityError:
+        # The partition has a current success already (the unique index says so):
+        # supersede it and write again. Looked for only then: a statement saved on
+        # every first success of a partition.
         c.execute(_SUPERSEDE, (values[17], tenant, new.asset_name, new.partition, values[0]))
-    updated = c.execute(_REWRITE, (*values[5:9], *values[9:16], values[17], values[0], tenant, expected.value))
+        updated = c.execute(_REWRITE, row)
     if updated.rowcount == 0:
         row = c.execute(f"SELECT status FROM {_TABLE} WHERE id = ? AND tenant_id = ?", (values[0], tenant)).fetchone()
         if row is None:

@@ -113,24 +113,36 @@ class Connections:
             raise database_error(error) from None
 
     async def write(self, fn: Work) -> Any:
-        """``fn(connection)`` in a write transaction, committed before this returns."""
+        """``fn(connection)`` in a write transaction, committed before this returns.
+
+        A caller cancelled while it waits still waits (shielded, up to
+        ``WRITE_TIMEOUT``) for its write's outcome before the cancellation goes on:
+        whoever called knows whether the record was written. The shield is made
+        only then: a cancel scope per write cost more than the write's statements.
+        """
         op = _Write(fn)
         self._queue.append(op)
         try:
-            with anyio.fail_after(WRITE_TIMEOUT, shield=True):
-                while not op.done:
-                    if self._flushing is None:
-                        await self._lead_flush()
-                    else:
-                        await self._flushing.wait()
-        except TimeoutError:
+            await self._until_done(op)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT):
+                await self._until_done(op)
+            raise
+        if not op.done:  # only after a cancellation whose write never came
             if op in self._queue:
                 self._queue.remove(op)
-            raise DatabaseUnavailable(f"writing to SQLite took longer than {WRITE_TIMEOUT:g}s") from None
+            raise DatabaseUnavailable(f"writing to SQLite took longer than {WRITE_TIMEOUT:g}s")
         if op.error is not None:
             error, op.error = op.error, None
             raise error
         return op.value
+
+    async def _until_done(self, op: _Write) -> None:
+        while not op.done:
+            if self._flushing is None:
+                await self._lead_flush()
+            else:
+                await self._flushing.wait()
 
     def close(self) -> None:
         """Close both connections; the next call opens them again."""
@@ -182,29 +194,32 @@ class Connections:
         return writer, reader
 
     async def _lead_flush(self) -> None:
+        """Write what is queued in one transaction. Shielded: a batch, once begun, is
+        committed or rolled back whole, whoever gets cancelled meanwhile."""
         event = self._flushing = anyio.Event()
-        # Let the tasks that the last commit woke run first: their next writes join
-        # this batch instead of each waiting for a commit of its own.
-        await anyio.lowlevel.cancel_shielded_checkpoint()
-        batch, self._queue = self._queue[:BATCH_LIMIT], self._queue[BATCH_LIMIT:]
-        try:
-            await self._open()
-            connection = self._writer
-            assert connection is not None
-            await self._run(connection, batch)
-        except BaseException as error:
-            failed = database_error(error) if isinstance(error, sqlite3.Error) else error
-            for op in batch:
-                if not op.done:
-                    op.done, op.error = True, failed
-            if not isinstance(error, (sqlite3.Error, DatabaseError)):
-                raise
-        finally:
-            self._flushing = None
-            event.set()
-        if self._commits >= CHECKPOINT_EVERY:
-            self._commits = 0
-            await threads.run_sync(self._checkpoint)
+        with anyio.CancelScope(shield=True):
+            # Let the tasks that the last commit woke run first: their next writes
+            # join this batch instead of each waiting for a commit of its own.
+            await anyio.lowlevel.checkpoint()
+            batch, self._queue = self._queue[:BATCH_LIMIT], self._queue[BATCH_LIMIT:]
+            try:
+                await self._open()
+                connection = self._writer
+                assert connection is not None
+                await self._run(connection, batch)
+            except BaseException as error:
+                failed = database_error(error) if isinstance(error, sqlite3.Error) else error
+                for op in batch:
+                    if not op.done:
+                        op.done, op.error = True, failed
+                if not isinstance(error, (sqlite3.Error, DatabaseError)):
+                    raise
+            finally:
+                self._flushing = None
+                event.set()
+            if self._commits >= CHECKPOINT_EVERY:
+                self._commits = 0
+                await threads.run_sync(self._checkpoint)
 
     def _checkpoint(self) -> None:
         """Copy the log into the database file (and fsync it), on a thread, with a

@@ -93,6 +93,7 @@ _COLUMNS = (
     "executor_node, inserted_at, updated_at"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM {_TABLE}"
+_SELECT_FROM = _SELECT  # followed by an index hint
 _INSERT = f"INSERT INTO {_TABLE} ({_COLUMNS}) VALUES ({', '.join('?' * 18)})"
 _REWRITE = f"""UPDATE {_TABLE} SET status = ?, started_at = ?, completed_at = ?, duration_ms = ?,
     upstream_assets = ?, upstream_partitions = ?, dependency_hash = ?, metadata = ?, error_message = ?,
@@ -104,6 +105,8 @@ _SUPERSEDE = f"""UPDATE {_TABLE} SET status = 'superseded', updated_at = ?
 _CLOSE = f"""UPDATE {_TABLE} SET status = CASE status WHEN 'running' THEN 'failed' ELSE 'cancelled' END,
     completed_at = ?, updated_at = ?, error_message = ?"""
 _ACTIVE = "status IN ('pending', 'running', 'waiting_approval')"
+_UNFINISHED_OR_FAILED = "status NOT IN ('success', 'superseded')"
+"""The condition of the partial status index (sqlite_schema)."""
 _LEASE_KEY = "tenant_id = ? AND asset_name = ? AND partitioned = ? AND partition = ?"
 _RELEASED = float("-inf")
 _STATUSES = {status.value: status for status in Status}  # a dict lookup: 3x faster than Status(text)
@@ -261,7 +264,8 @@ class SqliteStore:
             )
             prefix = f"{owner}/"
             return c.execute(
-                f"{_CLOSE} WHERE tenant_id = ? AND {_ACTIVE} AND substr(executor_node, 1, ?) = ?",
+                f"{_CLOSE} WHERE tenant_id = ? AND {_ACTIVE} AND {_UNFINISHED_OR_FAILED} "
+                "AND substr(executor_node, 1, ?) = ?",
                 (now, now, text, tenant, len(prefix), prefix),
             ).rowcount
 
@@ -304,15 +308,23 @@ class SqliteStore:
 
     async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]:
         wanted, count = to_status(status), check_limit(limit)
+        # Successes and superseded records are most of the table: walk it newest
+        # first. The other statuses have the partial index, which the planner takes
+        # only when the statement names the status (one of eight fixed words).
+        if wanted in (Status.SUCCESS, Status.SUPERSEDED):
+            way, term = "NOT INDEXED", ""
+        else:  # the index's own condition, repeated: SQLite uses a partial index only then
+            way, term = "INDEXED BY flowstone_materializations_status", f"AND {_UNFINISHED_OR_FAILED}"
         return await self._read_records(
-            f"{_SELECT} WHERE tenant_id = ? AND status = ? ORDER BY seq DESC LIMIT ?", (_tenant(), wanted.value, count)
+            f"{_SELECT_FROM} {way} WHERE tenant_id = ? AND status = '{wanted.value}' {term} ORDER BY seq DESC LIMIT ?",
+            (_tenant(), count),
         )
 
     async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]:
         count, tenant = check_limit(limit), _tenant()
-        if asset_name is None:
+        if asset_name is None:  # newest first, walking the table (no sort of every record)
             return await self._read_records(
-                f"{_SELECT} WHERE tenant_id = ? ORDER BY seq DESC LIMIT ?", (tenant, count))
+                f"{_SELECT_FROM} NOT INDEXED WHERE tenant_id = ? ORDER BY seq DESC LIMIT ?", (tenant, count))
         return await self._read_records(
             f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? ORDER BY seq DESC LIMIT ?", (tenant, asset_name, count)
         )

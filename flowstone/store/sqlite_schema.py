@@ -15,8 +15,11 @@ from datetime import datetime, timezone
 __all__ = ["MIGRATIONS", "migrate"]
 
 _V1 = """
+-- seq orders records (newest first in listings); without AUTOINCREMENT SQLite
+-- gives max(seq) + 1 and writes no sequence table per insert. Records are never
+-- deleted newest-first, so seq only grows.
 CREATE TABLE flowstone_materializations (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     tenant_id TEXT NOT NULL,
     asset_name TEXT NOT NULL,
@@ -40,7 +43,11 @@ CREATE TABLE flowstone_materializations (
 CREATE INDEX flowstone_materializations_partition
     ON flowstone_materializations (tenant_id, asset_name, partition, seq);
 CREATE INDEX flowstone_materializations_run ON flowstone_materializations (tenant_id, run_id, seq);
-CREATE INDEX flowstone_materializations_status ON flowstone_materializations (tenant_id, status, seq);
+-- Successes and superseded records are most of the table and are listed by walking
+-- it newest first; the index holds the others, so a record's move to success
+-- takes it out instead of moving it.
+CREATE INDEX flowstone_materializations_status ON flowstone_materializations (tenant_id, status, seq)
+    WHERE status NOT IN ('success', 'superseded');
 -- One current record (success or stale) per partition; char(0) stands for "no
 -- partition" (keys never hold a NUL).
 CREATE UNIQUE INDEX flowstone_materializations_current

@@ -42,7 +42,7 @@ from stress.runtime import chain
 import flowstone as fs
 {watched}
 async def main():
-    async with fs.open_runtime(chain({length}, False)) as rt:
+    async with {store_open} fs.open_runtime(chain({length}, False), store={store}) as rt:
         for i in range(int(sys.argv[1])):
             with fs.tenant_scope(f"t{{i}}"):  # a fresh namespace: nothing to reuse, nothing to mark stale
                 async with watched(rt, {subscribers}):
@@ -59,7 +59,7 @@ import flowstone as fs
 {watched}
 async def main():
     days = [date(2000, 1, 1) + timedelta(days=i) for i in range({length})]
-    async with fs.open_runtime(daily(False)) as rt:
+    async with {store_open} fs.open_runtime(daily(False), store={store}) as rt:
         for i in range(int(sys.argv[1])):
             with fs.tenant_scope(f"t{{i}}"):
                 async with watched(rt, {subscribers}):
@@ -86,6 +86,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--partitions", type=int, default=366, help="partitions in the backfill")
     parser.add_argument("--runs", type=int, default=5, help="extra runs counted (more: steadier, slower)")
     parser.add_argument("--subscribers", type=int, default=0, help="event subscribers draining the events of each run")
+    parser.add_argument("--store", choices=["memory", "sqlite"], default="memory",
+                        help="where records go (sqlite: a fresh file per count, WAL, synchronous=NORMAL)")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
@@ -95,8 +97,13 @@ def run(argv: list[str]) -> dict[str, Any]:
         (f"{args.chain}-asset chain, per materialization", CHAIN, args.chain),
         (f"{args.partitions}-partition backfill, per partition", BACKFILL, args.partitions),
     ):
-        code = template.format(length=length, last=length - 1, subscribers=max(0, args.subscribers), watched=WATCHED)
+        store_open, store = "", "None"
+        if args.store == "sqlite":
+            store_open, store = "fs.store.SqliteStore(tempfile.mkdtemp() + '/f.db') as store,", "store"
+        code = template.format(length=length, last=length - 1, subscribers=max(0, args.subscribers), watched=WATCHED,
+                               store_open=store_open, store=store)
+        code = "import tempfile\n" + code
         base, more = _instructions(code, 1), _instructions(code, 1 + runs)
         rows.append({"measure": what, "instructions": (more - base) // (runs * length)})
     return emit("instructions", rows, {"chain": args.chain, "partitions": args.partitions, "runs": runs,
-                                       "subscribers": max(0, args.subscribers)})
+                                       "subscribers": max(0, args.subscribers), "store": args.store})

@@ -15,25 +15,12 @@ folder, which this script passes to it. Time and peak RSS of each whole process.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .report import emit
-
-_MEASURE = """
-import json, resource, subprocess, sys, time
-start = time.perf_counter()
-for command in json.loads(sys.argv[1]):
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(done.stdout + done.stderr)
-elapsed = time.perf_counter() - start
-print(json.dumps([elapsed, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))
-"""
+from .report import emit, run_measured
 
 DAGSTER_JOB = '''
 import sys, zipfile
@@ -139,15 +126,6 @@ if __name__ == "__main__":
 '''
 
 
-def _measure(commands: list[list[str]], cwd: str) -> tuple[float, float]:
-    done = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(commands)], cwd=cwd, capture_output=True,
-                          text=True, timeout=3600)
-    if done.returncode != 0:
-        raise SystemExit(f"{commands} failed: {done.stderr}{done.stdout}")
-    elapsed, peak = json.loads(done.stdout)
-    return elapsed, peak
-
-
 def run(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m stress flights-dagster", description=__doc__)
     parser.add_argument("--dagster-python", required=True, help="a Python that can import dagster and pyarrow")
@@ -158,7 +136,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     flowstone = [sys.executable, "-m", "flowstone"]
     with tempfile.TemporaryDirectory(prefix="flowstone-vs-dagster-") as folder:
         Path(folder, "pyproject.toml").write_text('[tool.flowstone]\npipeline = "flowstone.examples.flights:pipeline"\n')
-        elapsed, peak = _measure([
+        elapsed, peak = run_measured([
             [*flowstone, "backfill", "delays", "--from", "2013-01-01", "--to", "2013-12-31"],
             [*flowstone, "materialize", "yearly_report"],
         ], folder)
@@ -166,7 +144,7 @@ def run(argv: list[str]) -> dict[str, Any]:
                      "seconds": elapsed, "peak_rss_mb": peak})
         job = Path(folder, "dagster_flights.py")
         job.write_text(DAGSTER_JOB)
-        elapsed_d, peak_d = _measure([[args.dagster_python, str(job), str(data_folder())]], folder)
+        elapsed_d, peak_d = run_measured([[args.dagster_python, str(job), str(data_folder())]], folder)
         rows.append({"scenario": "Dagster: 365 materialize() + reports (SQLite instance, pickles)",
                      "seconds": elapsed_d, "peak_rss_mb": peak_d})
         rows.append({"scenario": "Dagster / FlowStone", "seconds": elapsed_d / elapsed, "peak_rss_mb": peak_d / peak})

@@ -83,3 +83,30 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+_MEASURED = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+for command in json.loads(sys.argv[1]):
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(done.stdout + done.stderr)
+elapsed = time.perf_counter() - start
+print(json.dumps([elapsed, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))
+"""
+
+
+def run_measured(commands: list[list[str]], cwd: str, timeout: float = 3600) -> tuple[float, float]:
+    """Run ``commands`` one after another under a watcher process of their own;
+    their seconds in all, and the largest peak RSS (MB) among them (the watcher's
+    children only, so nothing else this process ran counts)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _MEASURED, json.dumps(commands)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"{commands} failed: {done.stderr}{done.stdout}")
+    elapsed, peak = json.loads(done.stdout)
+    return elapsed, peak

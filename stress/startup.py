@@ -10,7 +10,6 @@ its time and the process's peak RSS.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -18,40 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .report import emit, median
+from .report import emit, median, run_measured
 
 
-def _timed(command: list[str], cwd: str | None = None) -> tuple[float, float]:
-    """Seconds and peak RSS (MB) of one child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def _seconds(command: list[str]) -> float:
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
-    elapsed = time.perf_counter() - start
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise SystemExit(f"{command} failed: {done.stderr}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the largest of any child so far: only a new maximum is this child's own.
-    return elapsed, max(peak, before) / 1024
-
-
-def _peak_of(command: list[str], cwd: str) -> tuple[float, float]:
-    """Seconds and this command's own peak RSS (MB), measured by a wrapper process."""
-    code = (
-        "import resource, subprocess, sys, time, json\n"
-        "start = time.perf_counter()\n"
-        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-        "elapsed = time.perf_counter() - start\n"
-        "if done.returncode: sys.exit(done.stderr)\n"
-        "print(json.dumps([elapsed, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code, *command], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
-    if done.returncode != 0:
-        raise SystemExit(f"{command} failed: {done.stderr}")
-    import json
-
-    elapsed, peak = json.loads(done.stdout)
-    return elapsed, peak
+    return time.perf_counter() - start
 
 
 def run(argv: list[str]) -> dict[str, Any]:
@@ -66,7 +40,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         ("import flowstone", [sys.executable, "-c", "import flowstone"], 150),
         ("flowstone --help", [*flowstone, "--help"], 150),
     ):
-        samples = [_timed(command)[0] for _ in range(args.repeat)]
+        samples = [_seconds(command) for _ in range(args.repeat)]
         row: dict[str, Any] = {"scenario": label, "median_ms": median(samples) * 1e3, "best_ms": min(samples) * 1e3}
         if target:
             row["target_ms"] = target
@@ -84,6 +58,6 @@ def run(argv: list[str]) -> dict[str, Any]:
                  [*flowstone, "backfill", "delays", "--from", "2013-01-01", "--to", "2013-12-31"]),
                 ("flights: status", [*flowstone, "status"]),
             ):
-                elapsed, peak = _peak_of(command, folder)
+                elapsed, peak = run_measured([command], folder)
                 rows.append({"scenario": label, "median_ms": elapsed * 1e3, "peak_rss_mb": peak})
     return emit("startup", rows, {"repeat": args.repeat, "example": not args.no_example})

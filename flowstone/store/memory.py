@@ -7,7 +7,6 @@ from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from typing import Any
 
-from ..errors import NotFound
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
 from ..tenancy import current_tenant
@@ -19,8 +18,7 @@ from .records import (
     Materialization,
     Status,
     check_limit,
-    check_transition,
-    evolve,
+    completed,
     new_record,
     parse_id,
     to_status,
@@ -93,14 +91,10 @@ class MemoryStore(MemoryActorClient):
     ) -> Materialization:
         """The runtime's own transition of a record it holds the lease for: checked
         here, written behind (a cast); later calls see it, in mailbox order."""
-        tenant = current_tenant()
-        if record.tenant_id != tenant:
-            raise NotFound(f"no materialization with id {str(record.id)!r}", tenant=tenant)
-        check_transition(record.status, status, record)
+        new = completed(record, status, fields, current_tenant(), utcnow())
         leases = self._data.leases
         if lease is not None:
             leases.check(lease)
-        new = evolve(record, status=status, updated_at=utcnow(), **update_fields(fields))
         await self.handle.cast(m.Replace(record=new, expected=record.status, lease=lease))
         if lease is not None and status in TERMINAL:
             # Released once the write is queued: whoever takes the lease next

@@ -52,7 +52,7 @@ from .records import (
     check_decidable,
     check_limit,
     check_transition,
-    evolve,
+    completed,
     new_record,
     parse_id,
     to_status,
@@ -365,15 +365,7 @@ class PostgresStore(PostgresClient):
     async def complete(
         self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
     ) -> Materialization:
-        tenant = current_tenant()
-        if record.tenant_id != tenant:
-            raise NotFound(f"no materialization with id {str(record.id)!r}", tenant=tenant)
-        check_transition(record.status, status, record)
-        changes = update_fields(fields)
-        for name in ("error_message", "error_traceback"):  # an exception's text: keep it, minus what text cannot hold
-            if changes.get(name):
-                changes[name] = storable_text(changes[name])
-        new = evolve(record, status=status, updated_at=_utcnow(), **changes)
+        new = completed(record, status, fields, current_tenant(), _utcnow())
         await self._write(
             _Write(
                 "complete", new, record.status,

@@ -15,7 +15,7 @@ from ..definitions import FieldError
 from ..errors import DefinitionError, InvalidTransition, NotFound
 from ..identifiers import check_identifier
 from ..partitions import serialize_partition
-from ..plumbing.jsonvalues import text_problem
+from ..plumbing.jsonvalues import storable_text, text_problem
 
 __all__ = [
     "ACTIVE", "CURRENT", "ORPHAN_ENDING", "TERMINAL", "TRANSITIONS", "Materialization", "Status", "check_transition",
@@ -204,6 +204,23 @@ def update_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     if "upstream_assets" in values:
         values["upstream_assets"] = tuple(values["upstream_assets"])
     return values
+
+
+def completed(
+    record: Materialization, status: Status, fields: Mapping[str, Any], tenant: str | None, now: datetime
+) -> Materialization:
+    """``record`` as the runtime's ``complete`` moves it, checked before any store is
+    asked: in the caller's tenant (else ``NotFound``), along the status machine (else
+    ``InvalidTransition``), known fields only, an exception's text kept minus what a
+    database cannot hold."""
+    if record.tenant_id != tenant:
+        raise NotFound(f"no materialization with id {str(record.id)!r}", tenant=tenant)
+    check_transition(record.status, status, record)
+    changes = update_fields(fields)
+    for name in ("error_message", "error_traceback"):
+        if changes.get(name):
+            changes[name] = storable_text(changes[name])
+    return evolve(record, status=status, updated_at=now, **changes)
 
 
 def check_decidable(record: Materialization, approve: bool, decided: bool) -> None:

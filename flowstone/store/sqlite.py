@@ -59,6 +59,7 @@ from .records import (
     check_decidable,
     check_limit,
     check_transition,
+    completed,
     evolve,
     new_record,
     parse_id,
@@ -205,15 +206,7 @@ class SqliteStore:
     async def complete(
         self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
     ) -> Materialization:
-        tenant = current_tenant()
-        if record.tenant_id != tenant:
-            raise NotFound(f"no materialization with id {str(record.id)!r}", tenant=tenant)
-        check_transition(record.status, status, record)
-        changes = update_fields(fields)
-        for name in ("error_message", "error_traceback"):  # an exception's text: keep it, minus the unstorable
-            if changes.get(name):
-                changes[name] = storable_text(changes[name])
-        new = evolve(record, status=status, updated_at=_utcnow(), **changes)
+        new = completed(record, status, fields, current_tenant(), _utcnow())
         values = _values(new)
         await self._db.write(lambda c: _rewrite(c, new, values, record.status, lease))
         return new

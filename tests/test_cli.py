@@ -344,37 +344,41 @@ def test_a_backfill_while_another_process_reads_and_a_third_materializes(project
     assert computed == [] and total == 2008  # each partition computed once, by whichever process came first
 
 
-SLOW = '''
+GATED_WORK = '''
+import os
 from datetime import date
-import anyio
 import flowstone as fs
 
 days = fs.DailyPartitions(start=date(2024, 1, 1), end=date(2024, 12, 31))
-pipeline = fs.Pipeline("slow")
+pipeline = fs.Pipeline("held")
 
 @pipeline.asset(partitioned_by=days, code_version="1")
-async def slow(ctx, deps):
-    await anyio.sleep(0.1)  # the work: slow enough to be stopped half way
+def held(ctx, deps):
+    if ctx.partition_key != "2024-01-01":  # the first one finishes; the others wait for the gate
+        with open(os.environ["GATE"]) as gate:  # a FIFO: opening it waits for a writer
+            gate.read()
     return 1
 '''
 
 
 def test_cancel_stops_a_backfill_running_in_another_process(project):
-    (project.folder / "slow.py").write_text(SLOW)
-    env = project.env(FLOWSTONE_PIPELINE="slow:pipeline")
+    (project.folder / "held.py").write_text(GATED_WORK)
+    gate = project.folder / "gate"
+    os.mkfifo(gate)  # nobody ever writes: the backfill stays half done until it is cancelled
+    env = project.env(FLOWSTONE_PIPELINE="held:pipeline", GATE=str(gate))
     assert project.run("migrate", env=env).returncode == 0
     owner = subprocess.Popen(
-        [sys.executable, "-m", "flowstone", "backfill", "slow", "--max-parallel", "2"],
+        [sys.executable, "-m", "flowstone", "backfill", "held", "--max-parallel", "2"],
         cwd=project.folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        assert owner.stdout.readline().startswith("backfill slow: ")  # it is under way
+        assert owner.stdout.readline().startswith("backfill held: 1/366")  # the first partition is done
         [running] = json.loads(project.run("backfills", "--json", env=env).stdout)["backfills"]
         assert running["state"] == "running"
         cancelled = project.run("cancel", running["id"], "--json", env=env)
         assert cancelled.returncode == 0, cancelled.stderr
         outcome = json.loads(cancelled.stdout)
-        assert outcome["state"] == "cancelled" and 0 < outcome["succeeded"] < 366 and outcome["cancelled"] > 0
+        assert (outcome["state"], outcome["succeeded"], outcome["cancelled"]) == ("cancelled", 1, 365)
         out, err = owner.communicate(timeout=60)
     finally:
         owner.kill()
@@ -428,9 +432,8 @@ def test_approve_and_reject_reach_a_run_waiting_in_another_process(project, deci
 
 
 def test_a_detached_backfill_runs_on_after_the_command_returns(project):
-    (project.folder / "slow.py").write_text(SLOW)
-    env = project.env(FLOWSTONE_PIPELINE="slow:pipeline")
-    started = project.run("backfill", "slow", "--from", "2024-01-01", "--to", "2024-01-20", "--detach", "--json",
+    env = project.env()
+    started = project.run("backfill", "raw", "--from", "2024-01-01", "--to", "2024-01-20", "--detach", "--json",
                           env=env)
     assert started.returncode == 0, started.stderr
     detached = json.loads(started.stdout)
@@ -441,5 +444,5 @@ def test_a_detached_backfill_runs_on_after_the_command_returns(project):
         assert backfill["id"] == detached["id"] and backfill["state"] in ("running", "succeeded")
         state = backfill["state"]
     assert backfill["succeeded"] == 20
-    bad = project.run("backfill", "slow", "--from", "2023-01-01", "--to", "2023-01-02", "--detach", env=env)
+    bad = project.run("backfill", "raw", "--from", "2023-01-01", "--to", "2023-01-02", "--detach", env=env)
     assert bad.returncode == 2 and "outside" in _one_line_error(bad)

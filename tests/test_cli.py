@@ -446,3 +446,16 @@ def test_a_detached_backfill_runs_on_after_the_command_returns(project):
     assert backfill["succeeded"] == 20
     bad = project.run("backfill", "raw", "--from", "2023-01-01", "--to", "2023-01-02", "--detach", env=env)
     assert bad.returncode == 2 and "outside" in _one_line_error(bad)
+
+
+def test_the_same_commands_on_postgresql(project, pg_dsn):
+    """--store postgresql://... : records in PostgreSQL, as the plain role, tenants included."""
+    done = project.run("--store", pg_dsn, "backfill", "clean", "--from", "2024-01-10", "--to", "2024-01-14", "--json")
+    assert done.returncode == 1, done.stderr  # the 13th fails, as on SQLite
+    assert json.loads(done.stdout)["succeeded"] == 4
+    status = {a["asset"]: a for a in project.json("--store", pg_dsn, "status")["assets"]}
+    assert status["clean"]["counts"]["failed"] == 1 and status["clean"]["counts"]["succeeded"] == 4
+    assert status["clean"]["ranges"]["succeeded"] == [["2024-01-10", "2024-01-12", 3], ["2024-01-14", "2024-01-14", 1]]
+    assert [b["state"] for b in project.json("--store", pg_dsn, "backfills")["backfills"]] == ["failed"]
+    assert project.json("--store", pg_dsn, "--tenant", "acme", "records")["records"] == []
+    assert not (project.folder / ".flowstone" / "flowstone.db").exists()  # nothing went to SQLite

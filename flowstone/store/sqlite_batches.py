@@ -52,6 +52,9 @@ BATCH_LIMIT = 2048
 
 Work = Callable[[sqlite3.Connection], Any]
 
+_inherited: list[sqlite3.Connection] = []
+"""Connections a forked child inherited: held, so they are never closed in it."""
+
 
 class _Write:
     __slots__ = ("done", "error", "fn", "value")
@@ -158,6 +161,9 @@ class Connections:
 
     async def _open(self) -> None:
         if self._pid != os.getpid():  # first use, or a forked child: connections do not cross a fork
+            # The parent's connections are kept, never closed here: closing their file
+            # descriptors in the child would drop the parent's POSIX locks on the file.
+            _inherited.extend(c for c in (self._writer, self._reader) if c is not None)
             self._writer = self._reader = self._opening = None
             self._pid = os.getpid()
         while self._writer is None:

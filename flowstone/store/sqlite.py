@@ -539,10 +539,12 @@ def _values(record: Materialization) -> tuple[Any, ...]:
     return (
         str(record.id), record.tenant_id or "", record.asset_name, record.partition, str(record.run_id),
         record.status.value, _iso(record.started_at), _iso(record.completed_at), record.duration_ms,
-        json.dumps(list(record.upstream_assets), ensure_ascii=False),
-        json.dumps({name: list(keys) for name, keys in record.upstream_partitions.items()}, ensure_ascii=False),
+        json.dumps(list(record.upstream_assets), ensure_ascii=False) if record.upstream_assets else "[]",
+        json.dumps({name: list(keys) for name, keys in record.upstream_partitions.items()}, ensure_ascii=False)
+        if record.upstream_partitions else "{}",
         record.dependency_hash,
-        to_json(plain(record.metadata), asset=record.asset_name, partition=record.partition, what="metadata"),
+        to_json(plain(record.metadata), asset=record.asset_name, partition=record.partition, what="metadata")
+        if record.metadata else "{}",
         record.error_message, record.error_traceback, record.executor_node,
         _iso(record.inserted_at), _iso(record.updated_at),
     )

@@ -516,7 +516,7 @@ async def _follow_backfill(
                 return status
             async for event in events:
                 if isinstance(event, ev.MaterializationSkipped):
-                    skipped += 1
+                    skipped += event.asset == status.asset  # upstream assets reused are not partitions skipped
                 elif isinstance(event, ev.BackfillProgress) and event.backfill_id == backfill:
                     view.update(done=event.succeeded, failed=event.failed + event.cancelled, skipped=skipped)
                 elif isinstance(event, ev.BackfillFinished) and event.backfill_id == backfill:

@@ -63,6 +63,7 @@ _NAMES: dict[str, str] = {
     "partition_range": ".partitions",
     "serialize_partition": ".partitions",
     "Pipeline": ".pipeline",
+    "Schedule": ".schedules",
     "BackfillStatus": ".runtime.backfill",
     "RunResult": ".runtime.run",
     "Runtime": ".runtime.runtime",
@@ -149,6 +150,7 @@ if TYPE_CHECKING:  # what type checkers and editors see: the same names, eagerly
     from .runtime.runtime import Runtime as Runtime
     from .runtime.runtime import materialize as materialize
     from .runtime.runtime import open_runtime as open_runtime
+    from .schedules import Schedule as Schedule
     from .store import Materialization as Materialization
     from .store import MaterializationStore as MaterializationStore
     from .store import Status as Status

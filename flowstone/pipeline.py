@@ -14,6 +14,7 @@ from .dag import AssetGraph
 from .definitions import Asset, FieldError, asset, validate_asset
 from .errors import CycleError, DefinitionError
 from .partitions import PartitionsDefinition, can_map
+from .schedules import Schedule
 
 __all__ = ["Pipeline"]
 
@@ -22,16 +23,20 @@ class Pipeline:
     """Assets that belong together: ``pipeline = fs.Pipeline("analytics")``.
 
     ``@pipeline.asset(...)`` defines and adds an asset; ``Pipeline(name,
-    assets=[...])`` takes ready ``fs.Asset`` objects.
+    assets=[...], schedules=[...])`` takes ready ``fs.Asset`` and ``fs.Schedule``
+    objects; ``pipeline.schedule(asset, cron, ...)`` adds a schedule.
     """
 
-    def __init__(self, name: str, assets: Iterable[Asset] = ()) -> None:
+    def __init__(self, name: str, assets: Iterable[Asset] = (), schedules: Iterable[Schedule] = ()) -> None:
         if not isinstance(name, str) or not name.strip():
             raise DefinitionError([FieldError("pipeline", f"name must be a non-empty str, got {name!r}")])
         self.name = name
         self._assets: list[Asset] = []
+        self._schedules: list[Schedule] = []
         for item in assets:
             self.add(item)
+        for schedule in schedules:
+            self.add_schedule(schedule)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, assets=[{', '.join(a.name for a in self._assets)}])"
@@ -67,6 +72,23 @@ class Pipeline:
         make = asset(**options)
         return lambda func: self.add(make(func))
 
+    @property
+    def schedules(self) -> tuple[Schedule, ...]:
+        """Every schedule, in the order added."""
+        return tuple(self._schedules)
+
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        """Add a ready ``fs.Schedule``; its asset is checked by :meth:`validate`."""
+        if not isinstance(schedule, Schedule):
+            raise DefinitionError(
+                [FieldError("schedules", f"expected an fs.Schedule, got {type(schedule).__name__}: {schedule!r}")])
+        self._schedules.append(schedule)
+        return schedule
+
+    def schedule(self, asset: str, cron: str, **options: Any) -> Schedule:
+        """Add ``fs.Schedule(asset, cron, **options)``; raises ``DefinitionError`` as it does."""
+        return self.add_schedule(Schedule(asset, cron, **options))
+
     def get(self, name: str) -> Asset:
         """The asset called ``name``; :class:`~flowstone.NotFound` names it if unknown."""
         return self.graph().get(name)
@@ -96,7 +118,32 @@ class Pipeline:
         errors += graph.problems()
         for item in graph.assets:
             errors += asset_problems(item, graph, io_managers=io_managers, resources=resources)
+        errors += schedule_problems(self._schedules, graph)
         raise_problems(errors, graph)
+
+
+def schedule_problems(schedules: Iterable[Schedule], graph: AssetGraph) -> list[FieldError]:
+    """Schedules of unknown assets, of assets whose partitions a tick cannot name,
+    and two schedules with one name (their ticks would be one)."""
+    from .partitions import DailyPartitions, HourlyPartitions
+
+    errors: list[FieldError] = []
+    names: set[str] = set()
+    for schedule in schedules:
+        if schedule.asset not in graph:
+            errors.append(FieldError("schedules", f"schedule {schedule.name!r}: unknown asset {schedule.asset!r}"))
+        else:
+            definition = graph.get(schedule.asset).partitioned_by
+            if definition is not None and not isinstance(definition, (DailyPartitions, HourlyPartitions)):
+                errors.append(FieldError(
+                    "schedules", f"schedule {schedule.name!r}: a tick names no partition of "
+                    f"{type(definition).__name__}; schedule an unpartitioned, daily or hourly asset",
+                    schedule.asset,
+                ))
+        if schedule.name in names:
+            errors.append(FieldError("schedules", f"two schedules are named {schedule.name!r}"))
+        names.add(schedule.name)
+    return errors
 
 
 def addition_problems(

@@ -86,7 +86,12 @@ def test_help_and_version_need_no_pipeline(project):
 
 
 def test_assets_and_graph_in_every_format(project):
-    assets = project.json("assets")["assets"]
+    (project.folder / "demo.py").write_text(DEMO + '\npipeline.schedule("report", "0 6 * * *", timezone="Europe/Lisbon")\n')
+    listed = project.json("assets")
+    [schedule] = listed["schedules"]
+    assert (schedule["asset"], schedule["cron"], schedule["timezone"]) == ("report", "0 6 * * *", "Europe/Lisbon")
+    assert schedule["next_tick"].endswith("+00:00")
+    assets = listed["assets"]
     assert [a["name"] for a in assets] == ["raw", "clean", "report"]
     assert assets[1]["depends_on"] == ["raw"] and assets[1]["partitions"] == "daily 2024-01-01..2024-01-31"
     graph = project.json("graph")

@@ -10,6 +10,8 @@ import flowstone as fs
 PUBLIC = {
     # definitions (SPEC 1)
     "Asset", "FieldError", "Pipeline", "RetryPolicy", "asset", "validate_asset", "Context",
+    # schedules (SPEC 13)
+    "Schedule",
     # graph (SPEC 2)
     "AssetGraph", "check_cycles", "dependencies", "dependents", "execution_layers", "execution_order",
     # partitions (SPEC 3)

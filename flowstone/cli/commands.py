@@ -90,13 +90,25 @@ async def cmd_assets(args: argparse.Namespace) -> int:
             "partitions": _describe_partitions(asset.partitioned_by), "code_version": asset.code_version,
             "description": asset.description,
         })
+    from ..plumbing.clock import utcnow
+
+    now = utcnow()
+    schedules: list[dict[str, Any]] = [{
+        "name": s.name, "asset": s.asset, "cron": s.cron, "timezone": s.timezone, "catch_up": s.catch_up,
+        "next_tick": s.next_tick(now).isoformat(),
+    } for s in pipeline.schedules]
     if args.json:
-        emit_json({"assets": rows})
-    else:
-        print(table(["asset", "partitions", "depends on", "io manager", "description"], [
-            [r["name"], r["partitions"] or "-", ", ".join(r["depends_on"]) or "-", r["io_manager"] or "(default)",
-             _short(r["description"] or "", 60)]
-            for r in rows
+        emit_json({"assets": rows, "schedules": schedules})
+        return EXIT_OK
+    print(table(["asset", "partitions", "depends on", "io manager", "description"], [
+        [r["name"], r["partitions"] or "-", ", ".join(r["depends_on"]) or "-", r["io_manager"] or "(default)",
+         _short(r["description"] or "", 60)]
+        for r in rows
+    ]))
+    if schedules:
+        print()
+        print(table(["schedule", "asset", "cron", "time zone", "catch up", "next tick (UTC)"], [
+            [s["name"], s["asset"], s["cron"], s["timezone"], s["catch_up"], s["next_tick"][:16]] for s in schedules
         ]))
     return EXIT_OK
 

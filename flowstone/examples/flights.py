@@ -19,8 +19,9 @@ Run it with the command line from a folder of your own::
     flowstone --pipeline flowstone.examples.flights:pipeline materialize yearly_report
     flowstone --pipeline flowstone.examples.flights:pipeline status
 
-``delays`` is the asset a team would put on a daily schedule once new days
-arrive (the daemon runs schedules).
+``yearly_report`` has a schedule, Mondays at 07:00 New York time, for the
+daemon to run (with nothing new it skips, so it is cheap); ``flowstone assets``
+lists it with its next tick.
 """
 
 from __future__ import annotations
@@ -218,3 +219,6 @@ def yearly_report(ctx: fs.Context, deps: dict[str, Any]) -> dict[str, Any]:
     }
     ctx.metadata["flights"] = report["flights"]
     return report
+
+
+pipeline.schedule("yearly_report", "0 7 * * 1", timezone="America/New_York")

@@ -153,8 +153,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
             keys: Iterable[str | None] = [None] if definition is None else map(serialize_partition, definition.keys())
             summary = partition_summary(keys, states)
             summaries.append({"asset": asset.name, "partitioned": definition is not None, **summary})
+        last = await store.last_ticks() if pipeline.schedules else {}
+    ticks = [{
+        "schedule": s.name, "asset": s.asset, "last_tick": last[s.name].at.isoformat() if s.name in last else None,
+        "state": last[s.name].state if s.name in last else None,
+        "error": last[s.name].error if s.name in last else None,
+    } for s in pipeline.schedules]
     if args.json:
-        emit_json({"assets": summaries})
+        emit_json({"assets": summaries, "schedules": ticks})
         return EXIT_OK
     print(table(["asset", "partitions", *STATES], [
         [s["asset"], s["total"] if s["partitioned"] else "-", *(s["counts"][state] for state in STATES)]
@@ -172,6 +178,13 @@ async def cmd_status(args: argparse.Namespace) -> int:
             hidden = len(runs) - RANGES_SHOWN
             more = f", ... and {hidden} more ranges (--json lists them)" if hidden > 0 else ""
             print(f"  {state:<10} {s['counts'][state]:>7}  {shown}{more}")
+    if ticks:
+        print()
+        print(table(["schedule", "asset", "last tick", "state", "error"], [
+            [t["schedule"], t["asset"], (t["last_tick"] or "never")[:16], t["state"] or "-",
+             _short(t["error"] or "", 60)]
+            for t in ticks
+        ]))
     return EXIT_OK
 
 

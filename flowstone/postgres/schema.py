@@ -170,6 +170,21 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         {tenant_policy("flowstone_decisions")}
     """),
+    (7, "schedule ticks, each recorded once", f"""
+        CREATE TABLE flowstone_ticks (
+            tenant_id text NOT NULL DEFAULT '',
+            schedule text NOT NULL,
+            at timestamptz NOT NULL,
+            owner text NOT NULL,
+            state text NOT NULL DEFAULT 'running',
+            run_id uuid,
+            error text,
+            claimed_at timestamptz NOT NULL DEFAULT now(),
+            finished_at timestamptz,
+            PRIMARY KEY (schedule, at, tenant_id)
+        );
+        {tenant_policy("flowstone_ticks")}
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

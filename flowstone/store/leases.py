@@ -26,7 +26,9 @@ import attrs
 
 from ..errors import FlowstoneError, LeaseLost
 
-__all__ = ["BackfillClaim", "CancelRequested", "FinishedElsewhere", "Lease", "LeaseHeld", "LeaseTable"]
+__all__ = [
+    "TICK_STATES", "BackfillClaim", "CancelRequested", "FinishedElsewhere", "Lease", "LeaseHeld", "LeaseTable", "Tick",
+]
 
 
 class Lease(NamedTuple):
@@ -80,6 +82,44 @@ class BackfillClaim:
     saved: object
     previous_owner: str | None
     last_seen: datetime | None
+
+
+TICK_STATES = ("running", "succeeded", "failed", "skipped")
+
+
+@attrs.frozen
+class Tick:
+    """One tick of a schedule, recorded once (per tenant, schedule name and tick time):
+    who claimed it, and how it ended (``state``: running, succeeded, failed, skipped)."""
+
+    schedule: str
+    at: datetime
+    owner: str
+    state: str = "running"
+    run_id: uuid.UUID | None = None
+    error: str | None = None
+    claimed_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+def tick_time(at: Any) -> datetime:
+    """A tick's time in UTC; ``DefinitionError`` unless an aware datetime."""
+    from ..definitions import FieldError
+    from ..errors import DefinitionError
+
+    if not isinstance(at, datetime) or at.tzinfo is None or at.utcoffset() is None:
+        raise DefinitionError([FieldError("tick", f"must be a timezone-aware datetime, got {at!r}")])
+    return at.astimezone(timezone.utc)
+
+
+def finished_state(state: Any) -> str:
+    """How a tick may end; ``DefinitionError`` otherwise."""
+    from ..definitions import FieldError
+    from ..errors import DefinitionError
+
+    if state not in TICK_STATES[1:]:
+        raise DefinitionError([FieldError("state", f"a tick ends succeeded, failed or skipped, not {state!r}")])
+    return str(state)
 
 
 def lost(lease: Lease, detail: str = "it expired and another process took the work over") -> LeaseLost:

@@ -11,7 +11,7 @@ from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
 from ..tenancy import current_tenant
 from . import memory_actor as m
-from .leases import BackfillClaim, FinishedElsewhere, Lease
+from .leases import BackfillClaim, FinishedElsewhere, Lease, Tick, finished_state, tick_time
 from .memory_client import MemoryActorClient
 from .records import (
     TERMINAL,
@@ -141,6 +141,19 @@ class MemoryStore(MemoryActorClient):
 
     async def decision(self, id: uuid.UUID) -> tuple[bool, str | None] | None:
         return await self.handle.call(m.DecisionOf, tenant=current_tenant(), id=parse_id(id))
+
+    async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:
+        return await self.handle.call(m.ClaimTick, tenant=current_tenant(), schedule=schedule, at=tick_time(at),
+                                      owner=owner)
+
+    async def finish_tick(
+        self, schedule: str, at: datetime, state: str, *, run_id: uuid.UUID | None = None, error: str | None = None
+    ) -> None:
+        await self.handle.call(m.FinishTick, tenant=current_tenant(), schedule=schedule, at=tick_time(at),
+                               state=finished_state(state), run_id=run_id, error=error)
+
+    async def last_ticks(self) -> dict[str, Tick]:
+        return await self.handle.call(m.LastTicks, tenant=current_tenant())
 
     async def request_cancel(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.RequestCancel, tenant=current_tenant(), id=parse_id(id, "backfill"))

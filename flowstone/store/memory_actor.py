@@ -26,7 +26,7 @@ from ..actors.mailbox import Message, serve
 from ..definitions import FieldError
 from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, LeaseLost, NotFound
 from ..plumbing.clock import utcnow
-from .leases import BackfillClaim, CancelRequested, Lease, LeaseTable, lost
+from .leases import BackfillClaim, CancelRequested, Lease, LeaseTable, Tick, lost
 from .records import (
     ACTIVE,
     CURRENT,
@@ -77,6 +77,7 @@ class MemoryData:
     values: dict[Key, StoredValue] = attrs.field(factory=dict)
     backfills: dict[tuple[str | None, uuid.UUID], BackfillRow] = attrs.field(factory=dict)
     decisions: dict[tuple[str | None, uuid.UUID], tuple[bool, str | None]] = attrs.field(factory=dict)
+    ticks: dict[tuple[str | None, str, datetime], Tick] = attrs.field(factory=dict)
     now: Callable[[], datetime] = utcnow
     leases: LeaseTable = attrs.field(init=False)
 
@@ -255,6 +256,29 @@ class DecisionOf(Message["tuple[bool, str | None] | None"]):
 
 
 @attrs.frozen(kw_only=True)
+class ClaimTick(Message[bool]):
+    tenant: str | None
+    schedule: str
+    at: datetime
+    owner: str
+
+
+@attrs.frozen(kw_only=True)
+class FinishTick(Message[None]):
+    tenant: str | None
+    schedule: str
+    at: datetime
+    state: str
+    run_id: uuid.UUID | None
+    error: str | None
+
+
+@attrs.frozen(kw_only=True)
+class LastTicks(Message[dict[str, Tick]]):
+    tenant: str | None
+
+
+@attrs.frozen(kw_only=True)
 class RequestCancel(Message[Any]):
     tenant: str | None
     id: uuid.UUID
@@ -303,6 +327,9 @@ class _Handlers:
             ListBackfills: self.list_backfills,
             RequestCancel: self.request_cancel,
             Decide: self.decide,
+            ClaimTick: self.claim_tick,
+            FinishTick: self.finish_tick,
+            LastTicks: self.last_ticks,
             DecisionOf: self.decision_of,
             ClaimBackfill: self.claim_backfill,
             CloseOrphans: self.close_orphans,
@@ -535,6 +562,27 @@ class _Handlers:
 
     def decision_of(self, m: DecisionOf) -> tuple[bool, str | None] | None:
         return self.data.decisions.get((m.tenant, m.id))
+
+    def claim_tick(self, m: ClaimTick) -> bool:
+        key = (m.tenant, m.schedule, m.at)
+        if key in self.data.ticks:
+            return False
+        self.data.ticks[key] = Tick(m.schedule, m.at, m.owner, claimed_at=utcnow())
+        return True
+
+    def finish_tick(self, m: FinishTick) -> None:
+        key = (m.tenant, m.schedule, m.at)
+        tick = self.data.ticks.get(key)
+        if tick is None:
+            raise NotFound(f"schedule {m.schedule!r} has no tick at {m.at.isoformat()}", tenant=m.tenant)
+        self.data.ticks[key] = attrs.evolve(tick, state=m.state, run_id=m.run_id, error=m.error, finished_at=utcnow())
+
+    def last_ticks(self, m: LastTicks) -> dict[str, Tick]:
+        newest: dict[str, Tick] = {}
+        for (tenant, schedule, at), tick in self.data.ticks.items():
+            if tenant == m.tenant and (schedule not in newest or at > newest[schedule].at):
+                newest[schedule] = tick
+        return newest
 
     def request_cancel(self, m: RequestCancel) -> Any:
         row = self.data.backfills.get((m.tenant, m.id))

@@ -42,7 +42,17 @@ from ..postgres.database import PostgresClient
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
 from .backfills import saved_from_json, saved_to_json
-from .leases import BackfillClaim, CancelRequested, FinishedElsewhere, Lease, LeaseHeld, lost
+from .leases import (
+    BackfillClaim,
+    CancelRequested,
+    FinishedElsewhere,
+    Lease,
+    LeaseHeld,
+    Tick,
+    finished_state,
+    lost,
+    tick_time,
+)
 from .records import (
     CURRENT,
     TERMINAL,
@@ -612,6 +622,40 @@ class PostgresStore(PostgresClient):
             parse_id(id), tenant or "",
         )
         return None if row is None else (row[0], row[1])
+
+    async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:
+        tenant = current_tenant()
+        claimed = await self.db.run(
+            tenant, _fetchval,
+            "INSERT INTO flowstone_ticks (tenant_id, schedule, at, owner) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT DO NOTHING RETURNING true",
+            tenant or "", schedule, tick_time(at), owner,
+        )
+        return bool(claimed)
+
+    async def finish_tick(
+        self, schedule: str, at: datetime, state: str, *, run_id: uuid.UUID | None = None, error: str | None = None
+    ) -> None:
+        tenant, when = current_tenant(), tick_time(at)
+        found = await self.db.run(
+            tenant, _fetchval,
+            "UPDATE flowstone_ticks SET state = $4, run_id = $5, error = $6, finished_at = now() "
+            "WHERE tenant_id = $1 AND schedule = $2 AND at = $3 RETURNING true",
+            tenant or "", schedule, when, finished_state(state), run_id,
+            None if error is None else storable_text(error),
+        )
+        if not found:
+            raise NotFound(f"schedule {schedule!r} has no tick at {when.isoformat()}", tenant=tenant)
+
+    async def last_ticks(self) -> dict[str, Tick]:
+        tenant = current_tenant()
+        rows = await self.db.run(
+            tenant, _fetch,
+            "SELECT DISTINCT ON (schedule) schedule, at, owner, state, run_id, error, claimed_at, finished_at "
+            "FROM flowstone_ticks WHERE tenant_id = $1 ORDER BY schedule, at DESC",
+            tenant or "",
+        )
+        return {row[0]: Tick(*row) for row in rows}
 
     async def request_cancel(self, id: uuid.UUID) -> Any:
         tenant, bid = current_tenant(), parse_id(id, "backfill")

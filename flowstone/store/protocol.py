@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Iterable
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from .leases import BackfillClaim, Lease
+from .leases import BackfillClaim, Lease, Tick
 from .records import Materialization, Status
 
 __all__ = ["MaterializationStore"]
@@ -132,6 +133,24 @@ class MaterializationStore(Protocol):
 
     async def decision(self, id: uuid.UUID) -> tuple[bool, str | None] | None:
         """The decision kept for that record in the caller's tenant, or None."""
+        ...
+
+    # ---- schedules (the daemon)
+
+    async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:
+        """Record tick ``at`` (aware) of ``schedule`` as ``owner``'s to run; False when it
+        was recorded already (by anyone, ever): a tick is run at most once."""
+        ...
+
+    async def finish_tick(
+        self, schedule: str, at: datetime, state: str, *, run_id: uuid.UUID | None = None, error: str | None = None
+    ) -> None:
+        """How a claimed tick ended: ``succeeded``, ``failed`` or ``skipped``. Raises
+        ``NotFound`` for a tick never claimed, ``DefinitionError`` for another state."""
+        ...
+
+    async def last_ticks(self) -> dict[str, Tick]:
+        """The newest recorded tick of each schedule, by schedule name."""
         ...
 
     async def request_cancel(self, id: uuid.UUID) -> Any:

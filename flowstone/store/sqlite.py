@@ -50,7 +50,17 @@ from ..partitions import serialize_partition
 from ..plumbing.jsonvalues import plain, storable_text, to_json
 from ..tenancy import current_tenant
 from .backfills import saved_from_json, saved_to_json
-from .leases import BackfillClaim, CancelRequested, FinishedElsewhere, Lease, LeaseHeld, lost
+from .leases import (
+    BackfillClaim,
+    CancelRequested,
+    FinishedElsewhere,
+    Lease,
+    LeaseHeld,
+    Tick,
+    finished_state,
+    lost,
+    tick_time,
+)
 from .records import (
     CURRENT,
     TERMINAL,
@@ -413,6 +423,40 @@ class SqliteStore:
             "SELECT approve, reason FROM flowstone_decisions WHERE tenant_id = ? AND record_id = ?",
             (tenant, record_id)).fetchone())
         return None if row is None else (bool(row[0]), row[1])
+
+    async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:
+        tenant, when = _tenant(), _iso(tick_time(at))
+        row = await self._db.write(lambda c: c.execute(
+            "INSERT INTO flowstone_ticks (tenant_id, schedule, at, owner, claimed_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING RETURNING 1",
+            (tenant, schedule, when, owner, _iso(_utcnow())),
+        ).fetchone())
+        return row is not None
+
+    async def finish_tick(
+        self, schedule: str, at: datetime, state: str, *, run_id: uuid.UUID | None = None, error: str | None = None
+    ) -> None:
+        tenant, when, ending = _tenant(), tick_time(at), finished_state(state)
+        text = None if error is None else storable_text(error)
+        row = await self._db.write(lambda c: c.execute(
+            "UPDATE flowstone_ticks SET state = ?, run_id = ?, error = ?, finished_at = ? "
+            "WHERE tenant_id = ? AND schedule = ? AND at = ? RETURNING 1",
+            (ending, None if run_id is None else str(run_id), text, _iso(_utcnow()), tenant, schedule, _iso(when)),
+        ).fetchone())
+        if row is None:
+            raise NotFound(f"schedule {schedule!r} has no tick at {when.isoformat()}", tenant=tenant or None)
+
+    async def last_ticks(self) -> dict[str, Tick]:
+        tenant = _tenant()
+        rows = await self._db.read(lambda c: c.execute(
+            "SELECT schedule, max(at), owner, state, run_id, error, claimed_at, finished_at FROM flowstone_ticks "
+            "WHERE tenant_id = ? GROUP BY schedule", (tenant,),
+        ).fetchall())
+        return {
+            row[0]: Tick(row[0], datetime.fromisoformat(row[1]), row[2], row[3],
+                         None if row[4] is None else uuid.UUID(row[4]), row[5], _time(row[6]), _time(row[7]))
+            for row in rows
+        }
 
     async def request_cancel(self, id: uuid.UUID) -> Any:
         tenant, bid = _tenant(), str(parse_id(id, "backfill"))

@@ -97,6 +97,18 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             decided_at TEXT NOT NULL,
             PRIMARY KEY (tenant_id, record_id)
         ) WITHOUT ROWID"""),
+    (4, """CREATE TABLE flowstone_ticks (
+            tenant_id TEXT NOT NULL,
+            schedule TEXT NOT NULL,
+            at TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'running',
+            run_id TEXT,
+            error TEXT,
+            claimed_at TEXT NOT NULL,
+            finished_at TEXT,
+            PRIMARY KEY (tenant_id, schedule, at)
+        ) WITHOUT ROWID"""),
 )
 """(version, SQL). Append only: a shipped migration never changes."""
 

@@ -7,7 +7,7 @@ embedded store later) runs it unchanged. Every test runs on asyncio and trio.
 from __future__ import annotations
 
 import uuid
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import anyio
 import attrs
@@ -510,6 +510,51 @@ class LeaseContract:
             assert await store.decision(waiting.id) is None
         with pytest.raises(fs.NotFound):
             await store.decide(uuid.uuid4(), True)
+
+    # ------------------------------------------------------------ schedule ticks
+
+    async def test_a_tick_is_claimed_once_and_its_end_recorded(self, store):
+        at = datetime(2026, 11, 1, 5, 30, tzinfo=timezone.utc)
+        assert await store.claim_tick("nightly", at, "daemon-a")
+        assert not await store.claim_tick("nightly", at, "daemon-a")  # a restart: not again
+        assert not await store.claim_tick("nightly", at.astimezone(timezone(timedelta(hours=-4))), "daemon-b")
+        run = uuid.uuid4()
+        await store.finish_tick("nightly", at, "succeeded", run_id=run)
+        [(name, tick)] = (await store.last_ticks()).items()
+        assert (name, tick.at, tick.owner, tick.state, tick.run_id) == ("nightly", at, "daemon-a", "succeeded", run)
+        assert tick.finished_at is not None and tick.claimed_at is not None
+        with pytest.raises(fs.NotFound):
+            await store.finish_tick("nightly", at + timedelta(days=1), "failed")
+        with pytest.raises(fs.DefinitionError):
+            await store.finish_tick("nightly", at, "running")
+        with pytest.raises(fs.DefinitionError):
+            await store.claim_tick("nightly", datetime(2026, 11, 1, 5, 30), "daemon-a")  # naive
+
+    async def test_last_ticks_are_the_newest_per_schedule_and_per_tenant(self, store):
+        day = datetime(2026, 1, 1, 6, tzinfo=timezone.utc)
+        for offset in (0, 2, 1):
+            await store.claim_tick("daily", day + timedelta(days=offset), "d")
+        await store.claim_tick("hourly", day, "d")
+        await store.finish_tick("daily", day + timedelta(days=1), "failed", error="boom")
+        last = await store.last_ticks()
+        assert {name: t.at for name, t in last.items()} == {"daily": day + timedelta(days=2), "hourly": day}
+        assert last["daily"].state == "running"
+        with fs.tenant_scope("other"):
+            assert await store.last_ticks() == {}
+            assert await store.claim_tick("daily", day, "d")  # another tenant's series
+
+    async def test_concurrent_claims_of_one_tick_grant_exactly_one(self, store):
+        at = datetime(2026, 1, 1, 6, tzinfo=timezone.utc)
+        won = []
+
+        async def claim(owner):
+            if await store.claim_tick("daily", at, owner):
+                won.append(owner)
+
+        async with anyio.create_task_group() as tasks:
+            for index in range(20):
+                tasks.start_soon(claim, f"d{index}")
+        assert len(won) == 1
 
     async def test_a_cancel_request_stops_the_owners_next_running_save_only(self, store):
         saved = self._saved()

@@ -99,3 +99,4 @@ async def test_a_read_only_location_is_refused_before_anything_is_written(read_o
         await store.create(asset_name="orders")
     await store.close()
     assert list(read_only_folder.iterdir()) == []
+

@@ -165,7 +165,9 @@ class SqliteStore:
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
         """On a thread, before first use (the location checked): configure, migrate."""
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode != "wal":  # a new file: switched once, by whoever opens it first
+            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise DatabaseError(f"SQLite could not use write-ahead logging for {self.path} (mode {mode})")
         connection.execute(f"PRAGMA synchronous = {self.synchronous}")

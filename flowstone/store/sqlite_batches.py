@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -184,7 +185,7 @@ class Connections:
         except sqlite3.Error as error:
             raise database_error(error) from None
         try:
-            self._prepare(writer)
+            _retrying_busy(lambda: self._prepare(writer))
             # From here on the writer never waits on the event loop's thread: a
             # busy lock is waited for on a thread (see _run).
             writer.execute("PRAGMA busy_timeout = 0")
@@ -304,6 +305,24 @@ def _apply_one_by_one(connection: sqlite3.Connection, batch: list[_Write]) -> No
             op.error = error
             continue
         connection.execute("RELEASE op")
+
+
+def _retrying_busy(step: Callable[[], None]) -> None:
+    """``step()``, tried again while SQLite answers "busy" at once, up to the busy
+    timeout (on a thread). Switching a new file to WAL needs the file alone and
+    does not wait on the busy handler: two processes opening a new store at once
+    met "database is locked"."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    pause = 0.005
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
 
 
 def _begin_waiting(connection: sqlite3.Connection) -> None:

@@ -16,6 +16,7 @@ from .chaos import FaultyIO as FaultyIO
 from .chaos import InjectedFault as InjectedFault
 from .chaos import kill_actor as kill_actor
 from .chaos import terminate_connections as terminate_connections
+from .clock import ManualClock as ManualClock
 from .harness import ConcurrentHarness as ConcurrentHarness
 from .harness import HarnessReport as HarnessReport
 from .harness import Latency as Latency

@@ -19,7 +19,7 @@ def test_list_names_every_scenario():
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
         "backfill", "cancel-storm", "chaos", "core", "dags", "executors", "flights-dagster", "instructions", "io",
-        "memory", "postgres", "processes", "ranges", "registrations", "runtime", "soak", "sqlite", "startup",
+        "memory", "postgres", "processes", "ranges", "registrations", "runtime", "schedules", "soak", "sqlite", "startup",
         "store-writes",
     ]
 
@@ -66,6 +66,13 @@ def test_startup_scenario_times_import_and_help():
     assert result.returncode == 0, result.stderr
     rows = {row["scenario"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])["rows"]}
     assert rows["import flowstone"]["median_ms"] > 0 and rows["flowstone --help"]["target_ms"] == 150
+
+
+def test_schedules_scenario_checks_every_tick():
+    result = run_stress("schedules", "--schedules", "6", "--minutes", "15", "--store", "sqlite")
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert row["ticks"] == 2 * 15 + 2 * 3 + 2 * 1 and row["doubled"] == row["missing"] == 0
 
 
 def test_unknown_scenario_exits_non_zero():

@@ -28,6 +28,7 @@ class TestPostgresStoreContract(StoreContract, LeaseContract):
                 run_sync, admin, pg_database.admin_dsn,
                 f"UPDATE flowstone_leases SET expires_at = expires_at - interval '{float(seconds)} seconds'",
                 f"UPDATE flowstone_backfills SET heartbeat_at = heartbeat_at - interval '{float(seconds)} seconds'",
+                f"UPDATE flowstone_roles SET expires_at = expires_at - interval '{float(seconds)} seconds'",
             )
 
         return age

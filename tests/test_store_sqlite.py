@@ -34,6 +34,7 @@ class TestSqliteStoreContract(StoreContract, LeaseContract):
             with sqlite3.connect(store.path, timeout=30) as connection:
                 connection.execute("UPDATE flowstone_leases SET expires_at = expires_at - ?", (seconds,))
                 connection.execute("UPDATE flowstone_backfills SET heartbeat_at = heartbeat_at - ?", (seconds,))
+                connection.execute("UPDATE flowstone_roles SET expires_at = expires_at - ?", (seconds,))
 
         async def age(seconds):
             await anyio.to_thread.run_sync(older, seconds)

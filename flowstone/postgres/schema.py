@@ -185,6 +185,17 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         {tenant_policy("flowstone_ticks")}
     """),
+    (8, "roles held by one process at a time (the active daemon)", f"""
+        CREATE TABLE flowstone_roles (
+            tenant_id text NOT NULL DEFAULT '',
+            role text NOT NULL,
+            owner text NOT NULL,
+            fence bigint NOT NULL,
+            expires_at timestamptz NOT NULL,
+            PRIMARY KEY (role, tenant_id)
+        );
+        {tenant_policy("flowstone_roles")}
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

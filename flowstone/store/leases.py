@@ -27,7 +27,15 @@ import attrs
 from ..errors import FlowstoneError, LeaseLost
 
 __all__ = [
-    "TICK_STATES", "BackfillClaim", "CancelRequested", "FinishedElsewhere", "Lease", "LeaseHeld", "LeaseTable", "Tick",
+    "TICK_STATES",
+    "BackfillClaim",
+    "CancelRequested",
+    "FinishedElsewhere",
+    "Lease",
+    "LeaseHeld",
+    "LeaseTable",
+    "RoleHolder",
+    "Tick",
 ]
 
 
@@ -100,6 +108,29 @@ class Tick:
     error: str | None = None
     claimed_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+@attrs.frozen
+class RoleHolder:
+    """Who holds a role (``"daemon"``: the one active daemon of a store) after a claim:
+    its ``owner``, a ``fence`` that grows with every change of holder, when the hold
+    ends unless renewed, and the owner it was taken from when it had expired."""
+
+    role: str
+    owner: str
+    fence: int
+    expires_at: datetime
+    taken_from: str | None = None
+
+
+def role_seconds(seconds: Any) -> float:
+    """How long a role is held: a positive number of seconds; ``DefinitionError`` otherwise."""
+    from ..definitions import FieldError
+    from ..errors import DefinitionError
+
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < 86400:
+        raise DefinitionError([FieldError("seconds", f"must be a number of seconds > 0, got {seconds!r}")])
+    return float(seconds)
 
 
 def tick_time(at: Any) -> datetime:

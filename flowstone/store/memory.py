@@ -11,7 +11,16 @@ from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
 from ..tenancy import current_tenant
 from . import memory_actor as m
-from .leases import BackfillClaim, FinishedElsewhere, Lease, Tick, finished_state, tick_time
+from .leases import (
+    BackfillClaim,
+    FinishedElsewhere,
+    Lease,
+    RoleHolder,
+    Tick,
+    finished_state,
+    role_seconds,
+    tick_time,
+)
 from .memory_client import MemoryActorClient
 from .records import (
     TERMINAL,
@@ -141,6 +150,13 @@ class MemoryStore(MemoryActorClient):
 
     async def decision(self, id: uuid.UUID) -> tuple[bool, str | None] | None:
         return await self.handle.call(m.DecisionOf, tenant=current_tenant(), id=parse_id(id))
+
+    async def claim_role(self, role: str, owner: str, seconds: float) -> RoleHolder:
+        return await self.handle.call(m.ClaimRole, tenant=current_tenant(), role=role, owner=owner,
+                                      seconds=role_seconds(seconds))
+
+    async def release_role(self, role: str, owner: str) -> None:
+        await self.handle.call(m.ReleaseRole, tenant=current_tenant(), role=role, owner=owner)
 
     async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:
         return await self.handle.call(m.ClaimTick, tenant=current_tenant(), schedule=schedule, at=tick_time(at),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import attrs
@@ -26,7 +26,7 @@ from ..actors.mailbox import Message, serve
 from ..definitions import FieldError
 from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, LeaseLost, NotFound
 from ..plumbing.clock import utcnow
-from .leases import BackfillClaim, CancelRequested, Lease, LeaseTable, Tick, lost
+from .leases import BackfillClaim, CancelRequested, Lease, LeaseTable, RoleHolder, Tick, lost
 from .records import (
     ACTIVE,
     CURRENT,
@@ -78,6 +78,7 @@ class MemoryData:
     backfills: dict[tuple[str | None, uuid.UUID], BackfillRow] = attrs.field(factory=dict)
     decisions: dict[tuple[str | None, uuid.UUID], tuple[bool, str | None]] = attrs.field(factory=dict)
     ticks: dict[tuple[str | None, str, datetime], Tick] = attrs.field(factory=dict)
+    roles: dict[tuple[str | None, str], RoleHolder] = attrs.field(factory=dict)
     now: Callable[[], datetime] = utcnow
     leases: LeaseTable = attrs.field(init=False)
 
@@ -256,6 +257,21 @@ class DecisionOf(Message["tuple[bool, str | None] | None"]):
 
 
 @attrs.frozen(kw_only=True)
+class ClaimRole(Message[RoleHolder]):
+    tenant: str | None
+    role: str
+    owner: str
+    seconds: float
+
+
+@attrs.frozen(kw_only=True)
+class ReleaseRole(Message[None]):
+    tenant: str | None
+    role: str
+    owner: str
+
+
+@attrs.frozen(kw_only=True)
 class ClaimTick(Message[bool]):
     tenant: str | None
     schedule: str
@@ -328,6 +344,8 @@ class _Handlers:
             RequestCancel: self.request_cancel,
             Decide: self.decide,
             ClaimTick: self.claim_tick,
+            ClaimRole: self.claim_role,
+            ReleaseRole: self.release_role,
             FinishTick: self.finish_tick,
             LastTicks: self.last_ticks,
             DecisionOf: self.decision_of,
@@ -562,6 +580,24 @@ class _Handlers:
 
     def decision_of(self, m: DecisionOf) -> tuple[bool, str | None] | None:
         return self.data.decisions.get((m.tenant, m.id))
+
+    def claim_role(self, m: ClaimRole) -> RoleHolder:
+        key, now = (m.tenant, m.role), self.data.now()
+        held = self.data.roles.get(key)
+        until = now + timedelta(seconds=m.seconds)
+        if held is not None and held.owner == m.owner:
+            self.data.roles[key] = attrs.evolve(held, expires_at=until, taken_from=None)
+        elif held is None or held.expires_at <= now:
+            fence = (held.fence if held is not None else 0) + 1
+            taken = held.owner if held is not None and held.owner else None
+            self.data.roles[key] = RoleHolder(m.role, m.owner, fence, until, taken)
+        return self.data.roles[key]
+
+    def release_role(self, m: ReleaseRole) -> None:
+        key = (m.tenant, m.role)
+        held = self.data.roles.get(key)
+        if held is not None and held.owner == m.owner:
+            self.data.roles[key] = attrs.evolve(held, owner="", expires_at=self.data.now())
 
     def claim_tick(self, m: ClaimTick) -> bool:
         key = (m.tenant, m.schedule, m.at)

@@ -48,9 +48,11 @@ from .leases import (
     FinishedElsewhere,
     Lease,
     LeaseHeld,
+    RoleHolder,
     Tick,
     finished_state,
     lost,
+    role_seconds,
     tick_time,
 )
 from .records import (
@@ -623,6 +625,19 @@ class PostgresStore(PostgresClient):
         )
         return None if row is None else (row[0], row[1])
 
+    async def claim_role(self, role: str, owner: str, seconds: float) -> RoleHolder:
+        tenant = current_tenant()
+        return await self.db.run(tenant, _claim_role, tenant or "", role, owner, role_seconds(seconds))
+
+    async def release_role(self, role: str, owner: str) -> None:
+        tenant = current_tenant()
+        await self.db.run(
+            tenant, _execute,
+            "UPDATE flowstone_roles SET owner = '', expires_at = clock_timestamp() "
+            "WHERE tenant_id = $1 AND role = $2 AND owner = $3",
+            tenant or "", role, owner,
+        )
+
     async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:
         tenant = current_tenant()
         claimed = await self.db.run(
@@ -711,6 +726,35 @@ async def _fetchval(connection: Any, sql: str, *args: Any) -> Any:
 
 async def _execute(connection: Any, sql: str, *args: Any) -> None:
     await connection.execute(sql, *args)
+
+
+async def _claim_role(connection: Any, tenant: str, role: str, owner: str, seconds: float) -> RoleHolder:
+    """One holder at a time: the row is locked while it is looked at and changed."""
+    await connection.execute(
+        "INSERT INTO flowstone_roles (tenant_id, role, owner, fence, expires_at) "
+        "VALUES ($1, $2, '', 0, '-infinity') ON CONFLICT DO NOTHING",
+        tenant, role,
+    )
+    held = await connection.fetchrow(
+        "SELECT owner, fence, expires_at <= clock_timestamp() FROM flowstone_roles "
+        "WHERE role = $1 AND tenant_id = $2 FOR UPDATE",
+        role, tenant,
+    )
+    taken = None
+    if held[0] == owner:
+        fence = held[1]
+    elif held[2]:  # free or expired: taken, under a new fence
+        fence, taken = held[1] + 1, held[0] or None
+    else:
+        row = await connection.fetchrow(
+            "SELECT owner, fence, expires_at FROM flowstone_roles WHERE role = $1 AND tenant_id = $2", role, tenant)
+        return RoleHolder(role, row[0], row[1], row[2])
+    row = await connection.fetchrow(
+        "UPDATE flowstone_roles SET owner = $3, fence = $4, expires_at = clock_timestamp() + make_interval(secs => $5) "
+        "WHERE role = $1 AND tenant_id = $2 RETURNING expires_at",
+        role, tenant, owner, fence, seconds,
+    )
+    return RoleHolder(role, owner, fence, row[0], taken)
 
 
 async def _decide(connection: Any, record_id: uuid.UUID, tenant: str, approve: bool, reason: str | None) -> Any:

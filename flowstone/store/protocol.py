@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from .leases import BackfillClaim, Lease, Tick
+from .leases import BackfillClaim, Lease, RoleHolder, Tick
 from .records import Materialization, Status
 
 __all__ = ["MaterializationStore"]
@@ -133,6 +133,18 @@ class MaterializationStore(Protocol):
 
     async def decision(self, id: uuid.UUID) -> tuple[bool, str | None] | None:
         """The decision kept for that record in the caller's tenant, or None."""
+        ...
+
+    # ---- one active daemon
+
+    async def claim_role(self, role: str, owner: str, seconds: float) -> RoleHolder:
+        """Hold ``role`` for ``seconds`` from now when it is free, expired or already
+        ``owner``'s (a renewal); the holder after the attempt, which is someone else's
+        while their hold lasts. Standbys call it to take over a holder that went quiet."""
+        ...
+
+    async def release_role(self, role: str, owner: str) -> None:
+        """Give ``role`` up if ``owner`` holds it (a standby may take it at once)."""
         ...
 
     # ---- schedules (the daemon)

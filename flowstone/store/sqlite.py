@@ -56,9 +56,11 @@ from .leases import (
     FinishedElsewhere,
     Lease,
     LeaseHeld,
+    RoleHolder,
     Tick,
     finished_state,
     lost,
+    role_seconds,
     tick_time,
 )
 from .records import (
@@ -425,6 +427,32 @@ class SqliteStore:
             "SELECT approve, reason FROM flowstone_decisions WHERE tenant_id = ? AND record_id = ?",
             (tenant, record_id)).fetchone())
         return None if row is None else (bool(row[0]), row[1])
+
+    async def claim_role(self, role: str, owner: str, seconds: float) -> RoleHolder:
+        tenant, span = _tenant(), role_seconds(seconds)
+
+        def claim(c: sqlite3.Connection) -> RoleHolder:
+            now = time.time()
+            held = c.execute("SELECT owner, fence, expires_at FROM flowstone_roles WHERE tenant_id = ? AND role = ?",
+                             (tenant, role)).fetchone()
+            if held is not None and held[0] != owner and held[2] > now:  # someone else's, still held
+                return RoleHolder(role, held[0], held[1], datetime.fromtimestamp(held[2], timezone.utc))
+            fence = 1 if held is None else held[1] + (held[0] != owner)
+            taken = held[0] or None if held is not None and held[0] != owner else None
+            c.execute(
+                "INSERT INTO flowstone_roles VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, role) DO UPDATE SET "
+                "owner = excluded.owner, fence = excluded.fence, expires_at = excluded.expires_at",
+                (tenant, role, owner, fence, now + span),
+            )
+            return RoleHolder(role, owner, fence, datetime.fromtimestamp(now + span, timezone.utc), taken)
+
+        return await self._db.write(claim)
+
+    async def release_role(self, role: str, owner: str) -> None:
+        tenant = _tenant()
+        await self._db.write(lambda c: c.execute(
+            "UPDATE flowstone_roles SET owner = '', expires_at = ? WHERE tenant_id = ? AND role = ? AND owner = ?",
+            (time.time(), tenant, role, owner)))
 
     async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:
         tenant, when = _tenant(), _iso(tick_time(at))

@@ -109,6 +109,14 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             finished_at TEXT,
             PRIMARY KEY (tenant_id, schedule, at)
         ) WITHOUT ROWID"""),
+    (5, """CREATE TABLE flowstone_roles (
+            tenant_id TEXT NOT NULL,
+            role TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            fence INTEGER NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (tenant_id, role)
+        ) WITHOUT ROWID"""),
 )
 """(version, SQL). Append only: a shipped migration never changes."""
 

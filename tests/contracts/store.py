@@ -511,6 +511,41 @@ class LeaseContract:
         with pytest.raises(fs.NotFound):
             await store.decide(uuid.uuid4(), True)
 
+    # ---------------------------------------------------------- one active daemon
+
+    async def test_a_role_is_held_by_one_owner_until_it_expires_or_is_released(self, store, age):
+        first = await store.claim_role("daemon", "a", 10)
+        assert (first.owner, first.taken_from) == ("a", None) and first.expires_at.tzinfo is not None
+        standby = await store.claim_role("daemon", "b", 10)
+        assert (standby.owner, standby.fence) == ("a", first.fence)  # b sees who is active
+        renewed = await store.claim_role("daemon", "a", 10)
+        assert (renewed.owner, renewed.fence) == ("a", first.fence) and renewed.expires_at >= first.expires_at
+        await age(11)  # a went quiet
+        taken = await store.claim_role("daemon", "b", 10)
+        assert (taken.owner, taken.taken_from) == ("b", "a") and taken.fence > first.fence
+        assert (await store.claim_role("daemon", "a", 10)).owner == "b"  # a is a standby now
+        await store.release_role("daemon", "a")  # not a's: nothing happens
+        assert (await store.claim_role("daemon", "a", 10)).owner == "b"
+        await store.release_role("daemon", "b")
+        back = await store.claim_role("daemon", "a", 10)
+        assert back.owner == "a" and back.fence > taken.fence and back.taken_from is None
+        with pytest.raises(fs.DefinitionError):
+            await store.claim_role("daemon", "a", 0)
+
+    async def test_roles_belong_to_a_tenant_and_one_concurrent_claim_wins(self, store):
+        await store.claim_role("daemon", "a", 30)
+        with fs.tenant_scope("other"):
+            assert (await store.claim_role("daemon", "b", 30)).owner == "b"
+        holders = []
+
+        async def claim(owner):
+            holders.append((await store.claim_role("leader", owner, 30)).owner)
+
+        async with anyio.create_task_group() as tasks:
+            for index in range(10):
+                tasks.start_soon(claim, f"p{index}")
+        assert len(set(holders)) == 1  # everyone saw the same winner
+
     # ------------------------------------------------------------ schedule ticks
 
     async def test_a_tick_is_claimed_once_and_its_end_recorded(self, store):

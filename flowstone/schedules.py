@@ -22,7 +22,7 @@ import attrs
 from .definitions import FieldError
 from .errors import DefinitionError
 
-__all__ = ["Schedule"]
+__all__ = ["Schedule", "aware_datetime"]
 
 CATCH_UP_WORDS = ("skip", "latest")
 
@@ -99,8 +99,8 @@ class Schedule:
         from .partitions import zone_of
 
         zone = zone_of(self.timezone)
-        for tick in CronSim(self.cron, _aware(after, "after").astimezone(zone)):
-            if tick > _aware(until, "until"):
+        for tick in CronSim(self.cron, aware_datetime(after, "after").astimezone(zone)):
+            if tick > aware_datetime(until, "until"):
                 return
             yield tick.astimezone(timezone.utc)
 
@@ -110,27 +110,23 @@ class Schedule:
 
         from .partitions import zone_of
 
-        return next(CronSim(self.cron, _aware(after, "after").astimezone(zone_of(self.timezone)))).astimezone(
+        return next(CronSim(self.cron, aware_datetime(after, "after").astimezone(zone_of(self.timezone)))).astimezone(
             timezone.utc)
 
     def due(self, last: datetime, now: datetime) -> list[datetime]:
         """The ticks to run now, oldest first, when ``last`` is the newest tick already
         handled (or the time the schedule started) and ``now`` the time: what
         ``catch_up`` keeps of the ticks in ``(last, now]``."""
-        now = _aware(now, "now")
+        return self.keep(list(self.ticks(last, now)), now)
+
+    def keep(self, passed: list[datetime], now: datetime) -> list[datetime]:
+        """What ``catch_up`` keeps of ``passed`` (ticks up to ``now``, oldest first):
+        ``due`` for a caller that has listed the ticks already."""
+        now = aware_datetime(now, "now")
         if self.catch_up == "skip":
-            recent = []
-            for tick in self.ticks(last, now):
-                if now - tick <= ON_TIME:
-                    recent.append(tick)
-            return recent[-1:]
-        keep = 1 if self.catch_up == "latest" else int(self.catch_up)
-        window: list[datetime] = []
-        for tick in self.ticks(last, now):
-            window.append(tick)
-            if len(window) > keep:
-                del window[0]
-        return window
+            return [tick for tick in passed[-1:] if now - tick <= ON_TIME]
+        count = 1 if self.catch_up == "latest" else int(self.catch_up)
+        return passed[-count:]
 
     def partition_at(self, definition: Any, tick: datetime) -> Any:
         """The partition a tick materializes: none for an unpartitioned asset, else
@@ -141,7 +137,7 @@ class Schedule:
             return None
         from .partitions import DailyPartitions, HourlyPartitions
 
-        tick = _aware(tick, "tick")
+        tick = aware_datetime(tick, "tick")
         if isinstance(definition, DailyPartitions):
             return definition.validate(tick.astimezone(definition.zone).date() - timedelta(days=1))
         if isinstance(definition, HourlyPartitions):
@@ -154,7 +150,8 @@ class Schedule:
         )])
 
 
-def _aware(value: datetime, what: str) -> datetime:
+def aware_datetime(value: Any, what: str) -> datetime:
+    """``value`` if it is a timezone-aware datetime; ``DefinitionError`` naming ``what`` otherwise."""
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
         raise DefinitionError([FieldError(what, f"must be a timezone-aware datetime, got {value!r}")])
     return value

@@ -64,8 +64,8 @@ async def run_schedules(
         while True:
             now = clock.now()
             for schedule in schedules:
-                seen = list(schedule.ticks(last[schedule.name], now))
-                for tick in schedule.due(last[schedule.name], now):
+                seen = list(schedule.ticks(last[schedule.name], now))  # listed once, for both uses
+                for tick in schedule.keep(seen, now):
                     if await store.claim_tick(schedule.name, tick, owner):
                         running.start_soon(_run_tick, rt, schedule, definitions[schedule.asset], tick)
                 if seen:  # the ticks catch_up dropped are behind us too

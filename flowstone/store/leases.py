@@ -135,12 +135,9 @@ def role_seconds(seconds: Any) -> float:
 
 def tick_time(at: Any) -> datetime:
     """A tick's time in UTC; ``DefinitionError`` unless an aware datetime."""
-    from ..definitions import FieldError
-    from ..errors import DefinitionError
+    from ..schedules import aware_datetime
 
-    if not isinstance(at, datetime) or at.tzinfo is None or at.utcoffset() is None:
-        raise DefinitionError([FieldError("tick", f"must be a timezone-aware datetime, got {at!r}")])
-    return at.astimezone(timezone.utc)
+    return aware_datetime(at, "tick").astimezone(timezone.utc)
 
 
 def finished_state(state: Any) -> str:

@@ -196,6 +196,9 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         {tenant_policy("flowstone_roles")}
     """),
+    (9, "the active daemon's heartbeat (its last claim or renewal of its role)", """
+        ALTER TABLE flowstone_roles ADD COLUMN heartbeat_at timestamptz;
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

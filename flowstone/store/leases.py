@@ -114,13 +114,15 @@ class Tick:
 class RoleHolder:
     """Who holds a role (``"daemon"``: the one active daemon of a store) after a claim:
     its ``owner``, a ``fence`` that grows with every change of holder, when the hold
-    ends unless renewed, and the owner it was taken from when it had expired."""
+    ends unless renewed, the owner it was taken from when it had expired, and when
+    the owner last claimed or renewed it (its heartbeat)."""
 
     role: str
     owner: str
     fence: int
     expires_at: datetime
     taken_from: str | None = None
+    heartbeat_at: datetime | None = None
 
 
 def role_seconds(seconds: Any) -> float:

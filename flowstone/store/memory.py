@@ -158,6 +158,9 @@ class MemoryStore(MemoryActorClient):
     async def release_role(self, role: str, owner: str) -> None:
         await self.handle.call(m.ReleaseRole, tenant=current_tenant(), role=role, owner=owner)
 
+    async def role_holder(self, role: str) -> RoleHolder | None:
+        return await self.handle.call(m.HolderOf, tenant=current_tenant(), role=role)
+
     async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:
         return await self.handle.call(m.ClaimTick, tenant=current_tenant(), schedule=schedule, at=tick_time(at),
                                       owner=owner)

@@ -272,6 +272,12 @@ class ReleaseRole(Message[None]):
 
 
 @attrs.frozen(kw_only=True)
+class HolderOf(Message[RoleHolder | None]):
+    tenant: str | None
+    role: str
+
+
+@attrs.frozen(kw_only=True)
 class ClaimTick(Message[bool]):
     tenant: str | None
     schedule: str
@@ -346,6 +352,7 @@ class _Handlers:
             ClaimTick: self.claim_tick,
             ClaimRole: self.claim_role,
             ReleaseRole: self.release_role,
+            HolderOf: self.holder_of,
             FinishTick: self.finish_tick,
             LastTicks: self.last_ticks,
             DecisionOf: self.decision_of,
@@ -586,12 +593,16 @@ class _Handlers:
         held = self.data.roles.get(key)
         until = now + timedelta(seconds=m.seconds)
         if held is not None and held.owner == m.owner:
-            self.data.roles[key] = attrs.evolve(held, expires_at=until, taken_from=None)
+            self.data.roles[key] = attrs.evolve(held, expires_at=until, taken_from=None, heartbeat_at=now)
         elif held is None or held.expires_at <= now:
             fence = (held.fence if held is not None else 0) + 1
             taken = held.owner if held is not None and held.owner else None
-            self.data.roles[key] = RoleHolder(m.role, m.owner, fence, until, taken)
+            self.data.roles[key] = RoleHolder(m.role, m.owner, fence, until, taken, heartbeat_at=now)
         return self.data.roles[key]
+
+    def holder_of(self, m: HolderOf) -> RoleHolder | None:
+        held = self.data.roles.get((m.tenant, m.role))
+        return attrs.evolve(held, taken_from=None) if held is not None and held.owner else None
 
     def release_role(self, m: ReleaseRole) -> None:
         key = (m.tenant, m.role)

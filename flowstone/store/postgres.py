@@ -638,6 +638,16 @@ class PostgresStore(PostgresClient):
             tenant or "", role, owner,
         )
 
+    async def role_holder(self, role: str) -> RoleHolder | None:
+        tenant = current_tenant()
+        row = await self.db.run(
+            tenant, _fetchrow,
+            "SELECT owner, fence, expires_at, heartbeat_at FROM flowstone_roles "
+            "WHERE tenant_id = $1 AND role = $2 AND owner != ''",
+            tenant or "", role,
+        )
+        return None if row is None else RoleHolder(role, row[0], row[1], row[2], heartbeat_at=row[3])
+
     async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:
         tenant = current_tenant()
         claimed = await self.db.run(
@@ -747,14 +757,16 @@ async def _claim_role(connection: Any, tenant: str, role: str, owner: str, secon
         fence, taken = held[1] + 1, held[0] or None
     else:
         row = await connection.fetchrow(
-            "SELECT owner, fence, expires_at FROM flowstone_roles WHERE role = $1 AND tenant_id = $2", role, tenant)
-        return RoleHolder(role, row[0], row[1], row[2])
+            "SELECT owner, fence, expires_at, heartbeat_at FROM flowstone_roles WHERE role = $1 AND tenant_id = $2",
+            role, tenant)
+        return RoleHolder(role, row[0], row[1], row[2], heartbeat_at=row[3])
     row = await connection.fetchrow(
-        "UPDATE flowstone_roles SET owner = $3, fence = $4, expires_at = clock_timestamp() + make_interval(secs => $5) "
-        "WHERE role = $1 AND tenant_id = $2 RETURNING expires_at",
+        "UPDATE flowstone_roles SET owner = $3, fence = $4, heartbeat_at = clock_timestamp(), "
+        "expires_at = clock_timestamp() + make_interval(secs => $5) "
+        "WHERE role = $1 AND tenant_id = $2 RETURNING expires_at, heartbeat_at",
         role, tenant, owner, fence, seconds,
     )
-    return RoleHolder(role, owner, fence, row[0], taken)
+    return RoleHolder(role, owner, fence, row[0], taken, heartbeat_at=row[1])
 
 
 async def _decide(connection: Any, record_id: uuid.UUID, tenant: str, approve: bool, reason: str | None) -> Any:

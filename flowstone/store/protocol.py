@@ -147,6 +147,12 @@ class MaterializationStore(Protocol):
         """Give ``role`` up if ``owner`` holds it (a standby may take it at once)."""
         ...
 
+    async def role_holder(self, role: str) -> RoleHolder | None:
+        """Who holds ``role`` or held it last (its hold may have expired: compare
+        ``expires_at`` with now), without claiming it; None when nobody does (never
+        held, or released)."""
+        ...
+
     # ---- schedules (the daemon)
 
     async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:

@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import attrs
 
 from ..definitions import FieldError
 from ..errors import (
@@ -433,18 +434,19 @@ class SqliteStore:
 
         def claim(c: sqlite3.Connection) -> RoleHolder:
             now = time.time()
-            held = c.execute("SELECT owner, fence, expires_at FROM flowstone_roles WHERE tenant_id = ? AND role = ?",
-                             (tenant, role)).fetchone()
+            held = c.execute("SELECT owner, fence, expires_at, heartbeat_at FROM flowstone_roles "
+                             "WHERE tenant_id = ? AND role = ?", (tenant, role)).fetchone()
             if held is not None and held[0] != owner and held[2] > now:  # someone else's, still held
-                return RoleHolder(role, held[0], held[1], datetime.fromtimestamp(held[2], timezone.utc))
+                return _holder(role, *held)
             fence = 1 if held is None else held[1] + (held[0] != owner)
             taken = held[0] or None if held is not None and held[0] != owner else None
             c.execute(
-                "INSERT INTO flowstone_roles VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, role) DO UPDATE SET "
-                "owner = excluded.owner, fence = excluded.fence, expires_at = excluded.expires_at",
-                (tenant, role, owner, fence, now + span),
+                "INSERT INTO flowstone_roles VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id, role) DO UPDATE SET "
+                "owner = excluded.owner, fence = excluded.fence, expires_at = excluded.expires_at, "
+                "heartbeat_at = excluded.heartbeat_at",
+                (tenant, role, owner, fence, now + span, now),
             )
-            return RoleHolder(role, owner, fence, datetime.fromtimestamp(now + span, timezone.utc), taken)
+            return attrs.evolve(_holder(role, owner, fence, now + span, now), taken_from=taken)
 
         return await self._db.write(claim)
 
@@ -453,6 +455,13 @@ class SqliteStore:
         await self._db.write(lambda c: c.execute(
             "UPDATE flowstone_roles SET owner = '', expires_at = ? WHERE tenant_id = ? AND role = ? AND owner = ?",
             (time.time(), tenant, role, owner)))
+
+    async def role_holder(self, role: str) -> RoleHolder | None:
+        tenant = _tenant()
+        row = await self._db.read(lambda c: c.execute(
+            "SELECT owner, fence, expires_at, heartbeat_at FROM flowstone_roles "
+            "WHERE tenant_id = ? AND role = ? AND owner != ''", (tenant, role)).fetchone())
+        return None if row is None else _holder(role, *row)
 
     async def claim_tick(self, schedule: str, at: datetime, owner: str) -> bool:
         tenant, when = _tenant(), _iso(tick_time(at))
@@ -596,6 +605,11 @@ def _tenant() -> str:
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _holder(role: str, owner: str, fence: int, expires_at: float, heartbeat_at: float | None) -> RoleHolder:
+    return RoleHolder(role, owner, fence, datetime.fromtimestamp(expires_at, timezone.utc),
+                      heartbeat_at=None if heartbeat_at is None else datetime.fromtimestamp(heartbeat_at, timezone.utc))
 
 
 def _iso(value: datetime | None) -> str | None:

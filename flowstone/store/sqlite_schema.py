@@ -117,6 +117,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             expires_at REAL NOT NULL,
             PRIMARY KEY (tenant_id, role)
         ) WITHOUT ROWID"""),
+    (6, "ALTER TABLE flowstone_roles ADD COLUMN heartbeat_at REAL"),
 )
 """(version, SQL). Append only: a shipped migration never changes."""
 

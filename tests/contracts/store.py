@@ -532,6 +532,23 @@ class LeaseContract:
         with pytest.raises(fs.DefinitionError):
             await store.claim_role("daemon", "a", 0)
 
+    async def test_the_holder_of_a_role_and_its_heartbeat_are_read_without_claiming(self, store, age):
+        assert await store.role_holder("daemon") is None  # never held
+        first = await store.claim_role("daemon", "a", 10)
+        seen = await store.role_holder("daemon")
+        assert (seen.owner, seen.fence, seen.expires_at) == ("a", first.fence, first.expires_at)
+        assert seen.heartbeat_at is not None and seen.heartbeat_at <= seen.expires_at
+        renewed = await store.claim_role("daemon", "a", 10)
+        assert (await store.role_holder("daemon")).heartbeat_at == renewed.heartbeat_at >= seen.heartbeat_at
+        await age(11)  # a went quiet: still named (its hold lapsed), until someone takes it
+        assert (await store.role_holder("daemon")).owner == "a"
+        assert (await store.claim_role("daemon", "b", 10)).owner == "b"
+        assert (await store.role_holder("daemon")).owner == "b"
+        with fs.tenant_scope("other"):
+            assert await store.role_holder("daemon") is None
+        await store.release_role("daemon", "b")
+        assert await store.role_holder("daemon") is None
+
     async def test_roles_belong_to_a_tenant_and_one_concurrent_claim_wins(self, store):
         await store.claim_role("daemon", "a", 30)
         with fs.tenant_scope("other"):

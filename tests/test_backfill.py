@@ -97,6 +97,7 @@ async def test_cancel_stops_new_work_and_leaves_every_record_terminal(anyio_back
         with anyio.fail_after(5):
             status = await rt.cancel_backfill(backfill)
         assert (status.state, status.succeeded, status.failed, status.cancelled) == ("cancelled", 0, 0, 30)
+        assert not status.interrupted  # asked for: a daemon does not resume it
         records = await rt.store.list_all()
         assert len(records) == 3 and all(r.status in TERMINAL for r in records)
         assert {r.status for r in records} == {Status.CANCELLED}
@@ -230,7 +231,8 @@ async def test_leaving_the_runtime_cancels_a_running_backfill_cleanly(anyio_back
     async with store:
         records = await store.list_all()
         assert len(records) == 2 and {r.status for r in records} == {Status.CANCELLED}
-        assert backfill is not None
+        saved = (await store.load_backfill(backfill)).status
+        assert (saved.state, saved.interrupted, saved.cancelled) == ("cancelled", True, len(DAYS))
 
 
 async def test_a_backfill_of_a_reader_computes_each_partition_with_its_upstream(anyio_backend):

@@ -374,6 +374,7 @@ async def test_a_backfill_survives_a_restart_and_resume_runs_only_what_is_not_do
         async with fs.open_runtime(events, store=store, io_managers={"memory": values}) as rt:
             stopped = await rt.backfill_status(backfill)
             assert stopped.state == "cancelled" and stopped.succeeded >= 10 and stopped.total == len(DAYS)
+            assert stopped.interrupted  # kept through the JSON the database holds
             await rt.resume_backfill(backfill)
             final = await rt.wait_backfill(backfill)
             assert final.state == "succeeded" and final.succeeded == len(DAYS)

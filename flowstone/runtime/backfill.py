@@ -101,6 +101,8 @@ class _Progress:
     waiters: list[Reply] = attrs.field(factory=list)
     lost: str | None = None
     """Why another process drives this backfill now (it claimed it): we stopped."""
+    interrupted: bool = False
+    """Stopped because the runtime stopped, not because anyone asked: resumable."""
     unsaved: str | None = None
     """Why the final status could not be saved: the backfill fails, loudly."""
     deferred: list[Any] = attrs.field(factory=list)
@@ -139,6 +141,8 @@ class _Progress:
             if self.lost is not None:
                 state = "cancelled"
                 errors.append((None, self.lost))
+            elif self.interrupted:
+                state = "cancelled"
             elif self.unsaved is not None:
                 state = "failed"
                 errors.append((None, f"the final status could not be saved: {self.unsaved}"))
@@ -155,6 +159,7 @@ class _Progress:
             errors=tuple(errors),
             started_at=self.started_at,
             finished_at=self.finished_at,
+            interrupted=self.interrupted and self.lost is None and self.finished_at is not None,
         )
 
 
@@ -239,6 +244,7 @@ async def run_backfill(
                     # The runtime is stopping (cancelled, or Ctrl-C landed here): what
                     # ran is recorded, the rest is cancelled; a persistent store keeps
                     # that for resume_backfill.
+                    progress.interrupted = not progress.cancel_requested
                     progress.cancel_requested = True
                     progress.finished_at = utcnow()
                     with anyio.CancelScope(shield=True):

@@ -36,7 +36,9 @@ class BackfillSpec:
 
 @attrs.frozen
 class BackfillStatus:
-    """A snapshot of a backfill's progress. ``state``: running, succeeded, failed, cancelled."""
+    """A snapshot of a backfill's progress. ``state``: running, succeeded, failed, cancelled.
+    ``interrupted``: cancelled because the process running it stopped (a shutdown),
+    not because anyone asked; ``flowstone daemon`` resumes such a backfill when it starts."""
 
     id: uuid.UUID
     asset: str
@@ -50,6 +52,7 @@ class BackfillStatus:
     errors: tuple[tuple[str | None, str], ...] = ()
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    interrupted: bool = False
 
     @property
     def done(self) -> bool:
@@ -88,6 +91,7 @@ def saved_to_json(saved: Saved) -> tuple[str, str, str]:
             "errors": [list(error) for error in status.errors],
             "started_at": status.started_at.isoformat() if status.started_at else None,
             "finished_at": status.finished_at.isoformat() if status.finished_at else None,
+            "interrupted": status.interrupted,
         },
         asset=spec.asset, what="the backfill's status",
     )
@@ -106,6 +110,7 @@ def saved_from_json(spec_text: str, status_text: str) -> Saved:
         errors=tuple((key, message) for key, message in state["errors"]),
         started_at=datetime.fromisoformat(state["started_at"]) if state["started_at"] else None,
         finished_at=datetime.fromisoformat(state["finished_at"]) if state["finished_at"] else None,
+        interrupted=state.get("interrupted", False),  # absent from what earlier versions saved
     )
     return Saved(spec, status)
 

@@ -196,8 +196,9 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         {tenant_policy("flowstone_roles")}
     """),
-    (9, "the active daemon's heartbeat (its last claim or renewal of its role)", """
+    (9, "the active daemon's heartbeat; the ticks a daemon left unfinished, found at once", """
         ALTER TABLE flowstone_roles ADD COLUMN heartbeat_at timestamptz;
+        CREATE INDEX flowstone_ticks_unfinished ON flowstone_ticks (tenant_id, at) WHERE state = 'running';
     """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""

@@ -92,13 +92,14 @@ class BackfillClaim:
     last_seen: datetime | None
 
 
-TICK_STATES = ("running", "succeeded", "failed", "skipped")
+TICK_STATES = ("running", "succeeded", "failed", "skipped", "cancelled")
 
 
 @attrs.frozen
 class Tick:
     """One tick of a schedule, recorded once (per tenant, schedule name and tick time):
-    who claimed it, and how it ended (``state``: running, succeeded, failed, skipped)."""
+    who claimed it, and how it ended (``state``: running, succeeded, failed, skipped,
+    cancelled: the daemon stopped before it did)."""
 
     schedule: str
     at: datetime
@@ -148,7 +149,7 @@ def finished_state(state: Any) -> str:
     from ..errors import DefinitionError
 
     if state not in TICK_STATES[1:]:
-        raise DefinitionError([FieldError("state", f"a tick ends succeeded, failed or skipped, not {state!r}")])
+        raise DefinitionError([FieldError("state", f"a tick ends succeeded, failed, skipped or cancelled, not {state!r}")])
     return str(state)
 
 

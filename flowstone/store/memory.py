@@ -174,6 +174,9 @@ class MemoryStore(MemoryActorClient):
     async def last_ticks(self) -> dict[str, Tick]:
         return await self.handle.call(m.LastTicks, tenant=current_tenant())
 
+    async def unfinished_ticks(self, *, limit: int = 1000) -> list[Tick]:
+        return await self.handle.call(m.UnfinishedTicks, tenant=current_tenant(), limit=check_limit(limit))
+
     async def request_cancel(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.RequestCancel, tenant=current_tenant(), id=parse_id(id, "backfill"))
 

@@ -301,6 +301,12 @@ class LastTicks(Message[dict[str, Tick]]):
 
 
 @attrs.frozen(kw_only=True)
+class UnfinishedTicks(Message[list[Tick]]):
+    tenant: str | None
+    limit: int
+
+
+@attrs.frozen(kw_only=True)
 class RequestCancel(Message[Any]):
     tenant: str | None
     id: uuid.UUID
@@ -355,6 +361,7 @@ class _Handlers:
             HolderOf: self.holder_of,
             FinishTick: self.finish_tick,
             LastTicks: self.last_ticks,
+            UnfinishedTicks: self.unfinished_ticks,
             DecisionOf: self.decision_of,
             ClaimBackfill: self.claim_backfill,
             CloseOrphans: self.close_orphans,
@@ -630,6 +637,11 @@ class _Handlers:
             if tenant == m.tenant and (schedule not in newest or at > newest[schedule].at):
                 newest[schedule] = tick
         return newest
+
+    def unfinished_ticks(self, m: UnfinishedTicks) -> list[Tick]:
+        running = [tick for (tenant, _, _), tick in self.data.ticks.items()
+                   if tenant == m.tenant and tick.state == "running"]
+        return sorted(running, key=lambda tick: (tick.at, tick.schedule))[:m.limit]
 
     def request_cancel(self, m: RequestCancel) -> Any:
         row = self.data.backfills.get((m.tenant, m.id))

@@ -682,6 +682,16 @@ class PostgresStore(PostgresClient):
         )
         return {row[0]: Tick(*row) for row in rows}
 
+    async def unfinished_ticks(self, *, limit: int = 1000) -> list[Tick]:
+        tenant = current_tenant()
+        rows = await self.db.run(
+            tenant, _fetch,
+            "SELECT schedule, at, owner, state, run_id, error, claimed_at, finished_at FROM flowstone_ticks "
+            "WHERE tenant_id = $1 AND state = 'running' ORDER BY at, schedule LIMIT $2",
+            tenant or "", check_limit(limit),
+        )
+        return [Tick(*row) for row in rows]
+
     async def request_cancel(self, id: uuid.UUID) -> Any:
         tenant, bid = current_tenant(), parse_id(id, "backfill")
         row = await self.db.run(

@@ -163,12 +163,17 @@ class MaterializationStore(Protocol):
     async def finish_tick(
         self, schedule: str, at: datetime, state: str, *, run_id: uuid.UUID | None = None, error: str | None = None
     ) -> None:
-        """How a claimed tick ended: ``succeeded``, ``failed`` or ``skipped``. Raises
+        """How a claimed tick ended: ``succeeded``, ``failed``, ``skipped`` or ``cancelled``. Raises
         ``NotFound`` for a tick never claimed, ``DefinitionError`` for another state."""
         ...
 
     async def last_ticks(self) -> dict[str, Tick]:
         """The newest recorded tick of each schedule, by schedule name."""
+        ...
+
+    async def unfinished_ticks(self, *, limit: int = 1000) -> list[Tick]:
+        """Ticks claimed and not finished (``running``), oldest first: a daemon that
+        becomes active runs again those its predecessor left when it died."""
         ...
 
     async def request_cancel(self, id: uuid.UUID) -> Any:

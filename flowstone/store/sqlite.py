@@ -497,6 +497,15 @@ class SqliteStore:
             for row in rows
         }
 
+    async def unfinished_ticks(self, *, limit: int = 1000) -> list[Tick]:
+        tenant, most = _tenant(), check_limit(limit)
+        rows = await self._db.read(lambda c: c.execute(
+            "SELECT schedule, at, owner, state, run_id, error, claimed_at, finished_at FROM flowstone_ticks "
+            "WHERE tenant_id = ? AND state = 'running' ORDER BY at, schedule LIMIT ?", (tenant, most),
+        ).fetchall())
+        return [Tick(row[0], datetime.fromisoformat(row[1]), row[2], row[3], None, row[5], _time(row[6]), None)
+                for row in rows]
+
     async def request_cancel(self, id: uuid.UUID) -> Any:
         tenant, bid = _tenant(), str(parse_id(id, "backfill"))
         row = await self._db.write(lambda c: c.execute(

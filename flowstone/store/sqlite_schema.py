@@ -117,7 +117,8 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             expires_at REAL NOT NULL,
             PRIMARY KEY (tenant_id, role)
         ) WITHOUT ROWID"""),
-    (6, "ALTER TABLE flowstone_roles ADD COLUMN heartbeat_at REAL"),
+    (6, """ALTER TABLE flowstone_roles ADD COLUMN heartbeat_at REAL;
+        CREATE INDEX flowstone_ticks_unfinished ON flowstone_ticks (tenant_id, at) WHERE state = 'running'"""),
 )
 """(version, SQL). Append only: a shipped migration never changes."""
 

@@ -565,6 +565,23 @@ class LeaseContract:
 
     # ------------------------------------------------------------ schedule ticks
 
+    async def test_unfinished_ticks_are_those_claimed_and_not_ended_oldest_first(self, store):
+        first = datetime(2026, 11, 1, 5, 0, tzinfo=timezone.utc)
+        for minute in range(4):
+            assert await store.claim_tick("every minute", first + timedelta(minutes=minute), "dead")
+        assert await store.claim_tick("nightly", first + timedelta(seconds=30), "dead")
+        await store.finish_tick("every minute", first, "succeeded")
+        await store.finish_tick("every minute", first + timedelta(minutes=2), "cancelled")
+        left = await store.unfinished_ticks()
+        assert [(t.schedule, t.at, t.owner, t.state) for t in left] == [
+            ("nightly", first + timedelta(seconds=30), "dead", "running"),
+            ("every minute", first + timedelta(minutes=1), "dead", "running"),
+            ("every minute", first + timedelta(minutes=3), "dead", "running"),
+        ]
+        assert len(await store.unfinished_ticks(limit=1)) == 1
+        with fs.tenant_scope("other"):
+            assert await store.unfinished_ticks() == []
+
     async def test_a_tick_is_claimed_once_and_its_end_recorded(self, store):
         at = datetime(2026, 11, 1, 5, 30, tzinfo=timezone.utc)
         assert await store.claim_tick("nightly", at, "daemon-a")

@@ -112,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     reject.add_argument("id")
     reject.add_argument("--reason", required=True, metavar="R")
 
+    daemon = command("daemon", "run the schedules and resume unfinished backfills, until SIGTERM/SIGINT "
+                               "(one active per store; others wait as standbys)")
+    daemon.add_argument("--grace", type=float, default=30.0, metavar="S",
+                        help="seconds work in flight may take to finish once stopping (30)")
+    daemon.add_argument("--hold", type=float, default=15.0, metavar="S",
+                        help="seconds the active daemon's hold lasts without a heartbeat; a standby takes over "
+                             "that long after it dies (15)")
+    daemon.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="log lines as text, or one JSON object per line")
+
     command("migrate", "create or upgrade the store's schema")
     return parser
 

@@ -52,8 +52,8 @@ async def _store(args: argparse.Namespace, *, must_exist: bool = True) -> AsyncI
 
 
 @asynccontextmanager
-async def _runtime(args: argparse.Namespace) -> AsyncIterator[Runtime]:
-    pipeline = _pipeline(args)
+async def _runtime(args: argparse.Namespace, pipeline: Pipeline | None = None) -> AsyncIterator[Runtime]:
+    pipeline = pipeline or _pipeline(args)
     async with _store(args, must_exist=False) as store, open_runtime(
         pipeline, store=store, default_io_manager="filesystem"
     ) as rt:
@@ -502,6 +502,45 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"backfill {backfill}: {status.state} ({status.succeeded} succeeded, {status.failed} failed, "
               f"{status.cancelled} cancelled of {status.total})")
     return EXIT_OK
+
+
+async def cmd_daemon(args: argparse.Namespace) -> int:
+    """Be the store's daemon (a standby while another is active) until SIGTERM or
+    SIGINT; then work in flight gets --grace seconds, and a second signal cancels it at once."""
+    import anyio
+
+    from ..runtime.daemon import run_daemon
+
+    if not 0 <= args.grace < 86400:
+        raise CliError("--grace must be a number of seconds >= 0")
+    if not 0 < args.hold < 86400:
+        raise CliError("--hold must be a number of seconds > 0")
+    pipeline = _pipeline(args)
+    stop = anyio.Event()
+    async with _runtime(args, pipeline) as rt, anyio.create_task_group() as daemon:
+        daemon.start_soon(_stop_on_signals, stop, daemon.cancel_scope)
+        await run_daemon(rt, pipeline.schedules, stop=stop, grace=args.grace, hold=args.hold)
+        daemon.cancel_scope.cancel()
+    return EXIT_OK
+
+
+async def _stop_on_signals(stop: Any, now: Any) -> None:
+    """The first SIGTERM or SIGINT sets ``stop``; the next one cancels ``now``."""
+    import logging
+    import signal
+
+    import anyio
+
+    log = logging.getLogger("flowstone.daemon")
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        async for number in received:
+            name = signal.Signals(number).name
+            if stop.is_set():
+                log.warning("%s again: cancelling the work in flight now", name)
+                now.cancel()
+                return
+            log.info("%s: stopping (again to cancel the work in flight at once)", name)
+            stop.set()
 
 
 def _backfill_partitions(pipeline: Pipeline, args: argparse.Namespace) -> Any:

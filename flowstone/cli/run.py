@@ -20,7 +20,7 @@ def run_command(args: argparse.Namespace) -> int:
     from ..tenancy import tenant_scope
     from . import commands
 
-    _logging(args.debug)
+    _logging(args.debug, info=args.command == "daemon", json_lines=getattr(args, "log_format", "text") == "json")
     handler = getattr(commands, f"cmd_{args.command}")
     try:
         with tenant_scope(args.tenant) if args.tenant else _nothing():
@@ -68,13 +68,33 @@ def describe(error: BaseException) -> str:
     return text
 
 
-def _logging(debug: bool) -> None:
-    """Failures are reported by the command itself; the library's warnings only with --debug."""
+def _logging(debug: bool, *, info: bool = False, json_lines: bool = False) -> None:
+    """Failures are reported by the command itself; the library's warnings only with
+    --debug. A long-running command (``info``) logs what it does, as text lines or
+    one JSON object per line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLines() if json_lines else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("flowstone")
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.ERROR)
+    root.setLevel(logging.DEBUG if debug else logging.INFO if info else logging.ERROR)
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per log line: time (UTC, ISO 8601), level, logger, message,
+    and the traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        from datetime import datetime, timezone
+
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
 
 
 class _nothing:

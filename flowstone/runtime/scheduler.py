@@ -5,7 +5,9 @@ wake-up it asks every schedule which ticks are due (``Schedule.due``: the
 ``catch_up`` rule over the ticks since the newest one recorded), claims each in
 the store (``claim_tick``: a tick is recorded once, so a restart or a second
 scheduler never runs it again), materializes it in a task of its own, and
-records how it ended (``finish_tick``). Then it sleeps until the next tick.
+records how it ended (``finish_tick``). Then it sleeps until the next tick. The
+runs go in the task group given as ``work`` (the daemon's, which lets them finish
+within a grace period when it stops), else in one of the scheduler's own.
 
 The clock is injected: ``SystemClock`` in production, and a clock the tests move
 (``flowstone.testing.ManualClock``) to jump through days and DST nights without
@@ -20,12 +22,13 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import anyio
+from anyio.abc import TaskGroup
 
 from ..errors import FlowstoneError, MaterializationFailed
 from ..plumbing.clock import utcnow
 from ..schedules import Schedule
 
-__all__ = ["Clock", "SystemClock", "run_schedules"]
+__all__ = ["Clock", "SystemClock", "run_schedules", "run_tick"]
 
 log = logging.getLogger("flowstone.daemon")
 
@@ -49,10 +52,14 @@ class SystemClock:
 
 
 async def run_schedules(
-    rt: Any, schedules: Sequence[Schedule], owner: str, *, clock: Clock | None = None,
+    rt: Any, schedules: Sequence[Schedule], owner: str, *, clock: Clock | None = None, work: TaskGroup | None = None,
 ) -> None:
     """Run ``schedules`` on ``rt`` until cancelled (see the module doc). ``owner``
     names this scheduler in the tick records."""
+    if work is None:
+        async with anyio.create_task_group() as own:
+            await run_schedules(rt, schedules, owner, clock=clock, work=own)
+        return
     clock = clock or SystemClock()
     store = rt.store
     assets = {asset.name: asset for asset in await rt.assets()}
@@ -60,25 +67,26 @@ async def run_schedules(
     started = clock.now()
     recorded = await store.last_ticks()
     last = {s.name: recorded[s.name].at if s.name in recorded else started for s in schedules}
-    async with anyio.create_task_group() as running:
-        while True:
-            now = clock.now()
-            for schedule in schedules:
-                seen = list(schedule.ticks(last[schedule.name], now))  # listed once, for both uses
-                for tick in schedule.keep(seen, now):
-                    if await store.claim_tick(schedule.name, tick, owner):
-                        running.start_soon(_run_tick, rt, schedule, definitions[schedule.asset], tick)
-                if seen:  # the ticks catch_up dropped are behind us too
-                    last[schedule.name] = seen[-1]
-            if not schedules:
-                await anyio.sleep_forever()
-            await clock.sleep_until(min(s.next_tick(max(last[s.name], now)) for s in schedules))
+    if not schedules:
+        await anyio.sleep_forever()
+    while True:
+        now = clock.now()
+        for schedule in schedules:
+            seen = list(schedule.ticks(last[schedule.name], now))  # listed once, for both uses
+            for tick in schedule.keep(seen, now):
+                if await store.claim_tick(schedule.name, tick, owner):
+                    work.start_soon(run_tick, rt, schedule, definitions[schedule.asset], tick)
+            if seen:  # the ticks catch_up dropped are behind us too
+                last[schedule.name] = seen[-1]
+        await clock.sleep_until(min(s.next_tick(max(last[s.name], now)) for s in schedules))
 
 
-async def _run_tick(rt: Any, schedule: Schedule, definition: Any, tick: datetime) -> None:
+async def run_tick(rt: Any, schedule: Schedule, definition: Any, tick: datetime) -> None:
     """Materialize one claimed tick and record how it ended; a failure is the tick's,
-    never the scheduler's (it goes on with the next ticks)."""
+    never the scheduler's (it goes on with the next ticks). Cancelled (the daemon
+    stops), the tick is recorded ``cancelled`` before the cancellation goes on."""
     state, run_id, error = "succeeded", None, None
+    log.info("schedule %s: tick %s runs %s", schedule.name, tick.isoformat(), schedule.asset)
     try:
         result = await rt.materialize(schedule.asset, schedule.partition_at(definition, tick))
         run_id = result.run_id
@@ -89,8 +97,20 @@ async def _run_tick(rt: Any, schedule: Schedule, definition: Any, tick: datetime
         run_id = failure.result.run_id if failure.result is not None else None
     except FlowstoneError as failure:  # a partition out of range, access denied, ...
         state, error = "failed", str(failure)
+    except BaseException:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(FINISH_SECONDS):
+            await _finish(rt, schedule, tick, "cancelled", None, "the daemon stopped before the tick's run ended")
+        raise
     if error is not None:
         log.warning("schedule %s: the tick of %s failed: %s", schedule.name, tick.isoformat(), error)
+    await _finish(rt, schedule, tick, state, run_id, error)
+
+
+FINISH_SECONDS = 10.0
+"""How long a cancelled tick may take to record that it was."""
+
+
+async def _finish(rt: Any, schedule: Schedule, tick: datetime, state: str, run_id: Any, error: str | None) -> None:
     try:
         await rt.store.finish_tick(schedule.name, tick, state, run_id=run_id, error=error)
     except FlowstoneError as failure:  # the store is away: the tick stays "running" in it

@@ -1,0 +1,213 @@
+"""The daemon: one active per store; it runs the schedules and resumes backfills.
+
+``run_daemon(rt, schedules, stop=event)`` runs until ``stop`` is set. It first
+claims the store's ``"daemon"`` role (``store.claim_role``); while another daemon
+holds it, this one is a standby that asks again every third of ``hold``, so it
+takes over at most ``hold`` seconds (plus one look) after the active one went
+quiet. The active daemon renews its hold every third of ``hold`` (its heartbeat)
+and meanwhile:
+
+- runs again the ticks a dead predecessor claimed and never ended, then runs the
+  schedules (``run_schedules``);
+- resumes backfills left unfinished: saved ``running`` by a process whose
+  heartbeat stopped, or ``interrupted`` (their process stopped under them), and
+  looks for such backfills again every ``RESCAN_SECONDS``.
+
+When ``stop`` is set it takes no more work: the runs in flight get ``grace``
+seconds, then are cancelled (ticks end ``cancelled``; backfills are left to the
+runtime, which saves them ``interrupted`` as it closes), and the role is released
+so a standby takes over at once. A daemon that cannot renew its hold before it
+lapses, or finds another holder, stops its work at once and becomes a standby.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ..errors import BackfillOwned, FlowstoneError, RuntimeClosed
+from ..schedules import Schedule
+from .backfill import STALE_SECONDS
+from .scheduler import Clock, run_schedules, run_tick
+
+__all__ = ["GRACE_SECONDS", "HOLD_SECONDS", "ROLE", "run_daemon"]
+
+log = logging.getLogger("flowstone.daemon")
+
+ROLE = "daemon"
+HOLD_SECONDS = 15.0
+"""How long the active daemon's hold lasts unless renewed (renewed every third of it)."""
+GRACE_SECONDS = 30.0
+"""How long work in flight may take to finish once the daemon is asked to stop."""
+RESCAN_SECONDS = STALE_SECONDS
+"""How often the active daemon looks for backfills whose process died."""
+
+
+def daemon_owner() -> str:
+    """This process's name in the store: host, pid and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def run_daemon(
+    rt: Any,
+    schedules: Sequence[Schedule] = (),
+    *,
+    stop: anyio.Event,
+    owner: str | None = None,
+    grace: float = GRACE_SECONDS,
+    hold: float = HOLD_SECONDS,
+    clock: Clock | None = None,
+) -> None:
+    """Be the store's daemon until ``stop`` is set (see the module doc)."""
+    owner = owner or daemon_owner()
+    store = rt.store
+    standby_for: str | None = None
+    while not stop.is_set():
+        asked = anyio.current_time()
+        try:
+            holder = await store.claim_role(ROLE, owner, hold)
+        except FlowstoneError as error:  # the store is away: keep asking
+            log.warning("daemon %s: the store did not answer (%s); asking again in %.1fs", owner, error, hold / 3)
+            await _wait(stop, hold / 3)
+            continue
+        if holder.owner != owner:
+            if standby_for != holder.owner:
+                log.info("daemon %s: standby; %s is active", owner, holder.owner)
+                standby_for = holder.owner
+            await _wait(stop, hold / 3)
+            continue
+        standby_for = None
+        taken = f", taken over from {holder.taken_from}" if holder.taken_from else ""
+        log.info("daemon %s: active (fence %d%s), %d schedules", owner, holder.fence, taken, len(schedules))
+        await _active(rt, schedules, owner, stop, grace=grace, hold=hold, clock=clock, renewed=asked)
+    log.info("daemon %s: stopped", owner)
+
+
+async def _active(
+    rt: Any, schedules: Sequence[Schedule], owner: str, stop: anyio.Event, *,
+    grace: float, hold: float, clock: Clock | None, renewed: float,
+) -> None:
+    """Hold the role and do the daemon's work until ``stop`` (then release the role)
+    or until the hold is lost (then stop at once)."""
+    lost = anyio.Event()
+    async with anyio.create_task_group() as heart:
+        heart.start_soon(_keep_role, rt.store, owner, hold, renewed, lost)
+        async with anyio.create_task_group() as work:
+            async with anyio.create_task_group() as intake:
+                intake.start_soon(_rerun_unfinished_ticks, rt, schedules, owner, work)
+                intake.start_soon(functools.partial(run_schedules, rt, schedules, owner, clock=clock, work=work))
+                intake.start_soon(_resume_backfills, rt, work)
+                async with anyio.create_task_group() as either:
+                    either.start_soon(_then_cancel, stop, either)
+                    either.start_soon(_then_cancel, lost, either)
+                intake.cancel_scope.cancel()
+            if lost.is_set():
+                work.cancel_scope.cancel()
+            else:
+                log.info("daemon %s: stopping; work in flight has %gs to finish", owner, grace)
+                work.cancel_scope.deadline = anyio.current_time() + grace
+        heart.cancel_scope.cancel()
+    if not lost.is_set():
+        with anyio.CancelScope(shield=True), anyio.move_on_after(hold / 3):
+            try:
+                await rt.store.release_role(ROLE, owner)  # a standby takes over at once
+            except FlowstoneError as error:
+                log.warning("daemon %s: the role was not released (%s); a standby takes over when it lapses",
+                            owner, error)
+
+
+async def _then_cancel(event: anyio.Event, group: TaskGroup) -> None:
+    await event.wait()
+    group.cancel_scope.cancel()
+
+
+async def _wait(stop: anyio.Event, seconds: float) -> None:
+    with anyio.move_on_after(seconds):
+        await stop.wait()
+
+
+async def _keep_role(store: Any, owner: str, hold: float, renewed: float, lost: anyio.Event) -> None:
+    """Renew the hold every third of ``hold`` (the daemon's heartbeat). Set ``lost``
+    when another daemon holds the role, or when the hold may have lapsed because the
+    store did not answer in time: from then on a standby may be active."""
+    every = hold / 3
+    while True:
+        await anyio.sleep(every)
+        asked = anyio.current_time()
+        try:
+            with anyio.fail_after(max(0.0, renewed + hold - asked - every / 2)):
+                holder = await store.claim_role(ROLE, owner, hold)
+        except (FlowstoneError, TimeoutError) as error:
+            if anyio.current_time() + every >= renewed + hold:
+                log.error("daemon %s: the hold could not be renewed before it lapses (%s): stopping work",
+                          owner, error or "timed out")
+                lost.set()
+                return
+            log.warning("daemon %s: renewing the hold failed (%s); trying again", owner, error or "timed out")
+            continue
+        if holder.owner != owner:
+            log.error("daemon %s: %s holds the role now (this daemon was silent too long): stopping work",
+                      owner, holder.owner)
+            lost.set()
+            return
+        renewed = asked
+
+
+async def _rerun_unfinished_ticks(rt: Any, schedules: Sequence[Schedule], owner: str, work: TaskGroup) -> None:
+    """Run again the ticks another daemon claimed and never ended (it died): one
+    daemon is active at a time, so whatever another left running is orphaned."""
+    by_name = {schedule.name: schedule for schedule in schedules}
+    assets = {asset.name: asset for asset in await rt.assets()}
+    for tick in await rt.store.unfinished_ticks():
+        if tick.owner == owner:
+            continue
+        schedule = by_name.get(tick.schedule)
+        if schedule is None:
+            await rt.store.finish_tick(tick.schedule, tick.at, "cancelled",
+                                       error=f"left by {tick.owner}; the schedule is no longer defined")
+            continue
+        log.warning("schedule %s: the tick of %s was left unfinished by %s; running it again",
+                    tick.schedule, tick.at.isoformat(), tick.owner)
+        work.start_soon(run_tick, rt, schedule, assets[schedule.asset].partitioned_by, tick.at)
+
+
+async def _resume_backfills(rt: Any, work: TaskGroup) -> None:
+    """Resume, here, each backfill left unfinished (saved running by a process whose
+    heartbeat stopped, or interrupted); look again every ``RESCAN_SECONDS``."""
+    resumed: set[uuid.UUID] = set()
+    while True:
+        for saved in await rt.store.list_backfills(limit=1000):
+            status = saved.status
+            if status.id in resumed or not (status.state == "running" or status.interrupted):
+                continue
+            try:
+                await rt.resume_backfill(status.id)
+            except BackfillOwned:
+                continue  # its process is alive: it finishes it
+            except FlowstoneError as error:
+                log.warning("backfill %s: could not be resumed: %s", status.id, error)
+                resumed.add(status.id)  # not again and again
+                continue
+            log.info("backfill %s (%s): resumed, %d of %d partitions done before", status.id, status.asset,
+                     status.succeeded, status.total)
+            resumed.add(status.id)
+            work.start_soon(_follow, rt, status.id)
+        await anyio.sleep(RESCAN_SECONDS)
+
+
+async def _follow(rt: Any, backfill: uuid.UUID) -> None:
+    """Work in flight while the backfill runs (so a stop waits for it, up to the grace)."""
+    try:
+        status = await rt.wait_backfill(backfill)
+    except RuntimeClosed:
+        return
+    log.info("backfill %s: %s (%d succeeded, %d failed, %d cancelled of %d)", backfill, status.state,
+             status.succeeded, status.failed, status.cancelled, status.total)

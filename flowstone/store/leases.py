@@ -149,7 +149,8 @@ def finished_state(state: Any) -> str:
     from ..errors import DefinitionError
 
     if state not in TICK_STATES[1:]:
-        raise DefinitionError([FieldError("state", f"a tick ends succeeded, failed, skipped or cancelled, not {state!r}")])
+        raise DefinitionError(
+            [FieldError("state", f"a tick ends succeeded, failed, skipped or cancelled, not {state!r}")])
     return str(state)
 
 

@@ -1,0 +1,220 @@
+"""``flowstone daemon`` as real processes: a standby takes over from a daemon killed
+outright with no tick lost or doubled; SIGTERM mid-backfill gives work its grace,
+then cancels it, leaves every record terminal and exits 0. The tests follow each
+daemon's log lines (what it says it did), never the clock."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+TICKING = '''
+import flowstone as fs
+
+pipeline = fs.Pipeline("ticking")
+
+@pipeline.asset(code_version="1")
+async def beat(ctx, deps):
+    return 1
+
+pipeline.schedule("beat", "* * * * * *", catch_up=100)  # every second; missed ones run after a takeover
+'''
+
+HELD = '''
+import logging
+from datetime import date
+import anyio
+import flowstone as fs
+
+days = fs.DailyPartitions(start=date(2024, 1, 1), end=date(2024, 1, 31))
+pipeline = fs.Pipeline("held")
+
+@pipeline.asset(partitioned_by=days, code_version="1")
+async def held(ctx, deps):
+    if ctx.partition_key != "2024-01-01":  # the first one finishes; the others wait forever
+        logging.getLogger("flowstone.held").warning("waiting in %s", ctx.partition_key)
+        await anyio.sleep_forever()
+    return 1
+'''
+
+LINE_SECONDS = 60.0
+"""How long a test waits for a daemon to say something (generous: a loaded machine)."""
+
+
+class Daemon:
+    """A ``flowstone daemon`` process whose log lines the test waits for."""
+
+    def __init__(self, folder: Path, env: dict[str, str], *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flowstone", "daemon", *args], cwd=folder, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
+        """The next ``count`` lines matching ``pattern`` (lines before them are kept in ``seen``)."""
+        found: list[re.Match[str]] = []
+        while len(found) < count:
+            try:
+                line = self.lines.get(timeout=LINE_SECONDS)
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} in {LINE_SECONDS:g}s; seen: {self.seen}") from None
+            if line is None:
+                raise AssertionError(f"the daemon ended before saying {pattern!r}; seen: {self.seen}")
+            self.seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                found.append(match)
+        return found
+
+    def rest(self) -> list[str]:
+        """Every line until the process ends."""
+        lines = []
+        while (line := self.lines.get(timeout=LINE_SECONDS)) is not None:
+            lines.append(line)
+        self.seen += lines
+        return lines
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+        self.reader.join(timeout=30)  # it has read to the end of the pipe
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+
+def _project(folder: Path, module: str, text: str, store: str | None) -> dict[str, str]:
+    (folder / f"{module}.py").write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in ("FLOWSTONE_DSN", "FLOWSTONE_PIPELINE")}
+    env["FLOWSTONE_PIPELINE"] = f"{module}:pipeline"
+    if store is not None:
+        env["FLOWSTONE_DSN"] = store
+    return env
+
+
+def _flowstone(folder: Path, env: dict[str, str], *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "flowstone", *args, "--json"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode in (0, 1), done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request) -> str | None:
+    if request.param == "sqlite":
+        return None  # the embedded default
+    return request.getfixturevalue("pg_dsn")
+
+
+def test_a_standby_takes_over_from_a_killed_daemon_with_no_tick_lost_or_doubled(tmp_path, store_url):
+    env = _project(tmp_path, "ticking", TICKING, store_url)
+    assert subprocess.run([sys.executable, "-m", "flowstone", "migrate"], cwd=tmp_path, env=env,
+                          timeout=120).returncode == 0
+    hold = "1.5"
+    first = Daemon(tmp_path, env, "--hold", hold)
+    second = None
+    try:
+        first.wait_for(r"active \(fence \d+\)")
+        second = Daemon(tmp_path, env, "--hold", hold)
+        second.wait_for(r"standby; .* is active")
+        first.wait_for(r"tick \S+ runs beat", count=3)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=30)
+        taken = second.wait_for(r"active \(fence \d+, taken over from (\S+)\)")[0]
+        assert taken.group(1).split(":")[1] == str(first.process.pid)
+        second.wait_for(r"tick \S+ runs beat", count=3)
+        second.process.send_signal(signal.SIGTERM)
+        second.rest()
+        assert second.process.wait(timeout=60) == 0, second.seen
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    [schedule] = _flowstone(tmp_path, env, "status")["schedules"]
+    assert schedule["state"] in ("succeeded", "skipped")
+    ticks = _ticks(tmp_path, store_url, schedule["schedule"])
+    times = [at for at, _, _ in ticks]
+    assert times == [times[0] + timedelta(seconds=n) for n in range(len(times))]  # every second, each once
+    assert {state for _, _, state in ticks} <= {"succeeded", "skipped"}  # none left running
+    assert len({owner for _, owner, _ in ticks}) == 2 and len(times) >= 5  # 3 + 3, one may be a rerun
+
+
+def _ticks(folder: Path, store_url: str | None, schedule: str) -> list[tuple[datetime, str, str]]:
+    """(time, owner, state) of each recorded tick, read straight from the store's tables."""
+    if store_url is None:
+        with sqlite3.connect(folder / ".flowstone" / "flowstone.db") as db:
+            rows = db.execute("SELECT at, owner, state FROM flowstone_ticks WHERE schedule = ? ORDER BY at",
+                              (schedule,)).fetchall()
+        return [(datetime.fromisoformat(at), owner, state) for at, owner, state in rows]
+    import asyncpg
+    import anyio
+
+    async def read() -> list:
+        connection = await asyncpg.connect(store_url)
+        try:
+            return await connection.fetch(
+                "SELECT at, owner, state FROM flowstone_ticks WHERE schedule = $1 ORDER BY at", schedule)
+        finally:
+            await connection.close()
+
+    return [tuple(row) for row in anyio.run(read)]
+
+
+def test_sigterm_mid_backfill_gives_the_grace_then_cancels_and_exits_0(tmp_path):
+    env = _project(tmp_path, "held", HELD, None)
+    # A backfill interrupted by Ctrl-C: the daemon resumes it when it starts.
+    backfill = subprocess.Popen(
+        [sys.executable, "-m", "flowstone", "backfill", "held", "--max-parallel", "2"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert backfill.stdout.readline().startswith("backfill held: 1/31")  # the first partition is done
+        backfill.send_signal(signal.SIGINT)
+        _, err = backfill.communicate(timeout=60)
+        assert backfill.returncode == 130, err
+    finally:
+        backfill.kill()
+        backfill.communicate()
+    [saved] = _flowstone(tmp_path, env, "backfills")["backfills"]
+    assert (saved["state"], saved["succeeded"]) == ("cancelled", 1)
+
+    daemon = Daemon(tmp_path, env, "--grace", "1", "--log-format", "json")
+    try:
+        daemon.wait_for(rf"backfill {saved['id']} \(held\): resumed")
+        daemon.wait_for(r"waiting in 2024-01-", count=2)  # both workers wait inside the asset function
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.rest()
+        assert daemon.process.wait(timeout=60) == 0, daemon.seen
+    finally:
+        daemon.stop()
+    logged = [json.loads(line) for line in daemon.seen]  # every line is one JSON object
+    messages = [entry["message"] for entry in logged]
+    assert any("SIGTERM: stopping" in m for m in messages) and any("has 1s to finish" in m for m in messages)
+    assert {"time", "level", "logger", "message"} <= set(logged[0])
+    [after] = _flowstone(tmp_path, env, "backfills")["backfills"]
+    assert (after["state"], after["succeeded"], after["running"]) == ("cancelled", 1, 0)
+    assert _flowstone(tmp_path, env, "records", "--status", "running")["records"] == []
+    assert _flowstone(tmp_path, env, "records", "--status", "pending")["records"] == []
+    cancelled = _flowstone(tmp_path, env, "records", "--status", "cancelled", "--limit", "100")["records"]
+    assert len(cancelled) >= 4  # two cut by Ctrl-C, two by the end of the grace

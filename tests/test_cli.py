@@ -151,11 +151,13 @@ def test_backfill_status_records_lineage_and_a_second_run_that_skips_everything(
     assert "2024-01-01..2024-01-12 (12), 2024-01-14..2024-01-31 (18)" in text
 
 
-def test_status_shows_each_schedules_last_tick(project):
+def test_status_shows_each_schedules_last_tick_and_the_daemons_heartbeat(project):
     (project.folder / "demo.py").write_text(DEMO + '\npipeline.schedule("report", "0 6 * * *")\n')
     assert project.json("migrate")["applied"]
-    [never] = project.json("status")["schedules"]
+    before = project.json("status")
+    [never] = before["schedules"]
     assert (never["schedule"], never["last_tick"], never["state"]) == ("report 0 6 * * * UTC", None, None)
+    assert before["daemon"] is None and "none running" in project.run("status").stdout
     script = (
         "import anyio, datetime, flowstone as fs\n"
         "async def main():\n"
@@ -163,12 +165,18 @@ def test_status_shows_each_schedules_last_tick(project):
         "        at = datetime.datetime(2026, 1, 2, 6, tzinfo=datetime.timezone.utc)\n"
         "        assert await store.claim_tick('report 0 6 * * * UTC', at, 'me')\n"
         "        await store.finish_tick('report 0 6 * * * UTC', at, 'failed', error='boom')\n"
+        "        await store.claim_role('daemon', 'host:42:abc', 3600)\n"  # as a daemon's heartbeat does
         "anyio.run(main)\n"
     )
     assert subprocess.run([sys.executable, "-c", script], cwd=project.folder, timeout=60).returncode == 0
-    [ticked] = project.json("status")["schedules"]
+    after = project.json("status")
+    [ticked] = after["schedules"]
     assert (ticked["last_tick"], ticked["state"], ticked["error"]) == ("2026-01-02T06:00:00+00:00", "failed", "boom")
-    assert "report 0 6 * * * UTC" in project.run("status").stdout
+    daemon = after["daemon"]
+    assert (daemon["owner"], daemon["active"]) == ("host:42:abc", True)
+    assert daemon["heartbeat_at"] < daemon["holds_until"]
+    text = project.run("status").stdout
+    assert "report 0 6 * * * UTC" in text and "daemon: host:42:abc is active (heartbeat" in text
 
 
 def test_materialize_reports_each_asset_and_fails_with_exit_code_1(project):

@@ -218,3 +218,7 @@ def test_sigterm_mid_backfill_gives_the_grace_then_cancels_and_exits_0(tmp_path)
     assert _flowstone(tmp_path, env, "records", "--status", "pending")["records"] == []
     cancelled = _flowstone(tmp_path, env, "records", "--status", "cancelled", "--limit", "100")["records"]
     assert len(cancelled) >= 4  # two cut by Ctrl-C, two by the end of the grace
+    assert (after["state"], after["interrupted"]) == ("cancelled", True)  # the next daemon resumes it ...
+    assert _flowstone(tmp_path, env, "cancel", saved["id"])["state"] == "cancelled"
+    [final] = _flowstone(tmp_path, env, "backfills")["backfills"]
+    assert (final["state"], final["interrupted"]) == ("cancelled", False)  # ... unless cancelled for good

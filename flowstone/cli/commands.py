@@ -154,13 +154,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
             summary = partition_summary(keys, states)
             summaries.append({"asset": asset.name, "partitioned": definition is not None, **summary})
         last = await store.last_ticks() if pipeline.schedules else {}
+        daemon = _daemon_json(await store.role_holder("daemon"))
     ticks = [{
         "schedule": s.name, "asset": s.asset, "last_tick": last[s.name].at.isoformat() if s.name in last else None,
         "state": last[s.name].state if s.name in last else None,
         "error": last[s.name].error if s.name in last else None,
     } for s in pipeline.schedules]
     if args.json:
-        emit_json({"assets": summaries, "schedules": ticks})
+        emit_json({"assets": summaries, "schedules": ticks, "daemon": daemon})
         return EXIT_OK
     print(table(["asset", "partitions", *STATES], [
         [s["asset"], s["total"] if s["partitioned"] else "-", *(s["counts"][state] for state in STATES)]
@@ -185,7 +186,38 @@ async def cmd_status(args: argparse.Namespace) -> int:
              _short(t["error"] or "", 60)]
             for t in ticks
         ]))
+    if ticks or daemon is not None:
+        print(f"\ndaemon: {_describe_daemon(daemon)}")
     return EXIT_OK
+
+
+def _daemon_json(holder: Any) -> dict[str, Any] | None:
+    """The daemon's role as ``status --json`` shows it: who, its last heartbeat, and
+    whether its hold still lasts (``active``; else it went quiet and a standby may take over)."""
+    from ..plumbing.clock import utcnow
+
+    if holder is None:
+        return None
+    heartbeat = holder.heartbeat_at
+    return {
+        "owner": holder.owner, "fence": holder.fence, "active": holder.expires_at > utcnow(),
+        "heartbeat_at": heartbeat.isoformat() if heartbeat is not None else None,
+        "holds_until": holder.expires_at.isoformat(),
+    }
+
+
+def _describe_daemon(daemon: dict[str, Any] | None) -> str:
+    from datetime import datetime
+
+    from ..plumbing.clock import utcnow
+
+    if daemon is None:
+        return "none running (start one with 'flowstone daemon')"
+    beat = daemon["heartbeat_at"]
+    ago = f"{(utcnow() - datetime.fromisoformat(beat)).total_seconds():.0f}s ago" if beat else "never"
+    if daemon["active"]:
+        return f"{daemon['owner']} is active (heartbeat {ago})"
+    return f"{daemon['owner']} went quiet (last heartbeat {ago}); a standby takes over, or start 'flowstone daemon'"
 
 
 async def cmd_records(args: argparse.Namespace) -> int:
@@ -318,8 +350,8 @@ async def cmd_backfills(args: argparse.Namespace) -> int:
         emit_json({"backfills": rows})
         return EXIT_OK
     print(table(["id", "asset", "state", "total", "succeeded", "failed", "cancelled", "started", "finished"], [
-        [r["id"], r["asset"], r["state"], r["total"], r["succeeded"], r["failed"], r["cancelled"],
-         (r["started_at"] or "-")[:19], (r["finished_at"] or "-")[:19]]
+        [r["id"], r["asset"], "interrupted" if r["interrupted"] else r["state"], r["total"], r["succeeded"],
+         r["failed"], r["cancelled"], (r["started_at"] or "-")[:19], (r["finished_at"] or "-")[:19]]
         for r in rows
     ]))
     return EXIT_OK
@@ -329,7 +361,7 @@ def _backfill_json(status: Any) -> dict[str, Any]:
     return {
         "id": str(status.id), "asset": status.asset, "state": status.state, "total": status.total,
         "queued": status.queued, "running": status.running, "succeeded": status.succeeded,
-        "failed": status.failed, "cancelled": status.cancelled,
+        "failed": status.failed, "cancelled": status.cancelled, "interrupted": status.interrupted,
         "errors": [{"partition": key, "error": message} for key, message in status.errors],
         "started_at": status.started_at.isoformat() if status.started_at else None,
         "finished_at": status.finished_at.isoformat() if status.finished_at else None,
@@ -457,7 +489,8 @@ CANCEL_POLL = 0.5
 
 async def cmd_cancel(args: argparse.Namespace) -> int:
     """Ask the owner of a running backfill to stop it (it does at its next checkpoint),
-    and wait until it has; a backfill whose owner died is closed here."""
+    and wait until it has; a backfill whose owner died is closed here, and one
+    interrupted (its process stopped) is marked so that no daemon resumes it."""
     import os
     import socket
 
@@ -493,6 +526,10 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
                     )
                     await store.save_backfill(backfill, Saved(claim.saved.spec, status), owner=me)
                 saved = await store.load_backfill(backfill)
+        if saved.status.interrupted:  # stopped with its process: cancelled for good, never resumed by a daemon
+            claim = await store.claim_backfill(backfill, me, stale_after=STALE_SECONDS)
+            saved = Saved(claim.saved.spec, attrs.evolve(claim.saved.status, interrupted=False))
+            await store.save_backfill(backfill, saved, owner=me)
     if saved.status.state == "running":
         raise CliError(f"backfill {backfill} is still running: its owner did not stop in time", code=EXIT_FAILED)
     if args.json:

@@ -27,7 +27,10 @@ def run_command(args: argparse.Namespace) -> int:
             code: int = anyio.run(handler, args)
         return code
     except KeyboardInterrupt:
-        print("flowstone: interrupted", file=sys.stderr)
+        hint = ("; the backfill is saved interrupted: 'flowstone resume ID' or a running daemon continues it, "
+                "'flowstone cancel ID' stops it for good (ids: 'flowstone backfills')"
+                if args.command in ("backfill", "resume") else "")
+        print(f"flowstone: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except UserCodeError as error:
         sys.stderr.write(error.traceback)

@@ -10,13 +10,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import chaos, core, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, schedules, soak, sqlite, startup
+from . import chaos, core, daemon, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, schedules, soak, sqlite, startup
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
     "cancel-storm": (load.run_cancel_storm, "backfills and materializations cancelled at random: nothing left open"),
     "chaos": (chaos.run, "backfills while actors die, IO fails, Postgres drops, S3 restarts; then an integrity check"),
     "core": (core.run, "planning cost (graph, order, layers, validate) and partition key throughput"),
+    "daemon": (daemon.run, "flowstone daemon: idle CPU/RSS, tick latency, takeover after SIGKILL (issue #15)"),
     "dags": (load.run_dags, "a 1-1000-1 fan and a 500-asset chain, one materialize each"),
     "executors": (executors.run, "a CPU-bound 8-partition backfill with executor='thread' and 'process' (issue #12)"),
     "flights-dagster": (flights_dagster.run, "the flights main job in FlowStone and in Dagster (--dagster-python)"),

@@ -65,6 +65,7 @@ _NAMES: dict[str, str] = {
     "Pipeline": ".pipeline",
     "Schedule": ".schedules",
     "BackfillStatus": ".runtime.backfill",
+    "run_daemon": ".runtime.daemon",
     "RunResult": ".runtime.run",
     "Runtime": ".runtime.runtime",
     "materialize": ".runtime.runtime",
@@ -146,6 +147,7 @@ if TYPE_CHECKING:  # what type checkers and editors see: the same names, eagerly
     from .partitions import serialize_partition as serialize_partition
     from .pipeline import Pipeline as Pipeline
     from .runtime.backfill import BackfillStatus as BackfillStatus
+    from .runtime.daemon import run_daemon as run_daemon
     from .runtime.run import RunResult as RunResult
     from .runtime.runtime import Runtime as Runtime
     from .runtime.runtime import materialize as materialize

@@ -10,8 +10,8 @@ import flowstone as fs
 PUBLIC = {
     # definitions (SPEC 1)
     "Asset", "FieldError", "Pipeline", "RetryPolicy", "asset", "validate_asset", "Context",
-    # schedules (SPEC 13)
-    "Schedule",
+    # schedules and the daemon (SPEC 13)
+    "Schedule", "run_daemon",
     # graph (SPEC 2)
     "AssetGraph", "check_cycles", "dependencies", "dependents", "execution_layers", "execution_order",
     # partitions (SPEC 3)

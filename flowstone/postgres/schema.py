@@ -200,6 +200,17 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE flowstone_roles ADD COLUMN heartbeat_at timestamptz;
         CREATE INDEX flowstone_ticks_unfinished ON flowstone_ticks (tenant_id, at) WHERE state = 'running';
     """),
+    (10, "cursors that sensors and automation keep between evaluations", f"""
+        CREATE TABLE flowstone_cursors (
+            tenant_id text NOT NULL DEFAULT '',
+            name text NOT NULL,
+            value text,
+            error text,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (name, tenant_id)
+        );
+        {tenant_policy("flowstone_cursors")}
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

@@ -30,6 +30,7 @@ __all__ = [
     "TICK_STATES",
     "BackfillClaim",
     "CancelRequested",
+    "Cursor",
     "FinishedElsewhere",
     "Lease",
     "LeaseHeld",
@@ -109,6 +110,43 @@ class Tick:
     error: str | None = None
     claimed_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+@attrs.frozen
+class Cursor:
+    """What a sensor (or the daemon's automation) keeps between two evaluations: its
+    ``value`` (text of its own), the error of its last evaluation (None when it
+    worked), and when it was saved."""
+
+    name: str
+    value: str | None
+    error: str | None = None
+    updated_at: datetime | None = None
+
+
+MAX_CURSOR = 1_000_000
+"""Characters a cursor value may hold."""
+
+
+def cursor_fields(name: Any, value: Any, error: Any) -> tuple[str, str | None, str | None]:
+    """``(name, value, error)`` checked for the store; ``DefinitionError`` for a name or
+    value that is not text, too long, or holds what a database cannot keep."""
+    from ..definitions import FieldError
+    from ..errors import DefinitionError
+    from ..plumbing.jsonvalues import storable_text, text_problem
+
+    problems = []
+    if not isinstance(name, str) or not name or len(name) > 400 or text_problem(name) or not name.isprintable():
+        problems.append(FieldError("name", f"must be printable text of 1 to 400 characters, got {name!r}"))
+    if value is not None and not isinstance(value, str):
+        problems.append(FieldError("cursor", f"must be a str or None, got {type(value).__name__}: {value!r:.80}"))
+    elif value is not None and len(value) > MAX_CURSOR:
+        problems.append(FieldError("cursor", f"holds {len(value):,} characters; at most {MAX_CURSOR:,}"))
+    elif value is not None and (why := text_problem(value)) is not None:
+        problems.append(FieldError("cursor", f"holds {why}, which the store cannot keep"))
+    if problems:
+        raise DefinitionError(problems)
+    return name, value, None if error is None else storable_text(str(error))[:10_000]
 
 
 @attrs.frozen

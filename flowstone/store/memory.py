@@ -13,10 +13,12 @@ from ..tenancy import current_tenant
 from . import memory_actor as m
 from .leases import (
     BackfillClaim,
+    Cursor,
     FinishedElsewhere,
     Lease,
     RoleHolder,
     Tick,
+    cursor_fields,
     finished_state,
     role_seconds,
     tick_time,
@@ -176,6 +178,16 @@ class MemoryStore(MemoryActorClient):
 
     async def unfinished_ticks(self, *, limit: int = 1000) -> list[Tick]:
         return await self.handle.call(m.UnfinishedTicks, tenant=current_tenant(), limit=check_limit(limit))
+
+    async def load_cursor(self, name: str) -> Cursor | None:
+        return await self.handle.call(m.LoadCursor, tenant=current_tenant(), name=cursor_fields(name, None, None)[0])
+
+    async def save_cursor(self, name: str, value: str | None, *, error: str | None = None) -> None:
+        name, value, error = cursor_fields(name, value, error)
+        await self.handle.call(m.SaveCursor, tenant=current_tenant(), cursor=Cursor(name, value, error, utcnow()))
+
+    async def list_cursors(self) -> list[Cursor]:
+        return await self.handle.call(m.ListCursors, tenant=current_tenant())
 
     async def request_cancel(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.RequestCancel, tenant=current_tenant(), id=parse_id(id, "backfill"))

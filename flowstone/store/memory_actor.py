@@ -26,7 +26,7 @@ from ..actors.mailbox import Message, serve
 from ..definitions import FieldError
 from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, LeaseLost, NotFound
 from ..plumbing.clock import utcnow
-from .leases import BackfillClaim, CancelRequested, Lease, LeaseTable, RoleHolder, Tick, lost
+from .leases import BackfillClaim, CancelRequested, Cursor, Lease, LeaseTable, RoleHolder, Tick, lost
 from .records import (
     ACTIVE,
     CURRENT,
@@ -79,6 +79,7 @@ class MemoryData:
     decisions: dict[tuple[str | None, uuid.UUID], tuple[bool, str | None]] = attrs.field(factory=dict)
     ticks: dict[tuple[str | None, str, datetime], Tick] = attrs.field(factory=dict)
     roles: dict[tuple[str | None, str], RoleHolder] = attrs.field(factory=dict)
+    cursors: dict[tuple[str | None, str], Cursor] = attrs.field(factory=dict)
     now: Callable[[], datetime] = utcnow
     leases: LeaseTable = attrs.field(init=False)
 
@@ -301,6 +302,23 @@ class LastTicks(Message[dict[str, Tick]]):
 
 
 @attrs.frozen(kw_only=True)
+class LoadCursor(Message[Cursor | None]):
+    tenant: str | None
+    name: str
+
+
+@attrs.frozen(kw_only=True)
+class SaveCursor(Message[None]):
+    tenant: str | None
+    cursor: Cursor
+
+
+@attrs.frozen(kw_only=True)
+class ListCursors(Message[list[Cursor]]):
+    tenant: str | None
+
+
+@attrs.frozen(kw_only=True)
 class UnfinishedTicks(Message[list[Tick]]):
     tenant: str | None
     limit: int
@@ -362,6 +380,9 @@ class _Handlers:
             FinishTick: self.finish_tick,
             LastTicks: self.last_ticks,
             UnfinishedTicks: self.unfinished_ticks,
+            LoadCursor: self.load_cursor,
+            SaveCursor: self.save_cursor,
+            ListCursors: self.list_cursors,
             DecisionOf: self.decision_of,
             ClaimBackfill: self.claim_backfill,
             CloseOrphans: self.close_orphans,
@@ -642,6 +663,16 @@ class _Handlers:
         running = [tick for (tenant, _, _), tick in self.data.ticks.items()
                    if tenant == m.tenant and tick.state == "running"]
         return sorted(running, key=lambda tick: (tick.at, tick.schedule))[:m.limit]
+
+    def load_cursor(self, m: LoadCursor) -> Cursor | None:
+        return self.data.cursors.get((m.tenant, m.name))
+
+    def save_cursor(self, m: SaveCursor) -> None:
+        self.data.cursors[(m.tenant, m.cursor.name)] = m.cursor
+
+    def list_cursors(self, m: ListCursors) -> list[Cursor]:
+        return sorted((c for (tenant, _), c in self.data.cursors.items() if tenant == m.tenant),
+                      key=lambda c: c.name)
 
     def request_cancel(self, m: RequestCancel) -> Any:
         row = self.data.backfills.get((m.tenant, m.id))

@@ -45,11 +45,13 @@ from .backfills import saved_from_json, saved_to_json
 from .leases import (
     BackfillClaim,
     CancelRequested,
+    Cursor,
     FinishedElsewhere,
     Lease,
     LeaseHeld,
     RoleHolder,
     Tick,
+    cursor_fields,
     finished_state,
     lost,
     role_seconds,
@@ -691,6 +693,34 @@ class PostgresStore(PostgresClient):
             tenant or "", check_limit(limit),
         )
         return [Tick(*row) for row in rows]
+
+    async def load_cursor(self, name: str) -> Cursor | None:
+        tenant, (name, _, _) = current_tenant(), cursor_fields(name, None, None)
+        row = await self.db.run(
+            tenant, _fetchrow,
+            "SELECT name, value, error, updated_at FROM flowstone_cursors WHERE tenant_id = $1 AND name = $2",
+            tenant or "", name,
+        )
+        return None if row is None else Cursor(*row)
+
+    async def save_cursor(self, name: str, value: str | None, *, error: str | None = None) -> None:
+        tenant, fields = current_tenant(), cursor_fields(name, value, error)
+        await self.db.run(
+            tenant, _execute,
+            "INSERT INTO flowstone_cursors (tenant_id, name, value, error) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (name, tenant_id) DO UPDATE SET value = excluded.value, error = excluded.error, "
+            "updated_at = now()",
+            tenant or "", *fields,
+        )
+
+    async def list_cursors(self) -> list[Cursor]:
+        tenant = current_tenant()
+        rows = await self.db.run(
+            tenant, _fetch,
+            "SELECT name, value, error, updated_at FROM flowstone_cursors WHERE tenant_id = $1 ORDER BY name",
+            tenant or "",
+        )
+        return [Cursor(*row) for row in rows]
 
     async def request_cancel(self, id: uuid.UUID) -> Any:
         tenant, bid = current_tenant(), parse_id(id, "backfill")

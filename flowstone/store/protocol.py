@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from .leases import BackfillClaim, Lease, RoleHolder, Tick
+from .leases import BackfillClaim, Cursor, Lease, RoleHolder, Tick
 from .records import Materialization, Status
 
 __all__ = ["MaterializationStore"]
@@ -174,6 +174,22 @@ class MaterializationStore(Protocol):
     async def unfinished_ticks(self, *, limit: int = 1000) -> list[Tick]:
         """Ticks claimed and not finished (``running``), oldest first: a daemon that
         becomes active runs again those its predecessor left when it died."""
+        ...
+
+    # ---- sensors and automation (the daemon)
+
+    async def load_cursor(self, name: str) -> Cursor | None:
+        """The cursor saved under ``name`` in the caller's tenant, or None."""
+        ...
+
+    async def save_cursor(self, name: str, value: str | None, *, error: str | None = None) -> None:
+        """Keep ``value`` under ``name`` with the outcome of the evaluation that made it
+        (``error`` None: it worked). Raises ``DefinitionError`` for a name or value
+        that is not text the store can keep."""
+        ...
+
+    async def list_cursors(self) -> list[Cursor]:
+        """Every cursor of the caller's tenant, by name."""
         ...
 
     async def request_cancel(self, id: uuid.UUID) -> Any:

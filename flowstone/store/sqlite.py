@@ -54,11 +54,13 @@ from .backfills import saved_from_json, saved_to_json
 from .leases import (
     BackfillClaim,
     CancelRequested,
+    Cursor,
     FinishedElsewhere,
     Lease,
     LeaseHeld,
     RoleHolder,
     Tick,
+    cursor_fields,
     finished_state,
     lost,
     role_seconds,
@@ -505,6 +507,27 @@ class SqliteStore:
         ).fetchall())
         return [Tick(row[0], datetime.fromisoformat(row[1]), row[2], row[3], None, row[5], _time(row[6]), None)
                 for row in rows]
+
+    async def load_cursor(self, name: str) -> Cursor | None:
+        tenant, (name, _, _) = _tenant(), cursor_fields(name, None, None)
+        row = await self._db.read(lambda c: c.execute(
+            "SELECT name, value, error, updated_at FROM flowstone_cursors WHERE tenant_id = ? AND name = ?",
+            (tenant, name)).fetchone())
+        return None if row is None else Cursor(row[0], row[1], row[2], _time(row[3]))
+
+    async def save_cursor(self, name: str, value: str | None, *, error: str | None = None) -> None:
+        tenant, fields = _tenant(), cursor_fields(name, value, error)
+        await self._db.write(lambda c: c.execute(
+            "INSERT INTO flowstone_cursors VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, name) DO UPDATE SET "
+            "value = excluded.value, error = excluded.error, updated_at = excluded.updated_at",
+            (tenant, *fields, _iso(_utcnow()))))
+
+    async def list_cursors(self) -> list[Cursor]:
+        tenant = _tenant()
+        rows = await self._db.read(lambda c: c.execute(
+            "SELECT name, value, error, updated_at FROM flowstone_cursors WHERE tenant_id = ? ORDER BY name",
+            (tenant,)).fetchall())
+        return [Cursor(row[0], row[1], row[2], _time(row[3])) for row in rows]
 
     async def request_cancel(self, id: uuid.UUID) -> Any:
         tenant, bid = _tenant(), str(parse_id(id, "backfill"))

@@ -119,6 +119,14 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ) WITHOUT ROWID"""),
     (6, """ALTER TABLE flowstone_roles ADD COLUMN heartbeat_at REAL;
         CREATE INDEX flowstone_ticks_unfinished ON flowstone_ticks (tenant_id, at) WHERE state = 'running'"""),
+    (7, """CREATE TABLE flowstone_cursors (
+            tenant_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            value TEXT,
+            error TEXT,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (tenant_id, name)
+        ) WITHOUT ROWID"""),
 )
 """(version, SQL). Append only: a shipped migration never changes."""
 

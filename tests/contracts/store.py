@@ -563,6 +563,31 @@ class LeaseContract:
                 tasks.start_soon(claim, f"p{index}")
         assert len(set(holders)) == 1  # everyone saw the same winner
 
+    # ------------------------------------------------------------------ cursors
+
+    async def test_a_cursor_is_kept_per_name_and_tenant_with_its_last_error(self, store):
+        assert await store.load_cursor("sensor:new_files") is None
+        await store.save_cursor("sensor:new_files", "s3://bucket/2026-11-30/0007.csv")
+        saved = await store.load_cursor("sensor:new_files")
+        assert (saved.name, saved.value, saved.error) == ("sensor:new_files", "s3://bucket/2026-11-30/0007.csv", None)
+        assert saved.updated_at is not None and saved.updated_at.tzinfo is not None
+        await store.save_cursor("sensor:new_files", saved.value, error="ConnectionError: bucket unreachable")
+        failed = await store.load_cursor("sensor:new_files")
+        assert (failed.value, failed.error) == (saved.value, "ConnectionError: bucket unreachable")
+        await store.save_cursor("automation:report", None)
+        assert [c.name for c in await store.list_cursors()] == ["automation:report", "sensor:new_files"]
+        with fs.tenant_scope("other"):
+            assert await store.load_cursor("sensor:new_files") is None and await store.list_cursors() == []
+
+    @pytest.mark.parametrize("name, value", [
+        ("", "x"), ("bad\nname", "x"), ("ok", 42), ("ok", "nul\x00inside"), ("ok", "x" * 1_000_001),
+    ])
+    async def test_a_cursor_that_cannot_be_kept_is_refused_and_the_old_one_stays(self, store, name, value):
+        await store.save_cursor("ok", "kept")
+        with pytest.raises(fs.DefinitionError):
+            await store.save_cursor(name, value)
+        assert (await store.load_cursor("ok")).value == "kept"
+
     # ------------------------------------------------------------ schedule ticks
 
     async def test_unfinished_ticks_are_those_claimed_and_not_ended_oldest_first(self, store):

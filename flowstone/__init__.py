@@ -64,6 +64,11 @@ _NAMES: dict[str, str] = {
     "serialize_partition": ".partitions",
     "Pipeline": ".pipeline",
     "Schedule": ".schedules",
+    "Eager": ".automation",
+    "OnMissing": ".automation",
+    "RunRequest": ".automation",
+    "Sensor": ".automation",
+    "SensorContext": ".automation",
     "BackfillStatus": ".runtime.backfill",
     "run_daemon": ".runtime.daemon",
     "RunResult": ".runtime.run",
@@ -101,6 +106,11 @@ if TYPE_CHECKING:  # what type checkers and editors see: the same names, eagerly
     from . import events as events
     from . import io as io
     from . import store as store
+    from .automation import Eager as Eager
+    from .automation import OnMissing as OnMissing
+    from .automation import RunRequest as RunRequest
+    from .automation import Sensor as Sensor
+    from .automation import SensorContext as SensorContext
     from .context import Context as Context
     from .dag import AssetGraph as AssetGraph
     from .dag import check_cycles as check_cycles

@@ -117,6 +117,8 @@ class Asset:
     max_concurrency: int | None = attrs.field(default=None, kw_only=True)
     timeout: float | None = attrs.field(default=None, kw_only=True)
     executor: str | None = attrs.field(default=None, kw_only=True)
+    automation: Any = attrs.field(default=None, kw_only=True)
+    """``fs.Eager()``, ``fs.OnMissing()`` or None: when the daemon materializes it."""
     module: str | None = attrs.field(default=None, kw_only=True)
     line: int | None = attrs.field(default=None, kw_only=True)
 
@@ -172,6 +174,10 @@ def validate_asset(asset: Asset) -> list[FieldError]:
         problem("timeout", f"must be a number of seconds > 0 or None, got {seconds!r}")
     if (why := _executor_problem(asset)) is not None:
         problem("executor", why)
+    from .automation import automation_problem  # it builds on this module
+
+    if isinstance(asset.depends_on, tuple) and (why := automation_problem(asset.automation, asset.depends_on)):
+        problem("automation", why)
     return errors
 
 
@@ -290,6 +296,7 @@ def asset(
     max_concurrency: int | None = None,
     timeout: float | None = None,
     executor: str | None = None,
+    automation: Any = None,
 ) -> Any:
     """Define an asset from the function that computes it: ``@fs.asset`` or ``@fs.asset(...)``.
 
@@ -318,6 +325,7 @@ def asset(
             max_concurrency=max_concurrency,
             timeout=timeout,
             executor=executor,
+            automation=automation,
             module=getattr(func, "__module__", None),
             line=code.co_firstlineno if code is not None else None,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
+from .automation import Sensor
 from .dag import AssetGraph
 from .definitions import Asset, FieldError, asset, validate_asset
 from .errors import CycleError, DefinitionError
@@ -27,16 +28,22 @@ class Pipeline:
     objects; ``pipeline.schedule(asset, cron, ...)`` adds a schedule.
     """
 
-    def __init__(self, name: str, assets: Iterable[Asset] = (), schedules: Iterable[Schedule] = ()) -> None:
+    def __init__(
+        self, name: str, assets: Iterable[Asset] = (), schedules: Iterable[Schedule] = (),
+        sensors: Iterable[Sensor] = (),
+    ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise DefinitionError([FieldError("pipeline", f"name must be a non-empty str, got {name!r}")])
         self.name = name
         self._assets: list[Asset] = []
         self._schedules: list[Schedule] = []
+        self._sensors: list[Sensor] = []
         for item in assets:
             self.add(item)
         for schedule in schedules:
             self.add_schedule(schedule)
+        for sensor in sensors:
+            self.add_sensor(sensor)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, assets=[{', '.join(a.name for a in self._assets)}])"
@@ -89,6 +96,29 @@ class Pipeline:
         """Add ``fs.Schedule(asset, cron, **options)``; raises ``DefinitionError`` as it does."""
         return self.add_schedule(Schedule(asset, cron, **options))
 
+    @property
+    def sensors(self) -> tuple[Sensor, ...]:
+        """Every sensor, in the order added."""
+        return tuple(self._sensors)
+
+    def add_sensor(self, sensor: Sensor) -> Sensor:
+        """Add a ready ``fs.Sensor``; two sensors with one name are refused by :meth:`validate`."""
+        if not isinstance(sensor, Sensor):
+            raise DefinitionError(
+                [FieldError("sensors", f"expected an fs.Sensor, got {type(sensor).__name__}: {sensor!r}")])
+        self._sensors.append(sensor)
+        return sensor
+
+    def sensor(self, fn: Callable[..., Any] | None = None, *, interval: float = 30.0, name: str | None = None) -> Any:
+        """``@pipeline.sensor`` or ``@pipeline.sensor(interval=30)`` on an async function
+        ``(ctx)`` returning a list of ``fs.RunRequest``: the daemon calls it every
+        ``interval`` seconds. Raises ``DefinitionError`` for a bad function or interval."""
+
+        def add(func: Callable[..., Any]) -> Sensor:
+            return self.add_sensor(Sensor(name or str(getattr(func, "__name__", "")), func, interval))
+
+        return add if fn is None else add(fn)
+
     def get(self, name: str) -> Asset:
         """The asset called ``name``; :class:`~flowstone.NotFound` names it if unknown."""
         return self.graph().get(name)
@@ -119,6 +149,12 @@ class Pipeline:
         for item in graph.assets:
             errors += asset_problems(item, graph, io_managers=io_managers, resources=resources)
         errors += schedule_problems(self._schedules, graph)
+        seen: set[str] = set()
+        for sensor in self._sensors:
+            if sensor.name in seen:
+                errors.append(FieldError(
+                    "sensors", f"two sensors are called {sensor.name!r}; their cursors would be one"))
+            seen.add(sensor.name)
         raise_problems(errors, graph)
 
 

@@ -11,7 +11,7 @@ PUBLIC = {
     # definitions (SPEC 1)
     "Asset", "FieldError", "Pipeline", "RetryPolicy", "asset", "validate_asset", "Context",
     # schedules and the daemon (SPEC 13)
-    "Schedule", "run_daemon",
+    "Schedule", "run_daemon", "Eager", "OnMissing", "RunRequest", "Sensor", "SensorContext",
     # graph (SPEC 2)
     "AssetGraph", "check_cycles", "dependencies", "dependents", "execution_layers", "execution_order",
     # partitions (SPEC 3)

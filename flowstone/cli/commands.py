@@ -556,7 +556,8 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
     stop = anyio.Event()
     async with _runtime(args, pipeline) as rt, anyio.create_task_group() as daemon:
         daemon.start_soon(_stop_on_signals, stop, daemon.cancel_scope)
-        await run_daemon(rt, pipeline.schedules, stop=stop, grace=args.grace, hold=args.hold)
+        await run_daemon(rt, pipeline.schedules, sensors=pipeline.sensors, stop=stop, grace=args.grace,
+                         hold=args.hold)
         daemon.cancel_scope.cancel()
     return EXIT_OK
 

@@ -1,4 +1,4 @@
-"""The daemon: one active per store; it runs the schedules and resumes backfills.
+"""The daemon: one active per store; it runs schedules, sensors and automation, and resumes backfills.
 
 ``run_daemon(rt, schedules, stop=event)`` runs until ``stop`` is set. It first
 claims the store's ``"daemon"`` role (``store.claim_role``); while another daemon
@@ -9,6 +9,7 @@ and meanwhile:
 
 - runs again the ticks a dead predecessor claimed and never ended, then runs the
   schedules (``run_schedules``);
+- runs the sensors and the assets' automation (``flowstone.runtime.automation``);
 - resumes backfills left unfinished: saved ``running`` by a process whose
   heartbeat stopped, or ``interrupted`` (their process stopped under them), and
   looks for such backfills again every ``RESCAN_SECONDS``.
@@ -31,10 +32,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import attrs
 from anyio.abc import TaskGroup
 
+from ..automation import Sensor
 from ..errors import BackfillOwned, FlowstoneError, RuntimeClosed
 from ..schedules import Schedule
+from .automation import AUTOMATION_SECONDS, run_automation, run_sensor
 from .backfill import STALE_SECONDS
 from .scheduler import Clock, run_schedules, run_tick
 
@@ -61,12 +65,16 @@ async def run_daemon(
     schedules: Sequence[Schedule] = (),
     *,
     stop: anyio.Event,
+    sensors: Sequence[Sensor] = (),
     owner: str | None = None,
     grace: float = GRACE_SECONDS,
     hold: float = HOLD_SECONDS,
     clock: Clock | None = None,
+    automation_interval: float = AUTOMATION_SECONDS,
 ) -> None:
-    """Be the store's daemon until ``stop`` is set (see the module doc)."""
+    """Be the store's daemon until ``stop`` is set (see the module doc): run
+    ``schedules``, ``sensors`` and the automation of ``rt``'s assets (looked at every
+    ``automation_interval`` seconds)."""
     owner = owner or daemon_owner()
     store = rt.store
     standby_for: str | None = None
@@ -86,14 +94,25 @@ async def run_daemon(
             continue
         standby_for = None
         taken = f", taken over from {holder.taken_from}" if holder.taken_from else ""
-        log.info("daemon %s: active (fence %d%s), %d schedules", owner, holder.fence, taken, len(schedules))
-        await _active(rt, schedules, owner, stop, grace=grace, hold=hold, clock=clock, renewed=asked)
+        log.info("daemon %s: active (fence %d%s), %d schedules, %d sensors", owner, holder.fence, taken,
+                 len(schedules), len(sensors))
+        duties = _Duties(schedules, sensors, clock, automation_interval)
+        await _active(rt, duties, owner, stop, grace=grace, hold=hold, renewed=asked)
     log.info("daemon %s: stopped", owner)
 
 
+@attrs.frozen
+class _Duties:
+    """What the active daemon runs."""
+
+    schedules: Sequence[Schedule]
+    sensors: Sequence[Sensor]
+    clock: Clock | None
+    automation_interval: float
+
+
 async def _active(
-    rt: Any, schedules: Sequence[Schedule], owner: str, stop: anyio.Event, *,
-    grace: float, hold: float, clock: Clock | None, renewed: float,
+    rt: Any, duties: _Duties, owner: str, stop: anyio.Event, *, grace: float, hold: float, renewed: float,
 ) -> None:
     """Hold the role and do the daemon's work until ``stop`` (then release the role)
     or until the hold is lost (then stop at once)."""
@@ -102,9 +121,13 @@ async def _active(
         heart.start_soon(_keep_role, rt.store, owner, hold, renewed, lost)
         async with anyio.create_task_group() as work:
             async with anyio.create_task_group() as intake:
-                intake.start_soon(_rerun_unfinished_ticks, rt, schedules, owner, work)
-                intake.start_soon(functools.partial(run_schedules, rt, schedules, owner, clock=clock, work=work))
+                intake.start_soon(_rerun_unfinished_ticks, rt, duties.schedules, owner, work)
+                intake.start_soon(functools.partial(
+                    run_schedules, rt, duties.schedules, owner, clock=duties.clock, work=work))
                 intake.start_soon(_resume_backfills, rt, work)
+                intake.start_soon(functools.partial(run_automation, rt, work, interval=duties.automation_interval))
+                for sensor in duties.sensors:
+                    intake.start_soon(run_sensor, rt, sensor, work)
                 async with anyio.create_task_group() as either:
                     either.start_soon(_then_cancel, stop, either)
                     either.start_soon(_then_cancel, lost, either)

@@ -1,0 +1,188 @@
+"""Automation (fs.Eager, fs.OnMissing) and sensors, run by the daemon on both backends."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import date
+
+import anyio
+import pytest
+
+import flowstone as fs
+from flowstone.runtime.daemon import run_daemon
+from waiting import until
+
+DAYS = fs.DailyPartitions(start=date(2026, 1, 1), end=date(2026, 1, 6))
+FAST = 0.005
+"""Seconds between two looks of the automation in these tests."""
+
+
+# ---------------------------------------------------------------- definitions
+
+def test_automation_and_sensors_are_checked_where_they_are_defined():
+    with pytest.raises(fs.DefinitionError, match="follows upstream assets, and this asset has none"):
+        @fs.asset(automation=fs.Eager())
+        async def alone(ctx, deps):
+            return 1
+    with pytest.raises(fs.DefinitionError, match="automation: must be fs.Eager"):
+        @fs.asset(automation="eager")
+        async def typo(ctx, deps):
+            return 1
+    p = fs.Pipeline("sensors")
+    with pytest.raises(fs.DefinitionError, match="async def taking"):
+        @p.sensor
+        def blocking(ctx):
+            return []
+    with pytest.raises(fs.DefinitionError, match="interval"):
+        @p.sensor(interval=0)
+        async def never(ctx):
+            return []
+
+    @p.sensor
+    async def twice(ctx):
+        return []
+
+    assert p.sensors[0].interval == 30 and p.sensors[0].name == "twice"
+    p.add_sensor(fs.Sensor("twice", twice.fn))
+    with pytest.raises(fs.DefinitionError, match="two sensors are called 'twice'"):
+        p.validate()
+
+
+# ------------------------------------------------------------------ running
+
+class Calls(Counter):
+    """How often each (asset, partition key) was computed."""
+
+
+def automated(calls: Calls, *, failing: str | None = None) -> fs.Pipeline:
+    p = fs.Pipeline("automated")
+
+    @p.asset(partitioned_by=DAYS, code_version="1")
+    async def raw(ctx, deps):
+        calls["raw", ctx.partition_key] += 1
+        return ctx.partition.day
+
+    @p.asset(depends_on=["raw"], partitioned_by=DAYS, code_version="1", automation=fs.Eager())
+    async def clean(ctx, deps):
+        calls["clean", ctx.partition_key] += 1
+        if ctx.partition_key == failing:
+            raise ValueError("bad data")
+        return deps["raw"] * 10
+
+    @p.asset(partitioned_by=DAYS, code_version="1", automation=fs.OnMissing())
+    async def calendar(ctx, deps):
+        calls["calendar", ctx.partition_key] += 1
+        if ctx.partition_key == failing:
+            raise ValueError("no calendar that day")
+        return ctx.partition.isoweekday()
+
+    @p.asset(code_version="1", automation=fs.OnMissing())
+    async def settings(ctx, deps):
+        calls["settings", None] += 1
+        return {"threshold": 3}
+
+    return p
+
+
+async def _daemon(rt, p, stop, **options):
+    await run_daemon(rt, p.schedules, sensors=p.sensors, stop=stop, owner="d", automation_interval=FAST, **options)
+
+
+@pytest.mark.anyio
+async def test_eager_follows_each_upstream_change_once_and_a_failure_is_not_retried(anyio_backend):
+    calls, stop = Calls(), anyio.Event()
+    p = automated(calls, failing="2026-01-03")
+    async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(lambda: _daemon(rt, p, stop))
+
+            async def watching() -> bool:  # the first look sets the watermark: from now on
+                return await store.load_cursor("automation:clean") is not None
+
+            await until(watching)
+
+            async def computed(asset: str, key: str) -> bool:
+                return (await store.get(asset, key)).status in (fs.Status.SUCCESS, fs.Status.FAILED)
+
+            for day in ("2026-01-01", "2026-01-03", "2026-01-05"):
+                await rt.materialize("raw", date.fromisoformat(day))
+                await until(lambda day=day: _exists(store, "clean", day))
+                await until(lambda day=day: computed("clean", day))
+            # Each change of raw made clean run once, after every look that followed it:
+            # no loop on the success, and the failure on the 3rd is not tried again.
+            assert [calls["clean", d] for d in ("2026-01-01", "2026-01-03", "2026-01-05")] == [1, 1, 1]
+            assert (await store.get("clean", "2026-01-03")).status is fs.Status.FAILED
+            assert await rt.load("clean", date(2026, 1, 5)) == 50
+            assert ("clean", "2026-01-02") not in calls  # raw never changed there
+            await rt.materialize("raw", date(2026, 1, 3), force=True)  # a new change: clean runs again
+            await until(lambda: _calls_reach(calls, ("clean", "2026-01-03"), 2))
+            stop.set()
+
+
+@pytest.mark.anyio
+async def test_on_missing_fills_each_missing_partition_once(anyio_backend):
+    calls, stop = Calls(), anyio.Event()
+    p = automated(calls, failing="2026-01-04")
+    async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
+        await rt.materialize("calendar", date(2026, 1, 2))  # already there: left alone
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(lambda: _daemon(rt, p, stop))
+
+            async def filled() -> bool:
+                states = await store.partition_states("calendar")
+                return len(states) == 6 and fs.Status.RUNNING not in states.values() \
+                    and await _exists(store, "settings", None)
+
+            await until(filled)
+            # Two more Eager changes, each seen by a later look: the failed partition was
+            # looked at again since, and not run again.
+            for day in ("2026-01-01", "2026-01-02"):
+                await rt.materialize("raw", date.fromisoformat(day))
+                await until(lambda day=day: _exists(store, "clean", day))
+            stop.set()
+    assert all(calls["calendar", day.isoformat()] == 1 for day in DAYS.keys())
+    assert calls["settings", None] == 1
+
+
+@pytest.mark.anyio
+async def test_a_sensor_keeps_its_cursor_and_its_failures_are_recorded_and_retried(anyio_backend):
+    seen, stop = [], anyio.Event()
+    calls = Calls()
+    p = automated(calls)
+
+    @p.sensor(interval=FAST)
+    async def new_days(ctx):
+        seen.append((ctx.cursor, ctx.last_error))
+        n = int(ctx.cursor or "0")
+        if n == 2 and ctx.last_error is None:
+            raise ConnectionError("the bucket is unreachable")
+        if n == 3:
+            return [fs.RunRequest("nope")]  # a bad request fails the call like an error
+        ctx.cursor = str(n + 1)
+        return [fs.RunRequest("raw", f"2026-01-0{n + 1}")] if n < 5 else []
+
+    async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(lambda: _daemon(rt, p, stop))
+
+            async def failed_on_three() -> bool:
+                return len(seen) >= 6
+
+            await until(failed_on_three)
+            stop.set()
+        saved = await store.load_cursor("sensor:new_days")
+    assert seen[:4] == [(None, None), ("1", None), ("2", None),
+                        ("2", "ConnectionError: the bucket is unreachable")]  # the same cursor, called again
+    assert seen[4] == ("3", None)
+    assert seen[5][0] == "3" and "unknown asset 'nope'" in seen[5][1]  # the bad request kept the cursor
+    assert saved.value == "3" and "unknown asset 'nope'" in saved.error
+    assert {key for asset, key in calls if asset == "raw"} == {"2026-01-01", "2026-01-02", "2026-01-03"}
+
+
+async def _exists(store, asset, key) -> bool:
+    return await store.exists(asset, key)
+
+
+async def _calls_reach(calls: Calls, key: tuple, count: int) -> bool:
+    await anyio.lowlevel.checkpoint()
+    return calls[key] >= count

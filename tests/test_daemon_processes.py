@@ -222,3 +222,58 @@ def test_sigterm_mid_backfill_gives_the_grace_then_cancels_and_exits_0(tmp_path)
     assert _flowstone(tmp_path, env, "cancel", saved["id"])["state"] == "cancelled"
     [final] = _flowstone(tmp_path, env, "backfills")["backfills"]
     assert (final["state"], final["interrupted"]) == ("cancelled", False)  # ... unless cancelled for good
+
+
+WATCHING = '''
+import os
+from datetime import date
+import flowstone as fs
+
+days = fs.DailyPartitions(start=date(2024, 1, 1), end=date(2024, 1, 31))
+pipeline = fs.Pipeline("watching")
+
+@pipeline.asset(partitioned_by=days, code_version="1")
+async def raw(ctx, deps):
+    return int(ctx.partition_key[-2:])
+
+@pipeline.asset(depends_on=["raw"], partitioned_by=days, code_version="1", automation=fs.Eager())
+async def clean(ctx, deps):
+    return deps["raw"] * 10
+
+@pipeline.sensor(interval=0.2)
+async def inbox(ctx):
+    """A file per day dropped in the inbox asks for that day's raw data."""
+    names = sorted(n for n in os.listdir(os.environ["INBOX"]) if n > (ctx.cursor or ""))
+    if names:
+        ctx.cursor = names[-1]
+    return [fs.RunRequest("raw", name) for name in names]
+'''
+
+
+def test_a_sensor_and_eager_automation_in_a_daemon_process(tmp_path):
+    env = _project(tmp_path, "watching", WATCHING, None)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    env["INBOX"] = str(inbox)
+    listed = _flowstone(tmp_path, env, "assets")
+    assert [(a["name"], a["automation"]) for a in listed["assets"]] == [("raw", None), ("clean", "eager")]
+    assert listed["sensors"] == [{"name": "inbox", "interval": 0.2}]
+    daemon = Daemon(tmp_path, env, "--automation-interval", "0.2")
+    try:
+        daemon.wait_for(r"active \(fence \d+\), 0 schedules, 1 sensors")
+        (inbox / "2024-01-02").touch()
+        daemon.wait_for(r"automation: raw @ 2024-01-02 runs \(sensor inbox\)")
+        daemon.wait_for(r"automation: clean @ 2024-01-02 runs \(an upstream asset changed\)")
+        (inbox / "2024-01-05").touch()
+        daemon.wait_for(r"automation: clean @ 2024-01-05 runs")
+        daemon.process.send_signal(signal.SIGTERM)
+        daemon.rest()
+        assert daemon.process.wait(timeout=60) == 0, daemon.seen
+    finally:
+        daemon.stop()
+    status = _flowstone(tmp_path, env, "status")
+    [sensor] = status["sensors"]
+    assert (sensor["sensor"], sensor["cursor"], sensor["error"]) == ("inbox", "2024-01-05", None)
+    clean = next(a for a in status["assets"] if a["asset"] == "clean")
+    assert clean["counts"]["succeeded"] == 2
+    assert sum("clean @ 2024-01-02 runs" in line for line in daemon.seen) == 1  # once, never in a loop

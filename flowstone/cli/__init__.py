@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--hold", type=float, default=15.0, metavar="S",
                         help="seconds the active daemon's hold lasts without a heartbeat; a standby takes over "
                              "that long after it dies (15)")
+    daemon.add_argument("--automation-interval", type=float, default=10.0, metavar="S",
+                        help="seconds between two looks for upstream changes and missing partitions (10)")
     daemon.add_argument("--log-format", choices=["text", "json"], default="text",
                         help="log lines as text, or one JSON object per line")
 

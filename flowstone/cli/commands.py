@@ -88,7 +88,7 @@ async def cmd_assets(args: argparse.Namespace) -> int:
         rows.append({
             "name": asset.name, "depends_on": list(asset.depends_on), "io_manager": asset.io_manager,
             "partitions": _describe_partitions(asset.partitioned_by), "code_version": asset.code_version,
-            "description": asset.description,
+            "description": asset.description, "automation": _automation_name(asset.automation),
         })
     from ..plumbing.clock import utcnow
 
@@ -97,12 +97,13 @@ async def cmd_assets(args: argparse.Namespace) -> int:
         "name": s.name, "asset": s.asset, "cron": s.cron, "timezone": s.timezone, "catch_up": s.catch_up,
         "next_tick": s.next_tick(now).isoformat(),
     } for s in pipeline.schedules]
+    sensors = [{"name": s.name, "interval": s.interval} for s in pipeline.sensors]
     if args.json:
-        emit_json({"assets": rows, "schedules": schedules})
+        emit_json({"assets": rows, "schedules": schedules, "sensors": sensors})
         return EXIT_OK
-    print(table(["asset", "partitions", "depends on", "io manager", "description"], [
+    print(table(["asset", "partitions", "depends on", "io manager", "automation", "description"], [
         [r["name"], r["partitions"] or "-", ", ".join(r["depends_on"]) or "-", r["io_manager"] or "(default)",
-         _short(r["description"] or "", 60)]
+         r["automation"] or "-", _short(r["description"] or "", 60)]
         for r in rows
     ]))
     if schedules:
@@ -110,7 +111,15 @@ async def cmd_assets(args: argparse.Namespace) -> int:
         print(table(["schedule", "asset", "cron", "time zone", "catch up", "next tick (UTC)"], [
             [s["name"], s["asset"], s["cron"], s["timezone"], s["catch_up"], s["next_tick"][:16]] for s in schedules
         ]))
+    if sensors:
+        print()
+        print(table(["sensor", "every (s)"], [[s["name"], f"{s['interval']:g}"] for s in sensors]))
     return EXIT_OK
+
+
+def _automation_name(automation: Any) -> str | None:
+    """``"eager"``, ``"on_missing"`` or None."""
+    return None if automation is None else {"Eager": "eager", "OnMissing": "on_missing"}[type(automation).__name__]
 
 
 def _describe_partitions(definition: Any) -> str | None:
@@ -155,13 +164,15 @@ async def cmd_status(args: argparse.Namespace) -> int:
             summaries.append({"asset": asset.name, "partitioned": definition is not None, **summary})
         last = await store.last_ticks() if pipeline.schedules else {}
         daemon = _daemon_json(await store.role_holder("daemon"))
+        cursors = {c.name: c for c in await store.list_cursors()} if pipeline.sensors else {}
+    sensors = [_sensor_json(s, cursors.get(f"sensor:{s.name}")) for s in pipeline.sensors]
     ticks = [{
         "schedule": s.name, "asset": s.asset, "last_tick": last[s.name].at.isoformat() if s.name in last else None,
         "state": last[s.name].state if s.name in last else None,
         "error": last[s.name].error if s.name in last else None,
     } for s in pipeline.schedules]
     if args.json:
-        emit_json({"assets": summaries, "schedules": ticks, "daemon": daemon})
+        emit_json({"assets": summaries, "schedules": ticks, "sensors": sensors, "daemon": daemon})
         return EXIT_OK
     print(table(["asset", "partitions", *STATES], [
         [s["asset"], s["total"] if s["partitioned"] else "-", *(s["counts"][state] for state in STATES)]
@@ -186,9 +197,25 @@ async def cmd_status(args: argparse.Namespace) -> int:
              _short(t["error"] or "", 60)]
             for t in ticks
         ]))
-    if ticks or daemon is not None:
+    if sensors:
+        print()
+        print(table(["sensor", "last call", "cursor", "error"], [
+            [t["sensor"], (t["last_call"] or "never")[:19], _short(t["cursor"] or "-", 30),
+             _short(t["error"] or "", 60)]
+            for t in sensors
+        ]))
+    if ticks or sensors or daemon is not None:
         print(f"\ndaemon: {_describe_daemon(daemon)}")
     return EXIT_OK
+
+
+def _sensor_json(sensor: Any, cursor: Any) -> dict[str, Any]:
+    """A sensor as ``status --json`` shows it: its last call, the cursor it kept, its last error."""
+    if cursor is None:
+        return {"sensor": sensor.name, "interval": sensor.interval, "last_call": None, "cursor": None, "error": None}
+    called = cursor.updated_at.isoformat() if cursor.updated_at else None
+    return {"sensor": sensor.name, "interval": sensor.interval, "last_call": called, "cursor": cursor.value,
+            "error": cursor.error}
 
 
 def _daemon_json(holder: Any) -> dict[str, Any] | None:
@@ -552,12 +579,14 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
         raise CliError("--grace must be a number of seconds >= 0")
     if not 0 < args.hold < 86400:
         raise CliError("--hold must be a number of seconds > 0")
+    if not 0 < args.automation_interval < 86400:
+        raise CliError("--automation-interval must be a number of seconds > 0")
     pipeline = _pipeline(args)
     stop = anyio.Event()
     async with _runtime(args, pipeline) as rt, anyio.create_task_group() as daemon:
         daemon.start_soon(_stop_on_signals, stop, daemon.cancel_scope)
         await run_daemon(rt, pipeline.schedules, sensors=pipeline.sensors, stop=stop, grace=args.grace,
-                         hold=args.hold)
+                         hold=args.hold, automation_interval=args.automation_interval)
         daemon.cancel_scope.cancel()
     return EXIT_OK
 

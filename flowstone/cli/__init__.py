@@ -112,17 +112,20 @@ def _parser() -> argparse.ArgumentParser:
     reject.add_argument("id")
     reject.add_argument("--reason", required=True, metavar="R")
 
-    daemon = command("daemon", "run the schedules and resume unfinished backfills, until SIGTERM/SIGINT "
-                               "(one active per store; others wait as standbys)")
-    daemon.add_argument("--grace", type=float, default=30.0, metavar="S",
-                        help="seconds work in flight may take to finish once stopping (30)")
-    daemon.add_argument("--hold", type=float, default=15.0, metavar="S",
-                        help="seconds the active daemon's hold lasts without a heartbeat; a standby takes over "
-                             "that long after it dies (15)")
-    daemon.add_argument("--automation-interval", type=float, default=10.0, metavar="S",
-                        help="seconds between two looks for upstream changes and missing partitions (10)")
-    daemon.add_argument("--log-format", choices=["text", "json"], default="text",
-                        help="log lines as text, or one JSON object per line")
+    daemon = command("daemon", "run the schedules, sensors and automation, and resume unfinished backfills, "
+                               "until SIGTERM/SIGINT (one active per store; others wait as standbys)")
+    dev = command("dev", "the daemon for local work: shorter grace and hold; the flights example when no "
+                         "pipeline is configured")
+    for parser_, grace, hold, looks in ((daemon, 30.0, 15.0, 10.0), (dev, 5.0, 5.0, 2.0)):
+        parser_.add_argument("--grace", type=float, default=grace, metavar="S",
+                             help=f"seconds work in flight may take to finish once stopping ({grace:g})")
+        parser_.add_argument("--hold", type=float, default=hold, metavar="S",
+                             help="seconds the active daemon's hold lasts without a heartbeat; a standby takes "
+                                  f"over that long after it dies ({hold:g})")
+        parser_.add_argument("--automation-interval", type=float, default=looks, metavar="S",
+                             help=f"seconds between two looks for upstream changes and missing partitions ({looks:g})")
+        parser_.add_argument("--log-format", choices=["text", "json"], default="text",
+                             help="log lines as text, or one JSON object per line")
 
     command("migrate", "create or upgrade the store's schema")
     return parser

@@ -591,6 +591,21 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EXAMPLE = "flowstone.examples.flights:pipeline"
+
+
+async def cmd_dev(args: argparse.Namespace) -> int:
+    """``daemon`` with local defaults, on the example pipeline when none is configured."""
+    import logging
+
+    try:
+        pipeline_reference(args.pipeline)
+    except CliError:
+        args.pipeline = EXAMPLE
+        logging.getLogger("flowstone.daemon").info("no pipeline configured: running the example (%s)", EXAMPLE)
+    return await cmd_daemon(args)
+
+
 async def _stop_on_signals(stop: Any, now: Any) -> None:
     """The first SIGTERM or SIGINT sets ``stop``; the next one cancels ``now``."""
     import logging

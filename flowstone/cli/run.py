@@ -20,7 +20,8 @@ def run_command(args: argparse.Namespace) -> int:
     from ..tenancy import tenant_scope
     from . import commands
 
-    _logging(args.debug, info=args.command == "daemon", json_lines=getattr(args, "log_format", "text") == "json")
+    json_lines = getattr(args, "log_format", "text") == "json"
+    _logging(args.debug, info=args.command in ("daemon", "dev"), json_lines=json_lines)
     handler = getattr(commands, f"cmd_{args.command}")
     try:
         with tenant_scope(args.tenant) if args.tenant else _nothing():

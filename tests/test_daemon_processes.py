@@ -55,9 +55,9 @@ LINE_SECONDS = 60.0
 class Daemon:
     """A ``flowstone daemon`` process whose log lines the test waits for."""
 
-    def __init__(self, folder: Path, env: dict[str, str], *args: str) -> None:
+    def __init__(self, folder: Path, env: dict[str, str], *args: str, command: str = "daemon") -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flowstone", "daemon", *args], cwd=folder, env=env,
+            [sys.executable, "-m", "flowstone", command, *args], cwd=folder, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -277,3 +277,17 @@ def test_a_sensor_and_eager_automation_in_a_daemon_process(tmp_path):
     clean = next(a for a in status["assets"] if a["asset"] == "clean")
     assert clean["counts"]["succeeded"] == 2
     assert sum("clean @ 2024-01-02 runs" in line for line in daemon.seen) == 1  # once, never in a loop
+
+
+def test_dev_runs_the_daemon_on_the_example_when_no_pipeline_is_configured(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("FLOWSTONE_DSN", "FLOWSTONE_PIPELINE")}
+    daemon = Daemon(tmp_path, env, command="dev")
+    try:
+        daemon.wait_for(r"no pipeline configured: running the example \(flowstone.examples.flights:pipeline\)")
+        daemon.wait_for(r"active \(fence 1\), 1 schedules")
+        daemon.process.send_signal(signal.SIGINT)  # Ctrl-C in the terminal
+        daemon.rest()
+        assert daemon.process.wait(timeout=60) == 0, daemon.seen
+    finally:
+        daemon.stop()
+    assert (tmp_path / ".flowstone" / "flowstone.db").is_file()  # the embedded store, made on first use

@@ -18,7 +18,7 @@ def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
-        "backfill", "cancel-storm", "chaos", "core", "dags", "executors", "flights-dagster", "instructions", "io",
+        "backfill", "cancel-storm", "chaos", "core", "daemon", "dags", "executors", "flights-dagster", "instructions", "io",
         "memory", "postgres", "processes", "ranges", "registrations", "runtime", "schedules", "soak", "sqlite", "startup",
         "store-writes",
     ]
@@ -73,6 +73,16 @@ def test_schedules_scenario_checks_every_tick():
     assert result.returncode == 0, result.stderr
     [row] = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
     assert row["ticks"] == 2 * 15 + 2 * 3 + 2 * 1 and row["doubled"] == row["missing"] == 0
+
+
+def test_daemon_scenario_measures_real_daemon_processes():
+    result = run_stress("daemon", "--idle-seconds", "2", "--sample", "1", "--ticks", "3", "--hold", "1.5",
+                        "--takeovers", "1")
+    assert result.returncode == 0, result.stderr
+    latency, takeover, idle = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert latency["median_ms"] >= 0 and latency["exit"] == 0
+    assert takeover["ticks_missing"] == takeover["ticks_unfinished"] == 0 and 0 < takeover["max_s"] < 60
+    assert idle["rss_first_mb"] > 0 and idle["samples"] >= 2 and idle["exit"] == 0
 
 
 def test_unknown_scenario_exits_non_zero():

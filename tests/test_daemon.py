@@ -180,3 +180,39 @@ async def test_a_daemon_that_loses_its_hold_stops_its_work_and_stands_by(anyio_b
 async def _asleep(clock: ManualClock) -> bool:
     await anyio.lowlevel.checkpoint()
     return clock.sleeping >= 1
+
+
+async def test_the_daemon_outlives_a_store_failure_and_goes_on_once_it_is_back(anyio_backend, pg_database, caplog):
+    from flowstone.store.postgres import PostgresStore
+    from pgfixtures import admin, run_sync
+
+    async def as_admin(statement: str) -> None:  # on a thread of its own: asyncpg, under either backend
+        await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn, statement)
+
+    gate, clock, stop = Gate(), ManualClock(START), anyio.Event()
+    gate.release.set()
+    p = pipeline(gate)
+    name = p.schedules[0].name
+    async with PostgresStore(pg_database.dsn) as store, fs.open_runtime(p, store=store) as rt:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(lambda: run_daemon(rt, p.schedules, stop=stop, owner="d1", clock=clock))
+            await until(lambda: _asleep(clock), limit=30)
+            # The ticks' table goes away (as a failed migration or an operator might do it).
+            await as_admin("ALTER TABLE flowstone_ticks RENAME TO flowstone_ticks_away")
+            clock.advance(timedelta(seconds=30))  # 06:00: claiming the tick fails; the daemon lives on
+
+            async def failed() -> bool:  # the schedules' loop failed; it starts again after a pause
+                await anyio.lowlevel.checkpoint()
+                return any("the schedules failed (DatabaseError" in r.getMessage() for r in caplog.records)
+
+            await until(failed, limit=30)
+            await as_admin("ALTER TABLE flowstone_ticks_away RENAME TO flowstone_ticks")
+
+            async def ran() -> bool:
+                ticks = await store.last_ticks()
+                return name in ticks and ticks[name].state == "succeeded"
+
+            await until(ran, limit=30)  # started again: the 06:00 tick is caught up ("latest")
+            assert (await store.role_holder("daemon")).owner == "d1"  # it never stopped being the daemon
+            stop.set()
+        assert (await store.last_ticks())[name].at == START + timedelta(seconds=30)

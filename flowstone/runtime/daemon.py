@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -40,7 +40,7 @@ from ..errors import BackfillOwned, FlowstoneError, RuntimeClosed
 from ..schedules import Schedule
 from .automation import AUTOMATION_SECONDS, run_automation, run_sensor
 from .backfill import STALE_SECONDS
-from .scheduler import Clock, run_schedules, run_tick
+from .scheduler import Clock, SystemClock, run_schedules, run_tick
 
 __all__ = ["GRACE_SECONDS", "HOLD_SECONDS", "ROLE", "run_daemon"]
 
@@ -116,18 +116,21 @@ async def _active(
 ) -> None:
     """Hold the role and do the daemon's work until ``stop`` (then release the role)
     or until the hold is lost (then stop at once)."""
-    lost = anyio.Event()
+    lost, since = anyio.Event(), (duties.clock or SystemClock()).now()  # where schedules never run start
     async with anyio.create_task_group() as heart:
         heart.start_soon(_keep_role, rt.store, owner, hold, renewed, lost)
         async with anyio.create_task_group() as work:
             async with anyio.create_task_group() as intake:
-                intake.start_soon(_rerun_unfinished_ticks, rt, duties.schedules, owner, work)
-                intake.start_soon(functools.partial(
-                    run_schedules, rt, duties.schedules, owner, clock=duties.clock, work=work))
-                intake.start_soon(_resume_backfills, rt, work)
-                intake.start_soon(functools.partial(run_automation, rt, work, interval=duties.automation_interval))
-                for sensor in duties.sensors:
-                    intake.start_soon(run_sensor, rt, sensor, work)
+                for what, duty in (
+                    ("running again the ticks left unfinished",
+                     functools.partial(_rerun_unfinished_ticks, rt, duties.schedules, owner, work)),
+                    ("the schedules", functools.partial(
+                        run_schedules, rt, duties.schedules, owner, clock=duties.clock, work=work, since=since)),
+                    ("resuming backfills", functools.partial(_resume_backfills, rt, work)),
+                    ("automation", functools.partial(run_automation, rt, work, interval=duties.automation_interval)),
+                    *((f"sensor {s.name}", functools.partial(run_sensor, rt, s, work)) for s in duties.sensors),
+                ):
+                    intake.start_soon(_supervised, what, duty)
                 async with anyio.create_task_group() as either:
                     either.start_soon(_then_cancel, stop, either)
                     either.start_soon(_then_cancel, lost, either)
@@ -145,6 +148,26 @@ async def _active(
             except FlowstoneError as error:
                 log.warning("daemon %s: the role was not released (%s); a standby takes over when it lapses",
                             owner, error)
+
+
+RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+"""Pauses before a duty that failed starts again (the last one repeats)."""
+
+
+async def _supervised(what: str, duty: Callable[[], Awaitable[None]]) -> None:
+    """Run ``duty`` until it returns; when it fails (the store is away, mostly), log it
+    and start it again after a pause: a daemon does not stop over one failure."""
+    failures = 0
+    while True:
+        try:
+            await duty()
+            return
+        except Exception as error:
+            delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
+            failures += 1
+            log.error("daemon: %s failed (%s: %s); starting again in %gs", what, type(error).__name__, error, delay,
+                      exc_info=not isinstance(error, FlowstoneError))
+        await anyio.sleep(delay)
 
 
 async def _then_cancel(event: anyio.Event, group: TaskGroup) -> None:

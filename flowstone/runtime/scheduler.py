@@ -53,18 +53,21 @@ class SystemClock:
 
 async def run_schedules(
     rt: Any, schedules: Sequence[Schedule], owner: str, *, clock: Clock | None = None, work: TaskGroup | None = None,
+    since: datetime | None = None,
 ) -> None:
     """Run ``schedules`` on ``rt`` until cancelled (see the module doc). ``owner``
-    names this scheduler in the tick records."""
+    names this scheduler in the tick records; a schedule with no tick recorded starts
+    at ``since`` (default: now), so a loop started again after a failure catches up
+    the ticks it missed meanwhile."""
     if work is None:
         async with anyio.create_task_group() as own:
-            await run_schedules(rt, schedules, owner, clock=clock, work=own)
+            await run_schedules(rt, schedules, owner, clock=clock, work=own, since=since)
         return
     clock = clock or SystemClock()
     store = rt.store
     assets = {asset.name: asset for asset in await rt.assets()}
     definitions = {s.asset: assets[s.asset].partitioned_by for s in schedules}
-    started = clock.now()
+    started = since or clock.now()
     recorded = await store.last_ticks()
     last = {s.name: recorded[s.name].at if s.name in recorded else started for s in schedules}
     if not schedules:

@@ -7,7 +7,8 @@
   daemon taking over goes on from there). Each new upstream success triggers one
   materialization of the same partition (or of the whole asset when it is not
   partitioned), with ``upstream="none"``: a failure is not tried again until an
-  upstream changes again. A first look starts now: past successes are not followed.
+  upstream changes again. An asset never followed before is followed from the
+  daemon's start (less ``OVERLAP``): older successes are not followed.
 - for each ``fs.OnMissing()`` asset, at the partitions that should exist (up to the
   newest complete one) and have no success: they are materialized (several at once
   as one backfill), once each while this daemon runs.
@@ -52,9 +53,13 @@ _SETTLED = {Status.SUCCESS, Status.STALE, Status.RUNNING, Status.PENDING, Status
 """A partition in one of these states is not missing (done, or on its way)."""
 
 
-async def run_automation(rt: Any, work: TaskGroup, *, interval: float = AUTOMATION_SECONDS) -> None:
+async def run_automation(
+    rt: Any, work: TaskGroup, *, interval: float = AUTOMATION_SECONDS, since: datetime | None = None,
+) -> None:
     """Evaluate every automated asset of ``rt`` every ``interval`` seconds, starting
-    runs in ``work``, until cancelled."""
+    runs in ``work``, until cancelled. An ``Eager`` asset seen for the first time
+    follows the upstream successes that end after ``since`` (default: now)."""
+    since = since or utcnow()
     assets = {asset.name: asset for asset in await rt.assets()}
     eager = [a for a in assets.values() if isinstance(a.automation, Eager)]
     missing = [a for a in assets.values() if isinstance(a.automation, OnMissing)]
@@ -65,7 +70,7 @@ async def run_automation(rt: Any, work: TaskGroup, *, interval: float = AUTOMATI
     while True:
         for asset in eager:
             try:
-                await _follow_upstream(rt, asset, assets, work, followed)
+                await _follow_upstream(rt, asset, assets, work, followed, since)
             except FlowstoneError as error:
                 log.warning("automation of %s: %s; looking again in %gs", asset.name, error, interval)
         for asset in missing:
@@ -77,14 +82,14 @@ async def run_automation(rt: Any, work: TaskGroup, *, interval: float = AUTOMATI
 
 
 async def _follow_upstream(
-    rt: Any, asset: Asset, assets: dict[str, Asset], work: TaskGroup, followed: dict[tuple[str, str], datetime]
+    rt: Any, asset: Asset, assets: dict[str, Asset], work: TaskGroup, followed: dict[tuple[str, str], datetime],
+    start: datetime,
 ) -> None:
     store, cursor = rt.store, f"automation:{asset.name}"
     saved = await store.load_cursor(cursor)
-    if saved is None or saved.value is None:
-        await store.save_cursor(cursor, utcnow().isoformat())  # from now on
-        return
-    mark = datetime.fromisoformat(saved.value)
+    if saved is None or not saved.value:  # never followed: from the daemon's start on
+        await store.save_cursor(cursor, start.isoformat())
+    mark = datetime.fromisoformat(saved.value) if saved is not None and saved.value else start
     since, newest = mark - OVERLAP, mark
     for seen in [k for k, ended in followed.items() if k[0] == asset.name and ended <= since]:
         del followed[seen]  # older than any success a look can find again: the map stays small

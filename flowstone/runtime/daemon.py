@@ -37,6 +37,7 @@ from anyio.abc import TaskGroup
 
 from ..automation import Sensor
 from ..errors import BackfillOwned, FlowstoneError, RuntimeClosed
+from ..plumbing.clock import utcnow
 from ..schedules import Schedule
 from .automation import AUTOMATION_SECONDS, run_automation, run_sensor
 from .backfill import STALE_SECONDS
@@ -127,7 +128,8 @@ async def _active(
                     ("the schedules", functools.partial(
                         run_schedules, rt, duties.schedules, owner, clock=duties.clock, work=work, since=since)),
                     ("resuming backfills", functools.partial(_resume_backfills, rt, work)),
-                    ("automation", functools.partial(run_automation, rt, work, interval=duties.automation_interval)),
+                    ("automation", functools.partial(
+                        run_automation, rt, work, interval=duties.automation_interval, since=utcnow())),
                     *((f"sensor {s.name}", functools.partial(run_sensor, rt, s, work)) for s in duties.sensors),
                 ):
                     intake.start_soon(_supervised, what, duty)

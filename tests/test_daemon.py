@@ -47,19 +47,25 @@ def pipeline(gate: Gate) -> fs.Pipeline:
     return p
 
 
+async def _first_tick_started(tasks, rt, p, stop, clock, gate, **options) -> None:
+    """Start the daemon ("d1") in ``tasks``; move the clock to 06:00 and wait until the
+    tick's run is inside the asset function."""
+    tasks.start_soon(lambda: run_daemon(rt, p.schedules, stop=stop, owner="d1", clock=clock, **options))
+    await until(lambda: _asleep(clock))
+    clock.advance(timedelta(seconds=30))
+
+    async def started() -> bool:
+        return gate.started == 1
+
+    await until(started)
+
+
 async def test_stopping_lets_work_in_flight_finish_within_the_grace(anyio_backend):
     gate, clock, stop = Gate(), ManualClock(START), anyio.Event()
     p = pipeline(gate)
     async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(lambda: run_daemon(rt, p.schedules, stop=stop, owner="d1", clock=clock, grace=60))
-            await until(lambda: _asleep(clock))
-            clock.advance(timedelta(seconds=30))  # 06:00: the tick starts and waits at the gate
-
-            async def started() -> bool:
-                return gate.started == 1
-
-            await until(started)
+            await _first_tick_started(tasks, rt, p, stop, clock, gate, grace=60)  # waits at the gate
             assert (await store.role_holder(ROLE)).owner == "d1"
             stop.set()  # no more work is taken; the tick in flight may finish
 
@@ -79,14 +85,7 @@ async def test_work_still_running_when_the_grace_ends_is_cancelled_and_recorded(
     p = pipeline(gate)
     async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(lambda: run_daemon(rt, p.schedules, stop=stop, owner="d1", clock=clock, grace=0.05))
-            await until(lambda: _asleep(clock))
-            clock.advance(timedelta(seconds=30))
-
-            async def started() -> bool:
-                return gate.started == 1
-
-            await until(started)
+            await _first_tick_started(tasks, rt, p, stop, clock, gate, grace=0.05)  # waits at the gate
             stop.set()  # the gate never opens
         [(_, tick)] = (await store.last_ticks()).items()
         assert (tick.state, tick.error) == ("cancelled", "the daemon stopped before the tick's run ended")
@@ -156,14 +155,7 @@ async def test_a_daemon_that_loses_its_hold_stops_its_work_and_stands_by(anyio_b
     p = pipeline(gate)
     async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(lambda: run_daemon(rt, p.schedules, stop=stop, owner="d1", clock=clock, hold=0.3))
-            await until(lambda: _asleep(clock))
-            clock.advance(timedelta(seconds=30))
-
-            async def started() -> bool:
-                return gate.started == 1
-
-            await until(started)
+            await _first_tick_started(tasks, rt, p, stop, clock, gate, hold=0.3)  # waits at the gate
             # Another daemon takes the role (as if d1 had been silent past its hold).
             await store.release_role(ROLE, "d1")
             assert (await store.claim_role(ROLE, "d2", 60)).owner == "d2"

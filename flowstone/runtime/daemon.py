@@ -75,7 +75,8 @@ async def run_daemon(
 ) -> None:
     """Be the store's daemon until ``stop`` is set (see the module doc): run
     ``schedules``, ``sensors`` and the automation of ``rt``'s assets (looked at every
-    ``automation_interval`` seconds)."""
+    ``automation_interval`` seconds). Backfills it resumed run in ``rt``: those still
+    running when it returns stop when ``rt`` closes, saved ``interrupted``."""
     owner = owner or daemon_owner()
     store = rt.store
     standby_for: str | None = None

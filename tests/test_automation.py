@@ -7,10 +7,10 @@ from datetime import date
 
 import anyio
 import pytest
+from waiting import until
 
 import flowstone as fs
 from flowstone.runtime.daemon import run_daemon
-from waiting import until
 
 DAYS = fs.DailyPartitions(start=date(2026, 1, 1), end=date(2026, 1, 6))
 FAST = 0.005

@@ -7,11 +7,11 @@ from datetime import date, datetime, timedelta, timezone
 
 import anyio
 import pytest
+from waiting import until
 
 import flowstone as fs
 from flowstone.runtime.daemon import ROLE, run_daemon
 from flowstone.testing import ManualClock
-from waiting import until
 
 pytestmark = pytest.mark.anyio
 
@@ -175,8 +175,9 @@ async def _asleep(clock: ManualClock) -> bool:
 
 
 async def test_the_daemon_outlives_a_store_failure_and_goes_on_once_it_is_back(anyio_backend, pg_database, caplog):
-    from flowstone.store.postgres import PostgresStore
     from pgfixtures import admin, run_sync
+
+    from flowstone.store.postgres import PostgresStore
 
     async def as_admin(statement: str) -> None:  # on a thread of its own: asyncpg, under either backend
         await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn, statement)

@@ -167,8 +167,8 @@ def _ticks(folder: Path, store_url: str | None, schedule: str) -> list[tuple[dat
             rows = db.execute("SELECT at, owner, state FROM flowstone_ticks WHERE schedule = ? ORDER BY at",
                               (schedule,)).fetchall()
         return [(datetime.fromisoformat(at), owner, state) for at, owner, state in rows]
-    import asyncpg
     import anyio
+    import asyncpg
 
     async def read() -> list:
         connection = await asyncpg.connect(store_url)

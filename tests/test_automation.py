@@ -24,7 +24,7 @@ def test_automation_and_sensors_are_checked_where_they_are_defined():
         @fs.asset(automation=fs.Eager())
         async def alone(ctx, deps):
             return 1
-    with pytest.raises(fs.DefinitionError, match="automation: must be fs.Eager"):
+    with pytest.raises(fs.DefinitionError, match=r"automation: must be fs\.Eager"):
         @fs.asset(automation="eager")
         async def typo(ctx, deps):
             return 1

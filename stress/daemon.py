@@ -1,8 +1,9 @@
 """The daemon as a user runs it (issue #15 figures), each part a real ``flowstone daemon``
 process on the embedded SQLite store in a fresh folder:
 
-- idle: one daily schedule, nothing due; CPU time and RSS of the process sampled
-  every ``--sample`` seconds for ``--idle-seconds`` (expect ~0% and flat);
+- idle: one daily schedule and one Eager asset (looked at every 10 s), nothing due;
+  CPU time and RSS of the process sampled every ``--sample`` seconds for
+  ``--idle-seconds`` (expect ~0% and flat);
 - latency: a schedule ticking every second for ``--ticks`` ticks; from each tick's
   time to the daemon starting its materialization (the time of its JSON log line);
 - takeover: an active daemon and a standby (``--hold`` seconds each); SIGKILL the
@@ -40,6 +41,10 @@ pipeline = fs.Pipeline("idle")
 @pipeline.asset(code_version="1")
 async def report(ctx, deps):
     return 1
+
+@pipeline.asset(depends_on=["report"], code_version="1", automation=fs.Eager())
+async def summary(ctx, deps):
+    return deps["report"]
 
 pipeline.schedule("report", "0 6 * * *")
 '''
@@ -143,7 +148,7 @@ def _idle(seconds: float, every: float) -> dict[str, Any]:
         finally:
             code = daemon.stop()
     return {
-        "scenario": f"idle daemon for {wall:.0f}s (SQLite, 1 daily schedule)",
+        "scenario": f"idle daemon for {wall:.0f}s (SQLite, 1 daily schedule, 1 Eager asset)",
         "cpu_pct": round(100 * cpu / wall, 3), "cpu_s": round(cpu, 2),
         "rss_first_mb": round(samples[0], 1), "rss_last_mb": round(samples[-1], 1),
         "rss_max_mb": round(max(samples), 1), "samples": len(samples), "exit": code,

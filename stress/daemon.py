@@ -150,7 +150,8 @@ def _idle(seconds: float, every: float) -> dict[str, Any]:
     return {
         "scenario": f"idle daemon for {wall:.0f}s (SQLite, 1 daily schedule, 1 Eager asset)",
         "cpu_pct": round(100 * cpu / wall, 3), "cpu_s": round(cpu, 2),
-        "rss_first_mb": round(samples[0], 1), "rss_last_mb": round(samples[-1], 1),
+        "rss_first_mb": round(samples[0], 1), "rss_half_mb": round(samples[len(samples) // 2], 1),
+        "rss_last_mb": round(samples[-1], 1),
         "rss_max_mb": round(max(samples), 1), "samples": len(samples), "exit": code,
     }
 

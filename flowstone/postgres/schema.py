@@ -211,6 +211,10 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         );
         {tenant_policy("flowstone_cursors")}
     """),
+    (11, "an asset's records newest first, a page at a time", """
+        CREATE INDEX flowstone_materializations_asset_seq ON flowstone_materializations
+            (tenant_id, asset_name, seq DESC);
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

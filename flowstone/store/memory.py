@@ -122,8 +122,11 @@ class MemoryStore(MemoryActorClient):
         return await self.handle.call(
             m.ByStatus, tenant=current_tenant(), status=to_status(status), limit=check_limit(limit))
 
-    async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]:
-        return await self.handle.call(m.All, tenant=current_tenant(), asset=asset_name, limit=check_limit(limit))
+    async def list_all(
+        self, *, asset_name: str | None = None, limit: int = 1000, before: uuid.UUID | str | None = None
+    ) -> list[Materialization]:
+        return await self.handle.call(m.All, tenant=current_tenant(), asset=asset_name, limit=check_limit(limit),
+                                      before=None if before is None else parse_id(before))
 
     async def latest_successes(
         self, pairs: Iterable[tuple[str, str | None]]

@@ -13,9 +13,10 @@ Every key starts with the tenant, which the *client* reads from
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -174,6 +175,7 @@ class All(Message[list[Materialization]]):
     tenant: str | None
     asset: str | None
     limit: int
+    before: uuid.UUID | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -517,14 +519,20 @@ class _Handlers:
 
     def all(self, m: All) -> list[Materialization]:
         ids = self.data.by_tenant.get(m.tenant, {})
-        if m.asset is None:
+        if m.asset is None and m.before is None:
             return self._newest(ids, m.limit)
         records = self.data.records
         out: list[Materialization] = []
-        for record_id in reversed(ids):
+        newest_first: Iterator[uuid.UUID] = reversed(ids)
+        if m.before is not None:
+            if m.before not in ids:
+                raise NotFound(f"no record {m.before}", tenant=m.tenant)
+            newest_first = itertools.dropwhile(lambda record_id: record_id != m.before, newest_first)
+            next(newest_first)  # the record itself
+        for record_id in newest_first:
             if len(out) >= m.limit:
                 break
-            if records[record_id].asset_name == m.asset:
+            if m.asset is None or records[record_id].asset_name == m.asset:
                 out.append(records[record_id])
         return out
 

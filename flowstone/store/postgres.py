@@ -538,14 +538,25 @@ class PostgresStore(PostgresClient):
         )
         return [_record(row) for row in rows]
 
-    async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]:
+    async def list_all(
+        self, *, asset_name: str | None = None, limit: int = 1000, before: uuid.UUID | str | None = None
+    ) -> list[Materialization]:
         tenant, count = current_tenant(), check_limit(limit)
+        below = 2**63 - 1
+        if before is not None:
+            rid = parse_id(before)
+            found = await self.db.run(
+                tenant, _fetchval, f"SELECT seq FROM {TABLE} WHERE id = $1 AND tenant_id = $2", rid, tenant or "")
+            if found is None:
+                raise NotFound(f"no record {rid}", tenant=tenant)
+            below = found
         args: tuple[Any, ...]
         if asset_name is None:
-            sql, args = f"{_SELECT} WHERE tenant_id = $1 ORDER BY seq DESC LIMIT $2", (tenant or "", count)
+            sql = f"{_SELECT} WHERE tenant_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+            args = (tenant or "", below, count)
         else:
-            sql = f"{_SELECT} WHERE tenant_id = $1 AND asset_name = $2 ORDER BY seq DESC LIMIT $3"
-            args = (tenant or "", asset_name, count)
+            sql = f"{_SELECT} WHERE tenant_id = $1 AND asset_name = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"
+            args = (tenant or "", asset_name, below, count)
         return [_record(row) for row in await self.db.run(tenant, _fetch, sql, *args)]
 
     async def latest_successes(

@@ -45,7 +45,13 @@ class MaterializationStore(Protocol):
 
     async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]: ...
 
-    async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]: ...
+    async def list_all(
+        self, *, asset_name: str | None = None, limit: int = 1000, before: uuid.UUID | str | None = None
+    ) -> list[Materialization]:
+        """Records, newest first (of ``asset_name`` when given); with ``before``, the ones
+        older than that record (a page after the one that ended with it). ``NotFound``
+        when ``before`` is not a record of the caller's tenant."""
+        ...
 
     # ---- what the runtime needs beyond the public protocol
 

@@ -110,6 +110,7 @@ _COLUMNS = (
 )
 _SELECT = f"SELECT {_COLUMNS} FROM {_TABLE}"
 _SELECT_FROM = _SELECT  # followed by an index hint
+_MAX_SEQ = 2**63 - 1
 _INSERT = f"INSERT INTO {_TABLE} ({_COLUMNS}) VALUES ({', '.join('?' * 18)})"
 _REWRITE = f"""UPDATE {_TABLE} SET status = ?, started_at = ?, completed_at = ?, duration_ms = ?,
     upstream_assets = ?, upstream_partitions = ?, dependency_hash = ?, metadata = ?, error_message = ?,
@@ -330,13 +331,25 @@ class SqliteStore:
             (_tenant(), count),
         )
 
-    async def list_all(self, *, asset_name: str | None = None, limit: int = 1000) -> list[Materialization]:
+    async def list_all(
+        self, *, asset_name: str | None = None, limit: int = 1000, before: uuid.UUID | str | None = None
+    ) -> list[Materialization]:
         count, tenant = check_limit(limit), _tenant()
+        below = _MAX_SEQ
+        if before is not None:
+            rid = str(parse_id(before))
+            found = await self._db.read(lambda c: c.execute(
+                f"SELECT seq FROM {_TABLE} WHERE id = ? AND tenant_id = ?", (rid, tenant)).fetchone())
+            if found is None:
+                raise NotFound(f"no record {rid}", tenant=tenant or None)
+            below = found[0]
         if asset_name is None:  # newest first, walking the table (no sort of every record)
             return await self._read_records(
-                f"{_SELECT_FROM} NOT INDEXED WHERE tenant_id = ? ORDER BY seq DESC LIMIT ?", (tenant, count))
+                f"{_SELECT_FROM} NOT INDEXED WHERE tenant_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+                (tenant, below, count))
         return await self._read_records(
-            f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? ORDER BY seq DESC LIMIT ?", (tenant, asset_name, count)
+            f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (tenant, asset_name, below, count),
         )
 
     async def latest_successes(

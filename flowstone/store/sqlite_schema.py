@@ -127,6 +127,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             updated_at TEXT NOT NULL,
             PRIMARY KEY (tenant_id, name)
         ) WITHOUT ROWID"""),
+    (8, "CREATE INDEX flowstone_materializations_asset_seq ON flowstone_materializations (tenant_id, asset_name, seq)"),
 )
 """(version, SQL). Append only: a shipped migration never changes."""
 

@@ -167,6 +167,20 @@ class StoreContract:
         assert [r.asset_name for r in await store.list_all(asset_name="a")] == ["a", "a"]
         assert len(await store.list_all(limit=2)) == 2
 
+    async def test_list_all_pages_after_a_record(self, store):
+        made = [await store.create(asset_name=name) for name in ("a", "b", "a", "c", "a", "a")]
+        newest_first = [r.id for r in reversed(made)]
+        first = await store.list_all(limit=2)
+        second = await store.list_all(limit=2, before=first[-1].id)
+        assert [r.id for r in first + second] == newest_first[:4]
+        assert [r.id for r in await store.list_all(before=made[1].id)] == [made[0].id]
+        a_pages = [r.id for r in await store.list_all(asset_name="a", limit=3, before=str(made[5].id))]
+        assert a_pages == [made[4].id, made[2].id, made[0].id]
+        assert await store.list_all(before=made[0].id) == []
+        with fs.tenant_scope("other"):
+            with pytest.raises(fs.NotFound):
+                await store.list_all(before=made[3].id)  # another tenant's record is no bookmark
+
     async def test_a_negative_limit_is_refused(self, store):
         with pytest.raises(fs.DefinitionError, match="limit"):
             await store.list_all(limit=-1)

@@ -127,6 +127,15 @@ def _parser() -> argparse.ArgumentParser:
         parser_.add_argument("--log-format", choices=["text", "json"], default="text",
                              help="log lines as text, or one JSON object per line")
 
+    web = command("web", "serve the web view (read-only): asset graph, partition health, records and lineage, "
+                         "backfills live, the daemon")
+    for parser_, default_port in ((web, 3000), (dev, 3000)):
+        parser_.add_argument("--host", default="127.0.0.1", help="the address to listen on (127.0.0.1: this machine)")
+        parser_.add_argument("--port", type=int, default=default_port, metavar="N",
+                             help=f"the port ({default_port}; 0: any free one)")
+        parser_.add_argument("--token", metavar="T", help="require this bearer token (or FLOWSTONE_WEB_TOKEN)")
+    dev.add_argument("--no-web", action="store_true", help="the daemon only")
+
     command("migrate", "create or upgrade the store's schema")
     return parser
 

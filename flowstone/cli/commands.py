@@ -14,6 +14,7 @@ from ..partitions import serialize_partition
 from ..pipeline import Pipeline
 from ..runtime.runtime import Runtime, open_runtime
 from ..store.records import Status
+from ..web.data import automation_name, backfill_json, daemon_json, sensor_json
 from . import EXIT_FAILED, EXIT_OK
 from .config import CliError, load_pipeline, open_store, pipeline_reference, store_url
 from .progress import ProgressView
@@ -88,7 +89,7 @@ async def cmd_assets(args: argparse.Namespace) -> int:
         rows.append({
             "name": asset.name, "depends_on": list(asset.depends_on), "io_manager": asset.io_manager,
             "partitions": _describe_partitions(asset.partitioned_by), "code_version": asset.code_version,
-            "description": asset.description, "automation": _automation_name(asset.automation),
+            "description": asset.description, "automation": automation_name(asset.automation),
         })
     from ..plumbing.clock import utcnow
 
@@ -117,9 +118,7 @@ async def cmd_assets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _automation_name(automation: Any) -> str | None:
-    """``"eager"``, ``"on_missing"`` or None."""
-    return None if automation is None else {"Eager": "eager", "OnMissing": "on_missing"}[type(automation).__name__]
+
 
 
 def _describe_partitions(definition: Any) -> str | None:
@@ -163,9 +162,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
             summary = partition_summary(keys, states)
             summaries.append({"asset": asset.name, "partitioned": definition is not None, **summary})
         last = await store.last_ticks() if pipeline.schedules else {}
-        daemon = _daemon_json(await store.role_holder("daemon"))
+        daemon = daemon_json(await store.role_holder("daemon"))
         cursors = {c.name: c for c in await store.list_cursors()} if pipeline.sensors else {}
-    sensors = [_sensor_json(s, cursors.get(f"sensor:{s.name}")) for s in pipeline.sensors]
+    sensors = [sensor_json(s, cursors.get(f"sensor:{s.name}")) for s in pipeline.sensors]
     ticks = [{
         "schedule": s.name, "asset": s.asset, "last_tick": last[s.name].at.isoformat() if s.name in last else None,
         "state": last[s.name].state if s.name in last else None,
@@ -207,30 +206,6 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if ticks or sensors or daemon is not None:
         print(f"\ndaemon: {_describe_daemon(daemon)}")
     return EXIT_OK
-
-
-def _sensor_json(sensor: Any, cursor: Any) -> dict[str, Any]:
-    """A sensor as ``status --json`` shows it: its last call, the cursor it kept, its last error."""
-    if cursor is None:
-        return {"sensor": sensor.name, "interval": sensor.interval, "last_call": None, "cursor": None, "error": None}
-    called = cursor.updated_at.isoformat() if cursor.updated_at else None
-    return {"sensor": sensor.name, "interval": sensor.interval, "last_call": called, "cursor": cursor.value,
-            "error": cursor.error}
-
-
-def _daemon_json(holder: Any) -> dict[str, Any] | None:
-    """The daemon's role as ``status --json`` shows it: who, its last heartbeat, and
-    whether its hold still lasts (``active``; else it went quiet and a standby may take over)."""
-    from ..plumbing.clock import utcnow
-
-    if holder is None:
-        return None
-    heartbeat = holder.heartbeat_at
-    return {
-        "owner": holder.owner, "fence": holder.fence, "active": holder.expires_at > utcnow(),
-        "heartbeat_at": heartbeat.isoformat() if heartbeat is not None else None,
-        "holds_until": holder.expires_at.isoformat(),
-    }
 
 
 def _describe_daemon(daemon: dict[str, Any] | None) -> str:
@@ -372,7 +347,7 @@ def _brief(record: Any) -> dict[str, Any]:
 async def cmd_backfills(args: argparse.Namespace) -> int:
     async with _store(args) as store:
         saved = await store.list_backfills(limit=args.limit)
-    rows = [_backfill_json(s.status) for s in saved]
+    rows = [backfill_json(s.status) for s in saved]
     if args.json:
         emit_json({"backfills": rows})
         return EXIT_OK
@@ -382,17 +357,6 @@ async def cmd_backfills(args: argparse.Namespace) -> int:
         for r in rows
     ]))
     return EXIT_OK
-
-
-def _backfill_json(status: Any) -> dict[str, Any]:
-    return {
-        "id": str(status.id), "asset": status.asset, "state": status.state, "total": status.total,
-        "queued": status.queued, "running": status.running, "succeeded": status.succeeded,
-        "failed": status.failed, "cancelled": status.cancelled, "interrupted": status.interrupted,
-        "errors": [{"partition": key, "error": message} for key, message in status.errors],
-        "started_at": status.started_at.isoformat() if status.started_at else None,
-        "finished_at": status.finished_at.isoformat() if status.finished_at else None,
-    }
 
 
 # ---------------------------------------------------------------- running
@@ -560,7 +524,7 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     if saved.status.state == "running":
         raise CliError(f"backfill {backfill} is still running: its owner did not stop in time", code=EXIT_FAILED)
     if args.json:
-        emit_json(_backfill_json(saved.status))
+        emit_json(backfill_json(saved.status))
     else:
         status = saved.status
         print(f"backfill {backfill}: {status.state} ({status.succeeded} succeeded, {status.failed} failed, "
@@ -585,8 +549,11 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
     stop = anyio.Event()
     async with _runtime(args, pipeline) as rt, anyio.create_task_group() as daemon:
         daemon.start_soon(_stop_on_signals, stop, daemon.cancel_scope)
-        await run_daemon(rt, pipeline.schedules, sensors=pipeline.sensors, stop=stop, grace=args.grace,
-                         hold=args.hold, automation_interval=args.automation_interval)
+        async with anyio.create_task_group() as serving:  # ends once both have stopped
+            if args.command == "dev" and not args.no_web:
+                serving.start_soon(_serve_web, args, rt.store, pipeline, stop, rt)
+            await run_daemon(rt, pipeline.schedules, sensors=pipeline.sensors, stop=stop, grace=args.grace,
+                             hold=args.hold, automation_interval=args.automation_interval)
         daemon.cancel_scope.cancel()
     return EXIT_OK
 
@@ -595,7 +562,8 @@ EXAMPLE = "flowstone.examples.flights:pipeline"
 
 
 async def cmd_dev(args: argparse.Namespace) -> int:
-    """``daemon`` with local defaults, on the example pipeline when none is configured."""
+    """``daemon`` with local defaults and the web view beside it, on the example
+    pipeline when none is configured."""
     import logging
 
     try:
@@ -604,6 +572,38 @@ async def cmd_dev(args: argparse.Namespace) -> int:
         args.pipeline = EXAMPLE
         logging.getLogger("flowstone.daemon").info("no pipeline configured: running the example (%s)", EXAMPLE)
     return await cmd_daemon(args)
+
+
+async def cmd_web(args: argparse.Namespace) -> int:
+    """Serve the web view until SIGTERM or SIGINT."""
+    import anyio
+
+    pipeline = _pipeline(args)
+    stop = anyio.Event()
+    async with _store(args, must_exist=False) as store, anyio.create_task_group() as tasks:
+        tasks.start_soon(_stop_on_signals, stop, tasks.cancel_scope)
+        await _serve_web(args, store, pipeline, stop)
+        tasks.cancel_scope.cancel()
+    return EXIT_OK
+
+
+async def _serve_web(args: argparse.Namespace, store: Any, pipeline: Pipeline, stop: Any, runtime: Any = None) -> None:
+    """The web view on ``--host``/``--port`` until ``stop`` is set."""
+    import os
+
+    try:
+        from ..web.app import create_app
+        from ..web.server import serve
+    except ImportError as error:
+        raise CliError(f"the web view needs its extra: pip install 'flowstone[web]' ({error})") from None
+    if not 0 <= args.port < 65536:
+        raise CliError("--port must be between 0 and 65535")
+    token = args.token or os.environ.get("FLOWSTONE_WEB_TOKEN") or None
+    app = create_app(store, pipeline, tenant=args.tenant, token=token, runtime=runtime, stopping=stop)
+    try:
+        await serve(app, host=args.host, port=args.port, stopping=stop)
+    except OSError as error:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}", code=3) from None
 
 
 async def _stop_on_signals(stop: Any, now: Any) -> None:
@@ -737,7 +737,7 @@ def _announce(path: str, backfill: uuid.UUID) -> None:
 def _backfill_summary(args: argparse.Namespace, status: Any) -> int:
     failed = status.state != "succeeded"
     if args.json:
-        emit_json({**_backfill_json(status), "skipped": getattr(args, "_skipped", 0),
+        emit_json({**backfill_json(status), "skipped": getattr(args, "_skipped", 0),
                    "seconds": round(getattr(args, "_elapsed", 0.0), 3)})
         return EXIT_FAILED if failed else EXIT_OK
     elapsed, rate = getattr(args, "_elapsed", 0.0), getattr(args, "_rate", 0.0)

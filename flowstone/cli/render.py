@@ -13,13 +13,7 @@ __all__ = [
     "STATES", "dot", "emit_json", "mermaid", "partition_summary", "record_json", "table", "text_tree",
 ]
 
-STATES = ("succeeded", "failed", "missing", "stale", "running")
-"""What ``status`` reports per partition, from the status of its latest record."""
-
-_STATE_OF = {
-    "success": "succeeded", "stale": "stale", "failed": "failed", "cancelled": "missing",
-    "running": "running", "pending": "running", "waiting_approval": "running",
-}
+from ..store.health import STATES, partition_summary
 
 
 def emit_json(value: Any) -> None:
@@ -127,29 +121,6 @@ def dot(names: Sequence[str], edges: Sequence[tuple[str, str]]) -> str:
 
 
 # --------------------------------------------------------------- partitions
-
-
-def partition_summary(keys: Iterable[str | None], states: Mapping[str | None, Any]) -> dict[str, Any]:
-    """Counts per state and the runs of consecutive partitions in one state, in the
-    definition's order: ``{"total", "counts": {state: n}, "ranges": {state: [[first,
-    last, n], ...]}}``. A partition without a record is missing."""
-    counts = dict.fromkeys(STATES, 0)
-    ranges: dict[str, list[list[Any]]] = {state: [] for state in STATES}
-    current: list[Any] | None = None
-    current_state = None
-    total = 0
-    for key in keys:
-        found = states.get(key)
-        state = "missing" if found is None else _STATE_OF.get(str(found), "missing")
-        counts[state] += 1
-        total += 1
-        if state == current_state and current is not None:
-            current[1] = key
-            current[2] += 1
-        else:
-            current, current_state = [key, key, 1], state
-            ranges[state].append(current)
-    return {"total": total, "counts": counts, "ranges": ranges}
 
 
 def describe_range(first: Any, last: Any, count: int) -> str:

@@ -17,16 +17,23 @@ __all__ = ["exit_code", "run_command"]
 def run_command(args: argparse.Namespace) -> int:
     import anyio
 
+    from ..errors import single_error
     from ..tenancy import tenant_scope
     from . import commands
 
     json_lines = getattr(args, "log_format", "text") == "json"
-    _logging(args.debug, info=args.command in ("daemon", "dev"), json_lines=json_lines)
+    _logging(args.debug, info=args.command in ("daemon", "dev", "web"), json_lines=json_lines)
     handler = getattr(commands, f"cmd_{args.command}")
     try:
+        async def main() -> int:
+            try:
+                code: int = await handler(args)
+                return code
+            except BaseExceptionGroup as group:  # from a command's task group: the error inside it
+                raise single_error(group) from None
+
         with tenant_scope(args.tenant) if args.tenant else _nothing():
-            code: int = anyio.run(handler, args)
-        return code
+            return anyio.run(main)
     except KeyboardInterrupt:
         hint = ("; the backfill is saved interrupted: 'flowstone resume ID' or a running daemon continues it, "
                 "'flowstone cancel ID' stops it for good (ids: 'flowstone backfills')"

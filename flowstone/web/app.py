@@ -1,0 +1,168 @@
+"""The web view's ASGI application (Starlette): read-only pages and their JSON twins.
+
+``create_app(store, pipeline, tenant=None, token=None, runtime=None)``. Every request
+runs in the server's one tenant. With ``token``, a request must carry it: an
+``Authorization: Bearer`` header, or the ``flowstone_token`` cookie that a first visit
+with ``?token=...`` sets (a browser cannot add headers to a link or an event stream).
+Backfill progress streams as server-sent events: from ``runtime``'s events when the
+backfill runs there (``flowstone dev``), else from the store, read twice a second.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import BackfillNotFound, FlowstoneError, NotFound
+from ..pipeline import Pipeline
+from ..tenancy import tenant_scope
+from . import data, html
+
+__all__ = ["create_app"]
+
+POLL_SECONDS = 0.5
+"""How often a progress stream reads a backfill that runs in another process."""
+COOKIE = "flowstone_token"
+
+
+def create_app(
+    store: Any, pipeline: Pipeline, *, tenant: str | None = None, token: str | None = None, runtime: Any = None,
+    stopping: anyio.Event | None = None,
+) -> ASGIApp:
+    """The application; ``stopping`` (set when the server shuts down) ends open streams."""
+    stopping = stopping or anyio.Event()
+
+    View = Callable[[Request], Awaitable[dict[str, Any]]]
+    Endpoint = Callable[[Request], Awaitable[Response]]
+
+    def page(view: View, render: Callable[..., str]) -> tuple[Endpoint, Endpoint]:
+        """The view as an HTML page and as its JSON twin."""
+        async def as_html(request: Request) -> Response:
+            return HTMLResponse(render(await view(request), tenant=tenant))
+
+        async def as_json(request: Request) -> Response:
+            return JSONResponse(await view(request))
+
+        return as_html, as_json
+
+    async def graph(request: Request) -> dict[str, Any]:
+        return data.graph_data(pipeline)
+
+    async def asset(request: Request) -> dict[str, Any]:
+        name = request.path_params["name"]
+        if name not in pipeline:
+            raise NotFound(f"no asset {name!r}")
+        return await data.asset_data(store, pipeline, name, before=request.query_params.get("before"))
+
+    async def record(request: Request) -> dict[str, Any]:
+        return await data.record_data(store, pipeline, request.path_params["id"])
+
+    async def backfills(request: Request) -> dict[str, Any]:
+        return await data.backfills_data(store)
+
+    async def backfill(request: Request) -> dict[str, Any]:
+        id = request.path_params["id"]
+        return data.backfill_json(
+            await (runtime.backfill_status(id) if runtime is not None else _backfill_status(store, id)))
+
+    async def daemon(request: Request) -> dict[str, Any]:
+        return await data.daemon_data(store, pipeline)
+
+    async def events(request: Request) -> Response:
+        id = request.path_params["id"]
+        first = await (runtime.backfill_status(id) if runtime is not None else _backfill_status(store, id))
+        return StreamingResponse(_progress(store, runtime, first, stopping), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    routes = []
+    for path, view, render in (
+        ("/", graph, html.graph_page), ("/assets/{name}", asset, html.asset_page),
+        ("/records/{id}", record, html.record_page), ("/backfills", backfills, html.backfills_page),
+        ("/backfills/{id}", backfill, html.backfill_page), ("/daemon", daemon, html.daemon_page),
+    ):
+        as_html, as_json = page(view, render)
+        routes.append(Route(path, as_html))
+        routes.append(Route("/api" + ("/graph" if path == "/" else path), as_json))
+    routes.append(Route("/api/backfills/{id}/events", events))
+    app = Starlette(routes=routes, exception_handlers={FlowstoneError: _error})
+    return _Guarded(app, tenant, token)
+
+
+async def _backfill_status(store: Any, id: str) -> Any:
+    from ..store.records import parse_id
+
+    backfill = parse_id(id, "backfill")
+    saved = await store.load_backfill(backfill)
+    if saved is None:
+        raise BackfillNotFound(backfill)
+    return saved.status
+
+
+async def _progress(store: Any, runtime: Any, first: Any, stopping: anyio.Event) -> AsyncIterator[str]:
+    """``data: {backfill}`` at once and at each change, until it has ended (or the server stops)."""
+    yield f"data: {json.dumps(data.backfill_json(first))}\n\n"
+    last, status = first, first
+    while status.state == "running" and not stopping.is_set():
+        with anyio.move_on_after(POLL_SECONDS):
+            await stopping.wait()
+        status = await (runtime.backfill_status(first.id) if runtime is not None else _saved(store, first.id))
+        if status != last:
+            yield f"data: {json.dumps(data.backfill_json(status))}\n\n"
+            last = status
+
+
+async def _saved(store: Any, backfill: Any) -> Any:
+    return (await store.load_backfill(backfill)).status
+
+
+async def _error(request: Request, error: Exception) -> Response:
+    status = 404 if isinstance(error, (NotFound, BackfillNotFound)) else 400
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": str(error), "type": type(error).__name__}, status_code=status)
+    body = f"<h1>{'Not found' if status == 404 else 'Bad request'}</h1><p>{html.escape(str(error))}</p>"
+    return HTMLResponse(html._page("Error", body, tenant=None), status_code=status)
+
+
+class _Guarded:
+    """Every request in the server's tenant; with a token, only those carrying it."""
+
+    def __init__(self, app: ASGIApp, tenant: str | None, token: str | None) -> None:
+        self.app, self.tenant, self.token = app, tenant, token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.token is not None:
+            request = Request(scope)
+            given = request.query_params.get("token")
+            if given is not None and hmac.compare_digest(given, self.token):
+                answer = RedirectResponse(request.url.remove_query_params("token"), status_code=303)
+                answer.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+                await answer(scope, receive, send)
+                return
+            header = request.headers.get("authorization", "")
+            offered = header.removeprefix("Bearer ") if header.startswith("Bearer ") else request.cookies.get(COOKIE)
+            if offered is None or not hmac.compare_digest(offered, self.token):
+                await JSONResponse({"error": "a token is needed: Authorization: Bearer <token>, or open "
+                                    "/?token=<token> once in a browser"}, status_code=401)(scope, receive, send)
+                return
+        with tenant_scope(self.tenant) if self.tenant else _nothing():
+            await self.app(scope, receive, send)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

@@ -27,9 +27,15 @@ text-align:left;vertical-align:top;font-size:13px}th{background:#eef0f3}a{color:
 .pill{display:inline-block;padding:1px 7px;border-radius:9px;color:#fff;font-size:12px}
 .muted{color:#6b7480}pre{background:#fff;border:1px solid #e3e6ea;padding:10px;overflow:auto;font-size:12px}
 .bar{background:#e3e6ea;border-radius:4px;height:14px;width:320px;overflow:hidden;display:inline-block}
-.bar span{display:block;height:100%;background:#2e9e5b}.legend span{margin-right:14px}
+.bar span{display:block;height:100%;float:left}.bar .ok{background:#2e9e5b}.bar .bad{background:#d64545}.legend span{margin-right:14px}
 .graph{background:#fff;border:1px solid #e3e6ea;overflow:auto;max-height:78vh}
 """
+
+
+_ICON = ("data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E%3Crect "
+         "width='16' height='16' rx='3' fill='%231d2430'/%3E%3Crect x='3' y='9' width='4' height='4' "
+         "fill='%232e9e5b'/%3E%3Crect x='9' y='3' width='4' height='4' fill='%233b7dd8'/%3E%3C/svg%3E")
+"""The page icon, inline (nothing is fetched from elsewhere, not even /favicon.ico)."""
 
 
 def _page(title: str, body: str, *, tenant: str | None) -> str:
@@ -37,6 +43,7 @@ def _page(title: str, body: str, *, tenant: str | None) -> str:
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         f"<meta name=viewport content='width=device-width'><title>{escape(title)} · FlowStone</title>"
+        f"<link rel=icon href=\"{_ICON}\">"
         f"<style>{_STYLE}</style></head><body><header><b>FlowStone</b><a href='/'>Graph</a>"
         f"<a href='/backfills'>Backfills</a><a href='/daemon'>Daemon</a>{who}</header>"
         f"<main>{body}</main></body></html>"
@@ -175,9 +182,11 @@ def record_page(data: dict[str, Any], *, tenant: str | None) -> str:
 # --------------------------------------------------------------- backfills
 
 def _progress(b: dict[str, Any]) -> str:
-    done = b["succeeded"] + b["failed"] + b["cancelled"]
-    pct = 100.0 * done / b["total"] if b["total"] else 100.0
-    return (f'<span class="bar"><span style="width:{pct:.1f}%"></span></span> '
+    """Succeeded (green) then failed or cancelled (red) of the total."""
+    total = b["total"] or 1
+    ok, bad = 100.0 * b["succeeded"] / total, 100.0 * (b["failed"] + b["cancelled"]) / total
+    return (f'<span class="bar"><span class="ok" style="width:{ok:.1f}%"></span>'
+            f'<span class="bad" style="width:{bad:.1f}%"></span></span> '
             f'<span class="count">{b["succeeded"]:,} succeeded, {b["failed"]:,} failed of {b["total"]:,}</span>')
 
 
@@ -195,8 +204,9 @@ def backfills_page(data: dict[str, Any], *, tenant: str | None) -> str:
 
 _LIVE = """<script>
 (function(){var src=new EventSource(location.pathname.replace('/backfills/','/api/backfills/')+'/events');
-src.onmessage=function(e){var b=JSON.parse(e.data),done=b.succeeded+b.failed+b.cancelled;
-document.querySelector('#progress .bar span').style.width=(b.total?100*done/b.total:100)+'%';
+src.onmessage=function(e){var b=JSON.parse(e.data),t=b.total||1;
+document.querySelector('#progress .ok').style.width=(100*b.succeeded/t)+'%';
+document.querySelector('#progress .bad').style.width=(100*(b.failed+b.cancelled)/t)+'%';
 document.querySelector('#progress .count').textContent=b.succeeded.toLocaleString()+' succeeded, '+
 b.failed.toLocaleString()+' failed of '+b.total.toLocaleString();
 document.getElementById('state').textContent=b.state;if(b.state!=='running'){src.close();}};})();

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import chaos, core, daemon, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, schedules, soak, sqlite, startup
+from . import chaos, core, daemon, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, schedules, soak, sqlite, startup, web
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
@@ -33,6 +33,7 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "soak": (soak.run, "mixed load with chaos for --minutes (default 10): memory must stay flat"),
     "sqlite": (sqlite.run, "backfills with records in the embedded SQLite store: 366, 10,000; status of 100,000 (issue #14)"),
     "startup": (startup.run, "import flowstone, flowstone --help, and the flights example's main job (issue #14)"),
+    "web": (web.run, "flowstone web at 100,000 partitions and 200 assets: first byte, full load, RSS (issue #16)"),
     "store-writes": (load.run_store_writes, "many tasks writing records into the memory store at once"),
 }
 

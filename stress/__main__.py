@@ -33,8 +33,8 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "soak": (soak.run, "mixed load with chaos for --minutes (default 10): memory must stay flat"),
     "sqlite": (sqlite.run, "backfills with records in the embedded SQLite store: 366, 10,000; status of 100,000 (issue #14)"),
     "startup": (startup.run, "import flowstone, flowstone --help, and the flights example's main job (issue #14)"),
-    "web": (web.run, "flowstone web at 100,000 partitions and 200 assets: first byte, full load, RSS (issue #16)"),
     "store-writes": (load.run_store_writes, "many tasks writing records into the memory store at once"),
+    "web": (web.run, "flowstone web at 100,000 partitions and 200 assets: first byte, full load, RSS (issue #16)"),
 }
 
 

@@ -20,7 +20,7 @@ def test_list_names_every_scenario():
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
         "backfill", "cancel-storm", "chaos", "core", "daemon", "dags", "executors", "flights-dagster", "instructions", "io",
         "memory", "postgres", "processes", "ranges", "registrations", "runtime", "schedules", "soak", "sqlite", "startup",
-        "store-writes",
+        "store-writes", "web",
     ]
 
 
@@ -83,6 +83,15 @@ def test_daemon_scenario_measures_real_daemon_processes():
     assert latency["median_ms"] >= 0 and latency["exit"] == 0
     assert takeover["ticks_missing"] == takeover["ticks_unfinished"] == 0 and 0 < takeover["max_s"] < 60
     assert idle["rss_first_mb"] > 0 and idle["samples"] >= 2 and idle["exit"] == 0
+
+
+def test_web_scenario_times_pages_of_a_real_server():
+    result = run_stress("web", "--partitions", "300", "--assets", "20", "--repeat", "1")
+    assert result.returncode == 0, result.stderr
+    rows = {row["scenario"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])["rows"]}
+    page = rows["asset page, 300 partitions (HTML)"]
+    assert 0 < page["first_byte_ms"] <= page["full_load_ms"] and page["kb"] > 0
+    assert rows["server RSS (MB) at start / after the requests"]["rss_after_mb"] > 0
 
 
 def test_unknown_scenario_exits_non_zero():

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import urllib.request
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -85,6 +86,16 @@ class Daemon:
             match = re.search(pattern, line)
             if match:
                 found.append(match)
+        return found
+
+    def wait_for_all(self, *patterns: str) -> dict[str, re.Match[str]]:
+        """The first line matching each of ``patterns``, in whatever order they come."""
+        found: dict[str, re.Match[str]] = {}
+        while len(found) < len(patterns):
+            [line] = [m.string for m in self.wait_for(r".")]
+            for pattern in patterns:
+                if pattern not in found and (match := re.search(pattern, line)):
+                    found[pattern] = match
         return found
 
     def rest(self) -> list[str]:
@@ -281,10 +292,13 @@ def test_a_sensor_and_eager_automation_in_a_daemon_process(tmp_path):
 
 def test_dev_runs_the_daemon_on_the_example_when_no_pipeline_is_configured(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("FLOWSTONE_DSN", "FLOWSTONE_PIPELINE")}
-    daemon = Daemon(tmp_path, env, command="dev")
+    daemon = Daemon(tmp_path, env, "--port", "0", command="dev")
     try:
         daemon.wait_for(r"no pipeline configured: running the example \(flowstone.examples.flights:pipeline\)")
-        daemon.wait_for(r"active \(fence 1\), 1 schedules")
+        web, active = r"web view on (http://127.0.0.1:\d+)", r"active \(fence 1\), 1 schedules"
+        url = daemon.wait_for_all(web, active)[web].group(1)
+        with urllib.request.urlopen(f"{url}/api/graph", timeout=30) as answer:  # the web view beside it
+            assert "yearly_report" in {a["name"] for a in json.load(answer)["assets"]}
         daemon.process.send_signal(signal.SIGINT)  # Ctrl-C in the terminal
         daemon.rest()
         assert daemon.process.wait(timeout=60) == 0, daemon.seen

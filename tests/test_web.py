@@ -93,13 +93,13 @@ async def test_pages_and_their_json_twins(anyio_backend):
             raw = await server.json("/api/assets/raw")
             assert raw["health"]["counts"] == {"succeeded": 4, "failed": 1, "missing": 5, "stale": 0, "running": 0}
             assert raw["health"]["segments"] == [
-                ["2026-01-01", "2026-01-03", 3, "succeeded"], ["2026-01-04", "2026-01-04", 1, "failed"],
-                ["2026-01-05", "2026-01-05", 1, "succeeded"], ["2026-01-06", "2026-01-10", 5, "missing"],
+                ["2026-01-01", "2026-01-03", 3, {"succeeded": 3}], ["2026-01-04", "2026-01-04", 1, {"failed": 1}],
+                ["2026-01-05", "2026-01-05", 1, {"succeeded": 1}], ["2026-01-06", "2026-01-10", 5, {"missing": 5}],
             ]
             assert [r["partition"] for r in raw["records"]][:2] == ["2026-01-05", "2026-01-04"]
             assert raw["dependents"] == ["clean"] and raw["next"] is None
             html = await server.html("/assets/raw")
-            assert 'data-state="failed"' in html and "2026-01-06..2026-01-10 (5): missing" in html
+            assert 'data-state="failed"' in html and "2026-01-06..2026-01-10 (5): 5 missing" in html
 
             failed = next(r for r in raw["records"] if r["status"] == "failed")
             shown = await server.json(f"/api/records/{failed['id']}")

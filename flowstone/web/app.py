@@ -40,6 +40,7 @@ def create_app(
 ) -> ASGIApp:
     """The application; ``stopping`` (set when the server shuts down) ends open streams."""
     stopping = stopping or anyio.Event()
+    healths = data.HealthCache()
 
     View = Callable[[Request], Awaitable[dict[str, Any]]]
     Endpoint = Callable[[Request], Awaitable[Response]]
@@ -61,7 +62,7 @@ def create_app(
         name = request.path_params["name"]
         if name not in pipeline:
             raise NotFound(f"no asset {name!r}")
-        return await data.asset_data(store, pipeline, name, before=request.query_params.get("before"))
+        return await data.asset_data(store, pipeline, name, before=request.query_params.get("before"), cache=healths)
 
     async def record(request: Request) -> dict[str, Any]:
         return await data.record_data(store, pipeline, request.path_params["id"])

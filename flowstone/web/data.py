@@ -7,26 +7,29 @@ No third-party import here: ``flowstone status`` uses the same functions.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import itertools
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import date
 from typing import Any
 
 from ..dag import execution_layers
 from ..partitions import serialize_partition
 from ..pipeline import Pipeline
 from ..plumbing.clock import utcnow
-from ..store.health import partition_summary, state_of
+from ..store.health import STATES, state_of
+from ..tenancy import current_tenant
 
 __all__ = [
-    "PAGE", "asset_data", "backfill_json", "backfills_data", "daemon_data", "daemon_json", "graph_data",
-    "health_segments", "record_data", "record_json", "sensor_json",
+    "PAGE", "HealthCache", "asset_data", "backfill_json", "backfills_data", "daemon_data", "daemon_json", "graph_data",
+    "health", "key_strings", "record_data", "record_json", "sensor_json",
 ]
 
 PAGE = 50
 """Records per page."""
 MAX_SEGMENTS = 1000
-"""A health bar draws at most this many segments; beyond, partitions are grouped."""
-_WORST = ("failed", "running", "stale", "missing", "succeeded")
-"""Which state a group of partitions shows: the first of these any of them is in."""
+"""A health bar draws at most this many segments; beyond, partitions are grouped evenly."""
 
 
 def graph_data(pipeline: Pipeline) -> dict[str, Any]:
@@ -46,55 +49,86 @@ def automation_name(automation: Any) -> str | None:
     return None if automation is None else {"Eager": "eager", "OnMissing": "on_missing"}[type(automation).__name__]
 
 
+class HealthCache:
+    """Each asset's partition health, computed at most once every ``seconds`` per tenant
+    (it reads the state of every partition: the one part of a page whose cost grows
+    with the asset; a bar at most that old is as good as a fresh one to look at)."""
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self.seconds = seconds
+        self._entries: dict[tuple[str | None, str], tuple[float, dict[str, Any]]] = {}
+
+    async def health(self, store: Any, asset: Any) -> dict[str, Any]:
+        key, now = (current_tenant(), asset.name), time.monotonic()
+        found = self._entries.get(key)
+        if found is not None and now - found[0] < self.seconds:
+            return found[1]
+        definition = asset.partitioned_by
+        keys = [None] if definition is None else key_strings(definition)
+        computed = {**health(keys, await store.partition_states(asset.name)), "as_of": utcnow().isoformat()}
+        self._entries[key] = (now, computed)
+        return computed
+
+
 async def asset_data(store: Any, pipeline: Pipeline, name: str, *, before: str | None = None,
-                     limit: int = PAGE) -> dict[str, Any]:
+                     limit: int = PAGE, cache: HealthCache | None = None) -> dict[str, Any]:
     """One asset: its definition, partition health (counts, segments in key order) and
     one page of its records, newest first (``next`` is the bookmark of the next page)."""
     asset = pipeline.get(name)
     definition = asset.partitioned_by
-    states = await store.partition_states(name)
-    keys: Iterable[str | None] = [None] if definition is None else map(serialize_partition, definition.keys())
-    keys = list(keys)
-    summary = partition_summary(keys, states)
     records = await store.list_all(asset_name=name, limit=limit + 1, before=before)
     shown = records[:limit]
     return {
         "asset": name, "description": asset.description, "depends_on": list(asset.depends_on),
         "dependents": _readers(pipeline, name), "partitioned": definition is not None,
         "automation": automation_name(asset.automation), "code_version": asset.code_version,
-        "health": {"total": summary["total"], "counts": summary["counts"],
-                   "segments": health_segments(keys, states)},
+        "health": await (cache or HealthCache(0)).health(store, asset),
         "records": [record_json(r) for r in shown],
         "next": str(shown[-1].id) if len(records) > limit else None,
     }
 
 
-def health_segments(keys: Sequence[str | None], states: Mapping[str | None, Any]) -> list[list[Any]]:
-    """``[first key, last key, count, state]`` runs in key order; when there would be
-    more than ``MAX_SEGMENTS``, partitions are grouped evenly and each group shows the
-    worst state in it, so the bar stays drawable at any size."""
-    runs: list[list[Any]] = []
-    for key in keys:
-        state = state_of(states.get(key))
-        if runs and runs[-1][3] == state:
-            runs[-1][1] = key
-            runs[-1][2] += 1
-        else:
-            runs.append([key, key, 1, state])
-    if len(runs) <= MAX_SEGMENTS:
-        return runs
-    size = -(-len(keys) // MAX_SEGMENTS)
-    grouped: list[list[Any]] = []
-    for start in range(0, len(keys), size):
-        part = keys[start:start + size]
-        seen = {state_of(states.get(key)) for key in part}
-        worst = next(state for state in _WORST if state in seen)
-        if grouped and grouped[-1][3] == worst:
-            grouped[-1][1] = part[-1]
-            grouped[-1][2] += len(part)
-        else:
-            grouped.append([part[0], part[-1], len(part), worst])
-    return grouped
+def key_strings(definition: Any) -> list[str]:
+    """Every partition key of ``definition``, in order (dates take a short cut: the
+    keys of a daily definition are their ISO dates)."""
+    values = definition.keys()
+    if len(values) and type(values[0]) is date:
+        return [value.isoformat() for value in values]
+    return [serialize_partition(value) for value in values]  # type: ignore[misc]
+
+
+def health(keys: Sequence[str | None], states: Mapping[str | None, Any]) -> dict[str, Any]:
+    """Counts per state and the partitions in key order as ``segments``: runs
+    ``[first key, last key, count, {state: count}]`` of one state each. Past
+    ``MAX_SEGMENTS`` runs, a segment is instead one of ``MAX_SEGMENTS`` even groups,
+    with the count of each state in it (neighbouring groups all in one state are
+    merged), so the bar stays drawable at any size and shows every failure."""
+    name_of = {status: state_of(status) for status in set(states.values())}
+    get = states.get
+    named = [name_of[found] if (found := get(key)) is not None else "missing" for key in keys]
+    counts = dict.fromkeys(STATES, 0)
+    counts.update(Counter(named))
+    segments: list[list[Any]] = []
+    start = 0
+    for state, group in itertools.groupby(named):
+        count = sum(1 for _ in group)
+        segments.append([keys[start], keys[start + count - 1], count, {state: count}])
+        start += count
+        if len(segments) > MAX_SEGMENTS:
+            break
+    if len(segments) > MAX_SEGMENTS:
+        segments = []
+        size = -(-len(keys) // MAX_SEGMENTS)
+        for first in range(0, len(keys), size):
+            last = min(first + size, len(keys)) - 1
+            inside = dict(Counter(named[first:last + 1]))
+            if segments and len(inside) == 1 and segments[-1][3].keys() == inside.keys():
+                segments[-1][1] = keys[last]
+                segments[-1][2] += last - first + 1
+                segments[-1][3] = {state: segments[-1][2] for state in inside}
+            else:
+                segments.append([keys[first], keys[last], last - first + 1, inside])
+    return {"total": len(keys), "counts": counts, "segments": segments}
 
 
 def record_json(record: Any) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from html import escape
 from typing import Any
 from urllib.parse import quote
 
+from ..store.health import STATES
+
 __all__ = ["COLORS", "asset_page", "backfill_page", "backfills_page", "daemon_page", "graph_page", "record_page"]
 
 COLORS = {"succeeded": "#2e9e5b", "failed": "#d64545", "missing": "#c9ced6", "stale": "#e0a030",
@@ -27,7 +29,8 @@ text-align:left;vertical-align:top;font-size:13px}th{background:#eef0f3}a{color:
 .pill{display:inline-block;padding:1px 7px;border-radius:9px;color:#fff;font-size:12px}
 .muted{color:#6b7480}pre{background:#fff;border:1px solid #e3e6ea;padding:10px;overflow:auto;font-size:12px}
 .bar{background:#e3e6ea;border-radius:4px;height:14px;width:320px;overflow:hidden;display:inline-block}
-.bar span{display:block;height:100%;float:left}.bar .ok{background:#2e9e5b}.bar .bad{background:#d64545}.legend span{margin-right:14px}
+.bar span{display:block;height:100%;float:left}.bar .ok{background:#2e9e5b}.bar .bad{background:#d64545}
+.legend span{margin-right:14px}
 .graph{background:#fff;border:1px solid #e3e6ea;overflow:auto;max-height:78vh}
 """
 
@@ -115,17 +118,23 @@ def graph_page(graph: dict[str, Any], *, tenant: str | None) -> str:
 # ------------------------------------------------------------------- asset
 
 def health_svg(health: dict[str, Any], *, width: int = 1000, height: int = 22) -> str:
-    """A bar of the partitions in key order, a segment per run of one state."""
+    """A bar of the partitions in key order: a segment per run of one state, or per
+    group of partitions with its states stacked in proportion (many partitions)."""
     total = max(1, health["total"])
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="100%" height="{height}" viewBox="0 0 {width} '
              f'{height}" preserveAspectRatio="none" role="img" aria-label="partition health" class="health">']
     x = 0.0
-    for first, last, count, state in health["segments"]:
-        w = width * count / total
+    for first, last, count, inside in health["segments"]:
         span = first if count == 1 else f"{first}..{last}"
-        parts.append(f'<rect x="{x:.3f}" y="0" width="{w:.3f}" height="{height}" fill="{COLORS[state]}" '
-                     f'data-state="{state}"><title>{escape(str(span))} ({count}): {state}</title></rect>')
-        x += w
+        told = ", ".join(f"{n:,} {state}" for state, n in inside.items())
+        parts.append(f"<g><title>{escape(str(span))} ({count:,}): {told}</title>")
+        for state in STATES:
+            if state in inside:
+                w = width * inside[state] / total
+                parts.append(f'<rect x="{x:.3f}" y="0" width="{w:.3f}" height="{height}" fill="{COLORS[state]}" '
+                             f'data-state="{state}"/>')
+                x += w
+        parts.append("</g>")
     parts.append("</svg>")
     return "".join(parts)
 

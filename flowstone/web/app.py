@@ -109,16 +109,67 @@ async def _backfill_status(store: Any, id: str) -> Any:
 
 
 async def _progress(store: Any, runtime: Any, first: Any, stopping: anyio.Event) -> AsyncIterator[str]:
-    """``data: {backfill}`` at once and at each change, until it has ended (or the server stops)."""
-    yield f"data: {json.dumps(data.backfill_json(first))}\n\n"
-    last, status = first, first
+    """``data: {backfill}`` at once and at each change, until it has ended (or the server
+    stops): from the runtime's events when it runs the backfill, at most ten a second,
+    else from the store, read every ``POLL_SECONDS``."""
+    yield _event(first)
+    if first.state != "running":
+        return
+    if runtime is not None:
+        async for status in _from_events(runtime, first, stopping):
+            yield _event(status)
+        return
+    last = status = first
     while status.state == "running" and not stopping.is_set():
         with anyio.move_on_after(POLL_SECONDS):
             await stopping.wait()
-        status = await (runtime.backfill_status(first.id) if runtime is not None else _saved(store, first.id))
+        status = await _saved(store, first.id)
         if status != last:
-            yield f"data: {json.dumps(data.backfill_json(status))}\n\n"
+            yield _event(status)
             last = status
+
+
+def _event(status: Any) -> str:
+    return f"data: {json.dumps(data.backfill_json(status))}\n\n"
+
+
+EVENT_SECONDS = 0.1
+"""Least time between two progress messages of one stream (a backfill may finish
+thousands of partitions a second; a browser needs a few updates a second)."""
+
+
+async def _from_events(runtime: Any, first: Any, stopping: anyio.Event) -> AsyncIterator[Any]:
+    """The backfill's status after each of its events, coalesced to one per
+    ``EVENT_SECONDS``, until it has finished or the server stops (looked at every
+    ``POLL_SECONDS`` while no event comes)."""
+    from ..events import BackfillFinished
+
+    async with runtime.events(kinds=["BackfillProgress", "BackfillFinished"]) as events:
+        status = await runtime.backfill_status(first.id)  # what happened before the subscription
+        if status.state != "running":
+            yield status
+            return
+        sent, upcoming, behind = anyio.current_time() - EVENT_SECONDS, events.__aiter__(), False
+        while not stopping.is_set():
+            event = None
+            with anyio.move_on_after(EVENT_SECONDS if behind else POLL_SECONDS):
+                try:
+                    event = await upcoming.__anext__()
+                except StopAsyncIteration:  # the runtime closed
+                    return
+            if event is not None and getattr(event, "backfill_id", first.id) != first.id:
+                continue  # another backfill's (dropped events name none: they count)
+            finished = isinstance(event, BackfillFinished)
+            if event is None and not behind:
+                continue  # quiet, and nothing held back
+            if finished or anyio.current_time() - sent >= EVENT_SECONDS:
+                sent, behind = anyio.current_time(), False
+                status = await runtime.backfill_status(first.id)
+                yield status
+                if finished or status.state != "running":
+                    return
+            else:
+                behind = True  # sent once the pause is over, even if no event follows
 
 
 async def _saved(store: Any, backfill: Any) -> Any:

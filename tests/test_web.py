@@ -92,7 +92,7 @@ async def test_pages_and_their_json_twins(anyio_backend):
 
             raw = await server.json("/api/assets/raw")
             assert raw["health"]["counts"] == {"succeeded": 4, "failed": 1, "missing": 5, "stale": 0, "running": 0}
-            assert raw["health"]["segments"] == [
+            assert not raw["health"]["grouped"] and raw["health"]["segments"] == [
                 ["2026-01-01", "2026-01-03", 3, {"succeeded": 3}], ["2026-01-04", "2026-01-04", 1, {"failed": 1}],
                 ["2026-01-05", "2026-01-05", 1, {"succeeded": 1}], ["2026-01-06", "2026-01-10", 5, {"missing": 5}],
             ]
@@ -206,3 +206,20 @@ async def test_backfill_progress_streams_until_it_ends(anyio_backend):
             assert listed["backfills"][0]["id"] == str(backfill)
             await server.client.aclose()
             stop.set()
+
+
+def test_a_bar_of_many_runs_groups_partitions_and_keeps_every_failure():
+    from flowstone.web import data, html
+
+    keys = [f"k{n:05d}" for n in range(5_000)]
+    states = {key: (fs.Status.FAILED if n % 3 == 0 else fs.Status.SUCCESS) for n, key in enumerate(keys[:4_000])}
+    bar = data.health(keys, states)
+    assert bar["grouped"] and len(bar["segments"]) <= data.MAX_SEGMENTS
+    assert bar["counts"] == {"succeeded": 2_666, "failed": 1_334, "missing": 1_000, "stale": 0, "running": 0}
+    assert sum(s[2] for s in bar["segments"]) == 5_000  # every partition in exactly one segment
+    assert sum(s[3].get("failed", 0) for s in bar["segments"]) == 1_334  # none lost, none overstated
+    assert bar["segments"][-1] == ["k04000", "k04999", 1_000, {"missing": 1_000}]  # one-state groups merge
+    drawn = html.health_svg(bar)
+    groups_with_failures = sum(1 for s in bar["segments"] if "failed" in s[3])
+    assert drawn.count('data-state="failed"') == groups_with_failures
+    assert drawn.count('data-state="succeeded"') == 1  # the ground: the others are drawn on it

@@ -57,17 +57,29 @@ class HealthCache:
     def __init__(self, seconds: float = 1.0) -> None:
         self.seconds = seconds
         self._entries: dict[tuple[str | None, str], tuple[float, dict[str, Any]]] = {}
+        self._keys: dict[str, tuple[int, list[Any]]] = {}
 
     async def health(self, store: Any, asset: Any) -> dict[str, Any]:
         key, now = (current_tenant(), asset.name), time.monotonic()
         found = self._entries.get(key)
         if found is not None and now - found[0] < self.seconds:
             return found[1]
-        definition = asset.partitioned_by
-        keys = [None] if definition is None else key_strings(definition)
+        keys = self.keys(asset)
         computed = {**health(keys, await store.partition_states(asset.name)), "as_of": utcnow().isoformat()}
         self._entries[key] = (now, computed)
         return computed
+
+    def keys(self, asset: Any) -> list[Any]:
+        """The asset's partition keys as text, made again only when their number changes
+        (an open-ended daily definition gains a key a day)."""
+        definition = asset.partitioned_by
+        if definition is None:
+            return [None]
+        count = len(definition.keys())
+        found = self._keys.get(asset.name)
+        if found is None or found[0] != count:
+            found = self._keys[asset.name] = (count, key_strings(definition))
+        return found[1]
 
 
 async def asset_data(store: Any, pipeline: Pipeline, name: str, *, before: str | None = None,
@@ -116,7 +128,8 @@ def health(keys: Sequence[str | None], states: Mapping[str | None, Any]) -> dict
         start += count
         if len(segments) > MAX_SEGMENTS:
             break
-    if len(segments) > MAX_SEGMENTS:
+    grouped = len(segments) > MAX_SEGMENTS
+    if grouped:
         segments = []
         size = -(-len(keys) // MAX_SEGMENTS)
         for first in range(0, len(keys), size):
@@ -128,7 +141,7 @@ def health(keys: Sequence[str | None], states: Mapping[str | None, Any]) -> dict
                 segments[-1][3] = {state: segments[-1][2] for state in inside}
             else:
                 segments.append([keys[first], keys[last], last - first + 1, inside])
-    return {"total": len(keys), "counts": counts, "segments": segments}
+    return {"total": len(keys), "counts": counts, "segments": segments, "grouped": grouped}
 
 
 def record_json(record: Any) -> dict[str, Any]:

@@ -119,20 +119,31 @@ def graph_page(graph: dict[str, Any], *, tenant: str | None) -> str:
 
 def health_svg(health: dict[str, Any], *, width: int = 1000, height: int = 22) -> str:
     """A bar of the partitions in key order: a segment per run of one state, or per
-    group of partitions with its states stacked in proportion (many partitions)."""
+    group of partitions with its states stacked in proportion (many partitions). The
+    grouped bar is drawn in the state most partitions are in, and only the other parts
+    on it (fewer shapes)."""
     total = max(1, health["total"])
+    counts = health["counts"]
+    ground = max(STATES, key=lambda state: counts.get(state, 0)) if health["grouped"] else ""
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="100%" height="{height}" viewBox="0 0 {width} '
              f'{height}" preserveAspectRatio="none" role="img" aria-label="partition health" class="health">']
+    if ground:
+        parts.append(f'<rect x="0" y="0" width="{width}" height="{height}" fill="{COLORS[ground]}" '
+                     f'data-state="{ground}"/>')
     x = 0.0
     for first, last, count, inside in health["segments"]:
+        if ground in inside and len(inside) == 1:
+            x += width * count / total
+            continue
         span = first if count == 1 else f"{first}..{last}"
         told = ", ".join(f"{n:,} {state}" for state, n in inside.items())
         parts.append(f"<g><title>{escape(str(span))} ({count:,}): {told}</title>")
         for state in STATES:
             if state in inside:
                 w = width * inside[state] / total
-                parts.append(f'<rect x="{x:.3f}" y="0" width="{w:.3f}" height="{height}" fill="{COLORS[state]}" '
-                             f'data-state="{state}"/>')
+                if state != ground:
+                    parts.append(f'<rect x="{x:.2f}" y="0" width="{w:.2f}" height="{height}" '
+                                 f'fill="{COLORS[state]}" data-state="{state}"/>')
                 x += w
         parts.append("</g>")
     parts.append("</svg>")

@@ -89,7 +89,7 @@ def test_web_scenario_times_pages_of_a_real_server():
     result = run_stress("web", "--partitions", "300", "--assets", "20", "--repeat", "1")
     assert result.returncode == 0, result.stderr
     rows = {row["scenario"]: row for row in json.loads(result.stdout.strip().splitlines()[-1])["rows"]}
-    page = rows["asset page, 300 partitions (HTML), health computed"]
+    page = rows["asset page, 300 partitions (HTML), first look: health read now"]
     assert 0 < page["first_byte_ms"] <= page["full_load_ms"] and page["kb"] > 0
     assert rows["server RSS (MB) at start / after the requests"]["rss_after_mb"] > 0
 

@@ -223,3 +223,23 @@ def test_a_bar_of_many_runs_groups_partitions_and_keeps_every_failure():
     groups_with_failures = sum(1 for s in bar["segments"] if "failed" in s[3])
     assert drawn.count('data-state="failed"') == groups_with_failures
     assert drawn.count('data-state="succeeded"') == 1  # the ground: the others are drawn on it
+
+
+async def test_a_health_bar_past_its_second_is_shown_once_more_while_it_is_refreshed(anyio_backend):
+    from flowstone.web import data
+
+    p = pipeline()
+    raw = p.get("raw")
+    async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
+        cache = data.HealthCache(seconds=0)  # always past its time: the stale path every time
+        first = await cache.health(store, raw)
+        assert first["counts"]["succeeded"] == 0
+        await rt.materialize("raw", date(2026, 1, 1))
+        later = []
+        assert await cache.health(store, raw, later=later) is first  # answered at once, as it was
+        assert len(later) == 1 and await cache.health(store, raw, later=[]) is first  # one refresh at a time
+        await later[0]()  # what the server runs after answering
+        assert (await cache.health(store, raw, later=[]))["counts"]["succeeded"] == 1
+        await rt.materialize("raw", date(2026, 1, 2))
+        assert (await cache.health(store, raw))["counts"]["succeeded"] == 2  # no later: computed now
+        assert (await data.HealthCache(stale=0).health(store, raw, later=[]))["counts"]["succeeded"] == 2

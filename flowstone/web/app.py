@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 from starlette.applications import Starlette
+from starlette.background import BackgroundTasks
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -46,12 +47,13 @@ def create_app(
     Endpoint = Callable[[Request], Awaitable[Response]]
 
     def page(view: View, render: Callable[..., str]) -> tuple[Endpoint, Endpoint]:
-        """The view as an HTML page and as its JSON twin."""
+        """The view as an HTML page and as its JSON twin (each runs what the view left
+        for after the answer, such as a refresh of a health bar)."""
         async def as_html(request: Request) -> Response:
-            return HTMLResponse(render(await view(request), tenant=tenant))
+            return HTMLResponse(render(await view(request), tenant=tenant), background=_after(request))
 
         async def as_json(request: Request) -> Response:
-            return JSONResponse(await view(request))
+            return JSONResponse(await view(request), background=_after(request))
 
         return as_html, as_json
 
@@ -62,7 +64,9 @@ def create_app(
         name = request.path_params["name"]
         if name not in pipeline:
             raise NotFound(f"no asset {name!r}")
-        return await data.asset_data(store, pipeline, name, before=request.query_params.get("before"), cache=healths)
+        request.state.later = []
+        return await data.asset_data(store, pipeline, name, before=request.query_params.get("before"), cache=healths,
+                                     later=request.state.later)
 
     async def record(request: Request) -> dict[str, Any]:
         return await data.record_data(store, pipeline, request.path_params["id"])
@@ -96,6 +100,16 @@ def create_app(
     routes.append(Route("/api/backfills/{id}/events", events))
     app = Starlette(routes=routes, exception_handlers={FlowstoneError: _error})
     return _Guarded(app, tenant, token)
+
+
+def _after(request: Request) -> BackgroundTasks | None:
+    later = getattr(request.state, "later", None)
+    if not later:
+        return None
+    tasks = BackgroundTasks()
+    for task in later:
+        tasks.add_task(task)
+    return tasks
 
 
 async def _backfill_status(store: Any, id: str) -> Any:

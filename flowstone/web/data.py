@@ -7,6 +7,7 @@ No third-party import here: ``flowstone status`` uses the same functions.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections import Counter
@@ -50,24 +51,38 @@ def automation_name(automation: Any) -> str | None:
 
 
 class HealthCache:
-    """Each asset's partition health, computed at most once every ``seconds`` per tenant
-    (it reads the state of every partition: the one part of a page whose cost grows
-    with the asset; a bar at most that old is as good as a fresh one to look at)."""
+    """Each asset's partition health (per tenant), the one part of a page whose cost
+    grows with the asset: it reads the state of every partition. One computed less than
+    ``seconds`` ago is used as it is. An older one, up to ``stale`` seconds, is used too
+    when the caller can refresh it after answering (``later``: a list the refresh is
+    appended to); else, or when older still, it is computed now."""
 
-    def __init__(self, seconds: float = 1.0) -> None:
-        self.seconds = seconds
+    def __init__(self, seconds: float = 1.0, *, stale: float = 60.0) -> None:
+        self.seconds, self.stale = seconds, stale
         self._entries: dict[tuple[str | None, str], tuple[float, dict[str, Any]]] = {}
         self._keys: dict[str, tuple[int, list[Any]]] = {}
+        self._refreshing: set[tuple[str | None, str]] = set()
 
-    async def health(self, store: Any, asset: Any) -> dict[str, Any]:
+    async def health(self, store: Any, asset: Any, *, later: list[Any] | None = None) -> dict[str, Any]:
         key, now = (current_tenant(), asset.name), time.monotonic()
         found = self._entries.get(key)
         if found is not None and now - found[0] < self.seconds:
             return found[1]
-        keys = self.keys(asset)
-        computed = {**health(keys, await store.partition_states(asset.name)), "as_of": utcnow().isoformat()}
-        self._entries[key] = (now, computed)
-        return computed
+        if found is not None and later is not None and now - found[0] < self.stale:
+            if key not in self._refreshing:  # one refresh at a time per asset
+                self._refreshing.add(key)
+                later.append(functools.partial(self._refresh, store, asset, key))
+            return found[1]
+        return await self._refresh(store, asset, key)
+
+    async def _refresh(self, store: Any, asset: Any, key: tuple[str | None, str]) -> dict[str, Any]:
+        try:
+            states = await store.partition_states(asset.name)
+            computed = {**health(self.keys(asset), states), "as_of": utcnow().isoformat()}
+            self._entries[key] = (time.monotonic(), computed)
+            return computed
+        finally:
+            self._refreshing.discard(key)
 
     def keys(self, asset: Any) -> list[Any]:
         """The asset's partition keys as text, made again only when their number changes
@@ -83,9 +98,11 @@ class HealthCache:
 
 
 async def asset_data(store: Any, pipeline: Pipeline, name: str, *, before: str | None = None,
-                     limit: int = PAGE, cache: HealthCache | None = None) -> dict[str, Any]:
-    """One asset: its definition, partition health (counts, segments in key order) and
-    one page of its records, newest first (``next`` is the bookmark of the next page)."""
+                     limit: int = PAGE, cache: HealthCache | None = None,
+                     later: list[Any] | None = None) -> dict[str, Any]:
+    """One asset: its definition, partition health (counts, segments in key order, as of
+    when) and one page of its records, newest first (``next`` is the bookmark of the
+    next page). ``cache`` and ``later``: see ``HealthCache``."""
     asset = pipeline.get(name)
     definition = asset.partitioned_by
     records = await store.list_all(asset_name=name, limit=limit + 1, before=before)
@@ -94,7 +111,7 @@ async def asset_data(store: Any, pipeline: Pipeline, name: str, *, before: str |
         "asset": name, "description": asset.description, "depends_on": list(asset.depends_on),
         "dependents": _readers(pipeline, name), "partitioned": definition is not None,
         "automation": automation_name(asset.automation), "code_version": asset.code_version,
-        "health": await (cache or HealthCache(0)).health(store, asset),
+        "health": await (cache or HealthCache(0)).health(store, asset, later=later),
         "records": [record_json(r) for r in shown],
         "next": str(shown[-1].id) if len(records) > limit else None,
     }

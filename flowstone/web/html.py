@@ -171,7 +171,8 @@ def asset_page(data: dict[str, Any], *, tenant: str | None) -> str:
         f"<p>upstream: {ups} · downstream: {downs}"
         + (f" · automation: {escape(data['automation'])}" if data["automation"] else "")
         + (f" · code version {escape(data['code_version'])}" if data["code_version"] else "") + "</p>"
-        f"<h2>Partitions ({health['total']:,})</h2>{health_svg(health)}<p class=legend>{legend}</p>"
+        f"<h2>Partitions ({health['total']:,})</h2>{health_svg(health)}<p class=legend>{legend}"
+        f"<span class=muted>as of {escape(health['as_of'][11:19])} UTC</span></p>"
         "<h2>Records, newest first</h2><table><tr><th>id</th><th>partition</th><th>status</th><th>started</th>"
         f"<th>ms</th><th>error</th></tr>{rows}</table>{more}"
     )

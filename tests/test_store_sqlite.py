@@ -101,3 +101,23 @@ async def test_a_read_only_location_is_refused_before_anything_is_written(read_o
     await store.close()
     assert list(read_only_folder.iterdir()) == []
 
+
+
+async def test_the_partition_states_table_is_filled_from_the_records_already_there(anyio_backend, tmp_path):
+    """Schema version 9 keeps each partition's state in a table of its own; a store made
+    before it gets the table filled from its records when it migrates."""
+    path = tmp_path / "old.db"
+    async with SqliteStore(path) as store:
+        await store.create(asset_name="a", partition="1", status=fs.Status.FAILED)
+        await store.create(asset_name="a", partition="1", status=fs.Status.SUCCESS)
+        await store.create(asset_name="a", status=fs.Status.RUNNING)
+    with sqlite3.connect(path) as db:  # as a store of schema version 8 had it
+        db.execute("DROP TRIGGER flowstone_partition_states_insert")
+        db.execute("DROP TRIGGER flowstone_partition_states_update")
+        db.execute("DROP TABLE flowstone_partition_states")
+        db.execute("DELETE FROM flowstone_schema_migrations WHERE version = 9")
+    async with SqliteStore(path) as store:
+        await store.migrate()
+        assert await store.partition_states("a") == {"1": fs.Status.SUCCESS, None: fs.Status.RUNNING}
+        await store.create(asset_name="a", partition="1", status=fs.Status.FAILED)  # the triggers are back
+        assert (await store.partition_states("a"))["1"] is fs.Status.FAILED

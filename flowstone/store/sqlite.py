@@ -379,13 +379,11 @@ class SqliteStore:
 
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
         tenant = _tenant()
-        # SQLite gives the bare column (status) from the row of max(seq): one index walk.
-        rows = await self._db.read_many(lambda c: c.execute(
-            f"SELECT partition, status, max(seq) FROM {_TABLE} WHERE tenant_id = ? AND asset_name = ? "
-            "GROUP BY partition",
+        rows = await self._db.read_many(lambda c: c.execute(  # kept by triggers (schema version 9)
+            "SELECT partition, status FROM flowstone_partition_states WHERE tenant_id = ? AND asset_name = ?",
             (tenant, asset_name),
         ).fetchall())
-        return {key: _STATUSES[status] for key, status, _ in rows}
+        return {None if key == "\0" else key: _STATUSES[status] for key, status in rows}
 
     async def _read_records(self, sql: str, args: tuple[Any, ...]) -> list[Materialization]:
         rows = await self._db.read_many(lambda c: c.execute(sql, args).fetchall())

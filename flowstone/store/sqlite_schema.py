@@ -86,7 +86,7 @@ CREATE TABLE flowstone_backfills (
 CREATE INDEX flowstone_backfills_tenant ON flowstone_backfills (tenant_id, updated_at);
 """
 
-MIGRATIONS: tuple[tuple[int, str], ...] = (
+MIGRATIONS: tuple[tuple[int, str | tuple[str, ...]], ...] = (
     (1, _V1),
     (2, "ALTER TABLE flowstone_backfills ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0"),
     (3, """CREATE TABLE flowstone_decisions (
@@ -128,8 +128,37 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             PRIMARY KEY (tenant_id, name)
         ) WITHOUT ROWID"""),
     (8, "CREATE INDEX flowstone_materializations_asset_seq ON flowstone_materializations (tenant_id, asset_name, seq)"),
+    # Each partition's latest record's status, kept by the database as records are
+    # written: what status and the web view read, one row per partition whatever the
+    # history (char(0) stands for "no partition", as in the current index).
+    (9, (
+        """CREATE TABLE flowstone_partition_states (
+            tenant_id TEXT NOT NULL,
+            asset_name TEXT NOT NULL,
+            partition TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            PRIMARY KEY (tenant_id, asset_name, partition)
+        ) WITHOUT ROWID""",
+        """INSERT INTO flowstone_partition_states
+            SELECT tenant_id, asset_name, coalesce(partition, char(0)), max(seq), status
+            FROM flowstone_materializations GROUP BY tenant_id, asset_name, partition""",
+        """CREATE TRIGGER flowstone_partition_states_insert AFTER INSERT ON flowstone_materializations BEGIN
+            INSERT INTO flowstone_partition_states
+                VALUES (NEW.tenant_id, NEW.asset_name, coalesce(NEW.partition, char(0)), NEW.seq, NEW.status)
+                ON CONFLICT (tenant_id, asset_name, partition) DO UPDATE
+                SET seq = excluded.seq, status = excluded.status WHERE excluded.seq > seq;
+        END""",
+        """CREATE TRIGGER flowstone_partition_states_update AFTER UPDATE OF status ON flowstone_materializations BEGIN
+            UPDATE flowstone_partition_states SET status = NEW.status
+            WHERE tenant_id = NEW.tenant_id AND asset_name = NEW.asset_name
+              AND partition = coalesce(NEW.partition, char(0)) AND seq = NEW.seq;
+        END""",
+    )),
 )
-"""(version, SQL). Append only: a shipped migration never changes."""
+"""(version, SQL): a script of statements ending in ";", or a tuple of statements (for
+those holding ";" themselves, as triggers do). Append only: a shipped migration never
+changes."""
 
 
 def migrate(connection: sqlite3.Connection) -> list[int]:
@@ -142,7 +171,7 @@ def migrate(connection: sqlite3.Connection) -> list[int]:
     for version, script in MIGRATIONS:
         if version in done:
             continue
-        for statement in _statements(script):
+        for statement in script if isinstance(script, tuple) else _statements(script):
             connection.execute(statement)
         connection.execute(
             "INSERT INTO flowstone_schema_migrations VALUES (?, ?)",

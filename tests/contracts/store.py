@@ -209,13 +209,17 @@ class StoreContract:
         await store.complete(await store.create(asset_name="a", partition="2", status=Status.RUNNING),
                              Status.SUCCESS)
         await store.update_status(ok.id, Status.STALE)
-        await store.create(asset_name="a", status=Status.RUNNING)
+        whole = await store.create(asset_name="a", status=Status.RUNNING)
         await store.create(asset_name="b", partition="9", status=Status.FAILED)
         with fs.tenant_scope("other"):
             await store.create(asset_name="a", partition="3", status=Status.FAILED)
             assert await store.partition_states("a") == {"3": Status.FAILED}
         assert await store.partition_states("a") == {"1": Status.FAILED, "2": Status.SUCCESS, None: Status.RUNNING}
         assert await store.partition_states("nothing") == {}
+        await store.complete(whole, Status.SUCCESS)  # the latest record moves: so does its partition's state
+        assert (await store.partition_states("a"))[None] is Status.SUCCESS
+        await store.create(asset_name="a", status=Status.PENDING)  # a newer one of the unpartitioned asset
+        assert await store.partition_states("a") == {"1": Status.FAILED, "2": Status.SUCCESS, None: Status.PENDING}
 
     async def test_mark_stale_follows_lineage_transitively(self, store):
         async def success(name, key, reads):

@@ -10,6 +10,7 @@ backfill runs there (``flowstone dev``), else from the store, read twice a secon
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -98,7 +99,14 @@ def create_app(
         routes.append(Route(path, as_html))
         routes.append(Route("/api" + ("/graph" if path == "/" else path), as_json))
     routes.append(Route("/api/backfills/{id}/events", events))
-    app = Starlette(routes=routes, exception_handlers={FlowstoneError: _error})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        for asset in pipeline.assets:  # the partition keys as text, made once before the first look
+            healths.keys(asset)
+        yield
+
+    app = Starlette(routes=routes, exception_handlers={FlowstoneError: _error}, lifespan=lifespan)
     return _Guarded(app, tenant, token)
 
 

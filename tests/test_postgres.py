@@ -632,3 +632,32 @@ async def test_queries_cancelled_midway_leave_the_store_working(anyio_backend, p
         assert await store.list_all() == []
         record = await store.create(asset_name="after")
         assert (await store.get_by_id(record.id)).asset_name == "after"
+
+
+async def test_the_partition_states_table_is_filled_from_every_tenants_records(anyio_backend, pg_database):
+    """Schema version 12 keeps each partition's state in a table kept by triggers; a
+    database made before it gets the table filled from its records, every tenant's."""
+    async with PostgresStore(pg_database.dsn) as store:
+        await store.create(asset_name="a", partition="1", status=Status.FAILED)
+        await store.create(asset_name="a", partition="1", status=Status.SUCCESS)
+        await store.create(asset_name="a", status=Status.RUNNING)
+        with fs.tenant_scope("acme"):
+            await store.create(asset_name="a", partition="1", status=Status.PENDING)
+    await anyio.to_thread.run_sync(
+        run_sync, admin, pg_database.admin_dsn,  # as a database of schema version 11 had it
+        "DROP TABLE flowstone_partition_states",
+        "DROP TRIGGER flowstone_partition_states_insert ON flowstone_materializations",
+        "DROP TRIGGER flowstone_partition_states_update ON flowstone_materializations",
+        "DROP FUNCTION flowstone_keep_partition_state()",
+        "DELETE FROM flowstone_schema_migrations WHERE version = 12",
+    )
+    async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as owner:
+        assert await owner.migrate() == [12]
+    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn,
+                                   "GRANT SELECT, INSERT, UPDATE, DELETE ON flowstone_partition_states TO flowstone_app")
+    async with PostgresStore(pg_database.dsn) as store:
+        assert await store.partition_states("a") == {"1": Status.SUCCESS, None: Status.RUNNING}
+        with fs.tenant_scope("acme"):
+            assert await store.partition_states("a") == {"1": Status.PENDING}
+        await store.create(asset_name="a", partition="1", status=Status.FAILED)  # the triggers are back
+        assert (await store.partition_states("a"))["1"] is Status.FAILED

@@ -215,6 +215,55 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX flowstone_materializations_asset_seq ON flowstone_materializations
             (tenant_id, asset_name, seq DESC);
     """),
+    (12, "each partition's latest record's status, kept by triggers (status, the web view)", f"""
+        CREATE TABLE flowstone_partition_states (
+            tenant_id text NOT NULL DEFAULT '',
+            asset_name text NOT NULL,
+            partition text,
+            seq bigint NOT NULL,
+            status text NOT NULL
+        );
+        CREATE UNIQUE INDEX flowstone_partition_states_key ON flowstone_partition_states
+            (tenant_id, asset_name, partition) WHERE partition IS NOT NULL;
+        CREATE UNIQUE INDEX flowstone_partition_states_whole ON flowstone_partition_states
+            (tenant_id, asset_name) WHERE partition IS NULL;
+        -- Filled from every tenant's records (FORCE would hide them from the owner).
+        ALTER TABLE flowstone_materializations NO FORCE ROW LEVEL SECURITY;
+        INSERT INTO flowstone_partition_states
+            SELECT DISTINCT ON (tenant_id, asset_name, partition) tenant_id, asset_name, partition, seq, status
+            FROM flowstone_materializations ORDER BY tenant_id, asset_name, partition, seq DESC;
+        ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
+        {tenant_policy("flowstone_partition_states")}
+        CREATE FUNCTION flowstone_keep_partition_state() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'UPDATE' THEN  -- only the latest record's move changes its partition's state
+                IF NEW.partition IS NULL THEN
+                    UPDATE flowstone_partition_states SET status = NEW.status
+                    WHERE tenant_id = NEW.tenant_id AND asset_name = NEW.asset_name AND partition IS NULL
+                      AND seq = NEW.seq;
+                ELSE
+                    UPDATE flowstone_partition_states SET status = NEW.status
+                    WHERE tenant_id = NEW.tenant_id AND asset_name = NEW.asset_name
+                      AND partition = NEW.partition AND seq = NEW.seq;
+                END IF;
+            ELSIF NEW.partition IS NULL THEN
+                INSERT INTO flowstone_partition_states VALUES (NEW.tenant_id, NEW.asset_name, NULL, NEW.seq, NEW.status)
+                ON CONFLICT (tenant_id, asset_name) WHERE partition IS NULL DO UPDATE
+                SET seq = excluded.seq, status = excluded.status WHERE flowstone_partition_states.seq < excluded.seq;
+            ELSE
+                INSERT INTO flowstone_partition_states
+                    VALUES (NEW.tenant_id, NEW.asset_name, NEW.partition, NEW.seq, NEW.status)
+                ON CONFLICT (tenant_id, asset_name, partition) WHERE partition IS NOT NULL DO UPDATE
+                SET seq = excluded.seq, status = excluded.status WHERE flowstone_partition_states.seq < excluded.seq;
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER flowstone_partition_states_insert AFTER INSERT ON flowstone_materializations
+            FOR EACH ROW EXECUTE FUNCTION flowstone_keep_partition_state();
+        CREATE TRIGGER flowstone_partition_states_update AFTER UPDATE OF status ON flowstone_materializations
+            FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+            EXECUTE FUNCTION flowstone_keep_partition_state();
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

@@ -587,11 +587,10 @@ class PostgresStore(PostgresClient):
         tenant = current_tenant()
         rows = await self.db.run(
             tenant, _fetch,
-            f"SELECT DISTINCT ON (partition) partition, status FROM {TABLE} WHERE tenant_id = $1 AND asset_name = $2 "
-            "ORDER BY partition, seq DESC",
+            "SELECT partition, status FROM flowstone_partition_states WHERE tenant_id = $1 AND asset_name = $2",
             tenant or "", asset_name,
         )
-        return {row[0]: Status(row[1]) for row in rows}
+        return {row[0]: Status(row[1]) for row in rows}  # kept by triggers (schema version 12)
 
     # --------------------------------------------------------- backfills
 

@@ -203,7 +203,8 @@ async def test_backfill_progress_streams_until_it_ends(anyio_backend):
             assert updates[0]["state"] == "running" and updates[0]["succeeded"] == 4
             assert (updates[-1]["state"], updates[-1]["succeeded"], updates[-1]["failed"]) == ("failed", 9, 1)
             listed = await server.json("/api/backfills")
-            assert listed["backfills"][0]["id"] == str(backfill)
+            assert listed["backfills"][0]["id"] == str(backfill) and listed["next"] is None
+            assert (await server.client.get("/api/backfills?offset=-1")).status_code == 400
             await server.client.aclose()
             stop.set()
 

@@ -195,8 +195,9 @@ class MemoryStore(MemoryActorClient):
     async def request_cancel(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.RequestCancel, tenant=current_tenant(), id=parse_id(id, "backfill"))
 
-    async def list_backfills(self, *, limit: int = 100) -> list[Any]:
-        return await self.handle.call(m.ListBackfills, tenant=current_tenant(), limit=check_limit(limit))
+    async def list_backfills(self, *, limit: int = 100, offset: int = 0) -> list[Any]:
+        return await self.handle.call(m.ListBackfills, tenant=current_tenant(), limit=check_limit(limit),
+                                      offset=check_limit(offset, "offset"))
 
     async def load_backfill(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.LoadBackfill, tenant=current_tenant(), id=id)

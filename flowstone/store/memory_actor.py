@@ -336,6 +336,7 @@ class RequestCancel(Message[Any]):
 class ListBackfills(Message[list[Any]]):
     tenant: str | None
     limit: int
+    offset: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -691,11 +692,15 @@ class _Handlers:
 
     def list_backfills(self, m: ListBackfills) -> list[Any]:
         found: list[Any] = []
+        skip = m.offset
         for (tenant, _id), row in reversed(self.data.backfills.items()):
             if len(found) >= m.limit:
                 break
             if tenant == m.tenant:
-                found.append(row.saved)
+                if skip:
+                    skip -= 1
+                else:
+                    found.append(row.saved)
         return found
 
     def load_backfill(self, m: LoadBackfill) -> Any:

@@ -744,13 +744,13 @@ class PostgresStore(PostgresClient):
             raise BackfillNotFound(bid, tenant=tenant)
         return saved_from_json(row[0], row[1])
 
-    async def list_backfills(self, *, limit: int = 100) -> list[Any]:
+    async def list_backfills(self, *, limit: int = 100, offset: int = 0) -> list[Any]:
         tenant = current_tenant()
         rows = await self.db.run(
             tenant, _fetch,
             "SELECT spec::text, status::text FROM flowstone_backfills WHERE tenant_id = $1 "
-            "ORDER BY updated_at DESC LIMIT $2",
-            tenant or "", check_limit(limit),
+            "ORDER BY updated_at DESC, id LIMIT $2 OFFSET $3",
+            tenant or "", check_limit(limit), check_limit(offset, "offset"),
         )
         return [saved_from_json(row[0], row[1]) for row in rows]
 

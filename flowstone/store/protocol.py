@@ -210,8 +210,9 @@ class MaterializationStore(Protocol):
         under another owner whose heartbeat is at most ``stale_after`` seconds old)."""
         ...
 
-    async def list_backfills(self, *, limit: int = 100) -> list[Any]:
-        """The ``Saved`` of the caller's tenant's backfills, most recently saved first."""
+    async def list_backfills(self, *, limit: int = 100, offset: int = 0) -> list[Any]:
+        """The ``Saved`` of the caller's tenant's backfills, most recently saved first,
+        leaving out the first ``offset`` (a page after those)."""
         ...
 
     async def load_backfill(self, id: uuid.UUID) -> Any:

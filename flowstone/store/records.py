@@ -149,10 +149,10 @@ def parse_id(value: Any, what: str = "materialization") -> uuid.UUID:
         raise NotFound(f"no {what} with id {value!r} (not a UUID)") from None
 
 
-def check_limit(limit: Any) -> int:
-    """The ``limit=`` of a listing: an int >= 0, or DefinitionError."""
+def check_limit(limit: Any, field: str = "limit") -> int:
+    """The ``limit=`` (or ``offset=``) of a listing: an int >= 0, or DefinitionError."""
     if type(limit) is not int or limit < 0:
-        raise DefinitionError([FieldError("limit", f"must be an int >= 0, got {limit!r}")])
+        raise DefinitionError([FieldError(field, f"must be an int >= 0, got {limit!r}")])
     return limit
 
 

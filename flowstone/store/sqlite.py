@@ -551,11 +551,11 @@ class SqliteStore:
             raise BackfillNotFound(uuid.UUID(bid), tenant=tenant or None)
         return saved_from_json(row[0], row[1])
 
-    async def list_backfills(self, *, limit: int = 100) -> list[Any]:
-        tenant, count = _tenant(), check_limit(limit)
+    async def list_backfills(self, *, limit: int = 100, offset: int = 0) -> list[Any]:
+        tenant, count, skip = _tenant(), check_limit(limit), check_limit(offset, "offset")
         rows = await self._db.read_many(lambda c: c.execute(
-            "SELECT spec, status FROM flowstone_backfills WHERE tenant_id = ? ORDER BY updated_at DESC "
-            "LIMIT ?", (tenant, count),
+            "SELECT spec, status FROM flowstone_backfills WHERE tenant_id = ? ORDER BY updated_at DESC, id "
+            "LIMIT ? OFFSET ?", (tenant, count, skip),
         ).fetchall())
         return [saved_from_json(spec, status) for spec, status in rows]
 

@@ -24,7 +24,8 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import BackfillNotFound, FlowstoneError, NotFound
+from ..definitions import FieldError
+from ..errors import BackfillNotFound, DefinitionError, FlowstoneError, NotFound
 from ..pipeline import Pipeline
 from ..tenancy import tenant_scope
 from . import data, html
@@ -73,7 +74,10 @@ def create_app(
         return await data.record_data(store, pipeline, request.path_params["id"])
 
     async def backfills(request: Request) -> dict[str, Any]:
-        return await data.backfills_data(store)
+        given = request.query_params.get("offset", "0")
+        if not given.isdigit():
+            raise DefinitionError([FieldError("offset", f"must be a number of backfills, got {given!r}")])
+        return await data.backfills_data(store, offset=int(given))
 
     async def backfill(request: Request) -> dict[str, Any]:
         id = request.path_params["id"]

@@ -218,8 +218,9 @@ def backfills_page(data: dict[str, Any], *, tenant: str | None) -> str:
         f"<td>{escape((b['started_at'] or '-')[:19])}</td></tr>"
         for b in data["backfills"]
     ) or "<tr><td colspan=5 class=muted>no backfills yet</td></tr>"
+    more = f'<p><a href="/backfills?offset={data["next"]}" id=older>older backfills</a></p>' if data["next"] else ""
     body = ("<h1>Backfills</h1><table><tr><th>id</th><th>asset</th><th>state</th><th>progress</th>"
-            f"<th>started</th></tr>{rows}</table>")
+            f"<th>started</th></tr>{rows}</table>{more}")
     return _page("Backfills", body, tenant=tenant)
 
 

@@ -181,6 +181,22 @@ class StoreContract:
             with pytest.raises(fs.NotFound):
                 await store.list_all(before=made[3].id)  # another tenant's record is no bookmark
 
+    async def test_backfills_are_listed_a_page_at_a_time(self, store):
+        from flowstone.runtime.backfill import BackfillSpec, BackfillStatus, Saved
+
+        for n in range(5):
+            spec = BackfillSpec(id=uuid.uuid4(), asset=f"a{n}", partitions=("1",), max_parallel=1, upstream="none",
+                                force=False, io=None, context=None, tenant=None)
+            status = BackfillStatus(id=spec.id, asset=spec.asset, state="succeeded", total=1, queued=0, running=0,
+                                    succeeded=1, failed=0, cancelled=0)
+            await store.save_backfill(spec.id, Saved(spec, status), owner="me")
+        everything = [s.spec.id for s in await store.list_backfills()]
+        pages = [s.spec.id for offset in (0, 2, 4) for s in await store.list_backfills(limit=2, offset=offset)]
+        assert len(everything) == 5 and pages == everything
+        assert await store.list_backfills(offset=5) == []
+        with pytest.raises(fs.DefinitionError, match="offset"):
+            await store.list_backfills(offset=-1)
+
     async def test_a_negative_limit_is_refused(self, store):
         with pytest.raises(fs.DefinitionError, match="limit"):
             await store.list_all(limit=-1)

@@ -79,17 +79,18 @@ def create_app(
             raise DefinitionError([FieldError("offset", f"must be a number of backfills, got {given!r}")])
         return await data.backfills_data(store, offset=int(given))
 
+    async def status_of(id: str) -> Any:
+        """A backfill's status: the runtime's when it runs there, else the store's."""
+        return await (runtime.backfill_status(id) if runtime is not None else _backfill_status(store, id))
+
     async def backfill(request: Request) -> dict[str, Any]:
-        id = request.path_params["id"]
-        return data.backfill_json(
-            await (runtime.backfill_status(id) if runtime is not None else _backfill_status(store, id)))
+        return data.backfill_json(await status_of(request.path_params["id"]))
 
     async def daemon(request: Request) -> dict[str, Any]:
         return await data.daemon_data(store, pipeline)
 
     async def events(request: Request) -> Response:
-        id = request.path_params["id"]
-        first = await (runtime.backfill_status(id) if runtime is not None else _backfill_status(store, id))
+        first = await status_of(request.path_params["id"])
         return StreamingResponse(_progress(store, runtime, first, stopping), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 

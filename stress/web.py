@@ -77,13 +77,17 @@ def _get(url: str) -> tuple[float, float, int]:
 
 
 def _start(folder: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    """A ``flowstone web`` process on any free port, and its URL once it listens."""
+    """A ``flowstone web`` process on any free port, and its URL once it serves (after
+    its start-up, which makes every asset's partition keys)."""
     server = subprocess.Popen([sys.executable, "-m", "flowstone", "web", "--port", "0"], cwd=folder, env=env,
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert server.stderr is not None
+    url = None
     for line in server.stderr:
         if found := re.search(r"web view on (http://\S+)", line):
-            return server, found.group(1)
+            url = found.group(1)
+        elif url is not None and "Running on" in line:  # Hypercorn's word: started up, serving
+            return server, url
     raise SystemExit("the web server did not start")
 
 

@@ -94,11 +94,13 @@ def test_importing_flowstone_loads_none_of_the_heavy_parts():
     assert loaded == ["flowstone.version"]
 
 
-def test_the_web_extra_stays_optional():
-    """The command line and the web view's data load without Starlette or Hypercorn."""
+def test_the_web_and_workers_extras_stay_optional():
+    """The command line and the web view's data load without Starlette, Hypercorn,
+    procrastinate or psycopg."""
     code = (
-        "import sys, json, flowstone, flowstone.cli.commands, flowstone.web.data\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'hypercorn'))))"
+        "import sys, json, flowstone, flowstone.cli.commands, flowstone.web.data, flowstone.workers\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('starlette', 'hypercorn', 'procrastinate', 'psycopg'))))"
     )
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert loaded == []

@@ -136,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
         parser_.add_argument("--token", metavar="T", help="require this bearer token (or FLOWSTONE_WEB_TOKEN)")
     dev.add_argument("--no-web", action="store_true", help="the daemon only")
 
+    worker = command("worker", "execute materializations sent through the PostgreSQL queue (flowstone[workers]), "
+                               "until SIGTERM/SIGINT")
+    worker.add_argument("--concurrency", type=int, default=4, metavar="N", help="jobs at once (4)")
+    worker.add_argument("--serve-tenant", action="append", dest="serve_tenants", metavar="T",
+                        help="take jobs of this tenant only (repeatable; default: any)")
+
     command("migrate", "create or upgrade the store's schema")
     return parser
 

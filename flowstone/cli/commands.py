@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -604,6 +605,24 @@ async def _serve_web(args: argparse.Namespace, store: Any, pipeline: Pipeline, s
         await serve(app, host=args.host, port=args.port, stopping=stop)
     except OSError as error:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}", code=3) from None
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    """Execute queued materializations on this machine until SIGTERM/SIGINT (jobs in
+    flight finish first)."""
+    url = store_url(args.store)
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise CliError("a worker needs the PostgreSQL store its jobs come through: --store postgresql://...")
+    if type(args.concurrency) is not int or args.concurrency < 1:
+        raise CliError("--concurrency must be at least 1")
+    try:
+        from ..workers.queue import run_worker
+    except ImportError as error:
+        raise CliError(f"workers need their extra: pip install 'flowstone[workers]' ({error})") from None
+    async with _runtime(args) as rt:
+        await run_worker(url, rt, concurrency=args.concurrency, tenants=args.serve_tenants,
+                         name=f"{os.uname().nodename}:{os.getpid()}")
+    return EXIT_OK
 
 
 async def _stop_on_signals(stop: Any, now: Any) -> None:

@@ -22,7 +22,7 @@ def run_command(args: argparse.Namespace) -> int:
     from . import commands
 
     json_lines = getattr(args, "log_format", "text") == "json"
-    _logging(args.debug, info=args.command in ("daemon", "dev", "web"), json_lines=json_lines)
+    _logging(args.debug, info=args.command in ("daemon", "dev", "web", "worker"), json_lines=json_lines)
     handler = getattr(commands, f"cmd_{args.command}")
     try:
         async def main() -> int:

@@ -1,0 +1,148 @@
+"""Work on other machines (first part): materializations sent through procrastinate to
+real ``flowstone worker`` processes over one PostgreSQL; records stay the truth."""
+
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+
+import flowstone as fs
+from flowstone.store import PostgresStore, Status
+from flowstone.workers.queue import migrate_queue, send
+from pgfixtures import APP_ROLE, run_sync
+
+pytestmark = pytest.mark.anyio
+
+PIPELINE = '''
+from datetime import date
+import flowstone as fs
+
+days = fs.DailyPartitions(start=date(2026, 1, 1), end=date(2026, 1, 31))
+pipeline = fs.Pipeline("queued")
+
+@pipeline.asset(partitioned_by=days, code_version="1")
+async def events(ctx, deps):
+    if ctx.partition_key == "2026-01-13":
+        raise ValueError("bad data on the 13th")
+    return ctx.partition.day
+'''
+
+SECONDS = 60
+
+
+class Worker:
+    """A ``flowstone worker`` process, its log lines followed."""
+
+    def __init__(self, folder: Path, dsn: str, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "FLOWSTONE_PIPELINE"}
+        env.update(FLOWSTONE_DSN=dsn, FLOWSTONE_PIPELINE="queued:pipeline")
+        self.process = subprocess.Popen([sys.executable, "-m", "flowstone", "worker", *args], cwd=folder, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, pattern: str, count: int = 1) -> None:
+        """Until ``count`` lines, seen so far or to come, match ``pattern``."""
+        count -= sum(bool(re.search(pattern, line)) for line in self.seen)
+        while count > 0:
+            line = self.lines.get(timeout=SECONDS)
+            if line is None:
+                raise AssertionError(f"the worker ended before saying {pattern!r}; seen: {self.seen}")
+            self.seen.append(line)
+            count -= bool(re.search(pattern, line))
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=SECONDS)
+        self.reader.join(timeout=SECONDS)
+        self.process.stderr.close()
+        return code
+
+
+async def _queue(pg_database) -> None:
+    """The queue's schema, made by the database's owner, used by the plain role."""
+    await anyio.to_thread.run_sync(run_sync, functools.partial(migrate_queue, pg_database.admin_dsn,
+                                                               grant_to=[APP_ROLE]))
+
+
+async def test_a_worker_process_materializes_what_was_sent_once_each(anyio_backend, pg_database, tmp_path):
+    (tmp_path / "queued.py").write_text(PIPELINE)
+    await _queue(pg_database)
+    days = [f"2026-01-{d:02d}" for d in range(1, 21)]
+
+    async def enqueue() -> list:
+        return [await send(pg_database.dsn, "events", day) for day in days] + [
+            await send(pg_database.dsn, "events", days[0])]  # the same job, still waiting: not sent twice
+
+    jobs = await anyio.to_thread.run_sync(run_sync, enqueue)
+    assert all(isinstance(job, int) for job in jobs[:-1]) and jobs[-1] is None
+    worker = Worker(tmp_path, pg_database.dsn, "--concurrency", "4")
+    try:
+        worker.wait_for(r"job events @ \S+ \(tenant None\)", count=len(days))  # each job's outcome is logged
+        assert worker.stop() == 0, worker.seen  # SIGTERM: a graceful stop
+    finally:
+        if worker.process.poll() is None:
+            worker.process.kill()
+    async with PostgresStore(pg_database.dsn) as store:
+        states = await store.partition_states("events")
+        successes = await store.list_by_status(Status.SUCCESS, limit=100)
+    assert states == {day: (Status.FAILED if day == "2026-01-13" else Status.SUCCESS) for day in days}
+    assert sorted(r.partition for r in successes) == sorted(d for d in days if d != "2026-01-13")  # one each
+    left = await anyio.to_thread.run_sync(run_sync, _jobs_left, pg_database.admin_dsn)
+    assert left == []  # done jobs are deleted; nothing waits or runs
+
+
+async def _jobs_left(dsn: str) -> list:
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        return [tuple(r) for r in await connection.fetch(
+            "SELECT id, status FROM flowstone_queue.procrastinate_jobs WHERE status IN ('todo', 'doing')")]
+    finally:
+        await connection.close()
+
+
+async def test_a_worker_refuses_a_tenant_it_does_not_serve(anyio_backend, pg_database, tmp_path):
+    (tmp_path / "queued.py").write_text(PIPELINE)
+    await _queue(pg_database)
+
+    async def enqueue() -> None:
+        with fs.tenant_scope("globex"):
+            await send(pg_database.dsn, "events", "2026-01-02")
+        with fs.tenant_scope("acme"):
+            await send(pg_database.dsn, "events", "2026-01-03")
+
+    await anyio.to_thread.run_sync(run_sync, enqueue)
+    worker = Worker(tmp_path, pg_database.dsn, "--serve-tenant", "acme")
+    try:
+        worker.wait_for(r"job events @ 2026-01-03 \(tenant acme\): materialized")
+        worker.wait_for(r"job events @ 2026-01-02 \(tenant globex\) refused: access denied")
+        assert worker.stop() == 0, worker.seen
+    finally:
+        if worker.process.poll() is None:
+            worker.process.kill()
+    async with PostgresStore(pg_database.dsn) as store:
+        with fs.tenant_scope("globex"):
+            assert await store.partition_states("events") == {}  # refused: nothing ran for it
+        with fs.tenant_scope("acme"):
+            assert await store.partition_states("events") == {"2026-01-03": Status.SUCCESS}

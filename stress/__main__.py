@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import chaos, core, daemon, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, schedules, soak, sqlite, startup, web
+from . import chaos, core, daemon, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, schedules, soak, sqlite, startup, web, workers
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
@@ -35,6 +35,7 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "startup": (startup.run, "import flowstone, flowstone --help, and the flights example's main job (issue #14)"),
     "store-writes": (load.run_store_writes, "many tasks writing records into the memory store at once"),
     "web": (web.run, "flowstone web at 100,000 partitions and 200 assets: first byte, full load, RSS (issue #16)"),
+    "workers": (workers.run, "flowstone worker processes: CPU-bound 1 vs 2, per-job overhead, queue latency (#17)"),
 }
 
 

@@ -20,7 +20,7 @@ def test_list_names_every_scenario():
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
         "backfill", "cancel-storm", "chaos", "core", "daemon", "dags", "executors", "flights-dagster", "instructions", "io",
         "memory", "postgres", "processes", "ranges", "registrations", "runtime", "schedules", "soak", "sqlite", "startup",
-        "store-writes", "web",
+        "store-writes", "web", "workers",
     ]
 
 
@@ -92,6 +92,15 @@ def test_web_scenario_times_pages_of_a_real_server():
     page = rows["asset page, 300 partitions (HTML), first look: health read now"]
     assert 0 < page["first_byte_ms"] <= page["full_load_ms"] and page["kb"] > 0
     assert rows["server RSS (MB) at start / after the requests"]["rss_after_mb"] > 0
+
+
+def test_workers_scenario_runs_real_worker_processes(pg_server):
+    result = run_stress("workers", "--dsn", pg_server.admin, "--cpu-partitions", "4", "--work", "1000",
+                        "--partitions", "20", "--latency-samples", "2")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert [row["per_second"] > 0 for row in rows[:4]] == [True] * 4 and rows[1]["speedup"] > 0
+    assert rows[4]["median_ms"] > 0
 
 
 def test_unknown_scenario_exits_non_zero():

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Collection, Iterable
 from typing import Any
 
-__all__ = ["QUEUE", "SCHEMA", "TASK", "migrate_queue", "run_worker", "send"]
+__all__ = ["QUEUE", "SCHEMA", "TASK", "migrate_queue", "run_worker", "send", "send_all"]
 
 log = logging.getLogger("flowstone.workers")
 
@@ -70,6 +70,12 @@ async def migrate_queue(dsn: str, *, grant_to: Iterable[str] = ()) -> bool:
 async def send(dsn: str, asset: str, partition: str | None = None) -> int | None:
     """Enqueue one materialization of ``asset`` at ``partition`` (its key) in the caller's
     tenant; the job's id, or None when the same one is already waiting."""
+    [job] = await send_all(dsn, asset, [partition])
+    return job
+
+
+async def send_all(dsn: str, asset: str, partitions: Iterable[str | None]) -> list[int | None]:
+    """``send`` for each of ``partitions``, over one connection pool."""
     from procrastinate.exceptions import AlreadyEnqueued
 
     from ..tenancy import current_tenant
@@ -77,14 +83,16 @@ async def send(dsn: str, asset: str, partition: str | None = None) -> int | None
     tenant = current_tenant()
     app = _app(dsn)
     task = _declare(app, _never_here)
-    lock = f"{tenant or ''}\x1f{asset}\x1f{partition or ''}"
+    jobs: list[int | None] = []
     async with app.open_async():
-        try:
-            job: int = await task.configure(queueing_lock=lock).defer_async(
-                tenant=tenant, asset=asset, partition=partition)
-        except AlreadyEnqueued:
-            return None
-    return job
+        for partition in partitions:
+            lock = f"{tenant or ''}\x1f{asset}\x1f{partition or ''}"
+            try:
+                jobs.append(await task.configure(queueing_lock=lock).defer_async(
+                    tenant=tenant, asset=asset, partition=partition))
+            except AlreadyEnqueued:
+                jobs.append(None)
+    return jobs
 
 
 async def _never_here(tenant: str | None, asset: str, partition: str | None) -> None:

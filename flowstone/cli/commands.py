@@ -483,7 +483,6 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     """Ask the owner of a running backfill to stop it (it does at its next checkpoint),
     and wait until it has; a backfill whose owner died is closed here, and one
     interrupted (its process stopped) is marked so that no daemon resumes it."""
-    import os
     import socket
 
     import anyio
@@ -590,7 +589,6 @@ async def cmd_web(args: argparse.Namespace) -> int:
 
 async def _serve_web(args: argparse.Namespace, store: Any, pipeline: Pipeline, stop: Any, runtime: Any = None) -> None:
     """The web view on ``--host``/``--port`` until ``stop`` is set."""
-    import os
 
     try:
         from ..web.app import create_app
@@ -704,7 +702,6 @@ DETACH_SECONDS = 120.0
 async def _detach(args: argparse.Namespace) -> int:
     """Start the same backfill in a process of its own (a new session: it outlives this
     one and the terminal), wait until it has started, print its id and return."""
-    import os
     import subprocess
     import sys
     import tempfile
@@ -745,7 +742,6 @@ async def _detach(args: argparse.Namespace) -> int:
 def _announce(path: str, backfill: uuid.UUID) -> None:
     """Tell the process that started this one (``--detach``) the backfill's id: written
     whole, then renamed, so it never reads half an id."""
-    import os
 
     partial = f"{path}.partial"
     with open(partial, "w") as out:

@@ -20,6 +20,7 @@ import flowstone as fs
 from flowstone.store import PostgresStore, Status
 from flowstone.workers.queue import migrate_queue, send
 from pgfixtures import APP_ROLE, run_sync
+from waiting import until
 
 pytestmark = pytest.mark.anyio
 
@@ -146,3 +147,52 @@ async def test_a_worker_refuses_a_tenant_it_does_not_serve(anyio_backend, pg_dat
             assert await store.partition_states("events") == {}  # refused: nothing ran for it
         with fs.tenant_scope("acme"):
             assert await store.partition_states("events") == {"2026-01-03": Status.SUCCESS}
+
+
+GATED = PIPELINE + '''
+import fcntl
+import os
+
+@pipeline.asset(partitioned_by=days, code_version="1")
+def gated(ctx, deps):
+    with open(os.environ["GATE"]) as gate:  # waits while the test holds the gate's lock
+        fcntl.flock(gate, fcntl.LOCK_SH)
+    return 1
+'''
+
+
+async def test_a_worker_stopped_with_sigterm_finishes_its_job_first(anyio_backend, pg_database, tmp_path):
+    import fcntl
+
+    (tmp_path / "queued.py").write_text(GATED)
+    gate = tmp_path / "gate"
+    gate.touch()
+    await _queue(pg_database)
+    held = open(gate)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    os.environ["GATE"] = str(gate)  # the worker's environment is copied from this one
+    try:
+        worker = Worker(tmp_path, pg_database.dsn)
+        try:
+            worker.wait_for(r"taking jobs")
+            await anyio.to_thread.run_sync(run_sync, functools.partial(send, pg_database.dsn, "gated", "2026-01-05"))
+
+            async def running() -> bool:
+                async with PostgresStore(pg_database.dsn) as store:
+                    return (await store.partition_states("gated")).get("2026-01-05") is Status.RUNNING
+
+            await until(running, limit=SECONDS)  # the job is inside the asset function
+            worker.process.send_signal(signal.SIGTERM)
+            worker.wait_for(r"Waiting for job to finish")  # stopping, and the job still runs
+            fcntl.flock(held, fcntl.LOCK_UN)  # now it may finish
+            assert worker.process.wait(timeout=SECONDS) == 0, worker.seen  # no second signal needed
+            worker.stop()
+        finally:
+            if worker.process.poll() is None:
+                worker.process.kill()
+    finally:
+        held.close()
+        del os.environ["GATE"]
+    async with PostgresStore(pg_database.dsn) as store:
+        assert await store.partition_states("gated") == {"2026-01-05": Status.SUCCESS}
+    assert await anyio.to_thread.run_sync(run_sync, _jobs_left, pg_database.admin_dsn) == []

@@ -22,7 +22,8 @@ def run_command(args: argparse.Namespace) -> int:
     from . import commands
 
     json_lines = getattr(args, "log_format", "text") == "json"
-    _logging(args.debug, info=args.command in ("daemon", "dev", "web", "worker"), json_lines=json_lines)
+    _logging(args.debug, info=args.command in ("daemon", "dev", "web", "worker"), json_lines=json_lines,
+             also=("procrastinate",) if args.command == "worker" else ())
     handler = getattr(commands, f"cmd_{args.command}")
     try:
         async def main() -> int:
@@ -79,16 +80,17 @@ def describe(error: BaseException) -> str:
     return text
 
 
-def _logging(debug: bool, *, info: bool = False, json_lines: bool = False) -> None:
+def _logging(debug: bool, *, info: bool = False, json_lines: bool = False, also: tuple[str, ...] = ()) -> None:
     """Failures are reported by the command itself; the library's warnings only with
     --debug. A long-running command (``info``) logs what it does, as text lines or
-    one JSON object per line."""
+    one JSON object per line, with the loggers ``also`` named."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines() if json_lines else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("flowstone")
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO if info else logging.ERROR)
+    for name in ("flowstone", *also):  # also: the loggers of what a command runs (a worker's queue)
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if debug else logging.INFO if info else logging.ERROR)
 
 
 class JsonLines(logging.Formatter):

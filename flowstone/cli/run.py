@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Any
+from contextlib import nullcontext
 
 from . import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_UNREACHABLE, EXIT_USAGE
 from .config import CliError, UserCodeError
@@ -33,7 +33,7 @@ def run_command(args: argparse.Namespace) -> int:
             except BaseExceptionGroup as group:  # from a command's task group: the error inside it
                 raise single_error(group) from None
 
-        with tenant_scope(args.tenant) if args.tenant else _nothing():
+        with tenant_scope(args.tenant) if args.tenant else nullcontext():
             return anyio.run(main)
     except KeyboardInterrupt:
         hint = ("; the backfill is saved interrupted: 'flowstone resume ID' or a running daemon continues it, "
@@ -109,10 +109,3 @@ class JsonLines(logging.Formatter):
             line["traceback"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
 
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -235,13 +235,6 @@ class _Guarded:
                 await JSONResponse({"error": "a token is needed: Authorization: Bearer <token>, or open "
                                     "/?token=<token> once in a browser"}, status_code=401)(scope, receive, send)
                 return
-        with tenant_scope(self.tenant) if self.tenant else _nothing():
+        with tenant_scope(self.tenant) if self.tenant else contextlib.nullcontext():
             await self.app(scope, receive, send)
 
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable
+from contextlib import nullcontext
 from typing import Any
 
 __all__ = ["QUEUE", "SCHEMA", "TASK", "migrate_queue", "run_worker", "send", "send_all"]
@@ -119,7 +120,7 @@ async def run_worker(
             raise refused
         definition = definitions.get(asset)
         value = definition.validate(partition) if definition is not None and partition is not None else partition
-        with tenant_scope(tenant) if tenant else _nothing():
+        with tenant_scope(tenant) if tenant else nullcontext():
             try:
                 result = await rt.materialize(asset, value)
             except MaterializationFailed as failure:  # the asset's failure: recorded, not the queue's
@@ -134,10 +135,3 @@ async def run_worker(
         await app.run_worker_async(queues=[QUEUE], concurrency=concurrency, name=name, wait=True,
                                    install_signal_handlers=True, delete_jobs="successful")
 
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -210,12 +210,13 @@ async def test_backfill_progress_streams_until_it_ends(anyio_backend):
 
 
 def test_a_bar_of_many_runs_groups_partitions_and_keeps_every_failure():
-    from flowstone.web import data, html
+    from flowstone.store.health import MAX_SEGMENTS, health
+    from flowstone.web import html
 
     keys = [f"k{n:05d}" for n in range(5_000)]
     states = {key: (fs.Status.FAILED if n % 3 == 0 else fs.Status.SUCCESS) for n, key in enumerate(keys[:4_000])}
-    bar = data.health(keys, states)
-    assert bar["grouped"] and len(bar["segments"]) <= data.MAX_SEGMENTS
+    bar = health(keys, states)
+    assert bar["grouped"] and len(bar["segments"]) <= MAX_SEGMENTS
     assert bar["counts"] == {"succeeded": 2_666, "failed": 1_334, "missing": 1_000, "stale": 0, "running": 0}
     assert sum(s[2] for s in bar["segments"]) == 5_000  # every partition in exactly one segment
     assert sum(s[3].get("failed", 0) for s in bar["segments"]) == 1_334  # none lost, none overstated

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,6 +14,7 @@ from ..errors import InvalidPartition
 from ..partitions import serialize_partition
 from ..pipeline import Pipeline
 from ..runtime.runtime import Runtime, open_runtime
+from ..store.health import key_strings
 from ..store.records import Status
 from ..web.data import automation_name, backfill_json, daemon_json, sensor_json
 from . import EXIT_FAILED, EXIT_OK
@@ -159,7 +160,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         for asset in assets:
             states = await store.partition_states(asset.name)
             definition = asset.partitioned_by
-            keys: Iterable[str | None] = [None] if definition is None else map(serialize_partition, definition.keys())
+            keys: list[str | None] = [None] if definition is None else list(key_strings(definition))
             summary = partition_summary(keys, states)
             summaries.append({"asset": asset.name, "partitioned": definition is not None, **summary})
         last = await store.last_ticks() if pipeline.schedules else {}

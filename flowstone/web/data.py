@@ -8,29 +8,22 @@ No third-party import here: ``flowstone status`` uses the same functions.
 from __future__ import annotations
 
 import functools
-import itertools
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
-from datetime import date
 from typing import Any
 
 from ..dag import execution_layers
-from ..partitions import serialize_partition
 from ..pipeline import Pipeline
 from ..plumbing.clock import utcnow
-from ..store.health import STATES, state_of
+from ..store.health import health, key_strings
 from ..tenancy import current_tenant
 
 __all__ = [
     "PAGE", "HealthCache", "asset_data", "backfill_json", "backfills_data", "daemon_data", "daemon_json", "graph_data",
-    "health", "key_strings", "record_data", "record_json", "sensor_json",
+    "record_data", "record_json", "sensor_json",
 ]
 
 PAGE = 50
 """Records per page."""
-MAX_SEGMENTS = 1000
-"""A health bar draws at most this many segments; beyond, partitions are grouped evenly."""
 
 
 def graph_data(pipeline: Pipeline) -> dict[str, Any]:
@@ -115,50 +108,6 @@ async def asset_data(store: Any, pipeline: Pipeline, name: str, *, before: str |
         "records": [record_json(r) for r in shown],
         "next": str(shown[-1].id) if len(records) > limit else None,
     }
-
-
-def key_strings(definition: Any) -> list[str]:
-    """Every partition key of ``definition``, in order (dates take a short cut: the
-    keys of a daily definition are their ISO dates)."""
-    values = definition.keys()
-    if len(values) and type(values[0]) is date:
-        return [value.isoformat() for value in values]
-    return [serialize_partition(value) for value in values]  # type: ignore[misc]
-
-
-def health(keys: Sequence[str | None], states: Mapping[str | None, Any]) -> dict[str, Any]:
-    """Counts per state and the partitions in key order as ``segments``: runs
-    ``[first key, last key, count, {state: count}]`` of one state each. Past
-    ``MAX_SEGMENTS`` runs, a segment is instead one of ``MAX_SEGMENTS`` even groups,
-    with the count of each state in it (neighbouring groups all in one state are
-    merged), so the bar stays drawable at any size and shows every failure."""
-    name_of = {status: state_of(status) for status in set(states.values())}
-    get = states.get
-    named = [name_of[found] if (found := get(key)) is not None else "missing" for key in keys]
-    counts = dict.fromkeys(STATES, 0)
-    counts.update(Counter(named))
-    segments: list[list[Any]] = []
-    start = 0
-    for state, group in itertools.groupby(named):
-        count = sum(1 for _ in group)
-        segments.append([keys[start], keys[start + count - 1], count, {state: count}])
-        start += count
-        if len(segments) > MAX_SEGMENTS:
-            break
-    grouped = len(segments) > MAX_SEGMENTS
-    if grouped:
-        segments = []
-        size = -(-len(keys) // MAX_SEGMENTS)
-        for first in range(0, len(keys), size):
-            last = min(first + size, len(keys)) - 1
-            inside = dict(Counter(named[first:last + 1]))
-            if segments and len(inside) == 1 and segments[-1][3].keys() == inside.keys():
-                segments[-1][1] = keys[last]
-                segments[-1][2] += last - first + 1
-                segments[-1][3] = {state: segments[-1][2] for state in inside}
-            else:
-                segments.append([keys[first], keys[last], last - first + 1, inside])
-    return {"total": len(keys), "counts": counts, "segments": segments, "grouped": grouped}
 
 
 def record_json(record: Any) -> dict[str, Any]:

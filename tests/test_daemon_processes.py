@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import urllib.request
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from followed import Followed
 
 TICKING = '''
 import flowstone as fs
@@ -49,70 +47,14 @@ async def held(ctx, deps):
     return 1
 '''
 
-LINE_SECONDS = 60.0
-"""How long a test waits for a daemon to say something (generous: a loaded machine)."""
-
-
-class Daemon:
-    """A ``flowstone daemon`` process whose log lines the test waits for."""
+class Daemon(Followed):
+    """A ``flowstone daemon`` (or ``dev``) process."""
 
     def __init__(self, folder: Path, env: dict[str, str], *args: str, command: str = "daemon") -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flowstone", command, *args], cwd=folder, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        super().__init__(folder, env, command, *args)
 
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_for(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
-        """The next ``count`` lines matching ``pattern`` (lines before them are kept in ``seen``)."""
-        found: list[re.Match[str]] = []
-        while len(found) < count:
-            try:
-                line = self.lines.get(timeout=LINE_SECONDS)
-            except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r} in {LINE_SECONDS:g}s; seen: {self.seen}") from None
-            if line is None:
-                raise AssertionError(f"the daemon ended before saying {pattern!r}; seen: {self.seen}")
-            self.seen.append(line)
-            match = re.search(pattern, line)
-            if match:
-                found.append(match)
-        return found
-
-    def wait_for_all(self, *patterns: str) -> dict[str, re.Match[str]]:
-        """The first line matching each of ``patterns``, in whatever order they come."""
-        found: dict[str, re.Match[str]] = {}
-        while len(found) < len(patterns):
-            [line] = [m.string for m in self.wait_for(r".")]
-            for pattern in patterns:
-                if pattern not in found and (match := re.search(pattern, line)):
-                    found[pattern] = match
-        return found
-
-    def rest(self) -> list[str]:
-        """Every line until the process ends."""
-        lines = []
-        while (line := self.lines.get(timeout=LINE_SECONDS)) is not None:
-            lines.append(line)
-        self.seen += lines
-        return lines
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=30)
-        self.reader.join(timeout=30)  # it has read to the end of the pipe
-        assert self.process.stderr is not None
-        self.process.stderr.close()
+    def stop(self, sig: int = signal.SIGKILL) -> int:  # what a test left running is killed
+        return super().stop(sig)
 
 
 def _project(folder: Path, module: str, text: str, store: str | None) -> dict[str, str]:

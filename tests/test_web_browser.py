@@ -8,16 +8,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import queue
-import re
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 from browser import SCREENSHOTS, chromium_paths, open_browser
+from followed import Followed
 
 GATED = '''
 import fcntl
@@ -49,38 +46,6 @@ pipeline.schedule("report", "0 6 * * *")
 '''
 
 SECONDS = 60
-
-
-class Process:
-    """A flowstone command in the project folder, its stderr lines followed."""
-
-    def __init__(self, folder: Path, env: dict[str, str], *args: str) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "flowstone", *args], cwd=folder, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, pattern: str) -> re.Match[str]:
-        while (line := self.lines.get(timeout=SECONDS)) is not None:
-            if found := re.search(pattern, line):
-                return found
-        raise AssertionError(f"the process ended before saying {pattern!r}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=SECONDS)
-        self.reader.join(timeout=SECONDS)
-        self.process.stdout.close()
-        self.process.stderr.close()
-        return code
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +85,10 @@ def test_click_through_and_watch_a_backfill_live(tmp_path, chromium):
                           capture_output=True, timeout=120).returncode == 0
     held = open(gate)
     fcntl.flock(held, fcntl.LOCK_EX)  # the 6th to the 10th wait until it is released
-    web = Process(tmp_path, env, "web", "--port", "0")
-    backfill = Process(tmp_path, env, "backfill", "clean", "--max-parallel", "10")
+    web = Followed(tmp_path, env, "web", "--port", "0")
+    backfill = Followed(tmp_path, env, "backfill", "clean", "--max-parallel", "10", stdout=subprocess.PIPE)
     try:
-        url = web.wait_for(r"web view on (http://\S+)").group(1)
+        url = web.wait_for(r"web view on (http://\S+)")[0].group(1)
         assert backfill.process.stdout.readline().startswith("backfill clean: ")  # a first partition is done
         [running] = _flowstone(tmp_path, env, "backfills")["backfills"]
 

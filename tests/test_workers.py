@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import functools
 import os
-import queue
-import re
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import anyio
 import pytest
+from followed import Followed
+from pgfixtures import APP_ROLE, run_sync
+from waiting import until
 
 import flowstone as fs
 from flowstone.store import PostgresStore, Status
 from flowstone.workers.queue import migrate_queue, send
-from pgfixtures import APP_ROLE, run_sync
-from waiting import until
 
 pytestmark = pytest.mark.anyio
 
@@ -41,42 +37,13 @@ async def events(ctx, deps):
 SECONDS = 60
 
 
-class Worker:
-    """A ``flowstone worker`` process, its log lines followed."""
+class Worker(Followed):
+    """A ``flowstone worker`` process on ``dsn``, for the ``queued`` pipeline."""
 
     def __init__(self, folder: Path, dsn: str, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if k != "FLOWSTONE_PIPELINE"}
         env.update(FLOWSTONE_DSN=dsn, FLOWSTONE_PIPELINE="queued:pipeline")
-        self.process = subprocess.Popen([sys.executable, "-m", "flowstone", "worker", *args], cwd=folder, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        text=True)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def wait_for(self, pattern: str, count: int = 1) -> None:
-        """Until ``count`` lines, seen so far or to come, match ``pattern``."""
-        count -= sum(bool(re.search(pattern, line)) for line in self.seen)
-        while count > 0:
-            line = self.lines.get(timeout=SECONDS)
-            if line is None:
-                raise AssertionError(f"the worker ended before saying {pattern!r}; seen: {self.seen}")
-            self.seen.append(line)
-            count -= bool(re.search(pattern, line))
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=SECONDS)
-        self.reader.join(timeout=SECONDS)
-        self.process.stderr.close()
-        return code
+        super().__init__(folder, env, "worker", *args)
 
 
 async def _queue(pg_database) -> None:
@@ -136,8 +103,8 @@ async def test_a_worker_refuses_a_tenant_it_does_not_serve(anyio_backend, pg_dat
     await anyio.to_thread.run_sync(run_sync, enqueue)
     worker = Worker(tmp_path, pg_database.dsn, "--serve-tenant", "acme")
     try:
-        worker.wait_for(r"job events @ 2026-01-03 \(tenant acme\): materialized")
-        worker.wait_for(r"job events @ 2026-01-02 \(tenant globex\) refused: access denied")
+        worker.wait_for_all(r"job events @ 2026-01-03 \(tenant acme\): materialized",
+                            r"job events @ 2026-01-02 \(tenant globex\) refused: access denied")
         assert worker.stop() == 0, worker.seen
     finally:
         if worker.process.poll() is None:

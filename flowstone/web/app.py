@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -125,7 +126,8 @@ def _after(request: Request) -> BackgroundTasks | None:
     return tasks
 
 
-async def _backfill_status(store: Any, id: str) -> Any:
+async def _backfill_status(store: Any, id: str | uuid.UUID) -> Any:
+    """The backfill's status as the store saved it; ``BackfillNotFound`` when there is none."""
     from ..store.records import parse_id
 
     backfill = parse_id(id, "backfill")
@@ -150,7 +152,7 @@ async def _progress(store: Any, runtime: Any, first: Any, stopping: anyio.Event)
     while status.state == "running" and not stopping.is_set():
         with anyio.move_on_after(POLL_SECONDS):
             await stopping.wait()
-        status = await _saved(store, first.id)
+        status = await _backfill_status(store, first.id)
         if status != last:
             yield _event(status)
             last = status
@@ -197,10 +199,6 @@ async def _from_events(runtime: Any, first: Any, stopping: anyio.Event) -> Async
                     return
             else:
                 behind = True  # sent once the pause is over, even if no event follows
-
-
-async def _saved(store: Any, backfill: Any) -> Any:
-    return (await store.load_backfill(backfill)).status
 
 
 async def _error(request: Request, error: Exception) -> Response:

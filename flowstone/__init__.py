@@ -52,6 +52,7 @@ _NAMES: dict[str, str] = {
     "StorageError": ".errors",
     "StorageUnavailable": ".errors",
     "TenancyNotEnforced": ".errors",
+    "WorkerJobFailed": ".errors",
     "Guard": ".guards",
     "IOManager": ".io",
     "CompositePartitions": ".partitions",
@@ -145,6 +146,7 @@ if TYPE_CHECKING:  # what type checkers and editors see: the same names, eagerly
     from .errors import StorageError as StorageError
     from .errors import StorageUnavailable as StorageUnavailable
     from .errors import TenancyNotEnforced as TenancyNotEnforced
+    from .errors import WorkerJobFailed as WorkerJobFailed
     from .guards import Guard as Guard
     from .io import IOManager as IOManager
     from .partitions import CompositePartitions as CompositePartitions

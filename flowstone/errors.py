@@ -41,6 +41,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "TenancyNotEnforced",
+    "WorkerJobFailed",
 ]
 
 class FlowstoneError(Exception):
@@ -203,6 +204,13 @@ class LeaseLost(FlowstoneError):
     """This process no longer holds the lease it worked under: it expired and another
     process took the work over, so this process's record and value writes are refused
     (the other process's result stands)."""
+
+
+class WorkerJobFailed(FlowstoneError):
+    """A partition sent to ``flowstone worker`` processes got no outcome there: its job
+    failed in the queue each time it was sent (a worker refused its tenant, does not
+    know the asset, or broke), or ended without leaving a record. (An asset that
+    fails on a worker is ``MaterializationFailed``, with the record's error.)"""
 
 
 class AssetTimeout(FlowstoneError, TimeoutError):

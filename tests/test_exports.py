@@ -28,7 +28,7 @@ PUBLIC = {
     "FlowstoneError", "InvalidIdentifier", "InvalidPartition", "InvalidTenant",
     "InvalidTransition", "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
     "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced", "StorageError", "StorageUnavailable",
-    "LeaseLost", "BackfillOwned", "AssetTimeout",
+    "LeaseLost", "BackfillOwned", "AssetTimeout", "WorkerJobFailed",
 }
 
 ERRORS = {
@@ -36,7 +36,7 @@ ERRORS = {
     "InvalidIdentifier", "InvalidPartition", "InvalidTenant", "InvalidTransition",
     "MaterializationFailed", "NotFound", "RuntimeClosed", "SerializationError",
     "DatabaseError", "DatabaseUnavailable", "TenancyNotEnforced", "StorageError", "StorageUnavailable",
-    "LeaseLost", "BackfillOwned", "AssetTimeout",
+    "LeaseLost", "BackfillOwned", "AssetTimeout", "WorkerJobFailed",
 }
 
 

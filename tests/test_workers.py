@@ -1,11 +1,15 @@
-"""Work on other machines (first part): materializations sent through procrastinate to
-real ``flowstone worker`` processes over one PostgreSQL; records stay the truth."""
+"""Work on other machines: materializations and whole backfills sent through
+procrastinate to real ``flowstone worker`` processes over one PostgreSQL; records stay
+the truth, and a worker killed mid-job loses nothing."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -16,6 +20,7 @@ from waiting import until
 
 import flowstone as fs
 from flowstone.store import PostgresStore, Status
+from flowstone.workers import Queue
 from flowstone.workers.queue import migrate_queue, send
 
 pytestmark = pytest.mark.anyio
@@ -37,13 +42,20 @@ async def events(ctx, deps):
 SECONDS = 60
 
 
-class Worker(Followed):
-    """A ``flowstone worker`` process on ``dsn``, for the ``queued`` pipeline."""
+class Command(Followed):
+    """``flowstone *args`` on ``dsn``, for the ``queued`` pipeline."""
 
-    def __init__(self, folder: Path, dsn: str, *args: str) -> None:
+    def __init__(self, folder: Path, dsn: str, *args: str, stdout: int = subprocess.DEVNULL) -> None:
         env = {k: v for k, v in os.environ.items() if k != "FLOWSTONE_PIPELINE"}
         env.update(FLOWSTONE_DSN=dsn, FLOWSTONE_PIPELINE="queued:pipeline")
-        super().__init__(folder, env, "worker", *args)
+        super().__init__(folder, env, *args, stdout=stdout)
+
+
+class Worker(Command):
+    """A ``flowstone worker`` process."""
+
+    def __init__(self, folder: Path, dsn: str, *args: str) -> None:
+        super().__init__(folder, dsn, "worker", *args)
 
 
 async def _queue(pg_database) -> None:
@@ -163,3 +175,178 @@ async def test_a_worker_stopped_with_sigterm_finishes_its_job_first(anyio_backen
     async with PostgresStore(pg_database.dsn) as store:
         assert await store.partition_states("gated") == {"2026-01-05": Status.SUCCESS}
     assert await anyio.to_thread.run_sync(run_sync, _jobs_left, pg_database.admin_dsn) == []
+
+
+def _load(path: Path) -> fs.Pipeline:
+    """The pipeline the workers run, loaded here too (under a name of its own)."""
+    spec = importlib.util.spec_from_file_location(f"queued_{os.getpid()}_{id(path)}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.pipeline
+
+
+async def test_a_backfill_on_workers_runs_there_and_reports_as_a_local_one(anyio_backend, pg_database, tmp_path):
+    """The Python API, from asyncio and from trio (the queue through the bridge)."""
+    (tmp_path / "queued.py").write_text(PIPELINE)
+    await _queue(pg_database)
+    workers = [Worker(tmp_path, pg_database.dsn, "--concurrency", "2") for _ in range(2)]
+    try:
+        for worker in workers:
+            worker.wait_for(r"taking jobs")
+        async with PostgresStore(pg_database.dsn) as store, Queue(pg_database.dsn) as queue, \
+                fs.open_runtime(_load(tmp_path / "queued.py"), store=store, queue=queue) as rt:
+            async with rt.events(kinds=["BackfillProgress", "BackfillFinished"]) as events:
+                backfill = await rt.backfill("events", max_parallel=4)  # on the workers: the runtime has a queue
+                progress = []
+                async for event in events:
+                    progress.append(event)
+                    if isinstance(event, fs.events.BackfillFinished):
+                        break
+            status = await rt.wait_backfill(backfill)
+            successes = await store.list_by_status(Status.SUCCESS, limit=100)
+            [failure] = await store.list_by_status(Status.FAILED, limit=100)
+            [saved] = await store.list_backfills()
+        for worker in workers:
+            assert worker.stop() == 0, worker.seen
+    finally:
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.kill()
+    assert (status.state, status.total, status.succeeded, status.failed) == ("failed", 31, 30, 1)
+    [(key, message)] = status.errors
+    assert key == "2026-01-13" and "bad data on the 13th" in message  # the worker's record, read back here
+    assert failure.partition == "2026-01-13"
+    assert sorted(r.partition for r in successes) == [f"2026-01-{d:02d}" for d in range(1, 32) if d != 13]
+    pids = {str(worker.process.pid) for worker in workers}
+    assert {r.executor_node.split(":")[1] for r in successes} <= pids  # computed by the workers, not here
+    running = [e.running for e in progress if isinstance(e, fs.events.BackfillProgress)]
+    assert max(running) <= 4  # at most max_parallel enqueued
+    assert progress[-1].succeeded == 30 and saved.status.succeeded == 30  # the same status, events and store
+    assert await anyio.to_thread.run_sync(run_sync, _queue_rows, pg_database.admin_dsn) == []
+
+
+async def _queue_rows(dsn: str) -> list:
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        return [tuple(r) for r in await connection.fetch("SELECT id, status FROM flowstone_queue.procrastinate_jobs")]
+    finally:
+        await connection.close()
+
+
+async def test_a_backfill_goes_to_workers_only_through_a_queue_and_with_the_assets_own_io(anyio_backend):
+    pipeline = fs.Pipeline("p")
+
+    @pipeline.asset(partitioned_by=fs.StaticPartitions(["a", "b"]))
+    def letters(ctx, deps):
+        return ctx.partition_key
+
+    async with fs.open_runtime(pipeline) as rt:
+        with pytest.raises(fs.DefinitionError, match="no queue"):
+            await rt.backfill("letters", workers=True)
+    async with Queue("postgresql://nobody@127.0.0.1:1/none") as queue, fs.open_runtime(pipeline, queue=queue) as rt:
+        with pytest.raises(fs.DefinitionError, match="IO manager overrides stay in this process"):
+            await rt.backfill("letters", io={"letters": "memory"})
+        local = await rt.backfill("letters", workers=False)  # nothing reaches the queue (nobody listens there)
+        assert (await rt.wait_backfill(local)).succeeded == 2
+
+
+KILLED = '''
+import fcntl
+import os
+import sys
+from datetime import date
+import flowstone as fs
+
+days = fs.DailyPartitions(start=date(2020, 1, 1), end=date(2025, 6, 22))  # 2,000 days
+pipeline = fs.Pipeline("queued")
+
+@pipeline.asset(partitioned_by=days, code_version="1")
+def daily(ctx, deps):
+    if ctx.partition_key == "2021-09-01":
+        (open(os.path.join(os.environ["STARTED"], str(os.getpid())), "w")).close()  # who runs it
+        with open(os.environ["GATE"]) as gate:  # waits while the test holds the gate's lock
+            fcntl.flock(gate, fcntl.LOCK_SH)
+    return ctx.partition_key
+'''
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the sender is a process of its own here
+async def test_four_workers_run_2000_partitions_and_one_killed_mid_job_loses_nothing(
+    anyio_backend, pg_database, tmp_path,
+):
+    """``flowstone backfill --workers`` over four workers; the one running a gated
+    partition is SIGKILLed inside it. Its jobs go back to the queue once its heartbeat
+    is missed, its lease lapses, another worker takes the partition over: every
+    partition ends with exactly one success, and no job, lease or worker row is left."""
+    import fcntl
+
+    (tmp_path / "queued.py").write_text(KILLED)
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    gate.touch()
+    started.mkdir()
+    await _queue(pg_database)
+    held = open(gate)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    os.environ.update(GATE=str(gate), STARTED=str(started))  # copied into every process started here
+    processes: list[Followed] = []
+    try:
+        workers = [Worker(tmp_path, pg_database.dsn, "--concurrency", "4", "--lease-seconds", "3") for _ in range(4)]
+        processes += workers
+        for worker in workers:
+            worker.wait_for(r"taking jobs")
+        sender = Command(tmp_path, pg_database.dsn, "backfill", "daily", "--workers", "--max-parallel", "16",
+                         "--json", stdout=subprocess.PIPE)
+        processes.append(sender)
+
+        async def gated() -> bool:
+            await anyio.sleep(0)
+            return any(started.iterdir())
+
+        await until(gated, limit=SECONDS)  # a worker is inside the gated partition
+        [victim] = [w for w in workers if str(w.process.pid) == next(started.iterdir()).name]
+        victim.stop(signal.SIGKILL)
+        fcntl.flock(held, fcntl.LOCK_UN)  # the next worker to take that partition may finish it
+        sender.process.wait(timeout=300)
+        assert sender.process.stdout is not None
+        summary = json.loads(sender.process.stdout.read())
+        assert sender.stop() == 0, (summary, sender.seen)
+        for worker in workers:
+            if worker is not victim:
+                assert worker.stop() == 0, worker.seen
+    finally:
+        held.close()
+        for name in ("GATE", "STARTED"):
+            del os.environ[name]
+        for process in processes:
+            if process.process.poll() is None:
+                process.process.kill()
+    assert (summary["state"], summary["total"], summary["succeeded"], summary["failed"]) == ("succeeded", 2000, 2000, 0)
+    rows = await anyio.to_thread.run_sync(run_sync, _after_the_kill, pg_database.admin_dsn)
+    assert rows["successes"] == {1: 2000}  # partitions by their number of successes: each has one
+    assert rows["orphaned"] >= 1  # the gated partition's record, closed when its lease was taken over
+    assert rows["left"] == {"leases": 0, "jobs": 0, "workers": 0}
+
+
+async def _after_the_kill(dsn: str) -> dict:
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn)
+    try:
+        per_partition = await connection.fetch(
+            "SELECT partition, count(*) AS n FROM flowstone_materializations WHERE asset_name = 'daily' "
+            "AND status IN ('success', 'superseded') GROUP BY partition")
+        orphaned = await connection.fetchval(
+            "SELECT count(*) FROM flowstone_materializations WHERE status = 'failed' "
+            "AND error_message LIKE 'orphaned%'")
+        left = {name: await connection.fetchval(f"SELECT count(*) FROM {rows}") for name, rows in (
+            ("leases", "flowstone_leases WHERE owner <> ''"),  # a released lease keeps its row, with no owner
+            ("jobs", "flowstone_queue.procrastinate_jobs"), ("workers", "flowstone_queue.procrastinate_workers"))}
+    finally:
+        await connection.close()
+    counts: dict[int, int] = {}
+    for row in per_partition:
+        counts[row["n"]] = counts.get(row["n"], 0) + 1
+    return {"successes": counts, "orphaned": orphaned, "left": left}

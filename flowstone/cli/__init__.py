@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--max-parallel", type=int, default=10, metavar="N", help="partitions at once (10)")
     backfill.add_argument("--upstream", choices=["missing", "none", "all"], default="missing")
     backfill.add_argument("--force", action="store_true", help="recompute partitions even if up to date")
+    backfill.add_argument("--workers", action="store_true",
+                          help="send the partitions to flowstone worker processes (PostgreSQL store)")
     backfill.add_argument("--detach", action="store_true",
                           help="run it in a background process; print its id and return at once")
     backfill.add_argument("--announce", metavar="PATH", help=argparse.SUPPRESS)  # how --detach learns the id
@@ -126,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                              help=f"seconds between two looks for upstream changes and missing partitions ({looks:g})")
         parser_.add_argument("--log-format", choices=["text", "json"], default="text",
                              help="log lines as text, or one JSON object per line")
+        parser_.add_argument("--workers", action="store_true",
+                             help="send backfills to flowstone worker processes, and hand back the jobs of "
+                                  "workers that died (PostgreSQL store)")
 
     web = command("web", "serve the web view (read-only): asset graph, partition health, records and lineage, "
                          "backfills live, the daemon")
@@ -141,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=4, metavar="N", help="jobs at once (4)")
     worker.add_argument("--serve-tenant", action="append", dest="serve_tenants", metavar="T",
                         help="take jobs of this tenant only (repeatable; default: any)")
+    worker.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
+                        help="how long a partition stays locked after this worker dies mid-job (30)")
 
     command("migrate", "create or upgrade the store's schema")
     return parser

@@ -55,12 +55,47 @@ async def _store(args: argparse.Namespace, *, must_exist: bool = True) -> AsyncI
 
 
 @asynccontextmanager
-async def _runtime(args: argparse.Namespace, pipeline: Pipeline | None = None) -> AsyncIterator[Runtime]:
+async def _runtime(
+    args: argparse.Namespace, pipeline: Pipeline | None = None, *, queue: str | None = None, **options: Any,
+) -> AsyncIterator[Runtime]:
+    """The command's runtime; ``queue``: "required" (``--workers``: its backfills go to
+    the workers) or "if-any" (``resume``: a queue when the store and extra allow, for a
+    backfill saved as on workers), else none."""
     pipeline = pipeline or _pipeline(args)
-    async with _store(args, must_exist=False) as store, open_runtime(
-        pipeline, store=store, default_io_manager="filesystem"
+    async with _store(args, must_exist=False) as store, _queue(args, queue) as sender, open_runtime(
+        pipeline, store=store, default_io_manager="filesystem", queue=sender, **options
     ) as rt:
         yield rt
+
+
+@asynccontextmanager
+async def _queue(args: argparse.Namespace, wanted: str | None) -> AsyncIterator[Any]:
+    """The work queue in the store's PostgreSQL database, closed when the command ends."""
+    url = store_url(args.store)
+    postgres = url.startswith(("postgresql://", "postgres://"))
+    if wanted is None or (wanted == "if-any" and not postgres):
+        yield None
+        return
+    if not postgres:
+        raise CliError("workers take their jobs from the PostgreSQL store: --store postgresql://...")
+    if not _has_procrastinate():
+        if wanted == "if-any":
+            yield None
+            return
+        raise CliError("workers need their extra: pip install 'flowstone[workers]'")
+    from ..workers.queue import Queue
+
+    queue = Queue(url)
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+def _has_procrastinate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("procrastinate") is not None
 
 
 def _partition(pipeline: Pipeline, asset: str, given: str | None) -> Any:
@@ -433,20 +468,20 @@ async def cmd_backfill(args: argparse.Namespace) -> int:
         raise CliError("--max-parallel must be at least 1")
     if args.detach:
         return await _detach(args)
-    async with _runtime(args) as rt:
+    async with _runtime(args, queue="required" if args.workers else None) as rt:
         pipeline = Pipeline("cli", assets=await rt.assets())
         partitions = _backfill_partitions(pipeline, args)
 
         async def start() -> uuid.UUID:
             return await rt.backfill(args.asset, partitions, max_parallel=args.max_parallel,
-                                     upstream=args.upstream, force=args.force)
+                                     upstream=args.upstream, force=args.force, workers=args.workers)
 
         status = await _follow_backfill(rt, args, f"backfill {args.asset}", start)
     return _backfill_summary(args, status)
 
 
 async def cmd_resume(args: argparse.Namespace) -> int:
-    async with _runtime(args) as rt:
+    async with _runtime(args, queue="if-any") as rt:
         async def start() -> uuid.UUID:
             return await rt.resume_backfill(args.id)
 
@@ -548,7 +583,8 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
         raise CliError("--automation-interval must be a number of seconds > 0")
     pipeline = _pipeline(args)
     stop = anyio.Event()
-    async with _runtime(args, pipeline) as rt, anyio.create_task_group() as daemon:
+    async with _runtime(args, pipeline, queue="required" if args.workers else None) as rt, \
+            anyio.create_task_group() as daemon:
         daemon.start_soon(_stop_on_signals, stop, daemon.cancel_scope)
         async with anyio.create_task_group() as serving:  # ends once both have stopped
             if args.command == "dev" and not args.no_web:
@@ -614,11 +650,13 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         raise CliError("a worker needs the PostgreSQL store its jobs come through: --store postgresql://...")
     if type(args.concurrency) is not int or args.concurrency < 1:
         raise CliError("--concurrency must be at least 1")
-    try:
-        from ..workers.queue import run_worker
-    except ImportError as error:
-        raise CliError(f"workers need their extra: pip install 'flowstone[workers]' ({error})") from None
-    async with _runtime(args) as rt:
+    if not 0 < args.lease_seconds < 86400:
+        raise CliError("--lease-seconds must be a number of seconds > 0")
+    if not _has_procrastinate():
+        raise CliError("workers need their extra: pip install 'flowstone[workers]'")
+    from ..workers.queue import run_worker
+
+    async with _runtime(args, lease_seconds=args.lease_seconds) as rt:
         await run_worker(url, rt, concurrency=args.concurrency, tenants=args.serve_tenants,
                          name=f"{os.uname().nodename}:{os.getpid()}")
     return EXIT_OK

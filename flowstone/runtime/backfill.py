@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import nullcontext
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import attrs
@@ -37,7 +37,7 @@ from ..tenancy import tenant_scope
 from .run import RunRequest
 from .watch import EventBus
 
-__all__ = ["BackfillSpec", "BackfillStatus", "run_backfill"]
+__all__ = ["BackfillSpec", "BackfillStatus", "Dispatcher", "Runner", "run_backfill"]
 
 log = logging.getLogger("flowstone.backfill")
 
@@ -83,6 +83,21 @@ class Runner:
 
     prefetch: Callable[[list[RunRequest]], Awaitable[Any]]
     run: Callable[[RunRequest, Any], Awaitable[Any]]
+
+
+class Dispatcher(Protocol):
+    """Where a backfill on workers sends its partitions (``flowstone.workers.Queue``,
+    given to ``open_runtime(queue=...)``): the backfill actor stays here, counting and
+    saving as for a local backfill; its ``max_parallel`` tasks each send one partition
+    and wait for its outcome, so at most that many are enqueued at once."""
+
+    def runner(self, spec: BackfillSpec, store: Any) -> Runner:
+        """How ``spec``'s partitions run: each sent as a job, its outcome read from ``store``."""
+        ...
+
+    async def reconcile(self) -> int:
+        """Hand the jobs of workers that stopped answering back to the queue; how many."""
+        ...
 
 
 @attrs.define

@@ -13,6 +13,8 @@ and meanwhile:
 - resumes backfills left unfinished: saved ``running`` by a process whose
   heartbeat stopped, or ``interrupted`` (their process stopped under them), and
   looks for such backfills again every ``RESCAN_SECONDS``.
+- when ``rt`` has a work queue (``open_runtime(queue=...)``), hands the jobs of
+  workers that stopped answering back to it every ``RECONCILE_SECONDS``.
 
 When ``stop`` is set it takes no more work: the runs in flight get ``grace``
 seconds, then are cancelled (ticks end ``cancelled``; backfills are left to the
@@ -54,6 +56,8 @@ GRACE_SECONDS = 30.0
 """How long work in flight may take to finish once the daemon is asked to stop."""
 RESCAN_SECONDS = STALE_SECONDS
 """How often the active daemon looks for backfills whose process died."""
+RECONCILE_SECONDS = 5.0
+"""How often the active daemon hands the jobs of dead workers back to the queue."""
 
 
 def daemon_owner() -> str:
@@ -132,6 +136,7 @@ async def _active(
                     ("automation", functools.partial(
                         run_automation, rt, work, interval=duties.automation_interval, since=utcnow())),
                     *((f"sensor {s.name}", functools.partial(run_sensor, rt, s, work)) for s in duties.sensors),
+                    *((("the work queue", functools.partial(_reconcile, rt.queue)),) if rt.queue else ()),
                 ):
                     intake.start_soon(_supervised, what, duty)
                 async with anyio.create_task_group() as either:
@@ -250,6 +255,14 @@ async def _resume_backfills(rt: Any, work: TaskGroup) -> None:
             resumed.add(status.id)
             work.start_soon(_follow, rt, status.id)
         await anyio.sleep(RESCAN_SECONDS)
+
+
+async def _reconcile(queue: Any) -> None:
+    """Hand the jobs of dead workers back to the queue, every ``RECONCILE_SECONDS``."""
+    while True:
+        if handed := await queue.reconcile():
+            log.warning("the work queue: %d jobs of workers that stopped answering are back in it", handed)
+        await anyio.sleep(RECONCILE_SECONDS)
 
 
 async def _follow(rt: Any, backfill: uuid.UUID) -> None:

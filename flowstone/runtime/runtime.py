@@ -90,11 +90,18 @@ class Runtime:
         env: Env,
         guard: Guard | None,
         workers: TaskGroup,
+        queue: bf.Dispatcher | None = None,
     ) -> None:
         self._registry = registry
         self._env = env
         self._guard = guard
         self._workers = workers
+        self._queue = queue
+
+    @property
+    def queue(self) -> bf.Dispatcher | None:
+        """Where backfills on workers go (``open_runtime(queue=...)``), else None."""
+        return self._queue
 
     @property
     def store(self) -> MaterializationStore:
@@ -309,11 +316,15 @@ class Runtime:
         force: bool = False,
         io: Mapping[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
+        workers: bool | None = None,
     ) -> uuid.UUID:
         """Start materializing ``name`` over ``partitions`` (default: all) and return its id at once.
 
         ``partitions`` is a list of partitions or a lazy ``fs.partition_range``; at most
-        ``max_parallel`` run at once. Raises, before anything runs: ``DefinitionError``
+        ``max_parallel`` run at once. ``workers``: send the partitions to ``flowstone
+        worker`` processes through the runtime's queue (at most ``max_parallel``
+        enqueued at once) instead of computing them here; default: when the runtime
+        was opened with a ``queue``. Raises, before anything runs: ``DefinitionError``
         (bad options, or a tuple of partitions), ``InvalidPartition``, ``NotFound``
         (unknown asset), ``AccessDenied``, or a storage error when the backfill cannot be
         saved. Failures of partitions are in ``backfill_status``, not raised.
@@ -321,6 +332,16 @@ class Runtime:
         if type(max_parallel) is not int or max_parallel < 1:
             raise DefinitionError(
                 [FieldError("max_parallel", f"must be an int >= 1, got {max_parallel!r}")], asset=name)
+        on_workers = self._queue is not None if workers is None else workers
+        if on_workers and self._queue is None:
+            raise DefinitionError([FieldError(
+                "workers",
+                "this runtime has no queue: open it with open_runtime(..., queue=flowstone.workers.Queue(dsn))",
+            )], asset=name)
+        if on_workers and io:
+            raise DefinitionError([FieldError(
+                "io", "IO manager overrides stay in this process: a backfill on workers uses each asset's own"
+            )], asset=name)
         check_request(RunRequest(name, None, upstream, force, io, context), self._env.io_managers)
         snapshot = await self._snapshot()
         asset = snapshot.graph.get(name)
@@ -347,7 +368,7 @@ class Runtime:
         await authorize(self._guard, "materialize", asset, {**(context or {}), "tenant": tenant})
         spec = bf.BackfillSpec(
             id=uuid.uuid4(), asset=name, partitions=checked, max_parallel=max_parallel,
-            upstream=upstream, force=force, io=io, context=context, tenant=tenant,
+            upstream=upstream, force=force, io=io, context=context, tenant=tenant, workers=on_workers,
         )
         await self._start_backfill(spec, snapshot)
         return spec.id
@@ -367,6 +388,10 @@ class Runtime:
             return await execute_run(snapshot, env, guard, request, spec.tenant, prefetched=ahead)
 
         runner = bf.Runner(prefetch=prefetch, run=run)
+        if spec.workers and self._queue is not None:
+            runner = self._queue.runner(spec, store)
+        elif spec.workers:
+            log.warning("backfill %s was sent to workers, but this runtime has no queue: running it here", spec.id)
 
         async def save(saved: bf.Saved) -> None:
             await store.save_backfill(spec.id, saved, owner=env.node)
@@ -492,6 +517,7 @@ async def open_runtime(
     *,
     restart_policy: RestartPolicy = DEFAULT_RESTART_POLICY,
     lease_seconds: float = LEASE_SECONDS,
+    queue: bf.Dispatcher | None = None,
 ) -> AsyncIterator[Runtime]:
     """Start a runtime for ``pipeline``; every task it starts stops when the block exits.
 
@@ -499,6 +525,8 @@ async def open_runtime(
     keys), so a bad definition fails here, before anything runs. ``lease_seconds``:
     how long this runtime's leases last unless renewed (renewed every third of it),
     so how long other processes wait before taking over work of one that died.
+    ``queue``: where backfills go to run on ``flowstone worker`` processes
+    (``flowstone.workers.Queue``); the caller closes it.
 
     Raises ``DefinitionError`` (an invalid pipeline or option, an unknown IO manager
     or resource key) or ``CycleError`` before anything starts; a store or IO manager
@@ -556,7 +584,7 @@ async def open_runtime(
                 registry = await services.start(
                     supervise, "registry", reg.registry_actor(state, spawn, keys, set(resources)), restart_policy
                 )
-                runtime = Runtime(registry=registry, env=env, guard=guard, workers=workers)
+                runtime = Runtime(registry=registry, env=env, guard=guard, workers=workers, queue=queue)
                 try:
                     yield runtime
                 finally:

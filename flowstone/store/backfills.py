@@ -32,6 +32,8 @@ class BackfillSpec:
     io: Mapping[str, Any] | None
     context: Mapping[str, Any] | None
     tenant: str | None
+    workers: bool = False
+    """Run on ``flowstone worker`` processes (through the runtime's queue), not here."""
 
 
 @attrs.frozen
@@ -82,6 +84,7 @@ def saved_to_json(saved: Saved) -> tuple[str, str, str]:
             "partitions": _partitions_to_json(spec.partitions),
             "max_parallel": spec.max_parallel, "upstream": spec.upstream, "force": spec.force,
             "io": plain(spec.io), "context": plain(spec.context), "tenant": spec.tenant,
+            "workers": spec.workers,
         },
         asset=spec.asset, what="the backfill's io and context",
     )
@@ -104,6 +107,7 @@ def saved_from_json(spec_text: str, status_text: str) -> Saved:
         id=uuid.UUID(raw["id"]), asset=raw["asset"], partitions=_partitions_from_json(raw["partitions"]),
         max_parallel=raw["max_parallel"], upstream=raw["upstream"], force=raw["force"],
         io=raw["io"], context=raw["context"], tenant=raw["tenant"],
+        workers=raw.get("workers", False),  # absent from what earlier versions saved
     )
     status = BackfillStatus(
         id=spec.id, asset=spec.asset, **{k: state[k] for k in _COUNTS},

@@ -231,6 +231,9 @@ def test_a_tenant_sees_only_its_own_records(project):
     (["records"], 3, "no FlowStone store at .flowstone/flowstone.db"),
     (["--store", "postgresql://nobody@127.0.0.1:9/none", "records"], 3, "127.0.0.1"),
     (["--store", "mysql://x/y", "records"], 2, "unknown store mysql://"),
+    (["backfill", "clean", "--workers"], 2, "workers take their jobs from the PostgreSQL store"),
+    (["daemon", "--workers"], 2, "workers take their jobs from the PostgreSQL store"),
+    (["worker"], 2, "a worker needs the PostgreSQL store"),
 ])
 def test_bad_input_is_one_line_with_its_exit_code(project, args, code, says):
     done = project.run(*args)

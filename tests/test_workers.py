@@ -350,3 +350,61 @@ async def _after_the_kill(dsn: str) -> dict:
     for row in per_partition:
         counts[row["n"]] = counts.get(row["n"], 0) + 1
     return {"successes": counts, "orphaned": orphaned, "left": left}
+
+
+async def test_cancelling_a_backfill_on_workers_takes_back_its_waiting_jobs(anyio_backend, pg_database, tmp_path):
+    """No worker runs: the jobs wait in the queue, max_parallel of them; a
+    cancel withdraws them, and the backfill ends cancelled with nothing left queued."""
+    (tmp_path / "queued.py").write_text(PIPELINE)
+    await _queue(pg_database)
+    async with PostgresStore(pg_database.dsn) as store, Queue(pg_database.dsn) as queue, \
+            fs.open_runtime(_load(tmp_path / "queued.py"), store=store, queue=queue) as rt:
+        backfill = await rt.backfill("events", max_parallel=3)
+
+        async def three_waiting() -> bool:
+            await anyio.sleep(0)
+            return len(await anyio.to_thread.run_sync(run_sync, _queue_rows, pg_database.admin_dsn)) == 3
+
+        await until(three_waiting, limit=SECONDS)
+        status = await rt.cancel_backfill(backfill)
+    assert (status.state, status.succeeded, status.cancelled) == ("cancelled", 0, 31)
+    assert await anyio.to_thread.run_sync(run_sync, _queue_rows, pg_database.admin_dsn) == []
+
+
+async def test_the_daemon_hands_the_jobs_of_a_dead_worker_back_to_the_queue(anyio_backend, pg_database, tmp_path):
+    """The state a worker killed mid-job leaves: its job ``doing``, its heartbeat old.
+    The active daemon of a runtime with a queue puts the job back to ``todo``."""
+    from flowstone.runtime.daemon import run_daemon
+
+    (tmp_path / "queued.py").write_text(PIPELINE)
+    await _queue(pg_database)
+    async with PostgresStore(pg_database.dsn) as store, Queue(pg_database.dsn) as queue, \
+            fs.open_runtime(_load(tmp_path / "queued.py"), store=store, queue=queue) as rt:
+        job, _ = await queue.enqueue(None, "events", "2026-01-07")
+        await anyio.to_thread.run_sync(run_sync, functools.partial(_died_doing, pg_database.admin_dsn, job))
+        assert await queue.states([job]) == {job: "doing"}
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(lambda: run_daemon(rt, stop=stop, owner="d"))
+
+            async def handed_back() -> bool:
+                await anyio.sleep(0)
+                return await queue.states([job]) == {job: "todo"}
+
+            await until(handed_back, limit=SECONDS)
+            stop.set()
+
+
+async def _died_doing(dsn: str, job: int) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn, server_settings={"search_path": "flowstone_queue"})
+    try:
+        worker = await connection.fetchval(
+            "INSERT INTO flowstone_queue.procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour') "
+            "RETURNING id")
+        await connection.execute(
+            "UPDATE flowstone_queue.procrastinate_jobs SET status = 'doing', worker_id = $1 "
+            "WHERE id = $2", worker, job)
+    finally:
+        await connection.close()

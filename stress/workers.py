@@ -1,11 +1,12 @@
 """Materializations through ``flowstone worker`` processes (issue #17 figures).
 
 On a throwaway PostgreSQL cluster (fsync on) or ``--dsn``: a CPU-bound backfill
-(``--work`` loop turns per partition) with 1 and with 2 worker processes; a trivial
-one through 1 worker against the same backfill in one process (``rt.backfill``: the
-queue's per-job overhead); and the queue latency, from sending one job to an idle
-worker to its record's start. Workers are started (and say so) before the clock runs;
-the jobs are sent in one batch; the clock stops when every partition has its success.
+(``--work`` loop turns per partition) on 1 and on 2 worker processes; a trivial one
+on 1 worker against the same backfill in one process (the queue's per-job overhead);
+and the queue latency, from sending one job to an idle worker to its record's start.
+Each backfill is ``rt.backfill`` (on the workers: ``workers=True``, twice the
+workers' slots enqueued), timed until ``wait_backfill`` returns; workers are started
+(and say so) before the clock runs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import date, timedelta
 from pathlib import Path
@@ -52,13 +54,6 @@ def _keys(count: int) -> list[str]:
     return [(date(2020, 1, 1) + timedelta(days=n)).isoformat() for n in range(count)]
 
 
-async def _successes(dsn: str, asset: str) -> int:
-    import flowstone as fs
-
-    async with fs.store.PostgresStore(dsn) as store:
-        return sum(1 for status in (await store.partition_states(asset)).values() if status is fs.Status.SUCCESS)
-
-
 def _start_workers(folder: str, dsn: str, count: int, concurrency: int) -> list[subprocess.Popen[str]]:
     env = {**os.environ, "FLOWSTONE_DSN": dsn, "FLOWSTONE_PIPELINE": "bench:pipeline"}
     workers = [subprocess.Popen([sys.executable, "-m", "flowstone", "worker", "--concurrency", str(concurrency)],
@@ -71,7 +66,16 @@ def _start_workers(folder: str, dsn: str, count: int, concurrency: int) -> list[
                 break
         else:
             raise SystemExit("a worker did not start")
+        # Read the rest as it comes: a full pipe would block the worker's log writes,
+        # and with them its event loop and its heartbeat.
+        threading.Thread(target=_drain, args=(worker.stderr,), daemon=True).start()
     return workers
+
+
+def _drain(pipe: Any) -> None:
+    with pipe:
+        for _ in pipe:
+            pass
 
 
 def _stop(workers: list[subprocess.Popen[str]]) -> None:
@@ -79,37 +83,37 @@ def _stop(workers: list[subprocess.Popen[str]]) -> None:
         worker.send_signal(signal.SIGTERM)
     for worker in workers:
         worker.wait(timeout=120)
-        assert worker.stderr is not None
-        worker.stderr.close()
+
+
+def _pipeline(folder: str) -> Any:
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    from bench import pipeline  # type: ignore[import-not-found]
+
+    return pipeline
 
 
 def _through_workers(folder: str, dsn: str, asset: str, count: int, workers: int, concurrency: int) -> float:
-    from flowstone.workers.queue import send_all
-
+    """``rt.backfill`` on the workers, keeping twice their slots enqueued."""
     started = _start_workers(folder, dsn, workers, concurrency)
     try:
-        start = time.perf_counter()
-        anyio.run(send_all, dsn, asset, _keys(count))
-        while anyio.run(_successes, dsn, asset) < count:
-            time.sleep(0.05)
-        return time.perf_counter() - start
+        return _backfill(folder, dsn, asset, count, 2 * workers * concurrency, on_workers=True)
     finally:
         _stop(started)
 
 
-def _in_process(folder: str, dsn: str, asset: str, count: int, max_parallel: int) -> float:
+def _backfill(folder: str, dsn: str, asset: str, count: int, max_parallel: int, *, on_workers: bool) -> float:
     import flowstone as fs
-
-    sys.path.insert(0, folder)
-    from bench import pipeline  # type: ignore[import-not-found]
+    from flowstone.workers import Queue
 
     async def main() -> float:
-        async with fs.store.PostgresStore(dsn) as store, fs.open_runtime(pipeline, store=store) as rt:
+        async with fs.store.PostgresStore(dsn) as store, Queue(dsn) as queue, \
+                fs.open_runtime(_pipeline(folder), store=store, queue=queue) as rt:
             start = time.perf_counter()
-            status = await rt.wait_backfill(await rt.backfill(asset, [date.fromisoformat(k) for k in _keys(count)],
-                                                              max_parallel=max_parallel))
+            status = await rt.wait_backfill(await rt.backfill(
+                asset, [date.fromisoformat(k) for k in _keys(count)], max_parallel=max_parallel, workers=on_workers))
             if status.succeeded != count:
-                raise SystemExit(f"in-process backfill: {status}")
+                raise SystemExit(f"backfill: {status}")
             return time.perf_counter() - start
 
     return anyio.run(main)
@@ -163,14 +167,14 @@ def run(argv: list[str]) -> dict[str, Any]:
                 ("CPU-bound, 1 worker process", "crunch", args.cpu_partitions, (1, 1)),
                 ("CPU-bound, 2 worker processes", "crunch", args.cpu_partitions, (2, 1)),
                 ("trivial, 1 worker process (concurrency 20)", "trivial", args.partitions, (1, 20)),
-                ("trivial, in one process (rt.backfill, max_parallel 20)", "trivial", args.partitions, None),
+                ("trivial, in one process (max_parallel 20)", "trivial", args.partitions, None),
             ):
                 name = f"flowstone_bench_workers_{len(rows)}"
                 dsn = anyio.run(_fresh_database, admin_dsn, name)
                 try:
                     anyio.run(functools.partial(migrate_queue, _with_database(admin_dsn, name), grant_to=[APP_ROLE]))
                     seconds = (_through_workers(folder, dsn, asset, count, *how) if how is not None
-                               else _in_process(folder, dsn, asset, count, 20))
+                               else _backfill(folder, dsn, asset, count, 20, on_workers=False))
                 finally:
                     anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
                 rows.append({"scenario": f"{label}: {count} partitions", "seconds": round(seconds, 2),

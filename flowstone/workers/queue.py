@@ -84,7 +84,7 @@ def _see_trio_asyncio() -> None:
     import asyncio
     import sys
 
-    waiting = sys.modules.get("psycopg.waiting")
+    waiting: Any = sys.modules.get("psycopg.waiting")
     if waiting is not None and "trio_asyncio" in sys.modules:
         waiting.get_running_loop = asyncio.get_running_loop
 

@@ -10,7 +10,9 @@ import json
 import os
 import signal
 import subprocess
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -408,3 +410,59 @@ async def _died_doing(dsn: str, job: int) -> None:
             "WHERE id = $2", worker, job)
     finally:
         await connection.close()
+
+
+async def _interrupted_on_workers(pg_database, pipeline, store, queue) -> Any:
+    """A backfill on workers whose process stopped while no worker ran: saved
+    interrupted, its waiting jobs taken back."""
+    async with fs.open_runtime(pipeline, store=store, queue=queue) as rt:
+        backfill = await rt.backfill("events", [date(2026, 1, d) for d in (1, 2, 3)], max_parallel=2)
+
+        async def two_waiting() -> bool:
+            await anyio.sleep(0)
+            return len(await anyio.to_thread.run_sync(run_sync, _queue_rows, pg_database.admin_dsn)) == 2
+
+        await until(two_waiting, limit=SECONDS)
+    assert (await store.load_backfill(backfill)).status.interrupted
+    assert await anyio.to_thread.run_sync(run_sync, _queue_rows, pg_database.admin_dsn) == []
+    return backfill
+
+
+async def test_a_backfill_saved_as_on_workers_is_resumed_on_the_workers(anyio_backend, pg_database, tmp_path):
+    """Resumed by a runtime with a queue, it goes to the workers again: the spec keeps
+    where it runs."""
+    (tmp_path / "queued.py").write_text(PIPELINE)
+    await _queue(pg_database)
+    pipeline = _load(tmp_path / "queued.py")
+    async with PostgresStore(pg_database.dsn) as store, Queue(pg_database.dsn) as queue:
+        backfill = await _interrupted_on_workers(pg_database, pipeline, store, queue)
+        worker = Worker(tmp_path, pg_database.dsn)
+        try:
+            worker.wait_for(r"taking jobs")
+            async with fs.open_runtime(pipeline, store=store, queue=queue) as rt:
+                await rt.resume_backfill(backfill)
+                status = await rt.wait_backfill(backfill)
+            assert worker.stop() == 0, worker.seen
+        finally:
+            if worker.process.poll() is None:
+                worker.process.kill()
+        successes = await store.list_by_status(Status.SUCCESS, limit=10)
+    assert (status.state, status.succeeded) == ("succeeded", 3)
+    assert {r.executor_node.split(":")[1] for r in successes} == {str(worker.process.pid)}
+
+
+async def test_a_runtime_without_a_queue_resumes_a_backfill_on_workers_here(anyio_backend, pg_database, tmp_path,
+                                                                              caplog):
+    (tmp_path / "queued.py").write_text(PIPELINE)
+    await _queue(pg_database)
+    pipeline = _load(tmp_path / "queued.py")
+    async with PostgresStore(pg_database.dsn) as store:
+        async with Queue(pg_database.dsn) as queue:
+            backfill = await _interrupted_on_workers(pg_database, pipeline, store, queue)
+        async with fs.open_runtime(pipeline, store=store) as rt:
+            await rt.resume_backfill(backfill)
+            status = await rt.wait_backfill(backfill)
+        successes = await store.list_by_status(Status.SUCCESS, limit=10)
+    assert (status.state, status.succeeded) == ("succeeded", 3)
+    assert {r.executor_node.split(":")[1] for r in successes} == {str(os.getpid())}
+    assert "this runtime has no queue: running it here" in caplog.text

@@ -856,3 +856,21 @@ async def test_a_failure_keeps_a_bounded_traceback_and_is_logged_with_its_contex
         "report", "2025-01-15", "acme", str(record.run_id)
     )
     assert "report" in logged.getMessage() and "acme" in logged.getMessage()
+
+
+async def test_a_run_named_beforehand_carries_that_id(anyio_backend):
+    import uuid
+
+    pipeline = fs.Pipeline("p")
+
+    @pipeline.asset()
+    def one(ctx, deps):
+        return 1
+
+    run = uuid.uuid4()
+    async with fs.open_runtime(pipeline) as rt:
+        with pytest.raises(fs.DefinitionError, match="run_id"):
+            await rt.materialize("one", run_id="not a uuid")
+        await rt.materialize("one", run_id=str(run))
+        [record] = await rt.store.get_by_run_id(run)
+    assert record.asset_name == "one" and record.run_id == run

@@ -382,7 +382,7 @@ async def test_the_daemon_hands_the_jobs_of_a_dead_worker_back_to_the_queue(anyi
     await _queue(pg_database)
     async with PostgresStore(pg_database.dsn) as store, Queue(pg_database.dsn) as queue, \
             fs.open_runtime(_load(tmp_path / "queued.py"), store=store, queue=queue) as rt:
-        job, _ = await queue.enqueue(None, "events", "2026-01-07")
+        job = (await queue.enqueue(None, "events", "2026-01-07")).job
         await anyio.to_thread.run_sync(run_sync, functools.partial(_died_doing, pg_database.admin_dsn, job))
         assert await queue.states([job]) == {job: "doing"}
         stop = anyio.Event()
@@ -466,3 +466,43 @@ async def test_a_runtime_without_a_queue_resumes_a_backfill_on_workers_here(anyi
     assert (status.state, status.succeeded) == ("succeeded", 3)
     assert {r.executor_node.split(":")[1] for r in successes} == {str(os.getpid())}
     assert "this runtime has no queue: running it here" in caplog.text
+
+
+UPSTREAM = PIPELINE + '''
+import os
+
+@pipeline.asset(partitioned_by=days, code_version="1")
+def raw(ctx, deps):
+    if os.path.exists("broken"):  # in the worker's folder
+        raise ValueError("the source is broken")
+    return 1
+
+@pipeline.asset(depends_on=["raw"], partitioned_by=days, code_version="1")
+def clean(ctx, deps):
+    return deps["raw"] + 1
+'''
+
+
+async def test_an_upstream_failure_on_a_worker_fails_the_partition_though_it_succeeded_before(
+    anyio_backend, pg_database, tmp_path,
+):
+    """The outcome comes from the records of the job's own run, not from the
+    partition's latest record (still the earlier success when an upstream fails)."""
+    (tmp_path / "queued.py").write_text(UPSTREAM)
+    await _queue(pg_database)
+    days = [date(2026, 1, d) for d in (1, 2, 3)]
+    worker = Worker(tmp_path, pg_database.dsn)
+    try:
+        worker.wait_for(r"taking jobs")
+        async with PostgresStore(pg_database.dsn) as store, Queue(pg_database.dsn) as queue, \
+                fs.open_runtime(_load(tmp_path / "queued.py"), store=store, queue=queue) as rt:
+            first = await rt.wait_backfill(await rt.backfill("clean", days))
+            (tmp_path / "broken").touch()
+            second = await rt.wait_backfill(await rt.backfill("clean", days, upstream="all"))
+        assert worker.stop() == 0, worker.seen
+    finally:
+        if worker.process.poll() is None:
+            worker.process.kill()
+    assert (first.state, first.succeeded) == ("succeeded", 3)
+    assert (second.state, second.failed) == ("failed", 3)
+    assert all("raw @ 2026-01-0" in message and "the source is broken" in message for _, message in second.errors)

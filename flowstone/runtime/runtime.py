@@ -187,13 +187,16 @@ class Runtime:
         force: bool = False,
         io: Mapping[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
+        run_id: uuid.UUID | str | None = None,
     ) -> RunResult:
         """Compute ``name`` and what it needs for one partition, skipping what is up to
         date, and return the run's records.
 
         ``upstream``: ``"missing"`` (compute upstream assets that are missing, stale or
         changed), ``"all"`` or ``"none"`` (read what is stored). ``force`` recomputes
-        the target. ``io`` overrides the target's IO manager for this run.
+        the target. ``io`` overrides the target's IO manager for this run. ``run_id``:
+        the id its records carry (default: a new one), so a caller that named the run
+        beforehand (a job in a queue) finds them with ``store.get_by_run_id``.
 
         Raises ``MaterializationFailed`` (an asset failed; the partial result and the
         asset's exception as ``__cause__``), ``NotFound`` (an unknown asset, or with
@@ -203,8 +206,14 @@ class Runtime:
         """
         request = RunRequest(name, partition, upstream, force, io, context)
         check_request(request, self._env.io_managers)
+        run = None
+        if run_id is not None:
+            try:
+                run = run_id if isinstance(run_id, uuid.UUID) else uuid.UUID(str(run_id))
+            except ValueError:
+                raise DefinitionError([FieldError("run_id", f"must be a UUID, got {run_id!r}")], asset=name) from None
         snapshot = await self._snapshot()
-        return await execute_run(snapshot, self._env, self._guard, request, current_tenant())
+        return await execute_run(snapshot, self._env, self._guard, request, current_tenant(), run_id=run)
 
     async def load(self, name: str, partition: Any = None, *, context: Mapping[str, Any] | None = None) -> Any:
         """The value of the latest successful materialization of ``name`` at ``partition``

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Collection, Iterable
 from contextlib import nullcontext
 from typing import Any
 
 import anyio
+import attrs
 
 from ..errors import DatabaseError, DatabaseUnavailable, FlowstoneError, MaterializationFailed, WorkerJobFailed
 from ..partitions import serialize_partition
@@ -33,7 +35,7 @@ from ..runtime.backfill import BackfillSpec, Runner
 
 __all__ = [
     "ATTEMPTS", "HEARTBEAT_SECONDS", "POLL_SECONDS", "QUEUE", "RECONCILE_SECONDS", "SCHEMA", "STALLED_SECONDS",
-    "TASK", "Queue", "migrate_queue", "run_worker", "send", "send_all",
+    "TASK", "Queue", "Sent", "migrate_queue", "run_worker", "send", "send_all",
 ]
 
 log = logging.getLogger("flowstone.workers")
@@ -176,14 +178,14 @@ class Queue:
     async def enqueue(
         self, tenant: str | None, asset: str, partition: str | None, *, upstream: str = "missing",
         force: bool = False, backfill: str | None = None, attempt: int = 1,
-    ) -> tuple[int, bool]:
+    ) -> Sent:
         """Enqueue one materialization of ``asset`` at ``partition`` (its key) for
-        ``tenant``: ``(job id, True)``, or the job already waiting for that partition
-        and False (the queueing lock keeps one waiting)."""
+        ``tenant``, under a new run id; or find the job already waiting for that
+        partition (the queueing lock keeps one waiting), and its run id."""
         job = {"tenant": tenant, "asset": asset, "partition": partition, "upstream": upstream, "force": force,
-               "backfill": backfill, "attempt": attempt}
-        found: tuple[int, bool] = await self._call(_enqueue, job)
-        return found
+               "run": str(uuid.uuid4()), "backfill": backfill, "attempt": attempt}
+        sent: Sent = await self._call(_enqueue, job)
+        return sent
 
     async def states(self, jobs: Collection[int]) -> dict[int, str]:
         """The state of each of ``jobs`` still in the queue (todo, doing, failed, ...);
@@ -218,19 +220,30 @@ def _abort(app: Any) -> None:
     """Nothing to do synchronously: the pool's connections went with their loop."""
 
 
-async def _enqueue(app: Any, job: dict[str, Any]) -> tuple[int, bool]:
+@attrs.frozen
+class Sent:
+    """A job in the queue: its id, the run id its records will carry, and whether this
+    call enqueued it (False: it was waiting already, sent by someone else)."""
+
+    job: int
+    run: str
+    fresh: bool
+
+
+async def _enqueue(app: Any, job: dict[str, Any]) -> Sent:
     from procrastinate.exceptions import AlreadyEnqueued
 
     task = app.tasks[TASK]
     lock = _lock(job["tenant"], job["asset"], job["partition"])
     while True:
         try:
-            return await task.configure(queueing_lock=lock).defer_async(**job), True
+            return Sent(await task.configure(queueing_lock=lock).defer_async(**job), job["run"], True)
         except AlreadyEnqueued:
             rows = await app.connector.execute_query_all_async(
-                "SELECT id FROM procrastinate_jobs WHERE queueing_lock = %(lock)s AND status = 'todo'", lock=lock)
+                "SELECT id, args->>'run' AS run FROM procrastinate_jobs "
+                "WHERE queueing_lock = %(lock)s AND status = 'todo'", lock=lock)
             if rows:
-                return rows[0]["id"], False
+                return Sent(rows[0]["id"], rows[0]["run"], False)
             # taken by a worker in between: a new one may wait now
 
 
@@ -296,22 +309,22 @@ class _Sending:
         spec = self.spec
         key = serialize_partition(request.partition) if request.partition is not None else None
         for attempt in range(1, ATTEMPTS + 1):
-            job, _ = await self.queue.enqueue(spec.tenant, spec.asset, key, upstream=spec.upstream, force=spec.force,
-                                              backfill=str(spec.id), attempt=attempt)
+            sent = await self.queue.enqueue(spec.tenant, spec.asset, key, upstream=spec.upstream, force=spec.force,
+                                            backfill=str(spec.id), attempt=attempt)
             try:
-                state = await self._wait(job)
+                state = await self._wait(sent.job)
             except BaseException:  # cancelled: take back what no worker has started
                 with anyio.CancelScope(shield=True), anyio.move_on_after(POLL_SECONDS * 100):
                     try:
-                        await self.queue.withdraw([job])
+                        await self.queue.withdraw([sent.job])
                     except FlowstoneError as error:
-                        log.warning("backfill %s: job %s not withdrawn: %s", spec.id, job, error)
+                        log.warning("backfill %s: job %s not withdrawn: %s", spec.id, sent.job, error)
                 raise
             if state == "succeeded":
-                return await self._outcome(key)
-            await self.queue.withdraw([job])  # accounted for here
-            log.warning("backfill %s: job %s (%s @ %s) %s in the queue, attempt %d/%d", spec.id, job, spec.asset,
-                        key, state, attempt, ATTEMPTS)
+                return await self._outcome(key, sent.run)
+            await self.queue.withdraw([sent.job])  # accounted for here
+            log.warning("backfill %s: job %s (%s @ %s) %s in the queue, attempt %d/%d", spec.id, sent.job,
+                        spec.asset, key, state, attempt, ATTEMPTS)
         raise WorkerJobFailed(f"its job failed in the queue {ATTEMPTS} times (see the workers' logs)",
                               asset=spec.asset, partition=key, tenant=spec.tenant)
 
@@ -350,26 +363,31 @@ class _Sending:
             except FlowstoneError as error:
                 log.warning("backfill %s: the queue was not reconciled: %s", self.spec.id, error)
 
-    async def _outcome(self, key: str | None) -> None:
-        """What the partition's records say of a job done: a success (made by that job,
-        or found up to date) returns; a failure raises it."""
-        spec = self.spec
-        from ..errors import NotFound
+    async def _outcome(self, key: str | None, run: str) -> None:
+        """What the records of the job's run say: a success of the partition (made by
+        the job, or by its retry after a dead worker) returns; a failure of it or of an
+        upstream asset it needed raises, with that record's error. A run that left no
+        record (but orphans) found everything up to date; no current success then is a
+        failure."""
         from ..store.records import Status
 
-        try:
-            record = await self.store.get(spec.asset, key)
-        except NotFound:
-            raise WorkerJobFailed("its job ended without leaving a record (did an upstream asset fail?)",
-                                  asset=spec.asset, partition=key, tenant=spec.tenant) from None
-        if record.status in (Status.SUCCESS, Status.STALE):
+        spec = self.spec
+        records = await self.store.get_by_run_id(run)
+        mine = [r for r in records if r.asset_name == spec.asset and r.partition == key]
+        if any(r.status in (Status.SUCCESS, Status.STALE, Status.SUPERSEDED) for r in mine):
             return
-        if record.status in (Status.FAILED, Status.CANCELLED):
+        # A record closed as "orphaned" was a dead worker's attempt; the job's retry
+        # (same run) has the last word, and may have found the partition done.
+        ended = [r for r in records if not (r.error_message or "").startswith("orphaned:")]
+        failed = [r for r in ended if r in mine and r.status in (Status.FAILED, Status.CANCELLED)] or [
+            r for r in ended if r.status is Status.FAILED]
+        if failed:
+            last = failed[-1]
+            where = "" if last in mine else f"{last.asset_name} @ {last.partition}: "
             raise MaterializationFailed(spec.asset, key, tenant=spec.tenant,
-                                        error=record.error_message or str(record.status))
-        found = await self.store.latest_successes([(spec.asset, key)])  # another run began since
-        if (spec.asset, key) not in found:
-            raise WorkerJobFailed(f"its job ended, and the partition's latest record is {record.status}",
+                                        error=f"{where}{last.error_message or last.status}")
+        if (spec.asset, key) not in await self.store.latest_successes([(spec.asset, key)]):
+            raise WorkerJobFailed("its job ended without a success or a record of why",
                                   asset=spec.asset, partition=key, tenant=spec.tenant)
 
 
@@ -387,7 +405,7 @@ async def send_all(dsn: str, asset: str, partitions: Iterable[str | None]) -> li
     tenant = current_tenant()
     async with Queue(dsn) as queue:
         sent = [await queue.enqueue(tenant, asset, partition) for partition in partitions]
-    return [job if fresh else None for job, fresh in sent]
+    return [s.job if s.fresh else None for s in sent]
 
 
 async def _never_here(**job: Any) -> None:
@@ -409,7 +427,7 @@ async def run_worker(
 
     async def materialize(
         tenant: str | None, asset: str, partition: str | None, upstream: str = "missing", force: bool = False,
-        backfill: str | None = None, attempt: int = 1,
+        run: str | None = None, backfill: str | None = None, attempt: int = 1,
     ) -> None:
         job = f"job {asset} @ {partition} (tenant {tenant})"
         if tenants is not None and tenant not in tenants:
@@ -420,7 +438,7 @@ async def run_worker(
         value = definition.validate(partition) if definition is not None and partition is not None else partition
         with tenant_scope(tenant) if tenant else nullcontext():
             try:
-                result = await rt.materialize(asset, value, upstream=upstream, force=force)
+                result = await rt.materialize(asset, value, upstream=upstream, force=force, run_id=run)
             except MaterializationFailed as failure:  # the asset's failure: recorded, not the queue's
                 log.warning("%s failed: %s", job, failure)
                 return

@@ -208,8 +208,8 @@ class LeaseLost(FlowstoneError):
 
 class WorkerJobFailed(FlowstoneError):
     """A partition sent to ``flowstone worker`` processes got no outcome there: its job
-    failed in the queue each time it was sent (a worker refused its tenant, does not
-    know the asset, or broke), or ended without leaving a record. (An asset that
+    failed in the queue (a worker refused its tenant, does not know the asset, or
+    broke) or disappeared without having run, each time it was sent. (An asset that
     fails on a worker is ``MaterializationFailed``, with the record's error.)"""
 
 

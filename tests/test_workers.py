@@ -506,3 +506,48 @@ async def test_an_upstream_failure_on_a_worker_fails_the_partition_though_it_suc
     assert (first.state, first.succeeded) == ("succeeded", 3)
     assert (second.state, second.failed) == ("failed", 3)
     assert all("raw @ 2026-01-0" in message and "the source is broken" in message for _, message in second.errors)
+
+
+async def test_a_job_lost_from_the_queue_is_sent_again(anyio_backend, pg_database, tmp_path):
+    """A waiting job deleted behind the backfill's back (no record, no success): the
+    backfill sends its partition again, and a worker started later finishes them all."""
+    (tmp_path / "queued.py").write_text(PIPELINE)
+    await _queue(pg_database)
+    async with PostgresStore(pg_database.dsn) as store, Queue(pg_database.dsn) as queue, \
+            fs.open_runtime(_load(tmp_path / "queued.py"), store=store, queue=queue) as rt:
+        backfill = await rt.backfill("events", [date(2026, 1, d) for d in (1, 2, 3)], max_parallel=3)
+
+        async def waiting() -> list:
+            await anyio.sleep(0)
+            return await anyio.to_thread.run_sync(run_sync, _queue_rows, pg_database.admin_dsn)
+
+        async def three_waiting() -> bool:
+            return len(await waiting()) == 3
+
+        await until(three_waiting, limit=SECONDS)
+        lost = min(job for job, _ in await waiting())
+        await anyio.to_thread.run_sync(run_sync, functools.partial(_delete_job, pg_database.admin_dsn, lost))
+
+        async def sent_again() -> bool:
+            jobs = [job for job, _ in await waiting()]
+            return len(jobs) == 3 and lost not in jobs
+
+        await until(sent_again, limit=SECONDS)
+        worker = Worker(tmp_path, pg_database.dsn)
+        try:
+            status = await rt.wait_backfill(backfill)
+            assert worker.stop() == 0, worker.seen
+        finally:
+            if worker.process.poll() is None:
+                worker.process.kill()
+    assert (status.state, status.succeeded) == ("succeeded", 3)
+
+
+async def _delete_job(dsn: str, job: int) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn, server_settings={"search_path": "flowstone_queue"})  # its triggers'
+    try:
+        await connection.execute("DELETE FROM procrastinate_jobs WHERE id = $1", job)
+    finally:
+        await connection.close()

@@ -58,8 +58,8 @@ RECONCILE_SECONDS = 5.0
 """How often a backfill on workers, and the daemon, hand back the jobs of dead workers."""
 
 ATTEMPTS = 3
-"""Times a partition is sent when its job fails in the queue (not when the asset
-fails on the worker: that is recorded, and final)."""
+"""Times a partition is sent when its job fails in the queue, or disappears without
+having run (not when the asset fails on the worker: that is recorded, and final)."""
 
 POOL_SIZE = 4
 """Connections a sending process keeps to the queue (one poll serves every wait)."""
@@ -320,12 +320,15 @@ class _Sending:
                     except FlowstoneError as error:
                         log.warning("backfill %s: job %s not withdrawn: %s", spec.id, sent.job, error)
                 raise
+            if state == "succeeded" and await self._outcome(key, sent.run):
+                return
             if state == "succeeded":
-                return await self._outcome(key, sent.run)
-            await self.queue.withdraw([sent.job])  # accounted for here
+                state = "gone without a trace (deleted by hand?)"
+            else:
+                await self.queue.withdraw([sent.job])  # accounted for here
             log.warning("backfill %s: job %s (%s @ %s) %s in the queue, attempt %d/%d", spec.id, sent.job,
                         spec.asset, key, state, attempt, ATTEMPTS)
-        raise WorkerJobFailed(f"its job failed in the queue {ATTEMPTS} times (see the workers' logs)",
+        raise WorkerJobFailed(f"its job failed or was lost in the queue {ATTEMPTS} times (see the workers' logs)",
                               asset=spec.asset, partition=key, tenant=spec.tenant)
 
     async def _wait(self, job: int) -> str:
@@ -363,19 +366,19 @@ class _Sending:
             except FlowstoneError as error:
                 log.warning("backfill %s: the queue was not reconciled: %s", self.spec.id, error)
 
-    async def _outcome(self, key: str | None, run: str) -> None:
+    async def _outcome(self, key: str | None, run: str) -> bool:
         """What the records of the job's run say: a success of the partition (made by
         the job, or by its retry after a dead worker) returns; a failure of it or of an
         upstream asset it needed raises, with that record's error. A run that left no
-        record (but orphans) found everything up to date; no current success then is a
-        failure."""
+        record (but orphans) found everything up to date; without a current success
+        either, the job never ran (it was lost): False, to send it again."""
         from ..store.records import Status
 
         spec = self.spec
         records = await self.store.get_by_run_id(run)
         mine = [r for r in records if r.asset_name == spec.asset and r.partition == key]
         if any(r.status in (Status.SUCCESS, Status.STALE, Status.SUPERSEDED) for r in mine):
-            return
+            return True
         # A record closed as "orphaned" was a dead worker's attempt; the job's retry
         # (same run) has the last word, and may have found the partition done.
         ended = [r for r in records if not (r.error_message or "").startswith("orphaned:")]
@@ -386,9 +389,7 @@ class _Sending:
             where = "" if last in mine else f"{last.asset_name} @ {last.partition}: "
             raise MaterializationFailed(spec.asset, key, tenant=spec.tenant,
                                         error=f"{where}{last.error_message or last.status}")
-        if (spec.asset, key) not in await self.store.latest_successes([(spec.asset, key)]):
-            raise WorkerJobFailed("its job ended without a success or a record of why",
-                                  asset=spec.asset, partition=key, tenant=spec.tenant)
+        return (spec.asset, key) in await self.store.latest_successes([(spec.asset, key)])
 
 
 async def send(dsn: str, asset: str, partition: str | None = None) -> int | None:

@@ -551,3 +551,27 @@ async def _delete_job(dsn: str, job: int) -> None:
         await connection.execute("DELETE FROM procrastinate_jobs WHERE id = $1", job)
     finally:
         await connection.close()
+
+
+async def test_a_job_refused_by_every_worker_fails_its_partition_after_three_tries(
+    anyio_backend, pg_database, tmp_path,
+):
+    (tmp_path / "queued.py").write_text(PIPELINE)
+    await _queue(pg_database)
+    worker = Worker(tmp_path, pg_database.dsn, "--serve-tenant", "acme")
+    try:
+        worker.wait_for(r"taking jobs")
+        async with PostgresStore(pg_database.dsn) as store, Queue(pg_database.dsn) as queue, \
+                fs.open_runtime(_load(tmp_path / "queued.py"), store=store, queue=queue) as rt:
+            with fs.tenant_scope("globex"):
+                status = await rt.wait_backfill(await rt.backfill("events", [date(2026, 1, 2)]))
+                assert await store.partition_states("events") == {}  # nothing ran for globex
+        refusals = worker.wait_for(r"job events @ 2026-01-02 \(tenant globex\) refused", count=3)
+        assert worker.stop() == 0, worker.seen
+    finally:
+        if worker.process.poll() is None:
+            worker.process.kill()
+    assert (status.state, status.failed) == ("failed", 1) and len(refusals) == 3
+    [(key, message)] = status.errors
+    assert key == "2026-01-02" and "failed or was lost in the queue 3 times" in message
+    assert await anyio.to_thread.run_sync(run_sync, _queue_rows, pg_database.admin_dsn) == []  # withdrawn

@@ -29,6 +29,7 @@ from .records import (
     Materialization,
     Status,
     check_limit,
+    check_retention,
     completed,
     new_record,
     parse_id,
@@ -138,6 +139,14 @@ class MemoryStore(MemoryActorClient):
 
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
         return await self.handle.call(m.PartitionStates, tenant=current_tenant(), asset=asset_name)
+
+    async def prune(
+        self, asset_name: str, *, keep_last: int | None = None, before: datetime | None = None,
+        spare: Collection[str | None] = (), limit: int = 10_000,
+    ) -> int:
+        keep_last, limit = check_retention(keep_last, limit)
+        return await self.handle.call(m.Prune, tenant=current_tenant(), asset=asset_name, keep_last=keep_last,
+                                      before=before, spare=frozenset(spare), limit=limit)
 
     async def mark_stale(self, asset_name: str, partition: str | None) -> None:
         await self.handle.cast(m.MarkStale(tenant=current_tenant(), asset=asset_name, partition=partition))

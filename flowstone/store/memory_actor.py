@@ -31,6 +31,7 @@ from .leases import BackfillClaim, CancelRequested, Cursor, Lease, LeaseTable, R
 from .records import (
     ACTIVE,
     CURRENT,
+    HISTORY,
     ORPHAN_ENDING,
     Materialization,
     Status,
@@ -139,6 +140,18 @@ class CloseOrphans(Message[int]):
     tenant: str | None
     owner: str
     message: str
+
+
+@attrs.frozen(kw_only=True)
+class Prune(Message[int]):
+    """Delete history records of an asset beyond a retention (``MaterializationStore.prune``)."""
+
+    tenant: str | None
+    asset: str
+    keep_last: int | None
+    before: datetime | None
+    spare: frozenset[str | None]
+    limit: int
 
 
 @attrs.frozen(kw_only=True)
@@ -389,6 +402,7 @@ class _Handlers:
             DecisionOf: self.decision_of,
             ClaimBackfill: self.claim_backfill,
             CloseOrphans: self.close_orphans,
+            Prune: self.prune,
         }
 
     # records
@@ -490,6 +504,45 @@ class _Handlers:
             self._orphan(record, m.message)
         data.leases.drop_owner(m.tenant, m.owner)
         return len(mine)
+
+    def prune(self, m: Prune) -> int:
+        data = self.data
+        if m.keep_last is None and m.before is None:
+            return 0
+        met: dict[str | None, int] = {}  # history records met so far per partition, newest first
+        chosen = []
+        for record_id in reversed(data.by_tenant.get(m.tenant, {})):
+            record = data.records[record_id]
+            if record.asset_name != m.asset or record.status not in HISTORY:
+                continue
+            rank = met[record.partition] = met.get(record.partition, 0) + 1
+            if data.latest.get((m.tenant, m.asset, record.partition)) == record.id:
+                continue  # what happened last to a partition stays visible
+            if record.status is Status.SUPERSEDED and record.partition in m.spare:
+                continue
+            old = m.before is not None and record.inserted_at is not None and record.inserted_at < m.before
+            if (m.keep_last is not None and rank > m.keep_last) or old:
+                chosen.append(record)
+        chosen = chosen[::-1][: m.limit]  # the oldest first
+        for record in chosen:
+            self._forget(record)
+        return len(chosen)
+
+    def _forget(self, record: Materialization) -> None:
+        data, tenant = self.data, record.tenant_id
+        del data.records[record.id]
+        data.by_tenant.get(tenant, {}).pop(record.id, None)
+        data.by_status.get((tenant, record.status), {}).pop(record.id, None)
+        run = data.by_run.get((tenant, record.run_id))
+        if run is not None:
+            run.remove(record.id)
+            if not run:
+                del data.by_run[(tenant, record.run_id)]
+        for upstream, keys in record.upstream_partitions.items():
+            for key in keys:
+                readers = data.readers.get((tenant, upstream, key))
+                if readers is not None:
+                    readers.discard(record.id)
 
     def _index_success(self, record: Materialization) -> None:
         data = self.data

@@ -65,6 +65,7 @@ from .records import (
     Status,
     check_decidable,
     check_limit,
+    check_retention,
     check_transition,
     completed,
     new_record,
@@ -174,6 +175,27 @@ _LOCK_LEASES = """SELECT fence FROM flowstone_leases WHERE tenant_id = $1 AND fe
 """Lease rows are locked in key order (the order of ``begin`` batches too), so two
 processes whose statements touch the same rows wait for each other and never
 deadlock: PostgreSQL breaks a deadlock only after ``deadlock_timeout`` (a second)."""
+
+_PRUNE = f"""
+WITH history AS (
+    SELECT id, seq, partition, status, inserted_at,
+           row_number() OVER (PARTITION BY partition ORDER BY seq DESC) AS rank
+    FROM {TABLE}
+    WHERE tenant_id = $1 AND asset_name = $2 AND status IN ('superseded', 'failed', 'cancelled')
+), doomed AS (
+    SELECT h.id FROM history h
+    WHERE (h.rank > $3::int OR h.inserted_at < $4::timestamptz)
+      AND NOT (h.status = 'superseded' AND (h.partition = ANY($5::text[]) OR (h.partition IS NULL AND $6)))
+      AND EXISTS (  -- not the latest record of its partition
+          SELECT 1 FROM {TABLE} n WHERE n.tenant_id = $1 AND n.asset_name = $2
+          AND n.partition IS NOT DISTINCT FROM h.partition AND n.seq > h.seq)
+    ORDER BY h.seq LIMIT $7
+), gone AS (
+    DELETE FROM {TABLE} m USING doomed d WHERE m.id = d.id AND m.tenant_id = $1 RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+"""History records beyond a retention, oldest first (``prune``); NULL limits are no limit."""
 
 # A batch of completions starts here: the leases of terminal moves are released
 # (a fence that is gone was taken over), those of other moves checked and locked,
@@ -591,6 +613,19 @@ class PostgresStore(PostgresClient):
             tenant or "", asset_name,
         )
         return {row[0]: Status(row[1]) for row in rows}  # kept by triggers (schema version 12)
+
+    async def prune(
+        self, asset_name: str, *, keep_last: int | None = None, before: datetime | None = None,
+        spare: Collection[str | None] = (), limit: int = 10_000,
+    ) -> int:
+        keep_last, limit = check_retention(keep_last, limit)
+        if keep_last is None and before is None:
+            return 0
+        tenant = current_tenant()
+        keys = [key for key in spare if key is not None]
+        deleted: int = await self.db.run(
+            tenant, _fetchval, _PRUNE, tenant or "", asset_name, keep_last, before, keys, None in spare, limit)
+        return deleted
 
     # --------------------------------------------------------- backfills
 

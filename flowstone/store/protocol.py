@@ -116,6 +116,18 @@ class MaterializationStore(Protocol):
         ``message``) and drop its leases; how many records."""
         ...
 
+    async def prune(
+        self, asset_name: str, *, keep_last: int | None = None, before: datetime | None = None,
+        spare: Collection[str | None] = (), limit: int = 10_000,
+    ) -> int:
+        """Delete up to ``limit`` of the asset's history records (superseded, failed,
+        cancelled) in the caller's tenant, oldest first: those beyond the ``keep_last``
+        newest history records of their partition, or inserted before ``before`` (None:
+        no limit of that kind; both None: nothing). Never the latest record of a
+        partition, a current or unfinished one, nor a superseded record of a partition
+        in ``spare`` (what a stale record may have been built from). How many."""
+        ...
+
     async def mark_stale(self, asset_name: str, partition: str | None) -> None:
         """Make every success built on ``asset@partition`` (transitively) ``stale``;
         may be written behind."""

@@ -60,6 +60,9 @@ asset, partition) has one of them; a newer success supersedes it."""
 ACTIVE = frozenset({Status.PENDING, Status.RUNNING, Status.WAITING_APPROVAL})
 """Statuses of work not finished yet; a process that dies leaves its records here."""
 
+HISTORY = frozenset({Status.SUPERSEDED, Status.FAILED, Status.CANCELLED})
+"""Statuses of records that are only history: what retention may delete (``prune``)."""
+
 ORPHAN_ENDING = MappingProxyType({
     Status.RUNNING: Status.FAILED, Status.PENDING: Status.CANCELLED, Status.WAITING_APPROVAL: Status.CANCELLED,
 })
@@ -147,6 +150,15 @@ def parse_id(value: Any, what: str = "materialization") -> uuid.UUID:
         return uuid.UUID(str(value))
     except (ValueError, TypeError, AttributeError):
         raise NotFound(f"no {what} with id {value!r} (not a UUID)") from None
+
+
+def check_retention(keep_last: Any, limit: Any) -> tuple[int | None, int]:
+    """``prune``'s ``keep_last`` (an int >= 0 or None) and ``limit`` (an int >= 1), else DefinitionError."""
+    if keep_last is not None:
+        check_limit(keep_last, "keep_last")
+    if check_limit(limit) < 1:
+        raise DefinitionError([FieldError("limit", f"must be an int >= 1, got {limit!r}")])
+    return keep_last, limit
 
 
 def check_limit(limit: Any, field: str = "limit") -> int:

@@ -73,6 +73,7 @@ from .records import (
     Status,
     check_decidable,
     check_limit,
+    check_retention,
     check_transition,
     completed,
     evolve,
@@ -144,6 +145,26 @@ def sqlite_path(url: str | os.PathLike[str]) -> str:
             "store", f"the SQLite store needs a file path (sqlite:///path/to/flowstone.db), got {os.fspath(url)!r}; "
             "for a store in memory use fs.store.MemoryStore()")])
     return text
+
+
+_PRUNE = """
+DELETE FROM flowstone_materializations WHERE seq IN (
+    SELECT h.seq FROM (
+        SELECT seq, partition, status, inserted_at,
+               row_number() OVER (PARTITION BY partition ORDER BY seq DESC) AS rank
+        FROM flowstone_materializations
+        WHERE tenant_id = :tenant AND asset_name = :asset AND status IN ('superseded', 'failed', 'cancelled')
+    ) h
+    WHERE (h.rank > :keep_last OR h.inserted_at < :before)
+      AND NOT (h.status = 'superseded'
+               AND (h.partition IN (SELECT value FROM json_each(:spare)) OR (h.partition IS NULL AND :spare_whole)))
+      AND EXISTS (  -- not the latest record of its partition (so never the newest row: seq keeps growing)
+          SELECT 1 FROM flowstone_materializations n WHERE n.tenant_id = :tenant AND n.asset_name = :asset
+          AND n.partition IS h.partition AND n.seq > h.seq)
+    ORDER BY h.seq LIMIT :limit
+)
+"""
+"""History records beyond a retention, oldest first (``prune``); NULL limits are no limit."""
 
 
 class SqliteStore:
@@ -384,6 +405,21 @@ class SqliteStore:
             (tenant, asset_name),
         ).fetchall())
         return {None if key == "\0" else key: _STATUSES[status] for key, status in rows}
+
+    async def prune(
+        self, asset_name: str, *, keep_last: int | None = None, before: datetime | None = None,
+        spare: Collection[str | None] = (), limit: int = 10_000,
+    ) -> int:
+        keep_last, limit = check_retention(keep_last, limit)
+        if keep_last is None and before is None:
+            return 0
+        arguments = {
+            "tenant": _tenant(), "asset": asset_name, "keep_last": keep_last, "before": _iso(before),
+            "spare": json.dumps([key for key in spare if key is not None]), "spare_whole": None in spare,
+            "limit": limit,
+        }
+        deleted: int = await self._db.write(lambda c: c.execute(_PRUNE, arguments).rowcount)
+        return deleted
 
     async def _read_records(self, sql: str, args: tuple[Any, ...]) -> list[Materialization]:
         rows = await self._db.read_many(lambda c: c.execute(sql, args).fetchall())

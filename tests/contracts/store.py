@@ -254,6 +254,49 @@ class StoreContract:
         assert (await store.get_by_id(summary.id)).status is Status.STALE
         assert (await store.get_by_id(other.id)).status is Status.SUCCESS
 
+    # ------------------------------------------------------------ retention
+
+    async def _history(self, store, asset="a", key="1"):
+        """Per partition ``key``: three superseded successes, a failure, the current
+        success, then a failed attempt (the latest record); their records, oldest first."""
+        made = []
+        for status in (Status.SUCCESS, Status.SUCCESS, Status.SUCCESS, Status.FAILED, Status.SUCCESS, Status.FAILED):
+            record = await store.create(asset_name=asset, partition=key, status=Status.RUNNING)
+            made.append(await store.complete(record, status))
+        return [await store.get_by_id(r.id) for r in made]
+
+    async def test_prune_keeps_the_newest_history_of_each_partition_and_never_the_current_or_latest(self, store):
+        one, other = await self._history(store, key="1"), await self._history(store, key="2")
+        whole = await self._history(store, key=None)
+        with fs.tenant_scope("t"):
+            theirs = await self._history(store, key="1")
+        assert [r.status for r in one] == [Status.SUPERSEDED] * 3 + [Status.FAILED, Status.SUCCESS, Status.FAILED]
+        assert await store.prune("a") == 0  # no limit given: nothing
+        assert await store.prune("a", keep_last=2) == 3 * 3  # per partition: the 2 newest history records stay
+        for made in (one, other, whole):
+            left = {r.id for r in await store.list_all(asset_name="a", limit=100)}
+            # kept: the latest (failed), the current success, the newest history one
+            assert [r.id in left for r in made] == [False, False, False, True, True, True]
+        assert await store.partition_states("a") == {"1": Status.FAILED, "2": Status.FAILED, None: Status.FAILED}
+        assert (await store.latest_successes([("a", "1")]))[("a", "1")].id == one[4].id
+        assert await store.prune("a", keep_last=0) == 3  # even the newest, but never the latest or current
+        assert {r.id for r in await store.list_all(asset_name="a", limit=100)} == {
+            r.id for made in (one, other, whole) for r in made[4:]}
+        with fs.tenant_scope("t"):
+            assert len(await store.list_all(asset_name="a", limit=100)) == len(theirs)  # another tenant's stay
+
+    async def test_prune_by_age_with_a_limit_and_sparing_what_a_stale_record_read(self, store):
+        made = await self._history(store, key="1")
+        assert await store.prune("a", before=made[0].inserted_at) == 0  # nothing older than the first
+        assert await store.prune("a", keep_last=0, spare=["1"]) == 1  # superseded ones of "1" spared: the failure
+        assert await store.prune("a", before=datetime.now(timezone.utc) + timedelta(days=1), limit=2) == 2
+        left = {r.id for r in await store.list_all(asset_name="a", limit=100)}
+        assert [r.id in left for r in made] == [False, False, True, False, True, True]  # oldest first
+        with pytest.raises(fs.DefinitionError, match="keep_last"):
+            await store.prune("a", keep_last=-1)
+        with pytest.raises(fs.DefinitionError, match="limit"):
+            await store.prune("a", keep_last=1, limit=0)
+
     async def test_backfill_state_round_trips(self, store):
         backfill = uuid.uuid4()
         assert await store.load_backfill(backfill) is None

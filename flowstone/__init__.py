@@ -28,6 +28,7 @@ _NAMES: dict[str, str] = {
     "Asset": ".definitions",
     "FieldError": ".definitions",
     "RetryPolicy": ".definitions",
+    "Retention": ".definitions",
     "asset": ".definitions",
     "validate_asset": ".definitions",
     "AccessDenied": ".errors",
@@ -121,6 +122,7 @@ if TYPE_CHECKING:  # what type checkers and editors see: the same names, eagerly
     from .dag import execution_order as execution_order
     from .definitions import Asset as Asset
     from .definitions import FieldError as FieldError
+    from .definitions import Retention as Retention
     from .definitions import RetryPolicy as RetryPolicy
     from .definitions import asset as asset
     from .definitions import validate_asset as validate_asset

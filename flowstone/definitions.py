@@ -14,6 +14,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -23,7 +24,7 @@ from .errors import DefinitionError
 from .identifiers import identifier_problem
 from .partitions import PartitionsDefinition
 
-__all__ = ["Asset", "FieldError", "RetryPolicy", "asset", "validate_asset"]
+__all__ = ["Asset", "FieldError", "Retention", "RetryPolicy", "asset", "validate_asset"]
 
 
 @attrs.frozen
@@ -74,6 +75,40 @@ class RetryPolicy:
         return base * (0.5 + rand()) if self.jitter else base
 
 
+def _duration(value: Any) -> Any:
+    """Seconds as a ``timedelta``; anything else as it is (checked after)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return timedelta(seconds=value)
+    return value
+
+
+@attrs.frozen
+class Retention:
+    """How much of an asset's history to keep: ``flowstone prune`` and the daemon delete
+    its superseded, failed and cancelled records beyond the ``keep_last`` newest of each
+    partition, or older than ``max_age`` (a ``timedelta``, or seconds). None: no limit
+    of that kind; both None keep everything. A partition's current success, its latest
+    record (a failure stays visible until it is fixed), unfinished records, and what a
+    stale record was built from are never deleted."""
+
+    keep_last: int | None = None
+    max_age: timedelta | None = attrs.field(default=None, converter=_duration)
+
+    def __attrs_post_init__(self) -> None:
+        errors = []
+        if self.keep_last is not None and (type(self.keep_last) is not int or self.keep_last < 0):
+            errors.append(f"keep_last must be an int >= 0 or None, got {self.keep_last!r}")
+        if self.max_age is not None and (not isinstance(self.max_age, timedelta) or self.max_age <= timedelta(0)):
+            errors.append(f"max_age must be a timedelta or a number of seconds > 0, or None, got {self.max_age!r}")
+        if errors:
+            raise DefinitionError([FieldError("retention", e) for e in errors])
+
+    @property
+    def limited(self) -> bool:
+        """Whether this retention deletes anything at all."""
+        return self.keep_last is not None or self.max_age is not None
+
+
 def _names(value: Any) -> Any:
     """Lists become tuples and ``Asset`` objects their names; anything else is kept
     as given so that :func:`validate_asset` can say what is wrong with it."""
@@ -118,6 +153,7 @@ class Asset:
     timeout: float | None = attrs.field(default=None, kw_only=True)
     executor: str | None = attrs.field(default=None, kw_only=True)
     automation: Any = attrs.field(default=None, kw_only=True)
+    retention: Retention | None = attrs.field(default=None, kw_only=True)
     """``fs.Eager()``, ``fs.OnMissing()`` or None: when the daemon materializes it."""
     module: str | None = attrs.field(default=None, kw_only=True)
     line: int | None = attrs.field(default=None, kw_only=True)
@@ -164,6 +200,8 @@ def validate_asset(asset: Asset) -> list[FieldError]:
         problem("requires_approval", f"must be a bool, got {asset.requires_approval!r}")
     if asset.retry is not None and not isinstance(asset.retry, RetryPolicy):
         problem("retry", f"must be an fs.RetryPolicy or None, got {asset.retry!r}")
+    if asset.retention is not None and not isinstance(asset.retention, Retention):
+        problem("retention", f"must be an fs.Retention or None, got {asset.retention!r}")
     limit = asset.max_concurrency
     if limit is not None and (type(limit) is not int or limit < 1):
         problem("max_concurrency", f"must be an int >= 1 or None, got {limit!r}")
@@ -297,6 +335,7 @@ def asset(
     timeout: float | None = None,
     executor: str | None = None,
     automation: Any = None,
+    retention: Retention | None = None,
 ) -> Any:
     """Define an asset from the function that computes it: ``@fs.asset`` or ``@fs.asset(...)``.
 
@@ -326,6 +365,7 @@ def asset(
             timeout=timeout,
             executor=executor,
             automation=automation,
+            retention=retention,
             module=getattr(func, "__module__", None),
             line=code.co_firstlineno if code is not None else None,
         )

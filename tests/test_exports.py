@@ -9,7 +9,7 @@ import flowstone as fs
 
 PUBLIC = {
     # definitions (SPEC 1)
-    "Asset", "FieldError", "Pipeline", "RetryPolicy", "asset", "validate_asset", "Context",
+    "Asset", "FieldError", "Pipeline", "RetryPolicy", "Retention", "asset", "validate_asset", "Context",
     # schedules and the daemon (SPEC 13)
     "Schedule", "run_daemon", "Eager", "OnMissing", "RunRequest", "Sensor", "SensorContext",
     # graph (SPEC 2)

@@ -27,7 +27,7 @@ from .. import events as ev
 from ..actors.mailbox import CLEANUP_SECONDS, Handle
 from ..actors.supervisor import RestartPolicy, supervise
 from ..dag import AssetGraph
-from ..definitions import Asset, FieldError
+from ..definitions import Asset, FieldError, Retention
 from ..errors import (
     AccessDenied,
     BackfillNotFound,
@@ -50,7 +50,7 @@ from ..store.records import Materialization, check_decidable, parse_id
 from ..tenancy import current_tenant
 from . import backfill as bf
 from . import registry as reg
-from . import tracing
+from . import retention, tracing
 from .executor import Decide, Env, ExecutorStatistics, Stats, executor_actor
 from .job import load_value
 from .leases import LEASE_SECONDS, LeaseKeeper
@@ -91,12 +91,14 @@ class Runtime:
         guard: Guard | None,
         workers: TaskGroup,
         queue: bf.Dispatcher | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._registry = registry
         self._env = env
         self._guard = guard
         self._workers = workers
         self._queue = queue
+        self._retention = retention
 
     @property
     def queue(self) -> bf.Dispatcher | None:
@@ -313,6 +315,22 @@ class Runtime:
             except NotFound:
                 pass  # waiting in another process: it finds the decision in the store
 
+    # ------------------------------------------------------------- retention
+
+    async def prune(self, *, context: Mapping[str, Any] | None = None) -> dict[str, int]:
+        """Delete, in the caller's tenant, the history records (superseded, failed,
+        cancelled) that the assets' retention (``fs.asset(retention=...)``, else the
+        runtime's ``retention``) no longer keeps; records deleted per asset whose
+        retention limits anything. A current success, the latest record of a partition,
+        unfinished records and what a stale record was built from stay. Raises
+        ``AccessDenied`` (the guard refuses ``materialize`` on one of those assets)
+        before anything is deleted."""
+        assets = (await self._snapshot()).graph.assets
+        limited = [a for a in assets if (policy := a.retention or self._retention) is not None and policy.limited]
+        for asset in limited:
+            await authorize(self._guard, "materialize", asset, {**(context or {}), "tenant": current_tenant()})
+        return await retention.prune(self._env.store, limited, self._retention)
+
     # ------------------------------------------------------------- backfills
 
     async def backfill(
@@ -527,6 +545,7 @@ async def open_runtime(
     restart_policy: RestartPolicy = DEFAULT_RESTART_POLICY,
     lease_seconds: float = LEASE_SECONDS,
     queue: bf.Dispatcher | None = None,
+    retention: Retention | None = None,
 ) -> AsyncIterator[Runtime]:
     """Start a runtime for ``pipeline``; every task it starts stops when the block exits.
 
@@ -536,6 +555,8 @@ async def open_runtime(
     so how long other processes wait before taking over work of one that died.
     ``queue``: where backfills go to run on ``flowstone worker`` processes
     (``flowstone.workers.Queue``); the caller closes it.
+    ``retention``: what ``rt.prune()`` (and the daemon) keep of the history of assets
+    without a retention of their own (default: everything).
 
     Raises ``DefinitionError`` (an invalid pipeline or option, an unknown IO manager
     or resource key) or ``CycleError`` before anything starts; a store or IO manager
@@ -549,6 +570,8 @@ async def open_runtime(
     resources = dict(resources or {})
     if max_concurrency is not None and (type(max_concurrency) is not int or max_concurrency < 1):
         raise DefinitionError([FieldError("max_concurrency", f"must be an int >= 1 or None, got {max_concurrency!r}")])
+    if retention is not None and not isinstance(retention, Retention):
+        raise DefinitionError([FieldError("retention", f"must be an fs.Retention or None, got {retention!r}")])
     if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, (int, float)) or not 0 < lease_seconds < 86400:
         raise DefinitionError([FieldError("lease_seconds", f"must be a number of seconds > 0, got {lease_seconds!r}")])
     keys = set(managers) | {"memory"}
@@ -593,7 +616,8 @@ async def open_runtime(
                 registry = await services.start(
                     supervise, "registry", reg.registry_actor(state, spawn, keys, set(resources)), restart_policy
                 )
-                runtime = Runtime(registry=registry, env=env, guard=guard, workers=workers, queue=queue)
+                runtime = Runtime(registry=registry, env=env, guard=guard, workers=workers, queue=queue,
+                                  retention=retention)
                 try:
                     yield runtime
                 finally:

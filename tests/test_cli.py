@@ -214,6 +214,15 @@ def test_a_tenant_sees_only_its_own_records(project):
     assert project.json("--tenant", "other", "records")["records"] == []
 
 
+def test_prune_deletes_the_history_beyond_the_retention_given(project):
+    for _ in range(3):
+        assert project.run("materialize", "raw", "--partition", "2024-01-02", "--force").returncode == 0
+    assert project.json("prune")["deleted"] == {}  # no retention: nothing goes
+    assert project.json("prune", "--keep-last", "0")["deleted"] == {"raw": 2, "clean": 0, "report": 0}
+    assert [r["status"] for r in project.json("records", "raw")["records"]] == ["success"]
+    assert project.json("prune", "--max-age", "1d")["deleted"]["raw"] == 0
+
+
 # ------------------------------------------------------------------- errors
 
 
@@ -234,6 +243,8 @@ def test_a_tenant_sees_only_its_own_records(project):
     (["backfill", "clean", "--workers"], 2, "workers take their jobs from the PostgreSQL store"),
     (["daemon", "--workers"], 2, "workers take their jobs from the PostgreSQL store"),
     (["worker"], 2, "a worker needs the PostgreSQL store"),
+    (["prune", "--max-age", "soon"], 2, "--max-age 'soon'"),
+    (["prune", "--keep-last", "-1"], 2, "--keep-last must be at least 0"),
 ])
 def test_bad_input_is_one_line_with_its_exit_code(project, args, code, says):
     done = project.run(*args)

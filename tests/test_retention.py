@@ -149,3 +149,24 @@ async def _check_prune(steps, keep_last, more):
                     (record.asset_name, record.partition), 0) + 1
             if not any(r.status is Status.STALE for r in current):  # nothing to spare: the retention is exact
                 assert all(count <= max(keep_last, 1) for count in per_partition.values())  # the latest may be one
+
+
+async def test_the_daemon_prunes_on_its_own(anyio_backend):
+    from waiting import until
+
+    from flowstone.runtime.daemon import run_daemon
+
+    day = date(2026, 1, 1)
+    async with fs.open_runtime(_pipeline(fs.Retention(keep_last=0))) as rt:
+        await _history(rt, "raw", day, 3)
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(lambda: run_daemon(rt, stop=stop, owner="d", prune_interval=0.01))
+
+            async def pruned() -> bool:
+                return [r.status for r in await rt.store.list_all(asset_name="raw", limit=10)] == [Status.SUCCESS]
+
+            await until(pruned)
+            await _history(rt, "raw", day, 2)  # and again, at its next look
+            await until(pruned)
+            stop.set()

@@ -149,6 +149,21 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
                         help="how long a partition stays locked after this worker dies mid-job (30)")
 
+    prune = command("prune", "delete the history records (superseded, failed, cancelled) the assets' retention "
+                             "no longer keeps")
+    retention_options = (
+        ("--keep-last", int, "N", "keep the N newest history records of each partition"),
+        ("--max-age", str, "AGE", "delete history records older than AGE (e.g. 30d, 12h, 90m, 3600 seconds)"),
+    )
+    for parser_, about in ((prune, ""), (daemon, "; the daemon prunes every --prune-interval"),
+                           (dev, "; the daemon prunes every --prune-interval")):
+        for flag, kind, metavar, text in retention_options:
+            parser_.add_argument(flag, type=kind, metavar=metavar,
+                                 help=f"{text}, for assets without a retention of their own{about}")
+    for parser_, every in ((daemon, 3600.0), (dev, 60.0)):
+        parser_.add_argument("--prune-interval", type=float, default=every, metavar="S",
+                             help=f"seconds between two prunes ({every:g})")
+
     command("migrate", "create or upgrade the store's schema")
     return parser
 

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from .. import events as ev
+from ..definitions import Retention
 from ..errors import InvalidPartition
 from ..partitions import serialize_partition
 from ..pipeline import Pipeline
@@ -409,6 +410,46 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_prune(args: argparse.Namespace) -> int:
+    default = _retention(args) or Retention()
+    async with _runtime(args, retention=default) as rt:
+        limited = [a.name for a in await rt.assets() if (a.retention or default).limited]
+        deleted = await rt.prune()
+    if args.json:
+        emit_json({"deleted": deleted})
+        return EXIT_OK
+    if not limited:
+        print("no retention anywhere: nothing to prune (give --keep-last N or --max-age AGE, or "
+              "fs.asset(..., retention=fs.Retention(...)))")
+        return EXIT_OK
+    print(table(["asset", "history records deleted"], [[name, deleted.get(name, 0)] for name in limited]))
+    return EXIT_OK
+
+
+def _retention(args: argparse.Namespace) -> Any:
+    """The runtime-wide ``fs.Retention`` of ``--keep-last`` and ``--max-age``, else None."""
+    if args.keep_last is None and args.max_age is None:
+        return None
+    if args.keep_last is not None and args.keep_last < 0:
+        raise CliError("--keep-last must be at least 0")
+    return Retention(keep_last=args.keep_last, max_age=_age(args.max_age) if args.max_age is not None else None)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _age(text: str) -> float:
+    """Seconds of ``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or a plain number of seconds."""
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise CliError(f"--max-age {text!r}: give a number with s, m, h, d or w (e.g. 30d)") from None
+    if not 0 < seconds < float("inf"):
+        raise CliError(f"--max-age {text!r} must be more than 0")
+    return seconds
+
+
 async def cmd_materialize(args: argparse.Namespace) -> int:
     from ..errors import MaterializationFailed
 
@@ -583,14 +624,17 @@ async def cmd_daemon(args: argparse.Namespace) -> int:
         raise CliError("--automation-interval must be a number of seconds > 0")
     pipeline = _pipeline(args)
     stop = anyio.Event()
-    async with _runtime(args, pipeline, queue="required" if args.workers else None) as rt, \
-            anyio.create_task_group() as daemon:
+    if not 0 < args.prune_interval < 86400 * 365:
+        raise CliError("--prune-interval must be a number of seconds > 0")
+    async with _runtime(args, pipeline, queue="required" if args.workers else None,
+                        retention=_retention(args)) as rt, anyio.create_task_group() as daemon:
         daemon.start_soon(_stop_on_signals, stop, daemon.cancel_scope)
         async with anyio.create_task_group() as serving:  # ends once both have stopped
             if args.command == "dev" and not args.no_web:
                 serving.start_soon(_serve_web, args, rt.store, pipeline, stop, rt)
             await run_daemon(rt, pipeline.schedules, sensors=pipeline.sensors, stop=stop, grace=args.grace,
-                             hold=args.hold, automation_interval=args.automation_interval)
+                             hold=args.hold, automation_interval=args.automation_interval,
+                             prune_interval=args.prune_interval)
         daemon.cancel_scope.cancel()
     return EXIT_OK
 

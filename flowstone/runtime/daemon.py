@@ -13,6 +13,8 @@ and meanwhile:
 - resumes backfills left unfinished: saved ``running`` by a process whose
   heartbeat stopped, or ``interrupted`` (their process stopped under them), and
   looks for such backfills again every ``RESCAN_SECONDS``.
+- deletes what the assets' retention no longer keeps (``rt.prune()``) every
+  ``prune_interval`` seconds;
 - when ``rt`` has a work queue (``open_runtime(queue=...)``), hands the jobs of
   workers that stopped answering back to it every ``RECONCILE_SECONDS``.
 
@@ -56,6 +58,8 @@ GRACE_SECONDS = 30.0
 """How long work in flight may take to finish once the daemon is asked to stop."""
 RESCAN_SECONDS = STALE_SECONDS
 """How often the active daemon looks for backfills whose process died."""
+PRUNE_SECONDS = 3600.0
+"""How often the active daemon deletes what the assets' retention no longer keeps."""
 RECONCILE_SECONDS = 5.0
 """How often the active daemon hands the jobs of dead workers back to the queue."""
 
@@ -76,6 +80,7 @@ async def run_daemon(
     hold: float = HOLD_SECONDS,
     clock: Clock | None = None,
     automation_interval: float = AUTOMATION_SECONDS,
+    prune_interval: float = PRUNE_SECONDS,
 ) -> None:
     """Be the store's daemon until ``stop`` is set (see the module doc): run
     ``schedules``, ``sensors`` and the automation of ``rt``'s assets (looked at every
@@ -102,7 +107,7 @@ async def run_daemon(
         taken = f", taken over from {holder.taken_from}" if holder.taken_from else ""
         log.info("daemon %s: active (fence %d%s), %d schedules, %d sensors", owner, holder.fence, taken,
                  len(schedules), len(sensors))
-        duties = _Duties(schedules, sensors, clock, automation_interval)
+        duties = _Duties(schedules, sensors, clock, automation_interval, prune_interval)
         await _active(rt, duties, owner, stop, grace=grace, hold=hold, renewed=asked)
     log.info("daemon %s: stopped", owner)
 
@@ -115,6 +120,7 @@ class _Duties:
     sensors: Sequence[Sensor]
     clock: Clock | None
     automation_interval: float
+    prune_interval: float
 
 
 async def _active(
@@ -137,6 +143,7 @@ async def _active(
                         run_automation, rt, work, interval=duties.automation_interval, since=utcnow())),
                     *((f"sensor {s.name}", functools.partial(run_sensor, rt, s, work)) for s in duties.sensors),
                     *((("the work queue", functools.partial(_reconcile, rt.queue)),) if rt.queue else ()),
+                    ("retention", functools.partial(_prune, rt, duties.prune_interval)),
                 ):
                     intake.start_soon(_supervised, what, duty)
                 async with anyio.create_task_group() as either:
@@ -255,6 +262,14 @@ async def _resume_backfills(rt: Any, work: TaskGroup) -> None:
             resumed.add(status.id)
             work.start_soon(_follow, rt, status.id)
         await anyio.sleep(RESCAN_SECONDS)
+
+
+async def _prune(rt: Any, interval: float) -> None:
+    """Delete what the assets' retention no longer keeps, every ``interval`` seconds."""
+    while True:
+        if deleted := sum((await rt.prune()).values()):
+            log.info("retention: %d history records deleted", deleted)
+        await anyio.sleep(interval)
 
 
 async def _reconcile(queue: Any) -> None:

@@ -186,12 +186,12 @@ WITH history AS (
     SELECT h.id FROM history h
     WHERE (h.rank > $3::int OR h.inserted_at < $4::timestamptz)
       AND NOT (h.status = 'superseded' AND (h.partition = ANY($5::text[]) OR (h.partition IS NULL AND $6)))
-      AND EXISTS (  -- not the latest record of its partition
-          SELECT 1 FROM {TABLE} n WHERE n.tenant_id = $1 AND n.asset_name = $2
-          AND n.partition IS NOT DISTINCT FROM h.partition AND n.seq > h.seq)
+      AND h.seq NOT IN (  -- not the latest record of its partition
+          SELECT s.seq FROM flowstone_partition_states s WHERE s.tenant_id = $1 AND s.asset_name = $2)
     ORDER BY h.seq LIMIT $7
 ), gone AS (
-    DELETE FROM {TABLE} m USING doomed d WHERE m.id = d.id AND m.tenant_id = $1 RETURNING 1
+    -- by primary key (an array, not a join), whatever the planner believes of the table's size
+    DELETE FROM {TABLE} WHERE tenant_id = $1 AND id = ANY(ARRAY(SELECT id FROM doomed)) RETURNING 1
 )
 SELECT count(*) FROM gone
 """

@@ -158,9 +158,8 @@ DELETE FROM flowstone_materializations WHERE seq IN (
     WHERE (h.rank > :keep_last OR h.inserted_at < :before)
       AND NOT (h.status = 'superseded'
                AND (h.partition IN (SELECT value FROM json_each(:spare)) OR (h.partition IS NULL AND :spare_whole)))
-      AND EXISTS (  -- not the latest record of its partition (so never the newest row: seq keeps growing)
-          SELECT 1 FROM flowstone_materializations n WHERE n.tenant_id = :tenant AND n.asset_name = :asset
-          AND n.partition IS h.partition AND n.seq > h.seq)
+      AND h.seq NOT IN (  -- not the latest record of its partition (so never the newest row: seq keeps growing)
+          SELECT s.seq FROM flowstone_partition_states s WHERE s.tenant_id = :tenant AND s.asset_name = :asset)
     ORDER BY h.seq LIMIT :limit
 )
 """

@@ -194,14 +194,15 @@ def addition_problems(
     ``graph`` is known to be sound, so every problem of the new graph is the
     new asset's; only its own fields and mappings need checking.
     """
-    errors = validate_asset(item)
+    own = validate_asset(item)
     if item.name in graph:
-        errors.append(FieldError("name", "an asset with this name is already registered", item.name))
-        return graph, errors
-    bigger = AssetGraph((*graph.assets, item))
-    errors += bigger.problems()
-    errors += asset_problems(item, bigger, io_managers=io_managers, resources=resources)
-    return bigger, errors
+        own.append(FieldError("name", "an asset with this name is already registered", item.name))
+        return graph, own
+    # Its mappings, IO manager and resources need only the assets it reads: checked
+    # first, so that a graph grown in place (with_asset) is one that will be used.
+    mapped = asset_problems(item, graph, io_managers=io_managers, resources=resources)
+    bigger = graph.with_asset(item) if not own and not mapped else AssetGraph((*graph.assets, item))
+    return bigger, own + bigger.problems() + mapped
 
 
 def raise_problems(errors: list[FieldError], graph: AssetGraph) -> None:

@@ -161,3 +161,44 @@ def test_layers_beside_a_cycle_still_work():
     assert fs.execution_layers(assets, target="d") == [["c"], ["d"]]
     with pytest.raises(fs.CycleError):
         fs.execution_layers(assets)
+
+
+# ------------------------------------------------------------- growing a graph
+
+
+def _answers(graph):
+    names = [a.name for a in graph.assets]
+    return (
+        names,
+        {n: graph.execution_order(n) for n in names},
+        graph.layers(),
+        {n: graph.dependents(n) for n in names},
+        {n: graph.has_readers(n) for n in names},
+        graph.problems(),
+    )
+
+
+@given(st.lists(st.lists(st.integers(0, 40), max_size=4), min_size=1, max_size=40))
+def test_a_graph_grown_one_asset_at_a_time_answers_as_one_built_at_once(picks):
+    assets = [node(f"a{i}", *sorted({f"a{j % i}" for j in deps}) if i else ()) for i, deps in enumerate(picks)]
+    grown = fs.AssetGraph([])
+    snapshots = []
+    for asset in assets:
+        grown = grown.with_asset(asset)
+        snapshots.append((grown, _answers(fs.AssetGraph(assets[: len(snapshots) + 1]))))
+    assert _answers(grown) == _answers(fs.AssetGraph(assets))
+    for snapshot, answers in snapshots:  # every older graph still answers as it did
+        assert _answers(snapshot) == answers
+
+
+def test_growing_an_older_graph_or_with_a_problem_builds_a_new_one():
+    base = fs.AssetGraph(DIAMOND)
+    first = base.with_asset(node("report", "sink"))
+    other = base.with_asset(node("audit", "left"))  # base is no longer the newest: built afresh
+    assert "report" not in other and "audit" not in first and base.dependents("left") == {"sink"}
+    assert not base.has_readers("sink") and first.has_readers("sink")
+    unknown = first.with_asset(node("x", "nowhere"))
+    assert [e.message for e in unknown.problems()] == ["unknown dependency 'nowhere'"]
+    looped = first.with_asset(node("self", "self"))
+    assert looped.cycles() == [["self"]]
+    assert first.with_asset(node("after", "report")).execution_order("after")[-2:] == ["report", "after"]

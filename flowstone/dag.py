@@ -12,6 +12,7 @@ cycles are deterministic from one run to the next.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Union
@@ -67,40 +68,45 @@ class AssetGraph:
                     self._graph.add_edge(dep, name)
                 else:
                     self._unknown.setdefault(name, []).append(dep)
+        self._size = len(self._assets)
+        """How many of ``_assets`` (in order) this graph holds: graphs grown from one
+        another share their dicts and edges, which only ever grow at the end."""
         self._tip: list[AssetGraph] = [self]
         """Shared by the graphs ``with_asset`` grew from this one: the newest, the only
-        one that may add to the networkx graph they share."""
+        one that may add to what they share."""
 
     def with_asset(self, item: Asset) -> AssetGraph:
         """This graph with ``item`` added; ``problems()`` of the result tells what is
         wrong with it. When this graph is sound, ``item`` names only assets in it, and
-        this graph is the newest grown this way, the new graph shares this one's edges
-        and extends its order instead of building them again (a registration costs
+        this graph is the newest grown this way, the new graph shares this one's assets,
+        edges, order and answers and adds one asset at their end (a registration costs
         the same at 10 assets and at 10,000); otherwise it is built from scratch."""
         try:
             simple = (
                 self._tip[0] is self and isinstance(item, Asset) and isinstance(item.name, str)
-                and item.name not in self._assets and all(dep in self._assets for dep in item.depends_on)
+                and item.name not in self._assets and all(dep in self for dep in item.depends_on)
                 and not self._duplicates and not self._unknown and not self._cycles[1]
             )
         except TypeError:  # an unhashable name or dependency: validate_asset reports it
             simple = False
         if not simple:
-            return AssetGraph((*self._assets.values(), item))
+            return AssetGraph((*self.assets, item))
         rank, depth = self._ranks
-        grown = AssetGraph.__new__(AssetGraph)
-        grown._assets = {**self._assets, item.name: item}
-        grown._order = {**self._order, item.name: len(self._order)}
-        grown._duplicates, grown._unknown = [], {}
-        grown._memo = dict(self._memo)  # answers about the older assets do not change
-        grown._graph = self._graph  # edges only ever added, into the new asset: older answers stay
+        # Everything below only grows at the end, so what this graph and the older ones
+        # answer about their own assets does not change: the new asset reads only
+        # older ones, so it is a sink, last in a topological order.
+        self._assets[item.name] = item
+        self._order[item.name] = len(self._order)
+        rank[item.name] = len(rank)
+        depth[item.name] = max((depth[dep] + 1 for dep in item.depends_on), default=0)
         self._graph.add_node(item.name)
         self._graph.add_edges_from((dep, item.name) for dep in item.depends_on)
+        grown = AssetGraph.__new__(AssetGraph)
+        grown._assets, grown._order, grown._graph, grown._memo = self._assets, self._order, self._graph, self._memo
+        grown._duplicates, grown._unknown = [], {}
+        grown._size = self._size + 1
         grown.__dict__["_cycles"] = ([], frozenset())
-        grown.__dict__["_ranks"] = (
-            {**rank, item.name: len(rank)},  # it reads only older assets: last in a topological order
-            {**depth, item.name: max((depth[dep] + 1 for dep in item.depends_on), default=0)},
-        )
+        grown.__dict__["_ranks"] = (rank, depth)
         grown._tip = self._tip
         self._tip[0] = grown
         return grown
@@ -118,25 +124,27 @@ class AssetGraph:
     # ------------------------------------------------------------------ lookup
 
     def __contains__(self, name: object) -> bool:
-        return name in self._assets
+        return self._order.get(name, self._size) < self._size  # type: ignore[call-overload]
 
     def __len__(self) -> int:
-        return len(self._assets)
+        return self._size
 
     @property
     def assets(self) -> tuple[Asset, ...]:
         """The assets in definition order (the first of any duplicated name)."""
-        return tuple(self._assets.values())
+        return tuple(itertools.islice(self._assets.values(), self._size))
 
     def get(self, name: str) -> Asset:
         """The asset called ``name``. Raises ``NotFound`` listing the known names."""
         try:
-            return self._assets[name]
-        except (KeyError, TypeError):
-            raise self._unknown_asset(name) from None
+            if name in self:
+                return self._assets[name]
+        except TypeError:
+            pass
+        raise self._unknown_asset(name) from None
 
     def _unknown_asset(self, name: object) -> NotFound:
-        known = sorted(self._assets)
+        known = sorted(itertools.islice(self._assets, self._size))
         shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
         return NotFound(f"unknown asset {name!r}; known assets: {shown or '(none)'}", asset=str(name))
 
@@ -213,19 +221,20 @@ class AssetGraph:
     def has_readers(self, name: str) -> bool:
         """Whether any asset reads ``name`` directly (constant time)."""
         self.get(name)
-        return any(reader in self._assets for reader in self._graph.succ[name])  # newer graphs share the edges
+        return any(reader in self for reader in self._graph.succ[name])  # newer graphs share the edges
 
     def dependents(self, name: str) -> set[str]:
         """Every asset that reads ``name``, directly or through others. Raises
         ``NotFound`` for an unknown name."""
         self.get(name)
-        return set(nx.descendants(self._graph, name)) & self._assets.keys()  # newer graphs share the edges
+        return {found for found in nx.descendants(self._graph, name) if found in self}  # newer graphs share them
 
     def _ancestors(self, name: str) -> frozenset[str]:
-        """Memoized: the graph never changes, and every run of a target asks again."""
+        """Memoized: the answer never changes, and every run of a target asks again
+        (the memo is shared with the graphs grown from this one: ask it only of ours)."""
+        self.get(name)
         found = self._memo.get(("ancestors", name))
         if found is None:
-            self.get(name)
             found = self._memo[("ancestors", name)] = frozenset(nx.ancestors(self._graph, name))
         return found
 
@@ -234,7 +243,7 @@ class AssetGraph:
 
         Raises ``NotFound`` for an unknown target, ``CycleError`` when a cycle is
         among them and ``DefinitionError`` for an unknown dependency."""
-        order = self._memo.get(("order", target))
+        order = self._memo.get(("order", target)) if target in self else None
         if order is None:
             names = self._plan(target)
             order = self._memo[("order", target)] = tuple(sorted(names, key=self._ranks[0].__getitem__))
@@ -255,7 +264,8 @@ class AssetGraph:
 
     def _plan(self, target: str | None) -> set[str]:
         """``target`` and its dependencies (or every asset), checked to be plannable."""
-        names = set(self._assets) if target is None else set(self._ancestors(target)) | {target}
+        names = set(itertools.islice(self._assets, self._size)) if target is None else (
+            set(self._ancestors(target)) | {target})
         errors = [
             FieldError("depends_on", f"unknown dependency {dep!r}", name)
             for name in sorted(names & self._unknown.keys(), key=self._order.__getitem__)

@@ -12,9 +12,8 @@ registry still knows every executor it started.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping
-from types import MappingProxyType
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from typing import Any, TypeVar
 
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -51,11 +50,36 @@ class RegistryState:
     """Final statuses of backfills the store could not save: still known here."""
 
 
+V = TypeVar("V")
+
+
+class Known(Mapping[str, V]):
+    """A dict that only grows (one entry per asset ever registered), seen as of one
+    snapshot: the names its graph holds. Snapshots share the dict instead of each
+    copying it, so a registration costs the same at 10 assets and at 10,000."""
+
+    __slots__ = ("_graph", "_items")
+
+    def __init__(self, items: dict[str, V], graph: AssetGraph) -> None:
+        self._items, self._graph = items, graph
+
+    def __getitem__(self, name: str) -> V:
+        if name in self._graph:
+            return self._items[name]
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (asset.name for asset in self._graph.assets)
+
+    def __len__(self) -> int:
+        return len(self._graph)
+
+
 def initial_snapshot(graph: AssetGraph, executors: dict[str, Handle]) -> Snapshot:
     return Snapshot(
         graph=graph,
-        executors=MappingProxyType(dict(executors)),
-        versions=MappingProxyType(code_versions(graph.assets)),
+        executors=Known(dict(executors), graph),
+        versions=Known(code_versions(graph.assets), graph),
     )
 
 
@@ -109,11 +133,12 @@ def registry_actor(
         )
         raise_problems(errors, graph)
         handle = await spawn(message.asset)
-        state.snapshot = Snapshot(
-            graph=graph,
-            executors=MappingProxyType({**current.executors, message.asset.name: handle}),
-            versions=MappingProxyType({**current.versions, message.asset.name: code_version(message.asset)}),
-        )
+        executors, versions = current.executors, current.versions
+        assert isinstance(executors, Known) and isinstance(versions, Known)
+        executors._items[message.asset.name] = handle  # seen only by snapshots whose graph holds it
+        versions._items[message.asset.name] = code_version(message.asset)
+        state.snapshot = Snapshot(graph=graph, executors=Known(executors._items, graph),
+                                  versions=Known(versions._items, graph))
         return state.snapshot
 
     def get_snapshot(message: GetSnapshot) -> Snapshot:

@@ -661,3 +661,40 @@ async def test_the_partition_states_table_is_filled_from_every_tenants_records(a
             assert await store.partition_states("a") == {"1": Status.PENDING}
         await store.create(asset_name="a", partition="1", status=Status.FAILED)  # the triggers are back
         assert (await store.partition_states("a"))["1"] is Status.FAILED
+
+
+async def test_the_reads_table_is_filled_from_every_tenants_successes(anyio_backend, pg_database):
+    """Schema version 13 keeps what each success read in a table kept by triggers (the
+    stale cascade looks readers up there); a database made before it gets the table
+    filled from its successes, every tenant's, and the cascade follows them."""
+    async def success(name, key, reads):
+        record = await store.create(asset_name=name, partition=key, status=Status.RUNNING,
+                                    upstream_assets=tuple(reads), upstream_partitions=reads)
+        return await store.complete(record, Status.SUCCESS)
+
+    async with PostgresStore(pg_database.dsn) as store:
+        await success("raw", "1", {})
+        clean = await success("clean", "1", {"raw": ("1",)})
+        report = await success("report", None, {"clean": ("1", "2")})
+        with fs.tenant_scope("acme"):
+            theirs = await success("clean", "1", {"raw": ("1",)})
+    await anyio.to_thread.run_sync(
+        run_sync, admin, pg_database.admin_dsn,  # as a database of schema version 12 had it
+        "DROP TABLE flowstone_reads",
+        "DROP TRIGGER flowstone_reads_insert ON flowstone_materializations",
+        "DROP TRIGGER flowstone_reads_update ON flowstone_materializations",
+        "DROP FUNCTION flowstone_keep_reads()",
+        "DELETE FROM flowstone_schema_migrations WHERE version = 13",
+    )
+    async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as owner:
+        assert await owner.migrate() == [13]
+    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn,
+                                   "GRANT SELECT, INSERT, UPDATE, DELETE ON flowstone_reads TO flowstone_app")
+    async with PostgresStore(pg_database.dsn) as store:
+        await store.mark_stale("raw", "1")
+        assert (await store.get_by_id(clean.id)).status is Status.STALE
+        assert (await store.get_by_id(report.id)).status is Status.STALE  # through clean, transitively
+        with fs.tenant_scope("acme"):
+            assert (await store.get_by_id(theirs.id)).status is Status.SUCCESS  # another tenant's
+            await store.mark_stale("raw", "1")
+            assert (await store.get_by_id(theirs.id)).status is Status.STALE

@@ -18,7 +18,7 @@ def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
-        "backfill", "cancel-storm", "chaos", "core", "daemon", "dags", "executors", "flights-dagster", "instructions", "io",
+        "backfill", "cancel-storm", "cascade", "chaos", "core", "daemon", "dags", "executors", "flights-dagster", "instructions", "io",
         "memory", "postgres", "processes", "ranges", "registrations", "runtime", "schedules", "soak", "sqlite", "startup",
         "store-writes", "web", "workers",
     ]

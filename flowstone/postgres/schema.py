@@ -264,6 +264,47 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
             EXECUTE FUNCTION flowstone_keep_partition_state();
     """),
+    (13, "what each success read, kept by triggers, so a stale cascade costs the same at any table size", f"""
+        -- One row per (upstream partition, success that read it). A stale cascade
+        -- looks its readers up by equality, which row-level security lets an index
+        -- answer (a containment test on the records' JSON it does not: not leakproof).
+        CREATE TABLE flowstone_reads (
+            tenant_id text NOT NULL DEFAULT '',
+            asset_name text NOT NULL,
+            partitioned boolean NOT NULL,
+            partition text NOT NULL,
+            reader uuid NOT NULL
+        );
+        CREATE INDEX flowstone_reads_read ON flowstone_reads (asset_name, partition, partitioned, tenant_id);
+        CREATE INDEX flowstone_reads_reader ON flowstone_reads (reader);
+        {tenant_policy("flowstone_reads")}
+        CREATE FUNCTION flowstone_keep_reads() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'UPDATE' AND OLD.status = 'success' THEN
+                DELETE FROM flowstone_reads WHERE reader = OLD.id;
+            END IF;
+            IF NEW.status = 'success' THEN
+                INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
+                SELECT NEW.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), NEW.id
+                FROM jsonb_each(NEW.upstream_partitions) r, jsonb_array_elements(r.value) k;
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER flowstone_reads_insert AFTER INSERT ON flowstone_materializations
+            FOR EACH ROW WHEN (NEW.status = 'success') EXECUTE FUNCTION flowstone_keep_reads();
+        CREATE TRIGGER flowstone_reads_update AFTER UPDATE OF status ON flowstone_materializations
+            FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status AND 'success' IN (OLD.status, NEW.status))
+            EXECUTE FUNCTION flowstone_keep_reads();
+        -- Filled from every tenant's successes (FORCE would hide them from the owner).
+        ALTER TABLE flowstone_materializations NO FORCE ROW LEVEL SECURITY;
+        ALTER TABLE flowstone_reads NO FORCE ROW LEVEL SECURITY;
+        INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
+            SELECT m.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), m.id
+            FROM flowstone_materializations m, jsonb_each(m.upstream_partitions) r, jsonb_array_elements(r.value) k
+            WHERE m.status = 'success';
+        ALTER TABLE flowstone_reads FORCE ROW LEVEL SECURITY;
+        ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

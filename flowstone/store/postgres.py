@@ -122,19 +122,25 @@ CROSS JOIN LATERAL (
 is one probe of the unique index of current records; no ordering by age, which let
 the planner walk the tenant's newest records instead while the table was young."""
 _MARK_STALE = f"""
-WITH RECURSIVE built_on(asset, key) AS (
-    SELECT $2::text, $3::text
+WITH RECURSIVE built_on(asset, partitioned, key) AS (
+    SELECT $2::text, $3::text IS NOT NULL, coalesce($3::text, '')
   UNION
-    SELECT m.asset_name, m.partition
-    FROM built_on b JOIN {TABLE} m
-      ON m.tenant_id = $1 AND m.status = 'success' AND m.upstream_assets @> ARRAY[b.asset]
-     AND m.upstream_partitions -> b.asset @> jsonb_build_array(b.key)
+    SELECT m.asset_name, m.partition IS NOT NULL, coalesce(m.partition, '')
+    FROM built_on b
+    JOIN flowstone_reads r
+      ON r.asset_name = b.asset AND r.partition = b.key AND r.partitioned = b.partitioned AND r.tenant_id = $1
+    JOIN {TABLE} m ON m.id = r.reader AND m.tenant_id = $1 AND m.status = 'success'
 )
 UPDATE {TABLE} AS m SET status = 'stale', updated_at = $4
 FROM built_on b
-WHERE m.tenant_id = $1 AND m.status = 'success' AND m.upstream_assets @> ARRAY[b.asset]
-  AND m.upstream_partitions -> b.asset @> jsonb_build_array(b.key)
+JOIN flowstone_reads r
+  ON r.asset_name = b.asset AND r.partition = b.key AND r.partitioned = b.partitioned AND r.tenant_id = $1
+WHERE m.id = r.reader AND m.tenant_id = $1 AND m.status = 'success'
 """
+"""Every success built on ``$2 @ $3``, transitively, made stale: its readers are
+looked up in ``flowstone_reads`` (kept by triggers, schema version 13) by equality,
+which an index answers under row-level security, so the cost follows the records
+found, not the size of the table."""
 _CURRENT_OF_R = f"""(
     SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
     WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name

@@ -1,0 +1,115 @@
+"""The stale cascade and retention at growing record counts (issue #18).
+
+On a throwaway PostgreSQL cluster (fsync on) or ``--dsn``, for each of ``--sizes``:
+``raw`` and ``clean`` (which reads ``raw`` of the same day) get that many daily
+partitions of success records, written in bulk (the figures are about reading them
+back, not writing them). Then:
+
+- the stale cascade: ``store.mark_stale("raw", day)`` for ``--samples`` days, each
+  turning one ``clean`` success stale: milliseconds per cascade (median, max);
+- retention: with ``--history`` superseded records per ``raw`` partition as well,
+  ``rt.prune()`` under ``fs.Retention(keep_last=0)`` deletes them all: seconds, and
+  microseconds per record deleted.
+
+The cost of one cascade should not depend on the size of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any
+
+import anyio
+
+from .postgres import _admin, _fresh_database
+from .report import emit
+
+_INSERT = """
+INSERT INTO flowstone_materializations (id, tenant_id, asset_name, partition, run_id, status, upstream_assets,
+    upstream_partitions, metadata, inserted_at, updated_at)
+SELECT gen_random_uuid(), '', $1, to_char(date '2000-01-01' + i, 'YYYY-MM-DD'), gen_random_uuid(), $2,
+       $3::text[], CASE WHEN $3::text[] = '{}' THEN '{}'::jsonb
+                        ELSE jsonb_build_object('raw', jsonb_build_array(to_char(date '2000-01-01' + i, 'YYYY-MM-DD')))
+                   END,
+       '{}', now(), now()
+FROM generate_series(0, $4 - 1) i
+"""
+
+
+async def _fill(admin_dsn: str, database: str, size: int, history: int) -> None:
+    import asyncpg
+
+    head = admin_dsn.rpartition("/")[0]
+    connection = await asyncpg.connect(f"{head}/{database}")
+    try:
+        for _ in range(history):
+            await connection.execute(_INSERT, "raw", "superseded", [], size)
+        await connection.execute(_INSERT, "raw", "success", [], size)
+        await connection.execute(_INSERT, "clean", "success", ["raw"], size)
+        await connection.execute("ANALYZE")
+    finally:
+        await connection.close()
+
+
+async def _measure(dsn: str, size: int, samples: int) -> dict[str, Any]:
+    from datetime import date, timedelta
+
+    import flowstone as fs
+
+    days = [(date(2000, 1, 1) + timedelta(days=size * n // samples)).isoformat() for n in range(samples)]
+    async with fs.store.PostgresStore(dsn) as store:
+        await store.mark_stale("raw", days[0])  # the pool opened, the statement prepared
+        times = []
+        for day in days[1:]:
+            start = time.perf_counter()
+            await store.mark_stale("raw", day)
+            times.append(1000 * (time.perf_counter() - start))
+        stale = len(await store.list_by_status(fs.Status.STALE, limit=samples + 1))
+        pipeline = fs.Pipeline("cascade")
+        pipeline.add(fs.Asset(name="raw", execute_fn=lambda ctx, deps: 1, partitioned_by=fs.DailyPartitions(
+            start=date(2000, 1, 1)), retention=fs.Retention(keep_last=0)))
+        async with fs.open_runtime(pipeline, store=store) as rt:
+            start = time.perf_counter()
+            deleted = (await rt.prune())["raw"]
+            pruned = time.perf_counter() - start
+    return {"times": times, "stale": stale, "deleted": deleted, "pruned": pruned}
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    from flowstone.testing.postgres import TemporaryPostgres
+
+    parser = argparse.ArgumentParser(prog="python -m stress cascade", description=__doc__)
+    parser.add_argument("--dsn", default=os.environ.get("FLOWSTONE_BENCH_DSN"),
+                        help="a superuser dsn of a server to use instead of a throwaway cluster")
+    parser.add_argument("--sizes", default="1000,100000", help="partitions per asset, comma-separated")
+    parser.add_argument("--samples", type=int, default=50, help="cascades timed per size")
+    parser.add_argument("--history", type=int, default=2, help="superseded records per raw partition")
+    args = parser.parse_args(argv)
+    cluster = None if args.dsn else TemporaryPostgres(fsync=True).start()
+    admin_dsn = args.dsn or cluster.dsn()
+    rows = []
+    try:
+        for size in (int(s) for s in args.sizes.split(",")):
+            name = f"flowstone_bench_cascade_{size}"
+            dsn = anyio.run(_fresh_database, admin_dsn, name)
+            try:
+                anyio.run(_fill, admin_dsn, name, size, args.history)
+                found = anyio.run(_measure, dsn, size, args.samples)
+            finally:
+                anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            if found["stale"] != args.samples:
+                raise SystemExit(f"{found['stale']} stale records after {args.samples} cascades")
+            times = found["times"]
+            rows.append({
+                "records": size * (2 + args.history), "partitions": size,
+                "cascade_median_ms": round(statistics.median(times), 2), "cascade_max_ms": round(max(times), 2),
+                "pruned": found["deleted"], "prune_s": round(found["pruned"], 2),
+                "prune_us_per_record": round(1e6 * found["pruned"] / max(found["deleted"], 1), 1),
+            })
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    return emit("cascade", rows, {k: v for k, v in vars(args).items() if k != "dsn"})

@@ -121,3 +121,28 @@ async def test_the_partition_states_table_is_filled_from_the_records_already_the
         assert await store.partition_states("a") == {"1": fs.Status.SUCCESS, None: fs.Status.RUNNING}
         await store.create(asset_name="a", partition="1", status=fs.Status.FAILED)  # the triggers are back
         assert (await store.partition_states("a"))["1"] is fs.Status.FAILED
+
+
+async def test_the_reads_table_is_filled_from_the_successes_already_there(anyio_backend, tmp_path):
+    """Schema version 10 keeps what each success read in a table of its own (the stale
+    cascade finds readers there); a store made before it gets it filled when it migrates."""
+    path = tmp_path / "old.db"
+    async with SqliteStore(path) as store:
+        async def success(name, key, reads):
+            record = await store.create(asset_name=name, partition=key, status=fs.Status.RUNNING,
+                                        upstream_assets=tuple(reads), upstream_partitions=reads)
+            return await store.complete(record, fs.Status.SUCCESS)
+
+        await success("raw", None, {})
+        clean = await success("clean", "1", {"raw": (None,)})
+        report = await success("report", None, {"clean": ("1", "2")})
+    with sqlite3.connect(path) as db:  # as a store of schema version 9 had it
+        db.execute("DROP TRIGGER flowstone_reads_insert")
+        db.execute("DROP TRIGGER flowstone_reads_update")
+        db.execute("DROP TABLE flowstone_reads")
+        db.execute("DELETE FROM flowstone_schema_migrations WHERE version = 10")
+    async with SqliteStore(path) as store:
+        assert await store.migrate() == [10]
+        await store.mark_stale("raw", None)
+        assert (await store.get_by_id(clean.id)).status is fs.Status.STALE
+        assert (await store.get_by_id(report.id)).status is fs.Status.STALE

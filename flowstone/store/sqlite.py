@@ -872,12 +872,13 @@ def _mark_stale(c: sqlite3.Connection, tenant: str, asset_name: str, partition: 
     seen = set(queue)
     while queue:
         asset, key = queue.pop()
-        rows = c.execute(
-            f"""UPDATE {_TABLE} AS m SET status = 'stale', updated_at = ?
-                WHERE tenant_id = ? AND status = 'success' AND EXISTS (
-                    SELECT 1 FROM json_each(m.upstream_partitions, ?) AS k WHERE k.value IS ?)
+        rows = c.execute(  # its readers, found through the reads table (schema version 10)
+            f"""UPDATE {_TABLE} SET status = 'stale', updated_at = ?
+                WHERE seq IN (SELECT reader FROM flowstone_reads
+                              WHERE tenant_id = ? AND asset_name = ? AND partition = coalesce(?, char(0)))
+                  AND status = 'success'
                 RETURNING asset_name, partition""",
-            (now, tenant, f'$."{asset}"', key),
+            (now, tenant, asset, key),
         ).fetchall()
         for found in rows:
             if (found[0], found[1]) not in seen:

@@ -155,6 +155,34 @@ MIGRATIONS: tuple[tuple[int, str | tuple[str, ...]], ...] = (
               AND partition = coalesce(NEW.partition, char(0)) AND seq = NEW.seq;
         END""",
     )),
+    # What each success read (upstream asset, partition; char(0) for "no partition"),
+    # kept by triggers: the stale cascade finds readers through an index instead of
+    # reading every success's lineage.
+    (10, (
+        """CREATE TABLE flowstone_reads (
+            tenant_id TEXT NOT NULL,
+            asset_name TEXT NOT NULL,
+            partition TEXT NOT NULL,
+            reader INTEGER NOT NULL
+        )""",
+        "CREATE INDEX flowstone_reads_read ON flowstone_reads (tenant_id, asset_name, partition)",
+        "CREATE INDEX flowstone_reads_reader ON flowstone_reads (reader)",
+        """INSERT INTO flowstone_reads
+            SELECT m.tenant_id, r.key, coalesce(k.value, char(0)), m.seq
+            FROM flowstone_materializations m, json_each(m.upstream_partitions) r, json_each(r.value) k
+            WHERE m.status = 'success'""",
+        """CREATE TRIGGER flowstone_reads_insert AFTER INSERT ON flowstone_materializations
+           WHEN NEW.status = 'success' BEGIN
+            INSERT INTO flowstone_reads SELECT NEW.tenant_id, r.key, coalesce(k.value, char(0)), NEW.seq
+                FROM json_each(NEW.upstream_partitions) r, json_each(r.value) k;
+        END""",
+        """CREATE TRIGGER flowstone_reads_update AFTER UPDATE OF status ON flowstone_materializations
+           WHEN OLD.status IS NOT NEW.status AND 'success' IN (OLD.status, NEW.status) BEGIN
+            DELETE FROM flowstone_reads WHERE reader = OLD.seq AND OLD.status = 'success';
+            INSERT INTO flowstone_reads SELECT NEW.tenant_id, r.key, coalesce(k.value, char(0)), NEW.seq
+                FROM json_each(NEW.upstream_partitions) r, json_each(r.value) k WHERE NEW.status = 'success';
+        END""",
+    )),
 )
 """(version, SQL): a script of statements ending in ";", or a tuple of statements (for
 those holding ";" themselves, as triggers do). Append only: a shipped migration never

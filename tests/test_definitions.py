@@ -62,7 +62,7 @@ def test_asset_has_every_spec_field():
     assert fields == [
         "name", "description", "depends_on", "io_manager", "io_config", "partitioned_by",
         "execute_fn", "requires", "metadata", "tags", "code_version", "requires_approval",
-        "retry", "max_concurrency", "timeout", "executor", "automation", "module", "line",
+        "retry", "max_concurrency", "timeout", "executor", "automation", "retention", "module", "line",
     ]
 
 

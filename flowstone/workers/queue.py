@@ -32,6 +32,7 @@ from ..errors import DatabaseError, DatabaseUnavailable, FlowstoneError, Materia
 from ..partitions import serialize_partition
 from ..plumbing.bridge import Bridge, LoopBound
 from ..runtime.backfill import BackfillSpec, Runner
+from ..store.records import Status
 
 __all__ = [
     "ATTEMPTS", "HEARTBEAT_SECONDS", "POLL_SECONDS", "QUEUE", "RECONCILE_SECONDS", "SCHEMA", "STALLED_SECONDS",
@@ -372,8 +373,6 @@ class _Sending:
         upstream asset it needed raises, with that record's error. A run that left no
         record (but orphans) found everything up to date; without a current success
         either, the job never ran (it was lost): False, to send it again."""
-        from ..store.records import Status
-
         spec = self.spec
         records = await self.store.get_by_run_id(run)
         mine = [r for r in records if r.asset_name == spec.asset and r.partition == key]

@@ -1,6 +1,7 @@
 """The stale cascade and retention at growing record counts (issue #18).
 
-On a throwaway PostgreSQL cluster (fsync on) or ``--dsn``, for each of ``--sizes``:
+On a throwaway PostgreSQL cluster (fsync on) or ``--dsn`` (``--store sqlite``: the
+embedded store, in a temporary folder), for each of ``--sizes``:
 ``raw`` and ``clean`` (which reads ``raw`` of the same day) get that many daily
 partitions of success records, written in bulk (the figures are about reading them
 back, not writing them). Then:
@@ -54,13 +55,37 @@ async def _fill(admin_dsn: str, database: str, size: int, history: int) -> None:
         await connection.close()
 
 
-async def _measure(dsn: str, size: int, samples: int) -> dict[str, Any]:
+def _fill_sqlite(path: str, size: int, history: int) -> None:
+    import json
+    import sqlite3
+    import uuid
+    from datetime import date, datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc).isoformat()
+    days = [(date(2000, 1, 1) + timedelta(days=i)).isoformat() for i in range(size)]
+
+    def rows(asset: str, status: str, reads: bool) -> Any:
+        for day in days:
+            yield (str(uuid.uuid4()), asset, day, str(uuid.uuid4()), status, '["raw"]' if reads else "[]",
+                   json.dumps({"raw": [day]}) if reads else "{}", now, now)
+
+    with sqlite3.connect(path) as db:
+        for asset, status, reads in [("raw", "superseded", False)] * history + [
+                ("raw", "success", False), ("clean", "success", True)]:
+            db.executemany(
+                "INSERT INTO flowstone_materializations (id, tenant_id, asset_name, partition, run_id, status, "
+                "upstream_assets, upstream_partitions, metadata, inserted_at, updated_at) "
+                "VALUES (?, '', ?, ?, ?, ?, ?, ?, '{}', ?, ?)", rows(asset, status, reads))
+        db.execute("ANALYZE")
+
+
+async def _measure(store: Any, size: int, samples: int) -> dict[str, Any]:
     from datetime import date, timedelta
 
     import flowstone as fs
 
     days = [(date(2000, 1, 1) + timedelta(days=size * n // samples)).isoformat() for n in range(samples)]
-    async with fs.store.PostgresStore(dsn) as store:
+    async with store:
         await store.mark_stale("raw", days[0])  # the pool opened, the statement prepared
         times = []
         for day in days[1:]:
@@ -87,24 +112,28 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--sizes", default="1000,100000", help="partitions per asset, comma-separated")
     parser.add_argument("--samples", type=int, default=50, help="cascades timed per size")
     parser.add_argument("--history", type=int, default=2, help="superseded records per raw partition")
+    parser.add_argument("--store", choices=["postgres", "sqlite"], default="postgres")
     args = parser.parse_args(argv)
-    cluster = None if args.dsn else TemporaryPostgres(fsync=True).start()
-    admin_dsn = args.dsn or cluster.dsn()
+    cluster = None if args.dsn or args.store == "sqlite" else TemporaryPostgres(fsync=True).start()
+    admin_dsn = args.dsn or (cluster.dsn() if cluster is not None else "")
     rows = []
     try:
         for size in (int(s) for s in args.sizes.split(",")):
-            name = f"flowstone_bench_cascade_{size}"
-            dsn = anyio.run(_fresh_database, admin_dsn, name)
-            try:
-                anyio.run(_fill, admin_dsn, name, size, args.history)
-                found = anyio.run(_measure, dsn, size, args.samples)
-            finally:
-                anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            if args.store == "sqlite":
+                found = _on_sqlite(size, args)
+            else:
+                name = f"flowstone_bench_cascade_{size}"
+                dsn = anyio.run(_fresh_database, admin_dsn, name)
+                try:
+                    anyio.run(_fill, admin_dsn, name, size, args.history)
+                    found = anyio.run(_measure, _postgres(dsn), size, args.samples)
+                finally:
+                    anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
             if found["stale"] != args.samples:
                 raise SystemExit(f"{found['stale']} stale records after {args.samples} cascades")
             times = found["times"]
             rows.append({
-                "records": size * (2 + args.history), "partitions": size,
+                "store": args.store, "records": size * (2 + args.history), "partitions": size,
                 "cascade_median_ms": round(statistics.median(times), 2), "cascade_max_ms": round(max(times), 2),
                 "pruned": found["deleted"], "prune_s": round(found["pruned"], 2),
                 "prune_us_per_record": round(1e6 * found["pruned"] / max(found["deleted"], 1), 1),
@@ -113,3 +142,27 @@ def run(argv: list[str]) -> dict[str, Any]:
         if cluster is not None:
             cluster.stop()
     return emit("cascade", rows, {k: v for k, v in vars(args).items() if k != "dsn"})
+
+
+def _postgres(dsn: str) -> Any:
+    import flowstone as fs
+
+    return fs.store.PostgresStore(dsn)
+
+
+def _on_sqlite(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    import flowstone as fs
+
+    with tempfile.TemporaryDirectory(prefix="flowstone-cascade-") as folder:
+        path = str(Path(folder) / "flowstone.db")
+
+        async def migrate() -> None:
+            async with fs.store.SqliteStore(path) as store:
+                await store.migrate()
+
+        anyio.run(migrate)
+        _fill_sqlite(path, size, args.history)
+        return anyio.run(_measure, fs.store.SqliteStore(path), size, args.samples)

@@ -200,3 +200,11 @@ def test_processes_scenario_computes_each_partition_once_across_processes(pg_ser
     single, shared = record["rows"]
     assert single["computed_by_each"] == [60]
     assert shared["computed"] == 60 and len(shared["computed_by_each"]) == 2
+
+
+def test_cascade_scenario_times_cascades_and_a_prune_on_both_databases(pg_server):
+    for store in (["--store", "sqlite"], ["--dsn", pg_server.admin]):
+        result = run_stress("cascade", *store, "--sizes", "200", "--samples", "5", "--history", "1")
+        assert result.returncode == 0, result.stderr
+        [row] = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+        assert row["cascade_median_ms"] > 0 and row["pruned"] == 200 - 5  # the stale ones' reads are spared

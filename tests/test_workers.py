@@ -575,3 +575,9 @@ async def test_a_job_refused_by_every_worker_fails_its_partition_after_three_tri
     [(key, message)] = status.errors
     assert key == "2026-01-02" and "failed or was lost in the queue 3 times" in message
     assert await anyio.to_thread.run_sync(run_sync, _queue_rows, pg_database.admin_dsn) == []  # withdrawn
+
+
+async def test_a_queue_never_made_is_a_clear_error(anyio_backend, pg_database):
+    async with Queue(pg_database.dsn) as queue:
+        with pytest.raises(fs.DatabaseError, match="migrate_queue"):
+            await queue.states([1])

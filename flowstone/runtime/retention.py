@@ -1,8 +1,8 @@
 """Retention: deleting the history records the assets' ``fs.Retention`` no longer keeps.
 
-``prune(store, assets, default)`` runs, for each asset whose retention (its own, else
-``default``) limits anything, ``store.prune`` in batches until nothing is left to
-delete, and returns how many records went per asset, in the caller's tenant.
+``prune(store, limited(assets, default))`` runs, for each asset whose retention (its
+own, else ``default``) limits anything, ``store.prune`` in batches until nothing is
+left to delete, and returns how many records went per asset, in the caller's tenant.
 
 What a current record was built from is never deleted. A current ``success`` was
 built from its upstream partitions' current records (a newer upstream success would
@@ -27,7 +27,7 @@ from ..definitions import Asset, Retention
 from ..plumbing.clock import utcnow
 from ..store.records import Status
 
-__all__ = ["BATCH", "STALE_LIMIT", "prune"]
+__all__ = ["BATCH", "STALE_LIMIT", "limited", "prune"]
 
 log = logging.getLogger("flowstone.retention")
 
@@ -40,14 +40,19 @@ STALE_LIMIT = 100_000
 PAIRS_PER_LOOKUP = 1_000
 
 
+def limited(assets: Iterable[Asset], default: Retention | None = None) -> list[tuple[Asset, Retention]]:
+    """Each asset whose retention (its own, else ``default``) deletes anything, with it."""
+    return [(asset, policy) for asset in assets
+            if (policy := asset.retention or default) is not None and policy.limited]
+
+
 async def prune(
-    store: Any, assets: Iterable[Asset], default: Retention | None = None, *, now: datetime | None = None,
+    store: Any, chosen: Iterable[tuple[Asset, Retention]], *, now: datetime | None = None,
 ) -> dict[str, int]:
-    """Delete what each asset's retention no longer keeps; records deleted per asset
-    (assets whose retention keeps everything are left out)."""
+    """Delete what each of the ``chosen`` assets' retention (``limited``) no longer
+    keeps; records deleted per asset."""
     now = now or utcnow()
-    chosen = [(asset, policy) for asset in assets if (policy := asset.retention or default) is not None
-              and policy.limited]
+    chosen = list(chosen)
     if not chosen:
         return {}
     spared = await _spared(store)

@@ -325,11 +325,10 @@ class Runtime:
         unfinished records and what a stale record was built from stay. Raises
         ``AccessDenied`` (the guard refuses ``materialize`` on one of those assets)
         before anything is deleted."""
-        assets = (await self._snapshot()).graph.assets
-        limited = [a for a in assets if (policy := a.retention or self._retention) is not None and policy.limited]
-        for asset in limited:
+        chosen = retention.limited((await self._snapshot()).graph.assets, self._retention)
+        for asset, _policy in chosen:
             await authorize(self._guard, "materialize", asset, {**(context or {}), "tenant": current_tenant()})
-        return await retention.prune(self._env.store, limited, self._retention)
+        return await retention.prune(self._env.store, chosen)
 
     # ------------------------------------------------------------- backfills
 

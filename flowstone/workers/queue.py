@@ -167,7 +167,7 @@ class Queue:
             return await fn(await self._app.get(), *args)
         except ConnectorException as error:
             cause = error.__cause__
-            if type(cause).__name__ == "UndefinedTable":
+            if isinstance(cause, psycopg.errors.UndefinedTable):
                 raise DatabaseError(f"the work queue ({SCHEMA}) is not there: create it with "
                                     "flowstone.workers.queue.migrate_queue(owner_dsn, grant_to=[role])") from error
             raise DatabaseUnavailable(f"the work queue: {cause or error}") from error

@@ -531,6 +531,36 @@ async def test_max_concurrency_queues_partitions_beyond_the_limit(anyio_backend)
 # ------------------------------------------------------------- cancellation
 
 
+async def test_a_lease_granted_to_a_caller_that_left_goes_to_the_next_caller(anyio_backend):
+    # A caller cancelled between posting its request and the executor's answer
+    # cannot run the partition nor hand the lease back: the executor must see that,
+    # or every later caller of that partition would wait on a flight nobody flies.
+    from flowstone.actors.mailbox import open_mailbox
+    from flowstone.runtime.executor import Finished, Lease, Stats, Submit, executor_actor
+
+    handle, send, receive = open_mailbox("executor:a")
+    with send, receive:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(executor_actor(fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)), receive)
+            gone = await handle.request(Submit, tenant=None, key="k")
+            gone.discard()  # cancelled before the executor answered
+            leader = await handle.request(Submit, tenant=None, key="k")
+            with anyio.fail_after(5):
+                lease = await leader.result()
+            assert isinstance(lease, Lease)
+            # The same when the lease is passed on: the leader gives up, the first
+            # follower has left, the second one gets it.
+            left, staying = [await handle.request(Submit, tenant=None, key="k") for _ in range(2)]
+            assert (await handle.call(Stats)).followers == 2
+            left.discard()
+            await handle.cast(Finished(tenant=None, key="k", token=lease.token, result=None))
+            with anyio.fail_after(5):
+                assert isinstance(await staying.result(), Lease)
+            stats = await handle.call(Stats)
+            assert (stats.in_flight, stats.followers) == (1, 0)
+            send.close()
+
+
 async def test_cancelling_a_caller_records_its_job_cancelled(anyio_backend):
     started = anyio.Event()
 

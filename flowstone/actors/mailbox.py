@@ -66,28 +66,64 @@ class Outcome(Generic[T]):
         return self.value
 
 
-@attrs.frozen(eq=False)
+class _Slot:
+    """Where one answer goes: written once by the actor, read once by the caller.
+    The caller waits on ``event`` only when the answer has not come yet."""
+
+    __slots__ = ("done", "event", "left", "outcome")
+
+    def __init__(self) -> None:
+        self.outcome: Outcome[Any] | None = None
+        self.done = False
+        """Answered, or closed without an answer (the caller sees ``ActorCrashed``)."""
+        self.left = False
+        """The caller stopped listening: an answer now goes nowhere."""
+        self.event: anyio.Event | None = None
+
+
 class Reply:
-    """The actor's end of a one-shot reply stream. Used once; closes itself."""
+    """The actor's end of a one-shot answer: used once; later uses do nothing.
 
-    _send: MemoryObjectSendStream[Outcome[Any]]
+    ``resolve`` says whether the caller got the answer: a caller that left (it was
+    cancelled) gets nothing, and an actor that handed it something to give back
+    (a lease) must take it back itself."""
 
-    def resolve(self, value: Any) -> None:
-        self._deliver(Outcome(value=value))
+    __slots__ = ("_slot",)
 
-    def fail(self, error: BaseException) -> None:
-        self._deliver(Outcome(error=error))
+    def __init__(self, slot: _Slot) -> None:
+        self._slot = slot
 
-    def _deliver(self, outcome: Outcome[Any]) -> None:
-        with self._send:
-            try:
-                self._send.send_nowait(outcome)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # the caller stopped waiting (cancelled); nobody to tell
+    def resolve(self, value: Any) -> bool:
+        return self._deliver(Outcome(value=value))
+
+    def fail(self, error: BaseException) -> bool:
+        return self._deliver(Outcome(error=error))
+
+    def _deliver(self, outcome: Outcome[Any]) -> bool:
+        slot = self._slot
+        if slot.done:
+            return False
+        slot.done = True
+        if slot.left:
+            return False  # the caller stopped waiting (cancelled); nobody to tell
+        slot.outcome = outcome
+        if slot.event is not None:
+            slot.event.set()
+        return True
 
     def close(self) -> None:
         """Close without an answer: the waiting caller sees the actor as crashed."""
-        self._send.close()
+        slot = self._slot
+        if not slot.done:
+            slot.done = True
+            if slot.event is not None:
+                slot.event.set()
+
+    @property
+    def delivered(self) -> Any:
+        """The value the caller was given (``None`` when none, or an error)."""
+        outcome = self._slot.outcome
+        return None if outcome is None else outcome.value
 
 
 @attrs.frozen(kw_only=True)
@@ -137,16 +173,15 @@ class Handle:
         Lets a caller ask several actors at once and pay one event-loop turn for
         all the answers instead of one turn each.
         """
-        send, receive = anyio.create_memory_object_stream[Outcome[Any]](1)
-        reply = Reply(send)
+        slot = _Slot()
+        reply = Reply(slot)
         make: Callable[..., Message[R]] = message_type  # the reply is the one field callers do not give
         try:
             await self._post(make(*args, reply=reply, **fields))
         except BaseException:
-            send.close()
-            receive.close()
+            slot.left = True
             raise
-        return PendingCall(self.name, reply, receive)
+        return PendingCall(self.name, reply, slot)
 
     async def cast(self, message: Message) -> None:
         """Send without waiting for an answer (no yield while the mailbox has room)."""
@@ -179,52 +214,52 @@ class Handle:
 class PendingCall(Generic[R]):
     """A request already posted; its answer is read once, or the request handed back.
 
-    Owns the receiving end of the reply stream: either :meth:`result` or
-    :meth:`abandon` must be called, once.
+    Either :meth:`result` or :meth:`abandon` must be called, once.
     """
 
-    __slots__ = ("_actor", "_receive", "_reply")
+    __slots__ = ("_actor", "_reply", "_slot")
 
-    def __init__(self, actor: str, reply: Reply, receive: MemoryObjectReceiveStream[Outcome[Any]]) -> None:
+    def __init__(self, actor: str, reply: Reply, slot: _Slot) -> None:
         self._actor = actor
         self._reply = reply
-        self._receive = receive
+        self._slot = slot
 
     async def result(
         self, on_cancel: Callable[[Reply, Outcome[Any] | None], Awaitable[None]] | None = None
     ) -> R:
         """The answer; no yield at all when it has already arrived."""
-        with self._receive:
+        slot = self._slot
+        if not slot.done:
+            slot.event = event = anyio.Event()
             try:
-                outcome = self._receive.receive_nowait()
-            except anyio.WouldBlock:
-                try:
-                    outcome = await self._receive.receive()
-                except anyio.EndOfStream:
-                    raise ActorCrashed(self._actor) from None
-                except anyio.get_cancelled_exc_class():
-                    if on_cancel is not None:
-                        await self._tell(on_cancel)
-                    raise
-            except anyio.EndOfStream:
-                raise ActorCrashed(self._actor) from None
+                await event.wait()
+            except anyio.get_cancelled_exc_class():
+                if on_cancel is not None:
+                    await self._tell(on_cancel)
+                else:
+                    slot.left = True
+                raise
+        slot.left = True
+        outcome = slot.outcome
+        if outcome is None:
+            raise ActorCrashed(self._actor)
         value: R = outcome.unwrap()
         return value
 
     def discard(self) -> None:
         """Stop listening for the answer, telling the actor nothing (idempotent)."""
-        self._receive.close()
+        self._slot.left = True
 
     async def abandon(self, on_abandon: Callable[[Reply, Outcome[Any] | None], Awaitable[None]]) -> None:
         """The answer will not be used: let the actor know (shielded, bounded)."""
-        with self._receive:
-            await self._tell(on_abandon)
+        await self._tell(on_abandon)
 
     async def _tell(self, hook: Callable[[Reply, Outcome[Any] | None], Awaitable[None]]) -> None:
-        try:
-            late: Outcome[Any] | None = self._receive.receive_nowait()
-        except (anyio.WouldBlock, anyio.EndOfStream):
-            late = None
+        """Stop listening, then give ``hook`` the answer that came (``late``) or None:
+        an answer that comes after this goes nowhere, and the actor sees that."""
+        slot = self._slot
+        late = slot.outcome
+        slot.left = True
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
             await hook(self._reply, late)
 

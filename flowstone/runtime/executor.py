@@ -206,13 +206,23 @@ class _Gate:
         elif self.slots is not None and len(self.flights) >= self.slots:
             self.queue.append((key, message.reply))
         else:
-            return self.lease(key)
+            self.grant(key, message.reply)
         return DEFERRED
 
     def lease(self, key: FlightKey, followers: list[Reply] | None = None) -> Lease:
         flight = _Flight(next(self.tokens), followers or [])
         self.flights[key] = flight
         return Lease(flight.token)
+
+    def grant(self, key: FlightKey, reply: Reply, followers: list[Reply] | None = None) -> None:
+        """Lease ``key`` to ``reply``'s caller. A caller that left meanwhile (it was
+        cancelled) cannot run it or give it back: the next follower gets it, and
+        with none left the flight ends here."""
+        while not reply.resolve(self.lease(key, followers)):
+            flight = self.flights.pop(key)
+            if not flight.followers:
+                return
+            reply, *followers = flight.followers
 
     def finished(self, message: Finished) -> None:
         key = (message.tenant, message.key)
@@ -226,10 +236,10 @@ class _Gate:
         del self.flights[key]
         if message.result is None and flight.followers:
             promoted, *rest = flight.followers  # the leader was cancelled: the next one runs it
-            promoted.resolve(self.lease(key, rest))
-            return None
-        for follower in flight.followers:
-            follower.resolve(message.result)
+            self.grant(key, promoted, rest)
+        else:
+            for follower in flight.followers:
+                follower.resolve(message.result)
         self.grant_queued()
         return None
 
@@ -240,7 +250,7 @@ class _Gate:
             if flight is not None:
                 flight.followers.append(reply)
             else:
-                reply.resolve(self.lease(key))
+                self.grant(key, reply)
 
     def detach(self, message: Detach) -> None:
         key = (message.tenant, message.key)

@@ -29,6 +29,7 @@ from ..errors import DefinitionError, FlowstoneError, InvalidPartition, Material
 from ..guards import Guard, authorize
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
+from ..plumbing.ids import new_uuid
 from ..store.leases import FinishedElsewhere, LeaseHeld
 from ..store.records import Materialization, Status
 from . import tracing
@@ -230,7 +231,7 @@ async def execute_run(
     the store round trip for the pairs it covers.
     """
     tracer = env.tracing.tracer() if env.tracing is not None else None
-    run_id = run_id or uuid.uuid4()
+    run_id = run_id or new_uuid()
     if tracer is None:
         return await _execute_run(snapshot, env, guard, request, tenant, run_id, nodes, prefetched)
     with tracer.start_as_current_span(

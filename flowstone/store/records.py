@@ -15,6 +15,7 @@ from ..definitions import FieldError
 from ..errors import DefinitionError, InvalidTransition, NotFound
 from ..identifiers import check_identifier
 from ..partitions import serialize_partition
+from ..plumbing.ids import new_uuid
 from ..plumbing.jsonvalues import storable_text, text_problem
 
 __all__ = [
@@ -184,8 +185,8 @@ def new_record(fields: Mapping[str, Any], tenant: str | None, now: datetime) -> 
     if "asset_name" not in values:
         _bad_fields(["asset_name"], frozenset(), "create() without it: asset_name is required")
     check_identifier(values["asset_name"], "asset_name")
-    values["id"] = parse_id(values["id"]) if "id" in values else uuid.uuid4()
-    values["run_id"] = parse_id(values["run_id"], "run") if "run_id" in values else uuid.uuid4()
+    values["id"] = parse_id(values["id"]) if "id" in values else new_uuid()
+    values["run_id"] = parse_id(values["run_id"], "run") if "run_id" in values else new_uuid()
     values["status"] = to_status(values.get("status", Status.PENDING))
     partition = values.get("partition")
     values["partition"] = partition if partition is None or type(partition) is str else serialize_partition(partition)

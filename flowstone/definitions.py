@@ -9,6 +9,7 @@ compile error (docs/adr/0001).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -227,7 +228,17 @@ def executor_of(asset: Asset) -> str:
     ``async def`` and ``"thread"`` for a plain function."""
     if asset.executor is not None:
         return asset.executor
-    return "async" if inspect.iscoroutinefunction(asset.execute_fn) else "thread"
+    try:
+        return _function_kind(asset.execute_fn)
+    except TypeError:  # an unhashable callable object
+        return "async" if inspect.iscoroutinefunction(asset.execute_fn) else "thread"
+
+
+@functools.lru_cache(maxsize=4096)
+def _function_kind(fn: Any) -> str:
+    """``executor_of`` a function without ``executor=``: worked out once per function
+    (every materialization asks)."""
+    return "async" if inspect.iscoroutinefunction(fn) else "thread"
 
 
 def _executor_problem(asset: Asset) -> str | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import nullcontext
 from datetime import datetime
 from typing import Any, Protocol
@@ -78,10 +78,11 @@ MAX_CHUNK = 16
 
 @attrs.frozen
 class Runner:
-    """How a backfill runs partitions: ``prefetch`` looks up a chunk's latest
-    successes in one round trip, ``run`` runs one partition with them."""
+    """How a backfill runs partitions: ``prefetch`` prepares a chunk at once (one
+    store round trip for its latest successes) and answers one entry per partition
+    (or None), ``run`` runs one partition with its entry."""
 
-    prefetch: Callable[[list[RunRequest]], Awaitable[Any]]
+    prefetch: Callable[[list[RunRequest]], Awaitable[Sequence[Any] | None]]
     run: Callable[[RunRequest, Any], Awaitable[Any]]
 
 
@@ -368,8 +369,8 @@ async def _worker(
             ahead = await runner.prefetch(requests)
         except FlowstoneError:
             ahead = None  # each run looks up for itself, and reports what is wrong
-        for partition, request in zip(chunk, requests, strict=True):
-            await _run_one(spec, progress, runner, partition, request, ahead)
+        for i, (partition, request) in enumerate(zip(chunk, requests, strict=True)):
+            await _run_one(spec, progress, runner, partition, request, None if ahead is None else ahead[i])
     while progress.deferred:
         partition = progress.deferred.pop()
         request = RunRequest(spec.asset, partition, spec.upstream, spec.force, spec.io, spec.context)

@@ -197,12 +197,18 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     )
     manager = env.io_managers[job.io_key]
     try:
-        deps = await _retry_transient(asset, ctx, "loading inputs", _load_inputs, job, env)
-        value = await _call_with_retry(asset, ctx, deps, env, job)
-        env.leases.check(lease)  # a process that took this partition over writes its value, not us
-        await _retry_transient(
-            asset, ctx, "storing the value", manager.store, asset.name, value, job.partition, job.io_config
-        )
+        if asset.retry is None:  # the common case, without the retrying layers
+            deps = await _load_inputs(job, env) if job.reads else {}
+            value = await _call(asset, ctx, deps, env, job)
+            env.leases.check(lease)  # a process that took this partition over writes its value, not us
+            await manager.store(asset.name, value, job.partition, job.io_config)
+        else:
+            deps = await _retry_transient(asset, ctx, "loading inputs", _load_inputs, job, env)
+            value = await _call_with_retry(asset, ctx, deps, env, job)
+            env.leases.check(lease)
+            await _retry_transient(
+                asset, ctx, "storing the value", manager.store, asset.name, value, job.partition, job.io_config
+            )
     except LeaseLost:
         raise
     except BaseException as error:

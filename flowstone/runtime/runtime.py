@@ -402,16 +402,20 @@ class Runtime:
     async def _start_backfill(self, spec: bf.BackfillSpec, snapshot: reg.Snapshot) -> None:
         env, guard, store, registry = self._env, self._guard, self._env.store, self._registry
 
-        async def prefetch(requests: list[RunRequest]) -> Prefetched:
+        async def prefetch(requests: list[RunRequest]) -> list[tuple[Any, Prefetched]]:
             """One store round trip for the "latest success" lookups of a chunk of
             partitions, instead of one per partition (only the pairs a single
-            partition reads: see ``Prefetched``)."""
-            uses = Counter(pair for request in requests for pair in set(lookup_pairs(plan(snapshot, request))))
+            partition reads: see ``Prefetched``); with each partition's plan, made
+            once for both."""
+            plans = [plan(snapshot, request) for request in requests]
+            uses = Counter(pair for nodes in plans for pair in set(lookup_pairs(nodes)))
             own = [pair for pair, count in uses.items() if count == 1]
-            return Prefetched(frozenset(own), await env.store.latest_successes(own))
+            found = Prefetched(frozenset(own), await env.store.latest_successes(own))
+            return [(nodes, found) for nodes in plans]
 
-        async def run(request: RunRequest, ahead: Prefetched | None) -> RunResult:
-            return await execute_run(snapshot, env, guard, request, spec.tenant, prefetched=ahead)
+        async def run(request: RunRequest, ahead: tuple[Any, Prefetched] | None) -> RunResult:
+            nodes, found = ahead if ahead is not None else (None, None)
+            return await execute_run(snapshot, env, guard, request, spec.tenant, nodes=nodes, prefetched=found)
 
         runner = bf.Runner(prefetch=prefetch, run=run)
         if spec.workers and self._queue is not None:

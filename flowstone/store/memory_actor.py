@@ -18,7 +18,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -48,8 +48,9 @@ Key = tuple[str | None, str, str | None]
 """(tenant, asset name, partition key)"""
 
 
-@attrs.define
-class StoredValue:
+class StoredValue(NamedTuple):
+    """A value and when it was stored, as ``GetValue(with_meta=True)`` answers."""
+
     value: Any
     updated_at: datetime
 
@@ -73,10 +74,16 @@ class MemoryData:
     latest: dict[Key, uuid.UUID] = attrs.field(factory=dict)
     latest_success: dict[Key, uuid.UUID] = attrs.field(factory=dict)
     by_tenant: dict[str | None, dict[uuid.UUID, None]] = attrs.field(factory=dict)
-    by_run: dict[tuple[str | None, uuid.UUID], list[uuid.UUID]] = attrs.field(factory=dict)
+    by_run: dict[tuple[str | None, int], uuid.UUID | list[uuid.UUID]] = attrs.field(factory=dict)
+    """Per (tenant, run id as an int), the run's record id, or a list of them once it
+    has several: a backfill's runs have one record each, and neither a list nor a key
+    holding a UUID object then stays behind for the garbage collector to walk."""
     by_status: dict[tuple[str | None, Status], dict[uuid.UUID, None]] = attrs.field(factory=dict)
     readers: dict[Key, set[uuid.UUID]] = attrs.field(factory=dict)
-    values: dict[Key, StoredValue] = attrs.field(factory=dict)
+    values: dict[Key, tuple[Any, datetime]] = attrs.field(factory=dict)
+    """(value, stored at) per partition: a plain tuple, which the garbage collector stops
+    walking once it sees plain data in it (a million stored values then cost nothing
+    at each full collection)."""
     backfills: dict[tuple[str | None, uuid.UUID], BackfillRow] = attrs.field(factory=dict)
     decisions: dict[tuple[str | None, uuid.UUID], tuple[bool, str | None]] = attrs.field(factory=dict)
     ticks: dict[tuple[str | None, str, datetime], Tick] = attrs.field(factory=dict)
@@ -424,7 +431,14 @@ class _Handlers:
         data.records[record.id] = record
         data.latest[key] = record.id
         data.by_tenant.setdefault(record.tenant_id, {})[record.id] = None
-        data.by_run.setdefault((record.tenant_id, record.run_id), []).append(record.id)
+        run_key = (record.tenant_id, record.run_id.int)
+        ids = data.by_run.get(run_key)
+        if ids is None:
+            data.by_run[run_key] = record.id
+        elif isinstance(ids, list):
+            ids.append(record.id)
+        else:
+            data.by_run[run_key] = [ids, record.id]
         data.by_status.setdefault((record.tenant_id, record.status), {})[record.id] = None
         if record.status in CURRENT:
             self._index_success(record)
@@ -533,11 +547,14 @@ class _Handlers:
         del data.records[record.id]
         data.by_tenant.get(tenant, {}).pop(record.id, None)
         data.by_status.get((tenant, record.status), {}).pop(record.id, None)
-        run = data.by_run.get((tenant, record.run_id))
-        if run is not None:
+        run_key = (tenant, record.run_id.int)
+        run = data.by_run.get(run_key)
+        if isinstance(run, list):
             run.remove(record.id)
             if not run:
-                del data.by_run[(tenant, record.run_id)]
+                del data.by_run[run_key]
+        elif run == record.id:
+            del data.by_run[run_key]
         for upstream, keys in record.upstream_partitions.items():
             for key in keys:
                 readers = data.readers.get((tenant, upstream, key))
@@ -564,8 +581,8 @@ class _Handlers:
         return self._get(m.tenant, m.id)
 
     def by_run(self, m: ByRun) -> list[Materialization]:
-        ids = self.data.by_run.get((m.tenant, m.run_id), [])
-        return [self.data.records[i] for i in ids]
+        ids = self.data.by_run.get((m.tenant, m.run_id.int), [])
+        return [self.data.records[i] for i in (ids if isinstance(ids, list) else [ids])]
 
     def by_status(self, m: ByStatus) -> list[Materialization]:
         ids = self.data.by_status.get((m.tenant, m.status), {})
@@ -639,13 +656,13 @@ class _Handlers:
     # values
 
     def put_value(self, m: PutValue) -> None:
-        self.data.values[(m.tenant, m.asset, m.partition)] = StoredValue(m.value, utcnow())
+        self.data.values[(m.tenant, m.asset, m.partition)] = (m.value, utcnow())
 
     def get_value(self, m: GetValue) -> Any:
         stored = self.data.values.get((m.tenant, m.asset, m.partition))
         if stored is None:
             raise NotFound("no stored value", asset=m.asset, partition=m.partition, tenant=m.tenant)
-        return stored if m.with_meta else stored.value
+        return StoredValue(*stored) if m.with_meta else stored[0]
 
     def drop_value(self, m: DropValue) -> None:
         self.data.values.pop((m.tenant, m.asset, m.partition), None)

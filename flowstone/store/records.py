@@ -94,10 +94,32 @@ def check_transition(current: Status, requested: Status, record: Materialization
         )
 
 
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_SHARED: dict[tuple[tuple[str, Any], ...], Mapping[str, Any]] = {}
+_SHARED_KEPT = 1024
+
+
 def _frozen(value: Any) -> Any:
+    """A read-only copy of a record's mapping. Records that say the same small thing
+    (no lineage; metadata naming the IO manager) share one copy: a store holding a
+    million records then holds one mapping for them, not a million, and the
+    garbage collector has that many fewer objects to walk."""
     if type(value) is MappingProxyType:
         return value  # already a read-only copy: records share it when they are copied
-    return MappingProxyType(dict(value)) if isinstance(value, Mapping) else value
+    if not isinstance(value, Mapping):
+        return value
+    if not value:
+        return _EMPTY
+    if len(value) <= 4 and all(type(v) in _PLAIN for v in value.values()):
+        items = tuple(value.items())
+        shared = _SHARED.get(items)
+        if shared is None:
+            if len(_SHARED) >= _SHARED_KEPT:
+                _SHARED.clear()
+            shared = _SHARED[items] = MappingProxyType(dict(items))
+        return shared
+    return MappingProxyType(dict(value))
 
 
 @attrs.frozen

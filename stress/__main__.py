@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import cascade, chaos, core, daemon, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, schedules, soak, sqlite, startup, web, workers
+from . import cascade, chaos, core, daemon, dagster, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, schedules, soak, sqlite, startup, web, workers
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
@@ -19,6 +19,7 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "chaos": (chaos.run, "backfills while actors die, IO fails, Postgres drops, S3 restarts; then an integrity check"),
     "core": (core.run, "planning cost (graph, order, layers, validate) and partition key throughput"),
     "daemon": (daemon.run, "flowstone daemon: idle CPU/RSS, tick latency, takeover after SIGKILL (issue #15)"),
+    "dagster": (dagster.run, "the same chains, fans and backfills in FlowStone and in Dagster, one run (--dagster-python)"),
     "dags": (load.run_dags, "a 1-1000-1 fan and a 500-asset chain, one materialize each"),
     "executors": (executors.run, "a CPU-bound 8-partition backfill with executor='thread' and 'process' (issue #12)"),
     "flights-dagster": (flights_dagster.run, "the flights main job in FlowStone and in Dagster (--dagster-python)"),

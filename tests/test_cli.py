@@ -223,6 +223,15 @@ def test_prune_deletes_the_history_beyond_the_retention_given(project):
     assert project.json("prune", "--max-age", "1d")["deleted"]["raw"] == 0
 
 
+def test_prune_with_a_max_age_deletes_finished_backfills_older_than_it(project):
+    assert project.run("backfill", "raw", "--from", "2024-01-01", "--to", "2024-01-02").returncode == 0
+    assert len(project.json("backfills")["backfills"]) == 1
+    assert project.json("prune", "--max-age", "1d")["finished_deleted"] == 0  # a second old: kept
+    assert project.json("prune", "--keep-last", "1")["finished_deleted"] == 0  # no max age: kept
+    assert project.json("prune", "--max-age", "0.001s")["finished_deleted"] == 1
+    assert project.json("backfills")["backfills"] == []
+
+
 # ------------------------------------------------------------------- errors
 
 

@@ -170,3 +170,24 @@ async def test_the_daemon_prunes_on_its_own(anyio_backend):
             await _history(rt, "raw", day, 2)  # and again, at its next look
             await until(pruned)
             stop.set()
+
+
+async def test_finished_backfills_and_ticks_follow_the_runtimes_max_age(anyio_backend):
+    from datetime import datetime, timezone
+
+    from flowstone.runtime import retention
+
+    later = datetime.now(timezone.utc) + timedelta(days=2)
+    async with fs.open_runtime(_pipeline(), retention=fs.Retention(max_age=timedelta(days=1))) as rt:
+        done = await rt.backfill("raw", partitions=[date(2026, 1, 1)])
+        await rt.wait_backfill(done)
+        at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        for tick in (at, at + timedelta(hours=1)):
+            assert await rt.store.claim_tick("hourly", tick, "me")
+            await rt.store.finish_tick("hourly", tick, "succeeded")
+        assert await rt.prune_finished() == 1  # the old tick; the backfill is younger than a day
+        assert [t.at for t in (await rt.store.last_ticks()).values()] == [at + timedelta(hours=1)]
+        assert await retention.prune_finished(rt.store, fs.Retention(keep_last=1), now=later) == 0  # no age
+        assert await retention.prune_finished(rt.store, None, now=later) == 0
+        assert await retention.prune_finished(rt.store, fs.Retention(max_age=timedelta(days=1)), now=later) == 1
+        assert await rt.store.list_backfills() == []

@@ -410,13 +410,17 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
 async def cmd_prune(args: argparse.Namespace) -> int:
     async with _runtime(args, retention=_retention(args)) as rt:
         deleted = await rt.prune()  # an entry per asset whose retention limits anything
+        finished = await rt.prune_finished()
     if args.json:
-        emit_json({"deleted": deleted})
-    elif not deleted:
+        emit_json({"deleted": deleted, "finished_deleted": finished})
+        return EXIT_OK
+    if not deleted:
         print("no retention anywhere: nothing to prune (give --keep-last N or --max-age AGE, or "
               "fs.asset(..., retention=fs.Retention(...)))")
     else:
         print(table(["asset", "history records deleted"], [[name, count] for name, count in deleted.items()]))
+    if args.max_age is not None:
+        print(f"finished backfills and schedule ticks deleted: {finished}")
     return EXIT_OK
 
 

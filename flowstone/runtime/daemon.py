@@ -269,6 +269,7 @@ async def _prune(rt: Any, interval: float) -> None:
     while True:
         if deleted := sum((await rt.prune()).values()):
             log.info("retention: %d history records deleted", deleted)
+        await rt.prune_finished()  # logs what it deleted
         await anyio.sleep(interval)
 
 

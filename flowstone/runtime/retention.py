@@ -14,6 +14,10 @@ partitions read (as their current records say). With more stale records than
 
 Values are not deleted: every IO manager keeps one value per partition, replaced by
 each success, so a history record has no value of its own (ADR 0024).
+
+``prune_finished(store, default)`` deletes, by the runtime-wide retention's
+``max_age``, finished backfills and schedule ticks, each schedule's newest tick
+aside (ADR 0026).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..definitions import Asset, Retention
 from ..plumbing.clock import utcnow
 from ..store.records import Status
 
-__all__ = ["BATCH", "STALE_LIMIT", "limited", "prune"]
+__all__ = ["BATCH", "STALE_LIMIT", "limited", "prune", "prune_finished"]
 
 log = logging.getLogger("flowstone.retention")
 
@@ -74,6 +78,24 @@ async def prune(
         if total:
             log.info("retention of %s: %d history records deleted", asset.name, total)
     return deleted
+
+
+async def prune_finished(store: Any, default: Retention | None, *, now: datetime | None = None) -> int:
+    """Delete the finished backfills and schedule ticks older than ``default.max_age``
+    (each schedule's newest tick stays), in batches; how many. Nothing without a
+    runtime-wide ``max_age``: how long to keep them is the runtime's call, not an asset's."""
+    if default is None or default.max_age is None:
+        return 0
+    before = (now or utcnow()) - default.max_age
+    total = 0
+    while True:
+        count = await store.prune_finished(before, limit=BATCH)
+        total += count
+        if count < BATCH:
+            break
+    if total:
+        log.info("retention: %d finished backfills and schedule ticks deleted", total)
+    return total
 
 
 async def _spared(store: Any) -> Mapping[str, frozenset[str | None]] | None:

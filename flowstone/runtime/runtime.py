@@ -330,6 +330,13 @@ class Runtime:
             await authorize(self._guard, "materialize", asset, {**(context or {}), "tenant": current_tenant()})
         return await retention.prune(self._env.store, chosen)
 
+    async def prune_finished(self) -> int:
+        """Delete, in the caller's tenant, the finished backfills and schedule ticks
+        older than the runtime's ``retention.max_age`` (each schedule's newest tick
+        stays: the scheduler goes on from it); how many. 0 when the runtime has no
+        ``retention`` with a ``max_age``."""
+        return await retention.prune_finished(self._env.store, self._retention)
+
     # ------------------------------------------------------------- backfills
 
     async def backfill(

@@ -28,6 +28,7 @@ from .records import (
     TERMINAL,
     Materialization,
     Status,
+    check_before,
     check_limit,
     check_retention,
     completed,
@@ -147,6 +148,10 @@ class MemoryStore(MemoryActorClient):
         keep_last, limit = check_retention(keep_last, limit)
         return await self.handle.call(m.Prune, tenant=current_tenant(), asset=asset_name, keep_last=keep_last,
                                       before=before, spare=frozenset(spare), limit=limit)
+
+    async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:
+        return await self.handle.call(m.PruneFinished, tenant=current_tenant(), before=check_before(before),
+                                      limit=check_retention(None, limit)[1])
 
     async def mark_stale(self, asset_name: str, partition: str | None) -> None:
         await self.handle.cast(m.MarkStale(tenant=current_tenant(), asset=asset_name, partition=partition))

@@ -162,6 +162,15 @@ class Prune(Message[int]):
 
 
 @attrs.frozen(kw_only=True)
+class PruneFinished(Message[int]):
+    """Delete finished backfills and schedule ticks (``MaterializationStore.prune_finished``)."""
+
+    tenant: str | None
+    before: datetime
+    limit: int
+
+
+@attrs.frozen(kw_only=True)
 class Latest(_AtKey[Materialization]):
     pass
 
@@ -410,6 +419,7 @@ class _Handlers:
             ClaimBackfill: self.claim_backfill,
             CloseOrphans: self.close_orphans,
             Prune: self.prune,
+            PruneFinished: self.prune_finished,
         }
 
     # records
@@ -685,6 +695,24 @@ class _Handlers:
             raise CancelRequested(f"backfill {str(m.id)!r}: a cancel was requested", tenant=m.tenant)
         self.data.backfills.pop(key, None)  # to the end: the most recently saved is last
         self.data.backfills[key] = BackfillRow(m.state, m.owner, self.data.now(), cancel=False)
+
+    def prune_finished(self, m: PruneFinished) -> int:
+        data = self.data
+        backfills = [key for key, row in data.backfills.items()
+                     if key[0] == m.tenant and row.heartbeat_at < m.before and row.saved.status.state != "running"]
+        backfills = backfills[: m.limit]
+        for key in backfills:
+            del data.backfills[key]
+        newest: dict[str, datetime] = {}  # each schedule's newest tick stays: the scheduler goes on from it
+        for tenant, schedule, at in data.ticks:
+            if tenant == m.tenant and (schedule not in newest or at > newest[schedule]):
+                newest[schedule] = at
+        ticks = [(tenant, schedule, at) for (tenant, schedule, at), tick in data.ticks.items()
+                 if tenant == m.tenant and at < m.before and at < newest[schedule] and tick.state != "running"]
+        ticks = ticks[: m.limit - len(backfills)]
+        for tick_key in ticks:
+            del data.ticks[tick_key]
+        return len(backfills) + len(ticks)
 
     def decide(self, m: Decide) -> Materialization:
         record = self._get(m.tenant, m.id)

@@ -63,6 +63,7 @@ from .records import (
     TRANSITIONS,
     Materialization,
     Status,
+    check_before,
     check_decidable,
     check_limit,
     check_retention,
@@ -181,6 +182,25 @@ _LOCK_LEASES = """SELECT fence FROM flowstone_leases WHERE tenant_id = $1 AND fe
 """Lease rows are locked in key order (the order of ``begin`` batches too), so two
 processes whose statements touch the same rows wait for each other and never
 deadlock: PostgreSQL breaks a deadlock only after ``deadlock_timeout`` (a second)."""
+
+_PRUNE_FINISHED = """
+WITH backfills AS (
+    DELETE FROM flowstone_backfills WHERE id IN (
+        SELECT id FROM flowstone_backfills
+        WHERE tenant_id = $1 AND state <> 'running' AND updated_at < $2
+        ORDER BY updated_at LIMIT $3)
+    RETURNING 1
+), ticks AS (
+    DELETE FROM flowstone_ticks WHERE (schedule, at, tenant_id) IN (
+        SELECT t.schedule, t.at, t.tenant_id FROM flowstone_ticks AS t
+        WHERE t.tenant_id = $1 AND t.state <> 'running' AND t.at < $2
+          AND t.at < (SELECT max(n.at) FROM flowstone_ticks AS n WHERE n.tenant_id = $1 AND n.schedule = t.schedule)
+        ORDER BY t.at LIMIT greatest($3 - (SELECT count(*) FROM backfills), 0))
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM backfills) + (SELECT count(*) FROM ticks)
+"""
+"""Finished backfills and ticks older than ``before``; each schedule's newest tick stays."""
 
 _PRUNE = f"""
 WITH history AS (
@@ -631,6 +651,11 @@ class PostgresStore(PostgresClient):
         keys = [key for key in spare if key is not None]
         deleted: int = await self.db.run(
             tenant, _fetchval, _PRUNE, tenant or "", asset_name, keep_last, before, keys, None in spare, limit)
+        return deleted
+
+    async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:
+        tenant, limit = current_tenant(), check_retention(None, limit)[1]
+        deleted: int = await self.db.run(tenant, _fetchval, _PRUNE_FINISHED, tenant or "", check_before(before), limit)
         return deleted
 
     # --------------------------------------------------------- backfills

@@ -128,6 +128,13 @@ class MaterializationStore(Protocol):
         in ``spare`` (what a stale record may have been built from). How many."""
         ...
 
+    async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` of the caller's tenant's finished backfills last saved
+        before ``before`` (aware) and schedule ticks due before it, except each
+        schedule's newest tick (the scheduler goes on from it); a running backfill or
+        tick stays. How many rows."""
+        ...
+
     async def mark_stale(self, asset_name: str, partition: str | None) -> None:
         """Make every success built on ``asset@partition`` (transitively) ``stale``;
         may be written behind."""

@@ -184,6 +184,13 @@ def check_retention(keep_last: Any, limit: Any) -> tuple[int | None, int]:
     return keep_last, limit
 
 
+def check_before(before: Any) -> datetime:
+    """``prune_finished``'s ``before``: an aware datetime, else DefinitionError."""
+    if not isinstance(before, datetime) or before.tzinfo is None:
+        raise DefinitionError([FieldError("before", f"must be an aware datetime, got {before!r}")])
+    return before
+
+
 def check_limit(limit: Any, field: str = "limit") -> int:
     """The ``limit=`` (or ``offset=``) of a listing: an int >= 0, or DefinitionError."""
     if type(limit) is not int or limit < 0:

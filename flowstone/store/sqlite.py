@@ -71,6 +71,7 @@ from .records import (
     TERMINAL,
     Materialization,
     Status,
+    check_before,
     check_decidable,
     check_limit,
     check_retention,
@@ -146,6 +147,23 @@ def sqlite_path(url: str | os.PathLike[str]) -> str:
             "for a store in memory use fs.store.MemoryStore()")])
     return text
 
+
+_PRUNE_BACKFILLS = """
+DELETE FROM flowstone_backfills WHERE id IN (
+    SELECT id FROM flowstone_backfills
+    WHERE tenant_id = :tenant AND state != 'running' AND updated_at < :before
+    ORDER BY updated_at LIMIT :limit)
+"""
+
+_PRUNE_TICKS = """
+DELETE FROM flowstone_ticks WHERE (tenant_id, schedule, at) IN (
+    SELECT t.tenant_id, t.schedule, t.at FROM flowstone_ticks AS t
+    WHERE t.tenant_id = :tenant AND t.state != 'running' AND t.at < :before
+      AND t.at < (SELECT max(n.at) FROM flowstone_ticks AS n
+                  WHERE n.tenant_id = t.tenant_id AND n.schedule = t.schedule)
+    ORDER BY t.at LIMIT :limit)
+"""
+"""Finished backfills and ticks older than ``before``; each schedule's newest tick stays."""
 
 _PRUNE = """
 DELETE FROM flowstone_materializations WHERE seq IN (
@@ -418,6 +436,19 @@ class SqliteStore:
             "limit": limit,
         }
         deleted: int = await self._db.write(lambda c: c.execute(_PRUNE, arguments).rowcount)
+        return deleted
+
+    async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:
+        tenant, when = _tenant(), _iso(check_before(before).astimezone(timezone.utc))
+        most = check_retention(None, limit)[1]
+
+        def prune(c: sqlite3.Connection) -> int:
+            arguments = {"tenant": tenant, "before": when, "limit": most}
+            backfills: int = c.execute(_PRUNE_BACKFILLS, arguments).rowcount
+            ticks: int = c.execute(_PRUNE_TICKS, {**arguments, "limit": most - backfills}).rowcount
+            return backfills + ticks
+
+        deleted: int = await self._db.write(prune)
         return deleted
 
     async def _read_records(self, sql: str, args: tuple[Any, ...]) -> list[Materialization]:

@@ -684,6 +684,41 @@ class LeaseContract:
         with fs.tenant_scope("other"):
             assert await store.unfinished_ticks() == []
 
+    async def test_prune_finished_deletes_old_finished_backfills_and_ticks_but_no_schedules_newest(self, store):
+        done, running = self._saved("succeeded"), self._saved()
+        for saved in (done, running):
+            await store.save_backfill(saved.spec.id, saved)
+        with fs.tenant_scope("other"):
+            theirs = self._saved("failed")
+            await store.save_backfill(theirs.spec.id, theirs)
+        first = datetime(2026, 11, 1, 5, 0, tzinfo=timezone.utc)
+        minutes = [first + timedelta(minutes=minute) for minute in range(4)]
+        for at in minutes:
+            assert await store.claim_tick("every minute", at, "daemon")
+        for at in (minutes[0], minutes[1], minutes[3]):  # minutes[2] is still running
+            await store.finish_tick("every minute", at, "succeeded")
+        assert await store.claim_tick("nightly", first, "daemon")
+        await store.finish_tick("nightly", first, "failed")
+
+        assert await store.prune_finished(first) == 0  # nothing is that old
+        later = datetime.now(timezone.utc) + timedelta(days=1)
+        assert await store.prune_finished(later, limit=2) == 2
+        assert await store.prune_finished(later) == 1
+        assert await store.prune_finished(later) == 0
+
+        assert await store.load_backfill(done.spec.id) is None
+        assert await store.load_backfill(running.spec.id) == running
+        assert [t.at for t in await store.unfinished_ticks()] == [minutes[2]]
+        last = await store.last_ticks()
+        assert (last["every minute"].at, last["nightly"].at) == (minutes[3], first)
+        assert not await store.claim_tick("every minute", minutes[3], "daemon")  # the newest still says it ran
+        with fs.tenant_scope("other"):
+            assert await store.load_backfill(theirs.spec.id) == theirs
+        with pytest.raises(fs.DefinitionError):
+            await store.prune_finished(datetime(2026, 11, 1))  # naive: which zone?
+        with pytest.raises(fs.DefinitionError):
+            await store.prune_finished(later, limit=0)
+
     async def test_a_tick_is_claimed_once_and_its_end_recorded(self, store):
         at = datetime(2026, 11, 1, 5, 30, tzinfo=timezone.utc)
         assert await store.claim_tick("nightly", at, "daemon-a")

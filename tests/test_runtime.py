@@ -904,3 +904,31 @@ async def test_a_run_named_beforehand_carries_that_id(anyio_backend):
         await rt.materialize("one", run_id=str(run))
         [record] = await rt.store.get_by_run_id(run)
     assert record.asset_name == "one" and record.run_id == run
+
+
+# ------------------------------------------------------------------ the lease keeper
+
+
+async def test_a_lease_released_by_its_jobs_last_write_is_not_reported_taken_over(anyio_backend, caplog):
+    # The keeper asks the store to renew what it holds while a job's last write is
+    # releasing one of them: the store answers without it, and that is no takeover.
+    from flowstone.runtime.leases import LeaseKeeper
+    from flowstone.store import MemoryStore
+
+    async with MemoryStore() as store:
+        keeper = LeaseKeeper(store, "me", 30)
+        leases = {}
+        for partition in ("ending", "taken"):
+            record, lease = await store.begin("me", 30, asset_name="a", partition=partition, status=Status.RUNNING)
+            keeper.hold(lease, keeper.clock())
+            leases[partition] = (record, lease)
+        record, lease = leases["ending"]
+        keeper.ending(lease)
+        await store.complete(record, Status.SUCCESS, lease=lease)  # released in the store; the job drops it next
+        taken = leases["taken"][1]
+        await store.complete(leases["taken"][0], Status.FAILED, lease=taken)  # as if another process took it
+        await keeper.renew()
+        assert not keeper.held[lease.fence].lost
+        assert keeper.held[taken.fence].lost
+        warned = [r.getMessage() for r in caplog.records if "lease lost" in r.getMessage()]
+        assert len(warned) == 1 and "'taken'" in warned[0]

@@ -143,6 +143,8 @@ async def _close(job: Job, env: Env, state: _State, status: Status, message: str
         return
     with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
         try:
+            if state.lease is not None:
+                env.leases.ending(state.lease)
             state.record = closed = await env.store.complete(
                 record, status, lease=state.lease, error_message=message, **_timing(record)
             )
@@ -175,6 +177,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     if asset.requires_approval:
         approved, reason = await _wait_for_approval(record, executor, store)
         if not approved:
+            env.leases.ending(lease)
             state.record = record = await store.complete(
                 record, Status.FAILED, lease=lease, error_message=f"rejected: {reason or 'no reason given'}",
                 **_timing(record),
@@ -214,6 +217,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     except BaseException as error:
         if stopped(error):
             raise
+        env.leases.ending(lease)
         state.record = record = await store.complete(
             record, Status.FAILED, lease=lease, error_message=describe(error), error_traceback=traceback_of(error),
             metadata=_io_metadata(ctx.metadata, job), **_timing(record, started),
@@ -222,6 +226,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         if env.events.subscribers:
             _announce(env, record)
         return JobResult(record, error)
+    env.leases.ending(lease)
     state.record = record = await store.complete(
         record, Status.SUCCESS, lease=lease, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
     )

@@ -42,12 +42,14 @@ SAFETY = 0.25
 
 
 class _Held:
-    __slots__ = ("lease", "lost", "valid_until")
+    __slots__ = ("ending", "lease", "lost", "valid_until")
 
     def __init__(self, lease: Lease, valid_until: float) -> None:
         self.lease = lease
         self.valid_until = valid_until
         self.lost = False
+        self.ending = False
+        """Its job is writing its last record, which releases it in the store."""
 
 
 class LeaseKeeper:
@@ -62,6 +64,13 @@ class LeaseKeeper:
 
     def hold(self, lease: Lease, asked_at: float) -> None:
         self.held[lease.fence] = _Held(lease, asked_at + self.seconds)
+
+    def ending(self, lease: Lease) -> None:
+        """The job's last write, which releases ``lease`` in the store, is on its way:
+        a renewal that no longer finds it there is not a takeover."""
+        held = self.held.get(lease.fence)
+        if held is not None:
+            held.ending = True
 
     def drop(self, lease: Lease) -> None:
         self.held.pop(lease.fence, None)
@@ -98,7 +107,7 @@ class LeaseKeeper:
             for held in leases:
                 if held.lease.fence in kept:
                     held.valid_until = asked + self.seconds
-                elif self.held.get(held.lease.fence) is held:  # not released meanwhile: taken over
+                elif self.held.get(held.lease.fence) is held and not held.ending:  # not released: taken over
                     held.lost = True
                     log.warning("%s", LeaseLost(
                         "lease lost: another process took this partition over",

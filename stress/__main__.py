@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import cascade, chaos, core, daemon, dagster, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, schedules, soak, sqlite, startup, web, workers
+from . import cascade, chaos, core, daemon, dagster, executors, flights_dagster, instructions, io, load, memory, postgres, processes, ranges, runtime, scale, schedules, soak, sqlite, startup, web, workers
 
 SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
@@ -31,6 +31,7 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "ranges": (ranges.run, "backfill over 10 million hourly partitions: time to return, memory, saved spec (issue #12)"),
     "registrations": (load.run_registrations, "many tasks registering assets into one running runtime"),
     "runtime": (runtime.run, "materialize chains and fans, backfill 366 and 100,000 partitions (issue #3 figures)"),
+    "scale": (scale.run, "one memory-store backfill at 366 ... 1,000,000 partitions: flat cost per partition? (#18)"),
     "schedules": (schedules.run, "100 schedules through an accelerated hour: every tick once, none lost (issue #15)"),
     "soak": (soak.run, "mixed load with chaos for --minutes (default 10): memory must stay flat"),
     "sqlite": (sqlite.run, "backfills with records in the embedded SQLite store: 366, 10,000; status of 100,000 (issue #14)"),

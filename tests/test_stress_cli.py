@@ -18,8 +18,9 @@ def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
-        "backfill", "cancel-storm", "cascade", "chaos", "core", "daemon", "dags", "executors", "flights-dagster", "instructions", "io",
-        "memory", "postgres", "processes", "ranges", "registrations", "runtime", "schedules", "soak", "sqlite", "startup",
+        "backfill", "cancel-storm", "cascade", "chaos", "core", "daemon", "dagster", "dags", "executors", "flights-dagster",
+        "instructions", "io", "memory", "postgres", "processes", "ranges", "registrations", "runtime", "scale", "schedules",
+        "soak", "sqlite", "startup",
         "store-writes", "web", "workers",
     ]
 
@@ -126,6 +127,23 @@ def test_memory_scenario_short_run_attributes_memory():
     parts = {row["allocated_by"]: row for row in record["rows"]}
     assert set(parts) == {"store", "runtime", "other"}
     assert parts["store"]["bytes_at_150"] > parts["store"]["bytes_at_50"]
+
+
+def test_scale_scenario_short_run_reports_each_size():
+    result = run_stress("scale", "--sizes", "50,150")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [row["partitions"] for row in record["rows"]] == [50, 150]
+    for row in record["rows"]:
+        assert row["us_per_partition"] > 0 and row["peak_rss_mb"] > 0
+        assert row["full_gc_us_per_partition"] >= 0 and row["full_collections"] >= 0
+
+
+def test_dagster_scenario_needs_a_python_with_dagster():
+    """Not run in CI: Dagster is not a dependency (its 366 partitions on SQLite alone take minutes)."""
+    result = run_stress("dagster", "--help")
+    assert result.returncode == 0 and "--dagster-python" in result.stdout
+    assert run_stress("dagster").returncode == 2  # without it: a usage error
 
 
 def test_instructions_scenario_parses_its_options():

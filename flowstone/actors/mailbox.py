@@ -119,12 +119,6 @@ class Reply:
             if slot.event is not None:
                 slot.event.set()
 
-    @property
-    def delivered(self) -> Any:
-        """The value the caller was given (``None`` when none, or an error)."""
-        outcome = self._slot.outcome
-        return None if outcome is None else outcome.value
-
 
 @attrs.frozen(kw_only=True)
 class Message(Generic[R]):

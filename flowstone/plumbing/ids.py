@@ -25,11 +25,11 @@ _SAFE = uuid.SafeUUID.unknown
 
 
 class _Pool(threading.local):
-    bytes = b""
-    next = 0
+    buffer = b""
+    used = 0
 
     def clear(self) -> None:
-        self.bytes, self.next = b"", 0
+        self.buffer, self.used = b"", 0
 
 
 _pool = _Pool()
@@ -39,11 +39,11 @@ os.register_at_fork(after_in_child=_pool.clear)
 def new_uuid() -> uuid.UUID:
     """A random UUID (version 4, RFC 4122 variant), as ``uuid.uuid4()`` makes."""
     pool = _pool
-    start = pool.next
-    if start >= len(pool.bytes):
-        pool.bytes, start = os.urandom(16 * _BATCH), 0
-    pool.next = start + 16
-    value = int.from_bytes(pool.bytes[start:start + 16]) & _VERSION_4 | _VARIANT_AND_VERSION
+    start = pool.used
+    if start >= len(pool.buffer):
+        pool.buffer, start = os.urandom(16 * _BATCH), 0
+    pool.used = start + 16
+    value = int.from_bytes(pool.buffer[start:start + 16]) & _VERSION_4 | _VARIANT_AND_VERSION
     made = _new(uuid.UUID)
     _set(made, "int", value)
     _set(made, "is_safe", _SAFE)

@@ -82,8 +82,8 @@ class MemoryData:
     readers: dict[Key, set[uuid.UUID]] = attrs.field(factory=dict)
     values: dict[Key, tuple[Any, datetime]] = attrs.field(factory=dict)
     """(value, stored at) per partition: a plain tuple, which the garbage collector stops
-    walking once it sees plain data in it (a million stored values then cost nothing
-    at each full collection)."""
+    walking once it sees plain data in it (a value that is plain data, a number or a
+    string, then costs nothing at each full collection)."""
     backfills: dict[tuple[str | None, uuid.UUID], BackfillRow] = attrs.field(factory=dict)
     decisions: dict[tuple[str | None, uuid.UUID], tuple[bool, str | None]] = attrs.field(factory=dict)
     ticks: dict[tuple[str | None, str, datetime], Tick] = attrs.field(factory=dict)

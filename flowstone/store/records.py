@@ -96,7 +96,7 @@ def check_transition(current: Status, requested: Status, record: Materialization
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _PLAIN = frozenset({str, int, float, bool, type(None)})
-_SHARED: dict[tuple[tuple[str, Any], ...], Mapping[str, Any]] = {}
+_SHARED: dict[tuple[tuple[str, type, Any], ...], Mapping[str, Any]] = {}
 _SHARED_KEPT = 1024
 
 
@@ -111,13 +111,15 @@ def _frozen(value: Any) -> Any:
         return value
     if not value:
         return _EMPTY
-    if len(value) <= 4 and all(type(v) in _PLAIN for v in value.values()):
-        items = tuple(value.items())
-        shared = _SHARED.get(items)
+    if len(value) <= 4 and all(type(k) is str and type(v) in _PLAIN for k, v in value.items()):
+        # Each value's type is part of the key: 1, 1.0 and True are equal, but a
+        # record that says True must not read back 1.
+        key = tuple((k, type(v), v) for k, v in value.items())
+        shared = _SHARED.get(key)
         if shared is None:
             if len(_SHARED) >= _SHARED_KEPT:
                 _SHARED.clear()
-            shared = _SHARED[items] = MappingProxyType(dict(items))
+            shared = _SHARED[key] = MappingProxyType(dict(value))
         return shared
     return MappingProxyType(dict(value))
 

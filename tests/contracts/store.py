@@ -43,6 +43,16 @@ class StoreContract:
         assert record.tenant_id is None
         assert record.inserted_at.tzinfo is not None and record.updated_at == record.inserted_at
 
+    async def test_metadata_keeps_each_values_type_when_equal_values_of_other_types_came_first(self, store):
+        # 1, 1.0 and True are equal in Python; records that share small metadata must not mix them up.
+        kept = []
+        for value in (1, True, 1.0, "1", None):
+            record = await store.create(asset_name="raw", partition=repr(value), metadata={"flag": value})
+            kept.append((record.id, value))
+        for record_id, value in kept:
+            stored = (await store.get_by_id(record_id)).metadata["flag"]
+            assert (type(stored), stored) == (type(value), value)
+
     async def test_get_returns_the_latest_record_of_asset_and_partition(self, store):
         first = await store.create(asset_name="orders", partition="eu")
         second = await store.create(asset_name="orders", partition="eu")

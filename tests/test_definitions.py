@@ -226,3 +226,63 @@ def test_zero_backoff_retries_at_once():
 def test_invalid_retry_policy_is_a_definition_error(kwargs):
     with pytest.raises(fs.DefinitionError, match="retry"):
         fs.RetryPolicy(**kwargs)
+
+
+def _shapes():
+    import functools
+
+    def plain(ctx, deps):
+        return 1
+
+    async def coroutine(ctx, deps, /):
+        return 1
+
+    def defaults(ctx, deps=None):
+        return 1
+
+    def keyword_only(ctx, deps, *, extra=1):
+        return 1
+
+    def variadic(ctx, *deps):
+        return 1
+
+    def keywords(ctx, deps, **more):
+        return 1
+
+    def three(ctx, deps, extra):
+        return 1
+
+    @functools.wraps(plain)
+    def wrapper(*args, **kwargs):  # inspect follows __wrapped__ to (ctx, deps)
+        return plain(*args, **kwargs)
+
+    def renamed(*args):
+        return 1
+
+    import inspect
+
+    renamed.__signature__ = inspect.signature(plain)  # type: ignore[attr-defined]
+
+    class Callable:
+        def __call__(self, ctx, deps):
+            return 1
+
+    return [plain, coroutine, defaults, keyword_only, variadic, keywords, three, wrapper, renamed, Callable(),
+            Callable().__call__, functools.partial(three, extra=1), lambda ctx, deps: 1, lambda ctx: 1]
+
+
+@pytest.mark.parametrize("fn", _shapes())
+def test_the_quick_signature_check_agrees_with_inspect(fn):
+    # Registration reads a plain function's code object instead of calling
+    # inspect.signature; whatever it accepts, inspect accepts too.
+    import inspect
+
+    from flowstone.definitions import _plainly_two_positional
+
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    valid = len(params) == 2 and len(positional) == 2
+    if _plainly_two_positional(fn):
+        assert valid
+    problems = [e.field for e in fs.validate_asset(fs.Asset(name="shape", execute_fn=fn))]
+    assert ("execute" in problems) is not valid

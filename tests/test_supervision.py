@@ -96,3 +96,24 @@ async def test_unknown_actor_names_are_not_found(anyio_backend):
     async with fs.open_runtime(simple()) as rt:
         with pytest.raises(fs.NotFound, match="executor:<asset>"):
             await kill_actor(rt, "executor:nope")
+
+
+async def test_an_actor_spawned_without_waiting_answers_at_once_and_closes_its_mailbox(anyio_backend):
+    from flowstone.actors.supervisor import spawn
+    from flowstone.runtime.executor import Stats, executor_actor
+
+    asset = fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)
+    async with anyio.create_task_group() as tasks:
+        handle = spawn(tasks, "executor:a", executor_actor(asset), RestartPolicy())
+        assert handle.try_cast(Stats())  # queued before the actor's task has begun
+        assert (await handle.call(Stats)).in_flight == 0
+        tasks.cancel_scope.cancel()
+    with pytest.raises(fs.RuntimeClosed):
+        handle.try_cast(Stats())
+    # Cancelled before its task could begin: the task still begins, and closes its mailbox.
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tasks:
+            scope.cancel()
+            unborn = spawn(tasks, "executor:b", executor_actor(asset), RestartPolicy())
+    with pytest.raises(fs.RuntimeClosed):
+        unborn.try_cast(Stats())

@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 import attrs
-from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import ActorCrashed, RuntimeClosed
 from ..plumbing.interrupts import internal, protect_on_trio
 from .mailbox import Handle, Message, fail_pending, open_mailbox
 
-__all__ = ["RestartPolicy", "supervise"]
+__all__ = ["RestartPolicy", "spawn", "supervise"]
 
 log = logging.getLogger("flowstone.actors")
 
@@ -38,7 +38,6 @@ class RestartPolicy:
     window: float = 60.0
 
 
-@internal  # Ctrl-C goes to the caller's task, not into this loop
 async def supervise(
     name: str,
     incarnation: Incarnation,
@@ -48,13 +47,43 @@ async def supervise(
 ) -> None:
     """Run ``incarnation(mailbox)`` until it returns, restarting it when it crashes.
 
-    Start with ``handle = await tg.start(supervise, name, incarnation, policy)``.
+    Start with ``handle = await tg.start(supervise, name, incarnation, policy)``, or
+    without waiting with :func:`spawn`.
     """
-    protect_on_trio()
     handle, send, receive = open_mailbox(name)
+    await _supervised(name, incarnation, policy, send, receive, lambda: task_status.started(handle))
+
+
+def spawn(tasks: TaskGroup, name: str, incarnation: Incarnation, policy: RestartPolicy) -> Handle:
+    """Supervise ``incarnation`` in ``tasks`` without waiting for its task to begin:
+    the handle works at once (messages wait in the mailbox until the actor runs).
+    A runtime starts one executor per asset; waiting for each (``tg.start``) cost
+    two event-loop turns apiece. A task always begins (anyio cancels only tasks that
+    have), so its mailbox is always closed by it."""
+    handle, send, receive = open_mailbox(name)
+    try:
+        tasks.start_soon(_supervised, name, incarnation, policy, send, receive, None, name=name)
+    except BaseException:
+        send.close()
+        receive.close()
+        raise
+    return handle
+
+
+@internal  # Ctrl-C goes to the caller's task, not into this loop
+async def _supervised(
+    name: str,
+    incarnation: Incarnation,
+    policy: RestartPolicy,
+    send: MemoryObjectSendStream[Message],
+    receive: MemoryObjectReceiveStream[Message],
+    started: Callable[[], None] | None,
+) -> None:
+    protect_on_trio()
     crashes: deque[float] = deque()
     try:
-        task_status.started(handle)
+        if started is not None:
+            started()
         while True:
             try:
                 await incarnation(receive)

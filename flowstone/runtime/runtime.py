@@ -26,6 +26,7 @@ from anyio.abc import TaskGroup
 from .. import events as ev
 from ..actors.mailbox import CLEANUP_SECONDS, Handle
 from ..actors.supervisor import RestartPolicy, supervise
+from ..actors.supervisor import spawn as supervised
 from ..dag import AssetGraph
 from ..definitions import Asset, FieldError, Retention
 from ..errors import (
@@ -618,8 +619,7 @@ async def open_runtime(
                 )
 
                 async def spawn(asset: Asset) -> Handle:
-                    return await workers.start(
-                        supervise, f"executor:{asset.name}", executor_actor(asset), restart_policy)
+                    return supervised(workers, f"executor:{asset.name}", executor_actor(asset), restart_policy)
 
                 executors = {a.name: await spawn(a) for a in graph.assets}
                 state = reg.RegistryState(reg.initial_snapshot(graph, executors))

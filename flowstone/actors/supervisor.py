@@ -38,6 +38,7 @@ class RestartPolicy:
     window: float = 60.0
 
 
+@internal  # Ctrl-C goes to the caller's task, not into this loop
 async def supervise(
     name: str,
     incarnation: Incarnation,

@@ -22,14 +22,12 @@ FlowStone: give a Python that has it (``python3 -m venv /tmp/dagenv &&
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from .report import emit
+from .report import child_json, emit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,13 +124,8 @@ print(json.dumps(out))
 
 
 def _measure(python: str, code: str, args: list[int], timeout: float) -> dict[str, Any]:
-    done = subprocess.run(
-        [python, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{python} failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = child_json([python, "-c", code, *map(str, args)], timeout=timeout, cwd=str(ROOT),
+                                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     return result
 
 
@@ -142,9 +135,11 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--chain", type=int, default=100, help="assets in the chain")
     parser.add_argument("--fan", type=int, default=200, help="branches of the fan")
     parser.add_argument("--partitions", type=int, default=366, help="daily partitions, memory records")
-    parser.add_argument("--sqlite-partitions", type=int, default=366, help="daily partitions, SQLite records (0: skip)")
+    parser.add_argument("--sqlite-partitions", type=int, default=366,
+                        help="daily partitions, SQLite records (0: skip)")
     parser.add_argument("--big", type=int, default=100_000, help="partitions FlowStone alone backfills (0: skip)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each FlowStone figure and of Dagster's chain/fan")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each FlowStone figure and of Dagster's chain/fan")
     args = parser.parse_args(argv)
     shape = [args.chain, args.fan, args.partitions, args.sqlite_partitions, max(1, args.repeat)]
     theirs = _measure(args.dagster_python, DAGSTER, shape, timeout=3600)

@@ -33,7 +33,7 @@ import anyio
 
 import flowstone as fs
 
-from .report import emit, median, peak_rss_bytes, rss_bytes
+from .report import child_json, emit, median, peak_rss_bytes, rss_bytes
 
 CREDENTIALS = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench", "region_name": "us-east-1"}
 BUCKET = "flowstone-bench"
@@ -157,10 +157,8 @@ def _in_child(where: str, rows: int, endpoint: str | None) -> dict[str, Any]:
     command = [sys.executable, "-m", "stress", "io", "--child", where, "--rows", str(rows)]
     if endpoint:
         command += ["--endpoint", endpoint]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=os.getcwd())
-    if done.returncode != 0:
-        raise SystemExit(f"round trip {where} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = child_json(command, timeout=600, cwd=os.getcwd())
+    return result
 
 
 async def _backfill(io_key: str, io: Any, count: int, config: dict[str, Any]) -> tuple[float, float]:

@@ -97,6 +97,18 @@ print(json.dumps([elapsed, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrs
 """
 
 
+def child_json(command: list[str], *, timeout: float, cwd: str | None = None,
+               env: dict[str, str] | None = None) -> Any:
+    """Run ``command`` (a child measuring something) and read the JSON of the last line
+    it prints; SystemExit with the end of its stderr when it fails."""
+    import subprocess
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{command[:3]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_measured(commands: list[list[str]], cwd: str, timeout: float = 3600) -> tuple[float, float]:
     """Run ``commands`` one after another under a watcher process of their own;
     their seconds in all, and the largest peak RSS (MB) among them (the watcher's

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import subprocess
 import sys
 import time
 import uuid
@@ -26,7 +24,7 @@ from flowstone.plumbing import threads
 from flowstone.runtime.hashing import dependency_hash
 from flowstone.store.records import new_record
 
-from .report import emit, median, peak_rss_bytes
+from .report import child_json, emit, median, peak_rss_bytes
 
 
 def _fn(is_sync: bool) -> Any:
@@ -148,8 +146,8 @@ def _backfill_in_fresh_process(backend: str, is_sync: bool) -> dict[str, float]:
         f"elapsed, _ = anyio.run(lambda: time_backfill(daily({is_sync}), 366, 20), backend={backend!r})\n"
         "print(json.dumps({'elapsed_ms': elapsed * 1e3, 'peak_rss_mb': peak_rss_bytes() / 1e6}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, float] = child_json([sys.executable, "-c", code], timeout=120)
+    return result
 
 
 def run(argv: list[str]) -> dict[str, Any]:

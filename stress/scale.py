@@ -12,13 +12,12 @@ with the runtime's own share; ``stress memory`` splits the two).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from .report import emit
+from .report import child_json, emit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,13 +59,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         raise SystemExit("--sizes: give partition counts >= 1, e.g. 366,10000")
     rows = []
     for size in sizes:
-        done = subprocess.run(
-            [sys.executable, "-c", ONE_SIZE, str(size), args.backend], capture_output=True, text=True,
-            cwd=ROOT, timeout=3600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"the {size}-partition backfill failed:\n{done.stderr[-3000:]}")
-        got = json.loads(done.stdout.strip().splitlines()[-1])
+        got = child_json([sys.executable, "-c", ONE_SIZE, str(size), args.backend], timeout=3600, cwd=str(ROOT),
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
         rows.append({
             "partitions": size,
             "seconds": round(got["elapsed"], 3),

@@ -634,6 +634,14 @@ async def test_queries_cancelled_midway_leave_the_store_working(anyio_backend, p
         assert (await store.get_by_id(record.id)).asset_name == "after"
 
 
+async def _undo_migration(pg_database, version, *statements):
+    """Take the database back to before migration ``version``: run ``statements``, forget the version."""
+    await anyio.to_thread.run_sync(
+        run_sync, admin, pg_database.admin_dsn, *statements,
+        f"DELETE FROM flowstone_schema_migrations WHERE version = {int(version)}",
+    )
+
+
 async def test_the_partition_states_table_is_filled_from_every_tenants_records(anyio_backend, pg_database):
     """Schema version 12 keeps each partition's state in a table kept by triggers; a
     database made before it gets the table filled from its records, every tenant's."""
@@ -643,13 +651,11 @@ async def test_the_partition_states_table_is_filled_from_every_tenants_records(a
         await store.create(asset_name="a", status=Status.RUNNING)
         with fs.tenant_scope("acme"):
             await store.create(asset_name="a", partition="1", status=Status.PENDING)
-    await anyio.to_thread.run_sync(
-        run_sync, admin, pg_database.admin_dsn,  # as a database of schema version 11 had it
-        "DROP TABLE flowstone_partition_states",
+    await _undo_migration(  # as a database of schema version 11 had it
+        pg_database, 12, "DROP TABLE flowstone_partition_states",
         "DROP TRIGGER flowstone_partition_states_insert ON flowstone_materializations",
         "DROP TRIGGER flowstone_partition_states_update ON flowstone_materializations",
         "DROP FUNCTION flowstone_keep_partition_state()",
-        "DELETE FROM flowstone_schema_migrations WHERE version = 12",
     )
     async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as owner:
         assert await owner.migrate() == [12]
@@ -678,13 +684,11 @@ async def test_the_reads_table_is_filled_from_every_tenants_successes(anyio_back
         report = await success("report", None, {"clean": ("1", "2")})
         with fs.tenant_scope("acme"):
             theirs = await success("clean", "1", {"raw": ("1",)})
-    await anyio.to_thread.run_sync(
-        run_sync, admin, pg_database.admin_dsn,  # as a database of schema version 12 had it
-        "DROP TABLE flowstone_reads",
+    await _undo_migration(  # as a database of schema version 12 had it
+        pg_database, 13, "DROP TABLE flowstone_reads",
         "DROP TRIGGER flowstone_reads_insert ON flowstone_materializations",
         "DROP TRIGGER flowstone_reads_update ON flowstone_materializations",
         "DROP FUNCTION flowstone_keep_reads()",
-        "DELETE FROM flowstone_schema_migrations WHERE version = 13",
     )
     async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as owner:
         assert await owner.migrate() == [13]

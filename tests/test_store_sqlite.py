@@ -102,6 +102,13 @@ async def test_a_read_only_location_is_refused_before_anything_is_written(read_o
     assert list(read_only_folder.iterdir()) == []
 
 
+def _undo_migration(path, version, *statements):
+    """Take a store file back to before migration ``version``: run ``statements``, forget the version."""
+    with sqlite3.connect(path) as db:
+        for statement in statements:
+            db.execute(statement)
+        db.execute("DELETE FROM flowstone_schema_migrations WHERE version = ?", (version,))
+
 
 async def test_the_partition_states_table_is_filled_from_the_records_already_there(anyio_backend, tmp_path):
     """Schema version 9 keeps each partition's state in a table of its own; a store made
@@ -111,11 +118,8 @@ async def test_the_partition_states_table_is_filled_from_the_records_already_the
         await store.create(asset_name="a", partition="1", status=fs.Status.FAILED)
         await store.create(asset_name="a", partition="1", status=fs.Status.SUCCESS)
         await store.create(asset_name="a", status=fs.Status.RUNNING)
-    with sqlite3.connect(path) as db:  # as a store of schema version 8 had it
-        db.execute("DROP TRIGGER flowstone_partition_states_insert")
-        db.execute("DROP TRIGGER flowstone_partition_states_update")
-        db.execute("DROP TABLE flowstone_partition_states")
-        db.execute("DELETE FROM flowstone_schema_migrations WHERE version = 9")
+    _undo_migration(path, 9, "DROP TRIGGER flowstone_partition_states_insert",  # as schema version 8 had it
+                    "DROP TRIGGER flowstone_partition_states_update", "DROP TABLE flowstone_partition_states")
     async with SqliteStore(path) as store:
         await store.migrate()
         assert await store.partition_states("a") == {"1": fs.Status.SUCCESS, None: fs.Status.RUNNING}
@@ -136,11 +140,8 @@ async def test_the_reads_table_is_filled_from_the_successes_already_there(anyio_
         await success("raw", None, {})
         clean = await success("clean", "1", {"raw": (None,)})
         report = await success("report", None, {"clean": ("1", "2")})
-    with sqlite3.connect(path) as db:  # as a store of schema version 9 had it
-        db.execute("DROP TRIGGER flowstone_reads_insert")
-        db.execute("DROP TRIGGER flowstone_reads_update")
-        db.execute("DROP TABLE flowstone_reads")
-        db.execute("DELETE FROM flowstone_schema_migrations WHERE version = 10")
+    _undo_migration(path, 10, "DROP TRIGGER flowstone_reads_insert",  # as schema version 9 had it
+                    "DROP TRIGGER flowstone_reads_update", "DROP TABLE flowstone_reads")
     async with SqliteStore(path) as store:
         assert await store.migrate() == [10]
         await store.mark_stale("raw", None)

@@ -369,8 +369,9 @@ async def _worker(
             ahead = await runner.prefetch(requests)
         except FlowstoneError:
             ahead = None  # each run looks up for itself, and reports what is wrong
-        for i, (partition, request) in enumerate(zip(chunk, requests, strict=True)):
-            await _run_one(spec, progress, runner, partition, request, None if ahead is None else ahead[i])
+        entries = ahead if ahead is not None else [None] * len(chunk)
+        for partition, request, entry in zip(chunk, requests, entries, strict=True):
+            await _run_one(spec, progress, runner, partition, request, entry)
     while progress.deferred:
         partition = progress.deferred.pop()
         request = RunRequest(spec.asset, partition, spec.upstream, spec.force, spec.io, spec.context)

@@ -13,8 +13,9 @@ and meanwhile:
 - resumes backfills left unfinished: saved ``running`` by a process whose
   heartbeat stopped, or ``interrupted`` (their process stopped under them), and
   looks for such backfills again every ``RESCAN_SECONDS``.
-- deletes what the assets' retention no longer keeps (``rt.prune()``) every
-  ``prune_interval`` seconds;
+- deletes what the assets' retention no longer keeps (``rt.prune()``), and the
+  finished backfills and ticks older than the runtime's ``max_age``
+  (``rt.prune_finished()``), every ``prune_interval`` seconds;
 - when ``rt`` has a work queue (``open_runtime(queue=...)``), hands the jobs of
   workers that stopped answering back to it every ``RECONCILE_SECONDS``.
 
@@ -265,7 +266,8 @@ async def _resume_backfills(rt: Any, work: TaskGroup) -> None:
 
 
 async def _prune(rt: Any, interval: float) -> None:
-    """Delete what the assets' retention no longer keeps, every ``interval`` seconds."""
+    """Delete what the assets' retention no longer keeps, and the finished backfills and
+    ticks older than the runtime's ``max_age``, every ``interval`` seconds."""
     while True:
         if deleted := sum((await rt.prune()).values()):
             log.info("retention: %d history records deleted", deleted)

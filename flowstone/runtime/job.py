@@ -143,10 +143,8 @@ async def _close(job: Job, env: Env, state: _State, status: Status, message: str
         return
     with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
         try:
-            if state.lease is not None:
-                env.leases.ending(state.lease)
-            state.record = closed = await env.store.complete(
-                record, status, lease=state.lease, error_message=message, **_timing(record)
+            state.record = closed = await _last_write(
+                env, record, status, state.lease, error_message=message, **_timing(record)
             )
             if env.events.subscribers:
                 _announce(env, closed)
@@ -177,9 +175,8 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     if asset.requires_approval:
         approved, reason = await _wait_for_approval(record, executor, store)
         if not approved:
-            env.leases.ending(lease)
-            state.record = record = await store.complete(
-                record, Status.FAILED, lease=lease, error_message=f"rejected: {reason or 'no reason given'}",
+            state.record = record = await _last_write(
+                env, record, Status.FAILED, lease, error_message=f"rejected: {reason or 'no reason given'}",
                 **_timing(record),
             )
             if env.events.subscribers:
@@ -217,18 +214,16 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     except BaseException as error:
         if stopped(error):
             raise
-        env.leases.ending(lease)
-        state.record = record = await store.complete(
-            record, Status.FAILED, lease=lease, error_message=describe(error), error_traceback=traceback_of(error),
+        state.record = record = await _last_write(
+            env, record, Status.FAILED, lease, error_message=describe(error), error_traceback=traceback_of(error),
             metadata=_io_metadata(ctx.metadata, job), **_timing(record, started),
         )
         _log_failure(record, error)
         if env.events.subscribers:
             _announce(env, record)
         return JobResult(record, error)
-    env.leases.ending(lease)
-    state.record = record = await store.complete(
-        record, Status.SUCCESS, lease=lease, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
+    state.record = record = await _last_write(
+        env, record, Status.SUCCESS, lease, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
     )
     if env.events.subscribers:
         _announce(env, record)
@@ -237,6 +232,17 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     if returns_stored_object(manager):
         return JobResult(record, value=value, has_value=True)
     return JobResult(record)
+
+
+async def _last_write(
+    env: Env, record: Materialization, status: Status, lease: Lease | None, **fields: Any
+) -> Materialization:
+    """The record's terminal write, which releases ``lease`` in the store; the lease
+    keeper hears of it first, so a renewal that no longer finds the lease there is
+    not taken for a takeover."""
+    if lease is not None:
+        env.leases.ending(lease)
+    return await env.store.complete(record, status, lease=lease, **fields)
 
 
 def _announce(env: Env, record: Materialization) -> None:

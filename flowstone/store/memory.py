@@ -28,6 +28,7 @@ from .records import (
     TERMINAL,
     Materialization,
     Status,
+    check_batch,
     check_before,
     check_limit,
     check_retention,
@@ -151,7 +152,7 @@ class MemoryStore(MemoryActorClient):
 
     async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:
         return await self.handle.call(m.PruneFinished, tenant=current_tenant(), before=check_before(before),
-                                      limit=check_retention(None, limit)[1])
+                                      limit=check_batch(limit))
 
     async def mark_stale(self, asset_name: str, partition: str | None) -> None:
         await self.handle.cast(m.MarkStale(tenant=current_tenant(), asset=asset_name, partition=partition))

@@ -63,6 +63,7 @@ from .records import (
     TRANSITIONS,
     Materialization,
     Status,
+    check_batch,
     check_before,
     check_decidable,
     check_limit,
@@ -654,7 +655,7 @@ class PostgresStore(PostgresClient):
         return deleted
 
     async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:
-        tenant, limit = current_tenant(), check_retention(None, limit)[1]
+        tenant, limit = current_tenant(), check_batch(limit)
         deleted: int = await self.db.run(tenant, _fetchval, _PRUNE_FINISHED, tenant or "", check_before(before), limit)
         return deleted
 

@@ -181,9 +181,14 @@ def check_retention(keep_last: Any, limit: Any) -> tuple[int | None, int]:
     """``prune``'s ``keep_last`` (an int >= 0 or None) and ``limit`` (an int >= 1), else DefinitionError."""
     if keep_last is not None:
         check_limit(keep_last, "keep_last")
+    return keep_last, check_batch(limit)
+
+
+def check_batch(limit: Any) -> int:
+    """The ``limit`` of a deleting call (rows per call): an int >= 1, else DefinitionError."""
     if check_limit(limit) < 1:
         raise DefinitionError([FieldError("limit", f"must be an int >= 1, got {limit!r}")])
-    return keep_last, limit
+    return int(limit)
 
 
 def check_before(before: Any) -> datetime:

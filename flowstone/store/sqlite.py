@@ -71,6 +71,7 @@ from .records import (
     TERMINAL,
     Materialization,
     Status,
+    check_batch,
     check_before,
     check_decidable,
     check_limit,
@@ -440,7 +441,7 @@ class SqliteStore:
 
     async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:
         tenant, when = _tenant(), _iso(check_before(before).astimezone(timezone.utc))
-        most = check_retention(None, limit)[1]
+        most = check_batch(limit)
 
         def prune(c: sqlite3.Connection) -> int:
             arguments = {"tenant": tenant, "before": when, "limit": most}

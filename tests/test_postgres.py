@@ -634,12 +634,18 @@ async def test_queries_cancelled_midway_leave_the_store_working(anyio_backend, p
         assert (await store.get_by_id(record.id)).asset_name == "after"
 
 
-async def _undo_migration(pg_database, version, *statements):
-    """Take the database back to before migration ``version``: run ``statements``, forget the version."""
+async def _migrate_again(pg_database, version, table, *undo):
+    """Take the database back to before migration ``version`` (``undo`` it, forget the
+    version), migrate it again as its owner, and let the app role use the new ``table``
+    (an upgrade that adds a table asks for the grant again, as the guide says)."""
     await anyio.to_thread.run_sync(
-        run_sync, admin, pg_database.admin_dsn, *statements,
+        run_sync, admin, pg_database.admin_dsn, *undo,
         f"DELETE FROM flowstone_schema_migrations WHERE version = {int(version)}",
     )
+    async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as owner:
+        assert await owner.migrate() == [version]
+    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn,
+                                   f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO flowstone_app")
 
 
 async def test_the_partition_states_table_is_filled_from_every_tenants_records(anyio_backend, pg_database):
@@ -651,16 +657,12 @@ async def test_the_partition_states_table_is_filled_from_every_tenants_records(a
         await store.create(asset_name="a", status=Status.RUNNING)
         with fs.tenant_scope("acme"):
             await store.create(asset_name="a", partition="1", status=Status.PENDING)
-    await _undo_migration(  # as a database of schema version 11 had it
-        pg_database, 12, "DROP TABLE flowstone_partition_states",
+    await _migrate_again(  # from a database as schema version 11 had it
+        pg_database, 12, "flowstone_partition_states", "DROP TABLE flowstone_partition_states",
         "DROP TRIGGER flowstone_partition_states_insert ON flowstone_materializations",
         "DROP TRIGGER flowstone_partition_states_update ON flowstone_materializations",
         "DROP FUNCTION flowstone_keep_partition_state()",
     )
-    async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as owner:
-        assert await owner.migrate() == [12]
-    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn,
-                                   "GRANT SELECT, INSERT, UPDATE, DELETE ON flowstone_partition_states TO flowstone_app")
     async with PostgresStore(pg_database.dsn) as store:
         assert await store.partition_states("a") == {"1": Status.SUCCESS, None: Status.RUNNING}
         with fs.tenant_scope("acme"):
@@ -684,16 +686,12 @@ async def test_the_reads_table_is_filled_from_every_tenants_successes(anyio_back
         report = await success("report", None, {"clean": ("1", "2")})
         with fs.tenant_scope("acme"):
             theirs = await success("clean", "1", {"raw": ("1",)})
-    await _undo_migration(  # as a database of schema version 12 had it
-        pg_database, 13, "DROP TABLE flowstone_reads",
+    await _migrate_again(  # from a database as schema version 12 had it
+        pg_database, 13, "flowstone_reads", "DROP TABLE flowstone_reads",
         "DROP TRIGGER flowstone_reads_insert ON flowstone_materializations",
         "DROP TRIGGER flowstone_reads_update ON flowstone_materializations",
         "DROP FUNCTION flowstone_keep_reads()",
     )
-    async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as owner:
-        assert await owner.migrate() == [13]
-    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn,
-                                   "GRANT SELECT, INSERT, UPDATE, DELETE ON flowstone_reads TO flowstone_app")
     async with PostgresStore(pg_database.dsn) as store:
         await store.mark_stale("raw", "1")
         assert (await store.get_by_id(clean.id)).status is Status.STALE

@@ -86,6 +86,10 @@ async def test_a_chain_of_fast_assets_starts_no_task(anyio_backend, monkeypatch)
 
     monkeypatch.setattr(type(anyio.create_task_group()), "start_soon", counting_start_soon)
     async with fs.open_runtime(chain()) as rt:
-        started.clear()
+        assert started == []  # executors start on first use, not with the runtime
         await rt.materialize(f"a{LENGTH - 1}")
-        assert started == []
+        assert [fn.__name__ for fn in started] == ["_supervised"] * LENGTH  # one executor per asset, once
+        started.clear()
+        result = await rt.materialize(f"a{LENGTH - 1}", upstream="all", force=True)
+        assert len(result.materializations) == LENGTH
+        assert started == []  # the jobs themselves start no task

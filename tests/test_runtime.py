@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import flowstone as fs
 from waiting import until
+from flowstone.runtime.executor import Stats
 from flowstone.store import Status
 
 pytestmark = pytest.mark.anyio
@@ -626,6 +627,41 @@ async def test_register_adds_an_asset_that_can_then_run(anyio_backend):
         assert [a.name for a in await rt.assets()][-1] == "extra"
         await rt.materialize("extra")
         assert await rt.load("extra") == 60
+
+
+async def test_an_executor_starts_on_first_use_once_however_many_ask(anyio_backend):
+    async with fs.open_runtime(chain_pipeline()) as rt:
+        await rt.register(fs.Asset(name="extra", depends_on=("report",), execute_fn=lambda ctx, deps: 1))
+        snapshot = await rt._snapshot()
+        assert [snapshot.executors.running(name) for name in ("raw", "clean", "report", "extra")] == [None] * 4
+        idle = await rt.statistics()
+        assert sorted(idle) == ["clean", "extra", "raw", "report"]  # every asset, none started to say so
+        assert {(s.in_flight, s.followers, s.queued, s.awaiting_approval) for s in idle.values()} == {(0, 0, 0, 0)}
+        assert snapshot.executors.running("extra") is None
+        assert "executor:extra" in await rt._actor_names()
+
+        results = []
+
+        async def run():
+            results.append(await rt.materialize("extra"))
+
+        async with anyio.create_task_group() as tasks:  # both ask before either executor exists
+            tasks.start_soon(run)
+            tasks.start_soon(run)
+        handles = {name: snapshot.executors.running(name) for name in ("raw", "clean", "report", "extra")}
+        assert None not in handles.values()
+        assert (await rt._snapshot()).executors["extra"] is handles["extra"]  # later snapshots share it
+        assert len(await rt.store.list_by_status("success")) == 4  # each asset computed once: one executor each
+        assert [r.materializations["extra"].status for r in results] == [Status.SUCCESS] * 2
+    with pytest.raises(fs.RuntimeClosed):
+        await snapshot.executors["clean"].call(Stats)  # started: its mailbox closed with the runtime
+
+
+async def test_an_executor_cannot_start_once_the_runtime_closed(anyio_backend):
+    async with fs.open_runtime(chain_pipeline()) as rt:
+        snapshot = await rt._snapshot()
+    with pytest.raises(fs.RuntimeClosed):
+        snapshot.executors["raw"]
 
 
 @pytest.mark.parametrize(

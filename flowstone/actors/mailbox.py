@@ -287,13 +287,16 @@ async def serve(name: str, mailbox: MemoryObjectReceiveStream[Message], handlers
         try:
             message = mailbox.receive_nowait()
         except anyio.WouldBlock:
+            message = None  # waited for below, outside this handler: an idle actor
+            # would otherwise keep the exception, its traceback and frame alive
+        except anyio.EndOfStream:
+            return
+        if message is None:
             try:
                 message = await mailbox.receive()
             except anyio.EndOfStream:
                 return
             handled = 0
-        except anyio.EndOfStream:
-            return
         else:
             handled += 1
             if handled % _YIELD_EVERY == 0:

@@ -5,6 +5,11 @@ versions) and plan against it without further questions. ``Register`` is
 validated and applied one at a time, so concurrent registrations cannot race
 each other into a name clash or a cycle.
 
+An asset's executor starts when something first asks for its handle (a run, a
+backfill, an approval), not when the asset is registered: a runtime of 10,000
+assets that runs ten of them holds ten executors, and registering one costs no
+task (see :class:`Executors`).
+
 Like the memory store, the state lives outside the incarnation: a restarted
 registry still knows every executor it started.
 """
@@ -12,7 +17,7 @@ registry still knows every executor it started.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -75,10 +80,41 @@ class Known(Mapping[str, V]):
         return len(self._graph)
 
 
-def initial_snapshot(graph: AssetGraph, executors: dict[str, Handle]) -> Snapshot:
+Spawn = Callable[[Asset], Handle]
+"""Starts an asset's executor under supervision; the handle works at once."""
+
+
+class Executors(Known[Handle]):
+    """Each asset's executor handle, the executor started on first use.
+
+    Starting is synchronous (the actor's task is spawned, its mailbox takes
+    messages at once) and the event loop runs one task at a time, so two callers
+    asking for the same asset get the same executor. Observers that must not start
+    one ask ``running``."""
+
+    __slots__ = ("_spawn",)
+
+    def __init__(self, items: dict[str, Handle], graph: AssetGraph, spawn: Spawn) -> None:
+        super().__init__(items, graph)
+        self._spawn = spawn
+
+    def __getitem__(self, name: str) -> Handle:
+        if name not in self._graph:
+            raise KeyError(name)
+        handle = self._items.get(name)
+        if handle is None:
+            handle = self._items[name] = self._spawn(self._graph.get(name))
+        return handle
+
+    def running(self, name: str) -> Handle | None:
+        """The executor's handle if it has started, without starting it."""
+        return self._items.get(name) if name in self._graph else None
+
+
+def initial_snapshot(graph: AssetGraph, spawn: Spawn) -> Snapshot:
     return Snapshot(
         graph=graph,
-        executors=Known(dict(executors), graph),
+        executors=Executors({}, graph, spawn),
         versions=Known(code_versions(graph.assets), graph),
     )
 
@@ -120,24 +156,19 @@ class GetBackfill(Message[Any]):
     id: uuid.UUID
 
 
-Spawn = Callable[[Asset], Awaitable[Handle]]
-
-
 def registry_actor(
-    state: RegistryState, spawn: Spawn, io_managers: Collection[str], resources: Collection[str]
+    state: RegistryState, io_managers: Collection[str], resources: Collection[str]
 ) -> Callable[[MemoryObjectReceiveStream[Message]], Any]:
-    async def register(message: Register) -> Snapshot:
+    def register(message: Register) -> Snapshot:
         current = state.snapshot
         graph, errors = addition_problems(
             current.graph, message.asset, io_managers=io_managers, resources=resources
         )
         raise_problems(errors, graph)
-        handle = await spawn(message.asset)
         executors, versions = current.executors, current.versions
-        assert isinstance(executors, Known) and isinstance(versions, Known)
-        executors._items[message.asset.name] = handle  # seen only by snapshots whose graph holds it
-        versions._items[message.asset.name] = code_version(message.asset)
-        state.snapshot = Snapshot(graph=graph, executors=Known(executors._items, graph),
+        assert isinstance(executors, Executors) and isinstance(versions, Known)
+        versions._items[message.asset.name] = code_version(message.asset)  # seen only by snapshots whose graph holds it
+        state.snapshot = Snapshot(graph=graph, executors=Executors(executors._items, graph, executors._spawn),
                                   versions=Known(versions._items, graph))
         return state.snapshot
 

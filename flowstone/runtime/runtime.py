@@ -241,12 +241,17 @@ class Runtime:
     async def statistics(self) -> dict[str, ExecutorStatistics]:
         """A snapshot of every executor, by asset name (see ``ExecutorStatistics``)."""
         snapshot = await self._snapshot()
-        asked = {name: await handle.request(Stats) for name, handle in snapshot.executors.items()}
+        executors = snapshot.executors
+        assert isinstance(executors, reg.Executors)
+        running = {name: handle for name in executors if (handle := executors.running(name)) is not None}
+        asked = {name: await handle.request(Stats) for name, handle in running.items()}
         try:
-            return {name: await pending.result() for name, pending in asked.items()}
+            answers = {name: await pending.result() for name, pending in asked.items()}
         finally:
             for pending in asked.values():
                 pending.discard()  # those not read because one failed
+        # An executor not started yet (its asset never ran here) has nothing going on.
+        return {name: answers.get(name) or ExecutorStatistics(name, 0, 0, 0, 0) for name in executors}
 
     # The chaos tools' seam (``flowstone.testing.kill_actor``): not part of the API.
 
@@ -309,7 +314,9 @@ class Runtime:
         check_decidable(record, approve, decided=False)
         # Kept in the store first: the process that runs it, this one or another, acts on it.
         await self._env.store.decide(record.id, approve, reason)
-        executor = snapshot.executors.get(record.asset_name)
+        executors = snapshot.executors
+        assert isinstance(executors, reg.Executors)
+        executor = executors.running(record.asset_name)  # one that never started waits for nothing
         if executor is not None:
             try:  # waiting here: it goes on at once instead of at its next look in the store
                 await executor.call(Decide, tenant=tenant, record_id=record.id, approve=approve, reason=reason)
@@ -618,13 +625,15 @@ async def open_runtime(
                     tracing=tracing.tracing(),
                 )
 
-                async def spawn(asset: Asset) -> Handle:
-                    return supervised(workers, f"executor:{asset.name}", executor_actor(asset), restart_policy)
+                def spawn(asset: Asset) -> Handle:
+                    try:
+                        return supervised(workers, f"executor:{asset.name}", executor_actor(asset), restart_policy)
+                    except RuntimeError:  # the worker group is closed
+                        raise RuntimeClosed("the runtime is closed") from None
 
-                executors = {a.name: await spawn(a) for a in graph.assets}
-                state = reg.RegistryState(reg.initial_snapshot(graph, executors))
+                state = reg.RegistryState(reg.initial_snapshot(graph, spawn))
                 registry = await services.start(
-                    supervise, "registry", reg.registry_actor(state, spawn, keys, set(resources)), restart_policy
+                    supervise, "registry", reg.registry_actor(state, keys, set(resources)), restart_policy
                 )
                 runtime = Runtime(registry=registry, env=env, guard=guard, workers=workers, queue=queue,
                                   retention=retention)

@@ -153,6 +153,46 @@ async def test_the_database_itself_keeps_tenants_apart_for_a_plain_role(anyio_ba
     assert [(r["tenant_id"], r["status"]) for r in everything] == [("a", "pending"), ("b", "pending"), ("", "pending")]
 
 
+HOSTILE_TENANTS = ["$t0$", "a$t0", "$t0$$t1$'); DROP TABLE flowstone_materializations; --", "o'brien", "back\\slash", "$$", "ü $t1"]
+
+
+async def test_a_tenant_id_reaches_the_database_exactly_whatever_it_holds(anyio_backend, pg_database):
+    """Each unit of work opens its transaction and sets its tenant in one round trip,
+    with the tenant as a literal: quotes, backslashes and dollar-quote tags in a
+    tenant id are data, and each such tenant sees only its own rows."""
+
+    async def setting(connection):
+        return await connection.fetchval("SELECT current_setting('flowstone.tenant_id')")
+
+    async with PostgresStore(pg_database.dsn) as store:
+        for tenant in HOSTILE_TENANTS:
+            assert await store.db.run(tenant, setting) == tenant
+            with fs.tenant_scope(tenant):
+                await store.create(asset_name="orders", partition="p")
+        for tenant in HOSTILE_TENANTS:
+            with fs.tenant_scope(tenant):
+                assert [r.tenant_id for r in await store.list_all()] == [tenant]
+    everything = await raw(pg_database.admin_dsn, "SELECT tenant_id FROM flowstone_materializations ORDER BY seq")
+    assert [r["tenant_id"] for r in everything] == HOSTILE_TENANTS
+
+
+async def test_a_unit_of_work_that_fails_writes_nothing_and_leaves_the_connection_usable(anyio_backend, pg_dsn):
+    async def write_then_fail(connection):
+        await connection.execute(
+            "INSERT INTO flowstone_materializations (id, tenant_id, asset_name, run_id, status, inserted_at, updated_at) "
+            "VALUES (gen_random_uuid(), 't', 'half', gen_random_uuid(), 'pending', now(), now())"
+        )
+        raise fs.NotFound("changed my mind")
+
+    async with PostgresStore(pg_dsn, min_size=1, max_size=1) as store:  # one connection: the next unit reuses it
+        with pytest.raises(fs.NotFound, match="changed my mind"):
+            await store.db.run("t", write_then_fail)
+        with fs.tenant_scope("t"):
+            assert await store.list_all() == []
+            record = await store.create(asset_name="after")
+            assert [r.id for r in await store.list_all()] == [record.id]
+
+
 async def test_a_superuser_connection_is_refused_while_tenants_are_in_use(anyio_backend, pg_database):
     async with PostgresStore(pg_database.admin_dsn) as store:
         await store.create(asset_name="orders")  # no tenant: nothing to isolate

@@ -6,7 +6,7 @@ validated and applied one at a time, so concurrent registrations cannot race
 each other into a name clash or a cycle.
 
 An asset's executor starts when something first asks for its handle (a run, a
-backfill, an approval), not when the asset is registered: a runtime of 10,000
+backfill), not when the asset is registered: a runtime of 10,000
 assets that runs ten of them holds ten executors, and registering one costs no
 task (see :class:`Executors`).
 
@@ -37,7 +37,7 @@ class Snapshot:
     """The assets as of one moment; never changes, replaced on ``register``."""
 
     graph: AssetGraph
-    executors: Mapping[str, Handle]
+    executors: Executors
     versions: Mapping[str, str]
 
 
@@ -166,7 +166,7 @@ def registry_actor(
         )
         raise_problems(errors, graph)
         executors, versions = current.executors, current.versions
-        assert isinstance(executors, Executors) and isinstance(versions, Known)
+        assert isinstance(versions, Known)
         versions._items[message.asset.name] = code_version(message.asset)  # seen only by snapshots whose graph holds it
         state.snapshot = Snapshot(graph=graph, executors=Executors(executors._items, graph, executors._spawn),
                                   versions=Known(versions._items, graph))

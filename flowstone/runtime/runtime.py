@@ -242,7 +242,6 @@ class Runtime:
         """A snapshot of every executor, by asset name (see ``ExecutorStatistics``)."""
         snapshot = await self._snapshot()
         executors = snapshot.executors
-        assert isinstance(executors, reg.Executors)
         running = {name: handle for name in executors if (handle := executors.running(name)) is not None}
         asked = {name: await handle.request(Stats) for name, handle in running.items()}
         try:
@@ -314,9 +313,7 @@ class Runtime:
         check_decidable(record, approve, decided=False)
         # Kept in the store first: the process that runs it, this one or another, acts on it.
         await self._env.store.decide(record.id, approve, reason)
-        executors = snapshot.executors
-        assert isinstance(executors, reg.Executors)
-        executor = executors.running(record.asset_name)  # one that never started waits for nothing
+        executor = snapshot.executors.running(record.asset_name)  # one that never started waits for nothing
         if executor is not None:
             try:  # waiting here: it goes on at once instead of at its next look in the store
                 await executor.call(Decide, tenant=tenant, record_id=record.id, approve=approve, reason=reason)

@@ -268,7 +268,6 @@ async def _reconcile(app: Any) -> int:
     from procrastinate.exceptions import ConnectorException
 
     manager = app.job_manager
-    await manager.prune_stalled_workers(STALLED_SECONDS)  # their jobs lose their worker
     handed = 0
     for job in await manager.get_stalled_jobs(queue=QUEUE, task_name=TASK, seconds_since_heartbeat=STALLED_SECONDS):
         try:
@@ -279,6 +278,13 @@ async def _reconcile(app: Any) -> int:
             # Another process handed it back first, or a new job for the same
             # partition waits already (the queueing lock): this one goes.
             await _withdraw_stalled(app, job.id)
+    # After the jobs, not before: each statement reads its own now(), and a worker
+    # that crossed the threshold between the two had its job handed back but its
+    # row kept until the next reconcile (a backfill could end first). Pruned now,
+    # every worker whose jobs were just found stalled goes; a worker pruned here
+    # whose job was not found yet leaves that job without a worker, which the
+    # next reconcile finds.
+    await manager.prune_stalled_workers(STALLED_SECONDS)
     return handed
 
 

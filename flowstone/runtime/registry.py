@@ -11,7 +11,7 @@ assets that runs ten of them holds ten executors, and registering one costs no
 task (see :class:`Executors`).
 
 Like the memory store, the state lives outside the incarnation: a restarted
-registry still knows every executor it started.
+registry still knows every executor that has started.
 """
 
 from __future__ import annotations

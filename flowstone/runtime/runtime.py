@@ -242,8 +242,9 @@ class Runtime:
         """A snapshot of every executor, by asset name (see ``ExecutorStatistics``)."""
         snapshot = await self._snapshot()
         executors = snapshot.executors
-        running = {name: handle for name in executors if (handle := executors.running(name)) is not None}
-        asked = {name: await handle.request(Stats) for name, handle in running.items()}
+        asked = {
+            name: await handle.request(Stats) for name in executors if (handle := executors.running(name)) is not None
+        }
         try:
             answers = {name: await pending.result() for name, pending in asked.items()}
         finally:

@@ -147,3 +147,13 @@ async def test_the_reads_table_is_filled_from_the_successes_already_there(anyio_
         await store.mark_stale("raw", None)
         assert (await store.get_by_id(clean.id)).status is fs.Status.STALE
         assert (await store.get_by_id(report.id)).status is fs.Status.STALE
+
+
+async def test_the_writer_keeps_its_sub_journals_in_memory(anyio_backend, tmp_path):
+    """A batch's savepoint copies each page it first changes into a sub-journal; as a
+    temporary file that was dozens of write calls per backfilled partition."""
+    async with SqliteStore(tmp_path / "flowstone.db") as store:
+        await store.create(asset_name="a")
+        writer = store._db._writer
+        assert writer is not None
+        assert writer.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY

@@ -216,6 +216,11 @@ class SqliteStore:
         if mode != "wal":
             raise DatabaseError(f"SQLite could not use write-ahead logging for {self.path} (mode {mode})")
         connection.execute(f"PRAGMA synchronous = {self.synchronous}")
+        # A batch's savepoint (and each statement that may abort halfway) copies every
+        # page it is first to change into a sub-journal, a temporary file by default:
+        # 37 write calls per backfilled partition, a quarter of the time. In memory it
+        # is a copy; its size is bounded by the pages one batch changes.
+        connection.execute("PRAGMA temp_store = MEMORY")
         connection.execute("BEGIN IMMEDIATE")
         try:
             self._applied = _migrate(connection)

@@ -1,18 +1,31 @@
-"""Record and run ids: random version-4 UUIDs, never the same twice, not even across a fork."""
+"""Record and run ids: time-ordered version-7 UUIDs, in the order they were made, never
+the same twice, not even across a fork."""
 
 from __future__ import annotations
 
 import multiprocessing
+import time
 import uuid
 
 from flowstone.plumbing.ids import new_uuid
 
 
-def test_ids_are_version_4_uuids_like_uuid4_makes():
-    for made in (new_uuid() for _ in range(2000)):
-        assert made.version == 4 and made.variant == uuid.RFC_4122
-        again = uuid.UUID(str(made))
-        assert again == made and hash(again) == hash(made) and made.is_safe is uuid.SafeUUID.unknown
+def test_ids_are_version_7_uuids_that_start_with_the_time_they_were_made():
+    before = time.time_ns() // 1_000_000
+    made = [new_uuid() for _ in range(2000)]
+    after = time.time_ns() // 1_000_000
+    for one in made:
+        assert one.version == 7 and one.variant == uuid.RFC_4122
+        again = uuid.UUID(str(one))
+        assert again == one and hash(again) == hash(one) and one.is_safe is uuid.SafeUUID.unknown
+    # 2,000 ids may borrow a millisecond or two ahead, never more than one per 4,096 ids
+    assert before <= made[0].int >> 80 and made[-1].int >> 80 <= after + 1
+
+
+def test_ids_sort_in_the_order_they_were_made_even_many_in_one_millisecond():
+    made = [new_uuid() for _ in range(20_000)]  # several thousand per millisecond here
+    assert sorted(made) == made
+    assert sorted(str(one) for one in made) == [str(one) for one in made]  # as text, as the stores index them
 
 
 def test_ids_are_unique_within_a_process():

@@ -115,7 +115,7 @@ class _AtKey(Message[R]):
 class Create(Message[Materialization]):
     """A new record. ``orphan``: the record of an expired lease this one's lease
     replaced, closed in the same step. Sent as a call when the caller chose the id
-    (it may clash), as a cast otherwise (a fresh uuid4 cannot)."""
+    (it may clash), as a cast otherwise (a fresh id from new_uuid cannot)."""
 
     record: Materialization
     orphan: tuple[uuid.UUID, str] | None = None

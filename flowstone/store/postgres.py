@@ -123,6 +123,11 @@ CROSS JOIN LATERAL (
 """Each partition has at most one current record (success or stale), so each lookup
 is one probe of the unique index of current records; no ordering by age, which let
 the planner walk the tenant's newest records instead while the table was young."""
+_OF_TENANT = "CASE WHEN m.tenant_id = $1 THEN true END"
+"""The tenant test of a statement that finds records by key: as an equality it was an
+index condition the planner could pick while the table's statistics lagged behind its
+growth (reading every record of the tenant to change five). Row-level security filters
+the same way (schema version 14)."""
 _MARK_STALE = f"""
 WITH RECURSIVE built_on(asset, partitioned, key) AS (
     SELECT $2::text, $3::text IS NOT NULL, coalesce($3::text, '')
@@ -131,13 +136,13 @@ WITH RECURSIVE built_on(asset, partitioned, key) AS (
     FROM built_on b
     JOIN flowstone_reads r
       ON r.asset_name = b.asset AND r.partition = b.key AND r.partitioned = b.partitioned AND r.tenant_id = $1
-    JOIN {TABLE} m ON m.id = r.reader AND m.tenant_id = $1 AND m.status = 'success'
+    JOIN {TABLE} m ON m.id = r.reader AND {_OF_TENANT} AND m.status = 'success'
 )
 UPDATE {TABLE} AS m SET status = 'stale', updated_at = $4
 FROM built_on b
 JOIN flowstone_reads r
   ON r.asset_name = b.asset AND r.partition = b.key AND r.partitioned = b.partitioned AND r.tenant_id = $1
-WHERE m.id = r.reader AND m.tenant_id = $1 AND m.status = 'success'
+WHERE m.id = r.reader AND {_OF_TENANT} AND m.status = 'success'
 """
 """Every success built on ``$2 @ $3``, transitively, made stale: its readers are
 looked up in ``flowstone_reads`` (kept by triggers, schema version 13) by equality,
@@ -169,9 +174,9 @@ def _supersede(rows: str, now: str, where: str = "TRUE") -> str:
     """An UPDATE that supersedes the current record of each row ``r`` of ``rows`` (the
     FROM clause naming them) other than ``r`` itself, when ``where`` holds for ``r``."""
     return f"""UPDATE {TABLE} AS m SET status = 'superseded', updated_at = {now}
-    WHERE m.tenant_id = $1 AND m.id = ANY(ARRAY(
+    WHERE m.id = ANY(ARRAY(
         SELECT c.id FROM {rows} CROSS JOIN LATERAL {_CURRENT_OF_R} AS c WHERE c.id <> r.id AND {where}
-    )) AND {_BY_STATUS}"""
+    )) AND {_OF_TENANT} AND {_BY_STATUS}"""
 
 
 _SUPERSEDE_NEW = _supersede("jsonb_to_recordset($2::text::jsonb) AS r(id uuid, asset_name text, partition text)", "$3")
@@ -218,7 +223,7 @@ WITH history AS (
     ORDER BY h.seq LIMIT $7
 ), gone AS (
     -- by primary key (an array, not a join), whatever the planner believes of the table's size
-    DELETE FROM {TABLE} WHERE tenant_id = $1 AND id = ANY(ARRAY(SELECT id FROM doomed)) RETURNING 1
+    DELETE FROM {TABLE} AS m WHERE m.id = ANY(ARRAY(SELECT id FROM doomed)) AND {_OF_TENANT} RETURNING 1
 )
 SELECT count(*) FROM gone
 """
@@ -256,7 +261,7 @@ UPDATE {TABLE} AS m SET
     error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at,
     error_traceback = r.error_traceback
 FROM jsonb_to_recordset($2::text::jsonb) AS r({_ROW_TYPES}, fence bigint)
-WHERE m.id = r.id AND m.id = ANY($3::uuid[]) AND m.tenant_id = r.tenant_id
+WHERE m.id = r.id AND m.id = ANY($3::uuid[]) AND {_OF_TENANT} AND r.tenant_id = $1
   AND CASE WHEN m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at) THEN true END
   AND (r.fence IS NULL OR r.fence IN (SELECT fence FROM held))
 RETURNING m.id
@@ -334,7 +339,7 @@ UPDATE {TABLE} AS m SET status = CASE m.status WHEN 'running' THEN 'failed' ELSE
     completed_at = $3, updated_at = $3,
     error_message = 'orphaned: ' || r.owner || ' stopped renewing its lease without finishing it'
 FROM unnest($2::uuid[], $4::text[]) AS r(id, owner)
-WHERE m.tenant_id = $1 AND m.id = r.id AND m.id = ANY($2::uuid[])
+WHERE m.id = r.id AND m.id = ANY($2::uuid[]) AND {_OF_TENANT}
   AND CASE WHEN m.status IN ('pending', 'running', 'waiting_approval') THEN true END
 """
 """Closes the records of leases that expired and were taken over just now (rare)."""
@@ -946,7 +951,7 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
         current_rows = {
             row[0]: (row[1], row[2])
             for row in await connection.fetch(
-                f"SELECT id, status, updated_at FROM {TABLE} WHERE id = ANY($1) AND tenant_id = $2", missing, tenant
+                f"SELECT id, status, updated_at FROM {TABLE} AS m WHERE id = ANY($2) AND {_OF_TENANT}", tenant, missing
             )
         }
     outcome: list[BaseException | None] = []
@@ -1008,7 +1013,7 @@ async def _begin(
         current = {
             row[0]: _record(row)
             for row in await connection.fetch(
-                f"{_SELECT} WHERE id = ANY($1::uuid[]) AND tenant_id = $2", list(finished.values()), tenant
+                f"{_SELECT} AS m WHERE id = ANY($2::uuid[]) AND {_OF_TENANT}", tenant, list(finished.values())
             )
         }
         for op in ops:
@@ -1037,7 +1042,7 @@ async def _begin(
             current = {
                 row[0]: _record(row)
                 for row in await connection.fetch(
-                    f"{_SELECT} WHERE id = ANY($1::uuid[]) AND tenant_id = $2", list(done_ids.values()), tenant
+                    f"{_SELECT} AS m WHERE id = ANY($2::uuid[]) AND {_OF_TENANT}", tenant, list(done_ids.values())
                 )
             }
             for op in held:

@@ -176,6 +176,21 @@ async def test_a_tenant_id_reaches_the_database_exactly_whatever_it_holds(anyio_
     assert [r["tenant_id"] for r in everything] == HOSTILE_TENANTS
 
 
+async def test_only_units_that_write_by_key_plan_without_table_scans(anyio_backend, pg_dsn):
+    """The record write batches plan with table scans off and keep one generic plan
+    per statement; every other unit (listings, status reads) plans as PostgreSQL
+    would, on the same pooled connection, in the next transaction."""
+
+    async def settings(connection):
+        return await connection.fetchrow(
+            "SELECT current_setting('enable_seqscan') AS seqscan, current_setting('plan_cache_mode') AS mode"
+        )
+
+    async with PostgresStore(pg_dsn, min_size=1, max_size=1) as store:
+        assert tuple(await store.db.run("t", settings, by_key=True)) == ("off", "force_generic_plan")
+        assert tuple(await store.db.run("t", settings)) == ("on", "auto")
+
+
 async def test_a_unit_of_work_that_fails_writes_nothing_and_leaves_the_connection_usable(anyio_backend, pg_dsn):
     async def write_then_fail(connection):
         await connection.execute(

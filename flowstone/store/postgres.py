@@ -528,7 +528,7 @@ class PostgresStore(PostgresClient):
 
     async def _flush(self, tenant: str | None, ops: list[_Write]) -> None:
         try:
-            outcome = await self.db.run(tenant, _write_batch, tenant or "", ops)
+            outcome = await self.db.run(tenant, _write_batch, tenant or "", ops, by_key=True)
         except DatabaseUnavailable:
             raise
         except FlowstoneError:

@@ -93,3 +93,33 @@ async def test_a_chain_of_fast_assets_starts_no_task(anyio_backend, monkeypatch)
         result = await rt.materialize(f"a{LENGTH - 1}", upstream="all", force=True)
         assert len(result.materializations) == LENGTH
         assert started == []  # the jobs themselves start no task
+
+
+async def test_finished_runs_leave_nothing_for_the_cycle_collector(anyio_backend):
+    """Each run is freed as soon as it ends, by reference counting: a run kept in a
+    reference cycle (its worker, a closure that started copies of itself) held its
+    records, outcomes and ids until the collector's next pass, 18 objects per
+    backfilled partition, and each pass walked them."""
+    import gc
+    from datetime import date, timedelta
+
+    async def leaf(ctx, deps):
+        return 1
+
+    assets = [
+        fs.Asset(name="events", partitioned_by=fs.DailyPartitions(start=date(2024, 1, 1)), execute_fn=leaf),
+        *(fs.Asset(name=f"b{i}", execute_fn=leaf) for i in range(3)),
+        fs.Asset(name="top", depends_on=("b0", "b1", "b2"), execute_fn=leaf),  # parallel branches: spare workers
+    ]
+    days = [date(2024, 1, 1) + timedelta(days=i) for i in range(210)]
+    async with fs.open_runtime(assets) as rt:
+        await rt.wait_backfill(await rt.backfill("events", partitions=days[:10], max_parallel=20))  # warm
+        gc.collect()
+        gc.disable()
+        try:
+            await rt.wait_backfill(await rt.backfill("events", partitions=days[10:], max_parallel=20))
+            await rt.materialize("top", upstream="all")
+            found = gc.collect()
+        finally:
+            gc.enable()
+    assert found < 100, f"{found} objects in reference cycles after 200 partitions and a fan"  # 3,600+ before

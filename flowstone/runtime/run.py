@@ -82,6 +82,17 @@ class _Node:
     inputs: tuple[_Input, ...]
 
 
+class _Ready:
+    """``run_all``'s queue: nodes whose inputs are done, what each node still waits
+    for, who reads each node, and how many spare workers are waiting to start."""
+
+    __slots__ = ("readers", "ready", "spare", "waiting")
+
+    def __init__(self, ready: deque[_Node], waiting: dict[str, int], readers: dict[str, list[_Node]]) -> None:
+        self.ready, self.waiting, self.readers = ready, waiting, readers
+        self.spare = 0
+
+
 @attrs.define
 class _Outcome:
     record: Materialization | None = None
@@ -468,39 +479,40 @@ class _Run:
             for read in node.inputs:
                 if read.kind == "node":
                     readers[read.asset].append(node)
-        ready = deque(n for n in self.nodes if waiting[n.asset.name] == 0)
-        spare = 0
-
-        async def worker(tasks: Any, helper: bool) -> None:
-            nonlocal spare
-            if helper:
-                spare -= 1
-            while ready:
-                node = ready.popleft()
-                if ready and spare == 0 and tasks is not None:
-                    spare += 1
-                    tasks.start_soon(worker, tasks, True)
-                name = node.asset.name
-                try:
-                    self.outcomes[name] = await self.run_node(node)
-                except FlowstoneError as error:
-                    self.outcomes[name] = _Outcome(error=error)
-                except Exception as error:
-                    # A store or IO manager broke its contract (raised something that
-                    # is not a FlowstoneError): wrapped here, once, for the caller.
-                    wrapped = MaterializationFailed(name, node.key, tenant=self.tenant, error=describe(error))
-                    wrapped.__cause__ = error
-                    self.outcomes[name] = _Outcome(error=wrapped)
-                for reader in readers[name]:
-                    waiting[reader.asset.name] -= 1
-                    if waiting[reader.asset.name] == 0:
-                        ready.append(reader)
-
+        queue = _Ready(deque(n for n in self.nodes if waiting[n.asset.name] == 0), waiting, readers)
         if len(self.nodes) == 1:
-            await worker(None, False)
+            await self._work(queue, None, False)
             return
         async with anyio.create_task_group() as tasks:
-            await worker(tasks, False)
+            await self._work(queue, tasks, False)
+
+    async def _work(self, queue: _Ready, tasks: Any, helper: bool) -> None:
+        """A worker of ``run_all``. A method, not a closure: a closure that starts
+        copies of itself refers to itself, and that cycle kept each run (its
+        records, outcomes and ids) alive until the collector's next pass."""
+        if helper:
+            queue.spare -= 1
+        ready = queue.ready
+        while ready:
+            node = ready.popleft()
+            if ready and queue.spare == 0 and tasks is not None:
+                queue.spare += 1
+                tasks.start_soon(self._work, queue, tasks, True)
+            name = node.asset.name
+            try:
+                self.outcomes[name] = await self.run_node(node)
+            except FlowstoneError as error:
+                self.outcomes[name] = _Outcome(error=error)
+            except Exception as error:
+                # A store or IO manager broke its contract (raised something that
+                # is not a FlowstoneError): wrapped here, once, for the caller.
+                wrapped = MaterializationFailed(name, node.key, tenant=self.tenant, error=describe(error))
+                wrapped.__cause__ = error
+                self.outcomes[name] = _Outcome(error=wrapped)
+            for reader in queue.readers[name]:
+                queue.waiting[reader.asset.name] -= 1
+                if queue.waiting[reader.asset.name] == 0:
+                    ready.append(reader)
 
     async def run_node(self, node: _Node) -> _Outcome:
         name = node.asset.name

@@ -503,15 +503,18 @@ class PostgresStore(PostgresClient):
             raise op.error
 
     async def _lead_flush(self) -> None:
-        batch: list[_Write] = []
-        rest: list[_Write] = []
-        ids: set[uuid.UUID] = set()
-        for queued in self._queue:  # one write per record per batch; a second waits for the next
-            (rest if queued.record.id in ids else batch).append(queued)
-            ids.add(queued.record.id)
-        self._queue = rest
         event = self._flushing = anyio.Event()
+        batch: list[_Write] = []
         try:
+            # Let the tasks the last flush woke run first: their next writes join
+            # this batch instead of waiting for a flush of their own.
+            await anyio.lowlevel.checkpoint()
+            rest: list[_Write] = []
+            ids: set[uuid.UUID] = set()
+            for queued in self._queue:  # one write per record per batch; a second waits for the next
+                (rest if queued.record.id in ids else batch).append(queued)
+                ids.add(queued.record.id)
+            self._queue = rest
             by_tenant: dict[str | None, list[_Write]] = {}
             for queued in batch:
                 by_tenant.setdefault(queued.record.tenant_id, []).append(queued)

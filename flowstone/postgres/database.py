@@ -198,11 +198,13 @@ def _begin_as(tenant: str, by_key: bool = False) -> str:
     n = 0
     while (tenant + (tag := f"$t{n}$")).find(tag) != len(tenant):
         n += 1
-    settings = ", set_config('enable_seqscan', 'off', true), set_config('plan_cache_mode', 'force_generic_plan', true)"
     return (
         f"BEGIN; SELECT set_config('flowstone.tenant_id', {tag}{tenant}{tag}, true), "
-        f"set_config('jit', 'off', true){settings if by_key else ''}"
+        f"set_config('jit', 'off', true){_BY_KEY if by_key else ''}"
     )
+
+
+_BY_KEY = ", set_config('enable_seqscan', 'off', true), set_config('plan_cache_mode', 'force_generic_plan', true)"
 
 
 def _discard(connection: Any) -> None:

@@ -4,19 +4,21 @@ connections. Everything runs against a real server (tests/pgfixtures.py)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import date, timedelta
 
 import anyio
 import asyncpg
 import pytest
+from pgfixtures import admin, run_sync
+from waiting import until
 
 import flowstone as fs
 from flowstone.postgres.schema import MIGRATIONS
 from flowstone.store import TERMINAL, PostgresStore, Status
+from flowstone.store import postgres as store_module
 from flowstone.testing import check_integrity, terminate_connections
-from pgfixtures import admin, run_sync
-from waiting import until
 
 pytestmark = pytest.mark.anyio
 
@@ -771,10 +773,6 @@ async def test_a_batch_of_completions_reads_its_own_records_whatever_the_table_h
     an index condition the planner picked: to complete five records it read every
     record of the tenant through an index leading with tenant_id. Records are found by
     key (schema version 14): what each completion reads does not grow with the table."""
-    import json
-
-    from flowstone.store import postgres as store_module
-
     run_sync(admin, pg_database.admin_dsn, """
         INSERT INTO flowstone_materializations (id, asset_name, partition, run_id, status, inserted_at, updated_at)
         SELECT gen_random_uuid(), 'old', g::text, gen_random_uuid(), 'success', now(), now()
@@ -801,7 +799,7 @@ async def test_a_batch_of_completions_reads_its_own_records_whatever_the_table_h
         assert {r.partition for r in await store.list_by_status("success", limit=10) if r.asset_name == "events"} \
             == {f"2024-01-0{day + 1}" for day in range(5)}
     assert plans
-    read = [(node.get("Index Name") or node.get("Relation Name"), node["Actual Rows"] * node["Actual Loops"])
-            for plan in plans for node in _nodes(plan[0]["Plan"])
-            if str(node.get("Index Name", node.get("Relation Name", ""))).startswith("flowstone_materializations")]
+    scans = [(node.get("Index Name") or node.get("Relation Name") or "", node["Actual Rows"] * node["Actual Loops"])
+             for plan in plans for node in _nodes(plan[0]["Plan"])]
+    read = [(name, rows) for name, rows in scans if name.startswith("flowstone_materializations")]
     assert read and all(rows <= 10 for _, rows in read), read

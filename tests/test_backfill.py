@@ -104,6 +104,29 @@ async def test_cancel_stops_new_work_and_leaves_every_record_terminal(anyio_back
         assert (await rt.wait_backfill(backfill)).state == "cancelled"
 
 
+async def test_cancel_stops_a_backfill_whose_partitions_never_block(anyio_backend):
+    # Partitions that wait on nothing never yield; on asyncio, anyio cancels only a
+    # task whose wait is not over, and each chunk's lookup was always answered
+    # before the cancellation came: such a backfill ran on after cancel_backfill.
+    async def instant(ctx, deps):
+        return 1
+
+    many = [date(2000, 1, 1) + timedelta(days=i) for i in range(100_000)]
+    async with fs.open_runtime([
+        fs.Asset(name="events", execute_fn=instant, partitioned_by=fs.DailyPartitions(start=date(2000, 1, 1)))
+    ]) as rt:
+        backfill = await rt.backfill("events", partitions=many, max_parallel=4)
+
+        async def some_done():
+            return (await rt.backfill_status(backfill)).succeeded > 0
+
+        await until(some_done)
+        with anyio.fail_after(10):
+            status = await rt.cancel_backfill(backfill)
+        assert status.state == "cancelled" and 0 < status.succeeded < len(many)
+        assert status.cancelled == len(many) - status.succeeded - status.failed
+
+
 async def test_resume_runs_only_what_is_not_done(anyio_backend):
     calls = []
     gate = {"open": False}

@@ -562,6 +562,81 @@ async def test_a_lease_granted_to_a_caller_that_left_goes_to_the_next_caller(any
             send.close()
 
 
+async def test_the_gate_answers_direct_callers_at_once_and_followers_when_the_leader_finishes(anyio_backend):
+    # Runs in the runtime's loop ask the executor's gate directly (no message, no
+    # event-loop turn); what must wait still waits for the leader, as by message.
+    from flowstone.actors.supervisor import RestartPolicy, spawn
+    from flowstone.runtime.executor import Door, Finished, JobResult, Lease, Stats, executor_actor, finish, submit
+
+    asset = fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)
+    door = Door(asset)
+    async with anyio.create_task_group() as tasks:
+        handle = spawn(tasks, "executor:a", executor_actor(asset, door), RestartPolicy(), shared=door)
+        leader = await submit(handle, None, "k")
+        follower = await submit(handle, None, "k")
+        other = await submit(handle, "tenant-b", "k")  # another tenant's partition is another flight
+        assert door.gate is not None and len(door.gate.flights) == 2  # before the actor's task even began
+        lease = await leader.result()
+        assert isinstance(lease, Lease) and isinstance(await other.result(), Lease)
+        stats = await handle.call(Stats)  # the actor serves messages on the same gate
+        assert (stats.in_flight, stats.followers) == (2, 1)
+        result = JobResult(record=None)  # type: ignore[arg-type]
+        assert finish(handle, Finished(tenant=None, key="k", token=lease.token, result=result))
+        with anyio.fail_after(5):
+            assert await follower.result() is result
+        assert (await handle.call(Stats)).in_flight == 1
+        handle.close()
+
+
+async def test_a_bug_in_a_direct_gate_call_restarts_the_executor_with_a_new_gate(anyio_backend, monkeypatch):
+    from flowstone.actors.supervisor import RestartPolicy, spawn
+    from flowstone.errors import ActorCrashed
+    from flowstone.runtime import executor as ex
+
+    asset = fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)
+    door = ex.Door(asset)
+    async with anyio.create_task_group() as tasks:
+        handle = spawn(tasks, "executor:a", ex.executor_actor(asset, door), RestartPolicy(), shared=door)
+        first = door.gate
+        waiting = await ex.submit(handle, None, "held")  # a leader, then a follower of it
+        follower = await ex.submit(handle, None, "held")
+        assert isinstance(await waiting.result(), ex.Lease)
+
+        def broken(self, message):
+            raise KeyError("a bug")
+
+        monkeypatch.setattr(ex._Gate, "submit", broken)
+        with pytest.raises(ActorCrashed) as caught:
+            await ex.submit(handle, None, "k")
+        assert isinstance(caught.value.__cause__, KeyError)
+        with anyio.fail_after(5), pytest.raises(ActorCrashed):
+            await follower.result()  # nobody waits on a broken gate
+        monkeypatch.undo()
+        with anyio.fail_after(5):
+            while door.gate is None or door.gate is first:  # the supervisor restarts it
+                await anyio.sleep(0)
+            assert isinstance(await (await ex.submit(handle, None, "k")).result(), ex.Lease)
+        handle.close()
+
+
+async def test_while_the_gate_is_down_a_caller_asks_by_message(anyio_backend):
+    from flowstone.actors.supervisor import RestartPolicy, spawn
+    from flowstone.runtime.executor import Door, Lease, Stats, executor_actor, submit
+
+    asset = fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)
+    door = Door(asset)
+    async with anyio.create_task_group() as tasks:
+        handle = spawn(tasks, "executor:a", executor_actor(asset, door), RestartPolicy(), shared=door)
+        await handle.call(Stats)  # the actor serves its gate now
+        gate, door.gate = door.gate, None  # as between a crash and the restart
+        pending = await submit(handle, None, "k")
+        assert gate is not None and not gate.flights  # not asked directly
+        with anyio.fail_after(5):
+            assert isinstance(await pending.result(), Lease)  # the actor answered the message
+        assert len(gate.flights) == 1
+        handle.close()
+
+
 async def test_cancelling_a_caller_records_its_job_cancelled(anyio_backend):
     started = anyio.Event()
 

@@ -27,8 +27,8 @@ from ..errors import ActorCrashed, FlowstoneError, RuntimeClosed
 from ..plumbing.interrupts import internal
 
 __all__ = [
-    "CLEANUP_SECONDS", "DEFERRED", "Crash", "Handle", "Handlers", "Message", "Outcome", "Reply", "open_mailbox",
-    "serve",
+    "CLEANUP_SECONDS", "DEFERRED", "Crash", "Handle", "Handlers", "Message", "Outcome", "Reply", "direct_reply",
+    "open_mailbox", "serve",
 ]
 
 log = logging.getLogger("flowstone.actors")
@@ -149,6 +149,10 @@ class Handle:
 
     name: str
     _mailbox: MemoryObjectSendStream[Message] = attrs.field(repr=False)
+    shared: Any = attrs.field(default=None, repr=False, eq=False)
+    """What the actor lets callers in its own event loop use without a message, if
+    anything (the executor's gate: ``flowstone.runtime.executor.Door``). Such use is
+    atomic (one thread, no await inside) and must keep the actor's guarantees."""
 
     async def call(self, message_type: Callable[P, Message[R]], /, *args: P.args, **fields: P.kwargs) -> R:
         """Send a request and wait for its answer; errors arrive as raised errors.
@@ -258,10 +262,21 @@ class PendingCall(Generic[R]):
             await hook(self._reply, late)
 
 
-def open_mailbox(name: str) -> tuple[Handle, MemoryObjectSendStream[Message], MemoryObjectReceiveStream[Message]]:
+def open_mailbox(
+    name: str, shared: Any = None
+) -> tuple[Handle, MemoryObjectSendStream[Message], MemoryObjectReceiveStream[Message]]:
     """A handle plus both ends of its mailbox, for the supervisor to own and close."""
     send, receive = anyio.create_memory_object_stream[Message](MAILBOX_SIZE)
-    return Handle(name, send), send, receive
+    return Handle(name, send, shared), send, receive
+
+
+def direct_reply(actor: str) -> tuple[Reply, PendingCall[Any]]:
+    """A reply and the caller's end of it, for a handler called without a message
+    (through ``Handle.shared``): it answers at once or keeps the reply for later,
+    as it would a message's."""
+    slot = _Slot()
+    reply = Reply(slot)
+    return reply, PendingCall(actor, reply, slot)
 
 
 Handler = Callable[[Any], Any]

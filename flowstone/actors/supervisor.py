@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import attrs
@@ -55,13 +56,16 @@ async def supervise(
     await _supervised(name, incarnation, policy, send, receive, lambda: task_status.started(handle))
 
 
-def spawn(tasks: TaskGroup, name: str, incarnation: Incarnation, policy: RestartPolicy) -> Handle:
+def spawn(
+    tasks: TaskGroup, name: str, incarnation: Incarnation, policy: RestartPolicy, *, shared: Any = None
+) -> Handle:
     """Supervise ``incarnation`` in ``tasks`` without waiting for its task to begin:
     the handle works at once (messages wait in the mailbox until the actor runs).
     A runtime starts one executor per asset; waiting for each (``tg.start``) cost
     two event-loop turns apiece. A task always begins (anyio cancels only tasks that
-    have), so its mailbox is always closed by it."""
-    handle, send, receive = open_mailbox(name)
+    have), so its mailbox is always closed by it. ``shared`` goes on the handle
+    (``Handle.shared``)."""
+    handle, send, receive = open_mailbox(name, shared)
     try:
         tasks.start_soon(_supervised, name, incarnation, policy, send, receive, None, name=name)
     except BaseException:

@@ -361,6 +361,11 @@ async def _worker(
     each other); once the feed is empty, the ones put aside run, now waiting if they
     must, and mostly find the other process's success to take."""
     while chunk := list(itertools.islice(feed, size)):
+        # A partition that blocks on nothing never yields, and the chunk's lookup is
+        # answered before anyio's cancellation reaches a waiting task on asyncio (it
+        # only cancels tasks whose wait is not over): without this, cancelling a
+        # backfill of fast partitions never stopped it there.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         requests = [
             RunRequest(spec.asset, p, spec.upstream, spec.force, spec.io, spec.context, defer_held=True)
             for p in chunk
@@ -373,6 +378,7 @@ async def _worker(
         for partition, request, entry in zip(chunk, requests, entries, strict=True):
             await _run_one(spec, progress, runner, partition, request, entry)
     while progress.deferred:
+        await anyio.lowlevel.checkpoint_if_cancelled()
         partition = progress.deferred.pop()
         request = RunRequest(spec.asset, partition, spec.upstream, spec.force, spec.io, spec.context)
         await _run_one(spec, progress, runner, partition, request, None)

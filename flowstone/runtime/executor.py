@@ -21,6 +21,16 @@ trivial materialization does, and cancelling a caller then cancels its job as
 structured concurrency expects. If a leader is cancelled while others wait for
 the same partition, the first of them is promoted to run it.
 
+Runs in the runtime's own event loop do not post ``Submit`` and ``Finished``:
+they call the gate directly through the handle's :class:`Door` (``submit`` and
+``finish`` below). The gate's handlers are plain functions and the loop runs one
+task at a time, so a direct call is as atomic as a message, and a free partition's
+lease comes back with no event-loop turn: the round trip cost a 10,000-partition
+backfill 38 us of its 167 per partition (ADR 0030). What must wait (a follower, a
+caller queued for a slot) keeps its reply, answered when the leader finishes, as
+before. While the actor restarts after a crash there is no gate: callers post
+messages, which the next incarnation serves.
+
 A crash of this actor fails every caller waiting on it (followers, queued
 callers, jobs waiting for approval) with ``ActorCrashed``; jobs already running
 finish in their callers' tasks. The supervisor restarts the actor.
@@ -38,7 +48,7 @@ import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..actors.mailbox import DEFERRED, Message, Reply, serve
+from ..actors.mailbox import DEFERRED, Crash, Handle, Message, PendingCall, Reply, direct_reply, serve
 from ..definitions import Asset
 from ..errors import ActorCrashed, FlowstoneError, NotFound, RuntimeClosed
 from ..io.protocol import IOManager
@@ -50,8 +60,8 @@ from .tracing import Tracing
 from .watch import EventBus
 
 __all__ = [
-    "AwaitApproval", "Decide", "Detach", "Env", "ExecutorStatistics", "Finished", "JobResult", "Lease", "Stats",
-    "Submit", "executor_actor",
+    "AwaitApproval", "Decide", "Detach", "Door", "Env", "ExecutorStatistics", "Finished", "JobResult", "Lease",
+    "Stats", "Submit", "executor_actor", "finish", "submit",
 ]
 
 FlightKey = tuple[str | None, str | None]
@@ -304,17 +314,78 @@ class _Gate:
         self.fail_waiters(boxed)
 
 
-def executor_actor(asset: Asset) -> Any:
-    """The incarnation the supervisor restarts for ``asset``."""
+class Door:
+    """The executor's current gate, for callers in the runtime's event loop (the
+    handle's ``shared``). The first incarnation's gate is made with the door, so the
+    first run of a new executor need not wait for its task to begin either."""
+
+    __slots__ = ("asset", "gate")
+
+    def __init__(self, asset: Asset) -> None:
+        self.asset = asset
+        self.gate: _Gate | None = _Gate(asset)
+
+    def call(self, handler: Callable[[_Gate], Any]) -> Any:
+        """``handler(gate)``, or ActorCrashed when it fails as a bug would: then the
+        gate's waiters are failed, and the actor is told to crash, so its
+        supervisor starts it again with a new gate (as a bug in a message does)."""
+        gate = self.gate
+        assert gate is not None
+        try:
+            return handler(gate)
+        except Exception as error:
+            self.gate = None
+            gate.crashed(error)
+            crash = ActorCrashed(gate.name, asset=self.asset.name)
+            crash.__cause__ = error
+            raise crash from error
+
+
+async def submit(executor: Handle, tenant: str | None, key: str | None) -> PendingCall[Lease | JobResult]:
+    """Ask ``executor`` to run partition ``key``: the answer is there at once when
+    the gate is up and the partition is free, else later (see ``Submit``)."""
+    door = executor.shared
+    if door is None or door.gate is None:
+        return await executor.request(Submit, tenant=tenant, key=key)
+    reply, pending = direct_reply(executor.name)
+    try:
+        door.call(lambda gate: gate.submit(Submit(tenant=tenant, key=key, reply=reply)))
+    except ActorCrashed:
+        executor.try_cast(Crash(reason="its gate failed a direct call"))
+        raise
+    return pending
+
+
+def finish(executor: Handle, finished: Finished) -> bool:
+    """Hand the lease back (see ``Finished``); False when the mailbox is full (the
+    gate is down and the message could not be posted without waiting)."""
+    door = executor.shared
+    if door is None or door.gate is None:
+        return executor.try_cast(finished)
+    try:
+        door.call(lambda gate: gate.finished(finished))
+    except ActorCrashed:
+        executor.try_cast(Crash(reason="its gate failed a direct call"))
+        # The lease is gone with the gate, and followers were told: nothing to hand back.
+    return True
+
+
+def executor_actor(asset: Asset, door: Door | None = None) -> Any:
+    """The incarnation the supervisor restarts for ``asset``; ``door`` is the one on
+    its handle, when callers may reach the gate directly."""
+    door = door if door is not None else Door(asset)
 
     async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
-        gate = _Gate(asset)
+        gate = door.gate if door.gate is not None else _Gate(asset)
+        door.gate = gate  # before any await: direct callers and messages see one gate
         try:
             await serve(gate.name, mailbox, gate.dispatch)
         except Exception as error:
             gate.crashed(error)
             raise
         finally:
+            if door.gate is gate:
+                door.gate = None
             # Whatever ended this incarnation (a crash was answered above; a
             # shutdown is answered here), nobody may wait on it forever.
             gate.fail_waiters(lambda: RuntimeClosed(f"{gate.name} stopped"))

@@ -33,7 +33,7 @@ from ..plumbing.ids import new_uuid
 from ..store.leases import FinishedElsewhere, LeaseHeld
 from ..store.records import Materialization, Status
 from . import tracing
-from .executor import Detach, Env, Finished, JobResult, Lease, Submit
+from .executor import Detach, Env, Finished, JobResult, Lease, finish, submit
 from .hashing import dependency_hash
 from .job import Job, Read, describe, run_job
 from .registry import Snapshot
@@ -339,8 +339,9 @@ class _Run:
     Which assets must run is decided before any of them runs (an asset whose
     inputs are all reused keeps its result when its dependency hash matches; an
     asset reading one that runs must run too). Leases for all of them are then
-    requested at once, so the executors answer together in one event-loop turn,
-    and an asset whose inputs are done runs straight away on its lease. A chain
+    requested at once, from the executors' gates directly (an answer at once, no
+    event-loop turn, when the partition is free), and an asset whose inputs are
+    done runs straight away on its lease. A chain
     of fast assets then runs without yielding at all, and the store applies its
     writes in one batch. Requesting leases early cannot deadlock: a lease only
     waits for its own asset's inputs, and inputs never need a reader's slot.
@@ -439,7 +440,7 @@ class _Run:
             for node in self.nodes:
                 if node.asset.name in running:
                     executor = self.snapshot.executors[node.asset.name]
-                    self.leases[node.asset.name] = await executor.request(Submit, tenant=self.tenant, key=node.key)
+                    self.leases[node.asset.name] = await submit(executor, self.tenant, node.key)
             await self.run_all()
         finally:
             for name, pending in self.leases.items():  # inputs failed, or we were cancelled
@@ -599,7 +600,7 @@ class _Run:
                 record_id=result.record.id if result is not None else None,
             )
             try:
-                if not executor.try_cast(finished):  # a full mailbox: wait, even if cancelled
+                if not finish(executor, finished):  # a full mailbox: wait, even if cancelled
                     with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
                         await executor.cast(finished)
             except RuntimeClosed:

@@ -52,7 +52,7 @@ from ..tenancy import current_tenant
 from . import backfill as bf
 from . import registry as reg
 from . import retention, tracing
-from .executor import Decide, Env, ExecutorStatistics, Stats, executor_actor
+from .executor import Decide, Door, Env, ExecutorStatistics, Stats, executor_actor
 from .job import load_value
 from .leases import LEASE_SECONDS, LeaseKeeper
 from .processes import ProcessPool
@@ -625,7 +625,10 @@ async def open_runtime(
 
                 def spawn(asset: Asset) -> Handle:
                     try:
-                        return supervised(workers, f"executor:{asset.name}", executor_actor(asset), restart_policy)
+                        door = Door(asset)
+                        return supervised(
+                            workers, f"executor:{asset.name}", executor_actor(asset, door), restart_policy, shared=door
+                        )
                     except RuntimeError:  # the worker group is closed
                         raise RuntimeClosed("the runtime is closed") from None
 

@@ -264,9 +264,8 @@ async def _execute_run(
     nodes: list[_Node] | None, prefetched: Prefetched | None,
 ) -> RunResult:
     nodes = plan(snapshot, request) if nodes is None else nodes
-    guard_context = {**(request.context or {}), "tenant": tenant}
     if guard is not None:
-        await _authorize(snapshot, guard, nodes, guard_context)
+        await _authorize(snapshot, guard, nodes, {**(request.context or {}), "tenant": tenant})
 
     store = env.store
     pairs = lookup_pairs(nodes)
@@ -474,6 +473,10 @@ class _Run:
         more than a trivial materialization (ADR 0005), so a chain or a fan of
         fast assets starts one or two tasks instead of one per branch.
         """
+        if len(self.nodes) == 1:  # a backfill's partition, mostly: nothing to order
+            name = self.nodes[0].asset.name
+            await self._work(_Ready(deque(self.nodes), {name: 0}, {name: []}), None, False)
+            return
         waiting = {n.asset.name: sum(1 for i in n.inputs if i.kind == "node") for n in self.nodes}
         readers: dict[str, list[_Node]] = {n.asset.name: [] for n in self.nodes}
         for node in self.nodes:
@@ -481,9 +484,6 @@ class _Run:
                 if read.kind == "node":
                     readers[read.asset].append(node)
         queue = _Ready(deque(n for n in self.nodes if waiting[n.asset.name] == 0), waiting, readers)
-        if len(self.nodes) == 1:
-            await self._work(queue, None, False)
-            return
         async with anyio.create_task_group() as tasks:
             await self._work(queue, tasks, False)
 

@@ -117,3 +117,30 @@ async def test_an_actor_spawned_without_waiting_answers_at_once_and_closes_its_m
             unborn = spawn(tasks, "executor:b", executor_actor(asset), RestartPolicy())
     with pytest.raises(fs.RuntimeClosed):
         unborn.try_cast(Stats())
+
+
+async def test_an_actor_spawned_on_demand_starts_with_its_first_message(anyio_backend):
+    import gc
+
+    from flowstone.actors.supervisor import spawn_on_demand
+    from flowstone.runtime.executor import Stats, executor_actor
+
+    asset = fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)
+    async with anyio.create_task_group() as tasks:
+        handle = spawn_on_demand(tasks, "executor:a", executor_actor(asset), RestartPolicy())
+        await anyio.sleep(0)
+        assert [t.name for t in anyio.get_running_tasks() if t.name == "executor:a"] == []
+        assert (await handle.call(Stats)).in_flight == 0  # the call started it, and it answered
+        assert [t.name for t in anyio.get_running_tasks() if t.name == "executor:a"] == ["executor:a"]
+        handle.close()
+    with pytest.raises(fs.RuntimeClosed):
+        handle.try_cast(Stats())
+    # Never asked anything: closing it closes both ends of its mailbox (an unclosed
+    # stream would warn when collected, and warnings fail this suite).
+    async with anyio.create_task_group() as tasks:
+        idle = spawn_on_demand(tasks, "executor:b", executor_actor(asset), RestartPolicy())
+    idle.close()
+    with pytest.raises(fs.RuntimeClosed):
+        await idle.cast(Stats())  # nothing starts it once closed
+    del idle
+    gc.collect()

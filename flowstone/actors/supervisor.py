@@ -24,7 +24,7 @@ from ..errors import ActorCrashed, RuntimeClosed
 from ..plumbing.interrupts import internal, protect_on_trio
 from .mailbox import Handle, Message, fail_pending, open_mailbox
 
-__all__ = ["RestartPolicy", "spawn", "supervise"]
+__all__ = ["RestartPolicy", "spawn", "spawn_on_demand", "supervise"]
 
 log = logging.getLogger("flowstone.actors")
 
@@ -73,6 +73,67 @@ def spawn(
         receive.close()
         raise
     return handle
+
+
+def spawn_on_demand(
+    tasks: TaskGroup, name: str, incarnation: Incarnation, policy: RestartPolicy, *, shared: Any = None
+) -> Handle:
+    """As :func:`spawn`, but the actor's task is started by the first message posted
+    to it: callers that only use ``shared`` (the executor's gate) never need it, and
+    starting a task for each of a run's 100 assets cost 5.5 of its 18 ms. Close the
+    handle (``close``) when its task may never have started: it closes both ends of
+    the mailbox then."""
+    _, send, receive = open_mailbox(name)
+    return _OnDemand(name, send, shared, waking=_Waking(tasks, name, incarnation, policy, send, receive))
+
+
+class _Waking:
+    """What starts an on-demand actor's task, once."""
+
+    __slots__ = ("incarnation", "name", "policy", "receive", "send", "started", "tasks")
+
+    def __init__(
+        self, tasks: TaskGroup, name: str, incarnation: Incarnation, policy: RestartPolicy,
+        send: MemoryObjectSendStream[Message], receive: MemoryObjectReceiveStream[Message],
+    ) -> None:
+        self.tasks, self.name, self.incarnation, self.policy = tasks, name, incarnation, policy
+        self.send, self.receive = send, receive
+        self.started = False
+
+    def wake(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        try:
+            self.tasks.start_soon(
+                _supervised, self.name, self.incarnation, self.policy, self.send, self.receive, None, name=self.name
+            )
+        except RuntimeError:  # the task group is closed: so is the actor, for good
+            self.send.close()
+            self.receive.close()
+
+    def close(self) -> None:
+        """Close the mailbox; both ends when no task ever took the receiving one."""
+        self.send.close()
+        if not self.started:
+            self.started = True  # nothing may start it now
+            self.receive.close()
+
+
+@attrs.frozen
+class _OnDemand(Handle):
+    waking: _Waking = attrs.field(kw_only=True, repr=False, eq=False)
+
+    async def _post(self, message: Message) -> None:
+        self.waking.wake()
+        await Handle._post(self, message)
+
+    def try_cast(self, message: Message) -> bool:
+        self.waking.wake()
+        return Handle.try_cast(self, message)
+
+    def close(self) -> None:
+        self.waking.close()
 
 
 @internal  # Ctrl-C goes to the caller's task, not into this loop

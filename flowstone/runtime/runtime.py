@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from .. import events as ev
 from ..actors.mailbox import CLEANUP_SECONDS, Handle
 from ..actors.supervisor import RestartPolicy, supervise
-from ..actors.supervisor import spawn as supervised
+from ..actors.supervisor import spawn_on_demand as supervised
 from ..dag import AssetGraph
 from ..definitions import Asset, FieldError, Retention
 from ..errors import (
@@ -604,6 +604,8 @@ async def open_runtime(
     keeper = LeaseKeeper(store, owner, lease_seconds)
     processes = ProcessPool()
     bus = EventBus()
+    executors: list[Handle] = []  # their tasks start with their first message, if one ever comes
+    closed = False
     try:
         async with anyio.create_task_group() as services:
             await _start_memory_clients(services, bound, restart_policy)
@@ -624,13 +626,14 @@ async def open_runtime(
                 )
 
                 def spawn(asset: Asset) -> Handle:
-                    try:
-                        door = Door(asset)
-                        return supervised(
-                            workers, f"executor:{asset.name}", executor_actor(asset, door), restart_policy, shared=door
-                        )
-                    except RuntimeError:  # the worker group is closed
-                        raise RuntimeClosed("the runtime is closed") from None
+                    if closed:
+                        raise RuntimeClosed("the runtime is closed")
+                    door = Door(asset)
+                    handle = supervised(
+                        workers, f"executor:{asset.name}", executor_actor(asset, door), restart_policy, shared=door
+                    )
+                    executors.append(handle)
+                    return handle
 
                 state = reg.RegistryState(reg.initial_snapshot(graph, spawn))
                 registry = await services.start(
@@ -649,6 +652,9 @@ async def open_runtime(
     except BaseExceptionGroup as group:
         raise single_error(group) from None
     finally:
+        closed = True
+        for handle in executors:
+            handle.close()  # the mailboxes of those whose task never started
         for client in bound:
             client.unbind()  # reusable by the next runtime; its data stays with it
         bus.close()

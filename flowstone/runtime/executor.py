@@ -336,9 +336,7 @@ class Door:
         except Exception as error:
             self.gate = None
             gate.crashed(error)
-            crash = ActorCrashed(gate.name, asset=self.asset.name)
-            crash.__cause__ = error
-            raise crash from error
+            raise ActorCrashed(gate.name, asset=self.asset.name) from error
 
 
 async def submit(executor: Handle, tenant: str | None, key: str | None) -> PendingCall[Lease | JobResult]:

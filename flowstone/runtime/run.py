@@ -340,10 +340,10 @@ class _Run:
     asset reading one that runs must run too). Leases for all of them are then
     requested at once, from the executors' gates directly (an answer at once, no
     event-loop turn, when the partition is free), and an asset whose inputs are
-    done runs straight away on its lease. A chain
-    of fast assets then runs without yielding at all, and the store applies its
-    writes in one batch. Requesting leases early cannot deadlock: a lease only
-    waits for its own asset's inputs, and inputs never need a reader's slot.
+    done runs straight away on its lease. A chain of fast assets then runs without
+    yielding at all, and the store applies its writes in one batch. Requesting
+    leases early cannot deadlock: a lease only waits for its own asset's inputs,
+    and inputs never need a reader's slot.
     """
 
     def __init__(

@@ -341,7 +341,8 @@ class Door:
 
 async def submit(executor: Handle, tenant: str | None, key: str | None) -> PendingCall[Lease | JobResult]:
     """Ask ``executor`` to run partition ``key``: the answer is there at once when
-    the gate is up and the partition is free, else later (see ``Submit``)."""
+    the gate is up and the partition is free, else later (see ``Submit``). Only
+    from the runtime's event loop, as every run is: the gate is not thread-safe."""
     door = executor.shared
     if door is None or door.gate is None:
         return await executor.request(Submit, tenant=tenant, key=key)

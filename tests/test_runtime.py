@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import logging
 from datetime import date
@@ -562,16 +563,26 @@ async def test_a_lease_granted_to_a_caller_that_left_goes_to_the_next_caller(any
             send.close()
 
 
-async def test_the_gate_answers_direct_callers_at_once_and_followers_when_the_leader_finishes(anyio_backend):
-    # Runs in the runtime's loop ask the executor's gate directly (no message, no
-    # event-loop turn); what must wait still waits for the leader, as by message.
+@contextlib.asynccontextmanager
+async def gate_executor():
+    """An executor actor whose handle carries its door, as the runtime makes them."""
     from flowstone.actors.supervisor import RestartPolicy, spawn
-    from flowstone.runtime.executor import Door, Finished, JobResult, Lease, Stats, executor_actor, finish, submit
+    from flowstone.runtime.executor import Door, executor_actor
 
     asset = fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)
     door = Door(asset)
     async with anyio.create_task_group() as tasks:
         handle = spawn(tasks, "executor:a", executor_actor(asset, door), RestartPolicy(), shared=door)
+        yield handle, door
+        handle.close()
+
+
+async def test_the_gate_answers_direct_callers_at_once_and_followers_when_the_leader_finishes(anyio_backend):
+    # Runs in the runtime's loop ask the executor's gate directly (no message, no
+    # event-loop turn); what must wait still waits for the leader, as by message.
+    from flowstone.runtime.executor import Finished, JobResult, Lease, Stats, finish, submit
+
+    async with gate_executor() as (handle, door):
         leader = await submit(handle, None, "k")
         follower = await submit(handle, None, "k")
         other = await submit(handle, "tenant-b", "k")  # another tenant's partition is another flight
@@ -585,18 +596,13 @@ async def test_the_gate_answers_direct_callers_at_once_and_followers_when_the_le
         with anyio.fail_after(5):
             assert await follower.result() is result
         assert (await handle.call(Stats)).in_flight == 1
-        handle.close()
 
 
 async def test_a_bug_in_a_direct_gate_call_restarts_the_executor_with_a_new_gate(anyio_backend, monkeypatch):
-    from flowstone.actors.supervisor import RestartPolicy, spawn
     from flowstone.errors import ActorCrashed
     from flowstone.runtime import executor as ex
 
-    asset = fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)
-    door = ex.Door(asset)
-    async with anyio.create_task_group() as tasks:
-        handle = spawn(tasks, "executor:a", ex.executor_actor(asset, door), RestartPolicy(), shared=door)
+    async with gate_executor() as (handle, door):
         first = door.gate
         waiting = await ex.submit(handle, None, "held")  # a leader, then a follower of it
         follower = await ex.submit(handle, None, "held")
@@ -613,20 +619,15 @@ async def test_a_bug_in_a_direct_gate_call_restarts_the_executor_with_a_new_gate
             await follower.result()  # nobody waits on a broken gate
         monkeypatch.undo()
         with anyio.fail_after(5):
-            while door.gate is None or door.gate is first:  # the supervisor restarts it
-                await anyio.sleep(0)
+            while door.gate is None or door.gate is first:  # until the supervisor has restarted it
+                await anyio.lowlevel.checkpoint()
             assert isinstance(await (await ex.submit(handle, None, "k")).result(), ex.Lease)
-        handle.close()
 
 
 async def test_while_the_gate_is_down_a_caller_asks_by_message(anyio_backend):
-    from flowstone.actors.supervisor import RestartPolicy, spawn
-    from flowstone.runtime.executor import Door, Lease, Stats, executor_actor, submit
+    from flowstone.runtime.executor import Lease, Stats, submit
 
-    asset = fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)
-    door = Door(asset)
-    async with anyio.create_task_group() as tasks:
-        handle = spawn(tasks, "executor:a", executor_actor(asset, door), RestartPolicy(), shared=door)
+    async with gate_executor() as (handle, door):
         await handle.call(Stats)  # the actor serves its gate now
         gate, door.gate = door.gate, None  # as between a crash and the restart
         pending = await submit(handle, None, "k")
@@ -634,7 +635,6 @@ async def test_while_the_gate_is_down_a_caller_asks_by_message(anyio_backend):
         with anyio.fail_after(5):
             assert isinstance(await pending.result(), Lease)  # the actor answered the message
         assert len(gate.flights) == 1
-        handle.close()
 
 
 async def test_cancelling_a_caller_records_its_job_cancelled(anyio_backend):

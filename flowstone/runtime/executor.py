@@ -325,10 +325,10 @@ class Door:
         self.asset = asset
         self.gate: _Gate | None = _Gate(asset)
 
-    def call(self, handler: Callable[[_Gate], Any]) -> Any:
+    def call(self, executor: Handle, handler: Callable[[_Gate], Any]) -> Any:
         """``handler(gate)``, or ActorCrashed when it fails as a bug would: then the
-        gate's waiters are failed, and the actor is told to crash, so its
-        supervisor starts it again with a new gate (as a bug in a message does)."""
+        gate's waiters are failed, and ``executor`` (the actor) is told to crash, so
+        its supervisor starts it again with a new gate (as a bug in a message does)."""
         gate = self.gate
         assert gate is not None
         try:
@@ -336,6 +336,7 @@ class Door:
         except Exception as error:
             self.gate = None
             gate.crashed(error)
+            executor.try_cast(Crash(reason="its gate failed a direct call"))
             raise ActorCrashed(gate.name, asset=self.asset.name) from error
 
 
@@ -347,11 +348,7 @@ async def submit(executor: Handle, tenant: str | None, key: str | None) -> Pendi
     if door is None or door.gate is None:
         return await executor.request(Submit, tenant=tenant, key=key)
     reply, pending = direct_reply(executor.name)
-    try:
-        door.call(lambda gate: gate.submit(Submit(tenant=tenant, key=key, reply=reply)))
-    except ActorCrashed:
-        executor.try_cast(Crash(reason="its gate failed a direct call"))
-        raise
+    door.call(executor, lambda gate: gate.submit(Submit(tenant=tenant, key=key, reply=reply)))
     return pending
 
 
@@ -362,10 +359,9 @@ def finish(executor: Handle, finished: Finished) -> bool:
     if door is None or door.gate is None:
         return executor.try_cast(finished)
     try:
-        door.call(lambda gate: gate.finished(finished))
+        door.call(executor, lambda gate: gate.finished(finished))
     except ActorCrashed:
-        executor.try_cast(Crash(reason="its gate failed a direct call"))
-        # The lease is gone with the gate, and followers were told: nothing to hand back.
+        pass  # the lease went with the gate, and its followers were told: nothing to hand back
     return True
 
 

@@ -145,6 +145,25 @@ class StoreContract:
         with pytest.raises(fs.NotFound):
             await store.update_status(uuid.uuid4(), Status.RUNNING)
 
+    async def test_what_complete_returns_is_what_is_stored(self, store):
+        # A job's end (timing, metadata, an error) and any other move alike: every
+        # field read back equals the record complete returned, and what it did not
+        # change is what begin wrote.
+        now = datetime.now(timezone.utc)
+        fields = dict(status=Status.RUNNING, started_at=now, upstream_assets=("raw",),
+                      upstream_partitions={"raw": ("1",)}, dependency_hash="h" * 64, executor_node="node/executor:a")
+        ok, lease = await store.begin("p1", 30, asset_name="a", partition="1", **fields)
+        done = await store.complete(ok, Status.SUCCESS, lease=lease, completed_at=now, duration_ms=2.5,
+                                    metadata={"flowstone.io_manager": "memory", "rows": 3})
+        bad, lease = await store.begin("p1", 30, asset_name="a", partition="2", **fields)
+        failed = await store.complete(bad, Status.FAILED, lease=lease, completed_at=now, duration_ms=1.0,
+                                      error_message="ValueError: boom", error_traceback="Traceback ...")
+        moved = await store.create(asset_name="a", partition="3", status=Status.PENDING)
+        started = await store.complete(moved, Status.RUNNING, started_at=now, executor_node="node/executor:a")
+        for returned in (done, failed, started):
+            assert await store.get_by_id(returned.id) == returned
+        assert (done.upstream_partitions, done.dependency_hash, done.started_at) == ({"raw": ("1",)}, "h" * 64, now)
+
     async def test_a_failure_keeps_its_message_and_traceback(self, store):
         record = await store.create(asset_name="orders", status=Status.RUNNING)
         trace = 'Traceback (most recent call last):\n  File "x.py", line 1, in build\nValueError: boom\n'

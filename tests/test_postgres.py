@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 
 import anyio
 import asyncpg
@@ -778,27 +778,30 @@ async def test_a_batch_of_completions_reads_its_own_records_whatever_the_table_h
         SELECT gen_random_uuid(), 'old', g::text, gen_random_uuid(), 'success', now(), now()
         FROM generate_series(1, 3000) AS g""")
     plans = []
+    explained_kinds: set[str] = set()
     fetch = asyncpg.connection.Connection.fetch
 
     async def explained(self, query, *args, **kwargs):
-        if query == store_module._COMPLETE_BATCH:  # the same statement, its plan measured, then undone
+        if query in (store_module._COMPLETE_BATCH, store_module._END_BATCH):  # its plan measured, then undone
             await self.execute("SAVEPOINT explained")
+            explained_kinds.add(query)
             plans.append(json.loads(await self.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}", *args)))
             await self.execute("ROLLBACK TO SAVEPOINT explained")
         return await fetch(self, query, *args, **kwargs)
 
     monkeypatch.setattr(asyncpg.connection.Connection, "fetch", explained)
     async with PostgresStore(pg_database.dsn) as store:
-        async def one(day):
+        async def one(day, restarted):
             record, lease = await store.begin("me", 60, asset_name="events", partition=day, status=Status.RUNNING)
-            await store.complete(record, Status.SUCCESS, lease=lease)
+            fields = {"started_at": datetime.now(timezone.utc)} if restarted else {}
+            await store.complete(record, Status.SUCCESS, lease=lease, **fields)
 
         async with anyio.create_task_group() as tasks:
-            for day in range(5):
-                tasks.start_soon(one, f"2024-01-0{day + 1}")
+            for day in range(5):  # how jobs end (_END_BATCH); one also moves its start (_COMPLETE_BATCH)
+                tasks.start_soon(one, f"2024-01-0{day + 1}", day == 0)
         assert {r.partition for r in await store.list_by_status("success", limit=10) if r.asset_name == "events"} \
             == {f"2024-01-0{day + 1}" for day in range(5)}
-    assert plans
+    assert explained_kinds == {store_module._COMPLETE_BATCH, store_module._END_BATCH}
     scans = [(node.get("Index Name") or node.get("Relation Name") or "", node["Actual Rows"] * node["Actual Loops"])
              for plan in plans for node in _nodes(plan[0]["Plan"])]
     read = [(name, rows) for name, rows in scans if name.startswith("flowstone_materializations")]

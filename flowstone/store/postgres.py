@@ -235,7 +235,14 @@ SELECT count(*) FROM gone
 # record. The fences returned are the ones still held.
 # In the last WHERE below, the second half of the CASE makes a retried batch (whose
 # COMMIT may have landed before the connection dropped) a no-op, not a false conflict.
-_COMPLETE_BATCH = f"""
+def _complete_batch(sets: str, row_types: str) -> str:
+    """A batch of completions in one statement: the leases of terminal moves are released
+    (a fence that is gone was taken over: that record is not written), those of other
+    moves checked and locked, each success whose lease is still held supersedes its
+    partition's current record, and the records are written (``sets``, from rows of
+    ``row_types``). The exclusion constraints on current records are checked at
+    commit, so the order of these writes is free."""
+    return f"""
 WITH locked AS (
     {_LOCK_LEASES.format(fences="$4", mode="UPDATE")}
 ), released AS (
@@ -254,23 +261,35 @@ WITH locked AS (
         "(r.fence IS NULL OR r.fence IN (SELECT fence FROM held))",
     )}
 )
-UPDATE {TABLE} AS m SET
-    status = r.status, started_at = r.started_at, completed_at = r.completed_at, duration_ms = r.duration_ms,
-    upstream_assets = ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)),
-    upstream_partitions = r.upstream_partitions, dependency_hash = r.dependency_hash, metadata = r.metadata,
-    error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at,
-    error_traceback = r.error_traceback
-FROM jsonb_to_recordset($2::text::jsonb) AS r({_ROW_TYPES}, fence bigint)
+UPDATE {TABLE} AS m SET {sets}
+FROM jsonb_to_recordset($2::text::jsonb) AS r({row_types}, fence bigint)
 WHERE m.id = r.id AND m.id = ANY($3::uuid[]) AND {_OF_TENANT} AND r.tenant_id = $1
   AND CASE WHEN m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at) THEN true END
   AND (r.fence IS NULL OR r.fence IN (SELECT fence FROM held))
 RETURNING m.id
 """
-"""A batch of completions in one statement: the leases of terminal moves are released
-(a fence that is gone was taken over: that record is not written), those of other
-moves checked and locked, each success whose lease is still held supersedes its
-partition's current record, and the records are written. The exclusion constraints
-on current records are checked at commit, so the order of these writes is free."""
+
+
+_COMPLETE_BATCH = _complete_batch(
+    """status = r.status, started_at = r.started_at, completed_at = r.completed_at, duration_ms = r.duration_ms,
+    upstream_assets = ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)),
+    upstream_partitions = r.upstream_partitions, dependency_hash = r.dependency_hash, metadata = r.metadata,
+    error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at,
+    error_traceback = r.error_traceback""",
+    _ROW_TYPES,
+)
+_END_TYPES = (
+    "id uuid, tenant_id text, status text, expected text, completed_at timestamptz, duration_ms double precision, "
+    "metadata jsonb, error_message text, updated_at timestamptz, error_traceback text"
+)
+_END_BATCH = _complete_batch(
+    """status = r.status, completed_at = r.completed_at, duration_ms = r.duration_ms, metadata = r.metadata,
+    error_message = r.error_message, updated_at = r.updated_at, error_traceback = r.error_traceback""",
+    _END_TYPES,
+)
+"""How jobs end: only the columns an end changes (``_ENDING``), each row's JSON
+holding just those; the other columns stay as ``begin`` wrote them."""
+_ENDING = frozenset({"completed_at", "duration_ms", "metadata", "error_message", "error_traceback"})
 _LEASE_OF_R = """(
     SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id, l.done_id,
            l.done_hash
@@ -377,11 +396,11 @@ WAIT_POLL = (0.01, 0.5)
 class _Write:
     """One queued record write and, once flushed, its outcome."""
 
-    kind: str  # "insert", "begin" (lease and insert) or "complete"
+    kind: str  # "insert", "begin" (lease and insert), "complete", or "end" (a completion of ``_ENDING`` fields)
     record: Materialization  # the state to write
     expected: Status | None
     row: str
-    lease: Lease | None = None  # "complete": the lease it writes under
+    lease: Lease | None = None  # "complete" and "end": the lease it writes under
     release: bool = False
     fence: int | None = None  # "begin": the fence of the lease granted
     done: bool = False
@@ -434,14 +453,11 @@ class PostgresStore(PostgresClient):
         self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
     ) -> Materialization:
         new = completed(record, status, fields, current_tenant(), _utcnow())
-        await self._write(
-            _Write(
-                "complete", new, record.status,
-                _row(new, record.status) if lease is None
-                else f'{_row(new, record.status)[:-1]},"fence":{lease.fence}}}',
-                lease=lease, release=status in TERMINAL,
-            )
-        )
+        kind, row = ("end", _end_row(new, record.status)) if fields.keys() <= _ENDING else (
+            "complete", _row(new, record.status))
+        if lease is not None:
+            row = f'{row[:-1]},"fence":{lease.fence}}}'
+        await self._write(_Write(kind, new, record.status, row, lease=lease, release=status in TERMINAL))
         return new
 
     async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:
@@ -935,6 +951,7 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     inserts = [op for op in ops if op.kind == "insert"]
     begins = [op for op in ops if op.kind == "begin"]
     completes = [op for op in ops if op.kind == "complete"]
+    ends = [op for op in ops if op.kind == "end"]
     written: set[uuid.UUID] = set()
     refused: dict[uuid.UUID, BaseException] = {}  # final answers
     now = _utcnow()
@@ -947,7 +964,9 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     if begins:
         await _begin(connection, tenant, begins, now, written, refused)
     if completes:
-        written.update(await _complete(connection, tenant, completes, now))
+        written.update(await _complete(connection, tenant, completes, now, _COMPLETE_BATCH))
+    if ends:
+        written.update(await _complete(connection, tenant, ends, now, _END_BATCH))
     missing = [op.record.id for op in ops if op.record.id not in written and op.record.id not in refused]
     current_rows: dict[uuid.UUID, tuple[str, datetime]] = {}
     if missing:
@@ -1071,14 +1090,17 @@ async def _begin(
         )
 
 
-async def _complete(connection: Any, tenant: str, ops: list[_Write], now: datetime) -> set[uuid.UUID]:
-    """Write a batch of completions (see ``_COMPLETE_BATCH``); the ids written."""
+async def _complete(
+    connection: Any, tenant: str, ops: list[_Write], now: datetime, statement: str
+) -> set[uuid.UUID]:
+    """Write a batch of completions with ``statement`` (``_COMPLETE_BATCH`` or
+    ``_END_BATCH``, as the ops' rows are); the ids written."""
     fenced = [op for op in ops if op.lease is not None]
     releasing = [op for op in fenced if op.release]
     success = [op.record.status is Status.SUCCESS for op in releasing]
     successes = [op for op in ops if op.record.status is Status.SUCCESS and op.expected is not Status.SUCCESS]
     rows = await connection.fetch(
-        _COMPLETE_BATCH, tenant, "[" + ",".join(op.row for op in ops) + "]", [op.record.id for op in ops],
+        statement, tenant, "[" + ",".join(op.row for op in ops) + "]", [op.record.id for op in ops],
         [op.lease.fence for op in releasing if op.lease is not None],
         [op.lease.fence for op in fenced if not op.release and op.lease is not None],
         _keys(successes), now,
@@ -1170,6 +1192,25 @@ def _row(record: Materialization, expected: Status | None) -> str:
             f"a record field holds {problem}, which PostgreSQL text cannot store",
             asset=record.asset_name, partition=record.partition,
         )
+    return f'{head[:-1]},"metadata":{metadata}}}'
+
+
+def _end_row(record: Materialization, expected: Status) -> str:
+    """A job's end as one JSON object for ``_END_BATCH``: the columns it changes.
+    Its texts are storable already (``completed`` replaced what PostgreSQL cannot
+    hold in an error; ``to_json`` refuses it in metadata)."""
+    metadata = to_json(dict(record.metadata), asset=record.asset_name, partition=record.partition, what="metadata")
+    head = json.dumps({
+        "id": str(record.id),
+        "tenant_id": record.tenant_id or "",
+        "status": record.status.value,
+        "expected": expected.value,
+        "completed_at": _iso(record.completed_at),
+        "duration_ms": record.duration_ms,
+        "error_message": record.error_message,
+        "updated_at": _iso(record.updated_at),
+        "error_traceback": record.error_traceback,
+    }, ensure_ascii=False)
     return f'{head[:-1]},"metadata":{metadata}}}'
 
 

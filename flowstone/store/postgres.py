@@ -288,7 +288,7 @@ _END_BATCH = _complete_batch(
     _END_TYPES,
 )
 """How jobs end: only the columns an end changes (``_ENDING``), each row's JSON
-holding just those; the other columns stay as ``begin`` wrote them."""
+holding just those; the other columns stay as ``begin`` wrote them (ADR 0031)."""
 _ENDING = frozenset({"completed_at", "duration_ms", "metadata", "error_message", "error_traceback"})
 _LEASE_OF_R = """(
     SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id, l.done_id,

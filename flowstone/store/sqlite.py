@@ -125,7 +125,7 @@ _END = f"""UPDATE {_TABLE} SET status = ?, completed_at = ?, duration_ms = ?, me
 _ENDING = frozenset({"completed_at", "duration_ms", "metadata", "error_message", "error_traceback"})
 """What a job's last write changes besides the status: a completion that changes no
 more leaves the other columns as ``begin`` wrote them, and SQLite updates a third of
-them (a SQLite backfill: 1.56 -> 1.36 million instructions per partition)."""
+them (a SQLite backfill: 1.56 -> 1.36 million instructions per partition; ADR 0031)."""
 _CURRENT = "status IN ('success', 'stale')"
 _SUPERSEDE = f"""UPDATE {_TABLE} SET status = 'superseded', updated_at = ?
     WHERE tenant_id = ? AND asset_name = ? AND partition IS ? AND {_CURRENT} AND id <> ?"""

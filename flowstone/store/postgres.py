@@ -59,6 +59,7 @@ from .leases import (
 )
 from .records import (
     CURRENT,
+    ENDING,
     TERMINAL,
     TRANSITIONS,
     Materialization,
@@ -229,19 +230,15 @@ SELECT count(*) FROM gone
 """
 """History records beyond a retention, oldest first (``prune``); NULL limits are no limit."""
 
-# A batch of completions starts here: the leases of terminal moves are released
-# (a fence that is gone was taken over), those of other moves checked and locked,
-# and each success whose lease is still held supersedes its partition's current
-# record. The fences returned are the ones still held.
-# In the last WHERE below, the second half of the CASE makes a retried batch (whose
-# COMMIT may have landed before the connection dropped) a no-op, not a false conflict.
 def _complete_batch(sets: str, row_types: str) -> str:
     """A batch of completions in one statement: the leases of terminal moves are released
     (a fence that is gone was taken over: that record is not written), those of other
     moves checked and locked, each success whose lease is still held supersedes its
     partition's current record, and the records are written (``sets``, from rows of
     ``row_types``). The exclusion constraints on current records are checked at
-    commit, so the order of these writes is free."""
+    commit, so the order of these writes is free. In the last WHERE, the second half
+    of the CASE makes a retried batch (whose COMMIT may have landed before the
+    connection dropped) a no-op, not a false conflict."""
     return f"""
 WITH locked AS (
     {_LOCK_LEASES.format(fences="$4", mode="UPDATE")}
@@ -287,9 +284,8 @@ _END_BATCH = _complete_batch(
     error_message = r.error_message, updated_at = r.updated_at, error_traceback = r.error_traceback""",
     _END_TYPES,
 )
-"""How jobs end: only the columns an end changes (``_ENDING``), each row's JSON
+"""How jobs end: only the columns an end changes (``ENDING``), each row's JSON
 holding just those; the other columns stay as ``begin`` wrote them (ADR 0031)."""
-_ENDING = frozenset({"completed_at", "duration_ms", "metadata", "error_message", "error_traceback"})
 _LEASE_OF_R = """(
     SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id, l.done_id,
            l.done_hash
@@ -396,7 +392,7 @@ WAIT_POLL = (0.01, 0.5)
 class _Write:
     """One queued record write and, once flushed, its outcome."""
 
-    kind: str  # "insert", "begin" (lease and insert), "complete", or "end" (a completion of ``_ENDING`` fields)
+    kind: str  # "insert", "begin" (lease and insert), "complete", or "end" (a completion of ``ENDING`` fields)
     record: Materialization  # the state to write
     expected: Status | None
     row: str
@@ -453,7 +449,7 @@ class PostgresStore(PostgresClient):
         self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
     ) -> Materialization:
         new = completed(record, status, fields, current_tenant(), _utcnow())
-        kind, row = ("end", _end_row(new, record.status)) if fields.keys() <= _ENDING else (
+        kind, row = ("end", _end_row(new, record.status)) if fields.keys() <= ENDING else (
             "complete", _row(new, record.status))
         if lease is not None:
             row = f'{row[:-1]},"fence":{lease.fence}}}'
@@ -1165,8 +1161,13 @@ def _utcnow() -> datetime:
 
 def _row(record: Materialization, expected: Status | None) -> str:
     """The record as one JSON object for ``jsonb_to_recordset``."""
-    metadata = to_json(dict(record.metadata), asset=record.asset_name, partition=record.partition, what="metadata")
-    head = json.dumps({
+    problem = unstorable_text(record)
+    if problem is not None:
+        raise SerializationError(
+            f"a record field holds {problem}, which PostgreSQL text cannot store",
+            asset=record.asset_name, partition=record.partition,
+        )
+    return _with_metadata(record, {
         "id": str(record.id),
         "tenant_id": record.tenant_id or "",
         "asset_name": record.asset_name,
@@ -1185,22 +1186,14 @@ def _row(record: Materialization, expected: Status | None) -> str:
         "inserted_at": _iso(record.inserted_at),
         "updated_at": _iso(record.updated_at),
         "error_traceback": record.error_traceback,
-    }, ensure_ascii=False)
-    problem = unstorable_text(record)
-    if problem is not None:
-        raise SerializationError(
-            f"a record field holds {problem}, which PostgreSQL text cannot store",
-            asset=record.asset_name, partition=record.partition,
-        )
-    return f'{head[:-1]},"metadata":{metadata}}}'
+    })
 
 
 def _end_row(record: Materialization, expected: Status) -> str:
     """A job's end as one JSON object for ``_END_BATCH``: the columns it changes.
     Its texts are storable already (``completed`` replaced what PostgreSQL cannot
     hold in an error; ``to_json`` refuses it in metadata)."""
-    metadata = to_json(dict(record.metadata), asset=record.asset_name, partition=record.partition, what="metadata")
-    head = json.dumps({
+    return _with_metadata(record, {
         "id": str(record.id),
         "tenant_id": record.tenant_id or "",
         "status": record.status.value,
@@ -1210,7 +1203,14 @@ def _end_row(record: Materialization, expected: Status) -> str:
         "error_message": record.error_message,
         "updated_at": _iso(record.updated_at),
         "error_traceback": record.error_traceback,
-    }, ensure_ascii=False)
+    })
+
+
+def _with_metadata(record: Materialization, fields: dict[str, Any]) -> str:
+    """``fields`` and the record's metadata as one JSON object (the metadata through
+    the strict check, which refuses what JSONB cannot hold)."""
+    metadata = to_json(dict(record.metadata), asset=record.asset_name, partition=record.partition, what="metadata")
+    head = json.dumps(fields, ensure_ascii=False)
     return f'{head[:-1]},"metadata":{metadata}}}'
 
 

@@ -165,6 +165,9 @@ UPDATABLE = frozenset({
     "dependency_hash", "metadata", "error_message", "error_traceback", "executor_node",
 })
 """What ``update_status`` may change besides the status: never identity or tenant."""
+ENDING = frozenset({"completed_at", "duration_ms", "metadata", "error_message", "error_traceback"})
+"""What a job's end changes besides the status (and the update time): a completion
+that changes no more is written as those columns alone by the SQL stores (ADR 0031)."""
 _CREATABLE = _FIELDS - _SET_BY_STORE
 
 

@@ -68,6 +68,7 @@ from .leases import (
 )
 from .records import (
     CURRENT,
+    ENDING,
     TERMINAL,
     Materialization,
     Status,
@@ -122,10 +123,8 @@ _REWRITE = f"""UPDATE {_TABLE} SET status = ?, started_at = ?, completed_at = ?,
 _END = f"""UPDATE {_TABLE} SET status = ?, completed_at = ?, duration_ms = ?, metadata = ?, error_message = ?,
     error_traceback = ?, updated_at = ?
     WHERE id = ? AND tenant_id = ? AND status = ?"""
-_ENDING = frozenset({"completed_at", "duration_ms", "metadata", "error_message", "error_traceback"})
-"""What a job's last write changes besides the status: a completion that changes no
-more leaves the other columns as ``begin`` wrote them, and SQLite updates a third of
-them (a SQLite backfill: 1.56 -> 1.36 million instructions per partition; ADR 0031)."""
+"""A job's end (``ENDING``): the other columns stay as ``begin`` wrote them, and SQLite
+updates a third of them (a backfill: 1.56 -> 1.36 million instructions per partition)."""
 _CURRENT = "status IN ('success', 'stale')"
 _SUPERSEDE = f"""UPDATE {_TABLE} SET status = 'superseded', updated_at = ?
     WHERE tenant_id = ? AND asset_name = ? AND partition IS ? AND {_CURRENT} AND id <> ?"""
@@ -276,7 +275,7 @@ class SqliteStore:
         self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
     ) -> Materialization:
         new = completed(record, status, fields, current_tenant(), _utcnow())
-        if fields.keys() <= _ENDING:  # how a job ends: only what an end changes is written
+        if fields.keys() <= ENDING:  # how a job ends: only what an end changes is written
             statement, row = _END, _end_row(new, record.status)
         else:
             statement, row = _REWRITE, _rewrite_row(_values(new), record.status)

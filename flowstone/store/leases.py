@@ -17,25 +17,30 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 import attrs
 
 from ..errors import FlowstoneError, LeaseLost
 
+if TYPE_CHECKING:
+    from .records import Materialization, Status
+
 __all__ = [
     "TICK_STATES",
     "BackfillClaim",
     "CancelRequested",
     "Cursor",
+    "End",
     "FinishedElsewhere",
     "Lease",
     "LeaseHeld",
     "LeaseTable",
     "RoleHolder",
+    "Start",
     "Tick",
 ]
 
@@ -50,6 +55,24 @@ class Lease(NamedTuple):
     partition: str | None
     owner: str
     fence: int
+
+
+@attrs.frozen
+class Start:
+    """One job's ``begin`` among ``begin_many``'s: the record's fields, and ``unless_done``."""
+
+    fields: Mapping[str, Any]
+    unless_done: tuple[Any, str] | None = None
+
+
+@attrs.frozen
+class End:
+    """One job's ``complete`` among ``complete_many``'s, with the same arguments."""
+
+    record: Materialization
+    status: Status
+    lease: Lease | None
+    fields: Mapping[str, Any]
 
 
 class LeaseHeld(FlowstoneError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -14,9 +14,11 @@ from . import memory_actor as m
 from .leases import (
     BackfillClaim,
     Cursor,
+    End,
     FinishedElsewhere,
     Lease,
     RoleHolder,
+    Start,
     Tick,
     cursor_fields,
     finished_state,
@@ -74,6 +76,27 @@ class MemoryStore(MemoryActorClient):
         orphan = (replaced.record_id, replaced.owner) if replaced is not None and replaced.record_id else None
         await self.handle.cast(m.Create(record=record, orphan=orphan))
         return record, lease
+
+    async def begin_many(
+        self, owner: str, seconds: float, starts: Sequence[Start]
+    ) -> list[tuple[Materialization, Lease] | Exception]:
+        """Each ``begin`` in turn: each is a lease granted here and a cast, no wait."""
+        outcomes: list[tuple[Materialization, Lease] | Exception] = []
+        for start in starts:
+            try:
+                outcomes.append(await self.begin(owner, seconds, unless_done=start.unless_done, **start.fields))
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
+
+    async def complete_many(self, ends: Sequence[End]) -> list[Materialization | Exception]:
+        outcomes: list[Materialization | Exception] = []
+        for end in ends:
+            try:
+                outcomes.append(await self.complete(end.record, end.status, lease=end.lease, **end.fields))
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
 
     async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:
         return self._data.leases.renew(current_tenant(), owner, fences, seconds)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -46,10 +46,12 @@ from .leases import (
     BackfillClaim,
     CancelRequested,
     Cursor,
+    End,
     FinishedElsewhere,
     Lease,
     LeaseHeld,
     RoleHolder,
+    Start,
     Tick,
     cursor_fields,
     finished_state,
@@ -433,28 +435,44 @@ class PostgresStore(PostgresClient):
     async def begin(
         self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
     ) -> tuple[Materialization, Lease]:
-        record = new_record(fields, current_tenant(), _utcnow())
-        extra = json.dumps({
-            "owner": owner, "seconds": seconds, "partitioned": record.partition is not None,
-            "lease_key": record.partition or "",
-            "seen": str(unless_done[0]) if unless_done and unless_done[0] else None,
-            "reuse_hash": unless_done[1] if unless_done else None,
-        }, ensure_ascii=False)[1:]
-        op = _Write("begin", record, None, f"{_row(record, None)[:-1]},{extra}")
+        op = _beginning(new_record(fields, current_tenant(), _utcnow()), owner, seconds, unless_done)
         await self._write(op)
-        assert op.fence is not None
-        return record, Lease(record.tenant_id, record.asset_name, record.partition, owner, op.fence)
+        return _granted(op, owner)
+
+    async def begin_many(
+        self, owner: str, seconds: float, starts: Sequence[Start]
+    ) -> list[tuple[Materialization, Lease] | Exception]:
+        tenant, now = current_tenant(), _utcnow()
+        outcomes: list[_Write | Exception] = []
+        for start in starts:
+            try:
+                outcomes.append(_beginning(new_record(start.fields, tenant, now), owner, seconds, start.unless_done))
+            except Exception as error:
+                outcomes.append(error)
+        ops = [op for op in outcomes if isinstance(op, _Write)]
+        errors = iter(await self._write_many(ops))
+        return [outcome if not isinstance(outcome, _Write) else (next(errors) or _granted(outcome, owner))
+                for outcome in outcomes]
 
     async def complete(
         self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
     ) -> Materialization:
-        new = completed(record, status, fields, current_tenant(), _utcnow())
-        kind, row = ("end", _end_row(new, record.status)) if fields.keys() <= ENDING else (
-            "complete", _row(new, record.status))
-        if lease is not None:
-            row = f'{row[:-1]},"fence":{lease.fence}}}'
-        await self._write(_Write(kind, new, record.status, row, lease=lease, release=status in TERMINAL))
-        return new
+        op = _completing(record, status, lease, fields, current_tenant(), _utcnow())
+        await self._write(op)
+        return op.record
+
+    async def complete_many(self, ends: Sequence[End]) -> list[Materialization | Exception]:
+        tenant, now = current_tenant(), _utcnow()
+        outcomes: list[_Write | Exception] = []
+        for end in ends:
+            try:
+                outcomes.append(_completing(end.record, end.status, end.lease, end.fields, tenant, now))
+            except Exception as error:
+                outcomes.append(error)
+        ops = [op for op in outcomes if isinstance(op, _Write)]
+        errors = iter(await self._write_many(ops))
+        return [outcome if not isinstance(outcome, _Write) else (next(errors) or outcome.record)
+                for outcome in outcomes]
 
     async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:
         if not fences:
@@ -497,22 +515,43 @@ class PostgresStore(PostgresClient):
     async def _write(self, op: _Write) -> None:
         """Queue ``op`` and return once a flush has written it (see the module doc)."""
         self._queue.append(op)
-        try:
-            with anyio.fail_after(WRITE_TIMEOUT, shield=True):
-                while not op.done:
-                    if self._flushing is None:
-                        await self._lead_flush()
-                    else:
-                        await self._flushing.wait()
-        except TimeoutError:
-            if op in self._queue:
-                self._queue.remove(op)
-            raise DatabaseUnavailable(
-                f"writing the record took longer than {WRITE_TIMEOUT}s",
-                asset=op.record.asset_name, partition=op.record.partition, tenant=op.record.tenant_id,
-            ) from None
+        await self._settle((op,))
         if op.error is not None:
             raise op.error
+
+    async def _write_many(self, ops: Sequence[_Write]) -> list[Exception | None]:
+        """Queue ``ops`` at once (they share flushes, and the caller wakes once):
+        the error of each that was not written, else None (a flush that was
+        cancelled or interrupted raises that)."""
+        self._queue.extend(ops)
+        await self._settle(ops)
+        errors: list[Exception | None] = []
+        for op in ops:
+            if op.error is not None and not isinstance(op.error, Exception):
+                raise op.error
+            errors.append(op.error)
+        return errors
+
+    async def _settle(self, ops: Sequence[_Write]) -> None:
+        """Wait, shielded, until a flush has written or failed each of ``ops``; one
+        that takes longer than ``WRITE_TIMEOUT`` fails as unavailable."""
+        try:
+            with anyio.fail_after(WRITE_TIMEOUT, shield=True):
+                for op in ops:
+                    while not op.done:
+                        if self._flushing is None:
+                            await self._lead_flush()
+                        else:
+                            await self._flushing.wait()
+        except TimeoutError:
+            for op in ops:
+                if not op.done:
+                    if op in self._queue:
+                        self._queue.remove(op)
+                    op.done, op.error = True, DatabaseUnavailable(
+                        f"writing the record took longer than {WRITE_TIMEOUT}s",
+                        asset=op.record.asset_name, partition=op.record.partition, tenant=op.record.tenant_id,
+                    )
 
     async def _lead_flush(self) -> None:
         event = self._flushing = anyio.Event()
@@ -940,6 +979,37 @@ async def _claim_backfill(connection: Any, id: uuid.UUID, tenant: str, owner: st
         id, tenant, owner,
     )
     return BackfillClaim(saved_from_json(row[0], row[1]), previous, seen)
+
+
+def _beginning(record: Materialization, owner: str, seconds: float, unless_done: tuple[Any, str] | None) -> _Write:
+    """The write of ``begin``: the record's row and what the lease needs."""
+    extra = json.dumps({
+        "owner": owner, "seconds": seconds, "partitioned": record.partition is not None,
+        "lease_key": record.partition or "",
+        "seen": str(unless_done[0]) if unless_done and unless_done[0] else None,
+        "reuse_hash": unless_done[1] if unless_done else None,
+    }, ensure_ascii=False)[1:]
+    return _Write("begin", record, None, f"{_row(record, None)[:-1]},{extra}")
+
+
+def _granted(op: _Write, owner: str) -> tuple[Materialization, Lease]:
+    """What ``begin`` returns once ``op`` (``_beginning``) is written."""
+    assert op.fence is not None
+    record = op.record
+    return record, Lease(record.tenant_id, record.asset_name, record.partition, owner, op.fence)
+
+
+def _completing(
+    record: Materialization, status: Status, lease: Lease | None, fields: Mapping[str, Any], tenant: str | None,
+    now: datetime,
+) -> _Write:
+    """The write of ``complete``, whose ``record`` is the new state (checked first)."""
+    new = completed(record, status, fields, tenant, now)
+    kind, row = ("end", _end_row(new, record.status)) if fields.keys() <= ENDING else (
+        "complete", _row(new, record.status))
+    if lease is not None:
+        row = f'{row[:-1]},"fence":{lease.fence}}}'
+    return _Write(kind, new, record.status, row, lease=lease, release=status in TERMINAL)
 
 
 async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[BaseException | None]:

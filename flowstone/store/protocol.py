@@ -8,11 +8,11 @@ implements them, and the shared contract suite (tests/contracts) checks them all
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from .leases import BackfillClaim, Cursor, Lease, RoleHolder, Tick
+from .leases import BackfillClaim, Cursor, End, Lease, RoleHolder, Start, Tick
 from .records import Materialization, Status
 
 __all__ = ["MaterializationStore"]
@@ -98,6 +98,21 @@ class MaterializationStore(Protocol):
         seen, dependency hash)``: when the partition's current success has that hash
         and is not the one seen (another process finished it since the caller
         looked), nothing is written and ``FinishedElsewhere`` carries that success."""
+        ...
+
+    async def begin_many(
+        self, owner: str, seconds: float, starts: Sequence[Start]
+    ) -> list[tuple[Materialization, Lease] | Exception]:
+        """``begin`` for each of ``starts``, in as few writes as the store can (a
+        backfill's batch of fast partitions, ADR 0032): one outcome per start, in
+        order: the record and lease, or what that start raised (``LeaseHeld``,
+        ``FinishedElsewhere``, ...), which changes nothing for the others."""
+        ...
+
+    async def complete_many(self, ends: Sequence[End]) -> list[Materialization | Exception]:
+        """``complete`` for each of ``ends``, in as few writes as the store can: one
+        outcome per end, in order: the new record, or what that end raised
+        (``LeaseLost``, ...), which changes nothing for the others."""
         ...
 
     async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:

@@ -21,12 +21,13 @@ fsyncs every commit (on a thread) before the caller hears of it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -55,10 +56,12 @@ from .leases import (
     BackfillClaim,
     CancelRequested,
     Cursor,
+    End,
     FinishedElsewhere,
     Lease,
     LeaseHeld,
     RoleHolder,
+    Start,
     Tick,
     cursor_fields,
     finished_state,
@@ -275,12 +278,53 @@ class SqliteStore:
         self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
     ) -> Materialization:
         new = completed(record, status, fields, current_tenant(), _utcnow())
-        if fields.keys() <= ENDING:  # how a job ends: only what an end changes is written
-            statement, row = _END, _end_row(new, record.status)
-        else:
-            statement, row = _REWRITE, _rewrite_row(_values(new), record.status)
+        statement, row = _rewriting(new, record.status, fields)
         await self._db.write(lambda c: _rewrite(c, new, statement, row, record.status, lease))
         return new
+
+    async def begin_many(
+        self, owner: str, seconds: float, starts: Sequence[Start]
+    ) -> list[tuple[Materialization, Lease] | Exception]:
+        tenant, now = current_tenant(), _utcnow()
+        outcomes: list[tuple[Materialization, Lease] | Exception] = []
+        writes: list[Callable[[sqlite3.Connection], int]] = []
+        for start in starts:
+            try:
+                record = new_record(start.fields, tenant, now)
+            except Exception as error:
+                outcomes.append(error)
+                continue
+            values = _values(record)
+            outcomes.append((record, Lease(tenant, record.asset_name, record.partition, owner, 0)))
+            writes.append(functools.partial(_begin, record=record, values=values, owner=owner, seconds=seconds,
+                                            unless_done=start.unless_done))
+        fences = iter(await self._db.write_many(writes))
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, tuple):
+                fence = next(fences)
+                outcomes[i] = fence if isinstance(fence, Exception) else (
+                    outcome[0], outcome[1]._replace(fence=fence))
+        return outcomes
+
+    async def complete_many(self, ends: Sequence[End]) -> list[Materialization | Exception]:
+        tenant, now = current_tenant(), _utcnow()
+        outcomes: list[Materialization | Exception] = []
+        writes: list[Callable[[sqlite3.Connection], None]] = []
+        for end in ends:
+            try:
+                new = completed(end.record, end.status, end.fields, tenant, now)
+            except Exception as error:
+                outcomes.append(error)
+                continue
+            outcomes.append(new)
+            statement, row = _rewriting(new, end.record.status, end.fields)
+            writes.append(functools.partial(_rewrite, new=new, statement=statement, row=row,
+                                            expected=end.record.status, lease=end.lease))
+        written = iter(await self._db.write_many(writes))
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, Materialization) and isinstance(failed := next(written), Exception):
+                outcomes[i] = failed
+        return outcomes
 
     async def update_status(self, id: uuid.UUID | str, status: Status | str, **fields: Any) -> Materialization:
         record_id, target, changes = parse_id(id), to_status(status), update_fields(fields)
@@ -859,6 +903,14 @@ def _begin(
     ).fetchone()[0]
     _insert(c, record, values)
     return int(fence)
+
+
+def _rewriting(new: Materialization, expected: Status, fields: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """``_rewrite``'s statement and row for ``complete(**fields)``: how a job ends
+    writes only what an end changes (``ENDING``), anything else every column."""
+    if fields.keys() <= ENDING:
+        return _END, _end_row(new, expected)
+    return _REWRITE, _rewrite_row(_values(new), expected)
 
 
 def _rewrite_row(values: tuple[Any, ...], expected: Status) -> tuple[Any, ...]:

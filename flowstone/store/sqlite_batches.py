@@ -23,7 +23,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -126,20 +126,44 @@ class Connections:
         """
         op = _Write(fn)
         self._queue.append(op)
-        try:
-            await self._until_done(op)
-        except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT):
-                await self._until_done(op)
-            raise
-        if not op.done:  # only after a cancellation whose write never came
-            if op in self._queue:
-                self._queue.remove(op)
-            raise DatabaseUnavailable(f"writing to SQLite took longer than {WRITE_TIMEOUT:g}s")
+        await self._settle((op,))
         if op.error is not None:
             error, op.error = op.error, None
             raise error
         return op.value
+
+    async def write_many(self, fns: Sequence[Work]) -> list[Any]:
+        """Each of ``fns`` as ``write`` runs it, queued at once so that they share
+        a transaction and the caller wakes once: what each returned, or the
+        exception it raised (which rolled back that one alone); a flush that was
+        interrupted raises that."""
+        ops = [_Write(fn) for fn in fns]
+        self._queue.extend(ops)
+        await self._settle(ops)
+        for op in ops:
+            if op.error is not None and not isinstance(op.error, Exception):
+                raise op.error
+        return [op.value if op.error is None else op.error for op in ops]
+
+    async def _settle(self, ops: Sequence[_Write]) -> None:
+        """Wait until every op is written or failed. A caller cancelled meanwhile
+        still waits (shielded, up to ``WRITE_TIMEOUT``) for the outcome before the
+        cancellation goes on; an op that never came fails as unavailable."""
+        try:
+            for op in ops:
+                await self._until_done(op)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT):
+                for op in ops:
+                    await self._until_done(op)
+            raise
+        finally:
+            for op in ops:
+                if not op.done:  # only after a cancellation whose write never came
+                    if op in self._queue:
+                        self._queue.remove(op)
+                    op.done, op.error = True, DatabaseUnavailable(
+                        f"writing to SQLite took longer than {WRITE_TIMEOUT:g}s")
 
     async def _until_done(self, op: _Write) -> None:
         while not op.done:

@@ -15,7 +15,7 @@ import pytest
 
 import flowstone as fs
 from flowstone.runtime.backfill import BackfillSpec, BackfillStatus, Saved
-from flowstone.store.leases import CancelRequested, FinishedElsewhere, LeaseHeld
+from flowstone.store.leases import CancelRequested, End, FinishedElsewhere, LeaseHeld, Start
 from flowstone.store import TRANSITIONS, Status
 
 pytestmark = pytest.mark.anyio
@@ -537,6 +537,52 @@ class LeaseContract:
                 tasks.start_soon(contender, f"p{index}")
         assert len(granted) == 1 and len(refused) == 19
         assert [r.id for r in await store.list_all()] == [granted[0][0].id]
+
+    async def test_begin_many_begins_each_and_a_refused_one_changes_nothing_for_the_others(self, store):
+        held, held_lease = await store.begin("p1", 30, asset_name="a", partition="2", status=Status.RUNNING)
+        done, done_lease = await store.begin("p1", 30, asset_name="a", partition="3", status=Status.RUNNING,
+                                             dependency_hash="h")
+        success = await store.complete(done, Status.SUCCESS, lease=done_lease)
+        starts = [
+            Start({"asset_name": "a", "partition": "1", "status": Status.RUNNING, "dependency_hash": "h"}, (None, "h")),
+            Start({"asset_name": "a", "partition": "2", "status": Status.RUNNING}),  # p1 holds it
+            Start({"asset_name": "a", "partition": "3", "status": Status.RUNNING, "dependency_hash": "h"}, (None, "h")),
+            Start({"asset_name": "a b", "partition": "4", "status": Status.RUNNING}),  # not a name
+            Start({"asset_name": "a", "partition": "5", "status": Status.RUNNING}),
+        ]
+        first, refused, finished, invalid, last = await store.begin_many("p2", 30, starts)
+        assert isinstance(refused, LeaseHeld) and refused.fence == held_lease.fence
+        assert isinstance(finished, FinishedElsewhere) and finished.record.id == success.id
+        assert isinstance(invalid, fs.InvalidIdentifier)
+        for (record, lease), partition in [(first, "1"), (last, "5")]:
+            assert (record.partition, record.status, lease.owner, lease.partition) == (partition, Status.RUNNING,
+                                                                                       "p2", partition)
+            assert (await store.get_by_id(record.id)).status is Status.RUNNING
+        assert first[1].fence != last[1].fence
+        assert {r.id for r in await store.list_all()} == {held.id, success.id, first[0].id, last[0].id}
+        with pytest.raises(LeaseHeld):  # what begin_many granted is held
+            await store.begin("p3", 30, asset_name="a", partition="5", status=Status.RUNNING)
+        assert await store.begin_many("p2", 30, []) == []
+
+    async def test_complete_many_completes_each_and_a_refused_one_changes_nothing_for_the_others(self, store, age):
+        (one, one_lease), (two, two_lease), (three, three_lease) = await store.begin_many("p1", 10, [
+            Start({"asset_name": "a", "partition": p, "status": Status.RUNNING}) for p in "123"])
+        await age(11)
+        _, taken = await store.begin("p2", 10, asset_name="a", partition="2", status=Status.RUNNING)
+        ended = await store.complete_many([
+            End(one, Status.SUCCESS, one_lease, {"metadata": {"rows": 1}}),
+            End(two, Status.SUCCESS, two_lease, {}),  # taken over: fenced out
+            End(three, Status.STALE, three_lease, {}),  # not a move a running record makes
+        ])
+        assert isinstance(ended[0], fs.store.Materialization) and ended[0].status is Status.SUCCESS
+        assert isinstance(ended[1], fs.LeaseLost)
+        assert isinstance(ended[2], fs.InvalidTransition)
+        assert await store.get_by_id(one.id) == ended[0]
+        assert (await store.get_by_id(two.id)).status is Status.FAILED  # closed as an orphan by the takeover
+        assert (await store.get_by_id(three.id)).status is Status.RUNNING
+        failed = await store.complete_many([End(three, Status.FAILED, three_lease, {"error_message": "boom"})])
+        assert failed[0].status is Status.FAILED and (await store.get_by_id(three.id)).error_message == "boom"
+        assert await store.complete_many([]) == []
 
     async def test_leases_and_their_fences_belong_to_one_tenant(self, store):
         with fs.tenant_scope("a"):

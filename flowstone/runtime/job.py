@@ -18,7 +18,7 @@ import math
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -41,13 +41,13 @@ from ..io.memory import private_copy
 from ..io.protocol import LoadsMany, returns_stored_object
 from ..plumbing import threads
 from ..plumbing.clock import utcnow
-from ..store.leases import Lease
+from ..store.leases import End, Lease, Start
 from ..store.records import ACTIVE, Materialization, Status
 from . import tracing
 from .executor import AwaitApproval, Env, JobResult
 from .processes import run_in_process
 
-__all__ = ["IO_CONFIG", "IO_KEY", "Job", "Read", "describe", "run_job"]
+__all__ = ["IO_CONFIG", "IO_KEY", "Job", "Read", "describe", "run_job", "run_jobs"]
 
 IO_KEY = "flowstone.io_manager"
 IO_CONFIG = "flowstone.io_config"
@@ -137,6 +137,89 @@ class _State:
     lease: Lease | None = None
 
 
+async def run_jobs(jobs: Sequence[Job], env: Env) -> list[JobResult | Exception]:
+    """Run ``jobs`` one after another as a batch whose records begin in one store
+    call and end in another (ADR 0032): for jobs that need no approval and that no
+    tracer follows. One outcome per job, in order: its result, or what kept it from
+    being recorded (``LeaseHeld``, ``FinishedElsewhere``, ``LeaseLost``, a store
+    error). A cancellation records what was computed as computed and what was not
+    as ``cancelled``, then goes on."""
+    outcomes: list[JobResult | Exception | None] = [None] * len(jobs)
+    if env.limiter is not None:
+        async with env.limiter:
+            await _run_batch(jobs, env, outcomes)
+    else:
+        await _run_batch(jobs, env, outcomes)
+    done = [outcome for outcome in outcomes if outcome is not None]
+    assert len(done) == len(jobs), "every job of a batch has an outcome"
+    return done
+
+
+async def _run_batch(jobs: Sequence[Job], env: Env, outcomes: list[JobResult | Exception | None]) -> None:
+    store = env.store
+    asked = env.leases.clock()
+    begun = await store.begin_many(env.node, env.leases.seconds, [Start(_start(job, env), job.unless_done)
+                                                                  for job in jobs])
+    running: dict[int, tuple[Materialization, Lease]] = {}
+    for index, got in enumerate(begun):
+        if isinstance(got, Exception):
+            outcomes[index] = got
+            continue
+        running[index] = got
+        env.leases.hold(got[1], asked)
+        if env.events.subscribers:
+            _announce(env, got[0])
+    computed: dict[int, _Computed] = {}
+    try:
+        for index, (record, lease) in running.items():
+            try:
+                computed[index] = await _compute(jobs[index], env, record, lease)
+            except LeaseLost as lost:  # taken over: that process writes this partition now
+                outcomes[index] = lost
+        await _end_batch(jobs, env, running, computed, outcomes)
+    except BaseException:
+        # Cancelled (or the runtime broke): what was computed is recorded as it
+        # came out, the rest as cancelled, shielded and bounded, as one job would.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+            for index, (record, _lease) in running.items():
+                if outcomes[index] is None and index not in computed:
+                    computed[index] = _Computed(Status.CANCELLED, {"error_message": "cancelled", **_timing(record)})
+            await _end_batch(jobs, env, running, computed, outcomes)
+        raise
+    finally:
+        for _record, lease in running.values():
+            env.leases.drop(lease)
+
+
+async def _end_batch(
+    jobs: Sequence[Job], env: Env, running: Mapping[int, tuple[Materialization, Lease]],
+    computed: Mapping[int, _Computed], outcomes: list[JobResult | Exception | None],
+) -> None:
+    """The last writes of the computed jobs without an outcome yet, in one store call;
+    then each job's end (``_ended``). A job whose write failed is recorded failed if
+    it can be, as ``run_job`` does."""
+    ending = [index for index in computed if outcomes[index] is None]
+    for index in ending:
+        env.leases.ending(running[index][1])
+    written = await env.store.complete_many([
+        End(running[index][0], computed[index].status, running[index][1], computed[index].fields) for index in ending
+    ])
+    for index, record in zip(ending, written, strict=True):
+        job = jobs[index]
+        if isinstance(record, LeaseLost):
+            outcomes[index] = record
+        elif isinstance(record, Exception):
+            state = _State(*running[index])
+            await _close(job, env, state, Status.FAILED, describe(record))
+            failed = state.record is not None and state.record.status is Status.FAILED
+            outcomes[index] = JobResult(state.record, record) if failed and state.record is not None else record
+        else:
+            try:
+                outcomes[index] = await _ended(job, env, record, computed[index])
+            except Exception as error:  # recorded; what follows the write failed (as run_job raises it)
+                outcomes[index] = error
+
+
 async def _close(job: Job, env: Env, state: _State, status: Status, message: str) -> None:
     record = state.record
     if record is None or record.status not in ACTIVE:
@@ -158,18 +241,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     asset, store = job.asset, env.store
     asked = env.leases.clock()
     state.record, state.lease = record, lease = await store.begin(
-        env.node,
-        env.leases.seconds,
-        unless_done=job.unless_done,
-        asset_name=asset.name,
-        partition=job.key,
-        run_id=job.run_id,
-        status=Status.WAITING_APPROVAL if asset.requires_approval else Status.RUNNING,
-        started_at=utcnow(),
-        upstream_assets=tuple(r.asset for r in job.reads),
-        upstream_partitions={r.asset: tuple(m.partition for m in r.records) for r in job.reads},
-        dependency_hash=job.dependency_hash,
-        executor_node=_executor_node(env.node, asset.name),
+        env.node, env.leases.seconds, unless_done=job.unless_done, **_start(job, env)
     )
     env.leases.hold(lease, asked)
     if asset.requires_approval:
@@ -185,6 +257,42 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
         state.record = record = await store.complete(record, Status.RUNNING, lease=lease, started_at=utcnow())
     if env.events.subscribers:
         _announce(env, record)
+    computed = await _compute(job, env, record, lease)
+    state.record = record = await _last_write(env, record, computed.status, lease, **computed.fields)
+    return await _ended(job, env, record, computed)
+
+
+def _start(job: Job, env: Env) -> dict[str, Any]:
+    """The fields of the record a job begins with."""
+    return {
+        "asset_name": job.asset.name,
+        "partition": job.key,
+        "run_id": job.run_id,
+        "status": Status.WAITING_APPROVAL if job.asset.requires_approval else Status.RUNNING,
+        "started_at": utcnow(),
+        "upstream_assets": tuple(r.asset for r in job.reads),
+        "upstream_partitions": {r.asset: tuple(m.partition for m in r.records) for r in job.reads},
+        "dependency_hash": job.dependency_hash,
+        "executor_node": _executor_node(env.node, job.asset.name),
+    }
+
+
+@attrs.frozen
+class _Computed:
+    """What a job computed: the status and fields of its last write, and the value
+    stored (a success) or the error (a failure)."""
+
+    status: Status
+    fields: dict[str, Any]
+    value: Any = None
+    error: BaseException | None = None
+
+
+async def _compute(job: Job, env: Env, record: Materialization, lease: Lease) -> _Computed:
+    """Load the inputs, call the function, store the value. A failure of any of that
+    is the job's result (``failed``); ``LeaseLost`` and the runtime's cancellation are
+    raised."""
+    asset = job.asset
     started = time.perf_counter()
     ctx = Context(
         asset=asset,
@@ -214,23 +322,27 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     except BaseException as error:
         if stopped(error):
             raise
-        state.record = record = await _last_write(
-            env, record, Status.FAILED, lease, error_message=describe(error), error_traceback=traceback_of(error),
-            metadata=_io_metadata(ctx.metadata, job), **_timing(record, started),
-        )
-        _log_failure(record, error)
-        if env.events.subscribers:
-            _announce(env, record)
-        return JobResult(record, error)
-    state.record = record = await _last_write(
-        env, record, Status.SUCCESS, lease, metadata=_io_metadata(ctx.metadata, job), **_timing(record, started)
-    )
+        return _Computed(Status.FAILED, {
+            "error_message": describe(error), "error_traceback": traceback_of(error),
+            "metadata": _io_metadata(ctx.metadata, job), **_timing(record, started),
+        }, error=error)
+    return _Computed(Status.SUCCESS, {"metadata": _io_metadata(ctx.metadata, job), **_timing(record, started)},
+                     value=value)
+
+
+async def _ended(job: Job, env: Env, record: Materialization, computed: _Computed) -> JobResult:
+    """What follows a job's last write: tell the watchers, log a failure, mark what
+    was built on the previous success stale."""
+    if computed.error is not None:
+        _log_failure(record, computed.error)
     if env.events.subscribers:
         _announce(env, record)
+    if record.status is not Status.SUCCESS:
+        return JobResult(record, computed.error)
     if job.marks_stale:
-        await store.mark_stale(asset.name, job.key)
-    if returns_stored_object(manager):
-        return JobResult(record, value=value, has_value=True)
+        await env.store.mark_stale(job.asset.name, job.key)
+    if returns_stored_object(env.io_managers[job.io_key]):
+        return JobResult(record, value=computed.value, has_value=True)
     return JobResult(record)
 
 

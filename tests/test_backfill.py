@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+import uuid
 from datetime import date, datetime, timedelta, timezone
 
 import anyio
@@ -414,3 +415,129 @@ async def test_a_backfill_of_a_local_fall_back_day_runs_its_twenty_five_hours(an
         assert [await rt.load("h", k) for k in ("2025-11-02T08:00:00Z", "2025-11-02T09:00:00Z")] == [
             "01:00 PDT", "01:00 PST"
         ]
+
+
+# ------------------------------------------------------------ batches (ADR 0032)
+
+
+class _Counting(fs.store.MemoryStore):
+    """A memory store that remembers how many jobs each begin_many / complete_many took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.begun: list[int] = []
+        self.ended: list[int] = []
+
+    async def begin_many(self, owner, seconds, starts):
+        self.begun.append(len(starts))
+        return await super().begin_many(owner, seconds, starts)
+
+    async def complete_many(self, ends):
+        self.ended.append(len(ends))
+        return await super().complete_many(ends)
+
+
+async def test_fast_partitions_begin_and_end_in_batches_each_with_its_own_record(anyio_backend):
+    store = _Counting()
+    async with fs.open_runtime([asset_of(lambda ctx, deps: ctx.partition_key)], store=store) as rt:
+        status = await rt.wait_backfill(await rt.backfill("events", partitions=DAYS, max_parallel=2))
+        assert (status.state, status.succeeded, status.failed) == ("succeeded", 30, 0)
+        assert sum(store.begun) == sum(store.ended) == 30 - 2  # each worker's first partition ran alone
+        assert max(store.begun) > 1 and max(store.begun) <= 16
+        records = await rt.store.list_all()
+        assert sorted(r.partition for r in records) == sorted(d.isoformat() for d in DAYS)
+        assert len({r.run_id for r in records}) == 30  # one run per partition, batched or not
+        for record in records:
+            assert record.status is Status.SUCCESS and record.started_at <= record.completed_at
+            assert record.duration_ms is not None and record.executor_node.endswith("/executor:events")
+        assert await rt.load("events", DAYS[12]) == "2025-01-13"
+        again = await rt.wait_backfill(await rt.backfill("events", partitions=DAYS, max_parallel=2))
+        assert again.succeeded == 30 and len(await rt.store.list_all()) == 30  # all skipped: nothing written
+
+
+async def test_a_slow_partition_in_a_batch_holds_back_neither_the_records_nor_the_counts_before_it(anyio_backend):
+    release = anyio.Event()
+
+    async def work(ctx, deps):
+        if ctx.partition_key == "2025-01-06":
+            await release.wait()
+        return 1
+
+    async with fs.open_runtime([asset_of(work)]) as rt:
+        backfill = await rt.backfill("events", partitions=DAYS[:12], max_parallel=1)
+
+        async def five_done():
+            records = await rt.store.list_all()
+            done = {r.partition for r in records if r.status is Status.SUCCESS}
+            counted = (await rt.backfill_status(backfill)).succeeded
+            return done == {d.isoformat() for d in DAYS[:5]} and counted == 5
+
+        await until(five_done)
+        waiting = {r.partition: r.status for r in await rt.store.list_all()}
+        assert waiting["2025-01-06"] is Status.RUNNING
+        release.set()
+        status = await rt.wait_backfill(backfill)
+        assert (status.succeeded, status.failed) == (12, 0)
+
+
+async def test_a_failure_in_a_batch_fails_that_partition_only(anyio_backend):
+    def work(ctx, deps):
+        if ctx.partition_key in ("2025-01-04", "2025-01-09"):
+            raise ValueError(f"bad day {ctx.partition_key}")
+        return 1
+
+    store = _Counting()
+    async with fs.open_runtime([asset_of(work)], store=store) as rt:
+        status = await rt.wait_backfill(await rt.backfill("events", partitions=DAYS[:12], max_parallel=1))
+        assert (status.state, status.succeeded, status.failed) == ("failed", 10, 2)
+        assert sorted(status.errors) == [
+            (f"2025-01-0{day}", f"materialization failed: ValueError: bad day 2025-01-0{day} "
+                                f"[asset='events', partition='2025-01-0{day}']") for day in (4, 9)]
+        assert max(store.begun) > 1
+        failed = await rt.store.list_by_status("failed")
+        assert sorted(r.partition for r in failed) == ["2025-01-04", "2025-01-09"]
+        assert all("ValueError: bad day" in r.error_traceback for r in failed)
+
+
+async def test_cancelling_a_backfill_mid_batch_leaves_every_record_terminal(anyio_backend):
+    started = anyio.Event()
+
+    async def work(ctx, deps):
+        if ctx.partition_key == "2025-01-05":
+            started.set()
+            await anyio.sleep_forever()
+        return 1
+
+    async with fs.open_runtime([asset_of(work)]) as rt:
+        backfill = await rt.backfill("events", partitions=DAYS[:12], max_parallel=1)
+        with anyio.fail_after(5):
+            await started.wait()
+        status = await rt.cancel_backfill(backfill)
+        assert status.state == "cancelled" and status.failed == 0
+        records = {r.partition: r for r in await rt.store.list_all()}
+        assert {r.status for r in records.values()} <= TERMINAL
+        assert records["2025-01-05"].error_message == "cancelled"
+        assert [records[d.isoformat()].status for d in DAYS[:4]] == [Status.SUCCESS] * 4
+        assert status.succeeded == 4
+
+
+def test_a_batch_is_as_large_as_its_partitions_are_fast():
+    from flowstone.runtime.backfill import MAX_CHUNK, _Pace
+    from flowstone.runtime.run import RunResult
+    from flowstone.store.records import Materialization
+
+    def done(ms):
+        record = Materialization(id=uuid.uuid4(), asset_name="a", partition="p", run_id=uuid.uuid4(),
+                                 status=Status.SUCCESS, duration_ms=ms)
+        return RunResult(run_id=record.run_id, materializations={"a": record})
+
+    pace = _Pace()
+    assert pace.size == 1  # nothing known yet: one at a time
+    pace.saw([done(0.05), done(0.05)])
+    assert pace.size == MAX_CHUNK
+    pace.saw([done(2.5)])  # 10 ms of work takes four of these
+    assert pace.size == 4
+    pace.saw([done(50)])
+    assert pace.size == 1
+    pace.saw([done(0.01), RuntimeError("no record")])
+    assert pace.size == 1

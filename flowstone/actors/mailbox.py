@@ -244,6 +244,11 @@ class PendingCall(Generic[R]):
         value: R = outcome.unwrap()
         return value
 
+    @property
+    def ready(self) -> bool:
+        """Whether the answer has come (``result`` then returns it without waiting)."""
+        return self._slot.done
+
     def discard(self) -> None:
         """Stop listening for the answer, telling the actor nothing (idempotent)."""
         self._slot.left = True

@@ -27,14 +27,14 @@ from anyio.abc import TaskStatus
 
 from .. import events as ev
 from ..actors.mailbox import DEFERRED, Handle, Handlers, Message, Reply, fail_pending, open_mailbox, serve
-from ..errors import FlowstoneError, LeaseLost, RuntimeClosed
+from ..errors import FlowstoneError, LeaseLost, MaterializationFailed, RuntimeClosed
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
 from ..plumbing.interrupts import internal
 from ..store.backfills import BackfillSpec, BackfillStatus, Saved
 from ..store.leases import CancelRequested, LeaseHeld
 from ..tenancy import tenant_scope
-from .run import RunRequest
+from .run import RunRequest, RunResult
 from .watch import EventBus
 
 __all__ = ["BackfillSpec", "BackfillStatus", "Dispatcher", "Runner", "run_backfill"]
@@ -76,14 +76,29 @@ class Wait(Message[BackfillStatus]):
 MAX_CHUNK = 16
 
 
+BATCH_SECONDS = 0.01
+"""A worker runs fast partitions in batches whose records begin in one write and
+end in another (ADR 0032): as many as took this long to compute last time, so a
+record says ``running`` at most about this long before its function starts, and
+its end is written at most about this long after it (a slow partition runs alone)."""
+
+
+Reported = Callable[[int, Any], Awaitable[None]]
+"""Told a batch's outcomes, each by its partition's index, as they come."""
+
+
 @attrs.frozen
 class Runner:
     """How a backfill runs partitions: ``prefetch`` prepares a chunk at once (one
     store round trip for its latest successes) and answers one entry per partition
-    (or None), ``run`` runs one partition with its entry."""
+    (or None), ``run`` runs one partition with its entry; ``batch``, when given,
+    runs several with their entries as one batch, reports each one's outcome (by
+    index: the run's result, or the error it failed with) as soon as it is known,
+    and answers the indexes of those to ``run`` alone instead."""
 
     prefetch: Callable[[list[RunRequest]], Awaitable[Sequence[Any] | None]]
     run: Callable[[RunRequest, Any], Awaitable[Any]]
+    batch: Callable[[list[RunRequest], list[Any], Reported], Awaitable[list[int]]] | None = None
 
 
 class Dispatcher(Protocol):
@@ -360,6 +375,7 @@ async def _worker(
     backfilling the same partitions then share the work instead of queueing behind
     each other); once the feed is empty, the ones put aside run, now waiting if they
     must, and mostly find the other process's success to take."""
+    pace = _Pace()
     while chunk := list(itertools.islice(feed, size)):
         # A partition that blocks on nothing never yields, and the chunk's lookup is
         # answered before anyio's cancellation reaches a waiting task on asyncio (it
@@ -374,9 +390,16 @@ async def _worker(
             ahead = await runner.prefetch(requests)
         except FlowstoneError:
             ahead = None  # each run looks up for itself, and reports what is wrong
-        entries = ahead if ahead is not None else [None] * len(chunk)
-        for partition, request, entry in zip(chunk, requests, entries, strict=True):
-            await _run_one(spec, progress, runner, partition, request, entry)
+        entries = list(ahead) if ahead is not None else [None] * len(chunk)
+        start = 0
+        while start < len(chunk):
+            end = start + (pace.size if runner.batch is not None and ahead is not None else 1)
+            if end - start > 1:
+                await _run_batch(spec, progress, runner, pace, chunk[start:end], requests[start:end],
+                                 entries[start:end])
+            else:
+                pace.saw([await _run_one(spec, progress, runner, chunk[start], requests[start], entries[start])])
+            start = end
     while progress.deferred:
         await anyio.lowlevel.checkpoint_if_cancelled()
         partition = progress.deferred.pop()
@@ -384,24 +407,100 @@ async def _worker(
         await _run_one(spec, progress, runner, partition, request, None)
 
 
+class _Pace:
+    """How many partitions a worker's next batch takes: as many as computed in
+    ``BATCH_SECONDS`` last time, judged by their records' durations; one while none
+    is known, and one after a partition whose duration is not known."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        self.size = 1
+
+    def saw(self, results: Sequence[Any]) -> None:
+        durations = [_duration_ms(result) for result in results]
+        known = [d for d in durations if d is not None]
+        if len(known) < len(durations) or not known:
+            self.size = 1
+            return
+        each = max(sum(known) / len(known), 0.001) / 1000
+        self.size = max(1, min(MAX_CHUNK, int(BATCH_SECONDS / each)))
+
+
+def _duration_ms(result: Any) -> float | None:
+    """How long the backfilled asset's function ran for ``result`` (a run's result,
+    or the error it failed with); 0 for a success reused; None when not known."""
+    if isinstance(result, MaterializationFailed):
+        result = result.result
+    if not isinstance(result, RunResult) or len(result.materializations) != 1:
+        return None
+    if result.skipped:
+        return 0.0
+    record = next(iter(result.materializations.values()))
+    return record.duration_ms
+
+
+async def _run_batch(
+    spec: BackfillSpec, progress: _Progress, runner: Runner, pace: _Pace, partitions: list[Any],
+    requests: list[RunRequest], entries: list[Any],
+) -> None:
+    assert runner.batch is not None
+    progress.started += len(partitions)
+    progress.running += len(partitions)
+    outcomes: list[Any] = []
+    counted: set[int] = set()
+
+    async def report(index: int, outcome: Any) -> None:
+        counted.add(index)
+        outcomes.append(outcome)
+        progress.running -= 1
+        _count(spec, progress, partitions[index], outcome)
+        progress.announce_progress()
+
+    try:
+        alone = await runner.batch(requests, entries, report)
+    except Exception as error:  # the batch broke: each partition it did not finish failed with it
+        alone = []
+        for index in range(len(partitions)):
+            if index not in counted:
+                await report(index, error)
+    finally:
+        uncounted = len(partitions) - len(counted)
+        progress.running -= uncounted
+        progress.started -= uncounted
+    pace.saw(outcomes)
+    for index in alone:
+        await _run_one(spec, progress, runner, partitions[index], requests[index], entries[index])
+
+
 async def _run_one(
     spec: BackfillSpec, progress: _Progress, runner: Runner, partition: Any, request: RunRequest, ahead: Any
-) -> None:
+) -> Any:
+    """Run one partition; its result, or the error it failed with."""
     progress.started += 1
     progress.running += 1
     try:
-        await runner.run(request, ahead)
-        progress.succeeded += 1
-    except LeaseHeld:
-        progress.started -= 1  # queued again, for after the feed
-        progress.deferred.append(partition)
-    except Exception as error:  # FlowstoneErrors, and anything a bug let through:
-        # one partition's failure never stops the others or the runtime
-        if not isinstance(error, FlowstoneError):
-            log.exception("backfill %s: partition %r failed unexpectedly", spec.id, partition)
-        progress.failed += 1
-        if len(progress.errors) < MAX_ERRORS:
-            progress.errors.append((serialize_partition(partition), str(error) or type(error).__name__))
+        outcome = await runner.run(request, ahead)
+    except Exception as error:
+        outcome = error
     finally:
         progress.running -= 1
+    _count(spec, progress, partition, outcome)
     progress.announce_progress()
+    return outcome
+
+
+def _count(spec: BackfillSpec, progress: _Progress, partition: Any, outcome: Any) -> None:
+    """Count a started partition's outcome: a run's result, or the error it failed with."""
+    if isinstance(outcome, LeaseHeld):
+        progress.started -= 1  # queued again, for after the feed
+        progress.deferred.append(partition)
+    elif isinstance(outcome, Exception):  # FlowstoneErrors, and anything a bug let through:
+        # one partition's failure never stops the others or the runtime
+        if not isinstance(outcome, FlowstoneError):
+            log.error("backfill %s: partition %r failed unexpectedly", spec.id, partition, exc_info=outcome)
+        progress.failed += 1
+        if len(progress.errors) < MAX_ERRORS:
+            progress.errors.append((serialize_partition(partition), str(outcome) or type(outcome).__name__))
+    else:
+        progress.succeeded += 1

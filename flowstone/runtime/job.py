@@ -137,87 +137,130 @@ class _State:
     lease: Lease | None = None
 
 
-async def run_jobs(jobs: Sequence[Job], env: Env) -> list[JobResult | Exception]:
+Report = Callable[[int, "JobResult | Exception"], Awaitable[None]]
+"""Told each job's outcome (by its index) as soon as it is known."""
+
+
+async def run_jobs(jobs: Sequence[Job], env: Env, report: Report) -> None:
     """Run ``jobs`` one after another as a batch whose records begin in one store
-    call and end in another (ADR 0032): for jobs that need no approval and that no
-    tracer follows. One outcome per job, in order: its result, or what kept it from
-    being recorded (``LeaseHeld``, ``FinishedElsewhere``, ``LeaseLost``, a store
-    error). A cancellation records what was computed as computed and what was not
-    as ``cancelled``, then goes on."""
-    outcomes: list[JobResult | Exception | None] = [None] * len(jobs)
+    call (ADR 0032): for jobs that need no approval and that no tracer follows.
+    Their last writes go in one call at the end, and every ``BATCH_SECONDS`` in
+    between, so a job's end waits for no slow job after it. ``report`` hears each
+    job's outcome once: its result, or what kept it from being recorded
+    (``LeaseHeld``, ``FinishedElsewhere``, ``LeaseLost``, a store error). A
+    cancellation records what was computed as computed (reported) and the rest as
+    ``cancelled`` (not reported: those jobs stopped), then goes on."""
     if env.limiter is not None:
         async with env.limiter:
-            await _run_batch(jobs, env, outcomes)
+            await _Batch(jobs, env, report).run()
     else:
-        await _run_batch(jobs, env, outcomes)
-    done = [outcome for outcome in outcomes if outcome is not None]
-    assert len(done) == len(jobs), "every job of a batch has an outcome"
-    return done
+        await _Batch(jobs, env, report).run()
 
 
-async def _run_batch(jobs: Sequence[Job], env: Env, outcomes: list[JobResult | Exception | None]) -> None:
-    store = env.store
-    asked = env.leases.clock()
-    begun = await store.begin_many(env.node, env.leases.seconds, [Start(_start(job, env), job.unless_done)
-                                                                  for job in jobs])
-    running: dict[int, tuple[Materialization, Lease]] = {}
-    for index, got in enumerate(begun):
-        if isinstance(got, Exception):
-            outcomes[index] = got
-            continue
-        running[index] = got
-        env.leases.hold(got[1], asked)
-        if env.events.subscribers:
-            _announce(env, got[0])
-    computed: dict[int, _Computed] = {}
-    try:
-        for index, (record, lease) in running.items():
-            try:
-                computed[index] = await _compute(jobs[index], env, record, lease)
-            except LeaseLost as lost:  # taken over: that process writes this partition now
-                outcomes[index] = lost
-        await _end_batch(jobs, env, running, computed, outcomes)
-    except BaseException:
-        # Cancelled (or the runtime broke): what was computed is recorded as it
-        # came out, the rest as cancelled, shielded and bounded, as one job would.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
-            for index, (record, _lease) in running.items():
-                if outcomes[index] is None and index not in computed:
-                    computed[index] = _Computed(Status.CANCELLED, {"error_message": "cancelled", **_timing(record)})
-            await _end_batch(jobs, env, running, computed, outcomes)
-        raise
-    finally:
-        for _record, lease in running.values():
-            env.leases.drop(lease)
+BATCH_SECONDS = 0.01
+"""Longest a batch keeps a computed job's last write waiting (see ``run_jobs``)."""
 
 
-async def _end_batch(
-    jobs: Sequence[Job], env: Env, running: Mapping[int, tuple[Materialization, Lease]],
-    computed: Mapping[int, _Computed], outcomes: list[JobResult | Exception | None],
-) -> None:
-    """The last writes of the computed jobs without an outcome yet, in one store call;
-    then each job's end (``_ended``). A job whose write failed is recorded failed if
-    it can be, as ``run_job`` does."""
-    ending = [index for index in computed if outcomes[index] is None]
-    for index in ending:
-        env.leases.ending(running[index][1])
-    written = await env.store.complete_many([
-        End(running[index][0], computed[index].status, running[index][1], computed[index].fields) for index in ending
-    ])
-    for index, record in zip(ending, written, strict=True):
-        job = jobs[index]
-        if isinstance(record, LeaseLost):
-            outcomes[index] = record
-        elif isinstance(record, Exception):
-            state = _State(*running[index])
-            await _close(job, env, state, Status.FAILED, describe(record))
-            failed = state.record is not None and state.record.status is Status.FAILED
-            outcomes[index] = JobResult(state.record, record) if failed and state.record is not None else record
-        else:
-            try:
-                outcomes[index] = await _ended(job, env, record, computed[index])
-            except Exception as error:  # recorded; what follows the write failed (as run_job raises it)
-                outcomes[index] = error
+class _Batch:
+    """One ``run_jobs`` call: the records begun, what was computed and not yet written."""
+
+    def __init__(self, jobs: Sequence[Job], env: Env, report: Report) -> None:
+        self.jobs, self.env, self.report = jobs, env, report
+        self.running: dict[int, tuple[Materialization, Lease]] = {}
+        self.computed: dict[int, _Computed] = {}
+        self.waiting: list[int] = []
+        """Computed, and not handed to the store yet."""
+        self.lost: set[int] = set()
+        """Taken over by another process while computing: nothing more is written."""
+        self.computing = True
+        self.current: int | None = None
+        """The job computing now."""
+
+    async def run(self) -> None:
+        env = self.env
+        asked = env.leases.clock()
+        starts = [Start(_start(job, env), job.unless_done) for job in self.jobs]
+        for index, got in enumerate(await env.store.begin_many(env.node, env.leases.seconds, starts)):
+            if isinstance(got, Exception):
+                await self.report(index, got)
+                continue
+            self.running[index] = got
+            env.leases.hold(got[1], asked)
+            if env.events.subscribers:
+                _announce(env, got[0])
+        try:
+            async with anyio.create_task_group() as tasks:
+                if len(self.running) > 1:
+                    tasks.start_soon(self._write_behind)
+                try:
+                    for index, (record, lease) in self.running.items():
+                        self.current = index
+                        try:
+                            self.computed[index] = await _compute(self.jobs[index], env, record, lease)
+                        except LeaseLost as lost:  # taken over: that process writes this partition now
+                            self.lost.add(index)
+                            await self.report(index, lost)
+                            continue
+                        self.waiting.append(index)
+                finally:
+                    self.computing = False
+            await self._write()
+        except BaseException:
+            # Cancelled (or the runtime broke): what was computed is recorded as it
+            # came out, the rest as cancelled, shielded and bounded, as one job would.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+                for index, (record, _lease) in self.running.items():
+                    if index not in self.computed and index not in self.lost:
+                        message = "cancelled" if index == self.current else "cancelled before it started"
+                        self.computed[index] = _Computed(
+                            Status.CANCELLED, {"error_message": message, **_timing(record)})
+                        self.waiting.append(index)
+                await self._write()
+            raise
+        finally:
+            for _record, lease in self.running.values():
+                env.leases.drop(lease)
+
+    async def _write_behind(self) -> None:
+        """Every ``BATCH_SECONDS`` while jobs compute, write the ends computed meanwhile."""
+        while self.computing:
+            await anyio.sleep(BATCH_SECONDS)
+            if self.waiting:
+                with anyio.CancelScope(shield=True):
+                    await self._write()
+
+    async def _write(self) -> None:
+        """The last writes of the jobs computed and waiting, in one store call; then
+        each job's end (``_ended``). A job whose write failed is recorded failed if
+        it can be, as ``run_job`` does."""
+        ending, self.waiting = self.waiting, []
+        if not ending:
+            return
+        env, running, computed = self.env, self.running, self.computed
+        for index in ending:
+            env.leases.ending(running[index][1])
+        written = await env.store.complete_many([
+            End(running[index][0], computed[index].status, running[index][1], computed[index].fields)
+            for index in ending
+        ])
+        for index, record in zip(ending, written, strict=True):
+            job = self.jobs[index]
+            outcome: JobResult | Exception
+            if isinstance(record, LeaseLost):
+                outcome = record
+            elif isinstance(record, Exception):
+                state = _State(*running[index])
+                await _close(job, env, state, Status.FAILED, describe(record))
+                failed = state.record is not None and state.record.status is Status.FAILED
+                outcome = JobResult(state.record, record) if failed and state.record is not None else record
+            else:
+                try:
+                    outcome = await _ended(job, env, record, computed[index])
+                except Exception as error:  # recorded; what follows the write failed (as run_job raises it)
+                    outcome = error
+                if record.status is Status.CANCELLED:
+                    continue  # stopped, not ended: the cancellation goes on, as from run_job
+            await self.report(index, outcome)
 
 
 async def _close(job: Job, env: Env, state: _State, status: Status, message: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -35,7 +35,7 @@ from ..store.records import Materialization, Status
 from . import tracing
 from .executor import Detach, Env, Finished, JobResult, Lease, finish, submit
 from .hashing import dependency_hash
-from .job import Job, Read, describe, run_job
+from .job import Job, Read, describe, run_job, run_jobs
 from .registry import Snapshot
 
 __all__ = ["RunRequest", "RunResult", "execute_run"]
@@ -323,6 +323,199 @@ async def _execute_run(
     return result
 
 
+def make_job(
+    snapshot: Snapshot, env: Env, request: RunRequest, node: _Node, reads: list[Read], digest: str,
+    run_id: uuid.UUID, tenant: str | None, previous: Materialization | None, may_reuse: bool,
+) -> Job:
+    """The job of ``node`` in a run of ``request``; ``previous`` is the partition's
+    latest success, if any; ``may_reuse``: whether a success with the same hash that
+    another process finishes meanwhile may be taken instead of computing."""
+    name = node.asset.name
+    if name == request.target and request.io is not None:
+        io_key, io_config = request.io["io_manager"], request.io.get("config", {})
+    else:
+        io_key, io_config = node.asset.io_manager or env.default_io, node.asset.io_config
+    return Job(
+        asset=node.asset,
+        run_id=run_id,
+        partition=node.partition,
+        key=node.key,
+        tenant=tenant,
+        reads=tuple(reads),
+        dependency_hash=digest,
+        io_key=io_key,
+        io_config=io_config,
+        # Nothing in the graph reads a leaf, so nothing can be built on its old
+        # value here (records of other pipelines sharing the store are still
+        # rebuilt when they run: their dependency hash names the old record).
+        marks_stale=previous is not None and snapshot.graph.has_readers(name),
+        unless_done=(previous.id if previous is not None else None, digest) if may_reuse else None,
+    )
+
+
+def hand_back(executor: Any, tenant: str | None, key: str | None) -> Any:
+    """What tells ``executor`` that a run will not use its answer for ``key``: a
+    lease that came is handed back, a wait is withdrawn."""
+
+    async def give_back(waiter: Reply, late: Any) -> None:
+        try:
+            if late is not None and isinstance(late.value, Lease):
+                await executor.cast(Finished(tenant=tenant, key=key, token=late.value.token, result=None))
+            else:
+                await executor.cast(Detach(tenant=tenant, key=key, waiter=waiter))
+        except RuntimeClosed:
+            waiter.close()  # the executor is gone; nothing to tell it
+
+    return give_back
+
+
+async def hand_over(executor: Any, job: Job, lease: Lease, result: JobResult | None) -> None:
+    """Give ``executor`` its lease back with the job's result (None: it did not end)."""
+    finished = Finished(
+        tenant=job.tenant, key=job.key, token=lease.token, result=result,
+        record_id=result.record.id if result is not None else None,
+    )
+    try:
+        if not finish(executor, finished):  # a full mailbox: wait, even if cancelled
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+                await executor.cast(finished)
+    except RuntimeClosed:
+        pass  # the runtime closed under us: no lease left to hand back
+
+
+def batchable(nodes: list[_Node]) -> bool:
+    """Whether a plan may run in a batch (``execute_batch``): one asset, reading only
+    what is stored (a root, or ``upstream="none"``), that waits for no approval."""
+    return (
+        len(nodes) == 1
+        and not nodes[0].asset.requires_approval
+        and all(read.kind == "latest" for read in nodes[0].inputs)
+    )
+
+
+async def execute_batch(
+    snapshot: Snapshot, env: Env, guard: Guard | None, requests: Sequence[RunRequest], plans: Sequence[list[_Node]],
+    tenant: str | None, prefetched: Prefetched, report: Callable[[int, RunResult | Exception], Awaitable[None]],
+) -> list[int]:
+    """Run the ``batchable`` plans of a backfill's chunk as one batch of jobs (ADR
+    0032): one lookup of what they read, one decision each (skip or compute), the
+    executors' leases, then ``run_jobs``. ``report`` hears each request's outcome
+    (by index) as soon as it is known, as ``execute_run`` would end: its result, or
+    the error it would raise. Answers the requests to run on their own instead: those
+    whose plan is not batchable, and those whose partition another run here holds."""
+    chosen = [index for index, nodes in enumerate(plans) if batchable(nodes)]
+    alone = [index for index, nodes in enumerate(plans) if not batchable(nodes)]
+    if not chosen:
+        return alone
+    if guard is not None:  # one asset, the same inputs and context for every request
+        first = requests[chosen[0]]
+        try:
+            await _authorize(snapshot, guard, plans[chosen[0]], {**(first.context or {}), "tenant": tenant})
+        except FlowstoneError as error:
+            for index in chosen:
+                await report(index, error)
+            return alone
+    pairs = {pair for index in chosen for pair in lookup_pairs(plans[index])}
+    latest = {pair: prefetched.found[pair] for pair in pairs if pair in prefetched.found}
+    fresh = [pair for pair in pairs if pair not in prefetched.asked]
+    if fresh:
+        latest.update(await env.store.latest_successes(fresh))
+    jobs: list[Job] = []
+    leases: list[Lease | None] = []
+    indexes: list[int] = []
+
+    async def ended(position: int, result: JobResult | Exception) -> None:
+        job, lease = jobs[position], leases[position]
+        if lease is not None:
+            leases[position] = None
+            await hand_over(snapshot.executors[job.asset.name], job, lease,
+                            result if isinstance(result, JobResult) else None)
+        await report(indexes[position], _run_outcome(env, job, result))
+
+    try:
+        for index in chosen:
+            node = plans[index][0]
+            outcome, job = _decide_alone(snapshot, env, requests[index], node, tenant, latest)
+            if job is None:
+                assert outcome is not None
+                await report(index, outcome)
+                continue
+            executor = snapshot.executors[node.asset.name]
+            pending = await submit(executor, tenant, node.key)
+            answer = await pending.result() if pending.ready else None
+            if not isinstance(answer, Lease):  # another run here computes it: this one follows, alone
+                await pending.abandon(hand_back(executor, tenant, node.key))
+                alone.append(index)
+                continue
+            jobs.append(job)
+            leases.append(answer)
+            indexes.append(index)
+        if jobs:
+            await run_jobs(jobs, env, ended)
+    finally:
+        for job, lease in zip(jobs, leases, strict=True):
+            if lease is not None:  # the batch stopped before this job's end
+                await hand_over(snapshot.executors[job.asset.name], job, lease, None)
+    return sorted(alone)
+
+
+def _decide_alone(
+    snapshot: Snapshot, env: Env, request: RunRequest, node: _Node, tenant: str | None,
+    latest: Mapping[tuple[str, str | None], Materialization],
+) -> tuple[RunResult | Exception | None, Job | None]:
+    """A batchable plan's outcome when it needs no job (a success to reuse, an input
+    never materialized), else the job that computes it."""
+    name = node.asset.name
+    reads = []
+    for read in node.inputs:
+        record = latest.get((read.asset, read.key))
+        if record is None:
+            return NotFound(
+                "upstream has no successful materialization to read; materialize it first or use upstream='missing'",
+                asset=read.asset, partition=read.key, tenant=tenant,
+            ), None
+        reads.append(Read(read.asset, (record,), False))
+    digest = dependency_hash(snapshot.versions[name], node.key, {r.asset: [m.id for m in r.records] for r in reads})
+    previous = latest.get((name, node.key))
+    may_reuse = not request.force
+    run_id = new_uuid()
+    if may_reuse and previous is not None and previous.status is Status.SUCCESS and previous.dependency_hash == digest:
+        if env.events.subscribers:
+            env.events.publish(ev.MaterializationSkipped(
+                at=utcnow(), tenant=tenant, run_id=run_id, asset=name, partition=node.key,
+                materialization_id=previous.id,
+            ))
+        return RunResult(run_id=run_id, materializations={name: previous}, skipped=(name,)), None
+    return None, make_job(snapshot, env, request, node, reads, digest, run_id, tenant, previous, may_reuse)
+
+
+def _run_outcome(env: Env, job: Job, result: JobResult | Exception) -> RunResult | Exception:
+    """What ``execute_run`` of a one-asset plan ends with, given its job's outcome."""
+    name = job.asset.name
+    if isinstance(result, FinishedElsewhere):  # another process finished it since we looked: take it
+        result = JobResult(result.record, reused=True)  # type: ignore[arg-type]
+    if isinstance(result, JobResult):
+        if result.reused and env.events.subscribers:
+            env.events.publish(ev.MaterializationSkipped(
+                at=utcnow(), tenant=job.tenant, run_id=job.run_id, asset=name, partition=job.key,
+                materialization_id=result.record.id,
+            ))
+        run = RunResult(run_id=job.run_id, materializations={name: result.record},
+                        skipped=(name,) if result.reused else ())
+        if result.record.status is Status.SUCCESS:
+            return run
+        failed = MaterializationFailed(name, result.record.partition, run, tenant=job.tenant,
+                                       error=result.record.error_message)
+        failed.__cause__ = result.error
+        return failed
+    if isinstance(result, FlowstoneError):
+        return result
+    # A store or IO manager broke its contract: wrapped, as a run wraps it.
+    wrapped = MaterializationFailed(name, job.key, tenant=job.tenant, error=describe(result))
+    wrapped.__cause__ = result
+    return wrapped
+
+
 async def _authorize(snapshot: Snapshot, guard: Guard, nodes: list[_Node], context: dict[str, Any]) -> None:
     checked: set[tuple[str, str]] = set()
     for node in nodes:
@@ -448,19 +641,7 @@ class _Run:
 
     def hand_back(self, name: str) -> Any:
         """What tells ``name``'s executor that this run will not use its answer."""
-        executor = self.snapshot.executors[name]
-        key = self.keys[name]
-
-        async def give_back(waiter: Reply, late: Any) -> None:
-            try:
-                if late is not None and isinstance(late.value, Lease):
-                    await executor.cast(Finished(tenant=self.tenant, key=key, token=late.value.token, result=None))
-                else:
-                    await executor.cast(Detach(tenant=self.tenant, key=key, waiter=waiter))
-            except RuntimeClosed:
-                waiter.close()  # the executor is gone; nothing to tell it
-
-        return give_back
+        return hand_back(self.snapshot.executors[name], self.tenant, self.keys[name])
 
     async def run_all(self) -> None:
         """Run every node once its inputs are done, starting as few tasks as possible.
@@ -526,28 +707,8 @@ class _Run:
             previous = self.reusable(node, digest)
             assert previous is not None, "decide() and run_node() disagree"
             return _Outcome(record=previous, reused=True)
-        request = self.request
-        if name == request.target and request.io is not None:
-            io_key, io_config = request.io["io_manager"], request.io.get("config", {})
-        else:
-            io_key, io_config = node.asset.io_manager or self.env.default_io, node.asset.io_config
-        job = Job(
-            asset=node.asset,
-            run_id=self.run_id,
-            partition=node.partition,
-            key=node.key,
-            tenant=self.tenant,
-            reads=tuple(reads),
-            dependency_hash=digest,
-            io_key=io_key,
-            io_config=io_config,
-            # Nothing in the graph reads a leaf, so nothing can be built on its old
-            # value here (records of other pipelines sharing the store are still
-            # rebuilt when they run: their dependency hash names the old record).
-            marks_stale=(name, node.key) in self.latest and self.snapshot.graph.has_readers(name),
-            unless_done=(self.latest[(name, node.key)].id if (name, node.key) in self.latest else None, digest)
-            if self.may_reuse(name) else None,
-        )
+        job = make_job(self.snapshot, self.env, self.request, node, reads, digest, self.run_id, self.tenant,
+                       self.latest.get((name, node.key)), self.may_reuse(name))
         done = await self.lead_or_follow(job, pending)
         return _Outcome(
             record=done.record, error=done.error, value=done.value, has_value=done.has_value, reused=done.reused
@@ -595,13 +756,4 @@ class _Run:
                 result = JobResult(done.record, reused=True)  # type: ignore[arg-type]
             return result
         finally:
-            finished = Finished(
-                tenant=job.tenant, key=job.key, token=answer.token, result=result,
-                record_id=result.record.id if result is not None else None,
-            )
-            try:
-                if not finish(executor, finished):  # a full mailbox: wait, even if cancelled
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
-                        await executor.cast(finished)
-            except RuntimeClosed:
-                pass  # the runtime closed under us: no lease left to hand back
+            await hand_over(executor, job, answer, result)

@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import MappingProxyType
 from typing import Any
@@ -62,6 +62,7 @@ from .run import (
     RunResult,
     carries_partitions,
     check_request,
+    execute_batch,
     execute_run,
     lookup_pairs,
     plan,
@@ -430,7 +431,18 @@ class Runtime:
             nodes, found = ahead if ahead is not None else (None, None)
             return await execute_run(snapshot, env, guard, request, spec.tenant, nodes=nodes, prefetched=found)
 
-        runner = bf.Runner(prefetch=prefetch, run=run)
+        async def batch(
+            requests: list[RunRequest], ahead: list[tuple[Any, Prefetched]],
+            report: Callable[[int, RunResult | Exception], Awaitable[None]],
+        ) -> list[int]:
+            """The chunk's one-asset plans as one batch (ADR 0032); a run that a tracer
+            follows has spans of its own, so it runs alone."""
+            if env.tracing is not None and env.tracing.tracer() is not None:
+                return list(range(len(requests)))
+            return await execute_batch(snapshot, env, guard, requests, [nodes for nodes, _ in ahead], spec.tenant,
+                                       ahead[0][1], report)
+
+        runner = bf.Runner(prefetch=prefetch, run=run, batch=batch)
         if spec.workers and self._queue is not None:
             runner = self._queue.runner(spec, store)
         elif spec.workers:

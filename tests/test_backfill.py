@@ -541,3 +541,22 @@ def test_a_batch_is_as_large_as_its_partitions_are_fast():
     assert pace.size == 1
     pace.saw([done(0.01), RuntimeError("no record")])
     assert pace.size == 1
+
+
+async def test_a_batch_of_partitions_that_yield_ends_when_they_do_not_on_the_write_behind_clock(
+    anyio_backend, monkeypatch
+):
+    """The task writing a batch's ends behind is told when the last one computed: a
+    batch of fast partitions that each await something is not held up to its period."""
+    monkeypatch.setattr("flowstone.runtime.job.BATCH_SECONDS", 60.0)
+    monkeypatch.setattr("flowstone.runtime.backfill.BATCH_SECONDS", 60.0)
+
+    async def work(ctx, deps):
+        await anyio.sleep(0)
+        return 1
+
+    store = _Counting()
+    async with fs.open_runtime([asset_of(work)], store=store) as rt:
+        with anyio.fail_after(20):
+            status = await rt.wait_backfill(await rt.backfill("events", partitions=DAYS, max_parallel=1))
+        assert status.succeeded == 30 and max(store.begun) > 1

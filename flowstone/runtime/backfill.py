@@ -34,6 +34,7 @@ from ..plumbing.interrupts import internal
 from ..store.backfills import BackfillSpec, BackfillStatus, Saved
 from ..store.leases import CancelRequested, LeaseHeld
 from ..tenancy import tenant_scope
+from .job import BATCH_SECONDS
 from .run import RunRequest, RunResult
 from .watch import EventBus
 
@@ -74,13 +75,6 @@ class Wait(Message[BackfillStatus]):
 
 
 MAX_CHUNK = 16
-
-
-BATCH_SECONDS = 0.01
-"""A worker runs fast partitions in batches whose records begin in one write and
-end in another (ADR 0032): as many as took this long to compute last time, so a
-record says ``running`` at most about this long before its function starts, and
-its end is written at most about this long after it (a slow partition runs alone)."""
 
 
 Reported = Callable[[int, Any], Awaitable[None]]

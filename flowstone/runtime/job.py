@@ -158,7 +158,10 @@ async def run_jobs(jobs: Sequence[Job], env: Env, report: Report) -> None:
 
 
 BATCH_SECONDS = 0.01
-"""Longest a batch keeps a computed job's last write waiting (see ``run_jobs``)."""
+"""A batch keeps a computed job's last write waiting at most this long (see
+``run_jobs``), and a backfill sizes its batches to compute in about this long
+(ADR 0032): a record says ``running`` at most about this long before its function
+starts, unless a partition before it in the batch turns out slow."""
 
 
 class _Batch:
@@ -172,7 +175,7 @@ class _Batch:
         """Computed, and not handed to the store yet."""
         self.lost: set[int] = set()
         """Taken over by another process while computing: nothing more is written."""
-        self.computing = True
+        self.computed_all = anyio.Event()
         self.current: int | None = None
         """The job computing now."""
 
@@ -203,7 +206,7 @@ class _Batch:
                             continue
                         self.waiting.append(index)
                 finally:
-                    self.computing = False
+                    self.computed_all.set()
             await self._write()
         except BaseException:
             # Cancelled (or the runtime broke): what was computed is recorded as it
@@ -223,9 +226,10 @@ class _Batch:
 
     async def _write_behind(self) -> None:
         """Every ``BATCH_SECONDS`` while jobs compute, write the ends computed meanwhile."""
-        while self.computing:
-            await anyio.sleep(BATCH_SECONDS)
-            if self.waiting:
+        while not self.computed_all.is_set():
+            with anyio.move_on_after(BATCH_SECONDS):
+                await self.computed_all.wait()
+            if self.waiting and not self.computed_all.is_set():
                 with anyio.CancelScope(shield=True):
                     await self._write()
 

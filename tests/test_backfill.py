@@ -560,3 +560,39 @@ async def test_a_batch_of_partitions_that_yield_ends_when_they_do_not_on_the_wri
         with anyio.fail_after(20):
             status = await rt.wait_backfill(await rt.backfill("events", partitions=DAYS, max_parallel=1))
         assert status.succeeded == 30 and max(store.begun) > 1
+
+
+async def test_a_downstream_backfill_runs_each_partition_alone_and_skips_what_is_done(anyio_backend):
+    """upstream="missing": each partition's run computes raw then doubled, alone (a
+    batch would compute every raw partition before any doubled one, so a slow raw
+    partition would hold back the others' runs); the fast roots still batch."""
+    def raw(ctx, deps):
+        if ctx.partition_key == "2025-01-07":
+            raise ValueError("no data that day")
+        return ctx.partition.day
+
+    assets = [
+        fs.Asset(name="raw", execute_fn=raw, partitioned_by=DAILY),
+        fs.Asset(name="doubled", execute_fn=lambda ctx, deps: deps["raw"] * 2, partitioned_by=DAILY,
+                 depends_on=("raw",)),
+    ]
+    store = _Counting()
+    async with fs.open_runtime(assets, store=store) as rt:
+        status = await rt.wait_backfill(await rt.backfill("doubled", partitions=DAYS[:12], max_parallel=1))
+        assert (status.succeeded, status.failed) == (11, 1)
+        assert status.errors == (("2025-01-07", "materialization failed: ValueError: no data that day "
+                                                "[asset='raw', partition='2025-01-07']"),)
+        assert store.begun == []
+        assert await rt.load("doubled", DAYS[11]) == 24
+        doubled = {r.partition: r for r in await rt.store.list_all(asset_name="doubled")}
+        assert "2025-01-07" not in doubled  # its input failed: never begun
+        raws = {r.partition: r for r in await rt.store.list_all(asset_name="raw")}
+        for day, record in doubled.items():
+            assert record.upstream_partitions == {"raw": (day,)}
+            assert record.run_id == raws[day].run_id  # one run per partition, both assets in it
+        calls = len(await rt.store.list_all())
+        again = await rt.wait_backfill(await rt.backfill("doubled", partitions=DAYS[:12], max_parallel=1))
+        assert (again.succeeded, again.failed) == (11, 1)
+        assert len(await rt.store.list_all()) == calls + 1  # only the failed raw partition ran again
+        roots = await rt.wait_backfill(await rt.backfill("raw", partitions=DAYS[12:], max_parallel=1))
+        assert roots.succeeded == 18 and max(store.begun) > 1

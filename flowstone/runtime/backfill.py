@@ -422,16 +422,20 @@ class _Pace:
 
 
 def _duration_ms(result: Any) -> float | None:
-    """How long the backfilled asset's function ran for ``result`` (a run's result,
-    or the error it failed with); 0 for a success reused; None when not known."""
+    """How long the functions of a partition's run ran, given ``result`` (the run's
+    result, or the error it failed with): 0 when it reused everything; None when
+    not known."""
     if isinstance(result, MaterializationFailed):
         result = result.result
-    if not isinstance(result, RunResult) or len(result.materializations) != 1:
+    if not isinstance(result, RunResult):
         return None
-    if result.skipped:
-        return 0.0
-    record = next(iter(result.materializations.values()))
-    return record.duration_ms
+    total = 0.0
+    for name, record in result.materializations.items():
+        if name not in result.skipped:
+            if record.duration_ms is None:
+                return None
+            total += record.duration_ms
+    return total
 
 
 async def _run_batch(

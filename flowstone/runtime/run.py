@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -384,8 +384,11 @@ async def hand_over(executor: Any, job: Job, lease: Lease, result: JobResult | N
 
 
 def batchable(nodes: list[_Node]) -> bool:
-    """Whether a plan may run in a batch (``execute_batch``): one asset, reading only
-    what is stored (a root, or ``upstream="none"``), that waits for no approval."""
+    """Whether a plan may run in a batch (``execute_batch``): one asset (a root, or
+    ``upstream="none"``) that waits for no approval and reads no partition it does
+    not have stored. A plan of several assets runs alone: its batch would compute
+    every partition's first asset before any partition's second, so one slow
+    partition would hold back the whole batch's runs (ADR 0032)."""
     return (
         len(nodes) == 1
         and not nodes[0].asset.requires_approval
@@ -397,123 +400,154 @@ async def execute_batch(
     snapshot: Snapshot, env: Env, guard: Guard | None, requests: Sequence[RunRequest], plans: Sequence[list[_Node]],
     tenant: str | None, prefetched: Prefetched, report: Callable[[int, RunResult | Exception], Awaitable[None]],
 ) -> list[int]:
-    """Run the ``batchable`` plans of a backfill's chunk as one batch of jobs (ADR
-    0032): one lookup of what they read, one decision each (skip or compute), the
-    executors' leases, then ``run_jobs``. ``report`` hears each request's outcome
-    (by index) as soon as it is known, as ``execute_run`` would end: its result, or
-    the error it would raise. Answers the requests to run on their own instead: those
-    whose plan is not batchable, and those whose partition another run here holds."""
-    chosen = [index for index, nodes in enumerate(plans) if batchable(nodes)]
-    alone = [index for index, nodes in enumerate(plans) if not batchable(nodes)]
-    if not chosen:
+    """Run the ``batchable`` plans of a backfill's chunk together (ADR 0032): each
+    decided (skip or compute) as ``execute_run`` decides, those to compute as one
+    batch of jobs (``run_jobs``). Each request stays its own run, and ``report``
+    hears its outcome (by index) as soon as it is known: its result, or the error
+    ``execute_run`` would raise. Answers the requests to run on their own instead
+    (``execute_run``): plans that are not ``batchable`` or are of another asset than
+    the first, several of one partition, and those whose partition another run in
+    this process holds."""
+    asset = None
+    shared = Counter((nodes[0].asset.name, nodes[0].key) for nodes in plans)
+    runs: dict[int, _Run] = {}
+    alone: list[int] = []
+    for index, nodes in enumerate(plans):
+        asset = nodes[0].asset.name if asset is None and batchable(nodes) else asset
+        if not batchable(nodes) or nodes[0].asset.name != asset or shared[(asset, nodes[0].key)] > 1:
+            alone.append(index)
+        else:
+            runs[index] = _Run(nodes, snapshot, env, requests[index], new_uuid(), tenant, {}, {})
+    if not runs:
         return alone
-    if guard is not None:  # one asset, the same inputs and context for every request
-        first = requests[chosen[0]]
+    if guard is not None:  # the same assets and context for every request
+        first = next(iter(runs.values()))
         try:
-            await _authorize(snapshot, guard, plans[chosen[0]], {**(first.context or {}), "tenant": tenant})
+            await _authorize(snapshot, guard, first.nodes, {**(first.request.context or {}), "tenant": tenant})
         except FlowstoneError as error:
-            for index in chosen:
+            for index in runs:
                 await report(index, error)
             return alone
-    pairs = {pair for index in chosen for pair in lookup_pairs(plans[index])}
+    pairs = {pair for run in runs.values() for pair in lookup_pairs(run.nodes)}
     latest = {pair: prefetched.found[pair] for pair in pairs if pair in prefetched.found}
     fresh = [pair for pair in pairs if pair not in prefetched.asked]
     if fresh:
         latest.update(await env.store.latest_successes(fresh))
+    for index, run in list(runs.items()):
+        run.latest = latest
+        missing = _missing_input(run)
+        if missing is not None:
+            del runs[index]
+            await report(index, missing)
+    await _execute_together(snapshot, env, tenant, runs, alone, report)
+    return sorted(alone)
+
+
+def _missing_input(run: _Run) -> NotFound | None:
+    """What ``execute_run`` raises before anything runs when an input read as stored
+    has no success."""
+    for node in run.nodes:
+        for read in node.inputs:
+            if read.kind == "latest" and (read.asset, read.key) not in run.latest:
+                return NotFound(
+                    "upstream has no successful materialization to read; materialize it first "
+                    "or use upstream='missing'",
+                    asset=read.asset, partition=read.key, tenant=run.tenant,
+                )
+    return None
+
+
+async def _execute_together(
+    snapshot: Snapshot, env: Env, tenant: str | None, runs: dict[int, _Run], alone: list[int],
+    report: Callable[[int, RunResult | Exception], Awaitable[None]],
+) -> None:
+    """Decide the asset of each one-asset run, and compute those that must run as
+    one batch; a run whose partition another run here holds goes to ``alone``. Each
+    run is reported as soon as it is done."""
     jobs: list[Job] = []
     leases: list[Lease | None] = []
-    indexes: list[int] = []
+    owners: list[int] = []
 
-    async def ended(position: int, result: JobResult | Exception) -> None:
-        job, lease = jobs[position], leases[position]
+    async def done(index: int) -> None:
+        run = runs.pop(index)
+        await report(index, run.stopped if run.stopped is not None else _run_result(env, run))
+
+    for index, run in list(runs.items()):
+        node = run.nodes[0]
+        name = node.asset.name
+        reads = run.reads(node, run.outcomes)
+        if reads is None:
+            run.outcomes[name] = _Outcome()  # not run: an input failed
+            await done(index)
+            continue
+        digest = run.digest(node, reads)
+        previous = run.reusable(node, digest)
+        if previous is not None:
+            run.outcomes[name] = _Outcome(record=previous, reused=True)
+            await done(index)
+            continue
+        executor = snapshot.executors[name]
+        pending = await submit(executor, tenant, node.key)
+        answer = await pending.result() if pending.ready else None
+        if not isinstance(answer, Lease):  # another run here computes it: this run follows, alone
+            await pending.abandon(hand_back(executor, tenant, node.key))
+            del runs[index]
+            alone.append(index)
+            continue
+        jobs.append(make_job(snapshot, env, run.request, node, reads, digest, run.run_id, tenant,
+                             run.latest.get((name, node.key)), run.may_reuse(name)))
+        leases.append(answer)
+        owners.append(index)
+
+    async def ended(at: int, result: JobResult | Exception) -> None:
+        job, lease, index = jobs[at], leases[at], owners[at]
         if lease is not None:
-            leases[position] = None
+            leases[at] = None
             await hand_over(snapshot.executors[job.asset.name], job, lease,
                             result if isinstance(result, JobResult) else None)
-        await report(indexes[position], _run_outcome(env, job, result))
+        runs[index].settle(job, result)
+        await done(index)
 
     try:
-        for index in chosen:
-            node = plans[index][0]
-            outcome, job = _decide_alone(snapshot, env, requests[index], node, tenant, latest)
-            if job is None:
-                assert outcome is not None
-                await report(index, outcome)
-                continue
-            executor = snapshot.executors[node.asset.name]
-            pending = await submit(executor, tenant, node.key)
-            answer = await pending.result() if pending.ready else None
-            if not isinstance(answer, Lease):  # another run here computes it: this one follows, alone
-                await pending.abandon(hand_back(executor, tenant, node.key))
-                alone.append(index)
-                continue
-            jobs.append(job)
-            leases.append(answer)
-            indexes.append(index)
         if jobs:
             await run_jobs(jobs, env, ended)
     finally:
         for job, lease in zip(jobs, leases, strict=True):
             if lease is not None:  # the batch stopped before this job's end
                 await hand_over(snapshot.executors[job.asset.name], job, lease, None)
-    return sorted(alone)
 
 
-def _decide_alone(
-    snapshot: Snapshot, env: Env, request: RunRequest, node: _Node, tenant: str | None,
-    latest: Mapping[tuple[str, str | None], Materialization],
-) -> tuple[RunResult | Exception | None, Job | None]:
-    """A batchable plan's outcome when it needs no job (a success to reuse, an input
-    never materialized), else the job that computes it."""
-    name = node.asset.name
-    reads = []
-    for read in node.inputs:
-        record = latest.get((read.asset, read.key))
-        if record is None:
-            return NotFound(
-                "upstream has no successful materialization to read; materialize it first or use upstream='missing'",
-                asset=read.asset, partition=read.key, tenant=tenant,
-            ), None
-        reads.append(Read(read.asset, (record,), False))
-    digest = dependency_hash(snapshot.versions[name], node.key, {r.asset: [m.id for m in r.records] for r in reads})
-    previous = latest.get((name, node.key))
-    may_reuse = not request.force
-    run_id = new_uuid()
-    if may_reuse and previous is not None and previous.status is Status.SUCCESS and previous.dependency_hash == digest:
-        if env.events.subscribers:
-            env.events.publish(ev.MaterializationSkipped(
-                at=utcnow(), tenant=tenant, run_id=run_id, asset=name, partition=node.key,
-                materialization_id=previous.id,
-            ))
-        return RunResult(run_id=run_id, materializations={name: previous}, skipped=(name,)), None
-    return None, make_job(snapshot, env, request, node, reads, digest, run_id, tenant, previous, may_reuse)
-
-
-def _run_outcome(env: Env, job: Job, result: JobResult | Exception) -> RunResult | Exception:
-    """What ``execute_run`` of a one-asset plan ends with, given its job's outcome."""
-    name = job.asset.name
-    if isinstance(result, FinishedElsewhere):  # another process finished it since we looked: take it
-        result = JobResult(result.record, reused=True)  # type: ignore[arg-type]
-    if isinstance(result, JobResult):
-        if result.reused and env.events.subscribers:
-            env.events.publish(ev.MaterializationSkipped(
-                at=utcnow(), tenant=job.tenant, run_id=job.run_id, asset=name, partition=job.key,
-                materialization_id=result.record.id,
-            ))
-        run = RunResult(run_id=job.run_id, materializations={name: result.record},
-                        skipped=(name,) if result.reused else ())
-        if result.record.status is Status.SUCCESS:
-            return run
-        failed = MaterializationFailed(name, result.record.partition, run, tenant=job.tenant,
-                                       error=result.record.error_message)
-        failed.__cause__ = result.error
-        return failed
-    if isinstance(result, FlowstoneError):
-        return result
-    # A store or IO manager broke its contract: wrapped, as a run wraps it.
-    wrapped = MaterializationFailed(name, job.key, tenant=job.tenant, error=describe(result))
-    wrapped.__cause__ = result
-    return wrapped
+def _run_result(env: Env, run: _Run) -> RunResult | Exception:
+    """What ``execute_run`` ends with, once every asset of ``run`` is done."""
+    outcomes = run.outcomes
+    if env.events.subscribers:
+        now = utcnow()
+        for node in run.nodes:
+            outcome = outcomes[node.asset.name]
+            if outcome.reused and outcome.record is not None:
+                env.events.publish(ev.MaterializationSkipped(
+                    at=now, tenant=run.tenant, run_id=run.run_id, asset=node.asset.name, partition=node.key,
+                    materialization_id=outcome.record.id,
+                ))
+    result = RunResult(
+        run_id=run.run_id,
+        materializations={name: o.record for name, o in outcomes.items() if o.record is not None},
+        skipped=tuple(n.asset.name for n in run.nodes if outcomes[n.asset.name].reused),
+    )
+    for node in run.nodes:
+        outcome = outcomes[node.asset.name]
+        if outcome.record is None and isinstance(outcome.error, Exception):
+            return outcome.error  # the runtime failed (actor crashed, closed), not the asset
+    for node in run.nodes:
+        outcome = outcomes[node.asset.name]
+        if not outcome.ok and outcome.record is not None:
+            record = outcome.record
+            failed = MaterializationFailed(
+                node.asset.name, record.partition, result, tenant=run.tenant, error=record.error_message
+            )
+            failed.__cause__ = outcome.error
+            return failed
+    return result
 
 
 async def _authorize(snapshot: Snapshot, guard: Guard, nodes: list[_Node], context: dict[str, Any]) -> None:
@@ -562,6 +596,9 @@ class _Run:
         self.outcomes: dict[str, _Outcome] = {}
         self.leases: dict[str, PendingCall] = {}
         self.digests: dict[str, str] = {}
+        self.stopped: LeaseHeld | None = None
+        """In a batch: another process computes one of this run's partitions now, so
+        the run stops there and its backfill runs it again later."""
 
     # ------------------------------------------------------------ deciding
 
@@ -713,6 +750,25 @@ class _Run:
         return _Outcome(
             record=done.record, error=done.error, value=done.value, has_value=done.has_value, reused=done.reused
         )
+
+    def settle(self, job: Job, result: JobResult | Exception) -> None:
+        """A job of this run that ran in a batch ended: its outcome, as ``run_node``
+        and ``_work`` make it from the same result (a batch's runs defer a partition
+        another process holds, as a backfill's runs do)."""
+        name = job.asset.name
+        if isinstance(result, FinishedElsewhere):  # another process finished it since we looked: take it
+            result = JobResult(result.record, reused=True)  # type: ignore[arg-type]
+        if isinstance(result, JobResult):
+            self.outcomes[name] = _Outcome(record=result.record, error=result.error, value=result.value,
+                                           has_value=result.has_value, reused=result.reused)
+        elif isinstance(result, LeaseHeld):
+            self.stopped = result
+        elif isinstance(result, FlowstoneError):
+            self.outcomes[name] = _Outcome(error=result)
+        else:  # a store or IO manager broke its contract: wrapped, as _work wraps it
+            wrapped = MaterializationFailed(name, job.key, tenant=self.tenant, error=describe(result))
+            wrapped.__cause__ = result
+            self.outcomes[name] = _Outcome(error=wrapped)
 
     async def after_lease_held(self, job: Job, executor: Any, held: LeaseHeld) -> JobResult:
         """Another process holds the store's lease of this partition: wait for it to

@@ -518,36 +518,24 @@ async def _execute_together(
 
 
 def _run_result(env: Env, run: _Run) -> RunResult | Exception:
-    """What ``execute_run`` ends with, once every asset of ``run`` is done."""
-    outcomes = run.outcomes
-    if env.events.subscribers:
-        now = utcnow()
-        for node in run.nodes:
-            outcome = outcomes[node.asset.name]
-            if outcome.reused and outcome.record is not None:
-                env.events.publish(ev.MaterializationSkipped(
-                    at=now, tenant=run.tenant, run_id=run.run_id, asset=node.asset.name, partition=node.key,
-                    materialization_id=outcome.record.id,
-                ))
-    result = RunResult(
-        run_id=run.run_id,
-        materializations={name: o.record for name, o in outcomes.items() if o.record is not None},
-        skipped=tuple(n.asset.name for n in run.nodes if outcomes[n.asset.name].reused),
-    )
-    for node in run.nodes:
-        outcome = outcomes[node.asset.name]
-        if outcome.record is None and isinstance(outcome.error, Exception):
-            return outcome.error  # the runtime failed (actor crashed, closed), not the asset
-    for node in run.nodes:
-        outcome = outcomes[node.asset.name]
-        if not outcome.ok and outcome.record is not None:
-            record = outcome.record
-            failed = MaterializationFailed(
-                node.asset.name, record.partition, result, tenant=run.tenant, error=record.error_message
-            )
-            failed.__cause__ = outcome.error
-            return failed
-    return result
+    """What ``execute_run`` ends with, once the one asset of ``run`` is done."""
+    name = run.nodes[0].asset.name
+    outcome = run.outcomes[name]
+    record = outcome.record
+    if record is None:  # the runtime failed (actor crashed, closed), not the asset
+        assert isinstance(outcome.error, Exception), "a one-asset run ends with a record or an error"
+        return outcome.error
+    if outcome.reused and env.events.subscribers:
+        env.events.publish(ev.MaterializationSkipped(
+            at=utcnow(), tenant=run.tenant, run_id=run.run_id, asset=name, partition=run.nodes[0].key,
+            materialization_id=record.id,
+        ))
+    result = RunResult(run_id=run.run_id, materializations={name: record}, skipped=(name,) if outcome.reused else ())
+    if record.status is Status.SUCCESS:
+        return result
+    failed = MaterializationFailed(name, record.partition, result, tenant=run.tenant, error=record.error_message)
+    failed.__cause__ = outcome.error
+    return failed
 
 
 async def _authorize(snapshot: Snapshot, guard: Guard, nodes: list[_Node], context: dict[str, Any]) -> None:
@@ -592,7 +580,6 @@ class _Run:
         self.tenant = tenant
         self.latest = latest
         self.every = every
-        self.keys = {n.asset.name: n.key for n in nodes}
         self.outcomes: dict[str, _Outcome] = {}
         self.leases: dict[str, PendingCall] = {}
         self.digests: dict[str, str] = {}
@@ -678,7 +665,8 @@ class _Run:
 
     def hand_back(self, name: str) -> Any:
         """What tells ``name``'s executor that this run will not use its answer."""
-        return hand_back(self.snapshot.executors[name], self.tenant, self.keys[name])
+        key = next(node.key for node in self.nodes if node.asset.name == name)
+        return hand_back(self.snapshot.executors[name], self.tenant, key)
 
     async def run_all(self) -> None:
         """Run every node once its inputs are done, starting as few tasks as possible.

@@ -442,6 +442,8 @@ async def _run_batch(
     spec: BackfillSpec, progress: _Progress, runner: Runner, pace: _Pace, partitions: list[Any],
     requests: list[RunRequest], entries: list[Any],
 ) -> None:
+    """Run ``partitions`` as one batch (``Runner.batch``), counting each as its
+    outcome comes; then, alone, those the batch handed back."""
     assert runner.batch is not None
     progress.started += len(partitions)
     progress.running += len(partitions)

@@ -501,6 +501,8 @@ async def _execute_together(
 
     async def ended(at: int, result: JobResult | Exception) -> None:
         job, lease, index = jobs[at], leases[at], owners[at]
+        if isinstance(result, FinishedElsewhere):  # another process finished it since we looked: take it
+            result = JobResult(result.record, reused=True)  # type: ignore[arg-type]
         if lease is not None:
             leases[at] = None
             await hand_over(snapshot.executors[job.asset.name], job, lease,
@@ -741,11 +743,10 @@ class _Run:
 
     def settle(self, job: Job, result: JobResult | Exception) -> None:
         """A job of this run that ran in a batch ended: its outcome, as ``run_node``
-        and ``_work`` make it from the same result (a batch's runs defer a partition
+        and ``_work`` make it from the same result (a success another process
+        finished comes as a reused ``JobResult``; a batch's runs defer a partition
         another process holds, as a backfill's runs do)."""
         name = job.asset.name
-        if isinstance(result, FinishedElsewhere):  # another process finished it since we looked: take it
-            result = JobResult(result.record, reused=True)  # type: ignore[arg-type]
         if isinstance(result, JobResult):
             self.outcomes[name] = _Outcome(record=result.record, error=result.error, value=result.value,
                                            has_value=result.has_value, reused=result.reused)

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import SerializationError
 
-__all__ = ["plain", "storable_text", "text_problem", "to_json"]
+__all__ = ["mapping_to_json", "plain", "storable_text", "text_problem", "to_json"]
 
 _SCALARS = (str, int, float, bool, type(None))
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -114,6 +114,29 @@ def _container_problem(value: Any, where: str, check_text: bool, depth: int, pat
         if found is not None:
             return found
     return None
+
+
+_PLAIN_TYPES = frozenset(_SCALARS)
+_WRITTEN: dict[tuple[tuple[Any, type, Any], ...], str] = {}
+_WRITTEN_KEPT = 1024
+
+
+def mapping_to_json(value: Mapping[Any, Any], *, asset: str | None = None, what: str = "value",
+                    partition: Any = None) -> str:
+    """``to_json(plain(value))``. The text of a small mapping of plain values (a
+    record's metadata naming its IO manager: the same for most records) is kept and
+    given again instead of checked and written each time (6.5 µs each)."""
+    if len(value) > 4 or not all(type(item) in _PLAIN_TYPES for item in value.values()):
+        return to_json(plain(value), asset=asset, what=what, partition=partition)
+    # Each value's type is part of the key: 1, 1.0 and True are equal, and write differently.
+    key = tuple((name, type(item), item) for name, item in value.items())
+    text = _WRITTEN.get(key)
+    if text is None:
+        text = to_json(dict(value), asset=asset, what=what, partition=partition)
+        if len(_WRITTEN) >= _WRITTEN_KEPT:
+            _WRITTEN.clear()
+        _WRITTEN[key] = text
+    return text
 
 
 def plain(value: Any) -> Any:

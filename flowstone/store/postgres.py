@@ -37,7 +37,7 @@ from ..errors import (
     SerializationError,
 )
 from ..partitions import serialize_partition
-from ..plumbing.jsonvalues import plain, storable_text, to_json
+from ..plumbing.jsonvalues import mapping_to_json, plain, storable_text, to_json
 from ..postgres.database import PostgresClient
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
@@ -1279,7 +1279,7 @@ def _end_row(record: Materialization, expected: Status) -> str:
 def _with_metadata(record: Materialization, fields: dict[str, Any]) -> str:
     """``fields`` and the record's metadata as one JSON object (the metadata through
     the strict check, which refuses what JSONB cannot hold)."""
-    metadata = to_json(dict(record.metadata), asset=record.asset_name, partition=record.partition, what="metadata")
+    metadata = mapping_to_json(record.metadata, asset=record.asset_name, partition=record.partition, what="metadata")
     head = json.dumps(fields, ensure_ascii=False)
     return f'{head[:-1]},"metadata":{metadata}}}'
 

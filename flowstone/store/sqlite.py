@@ -49,7 +49,7 @@ from ..errors import (
     SerializationError,
 )
 from ..partitions import serialize_partition
-from ..plumbing.jsonvalues import plain, storable_text, to_json
+from ..plumbing.jsonvalues import mapping_to_json, storable_text
 from ..tenancy import current_tenant
 from .backfills import saved_from_json, saved_to_json
 from .leases import (
@@ -809,7 +809,7 @@ def _values(record: Materialization) -> tuple[Any, ...]:
 def _metadata_json(record: Materialization) -> str:
     if not record.metadata:
         return "{}"
-    return to_json(plain(record.metadata), asset=record.asset_name, partition=record.partition, what="metadata")
+    return mapping_to_json(record.metadata, asset=record.asset_name, partition=record.partition, what="metadata")
 
 
 def _time(text: str | None) -> datetime | None:

@@ -856,6 +856,15 @@ def _insert(c: sqlite3.Connection, record: Materialization, values: tuple[Any, .
         ) from None
 
 
+_FIRST_LEASE = """INSERT INTO flowstone_leases (tenant_id, asset_name, partitioned, partition, owner, fence, record_id,
+        expires_at, done_id, done_hash)
+    SELECT ?, ?, ?, ?, ?, coalesce(max(fence), 0) + 1, ?, ?, NULL, NULL FROM flowstone_leases WHERE true
+    ON CONFLICT (tenant_id, asset_name, partitioned, partition) DO NOTHING
+    RETURNING fence"""
+"""A partition's first lease, granted in one statement (a backfill's new partitions);
+no row when the partition had a lease before, which ``_begin`` then reads and checks."""
+
+
 def _begin(
     c: sqlite3.Connection, record: Materialization, values: tuple[Any, ...], owner: str, seconds: float,
     unless_done: tuple[Any, str] | None,
@@ -864,6 +873,10 @@ def _begin(
     tenant = values[1]
     key = (tenant, record.asset_name, record.partition is not None, record.partition or "")
     now = time.time()
+    first = c.execute(_FIRST_LEASE, (*key, owner, values[0], now + seconds)).fetchone()
+    if first is not None:  # nobody ever held it: nothing to check, nothing to close
+        _insert(c, record, values)
+        return int(first[0])
     held = c.execute(
         "SELECT owner, fence, expires_at, record_id, done_id, done_hash FROM flowstone_leases "
         f"WHERE {_LEASE_KEY}", key

@@ -596,3 +596,100 @@ async def test_a_downstream_backfill_runs_each_partition_alone_and_skips_what_is
         assert len(await rt.store.list_all()) == calls + 1  # only the failed raw partition ran again
         roots = await rt.wait_backfill(await rt.backfill("raw", partitions=DAYS[12:], max_parallel=1))
         assert roots.succeeded == 18 and max(store.begun) > 1
+
+
+async def test_batched_partitions_are_announced_one_by_one_and_skipped_ones_too(anyio_backend):
+    from flowstone import events as ev
+
+    store = _Counting()
+    async with fs.open_runtime([asset_of(lambda ctx, deps: 1)], store=store) as rt:
+        async with rt.events(kinds=[ev.MaterializationStarted, ev.MaterializationSucceeded,
+                                    ev.MaterializationSkipped]) as events:
+            for _ in range(2):
+                await rt.wait_backfill(await rt.backfill("events", partitions=DAYS[:12], max_parallel=1))
+            seen = []
+            while events.pending:
+                seen.append(events._queue.popleft())
+    assert max(store.begun) > 1
+    kinds = [type(e).__name__ for e in seen]
+    assert kinds.count("MaterializationStarted") == kinds.count("MaterializationSucceeded") == 12
+    assert kinds[-12:] == ["MaterializationSkipped"] * 12  # the second backfill
+    succeeded = [e for e in seen if isinstance(e, ev.MaterializationSucceeded)]
+    assert sorted(e.partition for e in succeeded) == [d.isoformat() for d in DAYS[:12]]
+    assert len({e.run_id for e in succeeded}) == 12
+
+
+async def test_a_partition_another_run_here_computes_is_followed_not_computed_again(anyio_backend):
+    """Single flight holds in batches: the batch hands that partition to a run of
+    its own, which waits for the other run and takes its success."""
+    calls: list[str] = []
+    release = anyio.Event()
+
+    async def work(ctx, deps):
+        calls.append(ctx.partition_key)
+        if ctx.partition_key == "2025-01-05" and not release.is_set():
+            await release.wait()
+        return 1
+
+    async with fs.open_runtime([asset_of(work)]) as rt:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(rt.materialize, "events", DAYS[4])
+
+            async def computing():
+                return "2025-01-05" in calls
+
+            await until(computing)
+            backfill = await rt.backfill("events", partitions=DAYS[:12], max_parallel=1)
+
+            async def around_it_done():  # its batch ran the others: 01-01 alone, 01-02..01-06 but 01-05
+                return (await rt.backfill_status(backfill)).succeeded >= 5
+
+            await until(around_it_done)
+            release.set()
+        status = await rt.wait_backfill(backfill)
+        assert (status.succeeded, status.failed) == (12, 0)
+        assert sorted(calls) == sorted(d.isoformat() for d in DAYS[:12])  # 2025-01-05 once
+        assert len(await rt.store.list_all()) == 12
+
+
+async def test_upstream_none_batches_and_a_missing_input_fails_only_its_partition(anyio_backend):
+    assets = [
+        fs.Asset(name="raw", execute_fn=lambda ctx, deps: ctx.partition.day, partitioned_by=DAILY),
+        fs.Asset(name="doubled", execute_fn=lambda ctx, deps: deps["raw"] * 2, partitioned_by=DAILY,
+                 depends_on=("raw",)),
+    ]
+    store = _Counting()
+    async with fs.open_runtime(assets, store=store) as rt:
+        await rt.wait_backfill(await rt.backfill("raw", partitions=[d for d in DAYS[:12] if d != DAYS[6]]))
+        store.begun.clear()
+        status = await rt.wait_backfill(await rt.backfill("doubled", partitions=DAYS[:12], upstream="none",
+                                                          max_parallel=1))
+        assert (status.succeeded, status.failed) == (11, 1)
+        [(partition, message)] = status.errors
+        assert partition == "2025-01-07" and "upstream has no successful materialization" in message
+        assert max(store.begun) > 1
+        assert await rt.load("doubled", DAYS[11]) == 24
+        record = await rt.store.get("doubled", DAYS[11])
+        assert record.upstream_partitions == {"raw": ("2025-01-12",)}
+
+
+async def test_a_guard_that_denies_after_the_start_fails_each_partition_of_a_batch(anyio_backend):
+    class Closing:
+        """Allows the backfill to start, and nothing after its first partitions."""
+
+        def __init__(self) -> None:
+            self.asked = 0
+
+        def can_access(self, asset, context):
+            return True
+
+        def can_materialize(self, asset, context):
+            self.asked += 1
+            return self.asked <= 2
+
+    store = _Counting()
+    async with fs.open_runtime([asset_of(lambda ctx, deps: 1)], store=store, guard=Closing()) as rt:
+        status = await rt.wait_backfill(await rt.backfill("events", partitions=DAYS[:12], max_parallel=1))
+        assert (status.succeeded, status.failed) == (1, 11)
+        assert all("denied" in message or "not allowed" in message for _p, message in status.errors), status.errors
+        assert store.begun == [] and len(await rt.store.list_all()) == 1  # a denial records nothing

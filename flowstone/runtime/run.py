@@ -282,13 +282,7 @@ async def _execute_run(
             if read.kind == "all" and read.asset not in every:
                 every[read.asset] = await store.partitions_of(read.asset)
             elif read.kind == "latest" and (read.asset, read.key) not in latest:
-                raise NotFound(
-                    "upstream has no successful materialization to read; materialize it first "
-                    "or use upstream='missing'",
-                    asset=read.asset,
-                    partition=read.key,
-                    tenant=tenant,
-                )
+                raise _never_materialized(read, tenant)
 
     run = _Run(nodes, snapshot, env, request, run_id, tenant, latest, every)
     await run.execute()
@@ -449,12 +443,15 @@ def _missing_input(run: _Run) -> NotFound | None:
     for node in run.nodes:
         for read in node.inputs:
             if read.kind == "latest" and (read.asset, read.key) not in run.latest:
-                return NotFound(
-                    "upstream has no successful materialization to read; materialize it first "
-                    "or use upstream='missing'",
-                    asset=read.asset, partition=read.key, tenant=run.tenant,
-                )
+                return _never_materialized(read, run.tenant)
     return None
+
+
+def _never_materialized(read: _Input, tenant: str | None) -> NotFound:
+    return NotFound(
+        "upstream has no successful materialization to read; materialize it first or use upstream='missing'",
+        asset=read.asset, partition=read.key, tenant=tenant,
+    )
 
 
 async def _execute_together(
@@ -476,10 +473,7 @@ async def _execute_together(
         node = run.nodes[0]
         name = node.asset.name
         reads = run.reads(node, run.outcomes)
-        if reads is None:
-            run.outcomes[name] = _Outcome()  # not run: an input failed
-            await done(index)
-            continue
+        assert reads is not None, "a batchable plan reads only what is stored, and _missing_input checked it"
         digest = run.digest(node, reads)
         previous = run.reusable(node, digest)
         if previous is not None:

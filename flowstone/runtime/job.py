@@ -182,8 +182,9 @@ class _Batch:
     async def run(self) -> None:
         env = self.env
         asked = env.leases.clock()
-        starts = [Start(_start(job, env), job.unless_done) for job in self.jobs]
-        for index, got in enumerate(await env.store.begin_many(env.node, env.leases.seconds, starts)):
+        begun = await env.store.begin_many(
+            env.node, env.leases.seconds, [Start(_start(job, env), job.unless_done) for job in self.jobs])
+        for index, got in enumerate(begun):
             if isinstance(got, Exception):
                 await self.report(index, got)
                 continue

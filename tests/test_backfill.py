@@ -693,3 +693,19 @@ async def test_a_guard_that_denies_after_the_start_fails_each_partition_of_a_bat
         assert (status.succeeded, status.failed) == (1, 11)
         assert all("denied" in message or "not allowed" in message for _p, message in status.errors), status.errors
         assert store.begun == [] and len(await rt.store.list_all()) == 1  # a denial records nothing
+
+
+async def test_metadata_the_store_cannot_hold_fails_its_partition_only_in_a_batch(anyio_backend, tmp_path):
+    def work(ctx, deps):
+        if ctx.partition_key == "2025-01-05":
+            ctx.metadata["when"] = ctx.partition  # a date: not JSON
+        return 1
+
+    async with fs.store.SqliteStore(tmp_path / "flowstone.db") as store:
+        async with fs.open_runtime([asset_of(work)], store=store) as rt:
+            status = await rt.wait_backfill(await rt.backfill("events", partitions=DAYS[:12], max_parallel=1))
+            assert (status.succeeded, status.failed) == (11, 1)
+            [(partition, message)] = status.errors
+            assert partition == "2025-01-05" and "SerializationError" in message
+            records = await rt.store.list_all()
+            assert len(records) == 12 and {r.status for r in records} == {Status.SUCCESS, Status.FAILED}

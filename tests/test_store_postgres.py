@@ -6,14 +6,14 @@ import pytest
 
 import anyio
 
-from contracts.store import LeaseContract, StoreContract
+from contracts.store import DatabaseContract, LeaseContract, StoreContract
 from flowstone.store.postgres import PostgresStore
 from pgfixtures import admin, run_sync
 
 pytestmark = pytest.mark.anyio
 
 
-class TestPostgresStoreContract(StoreContract, LeaseContract):
+class TestPostgresStoreContract(StoreContract, LeaseContract, DatabaseContract):
     @pytest.fixture
     async def store(self, pg_dsn):
         async with PostgresStore(pg_dsn) as store:

@@ -14,13 +14,13 @@ import anyio
 import pytest
 
 import flowstone as fs
-from contracts.store import LeaseContract, StoreContract
+from contracts.store import DatabaseContract, LeaseContract, StoreContract
 from flowstone.store.sqlite import NETWORK_FILESYSTEMS, SqliteStore, filesystem_type, sqlite_path
 
 pytestmark = pytest.mark.anyio
 
 
-class TestSqliteStoreContract(StoreContract, LeaseContract):
+class TestSqliteStoreContract(StoreContract, LeaseContract, DatabaseContract):
     @pytest.fixture
     async def store(self, tmp_path):
         async with SqliteStore(tmp_path / "flowstone.db") as store:

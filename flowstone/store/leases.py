@@ -17,9 +17,9 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import anyio
 import attrs
@@ -42,6 +42,7 @@ __all__ = [
     "RoleHolder",
     "Start",
     "Tick",
+    "in_one_write",
 ]
 
 
@@ -73,6 +74,30 @@ class End:
     status: Status
     lease: Lease | None
     fields: Mapping[str, Any]
+
+
+Item = TypeVar("Item")
+Prepared = TypeVar("Prepared")
+Outcome = TypeVar("Outcome")
+
+
+async def in_one_write(
+    items: Sequence[Item], prepare: Callable[[Item], Prepared],
+    write: Callable[[list[Prepared]], Awaitable[Sequence[Outcome | Exception]]],
+) -> list[Outcome | Exception]:
+    """A batch of writes (``begin_many``, ``complete_many``), one outcome per item in
+    order: ``prepare(item)`` for each (what it raises, a bad record or a value no
+    database holds, is that item's outcome alone), then one ``write`` of everything
+    prepared, which answers an outcome per prepared item."""
+    prepared: list[Prepared] = []
+    refused: dict[int, Exception] = {}
+    for index, item in enumerate(items):
+        try:
+            prepared.append(prepare(item))
+        except Exception as error:
+            refused[index] = error
+    written = iter(await write(prepared))
+    return [refused[index] if index in refused else next(written) for index in range(len(items))]
 
 
 class LeaseHeld(FlowstoneError):

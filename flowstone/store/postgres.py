@@ -55,6 +55,7 @@ from .leases import (
     Tick,
     cursor_fields,
     finished_state,
+    in_one_write,
     lost,
     role_seconds,
     tick_time,
@@ -443,16 +444,14 @@ class PostgresStore(PostgresClient):
         self, owner: str, seconds: float, starts: Sequence[Start]
     ) -> list[tuple[Materialization, Lease] | Exception]:
         tenant, now = current_tenant(), _utcnow()
-        outcomes: list[_Write | Exception] = []
-        for start in starts:
-            try:
-                outcomes.append(_beginning(new_record(start.fields, tenant, now), owner, seconds, start.unless_done))
-            except Exception as error:
-                outcomes.append(error)
-        ops = [op for op in outcomes if isinstance(op, _Write)]
-        errors = iter(await self._write_many(ops))
-        return [outcome if not isinstance(outcome, _Write) else (next(errors) or _granted(outcome, owner))
-                for outcome in outcomes]
+
+        async def write(ops: list[_Write]) -> list[tuple[Materialization, Lease] | Exception]:
+            errors = await self._write_many(ops)
+            return [error or _granted(op, owner) for op, error in zip(ops, errors, strict=True)]
+
+        return await in_one_write(
+            starts, lambda start: _beginning(new_record(start.fields, tenant, now), owner, seconds, start.unless_done),
+            write)
 
     async def complete(
         self, record: Materialization, status: Status, *, lease: Lease | None = None, **fields: Any
@@ -463,16 +462,13 @@ class PostgresStore(PostgresClient):
 
     async def complete_many(self, ends: Sequence[End]) -> list[Materialization | Exception]:
         tenant, now = current_tenant(), _utcnow()
-        outcomes: list[_Write | Exception] = []
-        for end in ends:
-            try:
-                outcomes.append(_completing(end.record, end.status, end.lease, end.fields, tenant, now))
-            except Exception as error:
-                outcomes.append(error)
-        ops = [op for op in outcomes if isinstance(op, _Write)]
-        errors = iter(await self._write_many(ops))
-        return [outcome if not isinstance(outcome, _Write) else (next(errors) or outcome.record)
-                for outcome in outcomes]
+
+        async def write(ops: list[_Write]) -> list[Materialization | Exception]:
+            errors = await self._write_many(ops)
+            return [error or op.record for op, error in zip(ops, errors, strict=True)]
+
+        return await in_one_write(
+            ends, lambda end: _completing(end.record, end.status, end.lease, end.fields, tenant, now), write)
 
     async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:
         if not fences:

@@ -65,6 +65,7 @@ from .leases import (
     Tick,
     cursor_fields,
     finished_state,
+    in_one_write,
     lost,
     role_seconds,
     tick_time,
@@ -286,45 +287,39 @@ class SqliteStore:
         self, owner: str, seconds: float, starts: Sequence[Start]
     ) -> list[tuple[Materialization, Lease] | Exception]:
         tenant, now = current_tenant(), _utcnow()
-        outcomes: list[tuple[Materialization, Lease] | Exception] = []
-        writes: list[Callable[[sqlite3.Connection], int]] = []
-        for start in starts:
-            try:
-                record = new_record(start.fields, tenant, now)
-            except Exception as error:
-                outcomes.append(error)
-                continue
-            values = _values(record)
-            outcomes.append((record, Lease(tenant, record.asset_name, record.partition, owner, 0)))
-            writes.append(functools.partial(_begin, record=record, values=values, owner=owner, seconds=seconds,
-                                            unless_done=start.unless_done))
-        fences = iter(await self._db.write_many(writes))
-        for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, tuple):
-                fence = next(fences)
-                outcomes[i] = fence if isinstance(fence, Exception) else (
-                    outcome[0], outcome[1]._replace(fence=fence))
-        return outcomes
+
+        def prepare(start: Start) -> tuple[Materialization, Callable[[sqlite3.Connection], int]]:
+            record = new_record(start.fields, tenant, now)
+            return record, functools.partial(_begin, record=record, values=_values(record), owner=owner,
+                                             seconds=seconds, unless_done=start.unless_done)
+
+        async def write(
+            prepared: list[tuple[Materialization, Callable[[sqlite3.Connection], int]]],
+        ) -> list[tuple[Materialization, Lease] | Exception]:
+            fences = await self._db.write_many([write for _record, write in prepared])
+            return [fence if isinstance(fence, Exception) else
+                    (record, Lease(tenant, record.asset_name, record.partition, owner, fence))
+                    for (record, _write), fence in zip(prepared, fences, strict=True)]
+
+        return await in_one_write(starts, prepare, write)
 
     async def complete_many(self, ends: Sequence[End]) -> list[Materialization | Exception]:
         tenant, now = current_tenant(), _utcnow()
-        outcomes: list[Materialization | Exception] = []
-        writes: list[Callable[[sqlite3.Connection], None]] = []
-        for end in ends:
-            try:
-                new = completed(end.record, end.status, end.fields, tenant, now)
-            except Exception as error:
-                outcomes.append(error)
-                continue
-            outcomes.append(new)
+
+        def prepare(end: End) -> tuple[Materialization, Callable[[sqlite3.Connection], None]]:
+            new = completed(end.record, end.status, end.fields, tenant, now)
             statement, row = _rewriting(new, end.record.status, end.fields)
-            writes.append(functools.partial(_rewrite, new=new, statement=statement, row=row,
-                                            expected=end.record.status, lease=end.lease))
-        written = iter(await self._db.write_many(writes))
-        for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, Materialization) and isinstance(failed := next(written), Exception):
-                outcomes[i] = failed
-        return outcomes
+            return new, functools.partial(_rewrite, new=new, statement=statement, row=row,
+                                          expected=end.record.status, lease=end.lease)
+
+        async def write(
+            prepared: list[tuple[Materialization, Callable[[sqlite3.Connection], None]]],
+        ) -> list[Materialization | Exception]:
+            written = await self._db.write_many([write for _new, write in prepared])
+            return [failed if isinstance(failed, Exception) else new
+                    for (new, _write), failed in zip(prepared, written, strict=True)]
+
+        return await in_one_write(ends, prepare, write)
 
     async def update_status(self, id: uuid.UUID | str, status: Status | str, **fields: Any) -> Materialization:
         record_id, target, changes = parse_id(id), to_status(status), update_fields(fields)

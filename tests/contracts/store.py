@@ -897,3 +897,26 @@ class _no_tenant:
 
     def __exit__(self, *exc):
         return None
+
+
+class DatabaseContract:
+    """What the stores kept in a database (SQLite, PostgreSQL) refuse, beside the rest."""
+
+    async def test_a_job_a_batch_cannot_store_is_refused_alone(self, store):
+        """A value no database holds (a NUL in a key, metadata that is not JSON) fails its
+        own job in begin_many / complete_many; the others are written."""
+        begun = await store.begin_many("p1", 30, [
+            Start({"asset_name": "a", "partition": "1", "status": Status.RUNNING}),
+            Start({"asset_name": "a", "partition": "nul\x00key", "status": Status.RUNNING}),
+            Start({"asset_name": "a", "partition": "3", "status": Status.RUNNING}),
+        ])
+        assert isinstance(begun[1], fs.SerializationError)
+        (one, one_lease), (three, three_lease) = begun[0], begun[2]
+        ended = await store.complete_many([
+            End(one, Status.SUCCESS, one_lease, {"metadata": {"when": date(2025, 1, 1)}}),
+            End(three, Status.SUCCESS, three_lease, {"metadata": {"rows": 3}}),
+        ])
+        assert isinstance(ended[0], fs.SerializationError)
+        assert ended[1].status is Status.SUCCESS
+        assert (await store.get_by_id(one.id)).status is Status.RUNNING  # nothing written for it
+        assert (await store.get_by_id(three.id)).metadata == {"rows": 3}

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import SerializationError
 
-__all__ = ["mapping_to_json", "plain", "storable_text", "text_problem", "to_json"]
+__all__ = ["PLAIN_TYPES", "mapping_to_json", "plain", "storable_text", "text_problem", "to_json"]
 
 _SCALARS = (str, int, float, bool, type(None))
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -116,7 +116,9 @@ def _container_problem(value: Any, where: str, check_text: bool, depth: int, pat
     return None
 
 
-_PLAIN_TYPES = frozenset(_SCALARS)
+PLAIN_TYPES = frozenset(_SCALARS)
+"""The types of JSON's scalars, exactly (no subclasses): what a small mapping's text or a
+shared record mapping may be keyed on."""
 _WRITTEN: dict[tuple[tuple[Any, type, Any], ...], str] = {}
 _WRITTEN_KEPT = 1024
 
@@ -126,7 +128,7 @@ def mapping_to_json(value: Mapping[Any, Any], *, asset: str | None = None, what:
     """``to_json(plain(value))``. The text of a small mapping of plain values (a
     record's metadata naming its IO manager: the same for most records) is kept and
     given again instead of checked and written each time (6.5 µs each)."""
-    if len(value) > 4 or not all(type(item) in _PLAIN_TYPES for item in value.values()):
+    if len(value) > 4 or not all(type(item) in PLAIN_TYPES for item in value.values()):
         return to_json(plain(value), asset=asset, what=what, partition=partition)
     # Each value's type is part of the key: 1, 1.0 and True are equal, and write differently.
     key = tuple((name, type(item), item) for name, item in value.items())

@@ -17,7 +17,7 @@ from ..errors import DefinitionError, InvalidTransition, NotFound
 from ..identifiers import check_identifier
 from ..partitions import serialize_partition
 from ..plumbing.ids import new_uuid
-from ..plumbing.jsonvalues import storable_text, text_problem
+from ..plumbing.jsonvalues import PLAIN_TYPES, storable_text, text_problem
 
 __all__ = [
     "ACTIVE", "CURRENT", "ORPHAN_ENDING", "TERMINAL", "TRANSITIONS", "Materialization", "Status", "check_transition",
@@ -96,7 +96,6 @@ def check_transition(current: Status, requested: Status, record: Materialization
 
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
-_PLAIN = frozenset({str, int, float, bool, type(None)})
 _SHARED: dict[tuple[tuple[str, type, Any], ...], Mapping[str, Any]] = {}
 _SHARED_KEPT = 1024
 
@@ -112,7 +111,7 @@ def _frozen(value: Any) -> Any:
         return value
     if not value:
         return _EMPTY
-    if len(value) <= 4 and all(type(k) is str and type(v) in _PLAIN for k, v in value.items()):
+    if len(value) <= 4 and all(type(k) is str and type(v) in PLAIN_TYPES for k, v in value.items()):
         # Each value's type is part of the key: 1, 1.0 and True are equal, but a
         # record that says True must not read back 1.
         key = tuple((k, type(v), v) for k, v in value.items())

@@ -15,6 +15,7 @@ import pytest
 
 import flowstone as fs
 from contracts.store import DatabaseContract, LeaseContract, StoreContract
+from flowstone.store.leases import End, Start
 from flowstone.store.sqlite import NETWORK_FILESYSTEMS, SqliteStore, filesystem_type, sqlite_path
 
 pytestmark = pytest.mark.anyio
@@ -157,3 +158,29 @@ async def test_the_writer_keeps_its_sub_journals_in_memory(anyio_backend, tmp_pa
         writer = store._db._writer
         assert writer is not None
         assert writer.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+
+
+async def test_many_jobs_of_one_asset_take_one_statement_per_step(anyio_backend, tmp_path):
+    """begin_many / complete_many of a backfill's batch: the leases, the records and
+    their ends are each one statement for the whole batch, not one per job."""
+    async with SqliteStore(tmp_path / "flowstone.db") as store:
+        await store.create(asset_name="opened")
+        writer = store._db._writer
+        assert writer is not None
+        statements: list[str] = []
+        writer.set_trace_callback(statements.append)
+        begun = await store.begin_many("p1", 30, [
+            Start({"asset_name": "a", "partition": str(n), "status": fs.Status.RUNNING}) for n in range(16)])
+        ended = await store.complete_many([End(record, fs.Status.SUCCESS, lease, {"duration_ms": 1.0})
+                                           for record, lease in begun])
+        writer.set_trace_callback(None)
+        assert [record.status for record in ended] == [fs.Status.SUCCESS] * 16
+        assert (await store.get("a", "7")).id == ended[7].id
+
+        def count(start: str) -> int:  # SQLite traces a statement again as each trigger starts: distinct ones
+            return len({statement for statement in statements if statement.lstrip().startswith(start)})
+
+        assert count("INSERT INTO flowstone_leases") == 1
+        assert count("INSERT INTO flowstone_materializations") == 1
+        assert count("UPDATE flowstone_leases") == 1
+        assert count("UPDATE flowstone_materializations SET status = v.") == 1

@@ -21,13 +21,12 @@ fsyncs every commit (on a thread) before the caller hears of it.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -90,8 +89,10 @@ from .records import (
     unstorable_text,
     update_fields,
 )
-from .sqlite_batches import Connections
+from .sqlite_batches import Connections, Failed
+from .sqlite_schema import RECORD_COLUMNS, RELEASED
 from .sqlite_schema import migrate as _migrate
+from .sqlite_together import Beginning, Ending, begin_together, end_together
 
 __all__ = ["DEFAULT_URL", "SqliteStore", "sqlite_path"]
 
@@ -111,11 +112,7 @@ WAIT_POLL = (0.005, 0.25)
 """First and longest pause between looks at a lease another process holds."""
 
 _TABLE = "flowstone_materializations"
-_COLUMNS = (
-    "id, tenant_id, asset_name, partition, run_id, status, started_at, completed_at, duration_ms, "
-    "upstream_assets, upstream_partitions, dependency_hash, metadata, error_message, error_traceback, "
-    "executor_node, inserted_at, updated_at"
-)
+_COLUMNS = RECORD_COLUMNS
 _SELECT = f"SELECT {_COLUMNS} FROM {_TABLE}"
 _SELECT_FROM = _SELECT  # followed by an index hint
 _MAX_SEQ = 2**63 - 1
@@ -138,7 +135,7 @@ _ACTIVE = "status IN ('pending', 'running', 'waiting_approval')"
 _UNFINISHED_OR_FAILED = "status NOT IN ('success', 'superseded')"
 """The condition of the partial status index (sqlite_schema)."""
 _LEASE_KEY = "tenant_id = ? AND asset_name = ? AND partitioned = ? AND partition = ?"
-_RELEASED = float("-inf")
+_RELEASED = RELEASED
 _STATUSES = {status.value: status for status in Status}  # a dict lookup: 3x faster than Status(text)
 
 
@@ -288,36 +285,42 @@ class SqliteStore:
     ) -> list[tuple[Materialization, Lease] | Exception]:
         tenant, now = current_tenant(), _utcnow()
 
-        def prepare(start: Start) -> tuple[Materialization, Callable[[sqlite3.Connection], int]]:
+        def prepare(start: Start) -> Beginning:
             record = new_record(start.fields, tenant, now)
-            return record, functools.partial(_begin, record=record, values=_values(record), owner=owner,
-                                             seconds=seconds, unless_done=start.unless_done)
+            return Beginning(record, _values(record), start.unless_done)
 
-        async def write(
-            prepared: list[tuple[Materialization, Callable[[sqlite3.Connection], int]]],
-        ) -> list[tuple[Materialization, Lease] | Exception]:
-            fences = await self._db.write_many([write for _record, write in prepared])
-            return [fence if isinstance(fence, Exception) else
-                    (record, Lease(tenant, record.asset_name, record.partition, owner, fence))
-                    for (record, _write), fence in zip(prepared, fences, strict=True)]
+        async def write(jobs: list[Beginning]) -> list[tuple[Materialization, Lease] | Exception]:
+            def alone(index: int, c: sqlite3.Connection) -> int:
+                job = jobs[index]
+                return _begin(c, job.record, job.values, owner, seconds, job.unless_done)
+
+            fences = await self._db.write(
+                lambda c: begin_together(c, tenant or "", jobs, owner, time.time() + seconds, alone))
+            return [fence.error if isinstance(fence, Failed) else
+                    (job.record, Lease(tenant, job.record.asset_name, job.record.partition, owner, fence))
+                    for job, fence in zip(jobs, fences, strict=True)]
 
         return await in_one_write(starts, prepare, write)
 
     async def complete_many(self, ends: Sequence[End]) -> list[Materialization | Exception]:
         tenant, now = current_tenant(), _utcnow()
 
-        def prepare(end: End) -> tuple[Materialization, Callable[[sqlite3.Connection], None]]:
+        def prepare(end: End) -> tuple[Ending, str, tuple[Any, ...], Status]:
             new = completed(end.record, end.status, end.fields, tenant, now)
             statement, row = _rewriting(new, end.record.status, end.fields)
-            return new, functools.partial(_rewrite, new=new, statement=statement, row=row,
-                                          expected=end.record.status, lease=end.lease)
+            return Ending(new, end.lease, row if statement is _END else None), statement, row, end.record.status
 
         async def write(
-            prepared: list[tuple[Materialization, Callable[[sqlite3.Connection], None]]],
+            prepared: list[tuple[Ending, str, tuple[Any, ...], Status]],
         ) -> list[Materialization | Exception]:
-            written = await self._db.write_many([write for _new, write in prepared])
-            return [failed if isinstance(failed, Exception) else new
-                    for (new, _write), failed in zip(prepared, written, strict=True)]
+            def alone(index: int, c: sqlite3.Connection) -> None:
+                job, statement, row, expected = prepared[index]
+                _rewrite(c, job.new, statement, row, expected, job.lease)
+
+            jobs = [job for job, *_rest in prepared]
+            written = await self._db.write(lambda c: end_together(c, tenant or "", jobs, alone))
+            return [failed.error if isinstance(failed, Failed) else job.new
+                    for job, failed in zip(jobs, written, strict=True)]
 
         return await in_one_write(ends, prepare, write)
 

@@ -27,11 +27,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
+import attrs
 
 from ..errors import DatabaseError, DatabaseUnavailable
 from ..plumbing import threads
 
-__all__ = ["Connections", "database_error"]
+__all__ = ["Connections", "Failed", "database_error", "in_savepoint"]
 
 log = logging.getLogger("flowstone.store")
 
@@ -313,22 +314,40 @@ def _apply_one_by_one(connection: sqlite3.Connection, batch: list[_Write]) -> No
     """Each write in a savepoint: one that fails is rolled back alone and hears why."""
     for op in batch:
         op.value = None
-        connection.execute("SAVEPOINT op")
-        try:
-            op.value = op.fn(connection)
-        except sqlite3.Error as error:
-            if connection.in_transaction and not _aborts_transaction(error):
-                connection.execute("ROLLBACK TO op")
-                connection.execute("RELEASE op")
-                op.error = database_error(error)
-                continue
-            raise
-        except Exception as error:
+        outcome = in_savepoint(connection, op.fn)
+        if isinstance(outcome, Failed):
+            op.error = outcome.error
+        else:
+            op.value = outcome
+
+
+@attrs.frozen
+class Failed:
+    """What ``in_savepoint`` answers for a write that raised (and was rolled back)."""
+
+    error: Exception
+
+
+def in_savepoint(connection: sqlite3.Connection, fn: Work) -> Any:
+    """``fn(connection)`` in a savepoint of the open transaction: what it returned,
+    or ``Failed`` with what it raised after rolling it back alone (SQLite's errors
+    as FlowStone's). An error after which SQLite may have dropped the whole
+    transaction (disk full, I/O, busy) is raised: nothing of the batch stands."""
+    connection.execute("SAVEPOINT op")
+    try:
+        value = fn(connection)
+    except sqlite3.Error as error:
+        if connection.in_transaction and not _aborts_transaction(error):
             connection.execute("ROLLBACK TO op")
             connection.execute("RELEASE op")
-            op.error = error
-            continue
+            return Failed(database_error(error))
+        raise
+    except Exception as error:
+        connection.execute("ROLLBACK TO op")
         connection.execute("RELEASE op")
+        return Failed(error)
+    connection.execute("RELEASE op")
+    return value
 
 
 def _retrying_busy(step: Callable[[], None]) -> None:

@@ -12,7 +12,17 @@ from __future__ import annotations
 import sqlite3
 from datetime import datetime, timezone
 
-__all__ = ["MIGRATIONS", "migrate"]
+__all__ = ["MIGRATIONS", "RECORD_COLUMNS", "RELEASED", "migrate"]
+
+RECORD_COLUMNS = (
+    "id, tenant_id, asset_name, partition, run_id, status, started_at, completed_at, duration_ms, "
+    "upstream_assets, upstream_partitions, dependency_hash, metadata, error_message, error_traceback, "
+    "executor_node, inserted_at, updated_at"
+)
+"""A materialization's columns in the order the store's rows (``_values``) hold them."""
+
+RELEASED = float("-inf")
+"""The expiry of a released lease (``owner`` '')."""
 
 _V1 = """
 -- seq orders records (newest first in listings); without AUTOINCREMENT SQLite

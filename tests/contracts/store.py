@@ -584,6 +584,77 @@ class LeaseContract:
         assert failed[0].status is Status.FAILED and (await store.get_by_id(three.id)).error_message == "boom"
         assert await store.complete_many([]) == []
 
+    async def test_a_second_round_of_many_takes_the_released_leases_and_supersedes_each_success(self, store):
+        """A backfill run again: every lease was released with a success, every
+        success gives way to the new one, and failures leave the old success current."""
+        days = [f"2025-01-0{n}" for n in range(1, 7)]
+        begun = await store.begin_many("p1", 30, [Start({"asset_name": "a", "partition": d, "status": Status.RUNNING,
+                                                         "dependency_hash": "h1"}) for d in days])
+        first = await store.complete_many([End(record, Status.SUCCESS, lease, {"duration_ms": 1.0})
+                                           for record, lease in begun])
+        again = await store.begin_many("p2", 30, [Start({"asset_name": "a", "partition": d, "status": Status.RUNNING,
+                                                         "dependency_hash": "h2"}, (old.id, "h2"))
+                                                  for d, old in zip(days, first, strict=True)])
+        assert [lease.owner for _, lease in again] == ["p2"] * 6
+        assert len({lease.fence for _, lease in begun + again}) == 12  # every grant a new fence
+        ended = await store.complete_many([
+            End(record, Status.SUCCESS if n % 2 == 0 else Status.FAILED, lease,
+                {} if n % 2 == 0 else {"error_message": "boom"})
+            for n, (record, lease) in enumerate(again)])
+        for n, (day, old, new) in enumerate(zip(days, first, ended, strict=True)):
+            current = await store.get("a", day)
+            if n % 2 == 0:
+                assert (current.id, (await store.get_by_id(old.id)).status) == (new.id, Status.SUPERSEDED)
+            else:
+                assert new.status is Status.FAILED and new.error_message == "boom"
+                assert (await store.get_by_id(old.id)).status is Status.SUCCESS
+        _, lease = await store.begin("p3", 30, asset_name="a", partition=days[1], status=Status.RUNNING)
+        with pytest.raises(LeaseHeld):  # a failure released its lease too, and the new holder has it
+            await store.begin("p4", 30, asset_name="a", partition=days[1], status=Status.RUNNING)
+        assert lease.fence > max(taken.fence for _, taken in again)
+
+    async def test_begin_many_grants_a_partition_asked_twice_once(self, store):
+        begun = await store.begin_many("p1", 30, [
+            Start({"asset_name": "a", "partition": "1", "status": Status.RUNNING}),
+            Start({"asset_name": "a", "partition": "2", "status": Status.RUNNING}),
+            Start({"asset_name": "a", "partition": "1", "status": Status.RUNNING}),
+            Start({"asset_name": "a", "partition": None, "status": Status.RUNNING}),
+            Start({"asset_name": "b", "partition": "1", "status": Status.RUNNING}),
+        ])
+        assert isinstance(begun[2], LeaseHeld) and begun[2].fence == begun[0][1].fence
+        granted = [begun[i] for i in (0, 1, 3, 4)]
+        assert [(record.asset_name, record.partition) for record, _ in granted] == [
+            ("a", "1"), ("a", "2"), ("a", None), ("b", "1")]
+        assert len({lease.fence for _, lease in granted}) == 4
+        ended = await store.complete_many([End(record, Status.SUCCESS, lease, {}) for record, lease in granted])
+        assert [record.status for record in ended] == [Status.SUCCESS] * 4
+        assert (await store.get("a", None)).id == granted[2][0].id
+
+    async def test_begin_many_closes_what_a_dead_holder_left_open(self, store, age):
+        (dead, _), = await store.begin_many("p1", 5, [Start({"asset_name": "a", "partition": "1",
+                                                             "status": Status.RUNNING})])
+        await age(6)
+        begun = await store.begin_many("p2", 30, [
+            Start({"asset_name": "a", "partition": p, "status": Status.RUNNING}) for p in "123"])
+        assert [lease.owner for _, lease in begun] == ["p2"] * 3
+        orphan = await store.get_by_id(dead.id)
+        assert orphan.status is Status.FAILED and "orphaned" in orphan.error_message
+
+    async def test_what_complete_many_writes_is_what_status_and_the_stale_cascade_read(self, store):
+        raw = await store.create(asset_name="raw", partition="1", status=Status.SUCCESS)
+        begun = await store.begin_many("p1", 30, [
+            Start({"asset_name": "clean", "partition": p, "status": Status.RUNNING, "upstream_assets": ("raw",),
+                   "upstream_partitions": {"raw": ("1",)}}) for p in "abc"])
+        ended = await store.complete_many([
+            End(record, Status.SUCCESS if record.partition != "c" else Status.FAILED, lease, {})
+            for record, lease in begun])
+        assert await store.partition_states("clean") == {"a": Status.SUCCESS, "b": Status.SUCCESS,
+                                                          "c": Status.FAILED}
+        await store.mark_stale("raw", raw.partition)
+        assert [(await store.get_by_id(record.id)).status for record in ended] == [
+            Status.STALE, Status.STALE, Status.FAILED]
+        assert await store.partition_states("clean") == {"a": Status.STALE, "b": Status.STALE, "c": Status.FAILED}
+
     async def test_leases_and_their_fences_belong_to_one_tenant(self, store):
         with fs.tenant_scope("a"):
             record, lease = await store.begin("p1", 30, asset_name="x", partition="1", status=Status.RUNNING)

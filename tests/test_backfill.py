@@ -294,6 +294,16 @@ class FaultyStore(fs.store.MemoryStore):
             raise RuntimeError("disk on fire")
         return await super().begin(owner, seconds, **fields)
 
+    async def begin_many(self, owner, seconds, starts):
+        """A batch's begins one by one, through the faulty ``begin``."""
+        outcomes = []
+        for start in starts:
+            try:
+                outcomes.append(await self.begin(owner, seconds, unless_done=start.unless_done, **start.fields))
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
+
 
 async def test_a_store_that_raises_a_bare_error_fails_one_partition_not_the_runtime(anyio_backend):
     async with fs.open_runtime([asset_of(lambda ctx, deps: 1)], store=FaultyStore()) as rt:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +22,7 @@ from .leases import (
     Tick,
     cursor_fields,
     finished_state,
+    lost,
     role_seconds,
     tick_time,
 )
@@ -66,6 +67,15 @@ class MemoryStore(MemoryActorClient):
     async def begin(
         self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
     ) -> tuple[Materialization, Lease]:
+        record, lease, write = self._beginning(owner, seconds, unless_done, fields)
+        await self.handle.cast(write)
+        return record, lease
+
+    def _beginning(
+        self, owner: str, seconds: float, unless_done: tuple[Any, str] | None, fields: Mapping[str, Any],
+    ) -> tuple[Materialization, Lease, m.Create]:
+        """``begin``'s record, its lease (granted here: one event loop thread, so
+        atomic) and the write that stores the record."""
         tenant = current_tenant()
         record = new_record(fields, tenant, utcnow())
         leases = self._data.leases
@@ -74,28 +84,54 @@ class MemoryStore(MemoryActorClient):
             raise FinishedElsewhere(done)
         lease, replaced = leases.acquire(tenant, record.asset_name, record.partition, owner, seconds, record.id)
         orphan = (replaced.record_id, replaced.owner) if replaced is not None and replaced.record_id else None
-        await self.handle.cast(m.Create(record=record, orphan=orphan))
-        return record, lease
+        return record, lease, m.Create(record=record, orphan=orphan)
 
     async def begin_many(
         self, owner: str, seconds: float, starts: Sequence[Start]
     ) -> list[tuple[Materialization, Lease] | Exception]:
-        """Each ``begin`` in turn: each is a lease granted here and a cast, no wait."""
+        """Each ``begin`` in turn, the leases granted here, the records' writes one cast."""
         outcomes: list[tuple[Materialization, Lease] | Exception] = []
+        writes: list[m.Create] = []
         for start in starts:
             try:
-                outcomes.append(await self.begin(owner, seconds, unless_done=start.unless_done, **start.fields))
+                record, lease, write = self._beginning(owner, seconds, start.unless_done, start.fields)
             except Exception as error:
                 outcomes.append(error)
+            else:
+                outcomes.append((record, lease))
+                writes.append(write)
+        if writes:
+            await self.handle.cast(m.Many(writes=tuple(writes)))
         return outcomes
 
     async def complete_many(self, ends: Sequence[End]) -> list[Materialization | Exception]:
+        """Each ``complete`` in turn, the writes one cast; the leases are released
+        once it is queued (as ``complete`` does)."""
         outcomes: list[Materialization | Exception] = []
+        writes: list[m.Replace] = []
+        releases: list[tuple[Lease, Materialization | None]] = []
+        released: set[int] = set()
+        tenant, now, leases = current_tenant(), utcnow(), self._data.leases
         for end in ends:
+            lease = end.lease
             try:
-                outcomes.append(await self.complete(end.record, end.status, lease=end.lease, **end.fields))
+                new = completed(end.record, end.status, end.fields, tenant, now)
+                if lease is not None:
+                    leases.check(lease)
+                    if lease.fence in released:  # a job given twice: the first released it
+                        raise lost(lease)
             except Exception as error:
                 outcomes.append(error)
+                continue
+            outcomes.append(new)
+            writes.append(m.Replace(record=new, expected=end.record.status, lease=lease))
+            if lease is not None and end.status in TERMINAL:
+                releases.append((lease, new if end.status is Status.SUCCESS else None))
+                released.add(lease.fence)
+        if writes:
+            await self.handle.cast(m.Many(writes=tuple(writes)))
+        for lease, success in releases:
+            leases.release(lease, success)
         return outcomes
 
     async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:

@@ -141,6 +141,15 @@ class Replace(Message[None]):
 
 
 @attrs.frozen(kw_only=True)
+class Many(Message[None]):
+    """Several write-behind ``Create`` and ``Replace`` casts as one message (a
+    batch's ``begin_many`` / ``complete_many``): handled in order, as they would
+    have been one by one."""
+
+    writes: tuple[Create | Replace, ...]
+
+
+@attrs.frozen(kw_only=True)
 class CloseOrphans(Message[int]):
     """Close every unfinished record of ``owner`` (a dead process) and drop its leases."""
 
@@ -386,6 +395,7 @@ class _Handlers:
             Create: self.create,
             Update: self.update,
             Replace: self.replace,
+            Many: self.many,
             Latest: self.latest,
             Exists: self.exists,
             ById: self.by_id,
@@ -453,6 +463,15 @@ class _Handlers:
         if record.status in CURRENT:
             self._index_success(record)
         return record
+
+    def many(self, m: Many) -> None:
+        create, replace = self.create, self.replace
+        for write in m.writes:
+            if type(write) is Replace:
+                replace(write)
+            else:
+                assert type(write) is Create
+                create(write)
 
     def _get(self, tenant: str | None, record_id: uuid.UUID) -> Materialization:
         record = self.data.records.get(record_id)

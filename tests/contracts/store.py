@@ -630,6 +630,17 @@ class LeaseContract:
         assert [record.status for record in ended] == [Status.SUCCESS] * 4
         assert (await store.get("a", None)).id == granted[2][0].id
 
+    async def test_complete_many_given_a_job_twice_ends_it_once(self, store):
+        (record, lease), = await store.begin_many("p1", 30, [Start({"asset_name": "a", "partition": "1",
+                                                                    "status": Status.RUNNING})])
+        first, second = await store.complete_many([End(record, Status.SUCCESS, lease, {}),
+                                                   End(record, Status.SUCCESS, lease, {})])
+        # The second is refused (its lease went with the first), or, where a store makes a
+        # retried write a no-op (PostgreSQL: the same end again), the same success.
+        assert first.status is Status.SUCCESS
+        assert isinstance(second, fs.LeaseLost) or second == first, second
+        assert (await store.get_by_id(record.id)).status is Status.SUCCESS
+
     async def test_begin_many_closes_what_a_dead_holder_left_open(self, store, age):
         (dead, _), = await store.begin_many("p1", 5, [Start({"asset_name": "a", "partition": "1",
                                                              "status": Status.RUNNING})])

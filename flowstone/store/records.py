@@ -105,9 +105,10 @@ def _frozen(value: Any) -> Any:
     (no lineage; metadata naming the IO manager) share one copy: a store holding a
     million records then holds one mapping for them, not a million, and the
     garbage collector has that many fewer objects to walk."""
-    if type(value) is MappingProxyType:
+    kind = type(value)
+    if kind is MappingProxyType:
         return value  # already a read-only copy: records share it when they are copied
-    if not isinstance(value, Mapping):
+    if kind is not dict and not isinstance(value, Mapping):  # a dict skips the ABC's slow check
         return value
     if not value:
         return _EMPTY

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import threading
+import time
 
 import anyio
-
+import pytest
 from contracts.store import DatabaseContract, LeaseContract, StoreContract
-from flowstone.store.postgres import PostgresStore
 from pgfixtures import admin, run_sync
+
+import flowstone as fs
+from flowstone.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.anyio
 
@@ -32,3 +35,57 @@ class TestPostgresStoreContract(StoreContract, LeaseContract, DatabaseContract):
             )
 
         return age
+
+
+async def _hold_lease_row(dsn, fence, locked, blocked, release):
+    """In a transaction of its own, lock the lease row of ``fence`` until ``release``;
+    ``blocked`` is set once another session waits for that lock."""
+    import asyncio
+
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn, timeout=10)
+    try:
+        async with connection.transaction():
+            await connection.execute("SELECT 1 FROM flowstone_leases WHERE fence = $1 FOR UPDATE", fence)
+            locked.set()
+            deadline = time.monotonic() + 10
+            while not await connection.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ):
+                if time.monotonic() > deadline:
+                    return
+                await asyncio.sleep(0.005)
+            blocked.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+    finally:
+        await connection.close()
+
+
+async def test_a_write_goes_through_while_another_flush_waits_for_a_lock(anyio_backend, pg_dsn, pg_database):
+    """Two flushes are in flight at once: while one waits for a row that another
+    transaction holds, the next write (another record) is written."""
+    async with PostgresStore(pg_dsn) as store:
+        record, lease = await store.begin("p1", 30, asset_name="a", partition="1", status=fs.Status.RUNNING)
+        locked, blocked, release = threading.Event(), threading.Event(), threading.Event()
+        holder = threading.Thread(
+            target=run_sync, args=(_hold_lease_row, pg_database.admin_dsn, lease.fence, locked, blocked, release))
+        holder.start()
+        try:
+            assert await anyio.to_thread.run_sync(locked.wait, 10)
+            ended = []
+            async with anyio.create_task_group() as tasks:
+                async def end():
+                    ended.append(await store.complete(record, fs.Status.SUCCESS, lease=lease))
+
+                tasks.start_soon(end)
+                assert await anyio.to_thread.run_sync(blocked.wait, 10)  # that flush waits now
+                with anyio.fail_after(10):
+                    other = await store.create(asset_name="b", status=fs.Status.FAILED)
+                assert ended == []  # still waiting
+                release.set()
+        finally:
+            release.set()
+            await anyio.to_thread.run_sync(holder.join, 10)
+        assert ended[0].status is fs.Status.SUCCESS
+        assert (await store.get_by_id(other.id)).status is fs.Status.FAILED

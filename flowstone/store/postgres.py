@@ -5,9 +5,10 @@ sets ``flowstone.tenant_id`` and the tables' row-level security policies do the
 filtering (ADR 0006). Queries also name the tenant, so that indexes apply.
 
 Writes of records (``create`` and the runtime's ``complete``) are *group
-committed*: a writer that finds no flush in progress becomes the leader and
-writes everything queued in one transaction per tenant (one INSERT and one
-UPDATE statement for the whole batch); the others wait for that flush. A busy
+committed*: a writer that finds fewer than ``FLUSHES`` flushes in progress
+becomes a leader and writes everything queued in one transaction per tenant (one
+statement per kind of write for the whole batch); the others wait for a flush. A
+record is in one flush at a time, so its writes stay in order. A busy
 backfill pays one round trip per batch, not per row; a lone caller pays one
 transaction, as it would anyway. Every status change is a compare-and-set in
 SQL: an update that loses a race raises ``InvalidTransition``.
@@ -82,6 +83,10 @@ from .records import (
 )
 
 __all__ = ["PostgresStore"]
+
+FLUSHES = 2
+"""Flushes in flight at once, each on a connection of its own: while the database
+writes one batch, the next is sent."""
 
 WRITE_TIMEOUT = 30.0
 """Longest a record write may take, retries included; it is shielded from
@@ -420,7 +425,9 @@ class PostgresStore(PostgresClient):
         """``options``: ``min_size``, ``max_size`` (the pool), ``allow_bypass_rls``."""
         super().__init__(dsn, pool, **options)
         self._queue: list[_Write] = []
-        self._flushing: anyio.Event | None = None
+        self._flushes = 0  # in flight now
+        self._flushed: anyio.Event | None = None  # set as a flush ends, then replaced
+        self._in_flight: set[uuid.UUID] = set()  # records a flush in flight writes
 
     async def migrate(self) -> list[int]:
         """Create or upgrade the schema (idempotent, safe concurrently); the versions applied now."""
@@ -535,10 +542,12 @@ class PostgresStore(PostgresClient):
             with anyio.fail_after(WRITE_TIMEOUT, shield=True):
                 for op in ops:
                     while not op.done:
-                        if self._flushing is None:
+                        if self._flushes < FLUSHES and self._takeable():
                             await self._lead_flush()
                         else:
-                            await self._flushing.wait()
+                            if self._flushed is None:
+                                self._flushed = anyio.Event()
+                            await self._flushed.wait()
         except TimeoutError:
             for op in ops:
                 if not op.done:
@@ -549,19 +558,27 @@ class PostgresStore(PostgresClient):
                         asset=op.record.asset_name, partition=op.record.partition, tenant=op.record.tenant_id,
                     )
 
+    def _takeable(self) -> bool:
+        """Whether a new flush would have something to write: a queued write whose
+        record no flush in flight is writing."""
+        busy = self._in_flight
+        return any(queued.record.id not in busy for queued in self._queue)
+
     async def _lead_flush(self) -> None:
-        event = self._flushing = anyio.Event()
+        self._flushes += 1
         batch: list[_Write] = []
         try:
             # Let the tasks the last flush woke run first: their next writes join
             # this batch instead of waiting for a flush of their own.
             await anyio.lowlevel.checkpoint()
             rest: list[_Write] = []
-            ids: set[uuid.UUID] = set()
-            for queued in self._queue:  # one write per record per batch; a second waits for the next
+            ids: set[uuid.UUID] = set(self._in_flight)
+            for queued in self._queue:  # one write per record in flight; a second waits for the next
                 (rest if queued.record.id in ids else batch).append(queued)
                 ids.add(queued.record.id)
             self._queue = rest
+            for queued in batch:
+                self._in_flight.add(queued.record.id)
             by_tenant: dict[str | None, list[_Write]] = {}
             for queued in batch:
                 by_tenant.setdefault(queued.record.tenant_id, []).append(queued)
@@ -573,8 +590,12 @@ class PostgresStore(PostgresClient):
                     queued.done, queued.error = True, error
             raise
         finally:
-            self._flushing = None
-            event.set()
+            for queued in batch:
+                self._in_flight.discard(queued.record.id)
+            self._flushes -= 1
+            event, self._flushed = self._flushed, None
+            if event is not None:
+                event.set()
 
     async def _flush(self, tenant: str | None, ops: list[_Write]) -> None:
         try:

@@ -49,3 +49,20 @@ async def test_records_survive_leaving_and_reentering_the_store(anyio_backend):
         record = await store.create(asset_name="orders")
     async with store:
         assert (await store.get_by_id(record.id)).id == record.id
+
+
+async def test_a_batch_write_the_store_refuses_does_not_drop_the_others(anyio_backend, caplog):
+    """A batch's records reach the actor as one message; one it refuses (an id
+    already taken, the caller's to choose) is logged, and the rest are stored."""
+    from flowstone.store.leases import Start
+
+    async with fs.store.MemoryStore() as store:
+        taken = await store.create(asset_name="orders")
+        begun = await store.begin_many("p1", 30, [
+            Start({"asset_name": "orders", "partition": "1", "status": fs.Status.RUNNING, "id": taken.id}),
+            Start({"asset_name": "orders", "partition": "2", "status": fs.Status.RUNNING}),
+        ])
+        second, _lease = begun[1]
+        assert (await store.get_by_id(second.id)).partition == "2"
+        assert (await store.get_by_id(taken.id)).partition is None  # not overwritten
+        assert "already exists" in caplog.text

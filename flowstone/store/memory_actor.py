@@ -25,7 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..actors.mailbox import Message, serve
 from ..definitions import FieldError
-from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, LeaseLost, NotFound
+from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, FlowstoneError, LeaseLost, NotFound
 from ..plumbing.clock import utcnow
 from .leases import BackfillClaim, CancelRequested, Cursor, Lease, LeaseTable, RoleHolder, Tick, lost
 from .records import (
@@ -465,13 +465,18 @@ class _Handlers:
         return record
 
     def many(self, m: Many) -> None:
+        """Each write as its own cast would be: one refused (a ``FlowstoneError``,
+        logged) does not stop the others."""
         create, replace = self.create, self.replace
         for write in m.writes:
-            if type(write) is Replace:
-                replace(write)
-            else:
-                assert type(write) is Create
-                create(write)
+            try:
+                if type(write) is Replace:
+                    replace(write)
+                else:
+                    assert type(write) is Create
+                    create(write)
+            except FlowstoneError as error:
+                log.warning("memory store: cast %s failed: %s", type(write).__name__, error)
 
     def _get(self, tenant: str | None, record_id: uuid.UUID) -> Materialization:
         record = self.data.records.get(record_id)

@@ -68,7 +68,7 @@ def begin_together(
 ) -> list[int | Failed]:
     """Each job's fence (or ``Failed``): the free leases taken and their records
     inserted in a few statements, the other jobs through ``alone(index, c)``."""
-    together = _free(c, tenant, jobs)
+    together = _free(c, tenant, jobs) if len(jobs) > 1 else []
     fences: Any = {}
     if len(together) > 1:
         fences = in_savepoint(c, functools.partial(

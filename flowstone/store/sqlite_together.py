@@ -114,11 +114,7 @@ def _free(c: sqlite3.Connection, tenant: str, jobs: Sequence[Beginning]) -> list
     for (asset, partitioned), partitions in groups.items():
         for start in range(0, len(partitions), MAX_ROWS):
             chunk = partitions[start:start + MAX_ROWS]
-            for partition, *row in c.execute(
-                "SELECT partition, owner, done_id, done_hash FROM flowstone_leases WHERE tenant_id = ? "
-                f"AND asset_name = ? AND partitioned = ? AND partition IN ({', '.join('?' * len(chunk))})",
-                (tenant, asset, partitioned, *chunk),
-            ):
+            for partition, *row in c.execute(_sql(_LEASES, 1, len(chunk)), (tenant, asset, partitioned, *chunk)):
                 found[asset, partitioned, partition] = tuple(row)
     free = []
     for key, indexes in keys.items():
@@ -153,26 +149,9 @@ def _take_and_insert(
             record = job.record
             leases += (tenant, record.asset_name, record.partition is not None, record.partition or "", owner, fence,
                        job.values[0], expires_at)
-        c.execute(_take_sql(len(chunk)), leases)
-        c.execute(_insert_sql(len(chunk)), [value for job in chunk for value in job.values])
+        c.execute(_sql(_TAKE, 8, len(chunk)), leases)
+        c.execute(_sql(_INSERT, 18, len(chunk)), [value for job in chunk for value in job.values])
     return fences
-
-
-@functools.lru_cache(maxsize=64)
-def _take_sql(rows: int) -> str:
-    return (
-        "INSERT INTO flowstone_leases (tenant_id, asset_name, partitioned, partition, owner, fence, record_id, "
-        f"expires_at) VALUES {', '.join(['(?, ?, ?, ?, ?, ?, ?, ?)'] * rows)} "
-        "ON CONFLICT (tenant_id, asset_name, partitioned, partition) DO UPDATE SET owner = excluded.owner, "
-        "fence = excluded.fence, record_id = excluded.record_id, expires_at = excluded.expires_at, "
-        "done_id = NULL, done_hash = NULL"
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_sql(rows: int) -> str:
-    one = f"({', '.join('?' * 18)})"
-    return f"INSERT INTO flowstone_materializations ({RECORD_COLUMNS}) VALUES {', '.join([one] * rows)}"
 
 
 # --------------------------------------------------------------------- endings
@@ -215,39 +194,52 @@ def _release_and_end(c: sqlite3.Connection, tenant: str, jobs: Sequence[Ending])
             ends += (*job.row[:8], job.row[9])  # all but the tenant, named once
             if success:
                 successes.setdefault(new.asset_name, []).append(new.partition)
-        if c.execute(_release_sql(len(chunk)), (RELEASED, *leases, tenant)).rowcount != len(chunk):
+        if c.execute(_sql(_RELEASE, 5, len(chunk)), (RELEASED, *leases, tenant)).rowcount != len(chunk):
             raise _Moved("a lease is not the one the job holds")
         stamp = ends[6]
         for asset, partitions in successes.items():
-            c.execute(_supersede_sql(len(partitions)), (stamp, tenant, asset, *partitions))
-        if c.execute(_end_sql(len(chunk)), (*ends, tenant)).rowcount != len(chunk):
+            c.execute(_sql(_SUPERSEDE, 1, len(partitions)), (stamp, tenant, asset, *partitions))
+        if c.execute(_sql(_END, 9, len(chunk)), (*ends, tenant)).rowcount != len(chunk):
             raise _Moved("a record moved since the job read it")
 
 
-@functools.lru_cache(maxsize=64)
-def _release_sql(rows: int) -> str:
-    return (
-        "UPDATE flowstone_leases SET owner = '', expires_at = ?, done_id = v.column4, done_hash = v.column5 "
-        f"FROM (VALUES {', '.join(['(?, ?, ?, ?, ?)'] * rows)}) AS v "
-        "WHERE tenant_id = ? AND asset_name = v.column1 AND partitioned = 1 AND partition = v.column2 "
-        "AND fence = v.column3 AND owner <> ''"
-    )
+# ------------------------------------------------------------------ statements
+
+_LEASES = (
+    "SELECT partition, owner, done_id, done_hash FROM flowstone_leases "
+    "WHERE tenant_id = ? AND asset_name = ? AND partitioned = ? AND partition IN {rows}"
+)
+_TAKE = (
+    "INSERT INTO flowstone_leases (tenant_id, asset_name, partitioned, partition, owner, fence, record_id, "
+    "expires_at) VALUES {rows} "
+    "ON CONFLICT (tenant_id, asset_name, partitioned, partition) DO UPDATE SET owner = excluded.owner, "
+    "fence = excluded.fence, record_id = excluded.record_id, expires_at = excluded.expires_at, "
+    "done_id = NULL, done_hash = NULL"
+)
+_INSERT = f"INSERT INTO flowstone_materializations ({RECORD_COLUMNS}) VALUES {{rows}}"
+_RELEASE = (
+    "UPDATE flowstone_leases SET owner = '', expires_at = ?, done_id = v.column4, done_hash = v.column5 "
+    "FROM (VALUES {rows}) AS v "
+    "WHERE tenant_id = ? AND asset_name = v.column1 AND partitioned = 1 AND partition = v.column2 "
+    "AND fence = v.column3 AND owner <> ''"
+)
+_SUPERSEDE = (
+    "UPDATE flowstone_materializations SET status = 'superseded', updated_at = ? "
+    "WHERE tenant_id = ? AND asset_name = ? AND partition IN {rows} AND status IN ('success', 'stale')"
+)
+_END = (
+    "UPDATE flowstone_materializations SET status = v.column1, completed_at = v.column2, "
+    "duration_ms = v.column3, metadata = v.column4, error_message = v.column5, error_traceback = v.column6, "
+    "updated_at = v.column7 FROM (VALUES {rows}) AS v "
+    "WHERE id = v.column8 AND tenant_id = ? AND status = v.column9"
+)
 
 
-@functools.lru_cache(maxsize=64)
-def _supersede_sql(rows: int) -> str:
-    return (
-        "UPDATE flowstone_materializations SET status = 'superseded', updated_at = ? "
-        f"WHERE tenant_id = ? AND asset_name = ? AND partition IN ({', '.join('?' * rows)}) "
-        "AND status IN ('success', 'stale')"
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _end_sql(rows: int) -> str:
-    return (
-        "UPDATE flowstone_materializations SET status = v.column1, completed_at = v.column2, "
-        "duration_ms = v.column3, metadata = v.column4, error_message = v.column5, error_traceback = v.column6, "
-        f"updated_at = v.column7 FROM (VALUES {', '.join(['(?, ?, ?, ?, ?, ?, ?, ?, ?)'] * rows)}) AS v "
-        "WHERE id = v.column8 AND tenant_id = ? AND status = v.column9"
-    )
+@functools.lru_cache(maxsize=256)
+def _sql(template: str, columns: int, rows: int) -> str:
+    """``template`` with its ``{rows}``: ``rows`` groups of ``columns`` parameters (a
+    multi-row VALUES list; with one column, a list for IN)."""
+    if columns == 1:
+        return template.format(rows=f"({', '.join('?' * rows)})")
+    one = f"({', '.join('?' * columns)})"
+    return template.format(rows=", ".join([one] * rows))

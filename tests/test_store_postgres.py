@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import anyio
 import pytest
@@ -37,9 +36,8 @@ class TestPostgresStoreContract(StoreContract, LeaseContract, DatabaseContract):
         return age
 
 
-async def _hold_lease_row(dsn, fence, locked, blocked, release):
-    """In a transaction of its own, lock the lease row of ``fence`` until ``release``;
-    ``blocked`` is set once another session waits for that lock."""
+async def _hold_lease_row(dsn, fence, locked, release):
+    """In a transaction of its own, lock the lease row of ``fence`` until ``release``."""
     import asyncio
 
     import asyncpg
@@ -49,14 +47,6 @@ async def _hold_lease_row(dsn, fence, locked, blocked, release):
         async with connection.transaction():
             await connection.execute("SELECT 1 FROM flowstone_leases WHERE fence = $1 FOR UPDATE", fence)
             locked.set()
-            deadline = time.monotonic() + 10
-            while not await connection.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            ):
-                if time.monotonic() > deadline:
-                    return
-                await asyncio.sleep(0.005)
-            blocked.set()
             await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
     finally:
         await connection.close()
@@ -67,9 +57,9 @@ async def test_a_write_goes_through_while_another_flush_waits_for_a_lock(anyio_b
     transaction holds, the next write (another record) is written."""
     async with PostgresStore(pg_dsn) as store:
         record, lease = await store.begin("p1", 30, asset_name="a", partition="1", status=fs.Status.RUNNING)
-        locked, blocked, release = threading.Event(), threading.Event(), threading.Event()
+        locked, release = threading.Event(), threading.Event()
         holder = threading.Thread(
-            target=run_sync, args=(_hold_lease_row, pg_database.admin_dsn, lease.fence, locked, blocked, release))
+            target=run_sync, args=(_hold_lease_row, pg_database.admin_dsn, lease.fence, locked, release))
         holder.start()
         try:
             assert await anyio.to_thread.run_sync(locked.wait, 10)
@@ -79,10 +69,10 @@ async def test_a_write_goes_through_while_another_flush_waits_for_a_lock(anyio_b
                     ended.append(await store.complete(record, fs.Status.SUCCESS, lease=lease))
 
                 tasks.start_soon(end)
-                assert await anyio.to_thread.run_sync(blocked.wait, 10)  # that flush waits now
+                await anyio.wait_all_tasks_blocked()  # its flush is in flight, held up by the lock
                 with anyio.fail_after(10):
                     other = await store.create(asset_name="b", status=fs.Status.FAILED)
-                assert ended == []  # still waiting
+                assert ended == []  # still held up
                 release.set()
         finally:
             release.set()

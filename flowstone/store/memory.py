@@ -109,29 +109,26 @@ class MemoryStore(MemoryActorClient):
         once it is queued (as ``complete`` does)."""
         outcomes: list[Materialization | Exception] = []
         writes: list[m.Replace] = []
-        releases: list[tuple[Lease, Materialization | None]] = []
+        ended: list[tuple[End, Materialization]] = []
         released: set[int] = set()
-        tenant, now, leases = current_tenant(), utcnow(), self._data.leases
+        tenant, now = current_tenant(), utcnow()
         for end in ends:
-            lease = end.lease
             try:
-                new = completed(end.record, end.status, end.fields, tenant, now)
-                if lease is not None:
-                    leases.check(lease)
-                    if lease.fence in released:  # a job given twice: the first released it
-                        raise lost(lease)
+                if end.lease is not None and end.lease.fence in released:  # a job given twice: the first released it
+                    raise lost(end.lease)
+                new, write = self._ending(end.record, end.status, end.lease, end.fields, tenant, now)
             except Exception as error:
                 outcomes.append(error)
                 continue
             outcomes.append(new)
-            writes.append(m.Replace(record=new, expected=end.record.status, lease=lease))
-            if lease is not None and end.status in TERMINAL:
-                releases.append((lease, new if end.status is Status.SUCCESS else None))
-                released.add(lease.fence)
+            writes.append(write)
+            ended.append((end, new))
+            if end.lease is not None and end.status in TERMINAL:
+                released.add(end.lease.fence)
         if writes:
             await self.handle.cast(m.Many(writes=tuple(writes)))
-        for lease, success in releases:
-            leases.release(lease, success)
+        for end, new in ended:
+            self._release(end.lease, end.status, new)
         return outcomes
 
     async def renew_leases(self, owner: str, fences: Collection[int], seconds: float) -> set[int]:
@@ -164,16 +161,27 @@ class MemoryStore(MemoryActorClient):
     ) -> Materialization:
         """The runtime's own transition of a record it holds the lease for: checked
         here, written behind (a cast); later calls see it, in mailbox order."""
-        new = completed(record, status, fields, current_tenant(), utcnow())
-        leases = self._data.leases
-        if lease is not None:
-            leases.check(lease)
-        await self.handle.cast(m.Replace(record=new, expected=record.status, lease=lease))
-        if lease is not None and status in TERMINAL:
-            # Released once the write is queued: whoever takes the lease next
-            # queues after it, so sees the record (and its success) first.
-            leases.release(lease, new if status is Status.SUCCESS else None)
+        new, write = self._ending(record, status, lease, fields, current_tenant(), utcnow())
+        await self.handle.cast(write)
+        self._release(lease, status, new)
         return new
+
+    def _ending(
+        self, record: Materialization, status: Status, lease: Lease | None, fields: Mapping[str, Any],
+        tenant: str | None, now: datetime,
+    ) -> tuple[Materialization, m.Replace]:
+        """``complete``'s new record, checked (its lease still held), and the write
+        that stores it."""
+        new = completed(record, status, fields, tenant, now)
+        if lease is not None:
+            self._data.leases.check(lease)
+        return new, m.Replace(record=new, expected=record.status, lease=lease)
+
+    def _release(self, lease: Lease | None, status: Status, new: Materialization) -> None:
+        """After the write is queued, a terminal move releases its lease: whoever
+        takes the lease next queues after it, so sees the record (and its success) first."""
+        if lease is not None and status in TERMINAL:
+            self._data.leases.release(lease, new if status is Status.SUCCESS else None)
 
     async def exists(self, asset_name: str, partition: Any = None) -> bool:
         return await self.handle.call(

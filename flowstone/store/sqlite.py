@@ -112,11 +112,10 @@ WAIT_POLL = (0.005, 0.25)
 """First and longest pause between looks at a lease another process holds."""
 
 _TABLE = "flowstone_materializations"
-_COLUMNS = RECORD_COLUMNS
-_SELECT = f"SELECT {_COLUMNS} FROM {_TABLE}"
+_SELECT = f"SELECT {RECORD_COLUMNS} FROM {_TABLE}"
 _SELECT_FROM = _SELECT  # followed by an index hint
 _MAX_SEQ = 2**63 - 1
-_INSERT = f"INSERT INTO {_TABLE} ({_COLUMNS}) VALUES ({', '.join('?' * 18)})"
+_INSERT = f"INSERT INTO {_TABLE} ({RECORD_COLUMNS}) VALUES ({', '.join('?' * 18)})"
 _REWRITE = f"""UPDATE {_TABLE} SET status = ?, started_at = ?, completed_at = ?, duration_ms = ?,
     upstream_assets = ?, upstream_partitions = ?, dependency_hash = ?, metadata = ?, error_message = ?,
     error_traceback = ?, executor_node = ?, updated_at = ?
@@ -135,7 +134,6 @@ _ACTIVE = "status IN ('pending', 'running', 'waiting_approval')"
 _UNFINISHED_OR_FAILED = "status NOT IN ('success', 'superseded')"
 """The condition of the partial status index (sqlite_schema)."""
 _LEASE_KEY = "tenant_id = ? AND asset_name = ? AND partitioned = ? AND partition = ?"
-_RELEASED = RELEASED
 _STATUSES = {status.value: status for status in Status}  # a dict lookup: 3x faster than Status(text)
 
 
@@ -305,19 +303,16 @@ class SqliteStore:
     async def complete_many(self, ends: Sequence[End]) -> list[Materialization | Exception]:
         tenant, now = current_tenant(), _utcnow()
 
-        def prepare(end: End) -> tuple[Ending, str, tuple[Any, ...], Status]:
+        def prepare(end: End) -> Ending:
             new = completed(end.record, end.status, end.fields, tenant, now)
             statement, row = _rewriting(new, end.record.status, end.fields)
-            return Ending(new, end.lease, row if statement is _END else None), statement, row, end.record.status
+            return Ending(new, end.record.status, end.lease, row, only_ending=statement is _END)
 
-        async def write(
-            prepared: list[tuple[Ending, str, tuple[Any, ...], Status]],
-        ) -> list[Materialization | Exception]:
+        async def write(jobs: list[Ending]) -> list[Materialization | Exception]:
             def alone(index: int, c: sqlite3.Connection) -> None:
-                job, statement, row, expected = prepared[index]
-                _rewrite(c, job.new, statement, row, expected, job.lease)
+                job = jobs[index]
+                _rewrite(c, job.new, _END if job.only_ending else _REWRITE, job.row, job.expected, job.lease)
 
-            jobs = [job for job, *_rest in prepared]
             written = await self._db.write(lambda c: end_together(c, tenant or "", jobs, alone))
             return [failed.error if isinstance(failed, Failed) else job.new
                     for job, failed in zip(jobs, written, strict=True)]
@@ -366,7 +361,7 @@ class SqliteStore:
             c.execute(
                 "UPDATE flowstone_leases SET owner = '', expires_at = ?, done_id = NULL, done_hash = NULL "
                 "WHERE tenant_id = ? AND owner = ?",
-                (_RELEASED, tenant, owner),
+                (RELEASED, tenant, owner),
             )
             prefix = f"{owner}/"
             return c.execute(
@@ -784,7 +779,7 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _values(record: Materialization) -> tuple[Any, ...]:
-    """The record's row, in ``_COLUMNS`` order; SerializationError for what cannot be stored."""
+    """The record's row, in ``RECORD_COLUMNS`` order; SerializationError for what cannot be stored."""
     problem = unstorable_text(record)
     if problem is not None:
         raise SerializationError(
@@ -954,7 +949,7 @@ def _rewrite(
             released = c.execute(
                 f"UPDATE flowstone_leases SET owner = '', expires_at = ?, done_id = ?, done_hash = ? "
                 f"WHERE {_LEASE_KEY} AND fence = ? AND owner <> '' RETURNING fence",
-                (_RELEASED, record_id if success else None, new.dependency_hash if success else None,
+                (RELEASED, record_id if success else None, new.dependency_hash if success else None,
                  *key, lease.fence),
             ).fetchone()
             if released is None:

@@ -48,14 +48,17 @@ class Beginning:
 
 @attrs.frozen
 class Ending:
-    """One job of ``complete_many``: the record as it ends, its lease, and the
-    parameters of the store's one-record end statement (status, completion time,
-    duration, metadata, error message and traceback, update time, id, tenant,
-    expected status) when the end changes no more than that (``ENDING``), else None."""
+    """One job of ``complete_many``: the record as it ends, the status it had, its
+    lease, and the parameters of the store's one-record statement; ``only_ending``
+    when that is the end statement (an end changing only ``ENDING`` fields), whose
+    parameters are the status, completion time, duration, metadata, error message
+    and traceback, update time, id, tenant and expected status."""
 
     new: Materialization
+    expected: Status
     lease: Lease | None
-    row: tuple[Any, ...] | None
+    row: tuple[Any, ...]
+    only_ending: bool
 
 
 class _Moved(Exception):
@@ -165,7 +168,7 @@ def _simple_ends(jobs: Sequence[Ending]) -> list[int]:
     twice = set()
     for index, job in enumerate(jobs):
         new = job.new
-        if job.lease is None or job.row is None or new.status not in TERMINAL or new.partition is None:
+        if job.lease is None or not job.only_ending or new.status not in TERMINAL or new.partition is None:
             continue
         key = (new.asset_name, new.partition)
         if key in seen:
@@ -190,7 +193,6 @@ def _release_and_end(c: sqlite3.Connection, tenant: str, jobs: Sequence[Ending])
             record_id = str(new.id)
             leases += (lease.asset, lease.partition or "", lease.fence, record_id if success else None,
                        new.dependency_hash if success else None)
-            assert job.row is not None
             ends += (*job.row[:8], job.row[9])  # all but the tenant, named once
             if success:
                 successes.setdefault(new.asset_name, []).append(new.partition)

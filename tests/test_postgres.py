@@ -59,8 +59,10 @@ async def test_the_schema_has_every_field_a_status_check_and_the_indexes(anyio_b
             pg_database.admin_dsn, "SELECT indexdef FROM pg_indexes WHERE tablename = 'flowstone_materializations'"
         )
     }
-    for part in ("asset_name, partition", "(run_id)", "status", "(inserted_at)", "(tenant_id", "gin (upstream_assets)"):
+    for part in ("asset_name, partition", "(run_id)", "(tenant_id, status, seq DESC) WHERE", "(tenant_id, seq DESC)"):
         assert any(part in definition for definition in indexes), part
+    # Dropped in schema version 16: nothing read them, every record paid for them.
+    assert not any("inserted_at" in definition or "gin" in definition for definition in indexes)
     with pytest.raises(asyncpg.CheckViolationError):
         await raw(
             pg_database.admin_dsn,
@@ -691,16 +693,24 @@ async def test_queries_cancelled_midway_leave_the_store_working(anyio_backend, p
         assert (await store.get_by_id(record.id)).asset_name == "after"
 
 
+_UNDO_16 = (  # the triggers of schema version 16, which replaced those of 12 and 13
+    "DROP TRIGGER flowstone_records_inserted ON flowstone_materializations",
+    "DROP TRIGGER flowstone_records_updated ON flowstone_materializations",
+    "DROP FUNCTION flowstone_records_written()",
+)
+
+
 async def _migrate_again(pg_database, version, table, *undo):
-    """Take the database back to before migration ``version`` (``undo`` it, forget the
-    version), migrate it again as its owner, and let the app role use the new ``table``
-    (an upgrade that adds a table asks for the grant again, as the guide says)."""
+    """Take the database back to before migration ``version`` (``undo`` it and what
+    version 16 made of it, forget both), migrate it again as its owner (both are
+    applied), and let the app role use the new ``table`` (an upgrade that adds a table
+    asks for the grant again, as the guide says)."""
     await anyio.to_thread.run_sync(
-        run_sync, admin, pg_database.admin_dsn, *undo,
-        f"DELETE FROM flowstone_schema_migrations WHERE version = {int(version)}",
+        run_sync, admin, pg_database.admin_dsn, *_UNDO_16, *undo,
+        f"DELETE FROM flowstone_schema_migrations WHERE version IN ({int(version)}, 16)",
     )
     async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as owner:
-        assert await owner.migrate() == [version]
+        assert await owner.migrate() == [version, 16]
     await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn,
                                    f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO flowstone_app")
 
@@ -716,9 +726,6 @@ async def test_the_partition_states_table_is_filled_from_every_tenants_records(a
             await store.create(asset_name="a", partition="1", status=Status.PENDING)
     await _migrate_again(  # from a database as schema version 11 had it
         pg_database, 12, "flowstone_partition_states", "DROP TABLE flowstone_partition_states",
-        "DROP TRIGGER flowstone_partition_states_insert ON flowstone_materializations",
-        "DROP TRIGGER flowstone_partition_states_update ON flowstone_materializations",
-        "DROP FUNCTION flowstone_keep_partition_state()",
     )
     async with PostgresStore(pg_database.dsn) as store:
         assert await store.partition_states("a") == {"1": Status.SUCCESS, None: Status.RUNNING}
@@ -745,9 +752,6 @@ async def test_the_reads_table_is_filled_from_every_tenants_successes(anyio_back
             theirs = await success("clean", "1", {"raw": ("1",)})
     await _migrate_again(  # from a database as schema version 12 had it
         pg_database, 13, "flowstone_reads", "DROP TABLE flowstone_reads",
-        "DROP TRIGGER flowstone_reads_insert ON flowstone_materializations",
-        "DROP TRIGGER flowstone_reads_update ON flowstone_materializations",
-        "DROP FUNCTION flowstone_keep_reads()",
     )
     async with PostgresStore(pg_database.dsn) as store:
         await store.mark_stale("raw", "1")
@@ -757,6 +761,50 @@ async def test_the_reads_table_is_filled_from_every_tenants_successes(anyio_back
             assert (await store.get_by_id(theirs.id)).status is Status.SUCCESS  # another tenant's
             await store.mark_stale("raw", "1")
             assert (await store.get_by_id(theirs.id)).status is Status.STALE
+
+
+async def test_the_triggers_find_states_and_reads_by_key_whatever_the_tables_hold(anyio_backend, pg_database):
+    """Schema version 16 keeps partition states and reads with one trigger call per
+    statement. Its statements find rows by key: on tables of 20,000 partitions whose
+    statistics say they are empty (as when a first backfill's plans are made), moving
+    five records and adding five successes read a few rows of each, not the tables."""
+    run_sync(admin, pg_database.admin_dsn, "ANALYZE flowstone_partition_states", "ANALYZE flowstone_reads", """
+        INSERT INTO flowstone_materializations
+            (id, asset_name, partition, run_id, status, upstream_assets, upstream_partitions, inserted_at, updated_at)
+        SELECT gen_random_uuid(), 'old', g::text, gen_random_uuid(), 'success', '{raw}',
+               jsonb_build_object('raw', jsonb_build_array(g::text)), now(), now()
+        FROM generate_series(1, 20000) AS g""")
+
+    async def moves():
+        connection = await asyncpg.connect(pg_database.dsn)
+        try:
+            async with connection.transaction():
+                await connection.execute(
+                    "UPDATE flowstone_materializations SET status = 'stale' "
+                    "WHERE asset_name = 'old' AND partition = ANY($1::text[])", [str(g) for g in range(1, 6)])
+                await connection.execute("""
+                    INSERT INTO flowstone_materializations (id, asset_name, partition, run_id, status,
+                        upstream_assets, upstream_partitions, inserted_at, updated_at)
+                    SELECT gen_random_uuid(), 'new', g::text, gen_random_uuid(), 'success', '{old}',
+                           jsonb_build_object('old', jsonb_build_array(g::text)), now(), now()
+                    FROM generate_series(1, 5) AS g""")
+                return {row[0]: row[1] + row[2] for row in await connection.fetch(
+                    "SELECT relname, coalesce(seq_tup_read, 0), coalesce(idx_tup_fetch, 0) "
+                    "FROM pg_stat_xact_user_tables WHERE relname IN ('flowstone_partition_states', 'flowstone_reads')")}
+        finally:
+            await connection.close()
+
+    read = run_sync(moves)
+    assert set(read) == {"flowstone_partition_states", "flowstone_reads"}
+    assert all(rows <= 20 for rows in read.values()), read
+    async with PostgresStore(pg_database.dsn) as store:
+        states = await store.partition_states("old")
+        assert len(states) == 20000 and [states[str(g)] for g in range(1, 7)] == [Status.STALE] * 5 + [Status.SUCCESS]
+        assert await store.partition_states("new") == {str(g): Status.SUCCESS for g in range(1, 6)}
+    readers = await raw(pg_database.admin_dsn, """
+        SELECT r.asset_name, count(*) FROM flowstone_reads r JOIN flowstone_materializations m ON m.id = r.reader
+        GROUP BY r.asset_name ORDER BY r.asset_name""")
+    assert [tuple(row) for row in readers] == [("old", 5), ("raw", 19995)]  # stale ones read nothing now
 
 
 def _nodes(node):

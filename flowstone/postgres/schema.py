@@ -326,6 +326,88 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER POLICY flowstone_tenant_isolation ON flowstone_leases
             USING ({RECORDS_POLICY}) WITH CHECK ({RECORDS_POLICY});
     """),
+    (16, "fewer index entries and one trigger call per statement for each record written", f"""
+        -- Nothing has read these since the reads table (13) and retention by rank (ADR 0024).
+        -- (IF EXISTS here and below: a database may come to this version again after an
+        -- earlier migration was taken back and redone.)
+        DROP INDEX IF EXISTS flowstone_materializations_upstream;
+        DROP INDEX IF EXISTS flowstone_materializations_inserted;
+        -- A success or a superseded record is most of the table and is listed newest
+        -- first through the tenant's index; the other statuses keep an index of their own,
+        -- which a record then leaves when it succeeds (one index entry fewer per record).
+        DROP INDEX IF EXISTS flowstone_materializations_status;
+        CREATE INDEX flowstone_materializations_status ON flowstone_materializations (tenant_id, status, seq DESC)
+            WHERE status NOT IN ('success', 'superseded');
+        -- Triggers per statement, not per row: one upsert of states and one insert of
+        -- reads for a batch, not a PL/pgSQL call and its statements for each record.
+        DROP TRIGGER IF EXISTS flowstone_partition_states_insert ON flowstone_materializations;
+        DROP TRIGGER IF EXISTS flowstone_partition_states_update ON flowstone_materializations;
+        DROP TRIGGER IF EXISTS flowstone_reads_insert ON flowstone_materializations;
+        DROP TRIGGER IF EXISTS flowstone_reads_update ON flowstone_materializations;
+        DROP FUNCTION IF EXISTS flowstone_keep_partition_state();
+        DROP FUNCTION IF EXISTS flowstone_keep_reads();
+        CREATE FUNCTION flowstone_records_written() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            -- Rows of states are found through the upsert's arbiter index (or a lookup
+            -- by their whole key), whatever the planner believes of the table's size.
+            IF TG_OP = 'INSERT' THEN  -- a new record is its partition's newest
+                INSERT INTO flowstone_partition_states AS s
+                    SELECT DISTINCT ON (tenant_id, asset_name, partition) tenant_id, asset_name, partition, seq, status
+                    FROM written WHERE partition IS NOT NULL ORDER BY tenant_id, asset_name, partition, seq DESC
+                ON CONFLICT (tenant_id, asset_name, partition) WHERE partition IS NOT NULL DO UPDATE
+                SET seq = excluded.seq, status = excluded.status WHERE s.seq < excluded.seq;
+                INSERT INTO flowstone_partition_states AS s
+                    SELECT DISTINCT ON (tenant_id, asset_name) tenant_id, asset_name, NULL, seq, status
+                    FROM written WHERE partition IS NULL ORDER BY tenant_id, asset_name, seq DESC
+                ON CONFLICT (tenant_id, asset_name) WHERE partition IS NULL DO UPDATE
+                SET seq = excluded.seq, status = excluded.status WHERE s.seq < excluded.seq;
+                INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
+                    SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), n.id
+                    FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
+                    WHERE n.status = 'success';
+                RETURN NULL;
+            END IF;
+            -- A moved record changes its partition's state if it is the newest record
+            -- there. The others' states are not even locked: superseding an old record
+            -- must not wait on whoever completes the newest.
+            INSERT INTO flowstone_partition_states AS s
+                SELECT w.tenant_id, w.asset_name, w.partition, w.seq, w.status FROM written w
+                WHERE w.partition IS NOT NULL AND w.seq = (
+                    SELECT x.seq FROM flowstone_partition_states x
+                    WHERE x.tenant_id = w.tenant_id AND x.asset_name = w.asset_name AND x.partition = w.partition)
+            ON CONFLICT (tenant_id, asset_name, partition) WHERE partition IS NOT NULL DO UPDATE
+            SET status = excluded.status WHERE s.seq = excluded.seq;
+            INSERT INTO flowstone_partition_states AS s
+                SELECT w.tenant_id, w.asset_name, NULL, w.seq, w.status FROM written w
+                WHERE w.partition IS NULL AND w.seq = (
+                    SELECT x.seq FROM flowstone_partition_states x
+                    WHERE x.tenant_id = w.tenant_id AND x.asset_name = w.asset_name AND x.partition IS NULL)
+            ON CONFLICT (tenant_id, asset_name) WHERE partition IS NULL DO UPDATE
+            SET status = excluded.status WHERE s.seq = excluded.seq;
+            -- Only a success has reads: one that is no longer a success loses them, one
+            -- that has none yet gains them. They are found reader by reader (OFFSET 0 keeps
+            -- each lookup its own: joined, a table whose statistics lag was hashed whole).
+            DELETE FROM flowstone_reads WHERE ctid = ANY(ARRAY(
+                SELECT e.ctid FROM written w
+                CROSS JOIN LATERAL (SELECT r.ctid FROM flowstone_reads r WHERE r.reader = w.id OFFSET 0) AS e
+                WHERE w.status <> 'success'));
+            INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
+                SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), n.id
+                FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
+                WHERE n.status = 'success'
+                  AND (SELECT e.reader FROM flowstone_reads e WHERE e.reader = n.id LIMIT 1) IS NULL;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER flowstone_records_inserted AFTER INSERT ON flowstone_materializations
+            REFERENCING NEW TABLE AS written FOR EACH STATEMENT EXECUTE FUNCTION flowstone_records_written();
+        CREATE TRIGGER flowstone_records_updated AFTER UPDATE ON flowstone_materializations
+            REFERENCING NEW TABLE AS written FOR EACH STATEMENT EXECUTE FUNCTION flowstone_records_written();
+        -- As for records and leases (14, 15): the tenant test filters rows found by key.
+        ALTER POLICY flowstone_tenant_isolation ON flowstone_partition_states
+            USING ({RECORDS_POLICY}) WITH CHECK ({RECORDS_POLICY});
+        ALTER POLICY flowstone_tenant_isolation ON flowstone_reads
+            USING ({RECORDS_POLICY}) WITH CHECK ({RECORDS_POLICY});
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

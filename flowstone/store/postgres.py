@@ -132,6 +132,16 @@ CROSS JOIN LATERAL (
 """Each partition has at most one current record (success or stale), so each lookup
 is one probe of the unique index of current records; no ordering by age, which let
 the planner walk the tenant's newest records instead while the table was young."""
+_COMMON = frozenset({Status.SUCCESS, Status.SUPERSEDED})
+_BY_STATUS_COMMON = f"{_SELECT} WHERE tenant_id = $1 AND status = $2 ORDER BY seq DESC LIMIT $3"
+_BY_STATUS_RARE = (
+    f"{_SELECT} WHERE tenant_id = $1 AND status = $2 AND status NOT IN ('success', 'superseded') "
+    "ORDER BY seq DESC LIMIT $3"
+)
+"""Records of one status, newest first. The common statuses are most of the table,
+found walking the tenant's records newest first; the others through the index of
+records in them (schema version 16), which the repeated condition lets a plan made
+for any value use."""
 _OF_TENANT = "CASE WHEN m.tenant_id = $1 THEN true END"
 """The tenant test of a statement that finds records by key: as an equality it was an
 index condition the planner could pick while the table's statistics lagged behind its
@@ -661,7 +671,7 @@ class PostgresStore(PostgresClient):
     async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]:
         tenant, wanted = current_tenant(), to_status(status)
         rows = await self.db.run(
-            tenant, _fetch, f"{_SELECT} WHERE tenant_id = $1 AND status = $2 ORDER BY seq DESC LIMIT $3",
+            tenant, _fetch, _BY_STATUS_COMMON if wanted in _COMMON else _BY_STATUS_RARE,
             tenant or "", wanted.value, check_limit(limit),
         )
         return [_record(row) for row in rows]

@@ -63,6 +63,12 @@ async def test_the_schema_has_every_field_a_status_check_and_the_indexes(anyio_b
         assert any(part in definition for definition in indexes), part
     # Dropped in schema version 16: nothing read them, every record paid for them.
     assert not any("inserted_at" in definition or "gin" in definition for definition in indexes)
+    roomy = await raw(  # 17: the update after each insert finds room on the page
+        pg_database.admin_dsn,
+        "SELECT relname, reloptions FROM pg_class WHERE relname IN ('flowstone_leases', 'flowstone_partition_states')",
+    )
+    assert {row["relname"]: row["reloptions"] for row in roomy} == {
+        "flowstone_leases": ["fillfactor=50"], "flowstone_partition_states": ["fillfactor=50"]}
     with pytest.raises(asyncpg.CheckViolationError):
         await raw(
             pg_database.admin_dsn,

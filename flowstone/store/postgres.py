@@ -198,7 +198,9 @@ def _supersede(rows: str, now: str, where: str = "TRUE") -> str:
     )) AND {_OF_TENANT} AND {_BY_STATUS}"""
 
 
-_SUPERSEDE_NEW = _supersede("jsonb_to_recordset($2::text::jsonb) AS r(id uuid, asset_name text, partition text)", "$3")
+_KEYS = "unnest({}::uuid[], {}::text[], {}::text[], {}::bigint[]) AS r(id, asset_name, partition, fence)"
+"""Rows ``r`` of record keys (``_key_arrays``), from four parameters."""
+_SUPERSEDE_NEW = _supersede(_KEYS.format("$2", "$4", "$5", "$6"), "$3")
 _SUPERSEDE_FOR = _supersede(
     f"{TABLE} AS r", "$4", "r.id = $2 AND r.tenant_id = $1 AND r.status = ANY($3::text[])"
 )
@@ -251,37 +253,48 @@ SELECT count(*) FROM gone
 """
 """History records beyond a retention, oldest first (``prune``); NULL limits are no limit."""
 
-def _complete_batch(sets: str, row_types: str) -> str:
+def _unnest(columns: Sequence[tuple[str, str]], first: int) -> str:
+    """Rows ``r`` with ``columns`` (name, type), one array parameter each from ``$first``:
+    asyncpg encodes typed arrays in C, and the server reads them without parsing JSON."""
+    arrays = ", ".join(f"${first + i}::{kind}[]" for i, (_, kind) in enumerate(columns))
+    return f"unnest({arrays}) AS r({', '.join(name for name, _ in columns)})"
+
+
+def _complete_batch(sets: str, rows: str) -> str:
     """A batch of completions in one statement: the leases of terminal moves are released
     (a fence that is gone was taken over: that record is not written), those of other
     moves checked and locked, each success whose lease is still held supersedes its
-    partition's current record, and the records are written (``sets``, from rows of
-    ``row_types``). The exclusion constraints on current records are checked at
-    commit, so the order of these writes is free. In the last WHERE, the second half
-    of the CASE makes a retried batch (whose COMMIT may have landed before the
-    connection dropped) a no-op, not a false conflict."""
+    partition's current record, and the records are written (``sets``, from the rows
+    ``r`` of ``rows``, all of the tenant ``$1``: a flush writes one tenant's). The
+    exclusion constraints on current records are checked at commit, so the order of
+    these writes is free. In the last WHERE, the second half of the CASE makes a
+    retried batch (whose COMMIT may have landed before the connection dropped) a
+    no-op, not a false conflict.
+
+    Parameters (``_complete``): $1 tenant, $2 the records' ids, $3 the fences released
+    and $4 those kept, $5 now, $6 and $7 each released lease's success and its hash,
+    $8-$11 the keys of the successes (``_key_arrays``), then ``rows``' own from $12."""
     return f"""
 WITH locked AS (
-    {_LOCK_LEASES.format(fences="$4", mode="UPDATE")}
+    {_LOCK_LEASES.format(fences="$3", mode="UPDATE")}
 ), released AS (
     UPDATE flowstone_leases AS l SET expires_at = '-infinity', owner = '', done_id = x.done_id,
         done_hash = x.done_hash
-    FROM unnest($4::bigint[], $8::uuid[], $9::text[]) AS x(fence, done_id, done_hash)
+    FROM unnest($3::bigint[], $6::uuid[], $7::text[]) AS x(fence, done_id, done_hash)
     WHERE l.tenant_id = $1 AND l.fence IN (SELECT fence FROM locked) AND l.fence = x.fence AND l.owner <> ''
     RETURNING l.fence
 ), kept AS (
-    {_LOCK_LEASES.format(fences="$5", mode="SHARE")}
+    {_LOCK_LEASES.format(fences="$4", mode="SHARE")}
 ), held AS (
     SELECT fence FROM released UNION ALL SELECT fence FROM kept
 ), superseded AS (
     {_supersede(
-        "jsonb_to_recordset($6::text::jsonb) AS r(id uuid, asset_name text, partition text, fence bigint)", "$7",
-        "(r.fence IS NULL OR r.fence IN (SELECT fence FROM held))",
+        _KEYS.format("$8", "$9", "$10", "$11"), "$5", "(r.fence IS NULL OR r.fence IN (SELECT fence FROM held))",
     )}
 )
 UPDATE {TABLE} AS m SET {sets}
-FROM jsonb_to_recordset($2::text::jsonb) AS r({row_types}, fence bigint)
-WHERE m.id = r.id AND m.id = ANY($3::uuid[]) AND {_OF_TENANT} AND r.tenant_id = $1
+FROM {rows}
+WHERE m.id = r.id AND m.id = ANY($2::uuid[]) AND {_OF_TENANT}
   AND CASE WHEN m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at) THEN true END
   AND (r.fence IS NULL OR r.fence IN (SELECT fence FROM held))
 RETURNING m.id
@@ -294,19 +307,22 @@ _COMPLETE_BATCH = _complete_batch(
     upstream_partitions = r.upstream_partitions, dependency_hash = r.dependency_hash, metadata = r.metadata,
     error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at,
     error_traceback = r.error_traceback""",
-    _ROW_TYPES,
+    f"jsonb_to_recordset($12::text::jsonb) AS r({_ROW_TYPES}, fence bigint)",
 )
-_END_TYPES = (
-    "id uuid, tenant_id text, status text, expected text, completed_at timestamptz, duration_ms double precision, "
-    "metadata jsonb, error_message text, updated_at timestamptz, error_traceback text"
+"""Completions that move more than a job's end does: each record's JSON row (``_row``)."""
+_END_COLUMNS = (
+    ("id", "uuid"), ("status", "text"), ("expected", "text"), ("completed_at", "timestamptz"),
+    ("duration_ms", "double precision"), ("metadata", "text"), ("error_message", "text"),
+    ("updated_at", "timestamptz"), ("error_traceback", "text"), ("fence", "bigint"),
 )
+"""An end's values (``_end_values``), in this order; the metadata as JSON text."""
 _END_BATCH = _complete_batch(
-    """status = r.status, completed_at = r.completed_at, duration_ms = r.duration_ms, metadata = r.metadata,
+    """status = r.status, completed_at = r.completed_at, duration_ms = r.duration_ms, metadata = r.metadata::jsonb,
     error_message = r.error_message, updated_at = r.updated_at, error_traceback = r.error_traceback""",
-    _END_TYPES,
+    _unnest(_END_COLUMNS, first=12),
 )
-"""How jobs end: only the columns an end changes (``ENDING``), each row's JSON
-holding just those; the other columns stay as ``begin`` wrote them (ADR 0031)."""
+"""How jobs end: only the columns an end changes (``ENDING``), each one typed array;
+the other columns stay as ``begin`` wrote them (ADR 0031)."""
 _LEASE_OF_R = """(
     SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id, l.done_id,
            l.done_hash
@@ -317,12 +333,21 @@ _LEASE_OF_R = """(
 )"""
 """The lease of ``r``'s partition, by primary key (a join scanned every lease row of
 the tenant, the dead ones of released leases included)."""
+_BEGIN_COLUMNS = (
+    ("id", "uuid"), ("asset_name", "text"), ("partition", "text"), ("run_id", "uuid"), ("status", "text"),
+    ("started_at", "timestamptz"), ("completed_at", "timestamptz"), ("duration_ms", "double precision"),
+    ("upstream_assets", "text"), ("upstream_partitions", "text"), ("dependency_hash", "text"), ("metadata", "text"),
+    ("error_message", "text"), ("executor_node", "text"), ("inserted_at", "timestamptz"),
+    ("updated_at", "timestamptz"), ("error_traceback", "text"), ("owner", "text"), ("seconds", "double precision"),
+    ("partitioned", "boolean"), ("lease_key", "text"), ("seen", "uuid"), ("reuse_hash", "text"),
+)
+"""A begin's values (``_beginning``), each column sent as one array (a record's
+upstream assets, partitions and metadata as JSON text)."""
 # Take each lease that is free or expired and insert the records of those granted;
 # the record an expired lease was taken from is closed as an orphan. One statement.
 _BEGIN = f"""
 WITH asked AS (
-    SELECT * FROM jsonb_to_recordset($2::text::jsonb) AS r({_ROW_TYPES}, owner text, seconds double precision,
-        partitioned boolean, lease_key text, seen uuid, reuse_hash text)
+    SELECT * FROM {_unnest(_BEGIN_COLUMNS, first=2)}
 ), done AS (
     -- Finished by another process since the caller looked, as the caller would have.
     SELECT r.id AS asked_id, c.id AS current_id
@@ -359,9 +384,9 @@ WITH asked AS (
 ), inserted AS (
     INSERT INTO {TABLE} ({_COLUMNS})
     SELECT r.id, $1, r.asset_name, r.partition, r.run_id, r.status, r.started_at, r.completed_at,
-           r.duration_ms, ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets)), r.upstream_partitions,
-           r.dependency_hash, r.metadata, r.error_message, r.executor_node, r.inserted_at, r.updated_at,
-           r.error_traceback
+           r.duration_ms, ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets::jsonb)),
+           r.upstream_partitions::jsonb, r.dependency_hash, r.metadata::jsonb, r.error_message, r.executor_node,
+           r.inserted_at, r.updated_at, r.error_traceback
     FROM r JOIN granted g ON g.record_id = r.id
     ON CONFLICT (id) DO NOTHING
 )
@@ -416,7 +441,9 @@ class _Write:
     kind: str  # "insert", "begin" (lease and insert), "complete", or "end" (a completion of ``ENDING`` fields)
     record: Materialization  # the state to write
     expected: Status | None
-    row: str
+    # "insert" and "complete": the record as one JSON object (``_row``); "begin" and
+    # "end": its values in the order of the statement's columns (sent as arrays).
+    row: Any
     lease: Lease | None = None  # "complete" and "end": the lease it writes under
     release: bool = False
     fence: int | None = None  # "begin": the fence of the lease granted
@@ -1012,14 +1039,20 @@ async def _claim_backfill(connection: Any, id: uuid.UUID, tenant: str, owner: st
 
 
 def _beginning(record: Materialization, owner: str, seconds: float, unless_done: tuple[Any, str] | None) -> _Write:
-    """The write of ``begin``: the record's row and what the lease needs."""
-    extra = json.dumps({
-        "owner": owner, "seconds": seconds, "partitioned": record.partition is not None,
-        "lease_key": record.partition or "",
-        "seen": str(unless_done[0]) if unless_done and unless_done[0] else None,
-        "reuse_hash": unless_done[1] if unless_done else None,
-    }, ensure_ascii=False)[1:]
-    return _Write("begin", record, None, f"{_row(record, None)[:-1]},{extra}")
+    """The write of ``begin``: the record's values and what the lease needs, in the
+    order of ``_BEGIN_COLUMNS``."""
+    _check_storable(record)
+    return _Write("begin", record, None, (
+        record.id, record.asset_name, record.partition, record.run_id, record.status.value, record.started_at,
+        record.completed_at, record.duration_ms,
+        json.dumps(record.upstream_assets, ensure_ascii=False) if record.upstream_assets else "[]",
+        json.dumps({k: list(v) for k, v in record.upstream_partitions.items()}, ensure_ascii=False)
+        if record.upstream_partitions else "{}",
+        record.dependency_hash, _metadata(record), record.error_message, record.executor_node,
+        record.inserted_at, record.updated_at, record.error_traceback,
+        owner, seconds, record.partition is not None, record.partition or "",
+        unless_done[0] if unless_done and unless_done[0] else None, unless_done[1] if unless_done else None,
+    ))
 
 
 def _granted(op: _Write, owner: str) -> tuple[Materialization, Lease]:
@@ -1035,11 +1068,14 @@ def _completing(
 ) -> _Write:
     """The write of ``complete``, whose ``record`` is the new state (checked first)."""
     new = completed(record, status, fields, tenant, now)
-    kind, row = ("end", _end_row(new, record.status)) if fields.keys() <= ENDING else (
-        "complete", _row(new, record.status))
-    if lease is not None:
-        row = f'{row[:-1]},"fence":{lease.fence}}}'
-    return _Write(kind, new, record.status, row, lease=lease, release=status in TERMINAL)
+    fence = lease.fence if lease is not None else None
+    release = status in TERMINAL
+    if fields.keys() <= ENDING:
+        return _Write("end", new, record.status, _end_values(new, record.status, fence), lease=lease, release=release)
+    row = _row(new, record.status)
+    if fence is not None:
+        row = f'{row[:-1]},"fence":{fence}}}'
+    return _Write("complete", new, record.status, row, lease=lease, release=release)
 
 
 async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[BaseException | None]:
@@ -1054,7 +1090,8 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     if inserts:
         current = [op for op in inserts if op.record.status in CURRENT]
         if current:  # rare: create(status="success") by hand; the runtime uses begin + complete
-            await connection.execute(_SUPERSEDE_NEW, tenant, _keys(current), now)
+            ids, assets, partitions, fences = _key_arrays(current)
+            await connection.execute(_SUPERSEDE_NEW, tenant, ids, now, assets, partitions, fences)
         rows = await connection.fetch(_INSERT, "[" + ",".join(op.row for op in inserts) + "]")
         written.update(row[0] for row in rows)
     if begins:
@@ -1102,18 +1139,27 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     return outcome
 
 
-def _wanted(row: str, done_hash: str | None, done_id: uuid.UUID) -> bool:
-    """Whether a begin op (its JSON row) takes the success ``done_id`` with ``done_hash``."""
-    asked = json.loads(row)
-    return asked["reuse_hash"] is not None and asked["reuse_hash"] == done_hash and asked["seen"] != str(done_id)
+_SEEN, _REUSE_HASH = (next(i for i, (name, _) in enumerate(_BEGIN_COLUMNS) if name == wanted)
+                       for wanted in ("seen", "reuse_hash"))
 
 
-def _keys(ops: list[_Write]) -> str:
-    return json.dumps([
-        {"id": str(op.record.id), "asset_name": op.record.asset_name, "partition": op.record.partition,
-         "fence": op.lease.fence if op.lease is not None else None}
-        for op in ops
-    ], ensure_ascii=False)
+def _wanted(row: tuple[Any, ...], done_hash: str | None, done_id: uuid.UUID) -> bool:
+    """Whether a begin op (its values) takes the success ``done_id`` with ``done_hash``."""
+    reuse_hash, seen = row[_REUSE_HASH], row[_SEEN]
+    return reuse_hash is not None and reuse_hash == done_hash and (seen is None or str(seen) != str(done_id))
+
+
+def _key_arrays(ops: list[_Write]) -> tuple[list[Any], ...]:
+    """The records' ids, assets, partitions and fences, for ``_KEYS``."""
+    return (
+        [op.record.id for op in ops], [op.record.asset_name for op in ops], [op.record.partition for op in ops],
+        [op.lease.fence if op.lease is not None else None for op in ops],
+    )
+
+
+def _columns(ops: list[_Write]) -> list[list[Any]]:
+    """The values of ``ops`` (tuples in one order), column by column."""
+    return [list(column) for column in zip(*(op.row for op in ops), strict=True)]
 
 
 async def _begin(
@@ -1124,7 +1170,7 @@ async def _begin(
     # Rows are locked in key order, as everywhere (see _LOCK_LEASES).
     ordered = sorted(
         ops, key=lambda op: (op.record.asset_name, op.record.partition is not None, op.record.partition or ""))
-    rows = await connection.fetch(_BEGIN, tenant, "[" + ",".join(op.row for op in ordered) + "]")
+    rows = await connection.fetch(_BEGIN, tenant, *_columns(ordered))
     granted = {row[0]: row[1] for row in rows if row[1] is not None}
     finished = {row[0]: row[4] for row in rows if row[4] is not None}
     if finished:  # rare: another process finished these since their callers looked
@@ -1196,12 +1242,14 @@ async def _complete(
     success = [op.record.status is Status.SUCCESS for op in releasing]
     successes = [op for op in ops if op.record.status is Status.SUCCESS and op.expected is not Status.SUCCESS]
     rows = await connection.fetch(
-        statement, tenant, "[" + ",".join(op.row for op in ops) + "]", [op.record.id for op in ops],
+        statement, tenant, [op.record.id for op in ops],
         [op.lease.fence for op in releasing if op.lease is not None],
         [op.lease.fence for op in fenced if not op.release and op.lease is not None],
-        _keys(successes), now,
+        now,
         [op.record.id if ok else None for op, ok in zip(releasing, success, strict=True)],
         [op.record.dependency_hash if ok else None for op, ok in zip(releasing, success, strict=True)],
+        *_key_arrays(successes),
+        *(_columns(ops) if statement is _END_BATCH else ["[" + ",".join(op.row for op in ops) + "]"]),
     )
     return {row[0] for row in rows}
 
@@ -1259,14 +1307,18 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _row(record: Materialization, expected: Status | None) -> str:
-    """The record as one JSON object for ``jsonb_to_recordset``."""
+def _check_storable(record: Materialization) -> None:
     problem = unstorable_text(record)
     if problem is not None:
         raise SerializationError(
             f"a record field holds {problem}, which PostgreSQL text cannot store",
             asset=record.asset_name, partition=record.partition,
         )
+
+
+def _row(record: Materialization, expected: Status | None) -> str:
+    """The record as one JSON object for ``jsonb_to_recordset``."""
+    _check_storable(record)
     return _with_metadata(record, {
         "id": str(record.id),
         "tenant_id": record.tenant_id or "",
@@ -1289,29 +1341,26 @@ def _row(record: Materialization, expected: Status | None) -> str:
     })
 
 
-def _end_row(record: Materialization, expected: Status) -> str:
-    """A job's end as one JSON object for ``_END_BATCH``: the columns it changes.
-    Its texts are storable already (``completed`` replaced what PostgreSQL cannot
-    hold in an error; ``to_json`` refuses it in metadata)."""
-    return _with_metadata(record, {
-        "id": str(record.id),
-        "tenant_id": record.tenant_id or "",
-        "status": record.status.value,
-        "expected": expected.value,
-        "completed_at": _iso(record.completed_at),
-        "duration_ms": record.duration_ms,
-        "error_message": record.error_message,
-        "updated_at": _iso(record.updated_at),
-        "error_traceback": record.error_traceback,
-    })
+def _end_values(record: Materialization, expected: Status, fence: int | None) -> tuple[Any, ...]:
+    """A job's end for ``_END_BATCH``: the columns it changes, in the order of
+    ``_END_COLUMNS``. Its texts are storable already (``completed`` replaced what
+    PostgreSQL cannot hold in an error; ``to_json`` refuses it in metadata)."""
+    return (
+        record.id, record.status.value, expected.value, record.completed_at, record.duration_ms, _metadata(record),
+        record.error_message, record.updated_at, record.error_traceback, fence,
+    )
+
+
+def _metadata(record: Materialization) -> str:
+    """The record's metadata as JSON text, through the strict check, which refuses
+    what JSONB cannot hold."""
+    return mapping_to_json(record.metadata, asset=record.asset_name, partition=record.partition, what="metadata")
 
 
 def _with_metadata(record: Materialization, fields: dict[str, Any]) -> str:
-    """``fields`` and the record's metadata as one JSON object (the metadata through
-    the strict check, which refuses what JSONB cannot hold)."""
-    metadata = mapping_to_json(record.metadata, asset=record.asset_name, partition=record.partition, what="metadata")
+    """``fields`` and the record's metadata as one JSON object."""
     head = json.dumps(fields, ensure_ascii=False)
-    return f'{head[:-1]},"metadata":{metadata}}}'
+    return f'{head[:-1]},"metadata":{_metadata(record)}}}'
 
 
 def _json(value: Any) -> Any:

@@ -416,6 +416,12 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE flowstone_leases SET (fillfactor = 50);
         ALTER TABLE flowstone_partition_states SET (fillfactor = 50);
     """),
+    (18, "a partition's latest record found through its state, not an index of every record by partition", """
+        -- Each record paid for an entry here at its begin and again at its end. The
+        -- latest record of a partition is the one its state names (a lookup by key,
+        -- then by sequence); its current success has the constraint's own index.
+        DROP INDEX flowstone_materializations_asset_partition;
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

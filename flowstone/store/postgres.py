@@ -132,6 +132,18 @@ CROSS JOIN LATERAL (
 """Each partition has at most one current record (success or stale), so each lookup
 is one probe of the unique index of current records; no ordering by age, which let
 the planner walk the tenant's newest records instead while the table was young."""
+_STATE_OF = "s.tenant_id = $1 AND s.asset_name = $2 AND s.partition = $3"
+_STATE_OF_WHOLE = "s.tenant_id = $1 AND s.asset_name = $2 AND s.partition IS NULL"
+_LATEST, _LATEST_WHOLE = (
+    f"{_SELECT} AS m WHERE m.tenant_id = $1 AND m.seq = (SELECT s.seq FROM flowstone_partition_states AS s WHERE {of})"
+    for of in (_STATE_OF, _STATE_OF_WHOLE)
+)
+"""A partition's latest record: the one its state names (schema versions 12 and 18),
+found by the tenant's index of sequences."""
+_STATE_EXISTS, _STATE_EXISTS_WHOLE = (
+    f"SELECT EXISTS (SELECT 1 FROM flowstone_partition_states AS s WHERE {of})"
+    for of in (_STATE_OF, _STATE_OF_WHOLE)
+)
 _COMMON = frozenset({Status.SUCCESS, Status.SUPERSEDED})
 _BY_STATUS_COMMON = f"{_SELECT} WHERE tenant_id = $1 AND status = $2 ORDER BY seq DESC LIMIT $3"
 _BY_STATUS_RARE = (
@@ -661,10 +673,8 @@ class PostgresStore(PostgresClient):
     async def get(self, asset_name: str, partition: Any = None) -> Materialization:
         key, tenant = serialize_partition(partition), current_tenant()
         row = await self.db.run(
-            tenant, _fetchrow,
-            f"{_SELECT} WHERE tenant_id = $1 AND asset_name = $2 AND partition IS NOT DISTINCT FROM $3 "
-            "ORDER BY seq DESC LIMIT 1",
-            tenant or "", asset_name, key,
+            tenant, _fetchrow, _LATEST if key is not None else _LATEST_WHOLE, tenant or "", asset_name,
+            *(() if key is None else (key,)),
         )
         if row is None:
             raise NotFound("no materialization", asset=asset_name, partition=key, tenant=tenant)
@@ -687,12 +697,10 @@ class PostgresStore(PostgresClient):
         return [_record(row) for row in rows]
 
     async def exists(self, asset_name: str, partition: Any = None) -> bool:
-        tenant = current_tenant()
+        key, tenant = serialize_partition(partition), current_tenant()
         return await self.db.run(
-            tenant, _fetchval,
-            f"SELECT EXISTS (SELECT 1 FROM {TABLE} WHERE tenant_id = $1 AND asset_name = $2 "
-            "AND partition IS NOT DISTINCT FROM $3)",
-            tenant or "", asset_name, serialize_partition(partition),
+            tenant, _fetchval, _STATE_EXISTS if key is not None else _STATE_EXISTS_WHOLE, tenant or "", asset_name,
+            *(() if key is None else (key,)),
         )
 
     async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]:

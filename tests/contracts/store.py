@@ -95,6 +95,17 @@ class StoreContract:
         assert await store.exists("orders", "eu")
         assert not await store.exists("orders", "us")
 
+    async def test_the_whole_asset_and_the_empty_key_are_different_partitions(self, store):
+        assert not await store.exists("orders") and not await store.exists("orders", "")
+        whole = await store.create(asset_name="orders")
+        assert await store.exists("orders") and not await store.exists("orders", "")
+        empty = await store.create(asset_name="orders", partition="", status=Status.RUNNING)
+        newer = await store.create(asset_name="orders")
+        assert (await store.get("orders")).id == newer.id != whole.id
+        assert (await store.get("orders", "")).id == empty.id
+        moved = await store.update_status(empty.id, Status.SUCCESS)  # the latest record, whatever its status
+        assert (await store.get("orders", "")).status is moved.status is Status.SUCCESS
+
     async def test_create_refuses_unknown_fields_and_bad_names_storing_nothing(self, store):
         with pytest.raises(fs.DefinitionError, match="colour"):
             await store.create(asset_name="orders", colour="red")

@@ -1316,6 +1316,7 @@ def _utcnow() -> datetime:
 
 
 def _check_storable(record: Materialization) -> None:
+    """Refuse, before anything is sent, a record whose text PostgreSQL cannot store."""
     problem = unstorable_text(record)
     if problem is not None:
         raise SerializationError(

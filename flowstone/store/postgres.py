@@ -1105,9 +1105,10 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     if begins:
         await _begin(connection, tenant, begins, now, written, refused)
     if completes:
-        written.update(await _complete(connection, tenant, completes, now, _COMPLETE_BATCH))
+        rows = "[" + ",".join(op.row for op in completes) + "]"
+        written.update(await _complete(connection, tenant, completes, now, _COMPLETE_BATCH, [rows]))
     if ends:
-        written.update(await _complete(connection, tenant, ends, now, _END_BATCH))
+        written.update(await _complete(connection, tenant, ends, now, _END_BATCH, _columns(ends)))
     missing = [op.record.id for op in ops if op.record.id not in written and op.record.id not in refused]
     current_rows: dict[uuid.UUID, tuple[str, datetime]] = {}
     if missing:
@@ -1241,10 +1242,11 @@ async def _begin(
 
 
 async def _complete(
-    connection: Any, tenant: str, ops: list[_Write], now: datetime, statement: str
+    connection: Any, tenant: str, ops: list[_Write], now: datetime, statement: str, own: list[Any]
 ) -> set[uuid.UUID]:
     """Write a batch of completions with ``statement`` (``_COMPLETE_BATCH`` or
-    ``_END_BATCH``, as the ops' rows are); the ids written."""
+    ``_END_BATCH``), ``own`` being the parameters of its rows (the JSON rows, or the
+    columns); the ids written."""
     fenced = [op for op in ops if op.lease is not None]
     releasing = [op for op in fenced if op.release]
     success = [op.record.status is Status.SUCCESS for op in releasing]
@@ -1256,8 +1258,7 @@ async def _complete(
         now,
         [op.record.id if ok else None for op, ok in zip(releasing, success, strict=True)],
         [op.record.dependency_hash if ok else None for op, ok in zip(releasing, success, strict=True)],
-        *_key_arrays(successes),
-        *(_columns(ops) if statement is _END_BATCH else ["[" + ",".join(op.row for op in ops) + "]"]),
+        *_key_arrays(successes), *own,
     )
     return {row[0] for row in rows}
 

@@ -66,3 +66,76 @@ async def test_a_batch_write_the_store_refuses_does_not_drop_the_others(anyio_ba
         assert (await store.get_by_id(second.id)).partition == "2"
         assert (await store.get_by_id(taken.id)).partition is None  # not overwritten
         assert "already exists" in caplog.text
+
+
+def _finished(fields):
+    from flowstone.store.records import new_record
+
+    return new_record(fields, fields.pop("tenant", None), datetime.now(timezone.utc))
+
+
+@pytest.mark.parametrize("fields", [
+    {"asset_name": "a", "partition": "2024-01-01", "status": fs.Status.SUCCESS},
+    {"asset_name": "a", "status": fs.Status.FAILED, "error_message": "boom", "error_traceback": "Traceback ...",
+     "metadata": {"rows": 3, "ok": True, "ratio": 1.0, "nested": {"list": [1, 2], "tuple": (1, "x")}}},
+    {"asset_name": "b", "partition": "", "status": fs.Status.STALE, "upstream_assets": ("a", "c"),
+     "upstream_partitions": {"a": ("2024-01-01", "2024-01-02"), "c": (None,)}, "dependency_hash": "h",
+     "started_at": datetime(1901, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc), "duration_ms": 1.5, "tenant": "acme"},
+])
+def test_a_finished_record_is_kept_packed_and_reads_back_the_same(fields):
+    """Finished records are kept as bytes the garbage collector never walks (at
+    1,000,000 stored records, walking them was a third of each partition's time); each
+    reads back equal, field by field and type, its times to the microsecond."""
+    import gc
+
+    from flowstone.store.memory_actor import Records
+
+    record = _finished(fields)
+    records = Records()
+    records.put(record)
+    back = records[record.id.int]
+    assert back == record and back is not record
+    for name in ("id", "run_id", "status", "metadata", "upstream_partitions", "upstream_assets", "started_at"):
+        assert type(getattr(back, name)) is type(getattr(record, name)), name
+    assert (back.metadata, back.upstream_partitions, back.started_at) == (
+        record.metadata, record.upstream_partitions, record.started_at)
+    assert list(records._live) == [] and not gc.is_tracked(records._packed)
+
+
+@pytest.mark.parametrize("fields", [
+    {"asset_name": "a", "status": fs.Status.RUNNING},  # still moving
+    {"asset_name": "a", "status": fs.Status.SUCCESS, "started_at": datetime(2024, 1, 1)},  # a naive time
+    {"asset_name": "a", "status": fs.Status.SUCCESS, "metadata": {"kind": fs.Status.SUCCESS}},  # not plain data
+])
+def test_a_record_that_is_moving_or_cannot_be_packed_exactly_is_kept_as_it_is(fields):
+    from flowstone.store.memory_actor import Records
+
+    record = _finished(fields)
+    records = Records()
+    records.put(record)
+    assert records[record.id.int] is record and record.id.int in records
+    del records[record.id.int]
+    assert record.id.int not in records and records.get(record.id.int) is None
+
+
+async def test_a_backfill_leaves_the_collector_almost_nothing_to_walk_per_record(anyio_backend):
+    """What the store keeps per partition (its records, their indexes, the values) is
+    plain data in containers no new tuple enters: nothing the garbage collector must
+    walk at each full collection. (Kept as objects, it was three per partition.)"""
+    import gc
+    from datetime import date, timedelta
+
+    asset = fs.Asset(name="daily", execute_fn=lambda ctx, deps: 1,
+                     partitioned_by=fs.DailyPartitions(start=date(2000, 1, 1)))
+    days = [date(2000, 1, 1) + timedelta(days=i) for i in range(3_100)]
+    async with fs.open_runtime([asset]) as rt:
+        # First fill what is bounded: the leases keep the last 1,024 successes (so
+        # that a success still queued for the actor is known to the next begin).
+        await rt.wait_backfill(await rt.backfill("daily", partitions=days[:1_100]))
+        gc.collect()
+        before = len(gc.get_objects())
+        status = await rt.wait_backfill(await rt.backfill("daily", partitions=days[1_100:]))
+        gc.collect()
+        grown = len(gc.get_objects()) - before
+        assert status.succeeded == 2_000 and len(await rt.store.partition_states("daily")) == 3_100
+    assert grown < 200, f"{grown} more tracked objects after 2,000 more partitions"

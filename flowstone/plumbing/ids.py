@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 
-__all__ = ["new_uuid"]
+__all__ = ["new_uuid", "uuid_of"]
 
 _BATCH = 256
 _RANDOM_B = (1 << 62) - 1
@@ -63,7 +63,11 @@ def new_uuid() -> uuid.UUID:
         pool.counter += 1
     else:  # 4,096 ids in one millisecond (or the clock went back): borrow the next one
         pool.millis, pool.counter = pool.millis + 1, 0
-    value = pool.millis << 80 | pool.counter << 64 | _VERSION_AND_VARIANT | random & _RANDOM_B
+    return uuid_of(pool.millis << 80 | pool.counter << 64 | _VERSION_AND_VARIANT | random & _RANDOM_B)
+
+
+def uuid_of(value: int) -> uuid.UUID:
+    """``uuid.UUID(int=value)`` without its checks, for a value that is a UUID's already."""
     made = _new(uuid.UUID)
     _set(made, "int", value)
     _set(made, "is_safe", _SAFE)

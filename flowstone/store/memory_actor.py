@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import marshal
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
+from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 import attrs
@@ -27,6 +29,7 @@ from ..actors.mailbox import Message, serve
 from ..definitions import FieldError
 from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, FlowstoneError, LeaseLost, NotFound
 from ..plumbing.clock import utcnow
+from ..plumbing.ids import uuid_of
 from .leases import BackfillClaim, CancelRequested, Cursor, Lease, LeaseTable, RoleHolder, Tick, lost
 from .records import (
     ACTIVE,
@@ -63,6 +66,130 @@ class BackfillRow:
     cancel: bool = False
 
 
+_STATUSES = {status.value: status for status in Status}
+_NOTHING: Any = MappingProxyType({})
+
+
+def _seconds(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
+def _moment(seconds: float | None) -> datetime | None:
+    """The UTC time ``_seconds`` gave: exact to the microsecond (a float holds it for
+    any time of the years 1900-2200, checked over a million of them)."""
+    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+
+
+def _pack(record: Materialization) -> bytes | None:
+    """A finished record as bytes (``marshal``: ids as integers, times as seconds,
+    the status as its value, mappings as their items); None when it holds what
+    cannot be packed back exactly: a time not in UTC, metadata that is not plain
+    data."""
+    utc = timezone.utc
+    started, completed = record.started_at, record.completed_at
+    inserted, updated = record.inserted_at, record.updated_at
+    if not (
+        (started is None or started.tzinfo is utc) and (completed is None or completed.tzinfo is utc)
+        and (inserted is None or inserted.tzinfo is utc) and (updated is None or updated.tzinfo is utc)
+    ):
+        return None
+    try:
+        return marshal.dumps((
+            record.id.int, record.asset_name, record.partition, record.run_id.int, record.status.value,
+            _seconds(started), _seconds(completed), record.duration_ms, record.upstream_assets,
+            tuple(record.upstream_partitions.items()), record.dependency_hash, tuple(record.metadata.items()),
+            record.error_message, record.executor_node, record.tenant_id, _seconds(inserted), _seconds(updated),
+            record.error_traceback,
+        ))
+    except ValueError:  # marshal refuses what is not plain data
+        return None
+
+
+def _unpack(packed: bytes) -> Materialization:
+    """The record ``_pack`` made ``packed`` from."""
+    values = list(marshal.loads(packed))
+    values[0], values[3], values[4] = uuid_of(values[0]), uuid_of(values[3]), _STATUSES[values[4]]
+    for at in (5, 6, 15, 16):
+        values[at] = _moment(values[at])
+    values[9], values[11] = dict(values[9]), dict(values[11])
+    return Materialization(*values)
+
+
+class Records:
+    """The store's records by id (its integer). A finished record is kept packed in
+    bytes (``_pack``), which the garbage collector never walks; a record still
+    moving, or one that cannot be packed, is kept as it is, apart. At 100,000 stored
+    records, walking each record and its two UUIDs at every full collection cost a
+    quarter of each backfilled partition's time, and more with every record."""
+
+    __slots__ = ("_live", "_packed")
+
+    def __init__(self) -> None:
+        self._live: dict[int, Materialization] = {}
+        self._packed: dict[int, bytes] = {}
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._packed or key in self._live
+
+    def get(self, key: int) -> Materialization | None:
+        packed = self._packed.get(key)
+        return _unpack(packed) if packed is not None else self._live.get(key)
+
+    def __getitem__(self, key: int) -> Materialization:
+        found = self.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def put(self, record: Materialization) -> None:
+        key = record.id.int
+        packed = None if record.status in ACTIVE else _pack(record)
+        if packed is None:
+            self._live[key] = record
+            self._packed.pop(key, None)
+        else:
+            self._packed[key] = packed
+            self._live.pop(key, None)
+
+    def __delitem__(self, key: int) -> None:
+        if self._packed.pop(key, None) is None:
+            del self._live[key]
+
+
+class KeyMap:
+    """A map from (tenant, asset, partition key) to values, as dicts nested by tenant
+    and asset: with plain values (ids, statuses, numbers, strings) the innermost dicts
+    are never tracked by the garbage collector. Keyed by the triple itself, a dict
+    holding only plain data was untracked at a full collection and tracked again, as a
+    young object, by the next new key (a tuple): every young collection then walked it
+    whole."""
+
+    __slots__ = ("_tenants",)
+
+    def __init__(self) -> None:
+        self._tenants: dict[str | None, dict[str, dict[str | None, Any]]] = {}
+
+    def of(self, tenant: str | None, asset: str) -> dict[str | None, Any]:
+        """The partitions of ``asset`` (read only)."""
+        return self._tenants.get(tenant, _NOTHING).get(asset, _NOTHING)
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        return self.of(key[0], key[1]).get(key[2], default)
+
+    def __contains__(self, key: Key) -> bool:
+        return key[2] in self.of(key[0], key[1])
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self._tenants.setdefault(key[0], {}).setdefault(key[1], {})[key[2]] = value
+
+    def setdefault(self, key: Key, value: Any) -> Any:
+        return self._tenants.setdefault(key[0], {}).setdefault(key[1], {}).setdefault(key[2], value)
+
+    def pop(self, key: Key, default: Any = None) -> Any:
+        partitions = self._tenants.get(key[0], {}).get(key[1])
+        return default if partitions is None else partitions.pop(key[2], default)
+
+
 @attrs.define
 class MemoryData:
     """Everything the actor keeps, with the indexes its queries need.
@@ -70,20 +197,26 @@ class MemoryData:
     ``now`` is the clock of leases and backfill heartbeats (tests pass their own to
     make time pass without waiting)."""
 
-    records: dict[uuid.UUID, Materialization] = attrs.field(factory=dict)
-    latest: dict[Key, uuid.UUID] = attrs.field(factory=dict)
-    latest_success: dict[Key, uuid.UUID] = attrs.field(factory=dict)
-    by_tenant: dict[str | None, dict[uuid.UUID, None]] = attrs.field(factory=dict)
-    by_run: dict[tuple[str | None, int], uuid.UUID | list[uuid.UUID]] = attrs.field(factory=dict)
-    """Per (tenant, run id as an int), the run's record id, or a list of them once it
-    has several: a backfill's runs have one record each, and neither a list nor a key
-    holding a UUID object then stays behind for the garbage collector to walk."""
-    by_status: dict[tuple[str | None, Status], dict[uuid.UUID, None]] = attrs.field(factory=dict)
-    readers: dict[Key, set[uuid.UUID]] = attrs.field(factory=dict)
-    values: dict[Key, tuple[Any, datetime]] = attrs.field(factory=dict)
-    """(value, stored at) per partition: a plain tuple, which the garbage collector stops
-    walking once it sees plain data in it (a value that is plain data, a number or a
-    string, then costs nothing at each full collection)."""
+    # What grows with the records is kept where the garbage collector never looks:
+    # records packed in bytes, indexes keyed and valued by plain data (ids as their
+    # integers) in dicts that no new tuple enters (ADR 0037).
+    records: Records = attrs.field(factory=lambda: Records())
+    latest: KeyMap = attrs.field(factory=lambda: KeyMap())
+    """Per partition, its newest record's id."""
+    latest_status: KeyMap = attrs.field(factory=lambda: KeyMap())
+    """Per partition, its newest record's status (its value)."""
+    latest_success: KeyMap = attrs.field(factory=lambda: KeyMap())
+    by_tenant: dict[str | None, dict[int, None]] = attrs.field(factory=dict)
+    by_run: dict[str | None, dict[int, int]] = attrs.field(factory=dict)
+    """Per tenant, run id (an int) -> the run's one record id."""
+    by_run_many: dict[tuple[str | None, int], list[int]] = attrs.field(factory=dict)
+    """The runs with several records (materializations of several assets): their ids."""
+    by_status: dict[tuple[str | None, Status], dict[int, None]] = attrs.field(factory=dict)
+    readers: KeyMap = attrs.field(factory=lambda: KeyMap())
+    """Per upstream partition, the ids of the successes that read it (a dict of them)."""
+    values: KeyMap = attrs.field(factory=lambda: KeyMap())
+    stored_at: KeyMap = attrs.field(factory=lambda: KeyMap())
+    """When each value was stored (apart from the values: a pair would be a new tuple)."""
     backfills: dict[tuple[str | None, uuid.UUID], BackfillRow] = attrs.field(factory=dict)
     decisions: dict[tuple[str | None, uuid.UUID], tuple[bool, str | None]] = attrs.field(factory=dict)
     ticks: dict[tuple[str | None, str, datetime], Tick] = attrs.field(factory=dict)
@@ -437,7 +570,8 @@ class _Handlers:
     def create(self, m: Create) -> Materialization:
         record = m.record
         data = self.data
-        if record.id in data.records:
+        rid = record.id.int
+        if rid in data.records:
             # Whoever's it is, it is not overwritten (another tenant's id looks taken, as it does in SQL).
             raise DefinitionError(
                 [FieldError("id", f"a materialization with id {record.id} already exists")],
@@ -448,18 +582,19 @@ class _Handlers:
         if record.status in CURRENT:
             self._supersede(record)
         key = (record.tenant_id, record.asset_name, record.partition)
-        data.records[record.id] = record
-        data.latest[key] = record.id
-        data.by_tenant.setdefault(record.tenant_id, {})[record.id] = None
-        run_key = (record.tenant_id, record.run_id.int)
-        ids = data.by_run.get(run_key)
-        if ids is None:
-            data.by_run[run_key] = record.id
-        elif isinstance(ids, list):
-            ids.append(record.id)
+        data.records.put(record)
+        data.latest[key] = rid
+        data.latest_status[key] = record.status.value
+        data.by_tenant.setdefault(record.tenant_id, {})[rid] = None
+        tenant, run = record.tenant_id, record.run_id.int
+        runs = data.by_run.setdefault(tenant, {})
+        if run in runs:  # a second record of the run: it has a list from now on
+            data.by_run_many[(tenant, run)] = [runs.pop(run), rid]
+        elif (tenant, run) in data.by_run_many:
+            data.by_run_many[(tenant, run)].append(rid)
         else:
-            data.by_run[run_key] = [ids, record.id]
-        data.by_status.setdefault((record.tenant_id, record.status), {})[record.id] = None
+            runs[run] = rid
+        data.by_status.setdefault((record.tenant_id, record.status), {})[rid] = None
         if record.status in CURRENT:
             self._index_success(record)
         return record
@@ -479,7 +614,7 @@ class _Handlers:
                 log.warning("memory store: cast %s failed: %s", type(write).__name__, error)
 
     def _get(self, tenant: str | None, record_id: uuid.UUID) -> Materialization:
-        record = self.data.records.get(record_id)
+        record = self.data.records.get(record_id.int)
         if record is None or record.tenant_id != tenant:
             raise NotFound(f"no materialization with id {str(record_id)!r}", tenant=tenant)
         return record
@@ -490,7 +625,7 @@ class _Handlers:
         return self._replace(old, m.status, m.fields)
 
     def replace(self, m: Replace) -> None:
-        old = self.data.records.get(m.record.id)
+        old = self.data.records.get(m.record.id.int)
         if old is None or old.status is not m.expected or old.tenant_id != m.record.tenant_id:
             found = "missing" if old is None or old.tenant_id != m.record.tenant_id else old.status.value
             log.error(
@@ -511,9 +646,13 @@ class _Handlers:
         data = self.data
         if status is Status.SUCCESS and old.status is not Status.SUCCESS:
             self._supersede(new)
-        data.records[new.id] = new
-        del data.by_status[(old.tenant_id, old.status)][old.id]
-        data.by_status.setdefault((new.tenant_id, status), {})[new.id] = None
+        data.records.put(new)
+        rid = new.id.int
+        del data.by_status[(old.tenant_id, old.status)][rid]
+        data.by_status.setdefault((new.tenant_id, status), {})[rid] = None
+        key = (new.tenant_id, new.asset_name, new.partition)
+        if data.latest.get(key) == rid:
+            data.latest_status[key] = status.value
         if status is Status.SUCCESS:
             self._index_success(new)
         return new
@@ -522,13 +661,13 @@ class _Handlers:
         """The partition's current record, if another, becomes ``superseded``: one current success."""
         data = self.data
         current_id = data.latest_success.get((record.tenant_id, record.asset_name, record.partition))
-        if current_id is not None and current_id != record.id:
+        if current_id is not None and current_id != record.id.int:
             current = data.records[current_id]
             if current.status in CURRENT:
                 self._store(current, evolve(current, status=Status.SUPERSEDED, updated_at=utcnow()))
 
     def _close_orphan(self, tenant: str | None, record_id: uuid.UUID, owner: str) -> None:
-        record = self.data.records.get(record_id)
+        record = self.data.records.get(record_id.int)
         if record is not None and record.tenant_id == tenant and record.status in ACTIVE:
             self._orphan(record, f"orphaned: {owner} stopped renewing its lease without finishing it")
 
@@ -564,7 +703,7 @@ class _Handlers:
             if record.asset_name != m.asset or record.status not in HISTORY:
                 continue
             rank = met[record.partition] = met.get(record.partition, 0) + 1
-            if data.latest.get((m.tenant, m.asset, record.partition)) == record.id:
+            if data.latest.get((m.tenant, m.asset, record.partition)) == record_id:
                 continue  # what happened last to a partition stays visible
             if record.status is Status.SUPERSEDED and record.partition in m.spare:
                 continue
@@ -577,30 +716,31 @@ class _Handlers:
         return len(chosen)
 
     def _forget(self, record: Materialization) -> None:
-        data, tenant = self.data, record.tenant_id
-        del data.records[record.id]
-        data.by_tenant.get(tenant, {}).pop(record.id, None)
-        data.by_status.get((tenant, record.status), {}).pop(record.id, None)
-        run_key = (tenant, record.run_id.int)
-        run = data.by_run.get(run_key)
-        if isinstance(run, list):
-            run.remove(record.id)
-            if not run:
-                del data.by_run[run_key]
-        elif run == record.id:
-            del data.by_run[run_key]
+        data, tenant, rid = self.data, record.tenant_id, record.id.int
+        del data.records[rid]
+        data.by_tenant.get(tenant, {}).pop(rid, None)
+        data.by_status.get((tenant, record.status), {}).pop(rid, None)
+        run = record.run_id.int
+        many = data.by_run_many.get((tenant, run))
+        if many is not None:
+            many.remove(rid)
+            if not many:
+                del data.by_run_many[(tenant, run)]
+        elif data.by_run.get(tenant, {}).get(run) == rid:
+            del data.by_run[tenant][run]
         for upstream, keys in record.upstream_partitions.items():
             for key in keys:
                 readers = data.readers.get((tenant, upstream, key))
                 if readers is not None:
-                    readers.discard(record.id)
+                    readers.pop(rid, None)
 
     def _index_success(self, record: Materialization) -> None:
         data = self.data
-        data.latest_success[(record.tenant_id, record.asset_name, record.partition)] = record.id
+        rid = record.id.int
+        data.latest_success[(record.tenant_id, record.asset_name, record.partition)] = rid
         for upstream, keys in record.upstream_partitions.items():
             for key in keys:
-                data.readers.setdefault((record.tenant_id, upstream, key), set()).add(record.id)
+                data.readers.setdefault((record.tenant_id, upstream, key), {})[rid] = None
 
     def latest(self, m: Latest) -> Materialization:
         record_id = self.data.latest.get((m.tenant, m.asset, m.partition))
@@ -615,8 +755,12 @@ class _Handlers:
         return self._get(m.tenant, m.id)
 
     def by_run(self, m: ByRun) -> list[Materialization]:
-        ids = self.data.by_run.get((m.tenant, m.run_id.int), [])
-        return [self.data.records[i] for i in (ids if isinstance(ids, list) else [ids])]
+        run = m.run_id.int
+        ids = self.data.by_run_many.get((m.tenant, run))
+        if ids is None:
+            one = self.data.by_run.get(m.tenant, {}).get(run)
+            ids = [] if one is None else [one]
+        return [self.data.records[i] for i in ids]
 
     def by_status(self, m: ByStatus) -> list[Materialization]:
         ids = self.data.by_status.get((m.tenant, m.status), {})
@@ -628,20 +772,22 @@ class _Handlers:
             return self._newest(ids, m.limit)
         records = self.data.records
         out: list[Materialization] = []
-        newest_first: Iterator[uuid.UUID] = reversed(ids)
+        newest_first: Iterator[int] = reversed(ids)
         if m.before is not None:
-            if m.before not in ids:
+            before = m.before.int
+            if before not in ids:
                 raise NotFound(f"no record {m.before}", tenant=m.tenant)
-            newest_first = itertools.dropwhile(lambda record_id: record_id != m.before, newest_first)
+            newest_first = itertools.dropwhile(lambda record_id: record_id != before, newest_first)
             next(newest_first)  # the record itself
         for record_id in newest_first:
             if len(out) >= m.limit:
                 break
-            if m.asset is None or records[record_id].asset_name == m.asset:
-                out.append(records[record_id])
+            record = records[record_id]
+            if m.asset is None or record.asset_name == m.asset:
+                out.append(record)
         return out
 
-    def _newest(self, ids: dict[uuid.UUID, None], limit: int) -> list[Materialization]:
+    def _newest(self, ids: dict[int, None], limit: int) -> list[Materialization]:
         out: list[Materialization] = []
         for record_id in reversed(ids):
             if len(out) >= limit:
@@ -659,19 +805,10 @@ class _Handlers:
 
     def all_partitions(self, m: AllPartitions) -> dict[str | None, Materialization]:
         records = self.data.records
-        return {
-            key: records[record_id]
-            for (tenant, asset, key), record_id in self.data.latest_success.items()
-            if tenant == m.tenant and asset == m.asset
-        }
+        return {key: records[record_id] for key, record_id in self.data.latest_success.of(m.tenant, m.asset).items()}
 
     def partition_states(self, m: PartitionStates) -> dict[str | None, Status]:
-        records = self.data.records
-        return {
-            key: records[record_id].status
-            for (tenant, asset, key), record_id in self.data.latest.items()
-            if tenant == m.tenant and asset == m.asset
-        }
+        return {key: _STATUSES[status] for key, status in self.data.latest_status.of(m.tenant, m.asset).items()}
 
     def mark_stale(self, m: MarkStale) -> list[Materialization]:
         """Every success that read ``asset@partition``, directly or through others, becomes stale."""
@@ -680,7 +817,7 @@ class _Handlers:
         queue = [(m.asset, m.partition)]
         while queue:
             asset, key = queue.pop()
-            for record_id in data.readers.pop((m.tenant, asset, key), ()):
+            for record_id in data.readers.pop((m.tenant, asset, key), {}):
                 record = data.records[record_id]
                 if record.status is Status.SUCCESS:
                     marked.append(self._replace(record, Status.STALE, {}))
@@ -690,16 +827,21 @@ class _Handlers:
     # values
 
     def put_value(self, m: PutValue) -> None:
-        self.data.values[(m.tenant, m.asset, m.partition)] = (m.value, utcnow())
+        key = (m.tenant, m.asset, m.partition)
+        self.data.values[key] = m.value
+        self.data.stored_at[key] = utcnow()
 
     def get_value(self, m: GetValue) -> Any:
-        stored = self.data.values.get((m.tenant, m.asset, m.partition))
-        if stored is None:
+        key = (m.tenant, m.asset, m.partition)
+        if key not in self.data.values:
             raise NotFound("no stored value", asset=m.asset, partition=m.partition, tenant=m.tenant)
-        return StoredValue(*stored) if m.with_meta else stored[0]
+        value = self.data.values.get(key)
+        return StoredValue(value, self.data.stored_at.get(key)) if m.with_meta else value
 
     def drop_value(self, m: DropValue) -> None:
-        self.data.values.pop((m.tenant, m.asset, m.partition), None)
+        key = (m.tenant, m.asset, m.partition)
+        self.data.values.pop(key)
+        self.data.stored_at.pop(key)
 
     def has_value(self, m: HasValue) -> bool:
         return (m.tenant, m.asset, m.partition) in self.data.values

@@ -74,6 +74,17 @@ def _finished(fields):
     return new_record(fields, fields.pop("tenant", None), datetime.now(timezone.utc))
 
 
+def _packing():
+    """Records that pack a finished record at once (the store waits for 1,024 newer)."""
+    from flowstone.store.memory_actor import Records
+
+    class Packing(Records):
+        __slots__ = ()
+        RECENT = 0
+
+    return Packing()
+
+
 @pytest.mark.parametrize("fields", [
     {"asset_name": "a", "partition": "2024-01-01", "status": fs.Status.SUCCESS},
     {"asset_name": "a", "status": fs.Status.FAILED, "error_message": "boom", "error_traceback": "Traceback ...",
@@ -88,10 +99,8 @@ def test_a_finished_record_is_kept_packed_and_reads_back_the_same(fields):
     reads back equal, field by field and type, its times to the microsecond."""
     import gc
 
-    from flowstone.store.memory_actor import Records
-
     record = _finished(fields)
-    records = Records()
+    records = _packing()
     records.put(record)
     back = records[record.id.int]
     assert back == record and back is not record
@@ -108,14 +117,31 @@ def test_a_finished_record_is_kept_packed_and_reads_back_the_same(fields):
     {"asset_name": "a", "status": fs.Status.SUCCESS, "metadata": {"kind": fs.Status.SUCCESS}},  # not plain data
 ])
 def test_a_record_that_is_moving_or_cannot_be_packed_exactly_is_kept_as_it_is(fields):
-    from flowstone.store.memory_actor import Records
-
     record = _finished(fields)
-    records = Records()
+    records = _packing()
     records.put(record)
     assert records[record.id.int] is record and record.id.int in records
     del records[record.id.int]
     assert record.id.int not in records and records.get(record.id.int) is None
+
+
+def test_the_newest_finished_records_are_kept_as_they_are_and_the_older_packed_in_order():
+    """A short run (a chain of assets) packs nothing; in a long one each finished
+    record is packed once, when ``RECENT`` newer ones came after it."""
+    from flowstone.store.memory_actor import Records
+    from flowstone.store.records import evolve
+
+    made = [_finished({"asset_name": "a", "partition": str(i), "status": fs.Status.SUCCESS})
+            for i in range(Records.RECENT + 2)]
+    records = Records()
+    for record in made:
+        records.put(record)
+    assert sorted(records._packed) == sorted(r.id.int for r in made[:2])
+    assert all(records[r.id.int] is r for r in made[2:]) and records[made[0].id.int] == made[0]
+    moved = evolve(made[0], status=fs.Status.SUPERSEDED)
+    records.put(moved)  # a packed record moved again is kept as it is, the newest
+    assert records[moved.id.int] is moved and moved.id.int not in records._packed
+    assert made[2].id.int in records._packed  # and the oldest kept one is packed in its place
 
 
 async def test_a_backfill_leaves_the_collector_almost_nothing_to_walk_per_record(anyio_backend):

@@ -116,24 +116,33 @@ def _unpack(packed: bytes) -> Materialization:
 
 
 class Records:
-    """The store's records by id (its integer). A finished record is kept packed in
-    bytes (``_pack``), which the garbage collector never walks; a record still
-    moving, or one that cannot be packed, is kept as it is, apart. At 100,000 stored
-    records, walking each record and its two UUIDs at every full collection cost a
-    quarter of each backfilled partition's time, and more with every record."""
+    """The store's records by id (its integer). A finished record is packed in bytes
+    (``_pack``), which the garbage collector never walks, once ``RECENT`` newer
+    finished records came after it; until then it is kept as it is, with the records
+    still moving and those that cannot be packed back exactly. At 100,000 stored
+    records, walking each record and its two UUIDs at every full collection had cost a
+    quarter of each backfilled partition's time, and more with every record; a short
+    run (a chain of assets) packs nothing."""
 
-    __slots__ = ("_live", "_packed")
+    RECENT = 1024
+
+    __slots__ = ("_live", "_packed", "_recent")
 
     def __init__(self) -> None:
         self._live: dict[int, Materialization] = {}
         self._packed: dict[int, bytes] = {}
+        self._recent: dict[int, None] = {}
+        """The finished records of ``_live``, oldest first: packed in that order."""
 
     def __contains__(self, key: int) -> bool:
-        return key in self._packed or key in self._live
+        return key in self._live or key in self._packed
 
     def get(self, key: int) -> Materialization | None:
+        live = self._live.get(key)
+        if live is not None:
+            return live
         packed = self._packed.get(key)
-        return _unpack(packed) if packed is not None else self._live.get(key)
+        return None if packed is None else _unpack(packed)
 
     def __getitem__(self, key: int) -> Materialization:
         found = self.get(key)
@@ -142,16 +151,25 @@ class Records:
         return found
 
     def put(self, record: Materialization) -> None:
-        key = record.id.int
-        packed = None if record.status in ACTIVE else _pack(record)
-        if packed is None:
-            self._live[key] = record
-            self._packed.pop(key, None)
-        else:
+        key, recent = record.id.int, self._recent
+        self._live[key] = record
+        self._packed.pop(key, None)
+        recent.pop(key, None)
+        if record.status not in ACTIVE:
+            recent[key] = None
+            if len(recent) > self.RECENT:
+                self._pack_oldest()
+
+    def _pack_oldest(self) -> None:
+        key = next(iter(self._recent))
+        del self._recent[key]
+        packed = _pack(self._live[key])
+        if packed is not None:  # else it stays as it is: a time not in UTC, metadata not plain
             self._packed[key] = packed
-            self._live.pop(key, None)
+            del self._live[key]
 
     def __delitem__(self, key: int) -> None:
+        self._recent.pop(key, None)
         if self._packed.pop(key, None) is None:
             del self._live[key]
 
@@ -174,20 +192,30 @@ class KeyMap:
         return self._tenants.get(tenant, _NOTHING).get(asset, _NOTHING)
 
     def get(self, key: Key, default: Any = None) -> Any:
-        return self.of(key[0], key[1]).get(key[2], default)
+        assets = self._tenants.get(key[0])
+        partitions = None if assets is None else assets.get(key[1])
+        return default if partitions is None else partitions.get(key[2], default)
 
     def __contains__(self, key: Key) -> bool:
         return key[2] in self.of(key[0], key[1])
 
+    def _partitions(self, tenant: str | None, asset: str) -> dict[str | None, Any]:
+        assets = self._tenants.get(tenant)
+        if assets is None:
+            assets = self._tenants[tenant] = {}
+        partitions = assets.get(asset)
+        if partitions is None:
+            partitions = assets[asset] = {}
+        return partitions
+
     def __setitem__(self, key: Key, value: Any) -> None:
-        self._tenants.setdefault(key[0], {}).setdefault(key[1], {})[key[2]] = value
+        self._partitions(key[0], key[1])[key[2]] = value
 
     def setdefault(self, key: Key, value: Any) -> Any:
-        return self._tenants.setdefault(key[0], {}).setdefault(key[1], {}).setdefault(key[2], value)
+        return self._partitions(key[0], key[1]).setdefault(key[2], value)
 
     def pop(self, key: Key, default: Any = None) -> Any:
-        partitions = self._tenants.get(key[0], {}).get(key[1])
-        return default if partitions is None else partitions.pop(key[2], default)
+        return self.of(key[0], key[1]).pop(key[2], default) if key in self else default
 
 
 @attrs.define
@@ -587,7 +615,9 @@ class _Handlers:
         data.latest_status[key] = record.status.value
         data.by_tenant.setdefault(record.tenant_id, {})[rid] = None
         tenant, run = record.tenant_id, record.run_id.int
-        runs = data.by_run.setdefault(tenant, {})
+        runs = data.by_run.get(tenant)
+        if runs is None:
+            runs = data.by_run[tenant] = {}
         if run in runs:  # a second record of the run: it has a list from now on
             data.by_run_many[(tenant, run)] = [runs.pop(run), rid]
         elif (tenant, run) in data.by_run_many:

@@ -17,9 +17,8 @@ import itertools
 import logging
 import marshal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
-from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 import attrs
@@ -34,13 +33,16 @@ from .leases import BackfillClaim, CancelRequested, Cursor, Lease, LeaseTable, R
 from .records import (
     ACTIVE,
     CURRENT,
+    EMPTY,
     HISTORY,
     ORPHAN_ENDING,
+    POSITION,
     Materialization,
     Status,
     check_decidable,
     check_transition,
     evolve,
+    values_of,
 )
 
 __all__ = ["MemoryData", "memory_actor"]
@@ -67,51 +69,43 @@ class BackfillRow:
 
 
 _STATUSES = {status.value: status for status in Status}
-_NOTHING: Any = MappingProxyType({})
 
 
-def _seconds(moment: datetime | None) -> float | None:
-    return None if moment is None else moment.timestamp()
-
-
-def _moment(seconds: float | None) -> datetime | None:
-    """The UTC time ``_seconds`` gave: exact to the microsecond (a float holds it for
-    any time of the years 1900-2200, checked over a million of them)."""
-    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+_ID, _RUN, _STATUS, _UPSTREAM, _METADATA = (
+    POSITION[name] for name in ("id", "run_id", "status", "upstream_partitions", "metadata"))
+_TIMES = tuple(POSITION[name] for name in ("started_at", "completed_at", "inserted_at", "updated_at"))
 
 
 def _pack(record: Materialization) -> bytes | None:
-    """A finished record as bytes (``marshal``: ids as integers, times as seconds,
-    the status as its value, mappings as their items); None when it holds what
-    cannot be packed back exactly: a time not in UTC, metadata that is not plain
-    data."""
-    utc = timezone.utc
-    started, completed = record.started_at, record.completed_at
-    inserted, updated = record.inserted_at, record.updated_at
-    if not (
-        (started is None or started.tzinfo is utc) and (completed is None or completed.tzinfo is utc)
-        and (inserted is None or inserted.tzinfo is utc) and (updated is None or updated.tzinfo is utc)
-    ):
-        return None
+    """A finished record as bytes: its fields in their order (``FIELDS``), through
+    ``marshal``, with ids as integers, times as seconds, the status as its value and
+    mappings as their items; None when it holds what cannot be packed back exactly:
+    a time not in UTC, metadata that is not plain data."""
+    values = list(values_of(record))
+    for at in _TIMES:
+        moment = values[at]
+        if moment is not None:
+            if moment.tzinfo is not timezone.utc:
+                return None
+            values[at] = moment.timestamp()
+    values[_ID], values[_RUN], values[_STATUS] = record.id.int, record.run_id.int, record.status.value
+    values[_UPSTREAM], values[_METADATA] = tuple(record.upstream_partitions.items()), tuple(record.metadata.items())
     try:
-        return marshal.dumps((
-            record.id.int, record.asset_name, record.partition, record.run_id.int, record.status.value,
-            _seconds(started), _seconds(completed), record.duration_ms, record.upstream_assets,
-            tuple(record.upstream_partitions.items()), record.dependency_hash, tuple(record.metadata.items()),
-            record.error_message, record.executor_node, record.tenant_id, _seconds(inserted), _seconds(updated),
-            record.error_traceback,
-        ))
+        return marshal.dumps(tuple(values))
     except ValueError:  # marshal refuses what is not plain data
         return None
 
 
 def _unpack(packed: bytes) -> Materialization:
-    """The record ``_pack`` made ``packed`` from."""
+    """The record ``_pack`` made ``packed`` from. A time comes back exact to the
+    microsecond (a float holds it for any time of the years 1900-2200, checked over a
+    million of them)."""
     values = list(marshal.loads(packed))
-    values[0], values[3], values[4] = uuid_of(values[0]), uuid_of(values[3]), _STATUSES[values[4]]
-    for at in (5, 6, 15, 16):
-        values[at] = _moment(values[at])
-    values[9], values[11] = dict(values[9]), dict(values[11])
+    values[_ID], values[_RUN], values[_STATUS] = uuid_of(values[_ID]), uuid_of(values[_RUN]), _STATUSES[values[_STATUS]]
+    for at in _TIMES:
+        if values[at] is not None:
+            values[at] = datetime.fromtimestamp(values[at], timezone.utc)
+    values[_UPSTREAM], values[_METADATA] = dict(values[_UPSTREAM]), dict(values[_METADATA])
     return Materialization(*values)
 
 
@@ -187,13 +181,16 @@ class KeyMap:
     def __init__(self) -> None:
         self._tenants: dict[str | None, dict[str, dict[str | None, Any]]] = {}
 
-    def of(self, tenant: str | None, asset: str) -> dict[str | None, Any]:
+    def of(self, tenant: str | None, asset: str) -> Mapping[str | None, Any]:
         """The partitions of ``asset`` (read only)."""
-        return self._tenants.get(tenant, _NOTHING).get(asset, _NOTHING)
+        return self._found(tenant, asset) or EMPTY
+
+    def _found(self, tenant: str | None, asset: str) -> dict[str | None, Any] | None:
+        assets = self._tenants.get(tenant)
+        return None if assets is None else assets.get(asset)
 
     def get(self, key: Key, default: Any = None) -> Any:
-        assets = self._tenants.get(key[0])
-        partitions = None if assets is None else assets.get(key[1])
+        partitions = self._found(key[0], key[1])
         return default if partitions is None else partitions.get(key[2], default)
 
     def __contains__(self, key: Key) -> bool:
@@ -215,7 +212,8 @@ class KeyMap:
         return self._partitions(key[0], key[1]).setdefault(key[2], value)
 
     def pop(self, key: Key, default: Any = None) -> Any:
-        return self.of(key[0], key[1]).pop(key[2], default) if key in self else default
+        partitions = self._found(key[0], key[1])
+        return default if partitions is None else partitions.pop(key[2], default)
 
 
 @attrs.define

@@ -144,6 +144,14 @@ _STATE_EXISTS, _STATE_EXISTS_WHOLE = (
     f"SELECT EXISTS (SELECT 1 FROM flowstone_partition_states AS s WHERE {of})"
     for of in (_STATE_OF, _STATE_OF_WHOLE)
 )
+
+
+def _by_state(keyed: str, whole: str, tenant: str | None, asset_name: str, key: str | None) -> tuple[Any, ...]:
+    """The statement and arguments of a lookup through a partition's state: ``keyed``
+    for a partition key, ``whole`` for the unpartitioned record."""
+    return (keyed, tenant or "", asset_name, key) if key is not None else (whole, tenant or "", asset_name)
+
+
 _COMMON = frozenset({Status.SUCCESS, Status.SUPERSEDED})
 _BY_STATUS_COMMON = f"{_SELECT} WHERE tenant_id = $1 AND status = $2 ORDER BY seq DESC LIMIT $3"
 _BY_STATUS_RARE = (
@@ -672,10 +680,7 @@ class PostgresStore(PostgresClient):
 
     async def get(self, asset_name: str, partition: Any = None) -> Materialization:
         key, tenant = serialize_partition(partition), current_tenant()
-        row = await self.db.run(
-            tenant, _fetchrow, _LATEST if key is not None else _LATEST_WHOLE, tenant or "", asset_name,
-            *(() if key is None else (key,)),
-        )
+        row = await self.db.run(tenant, _fetchrow, *_by_state(_LATEST, _LATEST_WHOLE, tenant, asset_name, key))
         if row is None:
             raise NotFound("no materialization", asset=asset_name, partition=key, tenant=tenant)
         return _record(row)
@@ -699,9 +704,7 @@ class PostgresStore(PostgresClient):
     async def exists(self, asset_name: str, partition: Any = None) -> bool:
         key, tenant = serialize_partition(partition), current_tenant()
         return await self.db.run(
-            tenant, _fetchval, _STATE_EXISTS if key is not None else _STATE_EXISTS_WHOLE, tenant or "", asset_name,
-            *(() if key is None else (key,)),
-        )
+            tenant, _fetchval, *_by_state(_STATE_EXISTS, _STATE_EXISTS_WHOLE, tenant, asset_name, key))
 
     async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]:
         tenant, wanted = current_tenant(), to_status(status)

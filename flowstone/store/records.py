@@ -95,7 +95,8 @@ def check_transition(current: Status, requested: Status, record: Materialization
         )
 
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
+EMPTY: Mapping[Any, Any] = MappingProxyType({})
+"""The read-only empty mapping records share."""
 _SHARED: dict[tuple[tuple[str, type, Any], ...], Mapping[str, Any]] = {}
 _SHARED_KEPT = 1024
 
@@ -111,7 +112,7 @@ def _frozen(value: Any) -> Any:
     if kind is not dict and not isinstance(value, Mapping):  # a dict skips the ABC's slow check
         return value
     if not value:
-        return _EMPTY
+        return EMPTY
     if len(value) <= 4 and all(type(k) is str and type(v) in PLAIN_TYPES for k, v in value.items()):
         # Each value's type is part of the key: 1, 1.0 and True are equal, but a
         # record that says True must not read back 1.
@@ -239,18 +240,20 @@ def new_record(fields: Mapping[str, Any], tenant: str | None, now: datetime) -> 
     return Materialization(**values, tenant_id=tenant, inserted_at=now, updated_at=now)
 
 
-_NAMES = tuple(f.name for f in attrs.fields(Materialization))
-_ALL_OF = operator.attrgetter(*_NAMES)
-_POSITION = {name: i for i, name in enumerate(_NAMES)}
+FIELDS = tuple(f.name for f in attrs.fields(Materialization))
+"""A record's fields in the order its constructor takes them."""
+values_of = operator.attrgetter(*FIELDS)
+"""Every field of a record at once, in the order of ``FIELDS``."""
+POSITION = {name: i for i, name in enumerate(FIELDS)}
 
 
 def evolve(record: Materialization, **changes: Any) -> Materialization:
     """``attrs.evolve`` for records, without its per-call field introspection: every
     field read at once, the changes put in place, the record built positionally
     (hot path: a third cheaper than a dict of fields)."""
-    values = list(_ALL_OF(record))
+    values = list(values_of(record))
     for name, value in changes.items():
-        values[_POSITION[name]] = value
+        values[POSITION[name]] = value
     return Materialization(*values)
 
 

@@ -598,6 +598,36 @@ async def test_the_gate_answers_direct_callers_at_once_and_followers_when_the_le
         assert (await handle.call(Stats)).in_flight == 1
 
 
+async def test_a_batch_takes_a_lease_straight_from_the_gate_only_when_submit_would_grant_it(anyio_backend):
+    # lease_now is submit's answer without its reply: for a free partition only.
+    from flowstone.runtime.executor import Door, Finished, Lease, finish, lease_now, submit
+
+    async with gate_executor() as (handle, door):
+        lease = lease_now(handle, None, "k")
+        assert isinstance(lease, Lease)
+        assert lease_now(handle, None, "k") is None  # in flight: a caller must follow it, by submit
+        follower = await submit(handle, None, "k")
+        assert not follower.ready
+        other = lease_now(handle, "tenant-b", "k")
+        assert isinstance(other, Lease) and other.token != lease.token
+        assert finish(handle, Finished(tenant=None, key="k", token=lease.token, result=None))
+        with anyio.fail_after(5):
+            assert isinstance(await follower.result(), Lease)  # the leader left: the follower runs it
+        gate, door.gate = door.gate, None  # down, as between a crash and the restart
+        assert lease_now(handle, None, "free") is None  # then only a message asks
+        door.gate = gate
+    limited = fs.Asset(name="one", execute_fn=lambda ctx, deps: 1, max_concurrency=1)
+    async with anyio.create_task_group() as tasks:
+        from flowstone.actors.supervisor import RestartPolicy, spawn
+        from flowstone.runtime.executor import executor_actor
+
+        one_door = Door(limited)
+        one = spawn(tasks, "executor:one", executor_actor(limited, one_door), RestartPolicy(), shared=one_door)
+        assert isinstance(lease_now(one, None, "a"), Lease)
+        assert lease_now(one, None, "b") is None  # no slot free: submit would queue it
+        one.close()
+
+
 async def test_a_bug_in_a_direct_gate_call_restarts_the_executor_with_a_new_gate(anyio_backend, monkeypatch):
     from flowstone.errors import ActorCrashed
     from flowstone.runtime import executor as ex

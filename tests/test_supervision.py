@@ -128,6 +128,7 @@ async def test_an_actor_spawned_on_demand_starts_with_its_first_message(anyio_ba
     asset = fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)
     async with anyio.create_task_group() as tasks:
         handle = spawn_on_demand(tasks, "executor:a", executor_actor(asset), RestartPolicy())
+        assert handle.waking.send is None  # nor is its mailbox opened before a message
         await anyio.sleep(0)
         assert [t.name for t in anyio.get_running_tasks() if t.name == "executor:a"] == []
         assert (await handle.call(Stats)).in_flight == 0  # the call started it, and it answered

@@ -148,7 +148,8 @@ class Handle:
     """What callers hold: the actor's name and the send side of its mailbox."""
 
     name: str
-    _mailbox: MemoryObjectSendStream[Message] = attrs.field(repr=False)
+    _mailbox: MemoryObjectSendStream[Message] | None = attrs.field(repr=False)
+    """None only for a handle that opens it on first use (``_opened``)."""
     shared: Any = attrs.field(default=None, repr=False, eq=False)
     """What the actor lets callers in its own event loop use without a message, if
     anything (the executor's gate: ``flowstone.runtime.executor.Door``). Such use is
@@ -187,12 +188,17 @@ class Handle:
 
     def close(self) -> None:
         """Stop accepting messages; the actor answers what is queued, then ends."""
-        self._mailbox.close()
+        self._opened().close()
+
+    def _opened(self) -> MemoryObjectSendStream[Message]:
+        """The mailbox's sending end."""
+        assert self._mailbox is not None, "a handle without a mailbox opens it itself"
+        return self._mailbox
 
     def try_cast(self, message: Message) -> bool:
         """Cast if the mailbox has room right now, without a checkpoint; False if full."""
         try:
-            self._mailbox.send_nowait(message)
+            self._opened().send_nowait(message)
         except anyio.WouldBlock:
             return False
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -200,11 +206,12 @@ class Handle:
         return True
 
     async def _post(self, message: Message) -> None:
+        mailbox = self._opened()
         try:
             try:
-                self._mailbox.send_nowait(message)
+                mailbox.send_nowait(message)
             except anyio.WouldBlock:
-                await self._mailbox.send(message)
+                await mailbox.send(message)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise RuntimeClosed(f"{self.name} is not running (the runtime is closed)") from None
 

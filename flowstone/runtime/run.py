@@ -33,7 +33,7 @@ from ..plumbing.ids import new_uuid
 from ..store.leases import FinishedElsewhere, LeaseHeld
 from ..store.records import Materialization, Status
 from . import tracing
-from .executor import Detach, Env, Finished, JobResult, Lease, finish, submit
+from .executor import Detach, Env, Finished, JobResult, Lease, finish, lease_now, submit
 from .hashing import dependency_hash
 from .job import Job, Read, describe, run_job, run_jobs
 from .registry import Snapshot
@@ -481,16 +481,19 @@ async def _execute_together(
             await done(index)
             continue
         executor = snapshot.executors[name]
-        pending = await submit(executor, tenant, node.key)
-        answer = await pending.result() if pending.ready else None
-        if not isinstance(answer, Lease):  # another run here computes it: this run follows, alone
-            await pending.abandon(hand_back(executor, tenant, node.key))
-            del runs[index]
-            alone.append(index)
-            continue
+        lease = lease_now(executor, tenant, node.key)
+        if lease is None:  # another run here computes it, or the gate is down: ask
+            pending = await submit(executor, tenant, node.key)
+            answer = await pending.result() if pending.ready else None
+            if not isinstance(answer, Lease):  # another run here computes it: this run follows, alone
+                await pending.abandon(hand_back(executor, tenant, node.key))
+                del runs[index]
+                alone.append(index)
+                continue
+            lease = answer
         jobs.append(make_job(snapshot, env, run.request, node, reads, digest, run.run_id, tenant,
                              run.latest.get((name, node.key)), run.may_reuse(name)))
-        leases.append(answer)
+        leases.append(lease)
         owners.append(index)
 
     async def ended(at: int, result: JobResult | Exception) -> None:

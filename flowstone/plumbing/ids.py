@@ -22,6 +22,7 @@ import os
 import threading
 import time
 import uuid
+from typing import Any
 
 __all__ = ["new_uuid", "uuid_of"]
 
@@ -34,13 +35,14 @@ _SAFE = uuid.SafeUUID.unknown
 
 
 class _Pool(threading.local):
-    buffer = b""
-    used = 0
-    millis = 0
-    counter = 0
+    """This thread's state: [random bytes, how many of them are used, the last
+    millisecond, its counter], in one list (one thread-local read an id)."""
+
+    def __init__(self) -> None:
+        self.state: list[Any] = [b"", 0, 0, 0]
 
     def clear(self) -> None:
-        self.buffer, self.used, self.millis, self.counter = b"", 0, 0, 0
+        self.state[:] = [b"", 0, 0, 0]
 
 
 _pool = _Pool()
@@ -50,20 +52,20 @@ os.register_at_fork(after_in_child=_pool.clear)
 def new_uuid() -> uuid.UUID:
     """A time-ordered UUID (version 7, RFC 4122/9562 variant): later ids made by one
     thread sort after earlier ones."""
-    pool = _pool
-    start = pool.used
-    if start >= len(pool.buffer):
-        pool.buffer, start = os.urandom(16 * _BATCH), 0
-    pool.used = start + 16
-    random = int.from_bytes(pool.buffer[start:start + 16])
+    state = _pool.state
+    buffer, start, last, counter = state
+    if start >= len(buffer):
+        buffer, start = os.urandom(16 * _BATCH), 0
+    random = int.from_bytes(buffer[start:start + 16])
     millis = time.time_ns() // 1_000_000
-    if millis > pool.millis:
-        pool.millis, pool.counter = millis, random >> 117  # 11 random bits: room to count up
-    elif pool.counter < 0xFFF:
-        pool.counter += 1
+    if millis > last:
+        last, counter = millis, random >> 117  # 11 random bits: room to count up
+    elif counter < 0xFFF:
+        counter += 1
     else:  # 4,096 ids in one millisecond (or the clock went back): borrow the next one
-        pool.millis, pool.counter = pool.millis + 1, 0
-    return uuid_of(pool.millis << 80 | pool.counter << 64 | _VERSION_AND_VARIANT | random & _RANDOM_B)
+        last, counter = last + 1, 0
+    state[:] = buffer, start + 16, last, counter
+    return uuid_of(last << 80 | counter << 64 | _VERSION_AND_VARIANT | random & _RANDOM_B)
 
 
 def uuid_of(value: int) -> uuid.UUID:

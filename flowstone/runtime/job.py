@@ -425,7 +425,9 @@ def _announce(env: Env, record: Materialization) -> None:
 
 
 @functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)
 def _asset_logger(name: str) -> logging.Logger:
+    """The asset's logger (``logging`` keeps each for good; asking it took its lock a job)."""
     return logging.getLogger(f"flowstone.asset.{name}")
 
 
@@ -591,23 +593,39 @@ async def _retry_transient(asset: Asset, ctx: Context, what: str, fn: Callable[.
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _call(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env, job: Job) -> Any:
-    """One call of the asset's function where its executor says, within its timeout."""
+def _call(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env, job: Job) -> Awaitable[Any]:
+    """One call of the asset's function where its executor says, within its timeout.
+    Without a timeout, an ``async def`` function's own coroutine: the caller awaits
+    it with no frame of ours in between (each was a coroutine made and run a job)."""
     if asset.timeout is None:
-        return await _run_function(asset, ctx, deps, env, job)
-    with anyio.move_on_after(asset.timeout):
+        return _run_function(asset, ctx, deps, env, job)
+    return _call_within_timeout(asset, asset.timeout, ctx, deps, env, job)
+
+
+async def _call_within_timeout(
+    asset: Asset, timeout: float, ctx: Context, deps: dict[str, Any], env: Env, job: Job
+) -> Any:
+    with anyio.move_on_after(timeout):
         return await _run_function(asset, ctx, deps, env, job)
     raise AssetTimeout(
-        asset.timeout, executor=executor_of(asset), asset=asset.name, partition=job.partition, tenant=job.tenant
+        timeout, executor=executor_of(asset), asset=asset.name, partition=job.partition, tenant=job.tenant
     )
 
 
-async def _run_function(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env, job: Job) -> Any:
+def _run_function(asset: Asset, ctx: Context, deps: dict[str, Any], env: Env, job: Job) -> Awaitable[Any]:
     fn = asset.execute_fn
     assert fn is not None
     executor = executor_of(asset)
     if executor == "async":
-        return await fn(ctx, deps)
+        awaitable: Awaitable[Any] = fn(ctx, deps)
+        return awaitable
+    return _run_elsewhere(fn, executor, asset, ctx, deps, env, job)
+
+
+async def _run_elsewhere(
+    fn: Callable[..., Any], executor: str, asset: Asset, ctx: Context, deps: dict[str, Any], env: Env, job: Job
+) -> Any:
+    """The function in a worker process or a thread."""
     if executor == "process":
         every_partition = frozenset(read.asset for read in job.reads if read.all_partitions)
         return await run_in_process(env.processes, asset, ctx, deps, every_partition)

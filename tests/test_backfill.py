@@ -259,6 +259,36 @@ async def test_leaving_the_runtime_cancels_a_running_backfill_cleanly(anyio_back
         assert (saved.state, saved.interrupted, saved.cancelled) == ("cancelled", True, len(DAYS))
 
 
+async def test_a_resumed_backfill_checks_its_partitions_against_the_definitions_of_now(anyio_backend):
+    # backfill() checked the partitions against the asset as it was then, and its
+    # runs do not check them again; a resume, under definitions changed since, does.
+    async def forever(ctx, deps):
+        await anyio.Event().wait()
+
+    store = fs.store.MemoryStore()
+    async with fs.open_runtime([asset_of(forever)], store=store) as rt:
+        backfill = await rt.backfill("events", partitions=DAYS, max_parallel=1)
+
+        async def one_running():
+            return len(await rt.store.list_by_status("running")) == 1
+
+        await until(one_running)
+    later = fs.DailyPartitions(start=DAYS[10], end=date(2025, 3, 31))  # the first ten days are not partitions now
+    seen = []
+
+    async def work(ctx, deps):
+        seen.append(ctx.partition)
+        return 1
+
+    async with fs.open_runtime([fs.Asset(name="events", execute_fn=work, partitioned_by=later)], store=store) as rt:
+        await rt.resume_backfill(backfill)
+        final = await rt.wait_backfill(backfill)
+    assert (final.succeeded, final.failed) == (20, 10)
+    assert sorted(seen) == DAYS[10:] and all(type(day) is date for day in seen)
+    assert sorted(key for key, _error in final.errors) == [day.isoformat() for day in DAYS[:10]]
+    assert all("is outside DailyPartitions(start='2025-01-11'" in error for _key, error in final.errors)
+
+
 async def test_a_backfill_of_a_reader_computes_each_partition_with_its_upstream(anyio_backend):
     calls = []
 

@@ -170,38 +170,58 @@ def plan(snapshot: Snapshot, request: RunRequest) -> list[_Node]:
     asset computed without a partition reads every existing partition of a
     partitioned upstream asset.
     """
-    graph = snapshot.graph
-    root = graph.get(request.target)
-    order = graph.execution_order(root.name)
-    carries: dict[str, bool] = {}
-    for name in order:
-        asset = graph.get(name)
-        carries[name] = asset.partitioned_by is not None or any(carries[d] for d in asset.depends_on)
-    partitions: dict[str, Any] = {root.name: target_partition(root, request.partition, carries=carries[root.name])}
-    nodes: dict[str, _Node] = {}
-    for name in reversed(order):
-        if name not in partitions:
-            continue  # only read through an all-partitions input
-        asset = graph.get(name)
-        value = partitions[name]
-        inputs = []
-        for dep_name in asset.depends_on:
-            dep = graph.get(dep_name)
-            if value is None and dep.partitioned_by is not None:
-                inputs.append(_Input(dep_name, None, "all"))
-                continue
-            if dep.partitioned_by is not None:
-                dep_value = target_partition(dep, value)
-            else:
-                dep_value = value if carries[dep_name] else None
-            dep_key = serialize_partition(dep_value)
-            if request.upstream == "none":
-                inputs.append(_Input(dep_name, dep_key, "latest"))
-            else:
-                partitions[dep_name] = dep_value
-                inputs.append(_Input(dep_name, dep_key, "node"))
-        nodes[name] = _Node(asset, value, serialize_partition(value), tuple(inputs))
-    return [nodes[name] for name in order if name in nodes]
+    return Planner(snapshot, request.target).plan(request)
+
+
+class Planner:
+    """``plan`` for any number of requests of one target (a backfill's partitions):
+    the graph's part (the order, each asset, which carry a partition) is looked up
+    once, and each request only maps its partition through it."""
+
+    __slots__ = ("assets", "carries", "order", "root")
+
+    def __init__(self, snapshot: Snapshot, target: str) -> None:
+        graph = snapshot.graph
+        self.root = root = graph.get(target)
+        self.order = order = graph.execution_order(root.name)
+        self.assets: dict[str, Asset] = {name: graph.get(name) for name in order}
+        self.carries: dict[str, bool] = {}
+        for name in order:
+            asset = self.assets[name]
+            self.carries[name] = asset.partitioned_by is not None or any(self.carries[d] for d in asset.depends_on)
+
+    def plan(self, request: RunRequest, *, checked: bool = False) -> list[_Node]:
+        """``plan(snapshot, request)``; ``checked``: the request's partition is already
+        the root's canonical partition (``target_partition`` made it, against the same
+        graph), so it is not checked again."""
+        root, assets, carries = self.root, self.assets, self.carries
+        value = request.partition if checked else target_partition(
+            root, request.partition, carries=carries[root.name])
+        partitions: dict[str, Any] = {root.name: value}
+        nodes: dict[str, _Node] = {}
+        for name in reversed(self.order):
+            if name not in partitions:
+                continue  # only read through an all-partitions input
+            asset = assets[name]
+            value = partitions[name]
+            inputs = []
+            for dep_name in asset.depends_on:
+                dep = assets[dep_name]
+                if value is None and dep.partitioned_by is not None:
+                    inputs.append(_Input(dep_name, None, "all"))
+                    continue
+                if dep.partitioned_by is not None:
+                    dep_value = target_partition(dep, value)
+                else:
+                    dep_value = value if carries[dep_name] else None
+                dep_key = serialize_partition(dep_value)
+                if request.upstream == "none":
+                    inputs.append(_Input(dep_name, dep_key, "latest"))
+                else:
+                    partitions[dep_name] = dep_value
+                    inputs.append(_Input(dep_name, dep_key, "node"))
+            nodes[name] = _Node(asset, value, serialize_partition(value), tuple(inputs))
+        return [nodes[name] for name in self.order if name in nodes]
 
 
 def lookup_pairs(nodes: list[_Node]) -> list[tuple[str, str | None]]:

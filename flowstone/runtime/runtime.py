@@ -57,6 +57,7 @@ from .job import load_value
 from .leases import LEASE_SECONDS, LeaseKeeper
 from .processes import ProcessPool
 from .run import (
+    Planner,
     Prefetched,
     RunRequest,
     RunResult,
@@ -65,7 +66,6 @@ from .run import (
     execute_batch,
     execute_run,
     lookup_pairs,
-    plan,
     target_partition,
 )
 from .watch import DEFAULT_BUFFER, EventBus, Subscription
@@ -410,18 +410,26 @@ class Runtime:
             id=uuid.uuid4(), asset=name, partitions=checked, max_parallel=max_parallel,
             upstream=upstream, force=force, io=io, context=context, tenant=tenant, workers=on_workers,
         )
-        await self._start_backfill(spec, snapshot)
+        await self._start_backfill(spec, snapshot, checked=True)
         return spec.id
 
-    async def _start_backfill(self, spec: bf.BackfillSpec, snapshot: reg.Snapshot) -> None:
+    async def _start_backfill(self, spec: bf.BackfillSpec, snapshot: reg.Snapshot, *, checked: bool = False) -> None:
+        """Run ``spec`` on ``snapshot``; ``checked``: its partitions are the asset's
+        canonical ones, made by ``backfill`` against this snapshot (a resumed
+        backfill's are checked again, against the definitions of now)."""
         env, guard, store, registry = self._env, self._guard, self._env.store, self._registry
+        planner: Planner | None = None
 
         async def prefetch(requests: list[RunRequest]) -> list[tuple[Any, Prefetched]]:
             """One store round trip for the "latest success" lookups of a chunk of
             partitions, instead of one per partition (only the pairs a single
             partition reads: see ``Prefetched``); with each partition's plan, made
-            once for both."""
-            plans = [plan(snapshot, request) for request in requests]
+            once for both. An asset that cannot be planned (a resumed backfill's,
+            since redefined) raises here, for each run to report."""
+            nonlocal planner
+            if planner is None:
+                planner = Planner(snapshot, spec.asset)
+            plans = [planner.plan(request, checked=checked) for request in requests]
             uses = Counter(pair for nodes in plans for pair in set(lookup_pairs(nodes)))
             own = [pair for pair, count in uses.items() if count == 1]
             found = Prefetched(frozenset(own), await env.store.latest_successes(own))

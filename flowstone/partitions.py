@@ -61,7 +61,10 @@ def serialize_partition(partition: Any) -> str | None:
     """
     if partition is None:
         return None
-    if isinstance(partition, str):
+    kind = type(partition)
+    if kind is date:  # the most common partition, first
+        return partition.isoformat()
+    if kind is str or isinstance(partition, str):
         return partition
     if isinstance(partition, tuple):
         if not partition:

@@ -167,6 +167,8 @@ starts, unless a partition before it in the batch turns out slow."""
 class _Batch:
     """One ``run_jobs`` call: the records begun, what was computed and not yet written."""
 
+    __slots__ = ("computed", "computed_all", "current", "env", "jobs", "lost", "report", "running", "waiting")
+
     def __init__(self, jobs: Sequence[Job], env: Env, report: Report) -> None:
         self.jobs, self.env, self.report = jobs, env, report
         self.running: dict[int, tuple[Materialization, Lease]] = {}

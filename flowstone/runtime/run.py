@@ -580,6 +580,9 @@ class _Run:
     and inputs never need a reader's slot.
     """
 
+    __slots__ = ("digests", "env", "every", "latest", "leases", "nodes", "outcomes", "request", "run_id", "snapshot",
+                 "stopped", "tenant")
+
     def __init__(
         self,
         nodes: list[_Node],

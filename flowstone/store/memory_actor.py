@@ -206,7 +206,11 @@ class KeyMap:
         return partitions
 
     def __setitem__(self, key: Key, value: Any) -> None:
-        self._partitions(key[0], key[1])[key[2]] = value
+        assets = self._tenants.get(key[0])
+        partitions = None if assets is None else assets.get(key[1])
+        if partitions is None:
+            partitions = self._partitions(key[0], key[1])
+        partitions[key[2]] = value
 
     def setdefault(self, key: Key, value: Any) -> Any:
         return self._partitions(key[0], key[1]).setdefault(key[2], value)

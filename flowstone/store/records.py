@@ -233,10 +233,10 @@ def new_record(fields: Mapping[str, Any], tenant: str | None, now: datetime) -> 
     values["partition"] = partition if partition is None or type(partition) is str else serialize_partition(partition)
     upstream = values.get("upstream_assets", ())
     values["upstream_assets"] = upstream if type(upstream) is tuple else tuple(upstream)
+    upstream_partitions = values.get("upstream_partitions")
     values["upstream_partitions"] = {
-        name: keys if type(keys) is tuple else tuple(keys)
-        for name, keys in values.get("upstream_partitions", {}).items()
-    }
+        name: keys if type(keys) is tuple else tuple(keys) for name, keys in upstream_partitions.items()
+    } if upstream_partitions else EMPTY
     return Materialization(**values, tenant_id=tenant, inserted_at=now, updated_at=now)
 
 

@@ -183,12 +183,6 @@ twice, so a lease from before a restart never matches a flight of the new gate
 (an int, where a tuple naming the gate was one more tracked object a partition)."""
 
 
-@attrs.define(eq=False)
-class _Flight:
-    token: Any
-    followers: list[Reply] = attrs.field(factory=list)
-
-
 class _Gate:
     """The actor's state and behaviour for one incarnation."""
 
@@ -196,7 +190,11 @@ class _Gate:
         self.name = f"executor:{asset.name}"
         self.asset = asset
         self.slots = asset.max_concurrency
-        self.flights: dict[FlightKey, _Flight] = {}
+        self.flights: dict[FlightKey, Lease] = {}
+        """Each partition running here, with the lease its leader holds."""
+        self.followers: dict[FlightKey, list[Reply]] = {}
+        """Callers waiting for a flight's result, for the flights that have some (a
+        list per flight, and an object holding both, were two more objects a job)."""
         self.tokens = _TOKENS
         self.queue: deque[tuple[FlightKey, Reply]] = deque()
         self.approvals: dict[tuple[str | None, uuid.UUID], MemoryObjectSendStream[tuple[bool, str | None]]] = {}
@@ -209,7 +207,7 @@ class _Gate:
         return ExecutorStatistics(
             asset=self.asset.name,
             in_flight=len(self.flights),
-            followers=sum(len(f.followers) for f in self.flights.values()),
+            followers=sum(len(waiting) for waiting in self.followers.values()),
             queued=len(self.queue),
             awaiting_approval=len(self.approvals),
         )
@@ -217,14 +215,20 @@ class _Gate:
     def submit(self, message: Submit) -> Any:
         assert message.reply is not None
         key = (message.tenant, message.key)
-        flight = self.flights.get(key)
-        if flight is not None:
-            flight.followers.append(message.reply)
+        if key in self.flights:
+            self.follow(key, message.reply)
         elif self.slots is not None and len(self.flights) >= self.slots:
             self.queue.append((key, message.reply))
         else:
             self.grant(key, message.reply)
         return DEFERRED
+
+    def follow(self, key: FlightKey, reply: Reply) -> None:
+        waiting = self.followers.get(key)
+        if waiting is None:
+            self.followers[key] = [reply]
+        else:
+            waiting.append(reply)
 
     def lease_now(self, key: FlightKey) -> Lease | None:
         """A lease of ``key`` when ``submit`` would grant it at once (no flight of it,
@@ -234,19 +238,21 @@ class _Gate:
         return self.lease(key)
 
     def lease(self, key: FlightKey, followers: list[Reply] | None = None) -> Lease:
-        flight = _Flight(next(self.tokens), followers or [])
-        self.flights[key] = flight
-        return Lease(flight.token)
+        lease = self.flights[key] = Lease(next(self.tokens))
+        if followers:
+            self.followers[key] = followers
+        return lease
 
     def grant(self, key: FlightKey, reply: Reply, followers: list[Reply] | None = None) -> None:
         """Lease ``key`` to ``reply``'s caller. A caller that left meanwhile (it was
         cancelled) cannot run it or give it back: the next follower gets it, and
         with none left the flight ends here."""
         while not reply.resolve(self.lease(key, followers)):
-            flight = self.flights.pop(key)
-            if not flight.followers:
+            del self.flights[key]
+            waiting = self.followers.pop(key, None)
+            if not waiting:
                 return
-            reply, *followers = flight.followers
+            reply, *followers = waiting
 
     def finished(self, message: Finished) -> None:
         key = (message.tenant, message.key)
@@ -254,33 +260,36 @@ class _Gate:
             stale = self.approvals.pop((message.tenant, message.record_id), None)
             if stale is not None:
                 stale.close()
-        flight = self.flights.get(key)
-        if flight is None or flight.token != message.token:
+        lease = self.flights.get(key)
+        if lease is None or lease.token != message.token:
             return None  # a lease from before a restart
         del self.flights[key]
-        if message.result is None and flight.followers:
-            promoted, *rest = flight.followers  # the leader was cancelled: the next one runs it
-            self.grant(key, promoted, rest)
-        else:
-            for follower in flight.followers:
-                follower.resolve(message.result)
+        waiting = self.followers.pop(key, None)
+        if waiting:
+            if message.result is None:
+                promoted, *rest = waiting  # the leader was cancelled: the next one runs it
+                self.grant(key, promoted, rest)
+            else:
+                for follower in waiting:
+                    follower.resolve(message.result)
         self.grant_queued()
         return None
 
     def grant_queued(self) -> None:
         while self.queue and (self.slots is None or len(self.flights) < self.slots):
             key, reply = self.queue.popleft()
-            flight = self.flights.get(key)
-            if flight is not None:
-                flight.followers.append(reply)
+            if key in self.flights:
+                self.follow(key, reply)
             else:
                 self.grant(key, reply)
 
     def detach(self, message: Detach) -> None:
         key = (message.tenant, message.key)
-        flight = self.flights.get(key)
-        if flight is not None and message.waiter in flight.followers:
-            flight.followers.remove(message.waiter)
+        waiting = self.followers.get(key)
+        if key in self.flights and waiting is not None and message.waiter in waiting:
+            waiting.remove(message.waiter)
+            if not waiting:
+                del self.followers[key]
         elif (key, message.waiter) in self.queue:
             self.queue.remove((key, message.waiter))
         message.waiter.close()
@@ -307,8 +316,8 @@ class _Gate:
     def fail_waiters(self, error: Callable[[], FlowstoneError]) -> None:
         """Answer everyone still waiting on this incarnation (a no-op for replies
         already answered): followers and callers queued for a slot."""
-        for flight in self.flights.values():
-            for follower in flight.followers:
+        for waiting in self.followers.values():
+            for follower in waiting:
                 follower.fail(error())
         for _key, reply in self.queue:
             reply.fail(error())

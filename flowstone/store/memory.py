@@ -67,15 +67,15 @@ class MemoryStore(MemoryActorClient):
     async def begin(
         self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
     ) -> tuple[Materialization, Lease]:
-        record, lease, write = self._beginning(owner, seconds, unless_done, fields)
-        await self.handle.cast(write)
+        record, lease, orphan = self._beginning(owner, seconds, unless_done, fields)
+        await self.handle.cast(m.Create(record=record, orphan=orphan))
         return record, lease
 
     def _beginning(
         self, owner: str, seconds: float, unless_done: tuple[Any, str] | None, fields: Mapping[str, Any],
-    ) -> tuple[Materialization, Lease, m.Create]:
+    ) -> tuple[Materialization, Lease, tuple[uuid.UUID, str] | None]:
         """``begin``'s record, its lease (granted here: one event loop thread, so
-        atomic) and the write that stores the record."""
+        atomic) and the record of the expired lease it replaced, to close (``Create``)."""
         tenant = current_tenant()
         record = new_record(fields, tenant, utcnow())
         leases = self._data.leases
@@ -84,22 +84,23 @@ class MemoryStore(MemoryActorClient):
             raise FinishedElsewhere(done)
         lease, replaced = leases.acquire(tenant, record.asset_name, record.partition, owner, seconds, record.id)
         orphan = (replaced.record_id, replaced.owner) if replaced is not None and replaced.record_id else None
-        return record, lease, m.Create(record=record, orphan=orphan)
+        return record, lease, orphan
 
     async def begin_many(
         self, owner: str, seconds: float, starts: Sequence[Start]
     ) -> list[tuple[Materialization, Lease] | Exception]:
-        """Each ``begin`` in turn, the leases granted here, the records' writes one cast."""
+        """Each ``begin`` in turn, the leases granted here, the records' writes one cast
+        (a new record as itself, unless it closes an orphan: see ``Many``)."""
         outcomes: list[tuple[Materialization, Lease] | Exception] = []
-        writes: list[m.Create] = []
+        writes: list[Materialization | m.Create] = []
         for start in starts:
             try:
-                record, lease, write = self._beginning(owner, seconds, start.unless_done, start.fields)
+                record, lease, orphan = self._beginning(owner, seconds, start.unless_done, start.fields)
             except Exception as error:
                 outcomes.append(error)
             else:
                 outcomes.append((record, lease))
-                writes.append(write)
+                writes.append(record if orphan is None else m.Create(record=record, orphan=orphan))
         if writes:
             await self.handle.cast(m.Many(writes=tuple(writes)))
         return outcomes

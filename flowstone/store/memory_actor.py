@@ -307,9 +307,10 @@ class Replace(Message[None]):
 class Many(Message[None]):
     """Several write-behind ``Create`` and ``Replace`` casts as one message (a
     batch's ``begin_many`` / ``complete_many``): handled in order, as they would
-    have been one by one."""
+    have been one by one. A new record that closes no orphan comes as itself, for
+    its ``Create`` (one object fewer a partition)."""
 
-    writes: tuple[Create | Replace, ...]
+    writes: tuple[Materialization | Create | Replace, ...]
 
 
 @attrs.frozen(kw_only=True)
@@ -598,7 +599,9 @@ class _Handlers:
     # records
 
     def create(self, m: Create) -> Materialization:
-        record = m.record
+        return self._create(m.record, m.orphan)
+
+    def _create(self, record: Materialization, orphan: tuple[uuid.UUID, str] | None) -> Materialization:
         data = self.data
         rid = record.id.int
         if rid in data.records:
@@ -607,8 +610,8 @@ class _Handlers:
                 [FieldError("id", f"a materialization with id {record.id} already exists")],
                 asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
             )
-        if m.orphan is not None:
-            self._close_orphan(record.tenant_id, *m.orphan)
+        if orphan is not None:
+            self._close_orphan(record.tenant_id, *orphan)
         if record.status in CURRENT:
             self._supersede(record)
         key = (record.tenant_id, record.asset_name, record.partition)
@@ -634,14 +637,16 @@ class _Handlers:
     def many(self, m: Many) -> None:
         """Each write as its own cast would be: one refused (a ``FlowstoneError``,
         logged) does not stop the others."""
-        create, replace = self.create, self.replace
+        create, replace = self._create, self.replace
         for write in m.writes:
             try:
                 if type(write) is Replace:
                     replace(write)
+                elif type(write) is Materialization:
+                    create(write, None)
                 else:
                     assert type(write) is Create
-                    create(write)
+                    create(write.record, write.orphan)
             except FlowstoneError as error:
                 log.warning("memory store: cast %s failed: %s", type(write).__name__, error)
 

@@ -77,7 +77,7 @@ class Wait(Message[BackfillStatus]):
 MAX_CHUNK = 16
 
 
-Reported = Callable[[int, Any], Awaitable[None]]
+Reported = Callable[[int, Any], None]
 """Told a batch's outcomes, each by its partition's index, as they come."""
 
 
@@ -450,7 +450,7 @@ async def _run_batch(
     outcomes: list[Any] = []
     counted: set[int] = set()
 
-    async def report(index: int, outcome: Any) -> None:
+    def report(index: int, outcome: Any) -> None:
         counted.add(index)
         outcomes.append(outcome)
         progress.running -= 1
@@ -463,7 +463,7 @@ async def _run_batch(
         alone = []
         for index in range(len(partitions)):
             if index not in counted:
-                await report(index, error)
+                report(index, error)
     finally:
         uncounted = len(partitions) - len(counted)
         progress.running -= uncounted

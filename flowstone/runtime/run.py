@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -412,7 +412,7 @@ def batchable(nodes: list[_Node]) -> bool:
 
 async def execute_batch(
     snapshot: Snapshot, env: Env, guard: Guard | None, requests: Sequence[RunRequest], plans: Sequence[list[_Node]],
-    tenant: str | None, prefetched: Prefetched, report: Callable[[int, RunResult | Exception], Awaitable[None]],
+    tenant: str | None, prefetched: Prefetched, report: Callable[[int, RunResult | Exception], None],
 ) -> list[int]:
     """Run the ``batchable`` plans of a backfill's chunk together (ADR 0032): each
     decided (skip or compute) as ``execute_run`` decides, those to compute as one
@@ -440,7 +440,7 @@ async def execute_batch(
             await _authorize(snapshot, guard, first.nodes, {**(first.request.context or {}), "tenant": tenant})
         except FlowstoneError as error:
             for index in runs:
-                await report(index, error)
+                report(index, error)
             return alone
     pairs = {pair for run in runs.values() for pair in lookup_pairs(run.nodes)}
     latest = {pair: prefetched.found[pair] for pair in pairs if pair in prefetched.found}
@@ -452,7 +452,7 @@ async def execute_batch(
         missing = _missing_input(run)
         if missing is not None:
             del runs[index]
-            await report(index, missing)
+            report(index, missing)
     await _execute_together(snapshot, env, tenant, runs, alone, report)
     return sorted(alone)
 
@@ -476,7 +476,7 @@ def _never_materialized(read: _Input, tenant: str | None) -> NotFound:
 
 async def _execute_together(
     snapshot: Snapshot, env: Env, tenant: str | None, runs: dict[int, _Run], alone: list[int],
-    report: Callable[[int, RunResult | Exception], Awaitable[None]],
+    report: Callable[[int, RunResult | Exception], None],
 ) -> None:
     """Decide the asset of each one-asset run, and compute those that must run as
     one batch; a run whose partition another run here holds goes to ``alone``. Each
@@ -485,9 +485,9 @@ async def _execute_together(
     leases: list[Lease | None] = []
     owners: list[int] = []
 
-    async def done(index: int) -> None:
+    def done(index: int) -> None:
         run = runs.pop(index)
-        await report(index, run.stopped if run.stopped is not None else _run_result(env, run))
+        report(index, run.stopped if run.stopped is not None else _run_result(env, run))
 
     for index, run in list(runs.items()):
         node = run.nodes[0]
@@ -498,7 +498,7 @@ async def _execute_together(
         previous = run.reusable(node, digest)
         if previous is not None:
             run.outcomes[name] = _Outcome(record=previous, reused=True)
-            await done(index)
+            done(index)
             continue
         executor = snapshot.executors[name]
         lease = lease_now(executor, tenant, node.key)
@@ -525,7 +525,7 @@ async def _execute_together(
             await hand_over(snapshot.executors[job.asset.name], job, lease,
                             result if isinstance(result, JobResult) else None)
         runs[index].settle(job, result)
-        await done(index)
+        done(index)
 
     try:
         if jobs:

@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import MappingProxyType
 from typing import Any
@@ -441,7 +441,7 @@ class Runtime:
 
         async def batch(
             requests: list[RunRequest], ahead: list[tuple[Any, Prefetched]],
-            report: Callable[[int, RunResult | Exception], Awaitable[None]],
+            report: Callable[[int, RunResult | Exception], None],
         ) -> list[int]:
             """The chunk's one-asset plans as one batch (ADR 0032); a run that a tracer
             follows has spans of its own, so it runs alone."""

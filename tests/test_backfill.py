@@ -520,6 +520,32 @@ async def test_a_slow_partition_in_a_batch_holds_back_neither_the_records_nor_th
         assert (status.succeeded, status.failed) == (12, 0)
 
 
+async def test_the_ends_written_behind_a_slow_partition_are_written_in_the_backfills_tenant(anyio_backend):
+    # The runtime's one writer writes every batch's ends behind, each in its own
+    # batch's tenant: records of another tenant are invisible (NotFound) to a write.
+    release = anyio.Event()
+
+    async def work(ctx, deps):
+        if ctx.partition_key == "2025-01-06":
+            await release.wait()
+        return 1
+
+    async with fs.open_runtime([asset_of(work)]) as rt:
+        with fs.tenant_scope("acme"):
+            backfill = await rt.backfill("events", partitions=DAYS[:12], max_parallel=1)
+
+            async def five_done():
+                records = await rt.store.list_all()
+                return {r.partition for r in records if r.status is Status.SUCCESS} == {d.isoformat() for d in DAYS[:5]}
+
+            await until(five_done)
+            release.set()
+            status = await rt.wait_backfill(backfill)
+            assert (status.succeeded, status.failed) == (12, 0)
+            assert {r.tenant_id for r in await rt.store.list_all()} == {"acme"}
+        assert await rt.store.list_all() == []  # nothing outside the tenant
+
+
 async def test_a_failure_in_a_batch_fails_that_partition_only(anyio_backend):
     def work(ctx, deps):
         if ctx.partition_key in ("2025-01-04", "2025-01-09"):

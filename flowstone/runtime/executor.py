@@ -42,7 +42,7 @@ import itertools
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import attrs
@@ -58,6 +58,9 @@ from .leases import LeaseKeeper
 from .processes import ProcessPool
 from .tracing import Tracing
 from .watch import EventBus
+
+if TYPE_CHECKING:
+    from .job import BatchWriter
 
 __all__ = [
     "AwaitApproval", "Decide", "Detach", "Door", "Env", "ExecutorStatistics", "Finished", "JobResult", "Lease",
@@ -91,6 +94,9 @@ class Env:
     """Who watches this runtime (``rt.events``); publishers check for subscribers first."""
     tracing: Tracing | None = None
     """OpenTelemetry, when its API is installed (``flowstone.runtime.tracing``), else None."""
+    writer: BatchWriter | None = None
+    """Writes behind for the batches (``flowstone.runtime.job.BatchWriter``); None:
+    a batch writes its ends when it has computed every job."""
 
 
 @attrs.frozen

@@ -11,6 +11,7 @@ and bounded, so no record is left ``running``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 import anyio
 import attrs
+from anyio.abc import TaskStatus
 
 from .. import events as ev
 from ..actors.mailbox import CLEANUP_SECONDS, Handle
@@ -41,13 +43,15 @@ from ..io.memory import private_copy
 from ..io.protocol import LoadsMany, returns_stored_object
 from ..plumbing import threads
 from ..plumbing.clock import utcnow
+from ..plumbing.interrupts import internal
 from ..store.leases import End, Lease, Start
 from ..store.records import ACTIVE, Materialization, Status
+from ..tenancy import current_tenant, tenant_scope
 from . import tracing
 from .executor import AwaitApproval, Env, JobResult
 from .processes import run_in_process
 
-__all__ = ["IO_CONFIG", "IO_KEY", "Job", "Read", "describe", "run_job", "run_jobs"]
+__all__ = ["IO_CONFIG", "IO_KEY", "BatchWriter", "Job", "Read", "describe", "run_job", "run_jobs"]
 
 IO_KEY = "flowstone.io_manager"
 IO_CONFIG = "flowstone.io_config"
@@ -164,20 +168,63 @@ BATCH_SECONDS = 0.01
 starts, unless a partition before it in the batch turns out slow."""
 
 
+class BatchWriter:
+    """The runtime's one write-behind task for every batch (``run_jobs``): a batch
+    that has computed ends waiting while it computes more is registered here, and
+    ``BATCH_SECONDS`` after the first registration the task writes what each one
+    registered has waiting (in that batch's tenant), and so on while any is.
+
+    A task of each batch's own did that before, in a task group the batch left at
+    its end: leaving it was a checkpoint, so every backfill worker's batch stayed
+    alive until all of them had run, and the garbage collector's young passes,
+    which that pile kept triggering, cost about a tenth of a partition's time."""
+
+    __slots__ = ("batches", "wake")
+
+    def __init__(self) -> None:
+        self.batches: dict[_Batch, None] = {}
+        self.wake = anyio.Event()
+
+    def add(self, batch: _Batch) -> None:
+        self.batches[batch] = None
+        self.wake.set()
+
+    @internal  # Ctrl-C goes to the caller's task, not into this loop
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self.wake.wait()
+            await anyio.sleep(BATCH_SECONDS)
+            self.wake = anyio.Event()
+            async with anyio.create_task_group() as writes:  # each batch's store call at once
+                for batch in list(self.batches):
+                    if batch.claim():
+                        writes.start_soon(batch.write_behind)
+            if self.batches:  # still computing: write again in BATCH_SECONDS
+                self.wake.set()
+
+
 class _Batch:
     """One ``run_jobs`` call: the records begun, what was computed and not yet written."""
 
-    __slots__ = ("computed", "computed_all", "current", "env", "jobs", "lost", "report", "running", "waiting")
+    __slots__ = ("behind_error", "computed", "computing", "current", "env", "jobs", "lost", "registered", "report",
+                 "running", "tenant", "waiting", "written")
 
     def __init__(self, jobs: Sequence[Job], env: Env, report: Report) -> None:
         self.jobs, self.env, self.report = jobs, env, report
+        self.tenant = current_tenant()
         self.running: dict[int, tuple[Materialization, Lease]] = {}
         self.computed: dict[int, _Computed] = {}
         self.waiting: list[int] = []
         """Computed, and not handed to the store yet."""
         self.lost: set[int] = set()
         """Taken over by another process while computing: nothing more is written."""
-        self.computed_all = anyio.Event()
+        self.computing = True
+        self.registered = False
+        """With the runtime's ``BatchWriter``, until the batch has computed every job."""
+        self.written: anyio.Event | None = None
+        """Set when the writer's write of this batch ends (while it writes: see ``_behind_done``)."""
+        self.behind_error: Exception | None = None
         self.current: int | None = None
         """The job computing now."""
 
@@ -195,26 +242,34 @@ class _Batch:
             if env.events.subscribers:
                 _announce(env, got[0])
         try:
-            async with anyio.create_task_group() as tasks:
-                if len(self.running) > 1:
-                    tasks.start_soon(self._write_behind)
-                try:
-                    for index, (record, lease) in self.running.items():
-                        self.current = index
-                        try:
-                            self.computed[index] = await _compute(self.jobs[index], env, record, lease)
-                        except LeaseLost as lost:  # taken over: that process writes this partition now
-                            self.lost.add(index)
-                            await self.report(index, lost)
-                            continue
-                        self.waiting.append(index)
-                finally:
-                    self.computed_all.set()
+            try:
+                last = len(self.running) - 1
+                for at, (index, (record, lease)) in enumerate(self.running.items()):
+                    self.current = index
+                    try:
+                        self.computed[index] = await _compute(self.jobs[index], env, record, lease)
+                    except LeaseLost as lost:  # taken over: that process writes this partition now
+                        self.lost.add(index)
+                        await self.report(index, lost)
+                        continue
+                    self.waiting.append(index)
+                    if at < last and not self.registered and env.writer is not None:
+                        self.registered = True  # ends wait while the next jobs compute: written behind
+                        env.writer.add(self)
+            finally:
+                self.computing = False
+                if self.registered:
+                    assert env.writer is not None
+                    env.writer.batches.pop(self, None)
+            await self._behind_done()
+            if self.behind_error is not None:
+                raise self.behind_error
             await self._write()
         except BaseException:
             # Cancelled (or the runtime broke): what was computed is recorded as it
             # came out, the rest as cancelled, shielded and bounded, as one job would.
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+                await self._behind_done()
                 for index, (record, _lease) in self.running.items():
                     if index not in self.computed and index not in self.lost:
                         message = "cancelled" if index == self.current else "cancelled before it started"
@@ -227,14 +282,34 @@ class _Batch:
             for _record, lease in self.running.values():
                 env.leases.drop(lease)
 
-    async def _write_behind(self) -> None:
-        """Every ``BATCH_SECONDS`` while jobs compute, write the ends computed meanwhile."""
-        while not self.computed_all.is_set():
-            with anyio.move_on_after(BATCH_SECONDS):
-                await self.computed_all.wait()
-            if self.waiting and not self.computed_all.is_set():
-                with anyio.CancelScope(shield=True):
-                    await self._write()
+    def claim(self) -> bool:
+        """Whether the writer is to write this batch's waiting ends now (then it
+        must: ``write_behind``); the batch waits for that write before its own."""
+        if not (self.computing and self.waiting) or self.written is not None:
+            return False
+        self.written = anyio.Event()
+        return True
+
+    async def write_behind(self) -> None:
+        """The writer's write of the ends waiting, shielded, in the batch's tenant; an
+        error is kept for the batch to raise once it has computed every job."""
+        try:
+            with anyio.CancelScope(shield=True), (
+                tenant_scope(self.tenant) if self.tenant is not None else contextlib.nullcontext()
+            ):
+                await self._write()
+        except Exception as error:
+            self.behind_error = error
+        finally:
+            assert self.written is not None
+            self.written.set()
+            self.written = None
+
+    async def _behind_done(self) -> None:
+        """Wait for the writer's write of this batch, if it is writing now: the
+        batch's own writes come after it, and its leases are dropped after both."""
+        if self.written is not None:
+            await self.written.wait()
 
     async def _write(self) -> None:
         """The last writes of the jobs computed and waiting, in one store call; then

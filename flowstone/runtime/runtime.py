@@ -53,7 +53,7 @@ from . import backfill as bf
 from . import registry as reg
 from . import retention, tracing
 from .executor import Decide, Door, Env, ExecutorStatistics, Stats, executor_actor
-from .job import load_value
+from .job import BatchWriter, load_value
 from .leases import LEASE_SECONDS, LeaseKeeper
 from .processes import ProcessPool
 from .run import (
@@ -631,6 +631,8 @@ async def open_runtime(
             await _start_memory_clients(services, bound, restart_policy)
             async with anyio.create_task_group() as workers:
                 await workers.start(keeper.run)  # cancelled with the jobs whose leases it renews
+                writer = BatchWriter()
+                await workers.start(writer.run)
                 env = Env(
                     store=store,
                     io_managers=managers,
@@ -643,6 +645,7 @@ async def open_runtime(
                     processes=processes,
                     events=bus,
                     tracing=tracing.tracing(),
+                    writer=writer,
                 )
 
                 def spawn(asset: Asset) -> Handle:

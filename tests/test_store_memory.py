@@ -2,6 +2,7 @@
 
 from datetime import datetime, timedelta, timezone
 
+import anyio
 import pytest
 
 import flowstone as fs
@@ -66,6 +67,51 @@ async def test_a_batch_write_the_store_refuses_does_not_drop_the_others(anyio_ba
         assert (await store.get_by_id(second.id)).partition == "2"
         assert (await store.get_by_id(taken.id)).partition is None  # not overwritten
         assert "already exists" in caplog.text
+
+
+async def test_a_write_is_handled_in_place_only_when_it_overtakes_no_other_write(anyio_backend):
+    """A cast while no other cast is queued or on its way to the actor is the
+    actor's next write, so the client handles it itself; behind a queued cast, it
+    is queued too, as any cast. A queued call is overtaken, as if posted later."""
+    from flowstone.store import memory_actor as m
+
+    async with fs.store.MemoryStore() as store:
+        await store.list_all()
+        door = store.handle.shared
+        assert door.idle()
+        first = await store.create(asset_name="orders")
+        assert first.id.int in store._data.records  # stored without an event-loop turn
+        pending = await store.handle.request(m.ByStatus, tenant=None, status=fs.Status.PENDING, limit=10)
+        second = await store.create(asset_name="orders")  # overtakes the call, posted before it
+        assert second.id.int in store._data.records
+        assert [r.id for r in await pending.result()] == [second.id, first.id]
+        assert store.handle.try_cast(m.Create(record=_finished({"asset_name": "orders", "status": fs.Status.SUCCESS})))
+        assert not door.idle()  # a cast is queued
+        third = await store.create(asset_name="orders")
+        assert third.id.int not in store._data.records  # queued behind it, not ahead
+        assert len(await store.list_all()) == 4  # the actor took both, in order
+        assert third.id.int in store._data.records and door.idle()
+
+
+async def test_a_bug_in_a_write_handled_in_place_restarts_the_actor_and_keeps_the_data(anyio_backend, caplog,
+                                                                                      monkeypatch):
+    from flowstone.store import memory_actor as m
+
+    async with fs.store.MemoryStore() as store:
+        kept = await store.create(asset_name="orders")
+        await store.list_all()
+
+        def broken(self, message):
+            raise KeyError("a bug")
+
+        monkeypatch.setattr(m._Handlers, "put_value", broken)
+        door = store.handle.shared
+        door.handlers.dispatch[m.PutValue] = door.handlers.put_value  # as bound when the door was made
+        await store._cast(m.PutValue(tenant=None, asset="orders", partition=None, value=1))
+        assert "restarting the actor" in caplog.text
+        monkeypatch.undo()
+        with anyio.fail_after(5):
+            assert (await store.get_by_id(kept.id)).id == kept.id  # the restarted actor has the data
 
 
 def _finished(fields):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 import anyio
 import attrs
@@ -27,8 +27,8 @@ from ..errors import ActorCrashed, FlowstoneError, RuntimeClosed
 from ..plumbing.interrupts import internal
 
 __all__ = [
-    "CLEANUP_SECONDS", "DEFERRED", "Crash", "Handle", "Handlers", "Message", "Outcome", "Reply", "direct_reply",
-    "open_mailbox", "serve",
+    "CLEANUP_SECONDS", "DEFERRED", "CountedHandle", "Crash", "Handle", "Handlers", "Message", "Outcome", "Reply",
+    "direct_reply", "open_mailbox", "serve",
 ]
 
 log = logging.getLogger("flowstone.actors")
@@ -216,6 +216,45 @@ class Handle:
             raise RuntimeClosed(f"{self.name} is not running (the runtime is closed)") from None
 
 
+class Counter(Protocol):
+    casts: int
+
+    def close(self) -> None:
+        """The mailbox closed: nothing more may be posted."""
+
+
+@attrs.frozen
+class CountedHandle(Handle):
+    """A handle that counts each cast it posts in ``shared.casts``; with a serve loop
+    counting each cast it takes (``serve(taken=...)``), equal counts say that no
+    cast is queued or on its way to the actor. (A call's caller waits for its
+    answer, so nothing it does later can overtake it.)"""
+
+    shared: Counter = attrs.field(repr=False, eq=False)
+
+    async def cast(self, message: Message) -> None:
+        self.shared.casts += 1
+        try:
+            await self._post(message)
+        except BaseException:
+            self.shared.casts -= 1
+            raise
+
+    def try_cast(self, message: Message) -> bool:
+        self.shared.casts += 1
+        sent = False
+        try:
+            sent = Handle.try_cast(self, message)
+        finally:
+            if not sent:
+                self.shared.casts -= 1
+        return sent
+
+    def close(self) -> None:
+        Handle.close(self)
+        self.shared.close()
+
+
 class PendingCall(Generic[R]):
     """A request already posted; its answer is read once, or the request handed back.
 
@@ -275,11 +314,12 @@ class PendingCall(Generic[R]):
 
 
 def open_mailbox(
-    name: str, shared: Any = None
+    name: str, shared: Any = None, *, counted: bool = False
 ) -> tuple[Handle, MemoryObjectSendStream[Message], MemoryObjectReceiveStream[Message]]:
-    """A handle plus both ends of its mailbox, for the supervisor to own and close."""
+    """A handle plus both ends of its mailbox, for the supervisor to own and close;
+    ``counted``: a ``CountedHandle`` (``shared`` counts the casts)."""
     send, receive = anyio.create_memory_object_stream[Message](MAILBOX_SIZE)
-    return Handle(name, send, shared), send, receive
+    return (CountedHandle(name, send, shared) if counted else Handle(name, send, shared)), send, receive
 
 
 def direct_reply(actor: str) -> tuple[Reply, PendingCall[Any]]:
@@ -297,7 +337,10 @@ Handlers = Mapping[type[Message], Handler]
 
 
 @internal  # Ctrl-C goes to the caller's task, not into this loop
-async def serve(name: str, mailbox: MemoryObjectReceiveStream[Message], handlers: Handlers) -> None:
+async def serve(
+    name: str, mailbox: MemoryObjectReceiveStream[Message], handlers: Handlers, *,
+    taken: Callable[[Message], None] | None = None,
+) -> None:
     """Answer each message with the handler of its type, until the mailbox closes.
 
     Every actor dispatches this one way: ``handlers`` maps each message type it
@@ -307,7 +350,7 @@ async def serve(name: str, mailbox: MemoryObjectReceiveStream[Message], handlers
     ``FlowstoneError`` it raises is the caller's answer and the actor goes on;
     any other exception is a bug: the caller gets :class:`ActorCrashed` with the
     bug as ``__cause__``, and the exception propagates so the supervisor restarts
-    the actor.
+    the actor. ``taken`` is called as each message is taken from the mailbox.
     """
     handled = 0
     while True:
@@ -328,6 +371,8 @@ async def serve(name: str, mailbox: MemoryObjectReceiveStream[Message], handlers
             handled += 1
             if handled % _YIELD_EVERY == 0:
                 await anyio.lowlevel.checkpoint()
+        if taken is not None:
+            taken(message)
         # Handled inline rather than in a helper coroutine: most handlers are
         # plain functions, and a coroutine per message is measurable at this rate.
         reply = message.reply

@@ -45,14 +45,17 @@ async def supervise(
     incarnation: Incarnation,
     policy: RestartPolicy,
     *,
+    shared: Any = None,
+    counted: bool = False,
     task_status: TaskStatus[Handle] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``incarnation(mailbox)`` until it returns, restarting it when it crashes.
 
     Start with ``handle = await tg.start(supervise, name, incarnation, policy)``, or
-    without waiting with :func:`spawn`.
+    without waiting with :func:`spawn`. ``shared`` goes on the handle (``Handle.shared``);
+    ``counted``: the handle counts its casts there (``CountedHandle``).
     """
-    handle, send, receive = open_mailbox(name)
+    handle, send, receive = open_mailbox(name, shared, counted=counted)
     await _supervised(name, incarnation, policy, send, receive, lambda: task_status.started(handle))
 
 

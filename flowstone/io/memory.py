@@ -53,8 +53,9 @@ class MemoryIO(MemoryActorClient):
 
     ``store`` copies what it is given and ``load`` hands out a copy, so neither the
     producer nor a reader mutating its object changes what is stored (immutable
-    values are not copied). Safe under concurrent access because one actor serves
-    every call. ``store`` is a cast.
+    values are not copied). Safe under concurrent access because the memory-store
+    actor orders every call. ``store`` is a cast (handled in place when no other
+    cast waits for the actor).
     """
 
     returns_stored_object = True
@@ -71,10 +72,10 @@ class MemoryIO(MemoryActorClient):
     ) -> None:
         key = serialize_partition(partition)
         kept = private_copy(value, asset=asset, partition=key)
-        await self.handle.cast(m.PutValue(tenant=current_tenant(), asset=asset, partition=key, value=kept))
+        await self._cast(m.PutValue(tenant=current_tenant(), asset=asset, partition=key, value=kept))
 
     async def delete(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
-        await self.handle.cast(
+        await self._cast(
             m.DropValue(tenant=current_tenant(), asset=asset, partition=serialize_partition(partition))
         )
 

@@ -49,7 +49,8 @@ class MemoryStore(MemoryActorClient):
     """The reference store: fast, in memory, lost when the process ends.
 
     ``create`` is a cast: it returns the record without waiting for the actor,
-    and the mailbox's order makes it visible to every later call. Leases live in
+    and the mailbox's order makes it visible to every later call (when no other
+    cast is queued, the store writes it at once, where the mailbox would). Leases live in
     the same data and are granted synchronously (one event loop thread: each call
     is atomic). ``now`` is the clock of leases and heartbeats (tests pass their own).
     """
@@ -61,14 +62,14 @@ class MemoryStore(MemoryActorClient):
         record = new_record(fields, current_tenant(), utcnow())
         if "id" in fields:  # the caller's id may clash: wait for the answer
             return await self.handle.call(m.Create, record=record)
-        await self.handle.cast(m.Create(record=record))
+        await self._cast(m.Create(record=record))
         return record
 
     async def begin(
         self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
     ) -> tuple[Materialization, Lease]:
         record, lease, orphan = self._beginning(owner, seconds, unless_done, fields)
-        await self.handle.cast(m.Create(record=record, orphan=orphan))
+        await self._cast(m.Create(record=record, orphan=orphan))
         return record, lease
 
     def _beginning(
@@ -102,7 +103,7 @@ class MemoryStore(MemoryActorClient):
                 outcomes.append((record, lease))
                 writes.append(record if orphan is None else m.Create(record=record, orphan=orphan))
         if writes:
-            await self.handle.cast(m.Many(writes=tuple(writes)))
+            await self._cast(m.Many(writes=tuple(writes)))
         return outcomes
 
     async def complete_many(self, ends: Sequence[End]) -> list[Materialization | Exception]:
@@ -127,7 +128,7 @@ class MemoryStore(MemoryActorClient):
             if end.lease is not None and end.status in TERMINAL:
                 released.add(end.lease.fence)
         if writes:
-            await self.handle.cast(m.Many(writes=tuple(writes)))
+            await self._cast(m.Many(writes=tuple(writes)))
         for end, new in ended:
             self._release(end.lease, end.status, new)
         return outcomes
@@ -163,7 +164,7 @@ class MemoryStore(MemoryActorClient):
         """The runtime's own transition of a record it holds the lease for: checked
         here, written behind (a cast); later calls see it, in mailbox order."""
         new, write = self._ending(record, status, lease, fields, current_tenant(), utcnow())
-        await self.handle.cast(write)
+        await self._cast(write)
         self._release(lease, status, new)
         return new
 
@@ -223,7 +224,7 @@ class MemoryStore(MemoryActorClient):
                                       limit=check_batch(limit))
 
     async def mark_stale(self, asset_name: str, partition: str | None) -> None:
-        await self.handle.cast(m.MarkStale(tenant=current_tenant(), asset=asset_name, partition=partition))
+        await self._cast(m.MarkStale(tenant=current_tenant(), asset=asset_name, partition=partition))
 
     async def save_backfill(self, id: uuid.UUID, state: Any, *, owner: str | None = None) -> None:
         await self.handle.call(m.SaveBackfill, tenant=current_tenant(), id=id, state=state, owner=owner)

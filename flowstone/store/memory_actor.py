@@ -1,8 +1,10 @@
 """The memory-store actor: materialization records and stored values, in memory.
 
 One actor serves both ``fs.store.MemoryStore`` (records) and ``fs.io.MemoryIO``
-(values), so one mailbox orders every write: a record that says ``success`` is
-never visible before its value is.
+(values), so one order holds every write: a record that says ``success`` is never
+visible before its value is. A write cast while no other cast waits in the
+mailbox is handled by the client in its own step (``InPlace``), which is where
+the mailbox would have put it.
 
 The data lives in :class:`MemoryData`, which the supervisor hands to each
 incarnation: a restart after a crash loses no record or value (handlers check
@@ -24,7 +26,7 @@ from typing import Any, NamedTuple, TypeVar
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ..actors.mailbox import Message, serve
+from ..actors.mailbox import Crash, Handle, Message, serve
 from ..definitions import FieldError
 from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, FlowstoneError, LeaseLost, NotFound
 from ..plumbing.clock import utcnow
@@ -1021,10 +1023,65 @@ class _Handlers:
         return BackfillClaim(row.saved, previous, seen)
 
 
-def memory_actor(data: MemoryData) -> Callable[[MemoryObjectReceiveStream[Message]], Any]:
-    """The incarnation function the supervisor restarts: same data every time."""
+class InPlace:
+    """The actor's handlers over its data, on its handle (``Handle.shared``): a
+    client casting a write while no cast is queued or on its way to the actor
+    handles it here instead (``MemoryActorClient._cast``), in the same order the
+    mailbox would have given it. One event-loop thread runs both, and the handlers
+    never await, so the outcome is the actor's: a ``FlowstoneError`` logged, and any
+    other error a bug that restarts the actor (its data is left as it was: handlers
+    check everything before they change anything). A call still queued is
+    overtaken, as if posted a moment later: its caller waits for the answer, so
+    nothing it does afterwards can be handled before it."""
+
+    __slots__ = ("casts", "handlers", "open", "serving", "taken")
+
+    def __init__(self, data: MemoryData) -> None:
+        self.handlers = _Handlers(data)
+        self.casts = 0
+        """Casts posted to the actor (its handle counts them: ``CountedHandle``)."""
+        self.taken = 0
+        """Casts its serve loop took from the mailbox."""
+        self.serving = False
+        """An incarnation is serving (not crashed and waiting for its restart, not stopped)."""
+        self.open = True
+        """The mailbox takes messages (it was not closed)."""
+
+    def idle(self) -> bool:
+        """Whether a cast handled in place now would overtake no other cast: the
+        actor serves, and none is queued or on its way to it."""
+        return self.open and self.serving and self.casts == self.taken
+
+    def took(self, message: Message) -> None:
+        if message.reply is None:
+            self.taken += 1
+
+    def close(self) -> None:
+        """The handle's mailbox closed: a cast raises ``RuntimeClosed`` from now on."""
+        self.open = False
+
+    def apply(self, actor: Handle, message: Message) -> None:
+        try:
+            self.handlers.dispatch[message.__class__](message)
+        except FlowstoneError as error:
+            log.warning("memory-store: cast %s failed: %s", type(message).__name__, error)
+        except Exception as error:
+            log.error("memory-store: cast %s failed; restarting the actor", type(message).__name__, exc_info=error)
+            actor.try_cast(Crash(reason=f"a cast handled in place failed: {error!r}"))
+
+
+def memory_actor(data: MemoryData, door: InPlace | None = None) -> Callable[[MemoryObjectReceiveStream[Message]], Any]:
+    """The incarnation function the supervisor restarts: same data every time;
+    ``door`` is the one on its handle, whose counts it keeps."""
 
     async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
-        await serve("memory-store", mailbox, _Handlers(data).dispatch)
+        if door is None:
+            await serve("memory-store", mailbox, _Handlers(data).dispatch)
+            return
+        door.serving = True
+        try:
+            await serve("memory-store", mailbox, _Handlers(data).dispatch, taken=door.took)
+        finally:
+            door.serving = False
 
     return incarnation

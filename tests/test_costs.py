@@ -1,9 +1,10 @@
 """The message budget of a materialization: what the speed figures rest on (ADR 0005).
 
 Not timings (those live in stress/, on a noisy machine): counts. A fresh chain
-must cost each asset three casts (create, value, completion) and no message for
-its lease (taken from and handed back to the executor's gate directly), plus a
-constant per run, and must start no task.
+must cost each asset three writes (create, value, completion), handled in place
+(no message: nothing else waits for the memory-store actor, ADR 0038), and no
+message for its lease (taken from and handed back to the executor's gate
+directly), plus a constant per run, and must start no task.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 import flowstone as fs
 from flowstone.actors import mailbox
+from flowstone.store.memory_actor import InPlace
 
 pytestmark = pytest.mark.anyio
 
@@ -47,13 +49,29 @@ def counted(monkeypatch):
         counts[f"cast {type(message).__name__}"] += 1
         return try_cast(self, message)
 
+    apply = InPlace.apply
+
+    def counting_apply(self, actor, message):
+        counts[f"in place {type(message).__name__}"] += 1
+        return apply(self, actor, message)
+
     monkeypatch.setattr(mailbox.Handle, "request", counting_request)
     monkeypatch.setattr(mailbox.Handle, "cast", counting_cast)
+    counted_cast = mailbox.CountedHandle.cast
+
+    async def counting_counted_cast(self, message):
+        counts[f"cast {type(message).__name__}"] += 1
+        return await counted_cast(self, message)
+
+    monkeypatch.setattr(mailbox.CountedHandle, "cast", counting_counted_cast)
     monkeypatch.setattr(mailbox.Handle, "try_cast", counting_try_cast)
+    monkeypatch.setattr(InPlace, "apply", counting_apply)
     return counts
 
 
-async def test_a_fresh_chain_costs_three_casts_per_asset_and_no_message_for_leases(anyio_backend, counted):
+async def test_a_fresh_chain_costs_three_writes_in_place_per_asset_and_no_message_for_leases(
+    anyio_backend, counted
+):
     async with fs.open_runtime(chain()) as rt:
         counted.clear()
         result = await rt.materialize(f"a{LENGTH - 1}")
@@ -61,9 +79,9 @@ async def test_a_fresh_chain_costs_three_casts_per_asset_and_no_message_for_leas
         assert dict(counted) == {
             "request GetSnapshot": 1,
             "request LatestSuccesses": 1,
-            "cast Create": LENGTH,
-            "cast PutValue": LENGTH,
-            "cast Replace": LENGTH,
+            "in place Create": LENGTH,
+            "in place PutValue": LENGTH,
+            "in place Replace": LENGTH,
         }
         stats = await rt.statistics()
         assert all(s.in_flight == 0 for s in stats.values())  # every lease was handed back

@@ -808,7 +808,7 @@ class _Run:
     async def lead_or_follow(self, job: Job, pending: PendingCall) -> JobResult:
         """Run the job under the lease the executor granted, or take the leader's result."""
         executor = self.snapshot.executors[job.asset.name]
-        answer = await pending.result(self.hand_back(job.asset.name))
+        answer = await pending.result(hand_back(executor, self.tenant, job.key))
         if not isinstance(answer, Lease):
             return answer  # another caller computed it (single flight)
         result: JobResult | None = None

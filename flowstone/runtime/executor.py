@@ -204,7 +204,11 @@ class _Gate:
         self.tokens = _TOKENS
         self.queue: deque[tuple[FlightKey, Reply]] = deque()
         self.approvals: dict[tuple[str | None, uuid.UUID], MemoryObjectSendStream[tuple[bool, str | None]]] = {}
-        self.dispatch: dict[type[Message], Callable[[Any], Any]] = {
+
+    def dispatch(self) -> dict[type[Message], Callable[[Any], Any]]:
+        """The handler of each message, for the actor's task (made when it starts: a
+        run's callers use the gate directly, and most executors never get a message)."""
+        return {
             Submit: self.submit, Finished: self.finished, Detach: self.detach,
             AwaitApproval: self.await_approval, Decide: self.decide, Stats: self.stats,
         }
@@ -416,7 +420,7 @@ def executor_actor(asset: Asset, door: Door | None = None) -> Any:
         gate = door.gate if door.gate is not None else _Gate(asset)
         door.gate = gate  # before any await: direct callers and messages see one gate
         try:
-            await serve(gate.name, mailbox, gate.dispatch)
+            await serve(gate.name, mailbox, gate.dispatch())
         except Exception as error:
             gate.crashed(error)
             raise

@@ -451,8 +451,10 @@ async def _compute(job: Job, env: Env, record: Materialization, lease: Lease) ->
             "error_message": describe(error), "error_traceback": traceback_of(error),
             "metadata": _io_metadata(ctx.metadata, job), **_timing(record, started),
         }, error=error)
-    return _Computed(Status.SUCCESS, {"metadata": _io_metadata(ctx.metadata, job), **_timing(record, started)},
-                     value=value)
+    return _Computed(Status.SUCCESS, {
+        "metadata": _io_metadata(ctx.metadata, job), "completed_at": utcnow(),
+        "duration_ms": (time.perf_counter() - started) * 1000,
+    }, value=value)  # _timing's fields, without its dict to merge
 
 
 async def _ended(job: Job, env: Env, record: Materialization, computed: _Computed) -> JobResult:
@@ -724,8 +726,7 @@ def _timing(record: Materialization, started: float | None = None) -> dict[str, 
 
 
 def _io_metadata(metadata: dict[str, Any], job: Job) -> dict[str, Any]:
-    out = dict(metadata)
-    out[IO_KEY] = job.io_key
+    out: dict[str, Any] = {**metadata, IO_KEY: job.io_key} if metadata else {IO_KEY: job.io_key}
     if job.io_config:
         out[IO_CONFIG] = dict(job.io_config)
     return out

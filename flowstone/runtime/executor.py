@@ -296,7 +296,7 @@ class _Gate:
     def detach(self, message: Detach) -> None:
         key = (message.tenant, message.key)
         waiting = self.followers.get(key)
-        if key in self.flights and waiting is not None and message.waiter in waiting:
+        if waiting is not None and message.waiter in waiting:
             waiting.remove(message.waiter)
             if not waiting:
                 del self.followers[key]

@@ -67,9 +67,9 @@ class MemoryActorClient:
         return handle
 
     async def _cast(self, message: Message) -> None:
-        """Cast ``message`` to the actor, or, when the actor waits idle with nothing
-        queued, handle it here and now as the actor would next (``InPlace``): the
-        same order, without the mailbox. A backfill's writes then never wait in the
+        """Cast ``message`` to the actor, or, when the actor serves and no other cast
+        is queued or on its way to it, handle it here and now (``InPlace``): the
+        order the mailbox would give it. A backfill's writes then never wait in the
         mailbox for every worker's turn to end, holding what they free until then
         (the garbage collector's young passes had cost ~8% of a partition)."""
         handle = self.handle

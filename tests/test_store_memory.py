@@ -101,12 +101,10 @@ async def test_a_bug_in_a_write_handled_in_place_restarts_the_actor_and_keeps_th
         kept = await store.create(asset_name="orders")
         await store.list_all()
 
-        def broken(self, message):
+        def broken(message):
             raise KeyError("a bug")
 
-        monkeypatch.setattr(m._Handlers, "put_value", broken)
-        door = store.handle.shared
-        door.handlers.dispatch[m.PutValue] = door.handlers.put_value  # as bound when the door was made
+        monkeypatch.setitem(store.handle.shared.handlers.dispatch, m.PutValue, broken)
         await store._cast(m.PutValue(tenant=None, asset="orders", partition=None, value=1))
         assert "restarting the actor" in caplog.text
         monkeypatch.undo()

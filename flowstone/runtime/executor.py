@@ -201,7 +201,6 @@ class _Gate:
         self.followers: dict[FlightKey, list[Reply]] = {}
         """Callers waiting for a flight's result, for the flights that have some (a
         list per flight, and an object holding both, were two more objects a job)."""
-        self.tokens = _TOKENS
         self.queue: deque[tuple[FlightKey, Reply]] = deque()
         self.approvals: dict[tuple[str | None, uuid.UUID], MemoryObjectSendStream[tuple[bool, str | None]]] = {}
 
@@ -248,7 +247,7 @@ class _Gate:
         return self.lease(key)
 
     def lease(self, key: FlightKey, followers: list[Reply] | None = None) -> Lease:
-        lease = self.flights[key] = Lease(next(self.tokens))
+        lease = self.flights[key] = Lease(next(_TOKENS))
         if followers:
             self.followers[key] = followers
         return lease

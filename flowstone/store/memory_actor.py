@@ -1070,17 +1070,14 @@ class InPlace:
             actor.try_cast(Crash(reason=f"a cast handled in place failed: {error!r}"))
 
 
-def memory_actor(data: MemoryData, door: InPlace | None = None) -> Callable[[MemoryObjectReceiveStream[Message]], Any]:
-    """The incarnation function the supervisor restarts: same data every time;
-    ``door`` is the one on its handle, whose counts it keeps."""
+def memory_actor(door: InPlace) -> Callable[[MemoryObjectReceiveStream[Message]], Any]:
+    """The incarnation function the supervisor restarts: the door's handlers, over
+    the same data every time; it keeps the door's count of casts taken."""
 
     async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
-        if door is None:
-            await serve("memory-store", mailbox, _Handlers(data).dispatch)
-            return
         door.serving = True
         try:
-            await serve("memory-store", mailbox, _Handlers(data).dispatch, taken=door.took)
+            await serve("memory-store", mailbox, door.handlers.dispatch, taken=door.took)
         finally:
             door.serving = False
 

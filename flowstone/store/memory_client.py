@@ -62,7 +62,7 @@ class MemoryActorClient:
 
         door = InPlace(self._data)
         serve = functools.partial(supervise, shared=door, counted=True)
-        handle = await task_group.start(serve, "memory-store", memory_actor(self._data, door), policy)
+        handle = await task_group.start(serve, "memory-store", memory_actor(door), policy)
         self.bind(handle)
         return handle
 

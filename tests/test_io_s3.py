@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 import flowstone as fs
+from backends import ASYNCIO
 from contracts.io import IOContract
 from s3fixtures import CREDENTIALS
 
@@ -192,7 +193,7 @@ async def test_the_server_stopping_mid_backfill_fails_only_what_it_must_and_a_re
         state["server"].stop()
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("anyio_backend", [ASYNCIO])
 async def test_a_client_the_caller_opened_is_used_and_left_open(anyio_backend, s3_server, s3_bucket):
     """asyncio only: a client belongs to the loop it was opened on."""
     session = s3_server.session()

@@ -11,6 +11,7 @@ from datetime import date, datetime, timedelta, timezone
 import anyio
 import asyncpg
 import pytest
+from backends import ASYNCIO
 from pgfixtures import admin, run_sync
 from waiting import until
 
@@ -236,7 +237,7 @@ async def test_a_superuser_connection_is_refused_while_tenants_are_in_use(anyio_
             assert len(await store.list_all()) == 1
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a caller's asyncpg pool lives on asyncio
+@pytest.mark.parametrize("anyio_backend", [ASYNCIO])  # a caller's asyncpg pool lives on asyncio
 async def test_a_callers_pool_is_checked_for_bypassing_rls_like_a_dsn(anyio_backend, pg_database):
     async with asyncpg.create_pool(pg_database.admin_dsn, min_size=1, max_size=2) as pool:
         async with PostgresStore(pool=pool) as store:
@@ -679,7 +680,7 @@ async def test_a_backfill_over_a_range_is_saved_as_the_range_and_resumes_from_it
             assert (await rt.cancel_backfill(backfill)).state == "cancelled"
 
 
-async def test_queries_cancelled_midway_leave_the_store_working(anyio_backend, pg_dsn):
+async def test_queries_cancelled_midway_leave_the_store_working(anyio_backend_name, pg_dsn):
     """A cancel (a backfill cancelled, a timeout) lands while asyncpg waits on the
     server: the connection is dropped, and on trio the hosted asyncio loop must not
     die of the errors asyncpg leaves behind."""
@@ -687,7 +688,7 @@ async def test_queries_cancelled_midway_leave_the_store_working(anyio_backend, p
     async def slow(connection):
         await connection.execute("SELECT pg_sleep(0.05)")
 
-    if anyio_backend == "asyncio":
+    if anyio_backend_name == "asyncio":
         # asyncpg's cancel request goes over an extra connection that, with SSL
         # negotiation, leaves a future whose error nobody retrieves: on asyncio that
         # is a logged "Future exception was never retrieved" (which anyio's test

@@ -868,8 +868,8 @@ async def test_the_io_override_stores_the_target_elsewhere_and_loads_find_it(any
 # ------------------------------------------------------------------ lifecycle
 
 
-async def test_nothing_outlives_the_runtime_block(anyio_backend):
-    if anyio_backend == "asyncio":
+async def test_nothing_outlives_the_runtime_block(anyio_backend_name):
+    if anyio_backend_name == "asyncio":
         import asyncio
 
         before = asyncio.all_tasks()

@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
+from backends import ASYNCIO
 from followed import Followed
 from pgfixtures import APP_ROLE, run_sync
 from waiting import until
@@ -275,7 +276,7 @@ def daily(ctx, deps):
 '''
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the sender is a process of its own here
+@pytest.mark.parametrize("anyio_backend", [ASYNCIO])  # the sender is a process of its own here
 async def test_four_workers_run_2000_partitions_and_one_killed_mid_job_loses_nothing(
     anyio_backend, pg_database, tmp_path,
 ):

@@ -254,8 +254,7 @@ def dependency_hash(version: str, partition_key: str | None, upstream: Mapping[s
     hash, so the work can be skipped. Every part is length-prefixed, so no two
     different inputs can run together into the same bytes.
     """
-    digest = hashlib.sha256()
-    _part(digest, version)
+    digest = _versioned(version).copy()
     _part(digest, partition_key)
     for name in sorted(upstream):
         _part(digest, name)
@@ -264,6 +263,15 @@ def dependency_hash(version: str, partition_key: str | None, upstream: Mapping[s
         for ident in ids:
             digest.update(ident.bytes)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _versioned(version: str) -> Any:
+    """A digest that has read ``version``: each materialization copies it (an asset's
+    partitions share their code version) instead of hashing the version again."""
+    digest = hashlib.sha256()
+    _part(digest, version)
+    return digest
 
 
 def _part(digest: Any, text: str | None) -> None:

@@ -20,6 +20,8 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import anyio
@@ -230,9 +232,9 @@ class _Batch:
 
     async def run(self) -> None:
         env = self.env
-        asked = env.leases.clock()
+        asked, now = env.leases.clock(), utcnow()
         begun = await env.store.begin_many(
-            env.node, env.leases.seconds, [Start(_start(job, env), job.unless_done) for job in self.jobs])
+            env.node, env.leases.seconds, [Start(_start(job, env, now), job.unless_done) for job in self.jobs])
         for index, got in enumerate(begun):
             if isinstance(got, Exception):
                 await self.report(index, got)
@@ -366,7 +368,7 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     asset, store = job.asset, env.store
     asked = env.leases.clock()
     state.record, state.lease = record, lease = await store.begin(
-        env.node, env.leases.seconds, unless_done=job.unless_done, **_start(job, env)
+        env.node, env.leases.seconds, unless_done=job.unless_done, **_start(job, env, utcnow())
     )
     env.leases.hold(lease, asked)
     if asset.requires_approval:
@@ -387,14 +389,14 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
     return await _ended(job, env, record, computed)
 
 
-def _start(job: Job, env: Env) -> dict[str, Any]:
-    """The fields of the record a job begins with."""
+def _start(job: Job, env: Env, now: datetime) -> dict[str, Any]:
+    """The fields of the record a job begins with, ``now`` (a batch's jobs begin together)."""
     return {
         "asset_name": job.asset.name,
         "partition": job.key,
         "run_id": job.run_id,
         "status": Status.WAITING_APPROVAL if job.asset.requires_approval else Status.RUNNING,
-        "started_at": utcnow(),
+        "started_at": now,
         "upstream_assets": tuple(r.asset for r in job.reads),
         "upstream_partitions": {r.asset: tuple(m.partition for m in r.records) for r in job.reads},
         "dependency_hash": job.dependency_hash,
@@ -723,11 +725,22 @@ def _timing(record: Materialization, started: float | None = None) -> dict[str, 
     return {"completed_at": now, "duration_ms": duration}
 
 
-def _io_metadata(metadata: dict[str, Any], job: Job) -> dict[str, Any]:
+def _io_metadata(metadata: dict[str, Any], job: Job) -> Mapping[str, Any]:
+    """A record's metadata: what the function added, and the IO manager (and its
+    configuration) that holds the value."""
+    if not metadata and not job.io_config:
+        return _only_io(job.io_key)
     out: dict[str, Any] = {**metadata, IO_KEY: job.io_key} if metadata else {IO_KEY: job.io_key}
     if job.io_config:
         out[IO_CONFIG] = dict(job.io_config)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _only_io(io_key: str) -> Mapping[str, Any]:
+    """The metadata of records that say only which IO manager holds the value: one
+    read-only mapping for all of them, which records keep as it is."""
+    return MappingProxyType({IO_KEY: io_key})
 
 
 TRACEBACK_LIMIT = 8_000

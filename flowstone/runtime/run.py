@@ -423,12 +423,13 @@ async def execute_batch(
     the first, several of one partition, and those whose partition another run in
     this process holds."""
     asset = None
-    shared = Counter((nodes[0].asset.name, nodes[0].key) for nodes in plans)
+    keys = [(nodes[0].asset.name, nodes[0].key) for nodes in plans]
+    shared = Counter(keys) if len(set(keys)) < len(keys) else None  # usually every key once
     runs: dict[int, _Run] = {}
     alone: list[int] = []
     for index, nodes in enumerate(plans):
         asset = nodes[0].asset.name if asset is None and batchable(nodes) else asset
-        if not batchable(nodes) or nodes[0].asset.name != asset or shared[(asset, nodes[0].key)] > 1:
+        if not batchable(nodes) or nodes[0].asset.name != asset or (shared and shared[keys[index]] > 1):
             alone.append(index)
         else:
             runs[index] = _Run(nodes, snapshot, env, requests[index], new_uuid(), tenant, {}, {})

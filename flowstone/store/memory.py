@@ -68,17 +68,18 @@ class MemoryStore(MemoryActorClient):
     async def begin(
         self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
     ) -> tuple[Materialization, Lease]:
-        record, lease, orphan = self._beginning(owner, seconds, unless_done, fields)
+        record, lease, orphan = self._beginning(owner, seconds, unless_done, fields, utcnow())
         await self._cast(m.Create(record=record, orphan=orphan))
         return record, lease
 
     def _beginning(
         self, owner: str, seconds: float, unless_done: tuple[Any, str] | None, fields: Mapping[str, Any],
+        now: datetime,
     ) -> tuple[Materialization, Lease, tuple[uuid.UUID, str] | None]:
         """``begin``'s record, its lease (granted here: one event loop thread, so
         atomic) and the record of the expired lease it replaced, to close (``Create``)."""
         tenant = current_tenant()
-        record = new_record(fields, tenant, utcnow())
+        record = new_record(fields, tenant, now)
         leases = self._data.leases
         done = leases.finished((tenant, record.asset_name, record.partition), unless_done)
         if done is not None:
@@ -91,12 +92,14 @@ class MemoryStore(MemoryActorClient):
         self, owner: str, seconds: float, starts: Sequence[Start]
     ) -> list[tuple[Materialization, Lease] | Exception]:
         """Each ``begin`` in turn, the leases granted here, the records' writes one cast
-        (a new record as itself, unless it closes an orphan: see ``Many``)."""
+        (a new record as itself, unless it closes an orphan: see ``Many``); the records
+        are inserted at one time, as in one write."""
         outcomes: list[tuple[Materialization, Lease] | Exception] = []
         writes: list[Materialization | m.Create] = []
+        now = utcnow()
         for start in starts:
             try:
-                record, lease, orphan = self._beginning(owner, seconds, start.unless_done, start.fields)
+                record, lease, orphan = self._beginning(owner, seconds, start.unless_done, start.fields, now)
             except Exception as error:
                 outcomes.append(error)
             else:

@@ -339,7 +339,10 @@ class _Batch:
                 outcome = JobResult(state.record, record) if failed and state.record is not None else record
             else:
                 try:
-                    outcome = await _ended(job, env, record, computed[index])
+                    if job.marks_stale:
+                        outcome = await _ended(job, env, record, computed[index])
+                    else:
+                        outcome = _ended_now(job, env, record, computed[index])
                 except Exception as error:  # recorded; what follows the write failed (as run_job raises it)
                     outcome = error
                 if record.status is Status.CANCELLED:
@@ -462,14 +465,21 @@ async def _compute(job: Job, env: Env, record: Materialization, lease: Lease) ->
 async def _ended(job: Job, env: Env, record: Materialization, computed: _Computed) -> JobResult:
     """What follows a job's last write: tell the watchers, log a failure, mark what
     was built on the previous success stale."""
+    result = _ended_now(job, env, record, computed)
+    if job.marks_stale and record.status is Status.SUCCESS:
+        await env.store.mark_stale(job.asset.name, job.key)
+    return result
+
+
+def _ended_now(job: Job, env: Env, record: Materialization, computed: _Computed) -> JobResult:
+    """``_ended`` but marking stale: a batch's jobs that mark nothing stale end here
+    without a coroutine each."""
     if computed.error is not None:
         _log_failure(record, computed.error)
     if env.events.subscribers:
         _announce(env, record)
     if record.status is not Status.SUCCESS:
         return JobResult(record, computed.error)
-    if job.marks_stale:
-        await env.store.mark_stale(job.asset.name, job.key)
     if returns_stored_object(env.io_managers[job.io_key]):
         return JobResult(record, value=computed.value, has_value=True)
     return JobResult(record)

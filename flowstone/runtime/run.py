@@ -385,16 +385,31 @@ def hand_back(executor: Any, tenant: str | None, key: str | None) -> Any:
 
 async def hand_over(executor: Any, job: Job, lease: Lease, result: JobResult | None) -> None:
     """Give ``executor`` its lease back with the job's result (None: it did not end)."""
+    finished = handed_over(executor, job, lease, result)
+    if finished is not None:
+        await deliver(executor, finished)
+
+
+async def deliver(executor: Any, finished: Finished) -> None:
+    """Cast ``finished`` to an executor whose mailbox was full: wait, even if cancelled."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+        try:
+            await executor.cast(finished)
+        except RuntimeClosed:
+            pass  # the runtime closed under us: no lease left to hand back
+
+
+def handed_over(executor: Any, job: Job, lease: Lease, result: JobResult | None) -> Finished | None:
+    """``hand_over`` without waiting: None once done, else the message to cast
+    (the executor's mailbox was full)."""
     finished = Finished(
         tenant=job.tenant, key=job.key, token=lease.token, result=result,
         record_id=result.record.id if result is not None else None,
     )
     try:
-        if not finish(executor, finished):  # a full mailbox: wait, even if cancelled
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
-                await executor.cast(finished)
+        return None if finish(executor, finished) else finished
     except RuntimeClosed:
-        pass  # the runtime closed under us: no lease left to hand back
+        return None  # the runtime closed under us: no lease left to hand back
 
 
 def batchable(nodes: list[_Node]) -> bool:
@@ -523,8 +538,10 @@ async def _execute_together(
             result = JobResult(result.record, reused=True)  # type: ignore[arg-type]
         if lease is not None:
             leases[at] = None
-            await hand_over(snapshot.executors[job.asset.name], job, lease,
-                            result if isinstance(result, JobResult) else None)
+            executor = snapshot.executors[job.asset.name]
+            finished = handed_over(executor, job, lease, result if isinstance(result, JobResult) else None)
+            if finished is not None:
+                await deliver(executor, finished)
         runs[index].settle(job, result)
         done(index)
 

@@ -500,6 +500,7 @@ async def _execute_together(
     jobs: list[Job] = []
     leases: list[Lease | None] = []
     owners: list[int] = []
+    executor: Any = None  # the asset's (every run here is of one asset: ``execute_batch``)
 
     def done(index: int) -> None:
         run = runs.pop(index)
@@ -516,7 +517,8 @@ async def _execute_together(
             run.outcomes[name] = _Outcome(record=previous, reused=True)
             done(index)
             continue
-        executor = snapshot.executors[name]
+        if executor is None:
+            executor = snapshot.executors[name]
         lease = lease_now(executor, tenant, node.key)
         if lease is None:  # another run here computes it, or the gate is down: ask
             pending = await submit(executor, tenant, node.key)
@@ -538,7 +540,6 @@ async def _execute_together(
             result = JobResult(result.record, reused=True)  # type: ignore[arg-type]
         if lease is not None:
             leases[at] = None
-            executor = snapshot.executors[job.asset.name]
             finished = handed_over(executor, job, lease, result if isinstance(result, JobResult) else None)
             if finished is not None:
                 await deliver(executor, finished)
@@ -551,7 +552,7 @@ async def _execute_together(
     finally:
         for job, lease in zip(jobs, leases, strict=True):
             if lease is not None:  # the batch stopped before this job's end
-                await hand_over(snapshot.executors[job.asset.name], job, lease, None)
+                await hand_over(executor, job, lease, None)
 
 
 def _run_result(env: Env, run: _Run) -> RunResult | Exception:

@@ -71,6 +71,9 @@ class BackfillRow:
 
 
 _STATUSES = {status.value: status for status in Status}
+_VALUES = {status: status.value for status in Status}
+"""Each status's plain ``str`` (what indexes hold: the collector never tracks it),
+without ``Enum.value``'s descriptor call."""
 
 
 _ID, _RUN, _STATUS, _UPSTREAM, _METADATA = (
@@ -90,7 +93,7 @@ def _pack(record: Materialization) -> bytes | None:
             if moment.tzinfo is not timezone.utc:
                 return None
             values[at] = moment.timestamp()
-    values[_ID], values[_RUN], values[_STATUS] = record.id.int, record.run_id.int, record.status.value
+    values[_ID], values[_RUN], values[_STATUS] = record.id.int, record.run_id.int, _VALUES[record.status]
     values[_UPSTREAM], values[_METADATA] = tuple(record.upstream_partitions.items()), tuple(record.metadata.items())
     try:
         return marshal.dumps(tuple(values))
@@ -619,7 +622,7 @@ class _Handlers:
         key = (record.tenant_id, record.asset_name, record.partition)
         data.records.put(record)
         data.latest[key] = rid
-        data.latest_status[key] = record.status.value
+        data.latest_status[key] = _VALUES[record.status]
         data.by_tenant.setdefault(record.tenant_id, {})[rid] = None
         tenant, run = record.tenant_id, record.run_id.int
         runs = data.by_run.get(tenant)
@@ -691,7 +694,7 @@ class _Handlers:
         data.by_status.setdefault((new.tenant_id, status), {})[rid] = None
         key = (new.tenant_id, new.asset_name, new.partition)
         if data.latest.get(key) == rid:
-            data.latest_status[key] = status.value
+            data.latest_status[key] = _VALUES[status]
         if status is Status.SUCCESS:
             self._index_success(new)
         return new

@@ -22,7 +22,7 @@ from .report import child_json, emit
 ROOT = Path(__file__).resolve().parent.parent
 
 ONE_SIZE = '''
-import gc, json, sys, time
+import contextlib, gc, json, sys, time
 import anyio
 from stress.report import peak_rss_bytes, rss_bytes
 from stress.runtime import daily, time_backfill
@@ -39,11 +39,17 @@ def watch(phase, info):
         spent[info["generation"]] += time.perf_counter() - started[0]
         runs[info["generation"]] += 1
 
+@contextlib.contextmanager
+def watching():  # the backfill's collections only, not the runtime's opening
+    gc.callbacks.append(watch)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(watch)
+
 gc.collect()
 before = rss_bytes()
-gc.callbacks.append(watch)
-elapsed, _status = anyio.run(lambda: time_backfill(daily(False), count, 20), backend=sys.argv[2])
-gc.callbacks.remove(watch)
+elapsed, _status = anyio.run(lambda: time_backfill(daily(False), count, 20, watching()), backend=sys.argv[2])
 print(json.dumps({"elapsed": elapsed, "full_gc": spent[2], "young_gc": spent[0] + spent[1],
                   "full_collections": runs[2], "rss_before": before, "peak_rss": peak_rss_bytes()}))
 '''

@@ -487,7 +487,7 @@ class PostgresStore(PostgresClient):
         self._queue: list[_Write] = []
         self._flushes = 0  # in flight now
         self._flushed: anyio.Event | None = None  # set as a flush ends, then replaced
-        self._in_flight: set[uuid.UUID] = set()  # records a flush in flight writes
+        self._in_flight: set[int] = set()  # records a flush in flight writes (their ids' integers: C hashes)
 
     async def migrate(self) -> list[int]:
         """Create or upgrade the schema (idempotent, safe concurrently); the versions applied now."""
@@ -622,7 +622,7 @@ class PostgresStore(PostgresClient):
         """Whether a new flush would have something to write: a queued write whose
         record no flush in flight is writing."""
         busy = self._in_flight
-        return any(queued.record.id not in busy for queued in self._queue)
+        return any(queued.record.id.int not in busy for queued in self._queue)
 
     async def _lead_flush(self) -> None:
         self._flushes += 1
@@ -632,13 +632,14 @@ class PostgresStore(PostgresClient):
             # this batch instead of waiting for a flush of their own.
             await anyio.lowlevel.checkpoint()
             rest: list[_Write] = []
-            ids: set[uuid.UUID] = set(self._in_flight)
+            ids = set(self._in_flight)
             for queued in self._queue:  # one write per record in flight; a second waits for the next
-                (rest if queued.record.id in ids else batch).append(queued)
-                ids.add(queued.record.id)
+                key = queued.record.id.int
+                (rest if key in ids else batch).append(queued)
+                ids.add(key)
             self._queue = rest
             for queued in batch:
-                self._in_flight.add(queued.record.id)
+                self._in_flight.add(queued.record.id.int)
             by_tenant: dict[str | None, list[_Write]] = {}
             for queued in batch:
                 by_tenant.setdefault(queued.record.tenant_id, []).append(queued)
@@ -651,7 +652,7 @@ class PostgresStore(PostgresClient):
             raise
         finally:
             for queued in batch:
-                self._in_flight.discard(queued.record.id)
+                self._in_flight.discard(queued.record.id.int)
             self._flushes -= 1
             event, self._flushed = self._flushed, None
             if event is not None:

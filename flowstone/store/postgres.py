@@ -291,30 +291,39 @@ def _complete_batch(sets: str, rows: str) -> str:
     retried batch (whose COMMIT may have landed before the connection dropped) a
     no-op, not a false conflict.
 
-    Parameters (``_complete``): $1 tenant, $2 the records' ids, $3 the fences released
-    and $4 those kept, $5 now, $6 and $7 each released lease's success and its hash,
-    $8-$11 the keys of the successes (``_key_arrays``), then ``rows``' own from $12."""
+    Parameters (``_complete``): $1 tenant, $2 the fences released and $3 those kept,
+    $4 now, $5 and $6 each released lease's success and its hash, $7-$10 the keys of
+    the successes (``_key_arrays``), then ``rows``' own from $11 (each row's record
+    found by its id, in ``r``)."""
     return f"""
-WITH locked AS (
-    {_LOCK_LEASES.format(fences="$3", mode="UPDATE")}
+WITH r AS MATERIALIZED (
+    -- Each row with where its record is, found by primary key, row by row. Joined
+    -- to the records by id, the rows were a function scan that a generic plan could
+    -- run again for every record it changed (a batch of 272 unnested 74,000 rows,
+    -- 62 ms of its 75); by this address the update fetches each record directly.
+    SELECT r.*, t.ctid AS target FROM {rows} CROSS JOIN LATERAL (
+        SELECT m.ctid FROM {TABLE} AS m WHERE m.id = r.id AND {_OF_TENANT} LIMIT 1
+    ) AS t
+), locked AS (
+    {_LOCK_LEASES.format(fences="$2", mode="UPDATE")}
 ), released AS (
     UPDATE flowstone_leases AS l SET expires_at = '-infinity', owner = '', done_id = x.done_id,
         done_hash = x.done_hash
-    FROM unnest($3::bigint[], $6::uuid[], $7::text[]) AS x(fence, done_id, done_hash)
+    FROM unnest($2::bigint[], $5::uuid[], $6::text[]) AS x(fence, done_id, done_hash)
     WHERE l.tenant_id = $1 AND l.fence IN (SELECT fence FROM locked) AND l.fence = x.fence AND l.owner <> ''
     RETURNING l.fence
 ), kept AS (
-    {_LOCK_LEASES.format(fences="$4", mode="SHARE")}
+    {_LOCK_LEASES.format(fences="$3", mode="SHARE")}
 ), held AS (
     SELECT fence FROM released UNION ALL SELECT fence FROM kept
 ), superseded AS (
     {_supersede(
-        _KEYS.format("$8", "$9", "$10", "$11"), "$5", "(r.fence IS NULL OR r.fence IN (SELECT fence FROM held))",
+        _KEYS.format("$7", "$8", "$9", "$10"), "$4", "(r.fence IS NULL OR r.fence IN (SELECT fence FROM held))",
     )}
 )
 UPDATE {TABLE} AS m SET {sets}
-FROM {rows}
-WHERE m.id = r.id AND m.id = ANY($2::uuid[]) AND {_OF_TENANT}
+FROM r
+WHERE m.ctid = r.target AND m.id = r.id AND {_OF_TENANT}
   AND CASE WHEN m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at) THEN true END
   AND (r.fence IS NULL OR r.fence IN (SELECT fence FROM held))
 RETURNING m.id
@@ -327,7 +336,7 @@ _COMPLETE_BATCH = _complete_batch(
     upstream_partitions = r.upstream_partitions, dependency_hash = r.dependency_hash, metadata = r.metadata,
     error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at,
     error_traceback = r.error_traceback""",
-    f"jsonb_to_recordset($12::text::jsonb) AS r({_ROW_TYPES}, fence bigint)",
+    f"jsonb_to_recordset($11::text::jsonb) AS r({_ROW_TYPES}, fence bigint)",
 )
 """Completions that move more than a job's end does: each record's JSON row (``_row``)."""
 _END_COLUMNS = (
@@ -339,7 +348,7 @@ _END_COLUMNS = (
 _END_BATCH = _complete_batch(
     """status = r.status, completed_at = r.completed_at, duration_ms = r.duration_ms, metadata = r.metadata::jsonb,
     error_message = r.error_message, updated_at = r.updated_at, error_traceback = r.error_traceback""",
-    _unnest(_END_COLUMNS, first=12),
+    _unnest(_END_COLUMNS, first=11),
 )
 """How jobs end: only the columns an end changes (``ENDING``), each one typed array;
 the other columns stay as ``begin`` wrote them (ADR 0031)."""
@@ -1256,7 +1265,7 @@ async def _complete(
     success = [op.record.status is Status.SUCCESS for op in releasing]
     successes = [op for op in ops if op.record.status is Status.SUCCESS and op.expected is not Status.SUCCESS]
     rows = await connection.fetch(
-        statement, tenant, [op.record.id for op in ops],
+        statement, tenant,
         [op.lease.fence for op in releasing if op.lease is not None],
         [op.lease.fence for op in fenced if not op.release and op.lease is not None],
         now,

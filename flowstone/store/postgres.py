@@ -88,6 +88,10 @@ FLUSHES = 2
 """Flushes in flight at once, each on a connection of its own: while the database
 writes one batch, the next is sent."""
 
+LOOKUPS = 1
+"""Lookups of latest successes in flight at once: those asked meanwhile wait and go
+together in the next one (see ``latest_successes``)."""
+
 WRITE_TIMEOUT = 30.0
 """Longest a record write may take, retries included; it is shielded from
 cancellation meanwhile, so a cancelled run still leaves its record consistent."""
@@ -480,6 +484,16 @@ class _Write:
     error: BaseException | None = None
 
 
+@attrs.define(eq=False)
+class _Lookup:
+    """One ``latest_successes`` call waiting for a lookup, and its answer."""
+
+    tenant: str | None
+    pairs: list[tuple[str, str | None]]
+    found: dict[tuple[str, str | None], Materialization] | None = None
+    error: Exception | None = None
+
+
 class PostgresStore(PostgresClient):
     """Records in PostgreSQL. ``PostgresStore(dsn)`` or ``PostgresStore(pool=asyncpg_pool)``.
 
@@ -497,6 +511,9 @@ class PostgresStore(PostgresClient):
         self._flushes = 0  # in flight now
         self._flushed: anyio.Event | None = None  # set as a flush ends, then replaced
         self._in_flight: set[int] = set()  # records a flush in flight writes (their ids' integers: C hashes)
+        self._lookups: list[_Lookup] = []  # asked, waiting for a lookup to take them
+        self._looking = 0  # lookups in flight now
+        self._looked: anyio.Event | None = None  # set as a lookup ends, then replaced
 
     async def migrate(self) -> list[int]:
         """Create or upgrade the schema (idempotent, safe concurrently); the versions applied now."""
@@ -748,17 +765,56 @@ class PostgresStore(PostgresClient):
     async def latest_successes(
         self, pairs: Iterable[tuple[str, str | None]]
     ) -> dict[tuple[str, str | None], Materialization]:
-        keyed, unkeyed = [], []
-        for asset, key in pairs:
-            (unkeyed.append(asset) if key is None else keyed.append((asset, key)))
-        if not keyed and not unkeyed:
+        """The current success of each pair that has one. Lookups asked while another
+        is in flight go together in the next (one transaction for a backfill's
+        workers, not one each: its three round trips cost more than the query)."""
+        lookup = _Lookup(current_tenant(), list(pairs))
+        if not lookup.pairs:
             return {}
-        tenant = current_tenant()
-        rows = await self.db.run(
-            tenant, _fetch, _LATEST_SUCCESSES, tenant or "",
-            [a for a, _ in keyed], [k for _, k in keyed], unkeyed,
-        )
-        return {(record.asset_name, record.partition): record for record in map(_record, rows)}
+        self._lookups.append(lookup)
+        while lookup.found is None and lookup.error is None:
+            if self._looking < LOOKUPS:
+                await self._lead_lookup()
+            else:
+                if self._looked is None:
+                    self._looked = anyio.Event()
+                await self._looked.wait()
+        if lookup.error is not None:
+            raise lookup.error
+        assert lookup.found is not None
+        return lookup.found
+
+    async def _lead_lookup(self) -> None:
+        self._looking += 1
+        taken: list[_Lookup] = []
+        try:
+            await anyio.lowlevel.checkpoint()  # the workers woken with us ask theirs first
+            taken, self._lookups = self._lookups, []
+            by_tenant: dict[str | None, list[_Lookup]] = {}
+            for lookup in taken:
+                by_tenant.setdefault(lookup.tenant, []).append(lookup)
+            for tenant, lookups in by_tenant.items():
+                wanted = list(dict.fromkeys(pair for lookup in lookups for pair in lookup.pairs))
+                keyed = [pair for pair in wanted if pair[1] is not None]
+                try:
+                    rows = await self.db.run(
+                        tenant, _fetch, _LATEST_SUCCESSES, tenant or "",
+                        [a for a, _ in keyed], [k for _, k in keyed], [a for a, k in wanted if k is None],
+                    )
+                except Exception as error:
+                    for lookup in lookups:
+                        lookup.error = error
+                    continue
+                found = {(record.asset_name, record.partition): record for record in map(_record, rows)}
+                for lookup in lookups:
+                    lookup.found = {pair: found[pair] for pair in lookup.pairs if pair in found}
+        finally:
+            # Cancelled midway: what was taken and not answered goes back for the next leader.
+            self._lookups[:0] = [lookup for lookup in taken if lookup.found is None and lookup.error is None]
+            self._looking -= 1
+            event, self._looked = self._looked, None
+            if event is not None:
+                event.set()
 
     async def partitions_of(self, asset_name: str) -> dict[str | None, Materialization]:
         tenant = current_tenant()

@@ -79,3 +79,62 @@ async def test_a_write_goes_through_while_another_flush_waits_for_a_lock(anyio_b
             await anyio.to_thread.run_sync(holder.join, 10)
         assert ended[0].status is fs.Status.SUCCESS
         assert (await store.get_by_id(other.id)).status is fs.Status.FAILED
+
+
+async def test_lookups_asked_while_one_is_in_flight_go_together(anyio_backend, pg_dsn):
+    """Eight workers asking at once cost one lookup per tenant, not eight transactions;
+    a leader cancelled while its query runs leaves the others' lookups to the next."""
+    from flowstone.store import postgres as store_module
+
+    async with PostgresStore(pg_dsn) as store:
+        done = await store.complete(await store.create(asset_name="a", partition="1", status=fs.Status.RUNNING),
+                                    fs.Status.SUCCESS)
+        queries = []
+        real_run = store.db.run
+
+        async def counting(tenant, fn, *args, **options):
+            if args and args[0] is store_module._LATEST_SUCCESSES:
+                queries.append(tenant)
+            return await real_run(tenant, fn, *args, **options)
+
+        store.db.run = counting
+        found = []
+
+        async def ask(key):
+            found.append(await store.latest_successes([("a", key)]))
+
+        async with anyio.create_task_group() as group:
+            for key in ("1", "2", "1", "3", "4", "1", "5", "6"):
+                group.start_soon(ask, key)
+        assert queries == [None]
+        assert sorted(len(answer) for answer in found) == [0, 0, 0, 0, 0, 1, 1, 1]
+        assert all(answer[("a", "1")].id == done.id for answer in found if answer)
+
+        # A leader whose query hangs is cancelled: the lookup it took for the other
+        # worker goes back, and that worker's own wait answers it. (Which of the two
+        # leads is the scheduler's choice: trio runs new tasks in a random order.)
+        entered, never = anyio.Event(), anyio.Event()
+        leaders = []
+
+        async def hanging(tenant, fn, *args, **options):
+            store.db.run = counting  # the next leader's query goes through
+            leaders.append(anyio.get_current_task().id)
+            entered.set()
+            await never.wait()
+
+        store.db.run = hanging
+        scopes, answers = {}, {}
+
+        async def asker(key):
+            with anyio.CancelScope() as scope:
+                scopes[anyio.get_current_task().id] = scope
+                answers[key] = await store.latest_successes([("a", key)])
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(asker, "1")
+            group.start_soon(asker, "2")
+            await entered.wait()
+            scopes[leaders[0]].cancel()
+        [(key, found)] = answers.items()  # the leader's was cancelled; the other was answered
+        assert {pair: record.id for pair, record in found.items()} == ({("a", "1"): done.id} if key == "1" else {})
+        assert queries == [None, None]  # the hung query is not counted; the next one is

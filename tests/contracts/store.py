@@ -251,6 +251,30 @@ class StoreContract:
         found = await store.latest_successes([("a", "1"), ("a", "2"), ("b", None)])
         assert list(found) == [("a", "1")] and found[("a", "1")].id == ok.id
 
+    async def test_lookups_asked_at_once_each_get_their_own_answer(self, store):
+        """A backfill's workers ask at once (a store may answer them with one query):
+        each still gets the successes of its own pairs, in its own tenant."""
+        ids = {}
+        for tenant in (None, "other"):
+            with fs.tenant_scope(tenant) if tenant else _no_tenant():
+                for key in ("1", "2", "3") if tenant else ("1", "2"):
+                    record = await store.create(asset_name="a", partition=key, status=Status.RUNNING)
+                    ids[(tenant, key)] = (await store.complete(record, Status.SUCCESS)).id
+        asks = [(tenant, keys) for tenant in (None, "other") for keys in (["1"], ["2", "3"], ["3", "9", "3"], [])]
+        answers: dict[int, dict] = {}
+
+        async def ask(index, tenant, keys):
+            with fs.tenant_scope(tenant) if tenant else _no_tenant():
+                answers[index] = await store.latest_successes([("a", key) for key in keys])
+
+        async with anyio.create_task_group() as group:
+            for index, (tenant, keys) in enumerate(asks):
+                group.start_soon(ask, index, tenant, keys)
+        for index, (tenant, keys) in enumerate(asks):
+            expected = {("a", key): ids[(tenant, key)] for key in keys if (tenant, key) in ids}
+            assert {pair: record.id for pair, record in answers[index].items()} == expected, (tenant, keys)
+        assert answers[1] == {("a", "2"): answers[1][("a", "2")]}  # no tenant has no "3": not another's
+
     async def test_partitions_of_lists_the_latest_success_of_each_partition(self, store):
         for key in ("1", "2"):
             record = await store.create(asset_name="a", partition=key, status=Status.RUNNING)

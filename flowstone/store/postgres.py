@@ -10,7 +10,8 @@ becomes a leader and writes everything queued in one transaction per tenant (one
 statement per kind of write for the whole batch); the others wait for a flush. A
 record is in one flush at a time, so its writes stay in order. A busy
 backfill pays one round trip per batch, not per row; a lone caller pays one
-transaction, as it would anyway. Every status change is a compare-and-set in
+transaction, as it would anyway. Lookups of latest successes go together the same
+way (``LOOKUPS`` in flight; ADR 0039). Every status change is a compare-and-set in
 SQL: an update that loses a race raises ``InvalidTransition``.
 """
 

@@ -393,7 +393,8 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
 
 
 def _start(job: Job, env: Env, now: datetime) -> dict[str, Any]:
-    """The fields of the record a job begins with, ``now`` (a batch's jobs begin together)."""
+    """The fields of the record a job begins with, begun at ``now`` (one time for all
+    the jobs of a batch: they begin in one write)."""
     return {
         "asset_name": job.asset.name,
         "partition": job.key,
@@ -472,8 +473,8 @@ async def _ended(job: Job, env: Env, record: Materialization, computed: _Compute
 
 
 def _ended_now(job: Job, env: Env, record: Materialization, computed: _Computed) -> JobResult:
-    """``_ended`` but marking stale: a batch's jobs that mark nothing stale end here
-    without a coroutine each."""
+    """``_ended`` without marking anything stale: a batch's jobs that mark nothing
+    stale end here, without a coroutine each."""
     if computed.error is not None:
         _log_failure(record, computed.error)
     if env.events.subscribers:

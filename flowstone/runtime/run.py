@@ -443,8 +443,10 @@ async def execute_batch(
     runs: dict[int, _Run] = {}
     alone: list[int] = []
     for index, nodes in enumerate(plans):
-        asset = nodes[0].asset.name if asset is None and batchable(nodes) else asset
-        if not batchable(nodes) or nodes[0].asset.name != asset or (shared and shared[keys[index]] > 1):
+        fits = batchable(nodes)
+        if asset is None and fits:
+            asset = nodes[0].asset.name
+        if not fits or nodes[0].asset.name != asset or (shared and shared[keys[index]] > 1):
             alone.append(index)
         else:
             runs[index] = _Run(nodes, snapshot, env, requests[index], new_uuid(), tenant, {}, {})

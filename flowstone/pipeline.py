@@ -141,6 +141,16 @@ class Pipeline:
         :class:`~flowstone.CycleError` when any problem is a cycle, else a
         :class:`~flowstone.DefinitionError`; ``.errors`` lists them all.
         """
+        self.checked_graph(io_managers=io_managers, resources=resources)
+
+    def checked_graph(
+        self,
+        *,
+        io_managers: Collection[str] | None = None,
+        resources: Collection[str] | None = None,
+    ) -> AssetGraph:
+        """:meth:`validate`, and the graph it checked: a runtime opens with that one
+        (its order and cycles are known by then: a first run does not sort it again)."""
         graph = self.graph()
         errors: list[FieldError] = []
         for item in self._assets:
@@ -156,6 +166,7 @@ class Pipeline:
                     "sensors", f"two sensors are called {sensor.name!r}; their cursors would be one"))
             seen.add(sensor.name)
         raise_problems(errors, graph)
+        return graph
 
 
 def schedule_problems(schedules: Iterable[Schedule], graph: AssetGraph) -> list[FieldError]:

@@ -27,7 +27,6 @@ from .. import events as ev
 from ..actors.mailbox import CLEANUP_SECONDS, Handle
 from ..actors.supervisor import RestartPolicy, supervise
 from ..actors.supervisor import spawn_on_demand as supervised
-from ..dag import AssetGraph
 from ..definitions import Asset, FieldError, Retention
 from ..errors import (
     AccessDenied,
@@ -615,8 +614,7 @@ async def open_runtime(
         raise DefinitionError(
             [FieldError("default_io_manager", f"unknown IO manager {default_io_manager!r}; known: {sorted(keys)}")]
         )
-    assets.validate(io_managers=keys, resources=set(resources))
-    graph = AssetGraph(assets.assets)
+    graph = assets.checked_graph(io_managers=keys, resources=set(resources))
     store = MemoryStore() if store is None else store
     managers.setdefault("memory", MemoryIO())
     bound = [c for c in _unwrapped(store, *managers.values()) if isinstance(c, MemoryActorClient) and not c.started]

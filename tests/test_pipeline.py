@@ -67,6 +67,18 @@ def test_validate_names_every_problem_at_once():
     assert "5 problems" in str(info.value)
 
 
+def test_checked_graph_is_the_graph_validate_checked():
+    """A runtime opens with it: its order is known, and a broken pipeline raises as
+    validate() does."""
+    pipeline = fs.Pipeline("p", assets=[fs.Asset(name="a", execute_fn=fn),
+                                        fs.Asset(name="b", execute_fn=fn, depends_on=("a",))])
+    graph = pipeline.checked_graph(io_managers={"memory"}, resources=set())
+    assert graph.execution_order("b") == ["a", "b"] and "_sorted" in graph.__dict__
+    pipeline.add(fs.Asset(name="c", execute_fn=fn, depends_on=("ghost",)))
+    with pytest.raises(fs.DefinitionError, match="ghost"):
+        pipeline.checked_graph()
+
+
 def test_unknown_keys_are_only_checked_when_the_runtime_names_its_keys():
     fs.Pipeline("p", assets=[fs.Asset(name="b", execute_fn=fn, io_manager="s3")]).validate()
 

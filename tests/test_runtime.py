@@ -642,6 +642,7 @@ async def test_a_bug_in_a_direct_gate_call_restarts_the_executor_with_a_new_gate
             raise KeyError("a bug")
 
         monkeypatch.setattr(ex._Gate, "submit", broken)
+        monkeypatch.setattr(ex._Gate, "lease_now", broken)  # what submit asks first
         with pytest.raises(ActorCrashed) as caught:
             await ex.submit(handle, None, "k")
         assert isinstance(caught.value.__cause__, KeyError)
@@ -652,6 +653,24 @@ async def test_a_bug_in_a_direct_gate_call_restarts_the_executor_with_a_new_gate
             while door.gate is None or door.gate is first:  # until the supervisor has restarted it
                 await anyio.lowlevel.checkpoint()
             assert isinstance(await (await ex.submit(handle, None, "k")).result(), ex.Lease)
+
+
+async def test_a_lease_granted_at_once_is_handed_back_when_abandoned(anyio_backend):
+    """``submit`` of a free partition is answered by the gate on the spot (no reply or
+    message); a run that does not use it (an input failed) hands the lease back."""
+    from flowstone.runtime import executor as ex
+    from flowstone.runtime.run import hand_back
+
+    async with gate_executor() as (handle, door):
+        granted = await ex.submit(handle, None, "k")
+        assert isinstance(granted, ex.Granted) and granted.ready
+        assert door.gate is not None and list(door.gate.flights) == [(None, "k")]
+        await granted.abandon(hand_back(handle, None, "k"))
+        with anyio.fail_after(5):
+            while door.gate.flights:  # the Finished cast reaches the gate
+                await anyio.lowlevel.checkpoint()
+        again = await ex.submit(handle, None, "k")
+        assert isinstance(await again.result(), ex.Lease)
 
 
 async def test_while_the_gate_is_down_a_caller_asks_by_message(anyio_backend):

@@ -48,7 +48,18 @@ import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..actors.mailbox import DEFERRED, Crash, Handle, Message, PendingCall, Reply, direct_reply, serve
+from ..actors.mailbox import (
+    CLEANUP_SECONDS,
+    DEFERRED,
+    Crash,
+    Handle,
+    Message,
+    Outcome,
+    PendingCall,
+    Reply,
+    direct_reply,
+    serve,
+)
 from ..definitions import Asset
 from ..errors import ActorCrashed, FlowstoneError, NotFound, RuntimeClosed
 from ..io.protocol import IOManager
@@ -392,9 +403,38 @@ async def submit(executor: Handle, tenant: str | None, key: str | None) -> Pendi
     door = executor.shared
     if door is None or door.gate is None:
         return await executor.request(Submit, tenant=tenant, key=key)
+    lease = door.call(executor, _Gate.lease_now, (tenant, key))
+    if lease is not None:  # the usual answer, without a reply and a message to carry it
+        return Granted(executor.name, lease)
     reply, pending = direct_reply(executor.name)
     door.call(executor, _Gate.submit, Submit(tenant=tenant, key=key, reply=reply))
     return pending
+
+
+class Granted(PendingCall[Any]):
+    """A ``submit`` the gate answered at once with a lease (``lease_now``): what a
+    run of a chain gets for each asset, with no reply, slot or message made."""
+
+    __slots__ = ("_lease",)
+
+    def __init__(self, actor: str, lease: Lease) -> None:
+        self._actor, self._lease = actor, lease
+
+    async def result(self, on_cancel: Any = None) -> Any:
+        return self._lease
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def discard(self) -> None:
+        raise AssertionError("a granted lease is handed back (abandon), never dropped")
+
+    async def abandon(self, on_abandon: Any) -> None:
+        """Hand the lease back through ``on_abandon`` as an answer that came (``hand_back``)."""
+        waiter, _pending = direct_reply(self._actor)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
+            await on_abandon(waiter, Outcome(self._lease))
 
 
 def finish(executor: Handle, finished: Finished) -> bool:

@@ -1,8 +1,11 @@
 """Instructions per materialization, counted by callgrind: a deterministic yardstick.
 
 Wall time on a shared 2-core VM swings by up to 2x between identical runs, which
-hides any change under about 20%. Instruction counts do not move between runs
-of the same code, so use this to compare two versions of the hot path. Each
+hides any change under about 20%. Instruction counts move far less: the hash
+seed is fixed, and what still varies is what runs on timers (a batch's write-behind
+every 10 ms, lease renewals) under valgrind's slowdown, a few percent between runs
+of one commit for the chain. Use this to compare two versions of the hot path,
+several runs each. Each
 figure is (count for N+k runs - count for N runs) / materializations, which
 cancels interpreter start-up and runtime opening. Needs valgrind.
 """
@@ -69,7 +72,7 @@ anyio.run(main)
 
 
 def _instructions(code: str, runs: int) -> int:
-    env = {**os.environ, "PYTHONMALLOC": "malloc", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONMALLOC": "malloc", "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"}
     done = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", code, str(runs)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=True,

@@ -432,7 +432,7 @@ class Granted(PendingCall[Any]):
 
     async def abandon(self, on_abandon: Any) -> None:
         """Hand the lease back through ``on_abandon`` as an answer that came (``hand_back``)."""
-        waiter, _pending = direct_reply(self._actor)
+        waiter, _pending = direct_reply(self._actor)  # what the hook closes if the executor is gone
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_SECONDS):
             await on_abandon(waiter, Outcome(self._lease))
 

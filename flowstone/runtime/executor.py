@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AwaitApproval", "Decide", "Detach", "Door", "Env", "ExecutorStatistics", "Finished", "JobResult", "Lease",
-    "Stats", "Submit", "executor_actor", "finish", "lease_now", "submit",
+    "Stats", "Submit", "ask", "executor_actor", "finish", "lease_now", "submit",
 ]
 
 A = TypeVar("A")
@@ -400,12 +400,18 @@ async def submit(executor: Handle, tenant: str | None, key: str | None) -> Pendi
     """Ask ``executor`` to run partition ``key``: the answer is there at once when
     the gate is up and the partition is free, else later (see ``Submit``). Only
     from the runtime's event loop, as every run is: the gate is not thread-safe."""
+    lease = lease_now(executor, tenant, key)
+    if lease is not None:  # the usual answer, without a reply and a message to carry it
+        return Granted(executor.name, lease)
+    return await ask(executor, tenant, key)
+
+
+async def ask(executor: Handle, tenant: str | None, key: str | None) -> PendingCall[Lease | JobResult]:
+    """``submit`` once ``lease_now`` said no: a reply to wait on, from the gate
+    directly or, while the gate is down, by message."""
     door = executor.shared
     if door is None or door.gate is None:
         return await executor.request(Submit, tenant=tenant, key=key)
-    lease = door.call(executor, _Gate.lease_now, (tenant, key))
-    if lease is not None:  # the usual answer, without a reply and a message to carry it
-        return Granted(executor.name, lease)
     reply, pending = direct_reply(executor.name)
     door.call(executor, _Gate.submit, Submit(tenant=tenant, key=key, reply=reply))
     return pending

@@ -518,6 +518,7 @@ def _announce(env: Env, record: Materialization) -> None:
 
 @functools.lru_cache(maxsize=4096)
 def _asset_logger(name: str) -> logging.Logger:
+    """The asset's logger (``logging`` keeps each for good; asking it took its lock a job)."""
     return logging.getLogger(f"flowstone.asset.{name}")
 
 

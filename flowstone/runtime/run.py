@@ -33,7 +33,7 @@ from ..plumbing.ids import new_uuid
 from ..store.leases import FinishedElsewhere, LeaseHeld
 from ..store.records import Materialization, Status
 from . import tracing
-from .executor import Detach, Env, Finished, JobResult, Lease, finish, lease_now, submit
+from .executor import Detach, Env, Finished, JobResult, Lease, ask, finish, lease_now, submit
 from .hashing import dependency_hash
 from .job import Job, Read, describe, run_job, run_jobs
 from .registry import Snapshot
@@ -523,7 +523,7 @@ async def _execute_together(
             executor = snapshot.executors[name]
         lease = lease_now(executor, tenant, node.key)
         if lease is None:  # another run here computes it, or the gate is down: ask
-            pending = await submit(executor, tenant, node.key)
+            pending = await ask(executor, tenant, node.key)
             answer = await pending.result() if pending.ready else None
             if not isinstance(answer, Lease):  # another run here computes it: this run follows, alone
                 await pending.abandon(hand_back(executor, tenant, node.key))

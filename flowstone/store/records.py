@@ -259,12 +259,18 @@ def evolve(record: Materialization, **changes: Any) -> Materialization:
 
 def update_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     """The checked ``**fields`` of ``update_status``."""
+    _check_updatable(fields)
+    return {name: _as_stored(name, value) for name, value in fields.items()}
+
+
+def _check_updatable(fields: Mapping[str, Any]) -> None:
     if not fields.keys() <= UPDATABLE:
         _bad_fields(fields, UPDATABLE, "update_status()")
-    values = dict(fields)
-    if "upstream_assets" in values:
-        values["upstream_assets"] = tuple(values["upstream_assets"])
-    return values
+
+
+def _as_stored(name: str, value: Any) -> Any:
+    """An updated field as records hold it: the upstream assets as a tuple."""
+    return tuple(value) if name == "upstream_assets" else value
 
 
 def completed(
@@ -277,17 +283,12 @@ def completed(
     if record.tenant_id != tenant:
         raise NotFound(f"no materialization with id {str(record.id)!r}", tenant=tenant)
     check_transition(record.status, status, record)
-    if not fields.keys() <= UPDATABLE:
-        _bad_fields(fields, UPDATABLE, "update_status()")
+    _check_updatable(fields)
     # ``evolve`` and ``update_fields`` in one pass (a job's end is on the hot path).
     values = list(values_of(record))
     values[_STATUS], values[_UPDATED_AT] = status, now
     for name, value in fields.items():
-        if name == "upstream_assets":
-            value = tuple(value)
-        elif name in _TEXTS and value:
-            value = storable_text(value)
-        values[POSITION[name]] = value
+        values[POSITION[name]] = storable_text(value) if name in _TEXTS and value else _as_stored(name, value)
     return Materialization(*values)
 
 

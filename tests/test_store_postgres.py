@@ -10,6 +10,7 @@ from contracts.store import DatabaseContract, LeaseContract, StoreContract
 from pgfixtures import admin, run_sync
 
 import flowstone as fs
+from flowstone.store.leases import End, Start
 from flowstone.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.anyio
@@ -79,6 +80,36 @@ async def test_a_write_goes_through_while_another_flush_waits_for_a_lock(anyio_b
             await anyio.to_thread.run_sync(holder.join, 10)
         assert ended[0].status is fs.Status.SUCCESS
         assert (await store.get_by_id(other.id)).status is fs.Status.FAILED
+
+
+async def test_a_flush_takes_at_most_flush_rows(anyio_backend, pg_dsn, monkeypatch):
+    """Writes queued together go in flushes of at most ``FLUSH_ROWS``, every one of
+    them written, a record's end after its begin."""
+    from flowstone.store import postgres as store_module
+
+    monkeypatch.setattr(store_module, "FLUSH_ROWS", 3)
+    async with PostgresStore(pg_dsn) as store:
+        sizes = []
+        real_run = store.db.run
+
+        async def counting(tenant, fn, *args, **options):
+            if fn is store_module._write_batch:
+                sizes.append(len(args[1]))
+            return await real_run(tenant, fn, *args, **options)
+
+        store.db.run = counting
+        starts = [Start({"asset_name": "a", "partition": str(i), "status": fs.Status.RUNNING})
+                  for i in range(7)]
+        begun = await store.begin_many("p1", 30, starts)
+        assert all(not isinstance(got, Exception) for got in begun)
+        assert sizes and max(sizes) <= 3 and sum(sizes) == 7
+        sizes.clear()
+        ended = await store.complete_many(
+            [End(record, fs.Status.SUCCESS, lease, {}) for record, lease in begun])
+        assert [record.status for record in ended] == [fs.Status.SUCCESS] * 7
+        assert max(sizes) <= 3 and sum(sizes) == 7
+        assert {p: r.status for p, r in (await store.partitions_of("a")).items()} == {
+            str(i): fs.Status.SUCCESS for i in range(7)}
 
 
 async def test_lookups_asked_while_one_is_in_flight_go_together(anyio_backend, pg_dsn):

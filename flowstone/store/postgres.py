@@ -6,8 +6,9 @@ filtering (ADR 0006). Queries also name the tenant, so that indexes apply.
 
 Writes of records (``create`` and the runtime's ``complete``) are *group
 committed*: a writer that finds fewer than ``FLUSHES`` flushes in progress
-becomes a leader and writes everything queued in one transaction per tenant (one
-statement per kind of write for the whole batch); the others wait for a flush. A
+becomes a leader and writes what is queued (up to ``FLUSH_ROWS``) in one
+transaction per tenant (one statement per kind of write for the whole batch); the
+others wait for a flush. A
 record is in one flush at a time, so its writes stay in order. A busy
 backfill pays one round trip per batch, not per row; a lone caller pays one
 transaction, as it would anyway. Lookups of latest successes go together the same
@@ -88,6 +89,13 @@ __all__ = ["PostgresStore"]
 FLUSHES = 2
 """Flushes in flight at once, each on a connection of its own: while the database
 writes one batch, the next is sent."""
+
+FLUSH_ROWS = 160
+"""Most writes one flush takes; the rest wait for the next (ADR 0040). A flush of
+everything queued kept a backfill's workers in one cohort that computed while the
+database waited and waited while it wrote; smaller flushes come back one after
+another, so the client computes on one's results while the database writes the
+next."""
 
 LOOKUPS = 1
 """Lookups of latest successes in flight at once: those asked meanwhile wait and go
@@ -662,7 +670,7 @@ class PostgresStore(PostgresClient):
             ids = set(self._in_flight)
             for queued in self._queue:  # one write per record in flight; a second waits for the next
                 key = queued.record.id.int
-                (rest if key in ids else batch).append(queued)
+                (rest if key in ids or len(batch) == FLUSH_ROWS else batch).append(queued)
                 ids.add(key)
             self._queue = rest
             for queued in batch:

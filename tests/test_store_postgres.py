@@ -112,6 +112,39 @@ async def test_a_flush_takes_at_most_flush_rows(anyio_backend, pg_dsn, monkeypat
             str(i): fs.Status.SUCCESS for i in range(7)}
 
 
+async def test_a_batch_stores_each_rows_values_whether_shared_or_not(anyio_backend, pg_dsn):
+    """A batch sends a value every row shares once: rows that share some values and
+    not others (None among them, and one row that differs from two alike) each come
+    back as they were written."""
+    from datetime import datetime, timedelta, timezone
+
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    fields = [
+        {"asset_name": "a", "partition": "1", "status": fs.Status.RUNNING, "dependency_hash": "h",
+         "started_at": at, "metadata": {"k": 1}},
+        {"asset_name": "a", "partition": "2", "status": fs.Status.RUNNING, "dependency_hash": "h",
+         "started_at": at, "metadata": {"k": 1}},
+        {"asset_name": "b", "partition": "3", "status": fs.Status.RUNNING, "dependency_hash": None,
+         "started_at": at + timedelta(seconds=1), "metadata": {"k": 2}, "upstream_assets": ("a",),
+         "upstream_partitions": {"a": ("1", "2")}},
+    ]
+    async with PostgresStore(pg_dsn) as store:
+        begun = await store.begin_many("p1", 30, [Start(f) for f in fields])
+        for (record, _lease), wrote in zip(begun, fields, strict=True):
+            assert await store.get_by_id(record.id) == record
+            assert (record.asset_name, record.dependency_hash, record.started_at) == (
+                wrote["asset_name"], wrote["dependency_hash"], wrote["started_at"])
+        ends = [End(record, status, lease, {"duration_ms": duration, "error_message": message})
+                for (record, lease), status, duration, message in zip(
+                    begun, [fs.Status.SUCCESS, fs.Status.SUCCESS, fs.Status.FAILED], [1.5, 1.5, None],
+                    [None, None, "boom"], strict=True)]
+        ended = await store.complete_many(ends)
+        for record in ended:
+            assert await store.get_by_id(record.id) == record
+        assert [(r.status, r.duration_ms, r.error_message) for r in ended] == [
+            (fs.Status.SUCCESS, 1.5, None), (fs.Status.SUCCESS, 1.5, None), (fs.Status.FAILED, None, "boom")]
+
+
 async def test_lookups_asked_while_one_is_in_flight_go_together(anyio_backend, pg_dsn):
     """Eight workers asking at once cost one lookup per tenant, not eight transactions;
     a leader cancelled while its query runs leaves the others' lookups to the next."""

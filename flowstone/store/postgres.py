@@ -288,9 +288,18 @@ SELECT count(*) FROM gone
 
 def _unnest(columns: Sequence[tuple[str, str]], first: int) -> str:
     """Rows ``r`` with ``columns`` (name, type), one array parameter each from ``$first``:
-    asyncpg encodes typed arrays in C, and the server reads them without parsing JSON."""
-    arrays = ", ".join(f"${first + i}::{kind}[]" for i, (_, kind) in enumerate(columns))
-    return f"unnest({arrays}) AS r({', '.join(name for name, _ in columns)})"
+    asyncpg encodes typed arrays in C, and the server reads them without parsing JSON.
+    An array of one element stands for that value in every row (``_columns`` sends
+    a value that all the rows share once), except the first column's, which is
+    always whole and says how many rows there are."""
+    whole = f"${first}::{columns[0][1]}[]"
+    arrays = [whole]
+    for i, (_, kind) in enumerate(columns[1:], start=1):
+        array = f"${first + i}::{kind}[]"
+        arrays.append(
+            f"CASE WHEN cardinality({array}) = 1 THEN array_fill(({array})[1], ARRAY[cardinality({whole})]) "
+            f"ELSE {array} END")
+    return f"unnest({', '.join(arrays)}) AS r({', '.join(name for name, _ in columns)})"
 
 
 def _complete_batch(sets: str, rows: str) -> str:
@@ -1245,8 +1254,18 @@ def _key_arrays(ops: list[_Write]) -> tuple[list[Any], ...]:
 
 
 def _columns(ops: list[_Write]) -> list[list[Any]]:
-    """The values of ``ops`` (tuples in one order), column by column."""
-    return [list(column) for column in zip(*(op.row for op in ops), strict=True)]
+    """The values of ``ops`` (tuples in one order), column by column, for ``_unnest``:
+    a column whose rows all hold one value, but the first, as that value alone. In a
+    backfill's batch most columns are such (the asset, the status, the times of a
+    batch, the owner): each is encoded once instead of once a row, and the server
+    reads one element instead of a row's worth."""
+    columns = [list(column) for column in zip(*(op.row for op in ops), strict=True)]
+    for at in range(1, len(columns)):
+        column = columns[at]
+        first = column[0]
+        if column[-1] == first and column.count(first) == len(column):
+            columns[at] = [first]
+    return columns
 
 
 async def _begin(

@@ -302,46 +302,58 @@ def _unnest(columns: Sequence[tuple[str, str]], first: int) -> str:
     return f"unnest({', '.join(arrays)}) AS r({', '.join(name for name, _ in columns)})"
 
 
-def _complete_batch(sets: str, rows: str) -> str:
+def _complete_batch(sets: str, rows: str, done_hash: str) -> str:
     """A batch of completions in one statement: the leases of terminal moves are released
     (a fence that is gone was taken over: that record is not written), those of other
     moves checked and locked, each success whose lease is still held supersedes its
     partition's current record, and the records are written (``sets``, from the rows
-    ``r`` of ``rows``, all of the tenant ``$1``: a flush writes one tenant's). The
+    ``r`` of ``rows``, all of the tenant ``$1``: a flush writes one tenant's). What the
+    leases and the superseding need (fences, ids, the keys of the successes, the hash
+    a released lease names: ``done_hash``, an expression over ``r`` and the record as
+    stored, ``t``) is read from the rows and their records, not sent again. The
     exclusion constraints on current records are checked at commit, so the order of
     these writes is free. In the last WHERE, the second half of the CASE makes a
     retried batch (whose COMMIT may have landed before the connection dropped) a
     no-op, not a false conflict.
 
-    Parameters (``_complete``): $1 tenant, $2 the fences released and $3 those kept,
-    $4 now, $5 and $6 each released lease's success and its hash, $7-$10 the keys of
-    the successes (``_key_arrays``), then ``rows``' own from $11 (each row's record
-    found by its id, in ``r``)."""
+    Parameters (``_complete``): $1 tenant, $2 now, then ``rows``' own from $3 (each
+    row's record found by its id, in ``r``; ``fence`` is the lease the row holds, if
+    any)."""
+    terminal = ", ".join(f"'{status.value}'" for status in sorted(TERMINAL, key=lambda s: s.value))
+    successes = """(
+        SELECT id, key_asset AS asset_name, key_partition AS partition, fence FROM r
+        WHERE status = 'success' AND expected IS DISTINCT FROM 'success'
+    ) AS r"""
+    superseding = _supersede(successes, "$2", "(r.fence IS NULL OR r.fence IN (SELECT fence FROM held))")
     return f"""
 WITH r AS MATERIALIZED (
     -- Each row with where its record is, found by primary key, row by row. Joined
     -- to the records by id, the rows were a function scan that a generic plan could
     -- run again for every record it changed (a batch of 272 unnested 74,000 rows,
     -- 62 ms of its 75); by this address the update fetches each record directly.
-    SELECT r.*, t.ctid AS target FROM {rows} CROSS JOIN LATERAL (
-        SELECT m.ctid FROM {TABLE} AS m WHERE m.id = r.id AND {_OF_TENANT} LIMIT 1
+    SELECT r.*, t.ctid AS target, t.asset_name AS key_asset, t.partition AS key_partition,
+           {done_hash} AS done_hash, r.fence IS NOT NULL AND r.status IN ({terminal}) AS releases
+    FROM {rows} CROSS JOIN LATERAL (
+        SELECT m.ctid, m.asset_name, m.partition, m.dependency_hash FROM {TABLE} AS m
+        WHERE m.id = r.id AND {_OF_TENANT} LIMIT 1
     ) AS t
 ), locked AS (
-    {_LOCK_LEASES.format(fences="$2", mode="UPDATE")}
+    {_LOCK_LEASES.format(fences="ARRAY(SELECT fence FROM r WHERE releases)", mode="UPDATE")}
 ), released AS (
-    UPDATE flowstone_leases AS l SET expires_at = '-infinity', owner = '', done_id = x.done_id,
-        done_hash = x.done_hash
-    FROM unnest($2::bigint[], $5::uuid[], $6::text[]) AS x(fence, done_id, done_hash)
-    WHERE l.tenant_id = $1 AND l.fence IN (SELECT fence FROM locked) AND l.fence = x.fence AND l.owner <> ''
+    UPDATE flowstone_leases AS l SET expires_at = '-infinity', owner = '',
+        done_id = CASE WHEN x.status = 'success' THEN x.id END,
+        done_hash = CASE WHEN x.status = 'success' THEN x.done_hash END
+    FROM r AS x
+    WHERE x.releases AND l.tenant_id = $1 AND l.fence IN (SELECT fence FROM locked) AND l.fence = x.fence
+      AND l.owner <> ''
     RETURNING l.fence
 ), kept AS (
-    {_LOCK_LEASES.format(fences="$3", mode="SHARE")}
+    {_LOCK_LEASES.format(fences="ARRAY(SELECT fence FROM r WHERE r.fence IS NOT NULL AND NOT releases)",
+                         mode="SHARE")}
 ), held AS (
     SELECT fence FROM released UNION ALL SELECT fence FROM kept
 ), superseded AS (
-    {_supersede(
-        _KEYS.format("$7", "$8", "$9", "$10"), "$4", "(r.fence IS NULL OR r.fence IN (SELECT fence FROM held))",
-    )}
+    {superseding}
 )
 UPDATE {TABLE} AS m SET {sets}
 FROM r
@@ -358,7 +370,8 @@ _COMPLETE_BATCH = _complete_batch(
     upstream_partitions = r.upstream_partitions, dependency_hash = r.dependency_hash, metadata = r.metadata,
     error_message = r.error_message, executor_node = r.executor_node, updated_at = r.updated_at,
     error_traceback = r.error_traceback""",
-    f"jsonb_to_recordset($11::text::jsonb) AS r({_ROW_TYPES}, fence bigint)",
+    f"jsonb_to_recordset($3::text::jsonb) AS r({_ROW_TYPES}, fence bigint)",
+    "r.dependency_hash",
 )
 """Completions that move more than a job's end does: each record's JSON row (``_row``)."""
 _END_COLUMNS = (
@@ -370,7 +383,8 @@ _END_COLUMNS = (
 _END_BATCH = _complete_batch(
     """status = r.status, completed_at = r.completed_at, duration_ms = r.duration_ms, metadata = r.metadata::jsonb,
     error_message = r.error_message, updated_at = r.updated_at, error_traceback = r.error_traceback""",
-    _unnest(_END_COLUMNS, first=11),
+    _unnest(_END_COLUMNS, first=3),
+    "t.dependency_hash",
 )
 """How jobs end: only the columns an end changes (``ENDING``), each one typed array;
 the other columns stay as ``begin`` wrote them (ADR 0031)."""
@@ -496,7 +510,6 @@ class _Write:
     # "end": its values in the order of the statement's columns (sent as arrays).
     row: Any
     lease: Lease | None = None  # "complete" and "end": the lease it writes under
-    release: bool = False
     fence: int | None = None  # "begin": the fence of the lease granted
     done: bool = False
     error: BaseException | None = None
@@ -1164,13 +1177,12 @@ def _completing(
     """The write of ``complete``, whose ``record`` is the new state (checked first)."""
     new = completed(record, status, fields, tenant, now)
     fence = lease.fence if lease is not None else None
-    release = status in TERMINAL
     if fields.keys() <= ENDING:
-        return _Write("end", new, record.status, _end_values(new, record.status, fence), lease=lease, release=release)
+        return _Write("end", new, record.status, _end_values(new, record.status, fence), lease=lease)
     row = _row(new, record.status)
     if fence is not None:
         row = f'{row[:-1]},"fence":{fence}}}'
-    return _Write("complete", new, record.status, row, lease=lease, release=release)
+    return _Write("complete", new, record.status, row, lease=lease)
 
 
 async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[BaseException | None]:
@@ -1193,9 +1205,9 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
         await _begin(connection, tenant, begins, now, written, refused)
     if completes:
         rows = "[" + ",".join(op.row for op in completes) + "]"
-        written.update(await _complete(connection, tenant, completes, now, _COMPLETE_BATCH, [rows]))
+        written.update(await _complete(connection, tenant, now, _COMPLETE_BATCH, [rows]))
     if ends:
-        written.update(await _complete(connection, tenant, ends, now, _END_BATCH, _columns(ends)))
+        written.update(await _complete(connection, tenant, now, _END_BATCH, _columns(ends)))
     missing = [op.record.id for op in ops if op.record.id not in written and op.record.id not in refused]
     current_rows: dict[uuid.UUID, tuple[str, datetime]] = {}
     if missing:
@@ -1338,25 +1350,11 @@ async def _begin(
         )
 
 
-async def _complete(
-    connection: Any, tenant: str, ops: list[_Write], now: datetime, statement: str, own: list[Any]
-) -> set[uuid.UUID]:
+async def _complete(connection: Any, tenant: str, now: datetime, statement: str, own: list[Any]) -> set[uuid.UUID]:
     """Write a batch of completions with ``statement`` (``_COMPLETE_BATCH`` or
     ``_END_BATCH``), ``own`` being the parameters of its rows (the JSON rows, or the
-    columns); the ids written."""
-    fenced = [op for op in ops if op.lease is not None]
-    releasing = [op for op in fenced if op.release]
-    success = [op.record.status is Status.SUCCESS for op in releasing]
-    successes = [op for op in ops if op.record.status is Status.SUCCESS and op.expected is not Status.SUCCESS]
-    rows = await connection.fetch(
-        statement, tenant,
-        [op.lease.fence for op in releasing if op.lease is not None],
-        [op.lease.fence for op in fenced if not op.release and op.lease is not None],
-        now,
-        [op.record.id if ok else None for op, ok in zip(releasing, success, strict=True)],
-        [op.record.dependency_hash if ok else None for op, ok in zip(releasing, success, strict=True)],
-        *_key_arrays(successes), *own,
-    )
+    columns, each row's fence among them); the ids written."""
+    rows = await connection.fetch(statement, tenant, now, *own)
     return {row[0] for row in rows}
 
 

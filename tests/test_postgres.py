@@ -205,6 +205,44 @@ async def test_only_units_that_write_by_key_plan_without_table_scans(anyio_backe
         assert tuple(await store.db.run("t", settings)) == ("on", "auto")
 
 
+@pytest.mark.parametrize("anyio_backend", [ASYNCIO])
+async def test_the_array_types_of_write_batches_are_learnt_once_for_every_connection(anyio_backend, pg_dsn,
+                                                                                     monkeypatch):
+    """asyncpg asks the server about most array types on each connection's first
+    statement that sends them; the store asks once, and tells every connection."""
+    from flowstone.postgres import database
+
+    asked = []
+    real = asyncpg.Connection._introspect_types
+
+    async def counting(self, typeoids, timeout):
+        asked.append(sorted(typeoids))
+        return await real(self, typeoids, timeout)
+
+    monkeypatch.setattr(asyncpg.Connection, "_introspect_types", counting)
+    arrays = database._ArrayTypes()
+    first, second = await asyncpg.connect(pg_dsn), await asyncpg.connect(pg_dsn)
+    try:
+        await arrays.teach(first)
+        await arrays.teach(first)
+        await arrays.teach(second)
+        assert asked == [sorted(database.ARRAY_TYPES)]
+        ids = [uuid.uuid4(), None]
+        at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        row = await second.fetchrow(
+            "SELECT $1::uuid[] AS ids, $2::bigint[] AS fences, $3::float8[] AS d, $4::timestamptz[] AS t, "
+            "$5::boolean[] AS b", ids, [1, None], [0.5], [at], [True, False])
+        assert (row["ids"], row["fences"], row["d"], row["t"], row["b"]) == (ids, [1, None], [0.5], [at], [True, False])
+        assert len(asked) == 1  # the second connection sent all five without asking
+    finally:
+        await first.close()
+        await second.close()
+
+    elsewhere = database._ArrayTypes()
+    await elsewhere.teach(object())  # an asyncpg without those internals: each connection learns for itself
+    assert not elsewhere._usable
+
+
 async def test_a_unit_of_work_that_fails_writes_nothing_and_leaves_the_connection_usable(anyio_backend, pg_dsn):
     async def write_then_fail(connection):
         await connection.execute(

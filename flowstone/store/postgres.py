@@ -413,6 +413,10 @@ upstream assets, partitions and metadata as JSON text)."""
 _BEGIN = f"""
 WITH asked AS (
     SELECT * FROM {_unnest(_BEGIN_COLUMNS, first=2)}
+), leases AS (
+    -- Each asked partition's lease, if it has one, looked up once for the two
+    -- questions below (held by someone live; expired and to be taken over).
+    SELECT r.id AS asked_id, l.* FROM asked r CROSS JOIN LATERAL {_LEASE_OF_R} AS l
 ), done AS (
     -- Finished by another process since the caller looked, as the caller would have.
     SELECT r.id AS asked_id, c.id AS current_id
@@ -423,13 +427,13 @@ WITH asked AS (
     -- Not done, and not held by a live lease as of now: a held lease is reported
     -- without locking its row (locking the rows of another process's leases made
     -- its releases wait on us, and ours on it).
-    SELECT * FROM asked a WHERE id NOT IN (SELECT asked_id FROM done) AND NOT EXISTS (
-        SELECT 1 FROM flowstone_leases l
-        WHERE l.tenant_id = $1 AND l.asset_name = a.asset_name AND l.partitioned = a.partitioned
-          AND l.partition = a.lease_key AND l.owner <> '' AND l.expires_at > clock_timestamp()
+    SELECT * FROM asked a WHERE id NOT IN (SELECT asked_id FROM done) AND id NOT IN (
+        SELECT asked_id FROM leases WHERE owner <> '' AND expires_at > clock_timestamp()
     )
 ), expired AS (
-    SELECT l.* FROM r CROSS JOIN LATERAL {_LEASE_OF_R} AS l
+    SELECT l.asset_name, l.partitioned, l.partition, l.owner, l.fence, l.expires_at, l.record_id, l.done_id,
+           l.done_hash
+    FROM r JOIN leases l ON l.asked_id = r.id
     WHERE l.expires_at <= clock_timestamp() AND l.owner <> ''  -- expired, not released
 ), granted AS (
     INSERT INTO flowstone_leases AS l

@@ -453,7 +453,9 @@ WITH asked AS (
 ), inserted AS (
     INSERT INTO {TABLE} ({_COLUMNS})
     SELECT r.id, $1, r.asset_name, r.partition, r.run_id, r.status, r.started_at, r.completed_at,
-           r.duration_ms, ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets::jsonb)),
+           r.duration_ms,
+           CASE WHEN r.upstream_assets = '[]' THEN '{{}}'::text[]  -- most begins: no subquery a row
+                ELSE ARRAY(SELECT jsonb_array_elements_text(r.upstream_assets::jsonb)) END,
            r.upstream_partitions::jsonb, r.dependency_hash, r.metadata::jsonb, r.error_message, r.executor_node,
            r.inserted_at, r.updated_at, r.error_traceback
     FROM r JOIN granted g ON g.record_id = r.id

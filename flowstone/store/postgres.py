@@ -404,7 +404,7 @@ _BEGIN_COLUMNS = (
     ("upstream_assets", "text"), ("upstream_partitions", "text"), ("dependency_hash", "text"), ("metadata", "text"),
     ("error_message", "text"), ("executor_node", "text"), ("inserted_at", "timestamptz"),
     ("updated_at", "timestamptz"), ("error_traceback", "text"), ("owner", "text"), ("seconds", "double precision"),
-    ("partitioned", "boolean"), ("lease_key", "text"), ("seen", "uuid"), ("reuse_hash", "text"),
+    ("seen", "uuid"), ("reuse_hash", "text"),
 )
 """A begin's values (``_beginning``), each column sent as one array (a record's
 upstream assets, partitions and metadata as JSON text)."""
@@ -412,7 +412,9 @@ upstream assets, partitions and metadata as JSON text)."""
 # the record an expired lease was taken from is closed as an orphan. One statement.
 _BEGIN = f"""
 WITH asked AS (
-    SELECT * FROM {_unnest(_BEGIN_COLUMNS, first=2)}
+    -- A lease's key: whether the record has a partition, and the partition or ''.
+    SELECT *, partition IS NOT NULL AS partitioned, coalesce(partition, '') AS lease_key
+    FROM {_unnest(_BEGIN_COLUMNS, first=2)}
 ), leases AS (
     -- Each asked partition's lease, if it has one, looked up once for the two
     -- questions below (held by someone live; expired and to be taken over).
@@ -1164,7 +1166,7 @@ def _beginning(record: Materialization, owner: str, seconds: float, unless_done:
         if record.upstream_partitions else "{}",
         record.dependency_hash, _metadata(record), record.error_message, record.executor_node,
         record.inserted_at, record.updated_at, record.error_traceback,
-        owner, seconds, record.partition is not None, record.partition or "",
+        owner, seconds,
         unless_done[0] if unless_done and unless_done[0] else None, unless_done[1] if unless_done else None,
     ))
 

@@ -1199,8 +1199,10 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     begins = [op for op in ops if op.kind == "begin"]
     completes = [op for op in ops if op.kind == "complete"]
     ends = [op for op in ops if op.kind == "end"]
-    written: set[uuid.UUID] = set()
-    refused: dict[uuid.UUID, BaseException] = {}  # final answers
+    # Records are known by their ids' integers here: hashing an int is C, where a
+    # UUID's hash and equality (a Python method each) came to ten calls a record.
+    written: set[int] = set()
+    refused: dict[int, BaseException] = {}  # final answers
     now = _utcnow()
     if inserts:
         current = [op for op in inserts if op.record.status in CURRENT]
@@ -1208,7 +1210,7 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
             ids, assets, partitions, fences = _key_arrays(current)
             await connection.execute(_SUPERSEDE_NEW, tenant, ids, now, assets, partitions, fences)
         rows = await connection.fetch(_INSERT, "[" + ",".join(op.row for op in inserts) + "]")
-        written.update(row[0] for row in rows)
+        written.update(row[0].int for row in rows)
     if begins:
         await _begin(connection, tenant, begins, now, written, refused)
     if completes:
@@ -1216,11 +1218,11 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
         written.update(await _complete(connection, tenant, now, _COMPLETE_BATCH, [rows]))
     if ends:
         written.update(await _complete(connection, tenant, now, _END_BATCH, _columns(ends)))
-    missing = [op.record.id for op in ops if op.record.id not in written and op.record.id not in refused]
-    current_rows: dict[uuid.UUID, tuple[str, datetime]] = {}
+    missing = [op.record.id for op in ops if op.record.id.int not in written and op.record.id.int not in refused]
+    current_rows: dict[int, tuple[str, datetime]] = {}
     if missing:
         current_rows = {
-            row[0]: (row[1], row[2])
+            row[0].int: (row[1], row[2])
             for row in await connection.fetch(
                 f"SELECT id, status, updated_at FROM {TABLE} AS m WHERE id = ANY($2) AND {_OF_TENANT}", tenant, missing
             )
@@ -1228,11 +1230,13 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     outcome: list[BaseException | None] = []
     for op in ops:
         record = op.record
-        found = current_rows.get(record.id)
-        if record.id in written:
+        key = record.id.int
+        if key in written:
             outcome.append(None)
-        elif record.id in refused:
-            outcome.append(refused[record.id])
+            continue
+        found = current_rows.get(key)
+        if key in refused:
+            outcome.append(refused[key])
         elif op.kind in ("insert", "begin"):
             # Ours already (a retried batch whose first COMMIT landed), or someone else's id.
             outcome.append(
@@ -1290,15 +1294,15 @@ def _columns(ops: list[_Write]) -> list[list[Any]]:
 
 async def _begin(
     connection: Any, tenant: str, ops: list[_Write], now: datetime,
-    written: set[uuid.UUID], refused: dict[uuid.UUID, BaseException],
+    written: set[int], refused: dict[int, BaseException],
 ) -> None:
     """Grant what is free, insert those records; say who holds the rest."""
     # Rows are locked in key order, as everywhere (see _LOCK_LEASES).
     ordered = sorted(
         ops, key=lambda op: (op.record.asset_name, op.record.partition is not None, op.record.partition or ""))
     rows = await connection.fetch(_BEGIN, tenant, *_columns(ordered))
-    granted = {row[0]: row[1] for row in rows if row[1] is not None}
-    finished = {row[0]: row[4] for row in rows if row[4] is not None}
+    granted = {row[0].int: row[1] for row in rows if row[1] is not None}
+    finished = {row[0].int: row[4] for row in rows if row[4] is not None}
     if finished:  # rare: another process finished these since their callers looked
         current = {
             row[0]: _record(row)
@@ -1307,12 +1311,12 @@ async def _begin(
             )
         }
         for op in ops:
-            if op.record.id in finished:
-                refused[op.record.id] = FinishedElsewhere(current[finished[op.record.id]])
+            if (rid := op.record.id.int) in finished:
+                refused[rid] = FinishedElsewhere(current[finished[rid]])
     orphans = [(row[2], row[3]) for row in rows if row[2] is not None]
     if orphans:  # their holders stopped renewing: close what they left open
         await connection.execute(_CLOSE_TAKEN_OVER, tenant, [o[0] for o in orphans], now, [o[1] for o in orphans])
-    held = [op for op in ops if op.record.id not in granted and op.record.id not in finished]
+    held = [op for op in ops if op.record.id.int not in granted and op.record.id.int not in finished]
     holders: dict[tuple[str, str | None], Any] = {}
     if held:
         rows = await connection.fetch(
@@ -1323,7 +1327,7 @@ async def _begin(
         # A holder that finished while this statement waited for it: its release
         # names the success, which these callers take (they asked unless_done).
         done_ids = {
-            op.record.id: holders[key][7] for op in held
+            op.record.id.int: holders[key][7] for op in held
             if (key := (op.record.asset_name, op.record.partition)) in holders
             and holders[key][3] == "" and holders[key][7] is not None
             and _wanted(op.row, holders[key][8], holders[key][7])
@@ -1336,34 +1340,35 @@ async def _begin(
                 )
             }
             for op in held:
-                if op.record.id in done_ids and done_ids[op.record.id] in current:
-                    finished[op.record.id] = done_ids[op.record.id]
-                    refused[op.record.id] = FinishedElsewhere(current[done_ids[op.record.id]])
+                if (held_key := op.record.id.int) in done_ids and done_ids[held_key] in current:
+                    finished[held_key] = done_ids[held_key]
+                    refused[held_key] = FinishedElsewhere(current[done_ids[held_key]])
     for op in ops:
         record = op.record
-        if record.id in finished:
+        rid = record.id.int
+        if rid in finished:
             continue
-        fence = granted.get(record.id)
+        fence = granted.get(rid)
         holder = holders.get((record.asset_name, record.partition))
         if fence is None and holder is not None and holder[6] == record.id:
             fence = holder[4]  # ours: a retried batch whose first COMMIT landed
         if fence is not None:
             op.fence = fence
-            written.add(record.id)
+            written.add(rid)
             continue
-        refused[record.id] = LeaseHeld(
+        refused[rid] = LeaseHeld(
             record.asset_name, record.partition, tenant=record.tenant_id,
             owner=holder[3] if holder else None, fence=holder[4] if holder else None,
             expires_at=holder[5] if holder else None,
         )
 
 
-async def _complete(connection: Any, tenant: str, now: datetime, statement: str, own: list[Any]) -> set[uuid.UUID]:
+async def _complete(connection: Any, tenant: str, now: datetime, statement: str, own: list[Any]) -> set[int]:
     """Write a batch of completions with ``statement`` (``_COMPLETE_BATCH`` or
     ``_END_BATCH``), ``own`` being the parameters of its rows (the JSON rows, or the
-    columns, each row's fence among them); the ids written."""
+    columns, each row's fence among them); the ids written, as integers."""
     rows = await connection.fetch(statement, tenant, now, *own)
-    return {row[0] for row in rows}
+    return {row[0].int for row in rows}
 
 
 def _lost_race(record: Materialization, expected: Status | None) -> BaseException:

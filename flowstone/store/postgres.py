@@ -8,12 +8,11 @@ Writes of records (``create`` and the runtime's ``complete``) are *group
 committed*: a writer that finds fewer than ``FLUSHES`` flushes in progress
 becomes a leader and writes what is queued (up to ``FLUSH_ROWS``) in one
 transaction per tenant (one statement per kind of write for the whole batch); the
-others wait for a flush. A
-record is in one flush at a time, so its writes stay in order. A busy
-backfill pays one round trip per batch, not per row; a lone caller pays one
-transaction, as it would anyway. Lookups of latest successes go together the same
-way (``LOOKUPS`` in flight; ADR 0039). Every status change is a compare-and-set in
-SQL: an update that loses a race raises ``InvalidTransition``.
+others wait for a flush. A record is in one flush at a time, so its writes stay in
+order. A busy backfill pays one round trip per batch, not per row; a lone caller
+pays one transaction, as it would anyway. Lookups of latest successes go together
+the same way (``LOOKUPS`` in flight; ADR 0039). Every status change is a
+compare-and-set in SQL: an update that loses a race raises ``InvalidTransition``.
 """
 
 from __future__ import annotations
@@ -523,6 +522,30 @@ class _Write:
     error: BaseException | None = None
 
 
+class _Leaders:
+    """The group commits' bookkeeping (writes, and lookups): how many leaders are
+    writing or looking up now, and the event the others wait on until one ends."""
+
+    __slots__ = ("_ended", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._ended: anyio.Event | None = None
+
+    async def wait(self) -> None:
+        """Until a leader in flight now ends."""
+        if self._ended is None:
+            self._ended = anyio.Event()
+        await self._ended.wait()
+
+    def end(self) -> None:
+        """A leader is done: the others wake and look again."""
+        self.count -= 1
+        event, self._ended = self._ended, None
+        if event is not None:
+            event.set()
+
+
 @attrs.define(eq=False)
 class _Lookup:
     """One ``latest_successes`` call waiting for a lookup, and its answer."""
@@ -547,12 +570,10 @@ class PostgresStore(PostgresClient):
         """``options``: ``min_size``, ``max_size`` (the pool), ``allow_bypass_rls``."""
         super().__init__(dsn, pool, **options)
         self._queue: list[_Write] = []
-        self._flushes = 0  # in flight now
-        self._flushed: anyio.Event | None = None  # set as a flush ends, then replaced
+        self._flushes = _Leaders()  # flushes in flight now
         self._in_flight: set[int] = set()  # records a flush in flight writes (their ids' integers: C hashes)
         self._lookups: list[_Lookup] = []  # asked, waiting for a lookup to take them
-        self._looking = 0  # lookups in flight now
-        self._looked: anyio.Event | None = None  # set as a lookup ends, then replaced
+        self._looking = _Leaders()  # lookups in flight now
 
     async def migrate(self) -> list[int]:
         """Create or upgrade the schema (idempotent, safe concurrently); the versions applied now."""
@@ -667,12 +688,10 @@ class PostgresStore(PostgresClient):
             with anyio.fail_after(WRITE_TIMEOUT, shield=True):
                 for op in ops:
                     while not op.done:
-                        if self._flushes < FLUSHES and self._takeable():
+                        if self._flushes.count < FLUSHES and self._takeable():
                             await self._lead_flush()
                         else:
-                            if self._flushed is None:
-                                self._flushed = anyio.Event()
-                            await self._flushed.wait()
+                            await self._flushes.wait()
         except TimeoutError:
             for op in ops:
                 if not op.done:
@@ -690,7 +709,7 @@ class PostgresStore(PostgresClient):
         return any(queued.record.id.int not in busy for queued in self._queue)
 
     async def _lead_flush(self) -> None:
-        self._flushes += 1
+        self._flushes.count += 1
         batch: list[_Write] = []
         try:
             # Let the tasks the last flush woke run first: their next writes join
@@ -718,10 +737,7 @@ class PostgresStore(PostgresClient):
         finally:
             for queued in batch:
                 self._in_flight.discard(queued.record.id.int)
-            self._flushes -= 1
-            event, self._flushed = self._flushed, None
-            if event is not None:
-                event.set()
+            self._flushes.end()
 
     async def _flush(self, tenant: str | None, ops: list[_Write]) -> None:
         try:
@@ -812,19 +828,17 @@ class PostgresStore(PostgresClient):
             return {}
         self._lookups.append(lookup)
         while lookup.found is None and lookup.error is None:
-            if self._looking < LOOKUPS:
+            if self._looking.count < LOOKUPS:
                 await self._lead_lookup()
             else:
-                if self._looked is None:
-                    self._looked = anyio.Event()
-                await self._looked.wait()
+                await self._looking.wait()
         if lookup.error is not None:
             raise lookup.error
         assert lookup.found is not None
         return lookup.found
 
     async def _lead_lookup(self) -> None:
-        self._looking += 1
+        self._looking.count += 1
         taken: list[_Lookup] = []
         try:
             await anyio.lowlevel.checkpoint()  # the workers woken with us ask theirs first
@@ -850,10 +864,7 @@ class PostgresStore(PostgresClient):
         finally:
             # Cancelled midway: what was taken and not answered goes back for the next leader.
             self._lookups[:0] = [lookup for lookup in taken if lookup.found is None and lookup.error is None]
-            self._looking -= 1
-            event, self._looked = self._looked, None
-            if event is not None:
-                event.set()
+            self._looking.end()
 
     async def partitions_of(self, asset_name: str) -> dict[str | None, Materialization]:
         tenant = current_tenant()
@@ -1230,13 +1241,13 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
     outcome: list[BaseException | None] = []
     for op in ops:
         record = op.record
-        key = record.id.int
-        if key in written:
+        rid = record.id.int
+        if rid in written:
             outcome.append(None)
             continue
-        found = current_rows.get(key)
-        if key in refused:
-            outcome.append(refused[key])
+        found = current_rows.get(rid)
+        if rid in refused:
+            outcome.append(refused[rid])
         elif op.kind in ("insert", "begin"):
             # Ours already (a retried batch whose first COMMIT landed), or someone else's id.
             outcome.append(
@@ -1340,9 +1351,9 @@ async def _begin(
                 )
             }
             for op in held:
-                if (held_key := op.record.id.int) in done_ids and done_ids[held_key] in current:
-                    finished[held_key] = done_ids[held_key]
-                    refused[held_key] = FinishedElsewhere(current[done_ids[held_key]])
+                if (rid := op.record.id.int) in done_ids and done_ids[rid] in current:
+                    finished[rid] = done_ids[rid]
+                    refused[rid] = FinishedElsewhere(current[done_ids[rid]])
     for op in ops:
         record = op.record
         rid = record.id.int

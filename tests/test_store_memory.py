@@ -3,6 +3,7 @@
 from datetime import datetime, timedelta, timezone
 
 import anyio
+import attrs
 import pytest
 
 import flowstone as fs
@@ -153,6 +154,35 @@ def test_a_finished_record_is_kept_packed_and_reads_back_the_same(fields):
     assert (back.metadata, back.upstream_partitions, back.started_at) == (
         record.metadata, record.upstream_partitions, record.started_at)
     assert list(records._live) == [] and not gc.is_tracked(records._packed)
+
+
+@pytest.mark.parametrize("fields", [
+    {"asset_name": "a"},
+    {"asset_name": "a", "partition": "2024-01-01", "status": fs.Status.SUCCESS, "metadata": {"rows": 3}},
+    {"asset_name": "b", "status": fs.Status.STALE, "upstream_assets": ["a"], "upstream_partitions": {"a": ["x"]},
+     "dependency_hash": "h", "duration_ms": 1.5, "error_message": "boom", "executor_node": "n/b", "tenant": "acme"},
+])
+def test_records_built_from_their_values_are_those_attrs_builds(fields):
+    """The hot paths build records positionally (``build``), each slot set through its
+    descriptor; the record is the one ``Materialization(...)`` builds from the same
+    fields: defaults, read-only mappings and all."""
+    from types import MappingProxyType
+
+    from flowstone.store.records import FIELDS, POSITION, Materialization, build, values_of
+
+    record = _finished(dict(fields))
+    given = {name: value for name, value in zip(FIELDS, values_of(record), strict=True)}
+    by_attrs = Materialization(**{**given, "metadata": dict(record.metadata),
+                                  "upstream_partitions": dict(record.upstream_partitions)})
+    values = list(values_of(by_attrs))
+    values[POSITION["metadata"]] = {"rows": 3}
+    rebuilt = build(values)
+    assert record == by_attrs and values_of(record) == values_of(by_attrs)
+    assert type(record.metadata) is type(record.upstream_partitions) is MappingProxyType
+    assert record.upstream_assets == tuple(fields.get("upstream_assets", ()))
+    assert rebuilt.metadata == {"rows": 3} and type(rebuilt.metadata) is MappingProxyType
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        record.status = fs.Status.FAILED
 
 
 @pytest.mark.parametrize("fields", [

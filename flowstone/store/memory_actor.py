@@ -41,6 +41,7 @@ from .records import (
     POSITION,
     Materialization,
     Status,
+    build,
     check_decidable,
     check_transition,
     evolve,
@@ -111,7 +112,7 @@ def _unpack(packed: bytes) -> Materialization:
         if values[at] is not None:
             values[at] = datetime.fromtimestamp(values[at], timezone.utc)
     values[_UPSTREAM], values[_METADATA] = dict(values[_UPSTREAM]), dict(values[_METADATA])
-    return Materialization(*values)
+    return build(values)
 
 
 class Records:

@@ -222,22 +222,27 @@ def new_record(fields: Mapping[str, Any], tenant: str | None, now: datetime) -> 
     """A record from ``create(**fields)``: checked, normalized, stamped with the tenant."""
     if not fields.keys() <= _CREATABLE:
         _bad_fields(fields, _CREATABLE, "create()")
-    values = dict(fields)
-    if "asset_name" not in values:
+    if "asset_name" not in fields:
         _bad_fields(["asset_name"], frozenset(), "create() without it: asset_name is required")
-    check_identifier(values["asset_name"], "asset_name")
-    values["id"] = parse_id(values["id"]) if "id" in values else new_uuid()
-    values["run_id"] = parse_id(values["run_id"], "run") if "run_id" in values else new_uuid()
-    values["status"] = to_status(values.get("status", Status.PENDING))
-    partition = values.get("partition")
-    values["partition"] = partition if partition is None or type(partition) is str else serialize_partition(partition)
-    upstream = values.get("upstream_assets", ())
-    values["upstream_assets"] = upstream if type(upstream) is tuple else tuple(upstream)
-    upstream_partitions = values.get("upstream_partitions")
-    values["upstream_partitions"] = {
+    values = list(_DEFAULTS)
+    for name, value in fields.items():
+        values[POSITION[name]] = value
+    check_identifier(values[_ASSET], "asset_name")
+    values[_ID] = parse_id(fields["id"]) if "id" in fields else new_uuid()
+    values[_RUN] = parse_id(fields["run_id"], "run") if "run_id" in fields else new_uuid()
+    values[_STATUS] = to_status(fields.get("status", Status.PENDING))
+    partition = values[_PARTITION]
+    if partition is not None and type(partition) is not str:
+        values[_PARTITION] = serialize_partition(partition)
+    upstream = values[_UPSTREAM_ASSETS]
+    if type(upstream) is not tuple:
+        values[_UPSTREAM_ASSETS] = tuple(upstream)
+    upstream_partitions = values[_UPSTREAM_PARTITIONS]
+    values[_UPSTREAM_PARTITIONS] = {
         name: keys if type(keys) is tuple else tuple(keys) for name, keys in upstream_partitions.items()
     } if upstream_partitions else EMPTY
-    return Materialization(**values, tenant_id=tenant, inserted_at=now, updated_at=now)
+    values[_TENANT], values[_INSERTED_AT], values[_UPDATED_AT] = tenant, now, now
+    return build(values)
 
 
 FIELDS = tuple(f.name for f in attrs.fields(Materialization))
@@ -247,6 +252,37 @@ values_of = operator.attrgetter(*FIELDS)
 POSITION = {name: i for i, name in enumerate(FIELDS)}
 
 
+def _record_builder() -> Any:
+    """``build(values)``: the record of ``values`` (every field, in the order of
+    ``FIELDS``), as ``Materialization(*values)`` makes it, mappings frozen by the
+    same converter. Each slot is set through its own descriptor, in straight-line
+    code made once here: attrs' ``__init__`` of a frozen class looks
+    ``object.__setattr__`` up by name for each of the 18 fields, and a backfilled
+    partition builds two records."""
+    frozen = {f.name for f in attrs.fields(Materialization) if f.converter is not None}
+    scope: dict[str, Any] = {"new": object.__new__, "Materialization": Materialization, "convert": _frozen}
+    lines = ["def build(values):", "    record = new(Materialization)"]
+    for at, name in enumerate(FIELDS):
+        scope[f"set_{name}"] = Materialization.__dict__[name].__set__
+        value = f"convert(values[{at}])" if name in frozen else f"values[{at}]"
+        lines.append(f"    set_{name}(record, {value})")
+    lines.append("    return record")
+    exec("\n".join(lines), scope)  # the code above, made from the record's own field names
+    return scope["build"]
+
+
+build = _record_builder()
+_DEFAULTS: tuple[Any, ...] = tuple(
+    EMPTY if f.converter is not None else None if f.default is attrs.NOTHING else f.default
+    for f in attrs.fields(Materialization)
+)
+"""Each field's value in a record created without it (``new_record``)."""
+_ID, _ASSET, _PARTITION, _RUN, _STATUS, _UPSTREAM_ASSETS, _UPSTREAM_PARTITIONS, _TENANT, _INSERTED_AT, _UPDATED_AT = (
+    POSITION[name] for name in (
+        "id", "asset_name", "partition", "run_id", "status", "upstream_assets", "upstream_partitions", "tenant_id",
+        "inserted_at", "updated_at"))
+
+
 def evolve(record: Materialization, **changes: Any) -> Materialization:
     """``attrs.evolve`` for records, without its per-call field introspection: every
     field read at once, the changes put in place, the record built positionally
@@ -254,7 +290,7 @@ def evolve(record: Materialization, **changes: Any) -> Materialization:
     values = list(values_of(record))
     for name, value in changes.items():
         values[POSITION[name]] = value
-    return Materialization(*values)
+    return build(values)
 
 
 def update_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -289,10 +325,9 @@ def completed(
     values[_STATUS], values[_UPDATED_AT] = status, now
     for name, value in fields.items():
         values[POSITION[name]] = storable_text(value) if name in _TEXTS and value else _as_stored(name, value)
-    return Materialization(*values)
+    return build(values)
 
 
-_STATUS, _UPDATED_AT = POSITION["status"], POSITION["updated_at"]
 _TEXTS = frozenset({"error_message", "error_traceback"})
 """The fields ``completed`` rids of what a database cannot hold."""
 

@@ -498,7 +498,9 @@ async def test_fast_partitions_begin_and_end_in_batches_each_with_its_own_record
 async def test_the_workers_of_a_backfill_share_what_they_learn_of_its_pace(anyio_backend):
     """Only the backfill's first partition runs alone when it never yields: the other
     workers take its duration as theirs (each worker learning for itself ran one
-    partition alone per worker: a fifth of the runs of 366 partitions at 20 workers)."""
+    partition alone per worker: a fifth of the runs of 366 partitions at 20 workers).
+    Once the pace is known, a worker takes as many partitions at once as a batch
+    holds, not fewer."""
     store = _Counting()
 
     async def instant(ctx, deps):
@@ -508,7 +510,10 @@ async def test_the_workers_of_a_backfill_share_what_they_learn_of_its_pace(anyio
         status = await rt.wait_backfill(await rt.backfill("events", partitions=DAYS, max_parallel=4))
         assert (status.state, status.succeeded) == ("succeeded", 30)
         assert sum(store.begun) == sum(store.ended) == 30 - 1
-        assert sorted(store.begun) == [2] + [3] * 9  # a batch per chunk of 3 (30 // (2 * 4)), the first less one
+        # Each worker's first chunk was 3 (30 // (2 * 4)), taken before any partition
+        # ended, the first of them less the partition run alone; then chunks of a
+        # batch's size (16, the most a batch takes) until the feed runs out.
+        assert sorted(store.begun) == [2, 2, 3, 3, 3, 16]
         assert await rt.load("events", DAYS[29]) == DAYS[29].isoformat()
 
 

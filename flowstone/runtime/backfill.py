@@ -365,12 +365,15 @@ async def _work(spec: BackfillSpec, progress: _Progress, runner: Runner) -> None
 async def _worker(
     spec: BackfillSpec, progress: _Progress, runner: Runner, feed: Iterator[Any], size: int, pace: _Pace
 ) -> None:
-    """Run chunks of partitions from the shared feed. A partition another process is
+    """Run chunks of partitions from the shared feed: ``size`` at a time, or as many
+    as a batch takes (``pace``) when that is more. A chunk of fast partitions then
+    shares one lookup and one batch, and still holds about ``BATCH_SECONDS`` of
+    work, so the workers run out together. A partition another process is
     computing right now is put aside rather than waited for (several processes
     backfilling the same partitions then share the work instead of queueing behind
     each other); once the feed is empty, the ones put aside run, now waiting if they
     must, and mostly find the other process's success to take."""
-    while chunk := list(itertools.islice(feed, size)):
+    while chunk := list(itertools.islice(feed, max(size, pace.size))):
         # A partition that blocks on nothing never yields, and the chunk's lookup is
         # answered before anyio's cancellation reaches a waiting task on asyncio (it
         # only cancels tasks whose wait is not over): without this, cancelling a

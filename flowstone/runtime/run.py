@@ -829,7 +829,9 @@ class _Run:
     async def lead_or_follow(self, job: Job, pending: PendingCall) -> JobResult:
         """Run the job under the lease the executor granted, or take the leader's result."""
         executor = self.snapshot.executors[job.asset.name]
-        answer = await pending.result(hand_back(executor, self.tenant, job.key))
+        # An answer that came at once (the gate's lease, usually) needs no hook for a cancelled wait.
+        hook = None if pending.ready else hand_back(executor, self.tenant, job.key)
+        answer = await pending.result(hook)
         if not isinstance(answer, Lease):
             return answer  # another caller computed it (single flight)
         result: JobResult | None = None

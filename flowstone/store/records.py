@@ -276,7 +276,8 @@ _DEFAULTS: tuple[Any, ...] = tuple(
     EMPTY if f.converter is not None else None if f.default is attrs.NOTHING else f.default
     for f in attrs.fields(Materialization)
 )
-"""Each field's value in a record created without it (``new_record``)."""
+"""Each field's value in a record created without it (``new_record``): the mappings
+(the fields with a converter, ``_frozen``) empty, the required fields None until set."""
 _ID, _ASSET, _PARTITION, _RUN, _STATUS, _UPSTREAM_ASSETS, _UPSTREAM_PARTITIONS, _TENANT, _INSERTED_AT, _UPDATED_AT = (
     POSITION[name] for name in (
         "id", "asset_name", "partition", "run_id", "status", "upstream_assets", "upstream_partitions", "tenant_id",

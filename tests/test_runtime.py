@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import logging
-from datetime import date
+from datetime import date, datetime, timezone
 
 import anyio
 import pytest
@@ -580,7 +580,8 @@ async def gate_executor():
 async def test_the_gate_answers_direct_callers_at_once_and_followers_when_the_leader_finishes(anyio_backend):
     # Runs in the runtime's loop ask the executor's gate directly (no message, no
     # event-loop turn); what must wait still waits for the leader, as by message.
-    from flowstone.runtime.executor import Finished, JobResult, Lease, Stats, finish, submit
+    from flowstone.runtime.executor import JobResult, Lease, Stats, finish, submit
+    from flowstone.store.records import new_record
 
     async with gate_executor() as (handle, door):
         leader = await submit(handle, None, "k")
@@ -591,8 +592,8 @@ async def test_the_gate_answers_direct_callers_at_once_and_followers_when_the_le
         assert isinstance(lease, Lease) and isinstance(await other.result(), Lease)
         stats = await handle.call(Stats)  # the actor serves messages on the same gate
         assert (stats.in_flight, stats.followers) == (2, 1)
-        result = JobResult(record=None)  # type: ignore[arg-type]
-        assert finish(handle, Finished(tenant=None, key="k", token=lease.token, result=result))
+        result = JobResult(record=new_record({"asset_name": "one"}, None, datetime.now(timezone.utc)))
+        assert finish(handle, None, "k", lease.token, result) is None  # handed straight to the gate
         with anyio.fail_after(5):
             assert await follower.result() is result
         assert (await handle.call(Stats)).in_flight == 1
@@ -600,7 +601,7 @@ async def test_the_gate_answers_direct_callers_at_once_and_followers_when_the_le
 
 async def test_a_batch_takes_a_lease_straight_from_the_gate_only_when_submit_would_grant_it(anyio_backend):
     # lease_now is submit's answer without its reply: for a free partition only.
-    from flowstone.runtime.executor import Door, Finished, Lease, finish, lease_now, submit
+    from flowstone.runtime.executor import Door, Lease, finish, lease_now, submit
 
     async with gate_executor() as (handle, door):
         lease = lease_now(handle, None, "k")
@@ -610,7 +611,7 @@ async def test_a_batch_takes_a_lease_straight_from_the_gate_only_when_submit_wou
         assert not follower.ready
         other = lease_now(handle, "tenant-b", "k")
         assert isinstance(other, Lease) and other.token != lease.token
-        assert finish(handle, Finished(tenant=None, key="k", token=lease.token, result=None))
+        assert finish(handle, None, "k", lease.token, None) is None
         with anyio.fail_after(5):
             assert isinstance(await follower.result(), Lease)  # the leader left: the follower runs it
         gate, door.gate = door.gate, None  # down, as between a crash and the restart

@@ -83,6 +83,9 @@ R = TypeVar("R")
 
 FlightKey = tuple[str | None, str | None]
 """(tenant, partition key)"""
+Ended = tuple[FlightKey, Any, "JobResult | None", "uuid.UUID | None"]
+"""A flight that ended: its key, its lease's token, the leader's result (None:
+it did not end) and its record's id (``Finished``'s fields)."""
 
 
 @attrs.frozen
@@ -275,23 +278,28 @@ class _Gate:
             reply, *followers = waiting
 
     def finished(self, message: Finished) -> None:
-        key = (message.tenant, message.key)
-        if message.record_id is not None:
-            stale = self.approvals.pop((message.tenant, message.record_id), None)
+        self.end(((message.tenant, message.key), message.token, message.result, message.record_id))
+
+    def end(self, ended: Ended) -> None:
+        """A flight's leader is done (``Finished``'s fields, as ``finish`` hands them
+        over directly): its followers get its result, the next queued caller its slot."""
+        key, token, result, record_id = ended
+        if record_id is not None:
+            stale = self.approvals.pop((key[0], record_id), None)
             if stale is not None:
                 stale.close()
         lease = self.flights.get(key)
-        if lease is None or lease.token != message.token:
+        if lease is None or lease.token != token:
             return None  # a lease from before a restart
         del self.flights[key]
         waiting = self.followers.pop(key, None)
         if waiting:
-            if message.result is None:
+            if result is None:
                 promoted, *rest = waiting  # the leader was cancelled: the next one runs it
                 self.grant(key, promoted, rest)
             else:
                 for follower in waiting:
-                    follower.resolve(message.result)
+                    follower.resolve(result)
         self.grant_queued()
         return None
 
@@ -443,17 +451,23 @@ class Granted(PendingCall[Any]):
             await on_abandon(waiter, Outcome(self._lease))
 
 
-def finish(executor: Handle, finished: Finished) -> bool:
-    """Hand the lease back (see ``Finished``); False when the mailbox is full (the
-    gate is down and the message could not be posted without waiting)."""
+def finish(
+    executor: Handle, tenant: str | None, key: str | None, token: Any, result: JobResult | None
+) -> Finished | None:
+    """Hand the lease back with the job's result (None: it did not end): straight to
+    the gate, without a message, while the gate is up; else as ``Finished``. None
+    once done; the message when the mailbox is full (the gate is down and the
+    message could not be posted without waiting)."""
+    record_id = result.record.id if result is not None else None
     door = executor.shared
     if door is None or door.gate is None:
-        return executor.try_cast(finished)
+        finished = Finished(tenant=tenant, key=key, token=token, result=result, record_id=record_id)
+        return None if executor.try_cast(finished) else finished
     try:
-        door.call(executor, _Gate.finished, finished)
+        door.call(executor, _Gate.end, ((tenant, key), token, result, record_id))
     except ActorCrashed:
         pass  # the lease went with the gate, and its followers were told: nothing to hand back
-    return True
+    return None
 
 
 def executor_actor(asset: Asset, door: Door | None = None) -> Any:

@@ -402,12 +402,8 @@ async def deliver(executor: Any, finished: Finished) -> None:
 def handed_over(executor: Any, job: Job, lease: Lease, result: JobResult | None) -> Finished | None:
     """``hand_over`` without waiting: None once done, else the message to cast
     (the executor's mailbox was full)."""
-    finished = Finished(
-        tenant=job.tenant, key=job.key, token=lease.token, result=result,
-        record_id=result.record.id if result is not None else None,
-    )
     try:
-        return None if finish(executor, finished) else finished
+        return finish(executor, job.tenant, job.key, lease.token, result)
     except RuntimeClosed:
         return None  # the runtime closed under us: no lease left to hand back
 

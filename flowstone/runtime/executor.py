@@ -42,7 +42,7 @@ import itertools
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import anyio
 import attrs
@@ -113,8 +113,7 @@ class Env:
     a batch writes its ends when it has computed every job."""
 
 
-@attrs.frozen
-class JobResult:
+class JobResult(NamedTuple):
     """The record a job left; the user's exception when it failed; the value when
     its IO manager returns stored objects as they are (so readers in the same run
     need not load it again)."""

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 import attrs
@@ -62,9 +62,10 @@ IO_CONFIG = "flowstone.io_config"
 T = TypeVar("T")
 
 
-@attrs.frozen
-class Read:
-    """One input: the records read and, when already in hand, their values."""
+class Read(NamedTuple):
+    """One input: the records read and, when already in hand, their values. (The
+    per-job objects here are named tuples: immutable, and made in a fraction of a
+    frozen attrs object's time, which sets each field through ``object.__setattr__``.)"""
 
     asset: str
     records: tuple[Materialization, ...]
@@ -72,8 +73,9 @@ class Read:
     values: tuple[Any, ...] | None = None
 
 
-@attrs.frozen
-class Job:
+class Job(NamedTuple):
+    """One asset's partition to materialize in a run, with what it reads."""
+
     asset: Asset
     run_id: uuid.UUID
     partition: Any
@@ -408,8 +410,7 @@ def _start(job: Job, env: Env, now: datetime) -> dict[str, Any]:
     }
 
 
-@attrs.frozen
-class _Computed:
+class _Computed(NamedTuple):
     """What a job computed: the status and fields of its last write, and the value
     stored (a success) or the error (a failure)."""
 

@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import attrs
@@ -67,15 +67,13 @@ class RunRequest:
     this run's partitions (a backfill does other partitions first)."""
 
 
-@attrs.frozen
-class _Input:
+class _Input(NamedTuple):
     asset: str
     key: str | None
     kind: str  # "node": planned in this run; "latest": read as stored; "all": every partition
 
 
-@attrs.frozen
-class _Node:
+class _Node(NamedTuple):
     asset: Asset
     partition: Any
     key: str | None
@@ -93,8 +91,7 @@ class _Ready:
         self.spare = 0
 
 
-@attrs.define
-class _Outcome:
+class _Outcome(NamedTuple):
     record: Materialization | None = None
     error: BaseException | None = None
     reused: bool = False

@@ -58,16 +58,14 @@ class Lease(NamedTuple):
     fence: int
 
 
-@attrs.frozen
-class Start:
+class Start(NamedTuple):
     """One job's ``begin`` among ``begin_many``'s: the record's fields, and ``unless_done``."""
 
     fields: Mapping[str, Any]
     unless_done: tuple[Any, str] | None = None
 
 
-@attrs.frozen
-class End:
+class End(NamedTuple):
     """One job's ``complete`` among ``complete_many``'s, with the same arguments."""
 
     record: Materialization

@@ -126,8 +126,7 @@ class JobResult(NamedTuple):
     """A success finished before this caller asked, taken instead of running."""
 
 
-@attrs.frozen
-class Lease:
+class Lease(NamedTuple):
     """Permission to run one partition's job; hand it back with ``Finished``."""
 
     token: Any

@@ -54,8 +54,9 @@ class RunResult:
     skipped: tuple[str, ...] = ()
 
 
-@attrs.frozen
-class RunRequest:
+class RunRequest(NamedTuple):
+    """What to run (``materialize``'s arguments, or one of a backfill's partitions)."""
+
     target: str
     partition: Any = None
     upstream: str = "missing"

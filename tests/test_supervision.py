@@ -141,7 +141,10 @@ async def test_an_actor_spawned_on_demand_starts_with_its_first_message(anyio_ba
     async with anyio.create_task_group() as tasks:
         idle = spawn_on_demand(tasks, "executor:b", executor_actor(asset), RestartPolicy())
     idle.close()
+    assert idle.waking.send is None  # not opened just to be closed: a runtime closes one per asset
     with pytest.raises(fs.RuntimeClosed):
         await idle.cast(Stats())  # nothing starts it once closed
+    with pytest.raises(fs.RuntimeClosed):
+        idle.try_cast(Stats())
     del idle
     gc.collect()

@@ -93,13 +93,14 @@ def spawn_on_demand(
 class _Waking:
     """What opens an on-demand actor's mailbox and starts its task, once."""
 
-    __slots__ = ("incarnation", "name", "policy", "receive", "send", "started", "tasks")
+    __slots__ = ("closed", "incarnation", "name", "policy", "receive", "send", "started", "tasks")
 
     def __init__(self, tasks: TaskGroup, name: str, incarnation: Incarnation, policy: RestartPolicy) -> None:
         self.tasks, self.name, self.incarnation, self.policy = tasks, name, incarnation, policy
         self.send: MemoryObjectSendStream[Message] | None = None
         self.receive: MemoryObjectReceiveStream[Message] | None = None
         self.started = False
+        self.closed = False
 
     def wake(self) -> MemoryObjectSendStream[Message]:
         """The mailbox, opened and its actor's task started on the first call. Once
@@ -117,12 +118,17 @@ class _Waking:
         return send
 
     def close(self) -> None:
-        """Close the mailbox (opened now if it never was: posting to it then raises
-        ``RuntimeClosed``); both ends when no task ever took the receiving one."""
-        send, receive = self._open()
+        """Close the mailbox: both ends when no task ever took the receiving one. One
+        never opened is not opened now (a runtime closes an executor's handle for
+        each asset, and opening a mailbox cost more than all the rest of an executor
+        the run never asked anything of): a post after this opens it closed, so
+        posting raises ``RuntimeClosed`` as it would have."""
+        task_took_it, self.started, self.closed = self.started, True, True  # nothing may start it now
+        send, receive = self.send, self.receive
+        if send is None or receive is None:
+            return
         send.close()
-        if not self.started:
-            self.started = True  # nothing may start it now
+        if not task_took_it:
             receive.close()
 
     def _open(self) -> tuple[MemoryObjectSendStream[Message], MemoryObjectReceiveStream[Message]]:
@@ -130,6 +136,9 @@ class _Waking:
         if send is None or receive is None:
             _, send, receive = open_mailbox(self.name)
             self.send, self.receive = send, receive
+            if self.closed:  # closed before anything was ever posted
+                send.close()
+                receive.close()
         return send, receive
 
 

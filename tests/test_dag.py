@@ -182,6 +182,27 @@ def test_the_order_is_networkxs_lexicographical_one_beside_any_cycle(assets, dat
     assert set(built._cycles[1]) == on_cycle
 
 
+@given(dags(), st.data())
+def test_dependencies_and_dependents_are_networkxs_ancestors_and_descendants(assets, data):
+    """The graph walks its edges itself; what it finds is what networkx finds, on a
+    graph with a cycle too (an asset on a cycle is not its own dependency)."""
+    import networkx as nx
+
+    from flowstone.dag import AssetGraph
+
+    if data.draw(st.booleans()) and len(assets) > 1:  # sometimes close a loop through two assets
+        first, second = data.draw(st.lists(st.sampled_from(assets), min_size=2, max_size=2, unique_by=lambda a: a.name))
+        assets = [node(a.name, *a.depends_on, second.name) if a is first else
+                  node(a.name, *a.depends_on, first.name) if a is second else a for a in assets]
+    graph = nx.DiGraph()
+    graph.add_nodes_from(a.name for a in assets)
+    graph.add_edges_from((d, a.name) for a in assets for d in a.depends_on)
+    built = AssetGraph(assets)
+    for name in graph:
+        assert built.dependencies(name) == nx.ancestors(graph, name)
+        assert built.dependents(name) == nx.descendants(graph, name)
+
+
 def test_layers_beside_a_cycle_still_work():
     assets = [node("a", "b"), node("b", "a"), node("c"), node("d", "c")]
     assert fs.execution_layers(assets, target="d") == [["c"], ["d"]]

@@ -156,6 +156,15 @@ def test_layers_of_a_target_match_the_generations_of_its_subgraph(assets, data):
     assert [set(layer) for layer in fs.execution_layers(assets, target=target)] == expected
 
 
+def _maybe_a_loop(assets, data):
+    """``assets``, or sometimes the same with a loop closed through two of them."""
+    if data.draw(st.booleans()) and len(assets) > 1:
+        first, second = data.draw(st.lists(st.sampled_from(assets), min_size=2, max_size=2, unique_by=lambda a: a.name))
+        assets = [node(a.name, *a.depends_on, second.name) if a is first else
+                  node(a.name, *a.depends_on, first.name) if a is second else a for a in assets]
+    return assets
+
+
 @given(dags(), st.data())
 def test_the_order_is_networkxs_lexicographical_one_beside_any_cycle(assets, data):
     """The graph's own sort (Kahn's algorithm, ties by definition order) gives the
@@ -165,10 +174,7 @@ def test_the_order_is_networkxs_lexicographical_one_beside_any_cycle(assets, dat
 
     from flowstone.dag import AssetGraph
 
-    if data.draw(st.booleans()) and len(assets) > 1:  # sometimes close a loop through two assets
-        first, second = data.draw(st.lists(st.sampled_from(assets), min_size=2, max_size=2, unique_by=lambda a: a.name))
-        assets = [node(a.name, *a.depends_on, second.name) if a is first else
-                  node(a.name, *a.depends_on, first.name) if a is second else a for a in assets]
+    assets = _maybe_a_loop(assets, data)
     graph = nx.DiGraph()
     graph.add_nodes_from(a.name for a in assets)
     graph.add_edges_from((d, a.name) for a in assets for d in dict.fromkeys(a.depends_on))
@@ -190,10 +196,7 @@ def test_dependencies_and_dependents_are_networkxs_ancestors_and_descendants(ass
 
     from flowstone.dag import AssetGraph
 
-    if data.draw(st.booleans()) and len(assets) > 1:  # sometimes close a loop through two assets
-        first, second = data.draw(st.lists(st.sampled_from(assets), min_size=2, max_size=2, unique_by=lambda a: a.name))
-        assets = [node(a.name, *a.depends_on, second.name) if a is first else
-                  node(a.name, *a.depends_on, first.name) if a is second else a for a in assets]
+    assets = _maybe_a_loop(assets, data)
     graph = nx.DiGraph()
     graph.add_nodes_from(a.name for a in assets)
     graph.add_edges_from((d, a.name) for a in assets for d in a.depends_on)

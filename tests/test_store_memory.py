@@ -171,7 +171,7 @@ def test_records_built_from_their_values_are_those_attrs_builds(fields):
     from flowstone.store.records import FIELDS, POSITION, Materialization, build, values_of
 
     record = _finished(dict(fields))
-    given = {name: value for name, value in zip(FIELDS, values_of(record), strict=True)}
+    given = dict(zip(FIELDS, values_of(record), strict=True))
     by_attrs = Materialization(**{**given, "metadata": dict(record.metadata),
                                   "upstream_partitions": dict(record.upstream_partitions)})
     values = list(values_of(by_attrs))

@@ -532,6 +532,10 @@ class _Leaders:
         self.count = 0
         self._ended: anyio.Event | None = None
 
+    def begin(self) -> None:
+        """One more leader is writing or looking up (``end`` when it is done)."""
+        self.count += 1
+
     async def wait(self) -> None:
         """Until a leader in flight now ends."""
         if self._ended is None:
@@ -709,7 +713,7 @@ class PostgresStore(PostgresClient):
         return any(queued.record.id.int not in busy for queued in self._queue)
 
     async def _lead_flush(self) -> None:
-        self._flushes.count += 1
+        self._flushes.begin()
         batch: list[_Write] = []
         try:
             # Let the tasks the last flush woke run first: their next writes join
@@ -838,7 +842,7 @@ class PostgresStore(PostgresClient):
         return lookup.found
 
     async def _lead_lookup(self) -> None:
-        self._looking.count += 1
+        self._looking.begin()
         taken: list[_Lookup] = []
         try:
             await anyio.lowlevel.checkpoint()  # the workers woken with us ask theirs first

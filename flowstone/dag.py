@@ -72,9 +72,11 @@ class AssetGraph:
         self._size = len(self._assets)
         """How many of ``_assets`` (in order) this graph holds: graphs grown from one
         another share their dicts and edges, which only ever grow at the end."""
-        self._tip: list[AssetGraph] = [self]
-        """Shared by the graphs ``with_asset`` grew from this one: the newest, the only
-        one that may add to what they share."""
+        self._tip: list[int] = [self._size]
+        """Shared by the graphs ``with_asset`` grew from this one: the size of the newest,
+        the only one that may add to what they share (each is one asset larger than the
+        one it grew from). A size, not the graph: a graph holding itself was garbage
+        that only the collector could free."""
 
     def with_asset(self, item: Asset) -> AssetGraph:
         """This graph with ``item`` added; ``problems()`` of the result tells what is
@@ -84,7 +86,7 @@ class AssetGraph:
         the same at 10 assets and at 10,000); otherwise it is built from scratch."""
         try:
             simple = (
-                self._tip[0] is self and isinstance(item, Asset) and isinstance(item.name, str)
+                self._tip[0] == self._size and isinstance(item, Asset) and isinstance(item.name, str)
                 and item.name not in self._assets and all(dep in self for dep in item.depends_on)
                 and not self._duplicates and not self._unknown and not self._cycles[1]
             )
@@ -109,7 +111,7 @@ class AssetGraph:
         grown.__dict__["_cycles"] = ([], frozenset())
         grown.__dict__["_ranks"] = (rank, depth)
         grown._tip = self._tip
-        self._tip[0] = grown
+        self._tip[0] = grown._size
         return grown
 
     @classmethod

@@ -105,7 +105,7 @@ async def test_a_bug_in_a_write_handled_in_place_restarts_the_actor_and_keeps_th
         def broken(message):
             raise KeyError("a bug")
 
-        monkeypatch.setitem(store.handle.shared.handlers.dispatch, m.PutValue, broken)
+        monkeypatch.setitem(store.handle.shared.dispatch, m.PutValue, broken)
         await store._cast(m.PutValue(tenant=None, asset="orders", partition=None, value=1))
         assert "restarting the actor" in caplog.text
         monkeypatch.undo()

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -80,7 +81,7 @@ class S3IO(Closeable):
         self.client_config = client_config
         self.part_size = part_size
         self.multipart_threshold = max(multipart_threshold, part_size)
-        self._client: LoopBound[Any] = LoopBound(self._open_client, _close_client, _abandon_client)
+        self._client: LoopBound[Any] = LoopBound(_opener(self), _close_client, _abandon_client)
         self._bridge = Bridge(on_close=self._client.close)
 
     async def close(self) -> None:
@@ -244,6 +245,21 @@ class S3IO(Closeable):
                 raise
         except Exception as error:
             raise _storage_error(error, "put_object", asset, where) from error
+
+
+def _opener(manager: S3IO) -> Callable[[], Awaitable[Any]]:
+    """What opens ``manager``'s client, without holding ``manager``: its bound method
+    would make the manager and its ``LoopBound`` a cycle, left for the garbage
+    collector by every runtime that registers the built-in ``s3`` manager."""
+    ref = weakref.ref(manager)
+
+    async def open_client() -> Any:
+        alive = ref()
+        if alive is None:  # only its own LoopBound calls this, while it lives
+            raise StorageUnavailable("the S3 IO manager is gone")
+        return await alive._open_client()
+
+    return open_client
 
 
 async def _close_client(opened: Any) -> None:

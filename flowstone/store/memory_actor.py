@@ -561,7 +561,12 @@ class _Handlers:
 
     def __init__(self, data: MemoryData) -> None:
         self.data = data
-        self.dispatch: dict[type[Message], Callable[[Any], Any]] = {
+
+    def table(self) -> dict[type[Message], Callable[[Any], Any]]:
+        """The handler of each message type. Whoever holds it holds these handlers (its
+        bound methods do): kept on the handlers themselves, it made them and their data
+        a cycle that outlived a closed runtime until the garbage collector came by."""
+        return {
             Create: self.create,
             Update: self.update,
             Replace: self.replace,
@@ -1038,10 +1043,10 @@ class InPlace:
     overtaken, as if posted a moment later: its caller waits for the answer, so
     nothing it does afterwards can be handled before it."""
 
-    __slots__ = ("casts", "handlers", "open", "serving", "taken")
+    __slots__ = ("casts", "dispatch", "open", "serving", "taken")
 
     def __init__(self, data: MemoryData) -> None:
-        self.handlers = _Handlers(data)
+        self.dispatch = _Handlers(data).table()
         self.casts = 0
         """Casts posted to the actor (its handle counts them: ``CountedHandle``)."""
         self.taken = 0
@@ -1066,7 +1071,7 @@ class InPlace:
 
     def apply(self, actor: Handle, message: Message) -> None:
         try:
-            self.handlers.dispatch[message.__class__](message)
+            self.dispatch[message.__class__](message)
         except FlowstoneError as error:
             log.warning("memory-store: cast %s failed: %s", type(message).__name__, error)
         except Exception as error:
@@ -1081,7 +1086,7 @@ def memory_actor(door: InPlace) -> Callable[[MemoryObjectReceiveStream[Message]]
     async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
         door.serving = True
         try:
-            await serve("memory-store", mailbox, door.handlers.dispatch, taken=door.took)
+            await serve("memory-store", mailbox, door.dispatch, taken=door.took)
         finally:
             door.serving = False
 

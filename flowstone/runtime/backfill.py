@@ -247,6 +247,7 @@ async def run_backfill(
     handlers: Handlers = {Status: status, Wait: wait, Cancel: cancel}
 
     unsaved: BackfillStatus | None = None
+    left = False  # the registry (on_exit)
     try:
         await save_retrying(save, Saved(spec, progress.status()))
         await on_enter(handle)  # registered before anyone can ask about it
@@ -276,7 +277,7 @@ async def run_backfill(
                         unsaved = await _save_final(spec, progress, save)
                     progress.announce_end()
                     raise
-            progress.finished_at = utcnow()
+            progress.finished_at = utcnow()  # from now on a Wait is answered at once
             with anyio.CancelScope(shield=True):
                 unsaved = await _save_final(spec, progress, save)
                 final = progress.status()
@@ -284,17 +285,23 @@ async def run_backfill(
                 # Leave the registry before anyone hears "done", so a resume that
                 # follows at once starts a new run instead of finding this one.
                 await on_exit(handle, unsaved)
-            for waiter in progress.waiters:
-                waiter.resolve(final)
+                left = True
             send.close()  # serve answers what is already queued, then ends
+        # Those waiting hear "done" once this task has nothing left to await: a
+        # runtime closed right after would otherwise cancel it, and anyio keeps a
+        # cancelled task's frames (the runner: the store, the runtime) in a reference
+        # cycle that only the garbage collector frees.
+        for waiter in progress.waiters:
+            waiter.resolve(final)
     finally:
         send.close()
         for waiter in progress.waiters:  # a no-op for those already answered
             waiter.fail(RuntimeClosed(f"backfill {spec.id} stopped with the runtime"))
         fail_pending(handle.name, receive, lambda: RuntimeClosed(f"backfill {spec.id} stopped"))
         receive.close()
-        with anyio.CancelScope(shield=True):
-            await on_exit(handle, unsaved)
+        if not left:
+            with anyio.CancelScope(shield=True):
+                await on_exit(handle, unsaved)
 
 
 async def _save_final(

@@ -183,11 +183,12 @@ class BatchWriter:
     alive until all of them had run, and the garbage collector's young passes,
     which that pile kept triggering, cost about a tenth of a partition's time."""
 
-    __slots__ = ("batches", "wake")
+    __slots__ = ("batches", "stopped", "wake")
 
     def __init__(self) -> None:
         self.batches: dict[_Batch, None] = {}
         self.wake = anyio.Event()
+        self.stopped = anyio.Event()
 
     def add(self, batch: _Batch) -> None:
         self.batches[batch] = None
@@ -198,7 +199,10 @@ class BatchWriter:
         task_status.started()
         while True:
             await self.wake.wait()
-            await anyio.sleep(BATCH_SECONDS)
+            with anyio.move_on_after(BATCH_SECONDS):
+                await self.stopped.wait()
+            if self.stopped.is_set():
+                return
             self.wake = anyio.Event()
             async with anyio.create_task_group() as writes:  # each batch's store call at once
                 for batch in list(self.batches):
@@ -206,6 +210,14 @@ class BatchWriter:
                         writes.start_soon(batch.write_behind)
             if self.batches:  # still computing: write again in BATCH_SECONDS
                 self.wake.set()
+
+
+    def stop(self) -> None:
+        """End ``run`` by returning, unless it is writing now (then its runtime's
+        cancellation ends it): see ``open_runtime``. A batch still computing writes
+        what it has itself when it is cancelled, as it would have had ``run`` been."""
+        self.stopped.set()
+        self.wake.set()
 
 
 class _Batch:

@@ -61,6 +61,15 @@ class LeaseKeeper:
         self.seconds = seconds
         self.clock = clock
         self.held: dict[int, _Held] = {}
+        self._stopping: anyio.Event | None = None
+
+    def close(self) -> None:
+        """Let go of the store and the leases once ``run`` has ended (its runtime closed).
+        anyio keeps a cancelled task's exception in a reference cycle, and with it the
+        task's frames: had ``run`` been cancelled (``stop`` came while it renewed), its
+        ``self``, and through it the store's data, would wait for the garbage collector."""
+        self.store = None
+        self.held.clear()
 
     def hold(self, lease: Lease, asked_at: float) -> None:
         self.held[lease.fence] = _Held(lease, asked_at + self.seconds)
@@ -85,10 +94,21 @@ class LeaseKeeper:
 
     @internal  # Ctrl-C goes to the caller's task, not into this loop
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Renew every third of the lease's duration until cancelled, or until ``stop``."""
+        stopping = self._stopping = anyio.Event()
         task_status.started()
         while True:
-            await anyio.sleep(self.seconds / 3)
+            with anyio.move_on_after(self.seconds / 3):
+                await stopping.wait()
+            if stopping.is_set():
+                return
             await self.renew()
+
+    def stop(self) -> None:
+        """End ``run`` at its next wake-up, by returning: a runtime stops it so before
+        cancelling its other tasks (see ``close``)."""
+        if self._stopping is not None:
+            self._stopping.set()
 
     async def renew(self) -> None:
         """Renew every lease held now, one store call per tenant."""

@@ -665,6 +665,12 @@ async def open_runtime(
                 try:
                     yield runtime
                 finally:
+                    # The two service tasks return rather than be cancelled: anyio keeps a
+                    # cancelled task's exception in a reference cycle with the task's frames
+                    # and, on trio, the canceller's (this frame: the store, the pipeline),
+                    # which a closed runtime then left for the garbage collector to free.
+                    keeper.stop()
+                    writer.stop()
                     workers.cancel_scope.cancel()  # jobs record "cancelled" while the store still runs
             # The store and the registry drain their mailboxes (write-behind
             # casts included) before they stop.
@@ -674,6 +680,7 @@ async def open_runtime(
         raise single_error(group) from None
     finally:
         closed = True
+        keeper.close()
         for handle in executors:
             handle.close()  # the mailboxes of those whose task never started
         for client in bound:

@@ -154,6 +154,29 @@ CREATE UNIQUE INDEX flowstone_leases_fence ON flowstone_leases (fence);
 ALTER TABLE flowstone_backfills ADD COLUMN owner text, ADD COLUMN heartbeat_at timestamptz;
 """
 
+_NEW_RECORDS = """            -- Rows of states are found through the upsert's arbiter index (or a lookup
+            -- by their whole key), whatever the planner believes of the table's size.
+            IF TG_OP = 'INSERT' THEN  -- a new record is its partition's newest
+                INSERT INTO flowstone_partition_states AS s
+                    SELECT DISTINCT ON (tenant_id, asset_name, partition) tenant_id, asset_name, partition, seq, status
+                    FROM written WHERE partition IS NOT NULL ORDER BY tenant_id, asset_name, partition, seq DESC
+                ON CONFLICT (tenant_id, asset_name, partition) WHERE partition IS NOT NULL DO UPDATE
+                SET seq = excluded.seq, status = excluded.status WHERE s.seq < excluded.seq;
+                INSERT INTO flowstone_partition_states AS s
+                    SELECT DISTINCT ON (tenant_id, asset_name) tenant_id, asset_name, NULL, seq, status
+                    FROM written WHERE partition IS NULL ORDER BY tenant_id, asset_name, seq DESC
+                ON CONFLICT (tenant_id, asset_name) WHERE partition IS NULL DO UPDATE
+                SET seq = excluded.seq, status = excluded.status WHERE s.seq < excluded.seq;
+                INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
+                    SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{}', ''), n.id
+                    FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
+                    WHERE n.status = 'success';
+                RETURN NULL;
+            END IF;
+"""
+"""What the trigger on records does for records inserted (migrations 16 and 19): each
+partition's state names its newest record, and a success's reads are noted."""
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "materializations and backfills, with row-level security", _V1),
     (2, "flowstone_values: PostgresIO's default table, with row-level security", values_table("flowstone_values")),
@@ -348,26 +371,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         DROP FUNCTION IF EXISTS flowstone_keep_reads();
         CREATE FUNCTION flowstone_records_written() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            -- Rows of states are found through the upsert's arbiter index (or a lookup
-            -- by their whole key), whatever the planner believes of the table's size.
-            IF TG_OP = 'INSERT' THEN  -- a new record is its partition's newest
-                INSERT INTO flowstone_partition_states AS s
-                    SELECT DISTINCT ON (tenant_id, asset_name, partition) tenant_id, asset_name, partition, seq, status
-                    FROM written WHERE partition IS NOT NULL ORDER BY tenant_id, asset_name, partition, seq DESC
-                ON CONFLICT (tenant_id, asset_name, partition) WHERE partition IS NOT NULL DO UPDATE
-                SET seq = excluded.seq, status = excluded.status WHERE s.seq < excluded.seq;
-                INSERT INTO flowstone_partition_states AS s
-                    SELECT DISTINCT ON (tenant_id, asset_name) tenant_id, asset_name, NULL, seq, status
-                    FROM written WHERE partition IS NULL ORDER BY tenant_id, asset_name, seq DESC
-                ON CONFLICT (tenant_id, asset_name) WHERE partition IS NULL DO UPDATE
-                SET seq = excluded.seq, status = excluded.status WHERE s.seq < excluded.seq;
-                INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
-                    SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), n.id
-                    FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
-                    WHERE n.status = 'success';
-                RETURN NULL;
-            END IF;
-            -- A moved record changes its partition's state if it is the newest record
+{_NEW_RECORDS}            -- A moved record changes its partition's state if it is the newest record
             -- there. The others' states are not even locked: superseding an old record
             -- must not wait on whoever completes the newest.
             INSERT INTO flowstone_partition_states AS s
@@ -421,6 +425,52 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         -- latest record of a partition is the one its state names (a lookup by key,
         -- then by sequence); its current success has the constraint's own index.
         DROP INDEX flowstone_materializations_asset_partition;
+    """),
+    (19, "a moved record's state is updated where it is, and reads are looked for only where there are some", f"""
+        -- An upsert of each moved record's state found the row twice (the seq it holds,
+        -- then the conflict) and locked it before updating it; the row's address, read
+        -- with the seq, is enough: an update that finds the row moved by a newer record
+        -- meanwhile skips it, as the upsert's seq test did. Reads were looked for in the
+        -- dependencies of every success, most of which have none.
+        CREATE OR REPLACE FUNCTION flowstone_records_written() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+{_NEW_RECORDS}            -- A moved record changes its partition's state if it is the newest record
+            -- there. The others' states are not even locked: superseding an old record
+            -- must not wait on whoever completes the newest.
+            UPDATE flowstone_partition_states AS s SET status = x.status
+            FROM (
+                SELECT w.status, (
+                    SELECT y.ctid FROM flowstone_partition_states y
+                    WHERE y.tenant_id = w.tenant_id AND y.asset_name = w.asset_name AND y.partition = w.partition
+                      AND y.seq = w.seq
+                ) AS target
+                FROM written w WHERE w.partition IS NOT NULL OFFSET 0
+            ) AS x
+            WHERE s.ctid = x.target;
+            UPDATE flowstone_partition_states AS s SET status = x.status
+            FROM (
+                SELECT w.status, (
+                    SELECT y.ctid FROM flowstone_partition_states y
+                    WHERE y.tenant_id = w.tenant_id AND y.asset_name = w.asset_name AND y.partition IS NULL
+                      AND y.seq = w.seq
+                ) AS target
+                FROM written w WHERE w.partition IS NULL OFFSET 0
+            ) AS x
+            WHERE s.ctid = x.target;
+            -- Only a success has reads: one that is no longer a success loses them, one
+            -- that has none yet gains them. They are found reader by reader (OFFSET 0 keeps
+            -- each lookup its own: joined, a table whose statistics lag was hashed whole).
+            DELETE FROM flowstone_reads WHERE ctid = ANY(ARRAY(
+                SELECT e.ctid FROM written w
+                CROSS JOIN LATERAL (SELECT r.ctid FROM flowstone_reads r WHERE r.reader = w.id OFFSET 0) AS e
+                WHERE w.status <> 'success'));
+            INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
+                SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), n.id
+                FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
+                WHERE n.status = 'success' AND n.upstream_partitions <> '{{}}'::jsonb
+                  AND (SELECT e.reader FROM flowstone_reads e WHERE e.reader = n.id LIMIT 1) IS NULL;
+            RETURN NULL;
+        END $$;
     """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""

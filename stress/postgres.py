@@ -5,6 +5,14 @@ and synchronous_commit on), or uses ``--dsn``; migrates a fresh database and
 runs as a plain role, as production would. Asset functions are trivial
 ``async def``s with memory I/O: what is measured is FlowStone's record keeping.
 Each run uses its own database, so no run reads what another wrote.
+
+With the throwaway cluster, each row also says how much CPU the server spent per
+materialization (its processes, from ``/proc``), next to the client's. The last
+row is the floor: the store alone, without a runtime, one writer beginning and
+completing ``FLUSH_ROWS`` records at a time, as a backfill's batches do. Its CPU
+per record, the client's and the server's, is what any runtime spends at least
+(a runtime adds its own on top); its rate is one writer's, taking turns with the
+server, which a runtime's several batches in flight can beat.
 """
 
 from __future__ import annotations
@@ -12,13 +20,18 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
 import anyio
 
 import flowstone as fs
-from flowstone.store import PostgresStore
+from flowstone.plumbing.clock import utcnow
+from flowstone.plumbing.ids import new_uuid
+from flowstone.store import PostgresStore, Status
+from flowstone.store.leases import End, Start
+from flowstone.store.postgres import FLUSH_ROWS
 from flowstone.testing.postgres import TemporaryPostgres
 
 from .report import emit, median
@@ -85,19 +98,75 @@ def _test_cluster_start() -> float:
         cluster.stop()
 
 
-async def _backfill(dsn: str, count: int, max_parallel: int, pool: int) -> tuple[float, float]:
+ServerCpu = Callable[[], float | None]
+"""Seconds of CPU the server has used so far, if it can be read (``TemporaryPostgres.cpu_seconds``)."""
+
+
+class _Clock:
+    """Wall time, this process's CPU and the server's, from ``start`` to ``stop``."""
+
+    def __init__(self, server_cpu: ServerCpu) -> None:
+        self.server_cpu = server_cpu
+
+    def start(self) -> None:
+        self.began, self.cpu, self.server = time.perf_counter(), time.process_time(), self.server_cpu()
+
+    def stop(self) -> tuple[float, float, float | None]:
+        elapsed, cpu, server = time.perf_counter() - self.began, time.process_time() - self.cpu, self.server_cpu()
+        return elapsed, cpu, None if server is None or self.server is None else server - self.server
+
+
+async def _backfill(
+    dsn: str, count: int, max_parallel: int, pool: int, server_cpu: ServerCpu
+) -> tuple[float, float, float | None]:
     days = [date(2000, 1, 1) + timedelta(days=i) for i in range(count)]
+    clock = _Clock(server_cpu)
     async with PostgresStore(dsn, min_size=pool, max_size=pool) as store:
         await store.list_all(limit=1)  # connect before the clock starts, as a long-running service would be
         async with fs.open_runtime(daily(False), store=store) as rt:
-            start, cpu = time.perf_counter(), time.process_time()
+            clock.start()
             backfill = await rt.backfill("events", partitions=days, max_parallel=max_parallel)
             status = await rt.wait_backfill(backfill)
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+            spent = clock.stop()
             records = await rt.store.list_by_status("success", limit=count + 1)
     if status.succeeded != count or len(records) != count:
         raise SystemExit(f"backfill incomplete: {status} with {len(records)} success records")
-    return elapsed, cpu
+    return spent
+
+
+async def _store_alone(dsn: str, count: int, pool: int, server_cpu: ServerCpu) -> tuple[float, float, float | None]:
+    """The floor: ``count`` records begun and completed by the store alone, ``FLUSH_ROWS``
+    at a time, each batch waiting for the one before (the fields a backfill's jobs
+    give, the ids and times made here as the runtime makes them)."""
+    clock = _Clock(server_cpu)
+    async with PostgresStore(dsn, min_size=pool, max_size=pool) as store:
+        await store.list_all(limit=1)
+        clock.start()
+        for first in range(0, count, FLUSH_ROWS):
+            now = utcnow()
+            starts = [
+                Start({
+                    "asset_name": "events", "partition": f"p{i}", "run_id": new_uuid(), "status": Status.RUNNING,
+                    "started_at": now, "upstream_assets": (), "upstream_partitions": {},
+                    "dependency_hash": "0" * 64, "executor_node": "bench/executor:events",
+                })
+                for i in range(first, min(first + FLUSH_ROWS, count))
+            ]
+            begun = await store.begin_many("bench", 60.0, starts)
+            now = utcnow()
+            ends = [
+                End(got[0], Status.SUCCESS, got[1], {"metadata": {"io_manager": "memory"}, "completed_at": now,
+                                                    "duration_ms": 0.01})
+                for got in begun if not isinstance(got, Exception)
+            ]
+            done = await store.complete_many(ends)
+            if len(ends) != len(starts) or any(isinstance(record, Exception) for record in done):
+                raise SystemExit(f"store alone: a write failed: {[*begun, *done]}")
+        spent = clock.stop()
+        states = await store.partition_states("events")
+    if len(states) != count or any(state is not Status.SUCCESS for state in states.values()):
+        raise SystemExit(f"store alone: {len(states)} partitions written, not {count} successes")
+    return spent
 
 
 def run(argv: list[str]) -> dict[str, Any]:
@@ -114,17 +183,29 @@ def run(argv: list[str]) -> dict[str, Any]:
     admin_dsn = args.dsn or cluster.dsn()
     rows: list[dict[str, Any]] = []
     try:
-        def measure(count: int, label: str, target_ms: float | None, dagster_s: float | None, repeat: int) -> None:
-            samples, busy = [], []
+        server_cpu: ServerCpu = cluster.cpu_seconds if cluster is not None else lambda: None
+
+        def measure(
+            count: int, label: str, target_ms: float | None, dagster_s: float | None, repeat: int,
+            scenario: Any = _backfill,
+        ) -> None:
+            samples, busy, client, server = [], [], [], []
             for attempt in range(repeat):
                 name = f"flowstone_bench_{count}_{attempt}"
                 dsn = anyio.run(_fresh_database, admin_dsn, name)
                 try:
-                    elapsed, cpu = anyio.run(_backfill, dsn, count, 20, args.pool, backend=args.backend)
+                    if scenario is _backfill:
+                        spent = anyio.run(_backfill, dsn, count, 20, args.pool, server_cpu, backend=args.backend)
+                    else:
+                        spent = anyio.run(scenario, dsn, count, args.pool, server_cpu, backend=args.backend)
                 finally:
                     anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                elapsed, cpu, server_seconds = spent
                 samples.append(elapsed)
                 busy.append(cpu / elapsed)
+                client.append(cpu * 1e6 / count)
+                if server_seconds is not None:
+                    server.append(server_seconds * 1e6 / count)
             middle = median(samples)
             row: dict[str, Any] = {
                 "scenario": label, "median_ms": middle * 1e3, "best_ms": min(samples) * 1e3,
@@ -132,7 +213,10 @@ def run(argv: list[str]) -> dict[str, Any]:
                 # Share of one core this process used: near 1.0 means bound by its own CPU,
                 # well below it means waiting on the server (round trips, fsync).
                 "client_cpu_share": median(busy),
+                "client_cpu_us": median(client),
             }
+            if server:  # the server's processes, where they can be read (a throwaway cluster)
+                row["server_cpu_us"] = median(server)
             if target_ms is not None:
                 row["target_ms"] = target_ms
             if dagster_s is not None:
@@ -150,6 +234,8 @@ def run(argv: list[str]) -> dict[str, Any]:
                 max(1, args.repeat))
         if args.big:
             measure(args.big, f"{args.big} partitions, max_parallel=20, Postgres (fsync {fsync})", None, None, 1)
+            measure(args.big, f"floor: the store alone, {args.big} records, {FLUSH_ROWS} a batch, one writer, no "
+                    f"runtime (fsync {fsync})", None, None, 1, scenario=_store_alone)
     finally:
         if cluster is not None:
             cluster.stop()

@@ -247,6 +247,7 @@ async def run_backfill(
     handlers: Handlers = {Status: status, Wait: wait, Cancel: cancel}
 
     unsaved: BackfillStatus | None = None
+    final: BackfillStatus | None = None  # once it ended and saved its end
     left = False  # the registry (on_exit)
     try:
         await save_retrying(save, Saved(spec, progress.status()))
@@ -287,16 +288,17 @@ async def run_backfill(
                 await on_exit(handle, unsaved)
                 left = True
             send.close()  # serve answers what is already queued, then ends
-        # Those waiting hear "done" once this task has nothing left to await: a
+    finally:
+        send.close()
+        # Those waiting hear the end once this task has nothing left to await: a
         # runtime closed right after would otherwise cancel it, and anyio keeps a
         # cancelled task's frames (the runner: the store, the runtime) in a reference
         # cycle that only the garbage collector frees.
         for waiter in progress.waiters:
-            waiter.resolve(final)
-    finally:
-        send.close()
-        for waiter in progress.waiters:  # a no-op for those already answered
-            waiter.fail(RuntimeClosed(f"backfill {spec.id} stopped with the runtime"))
+            if final is not None:
+                waiter.resolve(final)
+            else:
+                waiter.fail(RuntimeClosed(f"backfill {spec.id} stopped with the runtime"))
         fail_pending(handle.name, receive, lambda: RuntimeClosed(f"backfill {spec.id} stopped"))
         receive.close()
         if not left:

@@ -46,7 +46,7 @@ def versioned_pipeline(count: int) -> list[fs.Asset]:
     import types
 
     helpers = types.ModuleType("bench_pkg.helpers")
-    exec(compile(_HELPERS, "<bench_pkg/helpers.py>", "exec"), helpers.__dict__)  # noqa: S102
+    exec(compile(_HELPERS, "<bench_pkg/helpers.py>", "exec"), helpers.__dict__)
     module = types.ModuleType("bench_pkg.assets")
     module.__dict__["helpers"] = helpers
     source = "".join(
@@ -54,7 +54,7 @@ def versioned_pipeline(count: int) -> list[fs.Asset]:
         f"    return helpers.with_tax(LIMIT_{i}) + helpers.lookup('k{i % 100}')\n"
         for i in range(count)
     )
-    exec(compile(source, "<bench_pkg/assets.py>", "exec"), module.__dict__)  # noqa: S102
+    exec(compile(source, "<bench_pkg/assets.py>", "exec"), module.__dict__)
     return [fs.Asset(name=f"a{i}", execute_fn=getattr(module, f"f{i}")) for i in range(count)]
 
 
@@ -85,7 +85,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     long_chain, wide = chain(100), fan(200)
     chain_graph = fs.AssetGraph(long_chain)
     row("graph build: 100-asset chain", timed(lambda: fs.AssetGraph(long_chain), repeat), 100)
-    row("build + first plan: 100-asset chain", timed(lambda: fs.AssetGraph(long_chain).execution_order("a99"), repeat), 100)
+    row("build + first plan: 100-asset chain",
+        timed(lambda: fs.AssetGraph(long_chain).execution_order("a99"), repeat), 100)
     row("plan on built graph: 100-asset chain", timed(lambda: chain_graph.execution_order("a99"), repeat), 100)
     wide_graph = fs.AssetGraph(wide)
     row("layers on built graph: 1-200-1 fan", timed(lambda: wide_graph.layers("sink"), repeat), 202)

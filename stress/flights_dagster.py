@@ -135,7 +135,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     flowstone = [sys.executable, "-m", "flowstone"]
     with tempfile.TemporaryDirectory(prefix="flowstone-vs-dagster-") as folder:
-        Path(folder, "pyproject.toml").write_text('[tool.flowstone]\npipeline = "flowstone.examples.flights:pipeline"\n')
+        Path(folder, "pyproject.toml").write_text(
+            '[tool.flowstone]\npipeline = "flowstone.examples.flights:pipeline"\n')
         elapsed, peak = run_measured([
             [*flowstone, "backfill", "delays", "--from", "2013-01-01", "--to", "2013-12-31"],
             [*flowstone, "materialize", "yearly_report"],

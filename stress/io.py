@@ -83,12 +83,12 @@ def _reset_peak() -> bool:
 
 
 def _table(rows: int) -> Any:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     # Built column by column in Arrow, without Python lists: the process's memory
     # after this is the table, not temporaries.
     import array
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     ids = pa.Array.from_buffers(pa.int64(), rows, [None, pa.py_buffer(array.array("q", range(rows)))])
     values = pc.multiply(pc.cast(ids, pa.float64()), 1.5)
@@ -210,7 +210,9 @@ def run(argv: list[str]) -> dict[str, Any] | None:
 
     rows: list[dict[str, Any]] = []
     with MotoProcess() as moto:
-        for where, label in (("local", "ParquetIO, local root"), ("s3", "S3IO(parquet) via ParquetIO, moto on loopback")):
+        for where, label in (
+            ("local", "ParquetIO, local root"), ("s3", "S3IO(parquet) via ParquetIO, moto on loopback"),
+        ):
             runs = [_in_child(where, args.rows, moto.endpoint) for _ in range(max(1, args.repeat))]
             best = min(runs, key=lambda r: r["store_s"] + r["load_s"])
             if not all(r["peak_reset"] for r in runs):

@@ -144,9 +144,9 @@ class _store_and_io:
         elif self.kind == "filesystem":
             self.opened = (fs.store.MemoryStore(), fs.io.FilesystemIO(self.root))
         else:
-            from .postgres import fresh_database_from_any_loop
-
             from flowstone.testing.postgres import TemporaryPostgres
+
+            from .postgres import fresh_database_from_any_loop
 
             self.cluster = await anyio.to_thread.run_sync(lambda: TemporaryPostgres().start())
             dsn = await fresh_database_from_any_loop(self.cluster.dsn(), "flowstone_load")
@@ -168,7 +168,9 @@ async def dags(width: int, depth: int, repeat: int) -> list[dict[str, Any]]:
     wide.append(fs.Asset(name="sink", execute_fn=_work, depends_on=tuple(f"w{i}" for i in range(width))))
     deep = [fs.Asset(name=f"d{i}", execute_fn=_work, depends_on=(f"d{i - 1}",) if i else ()) for i in range(depth)]
     rows = []
-    for label, assets, target in ((f"wide DAG: 1-{width}-1 fan", wide, "sink"), (f"deep DAG: {depth}-asset chain", deep, f"d{depth - 1}")):
+    for label, assets, target in (
+        (f"wide DAG: 1-{width}-1 fan", wide, "sink"), (f"deep DAG: {depth}-asset chain", deep, f"d{depth - 1}"),
+    ):
         samples = []
         for _ in range(repeat):
             async with fs.open_runtime(assets) as rt:

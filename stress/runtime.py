@@ -20,8 +20,8 @@ from typing import Any
 import anyio
 
 import flowstone as fs
-from flowstone.plumbing.clock import utcnow
 from flowstone.plumbing import threads
+from flowstone.plumbing.clock import utcnow
 from flowstone.runtime.hashing import dependency_hash
 from flowstone.store.records import new_record
 
@@ -136,7 +136,8 @@ async def cost_split(n: int = 2000) -> list[dict[str, Any]]:
         async with anyio.create_task_group() as tasks:
             for _ in range(n):
                 tasks.start_soon(nothing)
-        row("task spawn (avoided: jobs run in the caller's task)", time.perf_counter() - start, "0 in a chain; 1 per extra branch")
+        row("task spawn (avoided: jobs run in the caller's task)", time.perf_counter() - start,
+            "0 in a chain; 1 per extra branch")
 
         def plain() -> int:
             return 1
@@ -210,5 +211,6 @@ def run(argv: list[str]) -> dict[str, Any]:
             "note": "value = peak RSS MB",
         })
     for piece in anyio.run(cost_split, backend=args.backend):
-        rows.append({"scenario": f"cost: {piece['piece']}", "value": piece["us_each"], "note": f"us each; x{piece['per_materialization']}"})
+        rows.append({"scenario": f"cost: {piece['piece']}", "value": piece["us_each"],
+                     "note": f"us each; x{piece['per_materialization']}"})
     return emit("runtime", rows, {"repeat": repeat, "backend": args.backend, "sync": args.sync, "big": args.big})

@@ -18,8 +18,8 @@ import itertools
 import os
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -79,8 +79,9 @@ async def admin(dsn: str, *statements: str) -> None:
 
 
 async def _prepare_template(server: Server) -> None:
-    from flowstone.postgres.schema import migrate
     import asyncpg
+
+    from flowstone.postgres.schema import migrate
 
     statements = [
         f"""DO $$ BEGIN

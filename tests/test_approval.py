@@ -6,11 +6,11 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
+from waiting import until
 
 import flowstone as fs
-from flowstone.testing import kill_actor
-from waiting import until
 from flowstone.store import Status
+from flowstone.testing import kill_actor
 
 pytestmark = pytest.mark.anyio
 

@@ -9,9 +9,9 @@ from datetime import date, datetime, timedelta, timezone
 
 import anyio
 import pytest
+from waiting import until
 
 import flowstone as fs
-from waiting import until
 from flowstone.partitions import PartitionRange
 from flowstone.store import TERMINAL, Status
 

@@ -86,7 +86,8 @@ def test_help_and_version_need_no_pipeline(project):
 
 
 def test_assets_and_graph_in_every_format(project):
-    (project.folder / "demo.py").write_text(DEMO + '\npipeline.schedule("report", "0 6 * * *", timezone="Europe/Lisbon")\n')
+    (project.folder / "demo.py").write_text(
+        DEMO + '\npipeline.schedule("report", "0 6 * * *", timezone="Europe/Lisbon")\n')
     listed = project.json("assets")
     [schedule] = listed["schedules"]
     assert (schedule["asset"], schedule["cron"], schedule["timezone"]) == ("report", "0 6 * * *", "Europe/Lisbon")
@@ -128,7 +129,8 @@ def test_backfill_status_records_lineage_and_a_second_run_that_skips_everything(
     status = {a["asset"]: a for a in project.json("status")["assets"]}
     assert status["raw"]["counts"]["succeeded"] == 31
     assert status["clean"]["counts"] == {"succeeded": 30, "failed": 1, "missing": 0, "stale": 0, "running": 0}
-    assert status["clean"]["ranges"]["succeeded"] == [["2024-01-01", "2024-01-12", 12], ["2024-01-14", "2024-01-31", 18]]
+    assert status["clean"]["ranges"]["succeeded"] == [
+        ["2024-01-01", "2024-01-12", 12], ["2024-01-14", "2024-01-31", 18]]
     assert status["report"]["counts"]["missing"] == 1
 
     again = project.run("backfill", "clean", "--from", "2024-01-01", "--to", "2024-01-12", "--json")
@@ -475,7 +477,7 @@ def test_approve_and_reject_reach_a_run_waiting_in_another_process(project, deci
         decided = project.run(*args, "--json", env=env)
         assert decided.returncode == 0, decided.stderr
         assert json.loads(decided.stdout)["decision"] == ("approved" if decision == "approve" else "rejected")
-        out, err = waiting.communicate(timeout=60)
+        out, _err = waiting.communicate(timeout=60)
     finally:
         waiting.kill()
     outcome = json.loads(out)

@@ -83,7 +83,7 @@ def test_problems_name_every_cycle():
 
 
 def test_non_asset_in_graph_is_a_definition_error():
-    with pytest.raises(fs.DefinitionError, match="expected an fs.Asset"):
+    with pytest.raises(fs.DefinitionError, match=r"expected an fs\.Asset"):
         fs.AssetGraph([node("a"), "b"])
 
 
@@ -138,7 +138,7 @@ def test_a_back_edge_makes_a_cycle_that_is_found(assets, data):
     cycle = info.value.cycle
     edges = {(d, a.name) for a in cyclic for d in a.depends_on}
     assert cycle, "a cycle must name at least one asset"
-    for a, b in zip(cycle, cycle[1:] + cycle[:1]):
+    for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True):
         assert (a, b) in edges, f"{a} -> {b} is not an edge of the graph"
 
 

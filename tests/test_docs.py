@@ -21,4 +21,4 @@ def test_document_examples_run_top_to_bottom(document):
     namespace = {"__name__": f"docs_{Path(document).stem}"}
     for number, block in enumerate(blocks, 1):
         code = compile(block, f"{document} (example {number})", "exec")
-        exec(code, namespace)  # noqa: S102 - running our own documentation
+        exec(code, namespace)

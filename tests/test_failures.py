@@ -14,10 +14,10 @@ from datetime import date
 
 import anyio
 import pytest
+from waiting import until
 
 import flowstone as fs
 from flowstone.store import Status
-from waiting import until
 
 pytestmark = pytest.mark.anyio
 
@@ -420,7 +420,8 @@ def decorated(ctx, deps):
 async def test_a_decorated_asset_runs_in_a_process_too(anyio_backend):
     async with fs.open_runtime([decorated]) as rt:
         await rt.materialize("decorated", date(2025, 1, 4))
-        assert await rt.load("decorated", date(2025, 1, 4)) == {"name": "decorated", "owner": "data", "day": "2025-01-04"}
+        loaded = await rt.load("decorated", date(2025, 1, 4))
+        assert loaded == {"name": "decorated", "owner": "data", "day": "2025-01-04"}
 
 
 _MAIN_PROGRAM = """

@@ -153,7 +153,9 @@ def test_a_class_of_the_package_counts_by_its_methods():
 
 
 def test_recursion_and_mutual_recursion_end():
-    source = "def a(n):\n    return b(n - 1) if n else 0\ndef b(n):\n    return a(n)\ndef f(ctx, deps):\n    return a(3)\n"
+    source = (
+        "def a(n):\n    return b(n - 1) if n else 0\ndef b(n):\n    return a(n)\ndef f(ctx, deps):\n    return a(3)\n"
+    )
     modules = package(m=source)
     assert code_version(fs.Asset(name="x", execute_fn=modules["m"].f)).startswith("code:")
 

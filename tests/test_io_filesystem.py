@@ -10,11 +10,11 @@ from datetime import date
 
 import pyarrow as pa
 import pytest
+from contracts.io import HOSTILE_KEYS, IOContract
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flowstone as fs
-from contracts.io import HOSTILE_KEYS, IOContract
 from flowstone.io.naming import object_path, partition_from_parts, partition_parts
 
 pytestmark = pytest.mark.anyio
@@ -179,7 +179,7 @@ async def test_hostile_keys_and_tenants_never_leave_the_root(anyio_backend, tmp_
     io = fs.io.FilesystemIO(root)
     for tenant in (None, "../..", "a/b", "ünï cødé"):
         with fs.tenant_scope(tenant) if tenant else nullcontext():
-            for key in HOSTILE_KEYS + ["", "@all", "@empty", "%2E%2E"]:
+            for key in [*HOSTILE_KEYS, "", "@all", "@empty", "%2E%2E"]:
                 await io.store("attacker", {"k": key}, key)
                 assert await io.load("attacker", key) == {"k": key}
     assert sorted(os.listdir(tmp_path)) == ["storage"]

@@ -2,9 +2,9 @@
 
 import pyarrow as pa
 import pytest
+from contracts.io import IOContract
 
 import flowstone as fs
-from contracts.io import IOContract
 
 pytestmark = pytest.mark.anyio
 

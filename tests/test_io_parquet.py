@@ -9,9 +9,9 @@ from datetime import date, timedelta
 
 import pyarrow as pa
 import pytest
+from contracts.io import IOContract
 
 import flowstone as fs
-from contracts.io import IOContract
 
 pytestmark = pytest.mark.anyio
 

@@ -9,13 +9,13 @@ from datetime import date
 import anyio
 import asyncpg
 import pytest
+from contracts.io import IOContract
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pgfixtures import admin, run_sync
 
 import flowstone as fs
-from contracts.io import IOContract
 from flowstone.identifiers import sql_table
-from pgfixtures import admin, run_sync
 
 pytestmark = pytest.mark.anyio
 
@@ -130,7 +130,7 @@ def same_json(loaded, stored) -> bool:
         )
     if isinstance(stored, list):
         return isinstance(loaded, list) and len(loaded) == len(stored) and all(
-            same_json(a, b) for a, b in zip(loaded, stored)
+            same_json(a, b) for a, b in zip(loaded, stored, strict=True)
         )
     return type(loaded) is type(stored) and loaded == stored
 
@@ -185,7 +185,9 @@ async def test_the_runtime_stores_values_in_postgres(anyio_backend, pg_dsn):
                  partitioned_by=fs.DailyPartitions(start=date(2025, 1, 1))),
     ]
     async with fs.store.PostgresStore(pg_dsn) as store, fs.io.PostgresIO(pg_dsn) as io:
-        async with fs.open_runtime(assets, store=store, io_managers={"postgres": io}, default_io_manager="postgres") as rt:
+        async with fs.open_runtime(
+            assets, store=store, io_managers={"postgres": io}, default_io_manager="postgres"
+        ) as rt:
             await rt.materialize("total", date(2025, 1, 2))
             assert await rt.load("total", date(2025, 1, 2)) == 6
         assert await io.load("numbers", date(2025, 1, 2), {}) == {"day": "2025-01-02", "rows": [1, 2, 3]}
@@ -266,7 +268,8 @@ async def test_values_go_into_a_table_the_user_already_has(anyio_backend, pg_dat
         assert not await io.exists("daily", date(2025, 1, 3), EVENTS)
         with pytest.raises(fs.NotFound):
             await io.load("daily", date(2025, 1, 3), EVENTS)
-    rows = await _rows(pg_database.admin_dsn, "SELECT partition_key, data::text, note, updated_at IS NOT NULL FROM events")
+    rows = await _rows(
+        pg_database.admin_dsn, "SELECT partition_key, data::text, note, updated_at IS NOT NULL FROM events")
     assert rows == [("2025-01-02", '{"n": 2, "day": "2025-01-02"}', "kept", True)]
 
 

@@ -9,11 +9,11 @@ from datetime import date, timedelta
 import anyio
 import pyarrow as pa
 import pytest
-
-import flowstone as fs
 from backends import ASYNCIO
 from contracts.io import IOContract
 from s3fixtures import CREDENTIALS
+
+import flowstone as fs
 
 pytestmark = pytest.mark.anyio
 
@@ -130,7 +130,6 @@ async def test_the_server_stopping_mid_backfill_fails_only_what_it_must_and_a_re
     the asset the same backfill rides out a restart and everything succeeds."""
     import aioboto3
     from botocore.config import Config
-
     from s3fixtures import S3Server, start_moto
 
     server = start_moto()

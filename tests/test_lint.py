@@ -1,5 +1,5 @@
-"""The lint and type gate on flowstone/: ruff, mypy and the import layers, configured in
-pyproject.toml.
+"""The lint and type gate: ruff on flowstone/, tests/ and stress/; mypy and the import
+layers on flowstone/; configured in pyproject.toml.
 
 Part of the suite so that CI (which runs the suite) fails on either."""
 
@@ -16,8 +16,8 @@ def _run(*command: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_ruff_finds_nothing_in_flowstone():
-    done = _run("ruff", "check", "flowstone")
+def test_ruff_finds_nothing_in_flowstone_its_tests_and_benchmarks():
+    done = _run("ruff", "check", "flowstone", "tests", "stress")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

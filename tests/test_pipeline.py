@@ -36,7 +36,7 @@ def test_pipeline_accepts_ready_assets():
 
 
 def test_pipeline_refuses_non_assets_and_bad_names():
-    with pytest.raises(fs.DefinitionError, match="expected an fs.Asset"):
+    with pytest.raises(fs.DefinitionError, match=r"expected an fs\.Asset"):
         fs.Pipeline("p", assets=[fn])
     with pytest.raises(fs.DefinitionError):
         fs.Pipeline("")

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 import logging
+import threading
 from datetime import date, datetime, timezone
 
 import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from waiting import until
 
 import flowstone as fs
-from waiting import until
 from flowstone.runtime.executor import Stats
 from flowstone.store import Status
 
@@ -837,7 +837,8 @@ async def test_unknown_asset_names_are_not_found_naming_them(anyio_backend):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"upstream": "some"}, {"force": "yes"}, {"io": {"io_manager": "nowhere"}}, {"io": "memory"}, {"context": 3}]
+    "kwargs",
+    [{"upstream": "some"}, {"force": "yes"}, {"io": {"io_manager": "nowhere"}}, {"io": "memory"}, {"context": 3}],
 )
 async def test_bad_materialize_arguments_are_definition_errors(anyio_backend, kwargs):
     async with fs.open_runtime(chain_pipeline()) as rt:

@@ -8,11 +8,11 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import pytest
+from waiting import until
 
 import flowstone as fs
 from flowstone.runtime.scheduler import run_schedules
 from flowstone.testing import ManualClock
-from waiting import until
 
 pytestmark = pytest.mark.anyio
 
@@ -97,7 +97,7 @@ async def test_a_daily_schedule_across_the_fall_back_night_runs_once_for_the_day
     async with fs.open_runtime(pipeline(calls)) as rt, anyio.create_task_group() as tasks:
         tasks.start_soon(lambda: run_schedules(rt, [nightly], "me", clock=clock))
         await settled(rt.store, clock)
-        for step in range(1, 25):  # through the night, an hour at a time (01:00 twice)
+        for _step in range(1, 25):  # through the night, an hour at a time (01:00 twice)
             clock.advance(timedelta(hours=1))
             await settled(rt.store, clock)
         assert calls == [date(2026, 10, 31)]

@@ -5,9 +5,9 @@ from datetime import datetime, timedelta, timezone
 import anyio
 import attrs
 import pytest
+from contracts.store import LeaseContract, StoreContract
 
 import flowstone as fs
-from contracts.store import LeaseContract, StoreContract
 
 pytestmark = pytest.mark.anyio
 

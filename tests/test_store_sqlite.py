@@ -12,9 +12,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+from contracts.store import DatabaseContract, LeaseContract, StoreContract
 
 import flowstone as fs
-from contracts.store import DatabaseContract, LeaseContract, StoreContract
 from flowstone.store.leases import End, Start
 from flowstone.store.sqlite import NETWORK_FILESYSTEMS, SqliteStore, filesystem_type, sqlite_path
 
@@ -61,7 +61,7 @@ def test_the_mount_of_a_folder_is_the_longest_mount_point_above_it():
 
 @pytest.mark.parametrize("url", [":memory:", "sqlite://relative.db", "file:x.db?mode=memory", ""])
 def test_a_store_that_is_not_a_file_is_refused(url):
-    with pytest.raises(fs.DefinitionError, match="file path|sqlite:///"):
+    with pytest.raises(fs.DefinitionError, match=r"file path|sqlite:///"):
         sqlite_path(url)
 
 

@@ -18,10 +18,9 @@ def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
-        "backfill", "cancel-storm", "cascade", "chaos", "core", "daemon", "dagster", "dags", "executors", "flights-dagster",
-        "instructions", "io", "memory", "postgres", "processes", "ranges", "registrations", "runtime", "scale", "schedules",
-        "soak", "sqlite", "startup",
-        "store-writes", "web", "workers",
+        "backfill", "cancel-storm", "cascade", "chaos", "core", "daemon", "dagster", "dags", "executors",
+        "flights-dagster", "instructions", "io", "memory", "postgres", "processes", "ranges", "registrations",
+        "runtime", "scale", "schedules", "soak", "sqlite", "startup", "store-writes", "web", "workers",
     ]
 
 
@@ -186,7 +185,8 @@ def test_harness_scenarios_short_runs_check_what_they_leave():
 
 
 def test_backfill_dags_and_cancel_storm_short_runs():
-    backfill = last_json(run_stress("backfill", "--count", "100", "--repeat", "1", "--stores", "memory,filesystem,postgres"))
+    backfill = last_json(
+        run_stress("backfill", "--count", "100", "--repeat", "1", "--stores", "memory,filesystem,postgres"))
     assert [row["per_second"] > 0 for row in backfill["rows"]] == [True, True, True]
     dags = last_json(run_stress("dags", "--width", "50", "--depth", "30", "--repeat", "1"))
     assert len(dags["rows"]) == 2

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from waiting import until
 
 import flowstone as fs
-from flowstone.testing import kill_actor
-from waiting import until
 from flowstone.actors.supervisor import RestartPolicy
 from flowstone.store import Status
+from flowstone.testing import kill_actor
 
 pytestmark = pytest.mark.anyio
 

@@ -9,10 +9,10 @@ from datetime import date, timedelta
 
 import anyio
 import pytest
+from waiting import until
 
 import flowstone as fs
 from flowstone.store import Status
-from waiting import until
 from flowstone.testing import (
     ActorKiller,
     ConcurrentHarness,
@@ -140,7 +140,9 @@ async def test_work_in_flight_survives_executors_being_killed(anyio_backend):
 async def test_faulty_io_is_reproducible_and_a_retry_policy_rides_it_out(anyio_backend):
     async def fault_pattern(seed):
         faulty = FaultyIO(fs.io.MemoryIO(), failure_rate=0.3, seed=seed)
-        async with fs.open_runtime([fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)], io_managers={"memory": faulty}):
+        async with fs.open_runtime(
+            [fs.Asset(name="a", execute_fn=lambda ctx, deps: 1)], io_managers={"memory": faulty}
+        ):
             outcomes = []
             for i in range(50):
                 try:

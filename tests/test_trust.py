@@ -12,12 +12,12 @@ from datetime import date, timedelta
 
 import anyio
 import pytest
+from waiting import until
 
 import flowstone as fs
 from flowstone.runtime import backfill as bf
 from flowstone.store import Status
 from flowstone.testing import check_integrity
-from waiting import until
 
 pytestmark = pytest.mark.anyio
 

@@ -10,11 +10,11 @@ from datetime import date
 import anyio
 import httpx
 import pytest
+from waiting import until
 
 import flowstone as fs
 from flowstone.web.app import create_app
 from flowstone.web.server import serve
-from waiting import until
 
 pytestmark = pytest.mark.anyio
 
@@ -106,7 +106,8 @@ async def test_pages_and_their_json_twins(anyio_backend):
             assert shown["record"]["error_message"] == "ValueError: bad file on the 4th"
             assert "Traceback" in (await server.html(f"/records/{failed['id']}"))
 
-            made = next(r for r in (await server.json("/api/assets/clean"))["records"] if r["partition"] == "2026-01-02")
+            listed = (await server.json("/api/assets/clean"))["records"]
+            made = next(r for r in listed if r["partition"] == "2026-01-02")
             lineage = await server.json(f"/api/records/{made['id']}")
             [up] = lineage["upstream"]
             assert (up["asset"], up["partition"], up["record"]["status"]) == ("raw", "2026-01-02", "success")

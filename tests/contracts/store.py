@@ -15,8 +15,8 @@ import pytest
 
 import flowstone as fs
 from flowstone.runtime.backfill import BackfillSpec, BackfillStatus, Saved
-from flowstone.store.leases import CancelRequested, End, FinishedElsewhere, LeaseHeld, Start
 from flowstone.store import TRANSITIONS, Status
+from flowstone.store.leases import CancelRequested, End, FinishedElsewhere, LeaseHeld, Start
 
 pytestmark = pytest.mark.anyio
 
@@ -603,7 +603,7 @@ class LeaseContract:
         (one, one_lease), (two, two_lease), (three, three_lease) = await store.begin_many("p1", 10, [
             Start({"asset_name": "a", "partition": p, "status": Status.RUNNING}) for p in "123"])
         await age(11)
-        _, taken = await store.begin("p2", 10, asset_name="a", partition="2", status=Status.RUNNING)
+        _, _taken = await store.begin("p2", 10, asset_name="a", partition="2", status=Status.RUNNING)
         ended = await store.complete_many([
             End(one, Status.SUCCESS, one_lease, {"metadata": {"rows": 1}}),
             End(two, Status.SUCCESS, two_lease, {}),  # taken over: fenced out
@@ -705,7 +705,7 @@ class LeaseContract:
         with fs.tenant_scope("a"):
             record, lease = await store.begin("p1", 30, asset_name="x", partition="1", status=Status.RUNNING)
         with fs.tenant_scope("b"):
-            other, _ = await store.begin("p2", 30, asset_name="x", partition="1", status=Status.RUNNING)
+            _other, _ = await store.begin("p2", 30, asset_name="x", partition="1", status=Status.RUNNING)
             assert await store.renew_leases("p1", [lease.fence], 30) == set()
             with pytest.raises(fs.NotFound):
                 await store.complete(record, Status.SUCCESS, lease=lease)

@@ -177,6 +177,22 @@ _NEW_RECORDS = """            -- Rows of states are found through the upsert's a
 """What the trigger on records does for records inserted (migrations 16 and 19): each
 partition's state names its newest record, and a success's reads are noted."""
 
+_MOVED_READS = """            -- Only a success has reads: one that is no longer a success loses them, one
+            -- that has none yet gains them. They are found reader by reader (OFFSET 0 keeps
+            -- each lookup its own: joined, a table whose statistics lag was hashed whole).
+            DELETE FROM flowstone_reads WHERE ctid = ANY(ARRAY(
+                SELECT e.ctid FROM written w
+                CROSS JOIN LATERAL (SELECT r.ctid FROM flowstone_reads r WHERE r.reader = w.id OFFSET 0) AS e
+                WHERE w.status <> 'success'));
+            INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
+                SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{}', ''), n.id
+                FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
+"""
+"""The start of what the trigger on records does with the reads of moved records
+(migrations 16 and 19): those of a record that is no longer a success go, those of
+a success that has none are added (the rows of reads of ``n``, which each caller
+filters on)."""
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "materializations and backfills, with row-level security", _V1),
     (2, "flowstone_values: PostgresIO's default table, with row-level security", values_table("flowstone_values")),
@@ -388,17 +404,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
                     WHERE x.tenant_id = w.tenant_id AND x.asset_name = w.asset_name AND x.partition IS NULL)
             ON CONFLICT (tenant_id, asset_name) WHERE partition IS NULL DO UPDATE
             SET status = excluded.status WHERE s.seq = excluded.seq;
-            -- Only a success has reads: one that is no longer a success loses them, one
-            -- that has none yet gains them. They are found reader by reader (OFFSET 0 keeps
-            -- each lookup its own: joined, a table whose statistics lag was hashed whole).
-            DELETE FROM flowstone_reads WHERE ctid = ANY(ARRAY(
-                SELECT e.ctid FROM written w
-                CROSS JOIN LATERAL (SELECT r.ctid FROM flowstone_reads r WHERE r.reader = w.id OFFSET 0) AS e
-                WHERE w.status <> 'success'));
-            INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
-                SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), n.id
-                FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
-                WHERE n.status = 'success'
+{_MOVED_READS}                WHERE n.status = 'success'
                   AND (SELECT e.reader FROM flowstone_reads e WHERE e.reader = n.id LIMIT 1) IS NULL;
             RETURN NULL;
         END $$;
@@ -457,17 +463,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
                 FROM written w WHERE w.partition IS NULL OFFSET 0
             ) AS x
             WHERE s.ctid = x.target;
-            -- Only a success has reads: one that is no longer a success loses them, one
-            -- that has none yet gains them. They are found reader by reader (OFFSET 0 keeps
-            -- each lookup its own: joined, a table whose statistics lag was hashed whole).
-            DELETE FROM flowstone_reads WHERE ctid = ANY(ARRAY(
-                SELECT e.ctid FROM written w
-                CROSS JOIN LATERAL (SELECT r.ctid FROM flowstone_reads r WHERE r.reader = w.id OFFSET 0) AS e
-                WHERE w.status <> 'success'));
-            INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
-                SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), n.id
-                FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
-                WHERE n.status = 'success' AND n.upstream_partitions <> '{{}}'::jsonb
+{_MOVED_READS}                WHERE n.status = 'success' AND n.upstream_partitions <> '{{}}'::jsonb
                   AND (SELECT e.reader FROM flowstone_reads e WHERE e.reader = n.id LIMIT 1) IS NULL;
             RETURN NULL;
         END $$;

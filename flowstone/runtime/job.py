@@ -211,7 +211,6 @@ class BatchWriter:
             if self.batches:  # still computing: write again in BATCH_SECONDS
                 self.wake.set()
 
-
     def stop(self) -> None:
         """End ``run`` by returning, unless it is writing now (then its runtime's
         cancellation ends it): see ``open_runtime``. A batch still computing writes

@@ -214,8 +214,10 @@ class KeyMap:
     def __setitem__(self, key: Key, value: Any) -> None:
         assets = self._tenants.get(key[0])
         partitions = None if assets is None else assets.get(key[1])
-        if partitions is None:
-            partitions = self._partitions(key[0], key[1])
+        if partitions is None:  # the asset's first key (each of a chain's assets meets this)
+            if assets is None:
+                assets = self._tenants[key[0]] = {}
+            partitions = assets[key[1]] = {}
         partitions[key[2]] = value
 
     def setdefault(self, key: Key, value: Any) -> Any:

@@ -196,7 +196,8 @@ class KeyMap:
         return None if assets is None else assets.get(asset)
 
     def get(self, key: Key, default: Any = None) -> Any:
-        partitions = self._found(key[0], key[1])
+        assets = self._tenants.get(key[0])  # _found, inline: a materialization asks this several times
+        partitions = None if assets is None else assets.get(key[1])
         return default if partitions is None else partitions.get(key[2], default)
 
     def __contains__(self, key: Key) -> bool:
@@ -1060,7 +1061,8 @@ class InPlace:
 
     def idle(self) -> bool:
         """Whether a cast handled in place now would overtake no other cast: the
-        actor serves, and none is queued or on its way to it."""
+        actor serves, and none is queued or on its way to it (``MemoryActorClient._cast``
+        asks this inline)."""
         return self.open and self.serving and self.casts == self.taken
 
     def took(self, message: Message) -> None:

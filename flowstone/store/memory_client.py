@@ -72,13 +72,15 @@ class MemoryActorClient:
         order the mailbox would give it. A backfill's writes then never wait in the
         mailbox for every worker's turn to end, holding what they free until then
         (the garbage collector's young passes had cost ~8% of a partition)."""
-        handle = self.handle
+        handle = self._handle
+        if handle is None:
+            handle = self.handle  # raises: not started
         door = handle.shared
-        if door is not None and door.idle():
+        # door.idle(), inline: three casts of each materialization come this way.
+        if door is not None and door.open and door.serving and door.casts == door.taken:
             door.apply(handle, message)
         else:
             await handle.cast(message)
-
 
     async def __aenter__(self) -> Any:
         if self._handle is None:

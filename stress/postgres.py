@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import date, timedelta
 from typing import Any
 
@@ -100,6 +100,11 @@ def _test_cluster_start() -> float:
 
 ServerCpu = Callable[[], float | None]
 """Seconds of CPU the server has used so far, if it can be read (``TemporaryPostgres.cpu_seconds``)."""
+Spent = tuple[float, float, float | None]
+"""Wall seconds, this process's CPU seconds, the server's (None when unknown)."""
+Scenario = Callable[[str, int, int, ServerCpu], Awaitable[Spent]]
+"""A measured run: (dsn, count, pool size, the server's CPU) -> what it spent."""
+MAX_PARALLEL = 20
 
 
 class _Clock:
@@ -111,21 +116,19 @@ class _Clock:
     def start(self) -> None:
         self.began, self.cpu, self.server = time.perf_counter(), time.process_time(), self.server_cpu()
 
-    def stop(self) -> tuple[float, float, float | None]:
+    def stop(self) -> Spent:
         elapsed, cpu, server = time.perf_counter() - self.began, time.process_time() - self.cpu, self.server_cpu()
         return elapsed, cpu, None if server is None or self.server is None else server - self.server
 
 
-async def _backfill(
-    dsn: str, count: int, max_parallel: int, pool: int, server_cpu: ServerCpu
-) -> tuple[float, float, float | None]:
+async def _backfill(dsn: str, count: int, pool: int, server_cpu: ServerCpu) -> Spent:
     days = [date(2000, 1, 1) + timedelta(days=i) for i in range(count)]
     clock = _Clock(server_cpu)
     async with PostgresStore(dsn, min_size=pool, max_size=pool) as store:
         await store.list_all(limit=1)  # connect before the clock starts, as a long-running service would be
         async with fs.open_runtime(daily(False), store=store) as rt:
             clock.start()
-            backfill = await rt.backfill("events", partitions=days, max_parallel=max_parallel)
+            backfill = await rt.backfill("events", partitions=days, max_parallel=MAX_PARALLEL)
             status = await rt.wait_backfill(backfill)
             spent = clock.stop()
             records = await rt.store.list_by_status("success", limit=count + 1)
@@ -134,7 +137,7 @@ async def _backfill(
     return spent
 
 
-async def _store_alone(dsn: str, count: int, pool: int, server_cpu: ServerCpu) -> tuple[float, float, float | None]:
+async def _store_alone(dsn: str, count: int, pool: int, server_cpu: ServerCpu) -> Spent:
     """The floor: ``count`` records begun and completed by the store alone, ``FLUSH_ROWS``
     at a time, each batch waiting for the one before (the fields a backfill's jobs
     give, the ids and times made here as the runtime makes them)."""
@@ -187,17 +190,14 @@ def run(argv: list[str]) -> dict[str, Any]:
 
         def measure(
             count: int, label: str, target_ms: float | None, dagster_s: float | None, repeat: int,
-            scenario: Any = _backfill,
+            scenario: Scenario = _backfill,
         ) -> None:
             samples, busy, client, server = [], [], [], []
             for attempt in range(repeat):
                 name = f"flowstone_bench_{count}_{attempt}"
                 dsn = anyio.run(_fresh_database, admin_dsn, name)
                 try:
-                    if scenario is _backfill:
-                        spent = anyio.run(_backfill, dsn, count, 20, args.pool, server_cpu, backend=args.backend)
-                    else:
-                        spent = anyio.run(scenario, dsn, count, args.pool, server_cpu, backend=args.backend)
+                    spent = anyio.run(scenario, dsn, count, args.pool, server_cpu, backend=args.backend)
                 finally:
                     anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
                 elapsed, cpu, server_seconds = spent
@@ -230,10 +230,11 @@ def run(argv: list[str]) -> dict[str, Any]:
                 "median_ms": median(starts) * 1e3, "best_ms": min(starts) * 1e3, "target_ms": "well under 2000",
             })
         fsync = "off" if args.no_fsync and cluster else "on"
-        measure(366, f"366 daily partitions, max_parallel=20, Postgres (fsync {fsync})", 800, 78.0 * 366 / 365,
-                max(1, args.repeat))
+        measure(366, f"366 daily partitions, max_parallel={MAX_PARALLEL}, Postgres (fsync {fsync})", 800,
+                78.0 * 366 / 365, max(1, args.repeat))
         if args.big:
-            measure(args.big, f"{args.big} partitions, max_parallel=20, Postgres (fsync {fsync})", None, None, 1)
+            measure(args.big, f"{args.big} partitions, max_parallel={MAX_PARALLEL}, Postgres (fsync {fsync})",
+                    None, None, 1)
             measure(args.big, f"floor: the store alone, {args.big} records, {FLUSH_ROWS} a batch, one writer, no "
                     f"runtime (fsync {fsync})", None, None, 1, scenario=_store_alone)
     finally:

@@ -62,14 +62,14 @@ class MemoryStore(MemoryActorClient):
         record = new_record(fields, current_tenant(), utcnow())
         if "id" in fields:  # the caller's id may clash: wait for the answer
             return await self.handle.call(m.Create, record=record)
-        await self._cast(m.Create(record=record))
+        await self._cast(m.Create(record=record, fresh=True))
         return record
 
     async def begin(
         self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
     ) -> tuple[Materialization, Lease]:
         record, lease, orphan = self._beginning(owner, seconds, unless_done, fields, utcnow())
-        await self._cast(m.Create(record=record, orphan=orphan))
+        await self._cast(m.Create(record=record, orphan=orphan, fresh="id" not in fields))
         return record, lease
 
     def _beginning(
@@ -92,7 +92,7 @@ class MemoryStore(MemoryActorClient):
         self, owner: str, seconds: float, starts: Sequence[Start]
     ) -> list[tuple[Materialization, Lease] | Exception]:
         """Each ``begin`` in turn, the leases granted here, the records' writes one cast
-        (a new record as itself, unless it closes an orphan: see ``Many``); the records
+        (a new record with an id made here as itself, else as ``Create``: see ``Many``); the records
         are inserted at one time, as in one write."""
         outcomes: list[tuple[Materialization, Lease] | Exception] = []
         writes: list[Materialization | m.Create] = []
@@ -104,7 +104,9 @@ class MemoryStore(MemoryActorClient):
                 outcomes.append(error)
             else:
                 outcomes.append((record, lease))
-                writes.append(record if orphan is None else m.Create(record=record, orphan=orphan))
+                fresh = "id" not in start.fields
+                plain = orphan is None and fresh
+                writes.append(record if plain else m.Create(record=record, orphan=orphan, fresh=fresh))
         if writes:
             await self._cast(m.Many(writes=tuple(writes)))
         return outcomes

@@ -36,6 +36,20 @@ class TestPostgresStoreContract(StoreContract, LeaseContract, DatabaseContract):
 
         return age
 
+    @pytest.fixture
+    def tamper_backfill(self, pg_database):
+        """Change a saved backfill behind the store's back: its spec's ``max_parallel``, or drop it."""
+
+        async def tamper(backfill, *, max_parallel=None, drop=False):
+            statement = (
+                f"DELETE FROM flowstone_backfills WHERE id = '{backfill}'" if drop else
+                f"UPDATE flowstone_backfills SET spec = jsonb_set(spec, '{{max_parallel}}', '{int(max_parallel)}') "
+                f"WHERE id = '{backfill}'"
+            )
+            await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn, statement)
+
+        return tamper
+
 
 async def _hold_lease_row(dsn, fence, locked, release):
     """In a transaction of its own, lock the lease row of ``fence`` until ``release``."""

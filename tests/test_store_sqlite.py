@@ -42,6 +42,25 @@ class TestSqliteStoreContract(StoreContract, LeaseContract, DatabaseContract):
 
         return age
 
+    @pytest.fixture
+    def tamper_backfill(self, store):
+        """Change a saved backfill behind the store's back: its spec's ``max_parallel``, or drop it."""
+
+        def change(backfill, max_parallel, drop):
+            with sqlite3.connect(store.path, timeout=30) as connection:
+                if drop:
+                    connection.execute("DELETE FROM flowstone_backfills WHERE id = ?", (str(backfill),))
+                else:
+                    connection.execute(
+                        "UPDATE flowstone_backfills SET spec = json_set(spec, '$.max_parallel', ?) WHERE id = ?",
+                        (max_parallel, str(backfill)),
+                    )
+
+        async def tamper(backfill, *, max_parallel=None, drop=False):
+            await anyio.to_thread.run_sync(change, backfill, max_parallel, drop)
+
+        return tamper
+
 
 # ----------------------------------------------------------- where the file is
 

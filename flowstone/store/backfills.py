@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,7 +16,9 @@ import attrs
 from ..partitions import PartitionRange, deserialize_partition, partition_range, serialize_partition
 from ..plumbing.jsonvalues import plain, to_json
 
-__all__ = ["BackfillSpec", "BackfillStatus", "Saved", "saved_from_json", "saved_to_json"]
+__all__ = [
+    "BackfillSpec", "BackfillStatus", "Saved", "WrittenSpecs", "saved_from_json", "spec_to_json", "status_to_json",
+]
 
 
 @attrs.frozen
@@ -72,13 +75,13 @@ class Saved:
 _COUNTS = ("state", "total", "queued", "running", "succeeded", "failed", "cancelled")
 
 
-def saved_to_json(saved: Saved) -> tuple[str, str, str]:
-    """``(spec, status, state)`` as JSON text for a database; partitions are kept
-    as their keys (a resumed backfill validates them again), a range as its two
-    ends and its step. ``io`` and ``context`` must be JSON: a backfill that cannot
-    be saved does not start."""
-    spec, status = saved.spec, saved.status
-    spec_json = to_json(
+def spec_to_json(spec: BackfillSpec) -> str:
+    """The spec as JSON text for a database; partitions are kept as their keys (a
+    resumed backfill validates them again), a range as its two ends and its step.
+    ``io`` and ``context`` must be JSON: a backfill that cannot be saved does not
+    start. A list of a million partitions is 13 MB of it and a second to make: a
+    store writes it once per backfill (``WrittenSpecs``), not at every save."""
+    return to_json(
         {
             "id": str(spec.id), "asset": spec.asset,
             "partitions": _partitions_to_json(spec.partitions),
@@ -88,6 +91,11 @@ def saved_to_json(saved: Saved) -> tuple[str, str, str]:
         },
         asset=spec.asset, what="the backfill's io and context",
     )
+
+
+def status_to_json(saved: Saved) -> tuple[str, str]:
+    """``(status, state)``: the status as JSON text for a database, and its state."""
+    status = saved.status
     status_json = to_json(
         {
             **{name: getattr(status, name) for name in _COUNTS},
@@ -96,9 +104,28 @@ def saved_to_json(saved: Saved) -> tuple[str, str, str]:
             "finished_at": status.finished_at.isoformat() if status.finished_at else None,
             "interrupted": status.interrupted,
         },
-        asset=spec.asset, what="the backfill's status",
+        asset=saved.spec.asset, what="the backfill's status",
     )
-    return spec_json, status_json, status.state
+    return status_json, status.state
+
+
+class WrittenSpecs:
+    """The specs a store has written, by backfill id, while their backfills hold
+    them: a save whose spec is the very object written before (the same running
+    backfill, checkpointing) writes the status alone. A spec never changes under
+    its id; a resumed backfill's is a new object, so its first save writes it."""
+
+    __slots__ = ("_specs",)
+
+    def __init__(self) -> None:
+        self._specs: weakref.WeakValueDictionary[uuid.UUID, BackfillSpec] = weakref.WeakValueDictionary()
+
+    def written(self, spec: BackfillSpec) -> bool:
+        """Whether this store wrote ``spec`` itself (this object) before."""
+        return self._specs.get(spec.id) is spec
+
+    def wrote(self, spec: BackfillSpec) -> None:
+        self._specs[spec.id] = spec
 
 
 def saved_from_json(spec_text: str, status_text: str) -> Saved:

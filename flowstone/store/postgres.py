@@ -43,7 +43,7 @@ from ..plumbing.jsonvalues import mapping_to_json, plain, storable_text, to_json
 from ..postgres.database import PostgresClient
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
-from .backfills import saved_from_json, saved_to_json
+from .backfills import WrittenSpecs, saved_from_json, spec_to_json, status_to_json
 from .leases import (
     BackfillClaim,
     CancelRequested,
@@ -502,6 +502,32 @@ WHERE tenant_id = $1 AND status IN ('pending', 'running', 'waiting_approval')
 RETURNING id
 """
 
+_SAVE_BACKFILL = """
+INSERT INTO flowstone_backfills (id, tenant_id, asset_name, state, spec, status, owner, heartbeat_at, updated_at)
+VALUES ($1, $2, $3, $4, $5::text::jsonb, $6::text::jsonb, $7, now(), now())
+ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, status = EXCLUDED.status,
+    spec = EXCLUDED.spec, heartbeat_at = now(), updated_at = now(), cancel_requested = false
+WHERE flowstone_backfills.tenant_id = EXCLUDED.tenant_id
+  AND flowstone_backfills.owner IS NOT DISTINCT FROM EXCLUDED.owner
+  AND NOT (flowstone_backfills.cancel_requested AND EXCLUDED.state = 'running')
+RETURNING true
+"""
+"""A backfill saved whole, spec and status: true unless another owner drives it,
+or a cancel was asked and this save says it is still running."""
+_SAVE_STATUS = """
+WITH saved AS (
+    UPDATE flowstone_backfills SET state = $3, status = $4::text::jsonb, heartbeat_at = now(), updated_at = now(),
+        cancel_requested = false
+    WHERE id = $1 AND tenant_id = $2 AND owner IS NOT DISTINCT FROM $5 AND NOT (cancel_requested AND $3 = 'running')
+    RETURNING true
+)
+SELECT coalesce((SELECT true FROM saved),
+                (SELECT false FROM flowstone_backfills WHERE id = $1 AND tenant_id = $2))
+"""
+"""A checkpoint of a backfill whose spec this store wrote: its status alone, on the
+same terms as ``_SAVE_BACKFILL``. True if saved, false if refused, NULL if the row is
+gone (then it is saved whole again)."""
+
 WAIT_POLL = (0.01, 0.5)
 """First and longest pause between looks at a lease someone else holds."""
 
@@ -578,6 +604,7 @@ class PostgresStore(PostgresClient):
         self._in_flight: set[int] = set()  # records a flush in flight writes (their ids' integers: C hashes)
         self._lookups: list[_Lookup] = []  # asked, waiting for a lookup to take them
         self._looking = _Leaders()  # lookups in flight now
+        self._specs = WrittenSpecs()  # backfill specs written here: later saves write the status alone
 
     async def migrate(self) -> list[int]:
         """Create or upgrade the schema (idempotent, safe concurrently); the versions applied now."""
@@ -910,20 +937,17 @@ class PostgresStore(PostgresClient):
 
     async def save_backfill(self, id: uuid.UUID, state: Any, *, owner: str | None = None) -> None:
         tenant = current_tenant()
-        spec, status, state_name = saved_to_json(state)
-        saved = await self.db.run(
-            tenant, _fetchval,
-            """INSERT INTO flowstone_backfills
-                   (id, tenant_id, asset_name, state, spec, status, owner, heartbeat_at, updated_at)
-               VALUES ($1, $2, $3, $4, $5::text::jsonb, $6::text::jsonb, $7, now(), now())
-               ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, status = EXCLUDED.status,
-                   spec = EXCLUDED.spec, heartbeat_at = now(), updated_at = now(), cancel_requested = false
-               WHERE flowstone_backfills.tenant_id = EXCLUDED.tenant_id
-                 AND flowstone_backfills.owner IS NOT DISTINCT FROM EXCLUDED.owner
-                 AND NOT (flowstone_backfills.cancel_requested AND EXCLUDED.state = 'running')
-               RETURNING true""",
-            id, tenant or "", state.spec.asset, state_name, spec, status, owner,
-        )
+        status, state_name = status_to_json(state)
+        saved = None
+        if self._specs.written(state.spec):  # a checkpoint: the status alone
+            saved = await self.db.run(tenant, _fetchval, _SAVE_STATUS, id, tenant or "", state_name, status, owner)
+        if saved is None:  # a first save here, or the row is gone: spec and status
+            saved = await self.db.run(
+                tenant, _fetchval, _SAVE_BACKFILL,
+                id, tenant or "", state.spec.asset, state_name, spec_to_json(state.spec), status, owner,
+            )
+            if saved:
+                self._specs.wrote(state.spec)
         if not saved and await self.db.run(
             tenant, _fetchval,
             "SELECT cancel_requested AND owner IS NOT DISTINCT FROM $3 FROM flowstone_backfills "

@@ -50,7 +50,7 @@ from ..errors import (
 from ..partitions import serialize_partition
 from ..plumbing.jsonvalues import mapping_to_json, storable_text
 from ..tenancy import current_tenant
-from .backfills import saved_from_json, saved_to_json
+from .backfills import WrittenSpecs, saved_from_json, spec_to_json, status_to_json
 from .leases import (
     BackfillClaim,
     CancelRequested,
@@ -207,6 +207,7 @@ class SqliteStore:
             self.path, self._prepare, fsync_each=self.synchronous != "NORMAL", check=lambda: check_location(self.path)
         )
         self._applied: list[int] = []
+        self._specs = WrittenSpecs()  # backfill specs written here: later saves write the status alone
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
@@ -511,7 +512,9 @@ class SqliteStore:
 
     async def save_backfill(self, id: uuid.UUID, state: Any, *, owner: str | None = None) -> None:
         tenant = _tenant()
-        spec, status, state_name = saved_to_json(state)
+        status, state_name = status_to_json(state)
+        # A checkpoint of a backfill whose spec this store wrote saves the status alone.
+        spec = None if self._specs.written(state.spec) else spec_to_json(state.spec)
 
         def save(c: sqlite3.Connection) -> None:
             row = c.execute(
@@ -524,6 +527,13 @@ class SqliteStore:
                 )
             if row is not None and row[2] and state_name == "running":
                 raise CancelRequested(f"backfill {str(id)!r}: a cancel was requested", tenant=tenant or None)
+            if row is not None and spec is None:
+                c.execute(
+                    "UPDATE flowstone_backfills SET state = ?, status = ?, heartbeat_at = ?, updated_at = ?, "
+                    "cancel_requested = 0 WHERE id = ?",
+                    (state_name, status, time.time(), _iso(_utcnow()), str(id)),
+                )
+                return
             c.execute(
                 """INSERT INTO flowstone_backfills
                        (id, tenant_id, asset_name, state, spec, status, owner, heartbeat_at, updated_at)
@@ -531,10 +541,12 @@ class SqliteStore:
                    ON CONFLICT (id) DO UPDATE SET state = excluded.state, status = excluded.status,
                        spec = excluded.spec, heartbeat_at = excluded.heartbeat_at, updated_at = excluded.updated_at,
                        cancel_requested = 0""",
-                (str(id), tenant, state.spec.asset, state_name, spec, status, owner, time.time(), _iso(_utcnow())),
+                (str(id), tenant, state.spec.asset, state_name, spec if spec is not None else spec_to_json(state.spec),
+                 status, owner, time.time(), _iso(_utcnow())),
             )
 
         await self._db.write(save)
+        self._specs.wrote(state.spec)
 
     async def decide(self, id: uuid.UUID | str, approve: bool, reason: str | None = None) -> Materialization:
         record_id, tenant = parse_id(id), _tenant()

@@ -1019,6 +1019,35 @@ class _no_tenant:
 class DatabaseContract:
     """What the stores kept in a database (SQLite, PostgreSQL) refuse, beside the rest."""
 
+    async def test_a_backfills_checkpoints_write_its_status_and_its_spec_once(self, store, tamper_backfill):
+        """A running backfill saves itself every few seconds. Its spec lists every
+        partition it was given (13 MB of JSON for a million), and never changes: the
+        first save writes it, a checkpoint of the same backfill its status alone.
+        Shown by changing the stored spec behind the store's back (``tamper_backfill``):
+        a checkpoint leaves the change, a new spec (a resumed backfill's) replaces it,
+        and a row that is gone is written whole again."""
+        backfill = uuid.uuid4()
+        spec = BackfillSpec(
+            id=backfill, asset="daily", partitions=("2025-01-01", "2025-01-02"), max_parallel=4,
+            upstream="missing", force=False, io=None, context={"who": "me"}, tenant=None,
+        )
+        running = BackfillStatus(id=backfill, asset="daily", state="running", total=2, queued=2, running=0,
+                                 succeeded=0, failed=0, cancelled=0)
+        await store.save_backfill(backfill, Saved(spec, running), owner="me")
+        await tamper_backfill(backfill, max_parallel=9)
+        later = attrs.evolve(running, queued=0, running=1, succeeded=1)
+        await store.save_backfill(backfill, Saved(spec, later), owner="me")
+        kept = await store.load_backfill(backfill)
+        assert kept.status == later and kept.spec.max_parallel == 9  # the status saved; the spec not written again
+        resumed = attrs.evolve(spec, context={"who": "you"})
+        await store.save_backfill(backfill, Saved(resumed, later), owner="me")
+        assert await store.load_backfill(backfill) == Saved(resumed, later)
+        await tamper_backfill(backfill, drop=True)
+        await store.save_backfill(backfill, Saved(resumed, running), owner="me")
+        assert await store.load_backfill(backfill) == Saved(resumed, running)
+        with pytest.raises(fs.LeaseLost):  # a checkpoint is refused on the same terms as a first save
+            await store.save_backfill(backfill, Saved(resumed, later), owner="someone else")
+
     async def test_a_job_a_batch_cannot_store_is_refused_alone(self, store):
         """A value no database holds (a NUL in a key, metadata that is not JSON) fails its
         own job in begin_many / complete_many; the others are written."""

@@ -38,14 +38,19 @@ class TestPostgresStoreContract(StoreContract, LeaseContract, DatabaseContract):
 
     @pytest.fixture
     def tamper_backfill(self, pg_database):
-        """Change a saved backfill behind the store's back: its spec's ``max_parallel``, or drop it."""
+        """Change a saved backfill behind the store's back: its spec's ``max_parallel``,
+        its spec to one that cannot be read, or drop it."""
 
-        async def tamper(backfill, *, max_parallel=None, drop=False):
-            statement = (
-                f"DELETE FROM flowstone_backfills WHERE id = '{backfill}'" if drop else
-                f"UPDATE flowstone_backfills SET spec = jsonb_set(spec, '{{max_parallel}}', '{int(max_parallel)}') "
-                f"WHERE id = '{backfill}'"
-            )
+        async def tamper(backfill, *, max_parallel=None, drop=False, unreadable=False):
+            if drop:
+                statement = f"DELETE FROM flowstone_backfills WHERE id = '{backfill}'"
+            elif unreadable:
+                statement = f"UPDATE flowstone_backfills SET spec = '{{}}' WHERE id = '{backfill}'"
+            else:
+                statement = (
+                    f"UPDATE flowstone_backfills SET spec = jsonb_set(spec, '{{max_parallel}}', '{int(max_parallel)}') "
+                    f"WHERE id = '{backfill}'"
+                )
             await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn, statement)
 
         return tamper

@@ -44,20 +44,23 @@ class TestSqliteStoreContract(StoreContract, LeaseContract, DatabaseContract):
 
     @pytest.fixture
     def tamper_backfill(self, store):
-        """Change a saved backfill behind the store's back: its spec's ``max_parallel``, or drop it."""
+        """Change a saved backfill behind the store's back: its spec's ``max_parallel``,
+        its spec to one that cannot be read, or drop it."""
 
-        def change(backfill, max_parallel, drop):
+        def change(backfill, max_parallel, drop, unreadable):
             with sqlite3.connect(store.path, timeout=30) as connection:
                 if drop:
                     connection.execute("DELETE FROM flowstone_backfills WHERE id = ?", (str(backfill),))
+                elif unreadable:
+                    connection.execute("UPDATE flowstone_backfills SET spec = '{}' WHERE id = ?", (str(backfill),))
                 else:
                     connection.execute(
                         "UPDATE flowstone_backfills SET spec = json_set(spec, '$.max_parallel', ?) WHERE id = ?",
                         (max_parallel, str(backfill)),
                     )
 
-        async def tamper(backfill, *, max_parallel=None, drop=False):
-            await anyio.to_thread.run_sync(change, backfill, max_parallel, drop)
+        async def tamper(backfill, *, max_parallel=None, drop=False, unreadable=False):
+            await anyio.to_thread.run_sync(change, backfill, max_parallel, drop, unreadable)
 
         return tamper
 

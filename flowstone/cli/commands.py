@@ -381,8 +381,8 @@ def _brief(record: Any) -> dict[str, Any]:
 
 async def cmd_backfills(args: argparse.Namespace) -> int:
     async with _store(args) as store:
-        saved = await store.list_backfills(limit=args.limit)
-    rows = [backfill_json(s.status) for s in saved]
+        statuses = await store.list_backfill_statuses(limit=args.limit)
+    rows = [backfill_json(status) for status in statuses]
     if args.json:
         emit_json({"backfills": rows})
         return EXIT_OK

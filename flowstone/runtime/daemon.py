@@ -246,8 +246,7 @@ async def _resume_backfills(rt: Any, work: TaskGroup) -> None:
     heartbeat stopped, or interrupted); look again every ``RESCAN_SECONDS``."""
     resumed: set[uuid.UUID] = set()
     while True:
-        for saved in await rt.store.list_backfills(limit=1000):
-            status = saved.status
+        for status in await rt.store.list_backfill_statuses(limit=1000):
             if status.id in resumed or not (status.state == "running" or status.interrupted):
                 continue
             try:

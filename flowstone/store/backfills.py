@@ -17,7 +17,8 @@ from ..partitions import PartitionRange, deserialize_partition, partition_range,
 from ..plumbing.jsonvalues import plain, to_json
 
 __all__ = [
-    "BackfillSpec", "BackfillStatus", "Saved", "WrittenSpecs", "saved_from_json", "spec_to_json", "status_to_json",
+    "BackfillSpec", "BackfillStatus", "Saved", "WrittenSpecs", "saved_from_json", "spec_to_json", "status_from_json",
+    "status_to_json",
 ]
 
 
@@ -136,14 +137,22 @@ def saved_from_json(spec_text: str, status_text: str) -> Saved:
         io=raw["io"], context=raw["context"], tenant=raw["tenant"],
         workers=raw.get("workers", False),  # absent from what earlier versions saved
     )
-    status = BackfillStatus(
-        id=spec.id, asset=spec.asset, **{k: state[k] for k in _COUNTS},
+    return Saved(spec, _status(state, spec.id, spec.asset))
+
+
+def status_from_json(status_text: str, id: uuid.UUID, asset: str) -> BackfillStatus:
+    """The status of backfill ``id`` (of ``asset``) from its JSON text alone."""
+    return _status(json.loads(status_text), id, asset)
+
+
+def _status(state: Mapping[str, Any], id: uuid.UUID, asset: str) -> BackfillStatus:
+    return BackfillStatus(
+        id=id, asset=asset, **{k: state[k] for k in _COUNTS},
         errors=tuple((key, message) for key, message in state["errors"]),
         started_at=datetime.fromisoformat(state["started_at"]) if state["started_at"] else None,
         finished_at=datetime.fromisoformat(state["finished_at"]) if state["finished_at"] else None,
         interrupted=state.get("interrupted", False),  # absent from what earlier versions saved
     )
-    return Saved(spec, status)
 
 
 def _partitions_to_json(partitions: Sequence[Any]) -> Any:

@@ -288,5 +288,8 @@ class MemoryStore(MemoryActorClient):
         return await self.handle.call(m.ListBackfills, tenant=current_tenant(), limit=check_limit(limit),
                                       offset=check_limit(offset, "offset"))
 
+    async def list_backfill_statuses(self, *, limit: int = 100, offset: int = 0) -> list[Any]:
+        return [saved.status for saved in await self.list_backfills(limit=limit, offset=offset)]
+
     async def load_backfill(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.LoadBackfill, tenant=current_tenant(), id=id)

@@ -43,7 +43,7 @@ from ..plumbing.jsonvalues import mapping_to_json, plain, storable_text, to_json
 from ..postgres.database import PostgresClient
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
-from .backfills import WrittenSpecs, saved_from_json, spec_to_json, status_to_json
+from .backfills import WrittenSpecs, saved_from_json, spec_to_json, status_from_json, status_to_json
 from .leases import (
     BackfillClaim,
     CancelRequested,
@@ -1091,6 +1091,16 @@ class PostgresStore(PostgresClient):
             tenant or "", check_limit(limit), check_limit(offset, "offset"),
         )
         return [saved_from_json(row[0], row[1]) for row in rows]
+
+    async def list_backfill_statuses(self, *, limit: int = 100, offset: int = 0) -> list[Any]:
+        tenant = current_tenant()
+        rows = await self.db.run(
+            tenant, _fetch,  # the spec, and its value stored apart (TOAST), is not even read
+            "SELECT status::text, id, asset_name FROM flowstone_backfills WHERE tenant_id = $1 "
+            "ORDER BY updated_at DESC, id LIMIT $2 OFFSET $3",
+            tenant or "", check_limit(limit), check_limit(offset, "offset"),
+        )
+        return [status_from_json(row[0], row[1], row[2]) for row in rows]
 
     async def load_backfill(self, id: uuid.UUID) -> Any:
         tenant = current_tenant()

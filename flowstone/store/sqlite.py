@@ -50,7 +50,7 @@ from ..errors import (
 from ..partitions import serialize_partition
 from ..plumbing.jsonvalues import mapping_to_json, storable_text
 from ..tenancy import current_tenant
-from .backfills import WrittenSpecs, saved_from_json, spec_to_json, status_to_json
+from .backfills import WrittenSpecs, saved_from_json, spec_to_json, status_from_json, status_to_json
 from .leases import (
     BackfillClaim,
     CancelRequested,
@@ -688,6 +688,14 @@ class SqliteStore:
             "LIMIT ? OFFSET ?", (tenant, count, skip),
         ).fetchall())
         return [saved_from_json(spec, status) for spec, status in rows]
+
+    async def list_backfill_statuses(self, *, limit: int = 100, offset: int = 0) -> list[Any]:
+        tenant, count, skip = _tenant(), check_limit(limit), check_limit(offset, "offset")
+        rows = await self._db.read_many(lambda c: c.execute(
+            "SELECT status, id, asset_name FROM flowstone_backfills WHERE tenant_id = ? ORDER BY updated_at DESC, id "
+            "LIMIT ? OFFSET ?", (tenant, count, skip),
+        ).fetchall())
+        return [status_from_json(status, uuid.UUID(id), asset) for status, id, asset in rows]
 
     async def load_backfill(self, id: uuid.UUID) -> Any:
         tenant = _tenant()

@@ -176,8 +176,8 @@ def backfill_json(status: Any) -> dict[str, Any]:
 
 async def backfills_data(store: Any, *, offset: int = 0, limit: int = PAGE) -> dict[str, Any]:
     """A page of backfills, most recently saved first; ``next``: the offset of the next page."""
-    found = await store.list_backfills(limit=limit + 1, offset=offset)
-    return {"backfills": [backfill_json(saved.status) for saved in found[:limit]],
+    found = await store.list_backfill_statuses(limit=limit + 1, offset=offset)
+    return {"backfills": [backfill_json(status) for status in found[:limit]],
             "next": offset + limit if len(found) > limit else None}
 
 

@@ -396,8 +396,11 @@ class StoreContract:
         await store.save_backfill(saved[0].spec.id, saved[0])  # saved again: now the most recent
         assert [s.spec.asset for s in await store.list_backfills()] == ["a", "b"]
         assert [s.spec.asset for s in await store.list_backfills(limit=1)] == ["a"]
+        assert await store.list_backfill_statuses() == [s.status for s in await store.list_backfills()]
+        assert await store.list_backfill_statuses(limit=1, offset=1) == [saved[1].status]
         with fs.tenant_scope("other"):
             assert await store.list_backfills() == []
+            assert await store.list_backfill_statuses() == []
 
     # ---------------------------------------------------------------- tenants
 
@@ -1047,6 +1050,21 @@ class DatabaseContract:
         assert await store.load_backfill(backfill) == Saved(resumed, running)
         with pytest.raises(fs.LeaseLost):  # a checkpoint is refused on the same terms as a first save
             await store.save_backfill(backfill, Saved(resumed, later), owner="someone else")
+
+    async def test_backfill_statuses_are_listed_without_reading_specs(self, store, tamper_backfill):
+        """What the daemon, the web view and ``flowstone backfills`` list every few
+        seconds: statuses, from the status alone. Shown with a spec broken behind the
+        store's back: listing whole backfills fails on it, listing statuses does not."""
+        backfill = uuid.uuid4()
+        spec = BackfillSpec(id=backfill, asset="daily", partitions=("2025-01-01",), max_parallel=1,
+                            upstream="missing", force=False, io=None, context=None, tenant=None)
+        status = BackfillStatus(id=backfill, asset="daily", state="running", total=1, queued=1, running=0,
+                                succeeded=0, failed=0, cancelled=0)
+        await store.save_backfill(backfill, Saved(spec, status), owner="me")
+        await tamper_backfill(backfill, unreadable=True)
+        with pytest.raises(KeyError):
+            await store.list_backfills()
+        assert await store.list_backfill_statuses() == [status]
 
     async def test_a_job_a_batch_cannot_store_is_refused_alone(self, store):
         """A value no database holds (a NUL in a key, metadata that is not JSON) fails its

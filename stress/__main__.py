@@ -13,6 +13,7 @@ from typing import Any
 from . import (
     cascade,
     chaos,
+    checkpoints,
     core,
     daemon,
     dagster,
@@ -39,6 +40,8 @@ SCENARIOS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "backfill": (load.run_backfill, "backfill throughput on memory, filesystem and Postgres, integrity checked"),
     "cancel-storm": (load.run_cancel_storm, "backfills and materializations cancelled at random: nothing left open"),
     "cascade": (cascade.run, "the stale cascade and retention at 1,000 and 100,000 partitions, PostgreSQL (#18)"),
+    "checkpoints": (checkpoints.run,
+                    "a backfill's saves and listings at 10,000 and 1,000,000 listed partitions, each store (#18)"),
     "chaos": (chaos.run, "backfills while actors die, IO fails, Postgres drops, S3 restarts; then an integrity check"),
     "core": (core.run, "planning cost (graph, order, layers, validate) and partition key throughput"),
     "daemon": (daemon.run, "flowstone daemon: idle CPU/RSS, tick latency, takeover after SIGKILL (issue #15)"),

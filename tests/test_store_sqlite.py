@@ -8,6 +8,8 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import anyio
@@ -52,10 +54,10 @@ class TestSqliteStoreContract(StoreContract, LeaseContract, DatabaseContract):
                 if drop:
                     connection.execute("DELETE FROM flowstone_backfills WHERE id = ?", (str(backfill),))
                 elif unreadable:
-                    connection.execute("UPDATE flowstone_backfills SET spec = '{}' WHERE id = ?", (str(backfill),))
+                    connection.execute("UPDATE flowstone_backfill_specs SET spec = '{}' WHERE id = ?", (str(backfill),))
                 else:
                     connection.execute(
-                        "UPDATE flowstone_backfills SET spec = json_set(spec, '$.max_parallel', ?) WHERE id = ?",
+                        "UPDATE flowstone_backfill_specs SET spec = json_set(spec, '$.max_parallel', ?) WHERE id = ?",
                         (max_parallel, str(backfill)),
                     )
 
@@ -170,6 +172,42 @@ async def test_the_reads_table_is_filled_from_the_successes_already_there(anyio_
         await store.mark_stale("raw", None)
         assert (await store.get_by_id(clean.id)).status is fs.Status.STALE
         assert (await store.get_by_id(report.id)).status is fs.Status.STALE
+
+
+async def test_backfill_specs_move_to_a_table_of_their_own(anyio_backend, tmp_path):
+    """Schema version 11 keeps a backfill's spec apart from its row, which each
+    checkpoint rewrites; a store made before it moves its specs there when it migrates,
+    and a backfill deleted takes its spec with it."""
+    from flowstone.runtime.backfill import BackfillSpec, BackfillStatus, Saved
+
+    path = tmp_path / "old.db"
+    backfill = uuid.uuid4()
+    spec = BackfillSpec(id=backfill, asset="daily", partitions=("2025-01-01", "2025-01-02"), max_parallel=2,
+                        upstream="missing", force=False, io=None, context={"who": "me"}, tenant=None)
+    status = BackfillStatus(id=backfill, asset="daily", state="cancelled", total=2, queued=0, running=0,
+                            succeeded=1, failed=0, cancelled=1)
+    async with SqliteStore(path) as store:
+        await store.save_backfill(backfill, Saved(spec, status), owner="me")
+    _undo_migration(  # the table as schema version 10 had it, the spec in its row
+        path, 11,
+        """CREATE TABLE old (id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, asset_name TEXT NOT NULL,
+            state TEXT NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL, owner TEXT, heartbeat_at REAL NOT NULL,
+            updated_at TEXT NOT NULL, cancel_requested INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
+        """INSERT INTO old SELECT b.id, b.tenant_id, b.asset_name, b.state, s.spec, b.status, b.owner,
+            b.heartbeat_at, b.updated_at, b.cancel_requested
+            FROM flowstone_backfills AS b JOIN flowstone_backfill_specs AS s USING (id)""",
+        "DROP TABLE flowstone_backfills", "DROP TABLE flowstone_backfill_specs",
+        "ALTER TABLE old RENAME TO flowstone_backfills",
+        "CREATE INDEX flowstone_backfills_tenant ON flowstone_backfills (tenant_id, updated_at)",
+    )
+    async with SqliteStore(path) as store:
+        assert await store.migrate() == [11]
+        assert await store.load_backfill(backfill) == Saved(spec, status)
+        assert (await store.claim_backfill(backfill, "you", stale_after=30)).saved == Saved(spec, status)
+        assert await store.request_cancel(backfill) == Saved(spec, status)
+        assert await store.prune_finished(datetime.now(timezone.utc) + timedelta(days=1)) == 1
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM flowstone_backfill_specs").fetchone() == (0,)
 
 
 async def test_the_writer_keeps_its_sub_journals_in_memory(anyio_backend, tmp_path):

@@ -536,13 +536,16 @@ class SqliteStore:
                 return
             c.execute(
                 """INSERT INTO flowstone_backfills
-                       (id, tenant_id, asset_name, state, spec, status, owner, heartbeat_at, updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       (id, tenant_id, asset_name, state, status, owner, heartbeat_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (id) DO UPDATE SET state = excluded.state, status = excluded.status,
-                       spec = excluded.spec, heartbeat_at = excluded.heartbeat_at, updated_at = excluded.updated_at,
-                       cancel_requested = 0""",
-                (str(id), tenant, state.spec.asset, state_name, spec if spec is not None else spec_to_json(state.spec),
-                 status, owner, time.time(), _iso(_utcnow())),
+                       heartbeat_at = excluded.heartbeat_at, updated_at = excluded.updated_at, cancel_requested = 0""",
+                (str(id), tenant, state.spec.asset, state_name, status, owner, time.time(), _iso(_utcnow())),
+            )
+            c.execute(
+                "INSERT INTO flowstone_backfill_specs (id, spec) VALUES (?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET spec = excluded.spec",
+                (str(id), spec if spec is not None else spec_to_json(state.spec)),
             )
 
         await self._db.write(save)
@@ -673,10 +676,15 @@ class SqliteStore:
 
     async def request_cancel(self, id: uuid.UUID) -> Any:
         tenant, bid = _tenant(), str(parse_id(id, "backfill"))
-        row = await self._db.write(lambda c: c.execute(
-            """UPDATE flowstone_backfills SET cancel_requested = (state = 'running')
-               WHERE id = ? AND tenant_id = ? RETURNING spec, status""", (bid, tenant),
-        ).fetchone())
+
+        def cancel(c: sqlite3.Connection) -> Any:
+            row = c.execute(
+                """UPDATE flowstone_backfills SET cancel_requested = (state = 'running')
+                   WHERE id = ? AND tenant_id = ? RETURNING status""", (bid, tenant),
+            ).fetchone()
+            return None if row is None else (_spec_of(c, bid), row[0])
+
+        row = await self._db.write(cancel)
         if row is None:
             raise BackfillNotFound(uuid.UUID(bid), tenant=tenant or None)
         return saved_from_json(row[0], row[1])
@@ -684,8 +692,8 @@ class SqliteStore:
     async def list_backfills(self, *, limit: int = 100, offset: int = 0) -> list[Any]:
         tenant, count, skip = _tenant(), check_limit(limit), check_limit(offset, "offset")
         rows = await self._db.read_many(lambda c: c.execute(
-            "SELECT spec, status FROM flowstone_backfills WHERE tenant_id = ? ORDER BY updated_at DESC, id "
-            "LIMIT ? OFFSET ?", (tenant, count, skip),
+            "SELECT s.spec, b.status FROM flowstone_backfills AS b JOIN flowstone_backfill_specs AS s USING (id) "
+            "WHERE b.tenant_id = ? ORDER BY b.updated_at DESC, b.id LIMIT ? OFFSET ?", (tenant, count, skip),
         ).fetchall())
         return [saved_from_json(spec, status) for spec, status in rows]
 
@@ -700,7 +708,8 @@ class SqliteStore:
     async def load_backfill(self, id: uuid.UUID) -> Any:
         tenant = _tenant()
         row = await self._db.read(lambda c: c.execute(
-            "SELECT spec, status FROM flowstone_backfills WHERE id = ? AND tenant_id = ?", (str(id), tenant)
+            "SELECT s.spec, b.status FROM flowstone_backfills AS b JOIN flowstone_backfill_specs AS s USING (id) "
+            "WHERE b.id = ? AND b.tenant_id = ?", (str(id), tenant)
         ).fetchone())
         return None if row is None else saved_from_json(row[0], row[1])
 
@@ -709,8 +718,9 @@ class SqliteStore:
 
         def claim(c: sqlite3.Connection) -> BackfillClaim:
             row = c.execute(
-                "SELECT spec, status, state, owner, heartbeat_at FROM flowstone_backfills "
-                "WHERE id = ? AND tenant_id = ?",
+                "SELECT s.spec, b.status, b.state, b.owner, b.heartbeat_at "
+                "FROM flowstone_backfills AS b JOIN flowstone_backfill_specs AS s USING (id) "
+                "WHERE b.id = ? AND b.tenant_id = ?",
                 (str(id), tenant),
             ).fetchone()
             if row is None:
@@ -729,6 +739,12 @@ class SqliteStore:
             return BackfillClaim(saved_from_json(row[0], row[1]), previous, seen)
 
         return await self._db.write(claim)
+
+
+def _spec_of(c: sqlite3.Connection, backfill: str) -> str:
+    """The spec's JSON text of a backfill whose row is there (its spec is too)."""
+    row = c.execute("SELECT spec FROM flowstone_backfill_specs WHERE id = ?", (backfill,)).fetchone()
+    return str(row[0])
 
 
 # ------------------------------------------------------------------ location

@@ -193,6 +193,34 @@ MIGRATIONS: tuple[tuple[int, str | tuple[str, ...]], ...] = (
                 FROM json_each(NEW.upstream_partitions) r, json_each(r.value) k WHERE NEW.status = 'success';
         END""",
     )),
+    # A backfill's spec (every partition it was given: 13 MB for a million) in a table
+    # of its own: SQLite writes a row whole, so each checkpoint's status, a claim's owner
+    # and a cancel request rewrote the spec with it, and reading the status walked
+    # through it. The table is rebuilt without the column (older SQLites cannot drop one).
+    (11, (
+        "CREATE TABLE flowstone_backfill_specs (id TEXT PRIMARY KEY, spec TEXT NOT NULL)",
+        "INSERT INTO flowstone_backfill_specs (id, spec) SELECT id, spec FROM flowstone_backfills",
+        """CREATE TABLE flowstone_backfills_moved (
+            id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL,
+            asset_name TEXT NOT NULL,
+            state TEXT NOT NULL,
+            status TEXT NOT NULL,
+            owner TEXT,
+            heartbeat_at REAL NOT NULL,
+            updated_at TEXT NOT NULL,
+            cancel_requested INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+        """INSERT INTO flowstone_backfills_moved
+            SELECT id, tenant_id, asset_name, state, status, owner, heartbeat_at, updated_at, cancel_requested
+            FROM flowstone_backfills""",
+        "DROP TABLE flowstone_backfills",
+        "ALTER TABLE flowstone_backfills_moved RENAME TO flowstone_backfills",
+        "CREATE INDEX flowstone_backfills_tenant ON flowstone_backfills (tenant_id, updated_at)",
+        """CREATE TRIGGER flowstone_backfill_specs_delete AFTER DELETE ON flowstone_backfills BEGIN
+            DELETE FROM flowstone_backfill_specs WHERE id = OLD.id;
+        END""",
+    )),
 )
 """(version, SQL): a script of statements ending in ";", or a tuple of statements (for
 those holding ";" themselves, as triggers do). Append only: a shipped migration never

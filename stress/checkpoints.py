@@ -1,0 +1,106 @@
+"""What a backfill's saves and listings cost as its list of partitions grows.
+
+A backfill given its partitions as a list (not a range) saves that list in its
+spec: 13 MB of JSON for a million dates. For each store (memory, SQLite, and
+PostgreSQL on a throwaway cluster with fsync on, or ``--dsn``) and each size, one
+backfill is saved as a running backfill saves itself: a first save, then
+checkpoints of the same spec (its status moving), then a listing of statuses (what
+the daemon, the web view and ``flowstone backfills`` ask) and, for comparison, a
+listing of whole backfills (specs parsed). Flat means a checkpoint and a listing of
+statuses cost the same at every size; the first save and the whole listing grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import date, timedelta
+from typing import Any
+
+import anyio
+import attrs
+
+from flowstone.store import MemoryStore, PostgresStore, SqliteStore
+from flowstone.store.backfills import BackfillSpec, BackfillStatus, Saved
+from flowstone.testing.postgres import TemporaryPostgres
+
+from .postgres import _admin, _fresh_database
+from .report import emit, median
+
+CHECKPOINTS = 5
+
+
+async def _measure(store: Any, count: int) -> dict[str, float]:
+    backfill = uuid.uuid4()
+    days = tuple(date(2000, 1, 1) + timedelta(days=i) for i in range(count))
+    spec = BackfillSpec(id=backfill, asset="events", partitions=days, max_parallel=20, upstream="missing",
+                        force=False, io=None, context=None, tenant=None)
+    status = BackfillStatus(id=backfill, asset="events", state="running", total=count, queued=count, running=0,
+                            succeeded=0, failed=0, cancelled=0)
+    await store.list_all(limit=1)  # connected before the clock starts
+
+    async def timed(call: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        await call()
+        return (time.perf_counter() - start) * 1e3
+
+    first = await timed(lambda: store.save_backfill(backfill, Saved(spec, status), owner="bench"))
+    checkpoints = []
+    for done in range(1, CHECKPOINTS + 1):
+        moved = attrs.evolve(status, queued=count - done, succeeded=done)
+        checkpoints.append(await timed(lambda moved=moved: store.save_backfill(backfill, Saved(spec, moved),
+                                                                                 owner="bench")))
+    statuses = await timed(lambda: store.list_backfill_statuses())
+    whole = await timed(lambda: store.list_backfills())
+    [listed] = await store.list_backfill_statuses()
+    last = (await store.load_backfill(backfill)).spec.partitions[-1]  # a date, or its key from a database
+    if listed.succeeded != CHECKPOINTS or str(last) != days[-1].isoformat():
+        raise SystemExit(f"{type(store).__name__}: the saves did not land: {listed}")
+    return {"first_save_ms": first, "checkpoint_ms": median(checkpoints), "list_statuses_ms": statuses,
+            "list_whole_ms": whole}
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m stress checkpoints", description=__doc__)
+    parser.add_argument("--sizes", default="10000,1000000", help="partitions in the backfill, comma-separated")
+    parser.add_argument("--dsn", default=os.environ.get("FLOWSTONE_BENCH_DSN"),
+                        help="a superuser dsn of a server to use instead of a throwaway cluster")
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    args = parser.parse_args(argv)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    cluster = None if args.dsn else TemporaryPostgres(fsync=True).start()
+    admin_dsn = args.dsn or cluster.dsn()  # type: ignore[union-attr]
+    rows: list[dict[str, Any]] = []
+
+    async def in_memory(count: int) -> dict[str, float]:
+        async with MemoryStore() as store:
+            return await _measure(store, count)
+
+    async def in_sqlite(count: int) -> dict[str, float]:
+        with tempfile.TemporaryDirectory() as folder:
+            async with SqliteStore(os.path.join(folder, "bench.db")) as store:
+                return await _measure(store, count)
+
+    async def in_postgres(count: int) -> dict[str, float]:
+        name = f"flowstone_checkpoints_{count}"
+        dsn = await anyio.to_thread.run_sync(lambda: anyio.run(_fresh_database, admin_dsn, name))
+        try:
+            async with PostgresStore(dsn) as store:
+                return await _measure(store, count)
+        finally:
+            await anyio.to_thread.run_sync(
+                lambda: anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+    try:
+        for label, scenario in (("memory", in_memory), ("sqlite", in_sqlite), ("postgres", in_postgres)):
+            for count in sizes:
+                rows.append({"store": label, "partitions": count, **anyio.run(scenario, count, backend=args.backend)})
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    return emit("checkpoints", rows, {"sizes": sizes, "backend": args.backend, "checkpoints": CHECKPOINTS,
+                                      "server": "given dsn" if args.dsn else "throwaway cluster, fsync on"})

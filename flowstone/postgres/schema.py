@@ -468,6 +468,12 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             RETURN NULL;
         END $$;
     """),
+    (20, "an asset's successes by when they became successes, for the daemon's eager followers", """
+        -- The daemon asks every few seconds what succeeded since its last look; without
+        -- this it read the current record of every partition of each followed asset.
+        CREATE INDEX IF NOT EXISTS flowstone_materializations_successes
+            ON flowstone_materializations (tenant_id, asset_name, updated_at) WHERE status = 'success';
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

@@ -3,8 +3,9 @@
 ``run_automation`` looks every ``interval`` seconds:
 
 - for each ``fs.Eager()`` asset, at the successes its upstream assets got since the
-  last look (a watermark kept in the store, under ``automation:<asset>``, so a
-  daemon taking over goes on from there). Each new upstream success triggers one
+  last look (``successes_since``: a watermark of when they became successes, kept
+  in the store under ``automation:<asset>``, so a daemon taking over goes on from
+  there). Each new upstream success triggers one
   materialization of the same partition (or of the whole asset when it is not
   partitioned), with ``upstream="none"``: a failure is not tried again until an
   upstream changes again. An asset never followed before is followed from the
@@ -95,9 +96,11 @@ async def _follow_upstream(
         del followed[seen]  # older than any success a look can find again: the map stays small
     definition, targets = asset.partitioned_by, set[str | None]()
     for upstream in asset.depends_on:
-        for key, record in (await store.partitions_of(upstream)).items():
-            ended = record.completed_at
-            if ended is None or ended <= since or record.status is not Status.SUCCESS:
+        # The successes written since the look before (less the overlap), not every
+        # partition's record: a look costs what happened, not what is stored.
+        for record in await store.successes_since(upstream, since):
+            ended, key = record.updated_at, record.partition
+            if ended is None:
                 continue
             newest = max(newest, ended)
             if (asset.name, str(record.id)) in followed:

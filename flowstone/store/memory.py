@@ -213,6 +213,10 @@ class MemoryStore(MemoryActorClient):
     async def partitions_of(self, asset_name: str) -> dict[str | None, Materialization]:
         return await self.handle.call(m.AllPartitions, tenant=current_tenant(), asset=asset_name)
 
+    async def successes_since(self, asset_name: str, since: datetime) -> list[Materialization]:
+        return await self.handle.call(m.SuccessesSince, tenant=current_tenant(), asset=asset_name,
+                                      since=check_before(since, "since"))
+
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
         return await self.handle.call(m.PartitionStates, tenant=current_tenant(), asset=asset_name)
 

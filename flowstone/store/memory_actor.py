@@ -425,6 +425,15 @@ class AllPartitions(Message[dict[str | None, Materialization]]):
 
 
 @attrs.frozen(kw_only=True)
+class SuccessesSince(Message[list[Materialization]]):
+    """The current successes of one asset written after ``since``, oldest first."""
+
+    tenant: str | None
+    asset: str
+    since: datetime
+
+
+@attrs.frozen(kw_only=True)
 class PartitionStates(Message[dict[str | None, Status]]):
     """The status of the latest record of every partition of one asset, by key."""
 
@@ -601,6 +610,7 @@ class _Handlers:
             All: self.all,
             LatestSuccesses: self.latest_successes,
             AllPartitions: self.all_partitions,
+            SuccessesSince: self.successes_since,
             PartitionStates: self.partition_states,
             MarkStale: self.mark_stale,
             PutValue: self.put_value,
@@ -887,6 +897,20 @@ class _Handlers:
     def all_partitions(self, m: AllPartitions) -> dict[str | None, Materialization]:
         records = self.data.records
         return {key: records[record_id] for key, record_id in self.data.latest_success.of(m.tenant, m.asset).items()}
+
+    def successes_since(self, m: SuccessesSince) -> list[Materialization]:
+        """Walked newest first through the tenant's successes, in the order they
+        became successes (each one's ``updated_at``, stamped when it was written here):
+        the walk ends at the first written by ``since``, so it costs what came after."""
+        records, found = self.data.records, []
+        for record_id in reversed(self.data.by_status.get((m.tenant, Status.SUCCESS), {})):
+            record = records[record_id]
+            if record.updated_at is None or record.updated_at <= m.since:
+                break
+            if record.asset_name == m.asset:
+                found.append(record)
+        found.reverse()
+        return found
 
     def partition_states(self, m: PartitionStates) -> dict[str | None, Status]:
         return {key: _STATUSES[status] for key, status in self.data.latest_status.of(m.tenant, m.asset).items()}

@@ -906,6 +906,16 @@ class PostgresStore(PostgresClient):
         )
         return {record.partition: record for record in map(_record, rows)}
 
+    async def successes_since(self, asset_name: str, since: datetime) -> list[Materialization]:
+        tenant = current_tenant()
+        rows = await self.db.run(
+            tenant, _fetch,  # through the index of successes by when they became so (schema 20)
+            f"{_SELECT} WHERE tenant_id = $1 AND asset_name = $2 AND status = 'success' AND updated_at > $3 "
+            "ORDER BY updated_at, seq",
+            tenant or "", asset_name, check_before(since, "since"),
+        )
+        return list(map(_record, rows))
+
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
         tenant = current_tenant()
         rows = await self.db.run(

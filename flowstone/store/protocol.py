@@ -70,6 +70,13 @@ class MaterializationStore(Protocol):
         """Latest ``success``/``stale`` record of every partition of an asset, by key."""
         ...
 
+    async def successes_since(self, asset_name: str, since: datetime) -> list[Materialization]:
+        """The current successes of an asset that became successes after ``since``
+        (their ``updated_at``, which the store sets when a record is written), oldest
+        first: what an eager follower of the asset has not seen yet, found without
+        reading every partition (the daemon asks this every few seconds)."""
+        ...
+
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
         """The status of the latest record of every partition of an asset that has
         one, by key: what ``flowstone status`` summarizes (one query, no records built)."""

@@ -196,10 +196,11 @@ def check_batch(limit: Any) -> int:
     return int(limit)
 
 
-def check_before(before: Any) -> datetime:
-    """``prune_finished``'s ``before``: an aware datetime, else DefinitionError."""
+def check_before(before: Any, field: str = "before") -> datetime:
+    """``prune_finished``'s ``before`` (or ``successes_since``'s ``since``): an aware
+    datetime, else DefinitionError."""
     if not isinstance(before, datetime) or before.tzinfo is None:
-        raise DefinitionError([FieldError("before", f"must be an aware datetime, got {before!r}")])
+        raise DefinitionError([FieldError(field, f"must be an aware datetime, got {before!r}")])
     return before
 
 

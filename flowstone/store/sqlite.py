@@ -468,6 +468,12 @@ class SqliteStore:
             f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND {_CURRENT}", (_tenant(), asset_name))
         return {record.partition: record for record in records}
 
+    async def successes_since(self, asset_name: str, since: datetime) -> list[Materialization]:
+        after = _iso(check_before(since, "since").astimezone(timezone.utc))  # times are kept as UTC text
+        return await self._read_records(  # through the index of successes by when they became so (schema 12)
+            f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND status = 'success' AND updated_at > ? "
+            "ORDER BY updated_at, seq", (_tenant(), asset_name, after))
+
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
         tenant = _tenant()
         rows = await self._db.read_many(lambda c: c.execute(  # kept by triggers (schema version 9)

@@ -221,6 +221,10 @@ MIGRATIONS: tuple[tuple[int, str | tuple[str, ...]], ...] = (
             DELETE FROM flowstone_backfill_specs WHERE id = OLD.id;
         END""",
     )),
+    # An asset's successes by when they became successes: the daemon asks every few
+    # seconds what succeeded since its last look, and read every partition's record.
+    (12, """CREATE INDEX IF NOT EXISTS flowstone_materializations_successes
+            ON flowstone_materializations (tenant_id, asset_name, updated_at) WHERE status = 'success';"""),
 )
 """(version, SQL): a script of statements ending in ";", or a tuple of statements (for
 those holding ";" themselves, as triggers do). Append only: a shipped migration never

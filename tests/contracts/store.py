@@ -282,6 +282,33 @@ class StoreContract:
         assert sorted(await store.partitions_of("a")) == ["1", "2"]
         assert await store.partitions_of("nothing") == {}
 
+    async def test_successes_since_are_an_assets_new_current_successes_oldest_first(self, store):
+        """What the daemon asks every few seconds for an eager asset's upstream: the
+        successes written after its last look, not every partition's record."""
+
+        async def success(asset, key):
+            return await store.complete(await store.create(asset_name=asset, partition=key, status=Status.RUNNING),
+                                        Status.SUCCESS)
+
+        first = await success("up", "1")
+        second = await success("up", "2")
+        await success("other", "1")
+        again = await success("up", "1")  # supersedes the first
+        await store.create(asset_name="up", partition="3", status=Status.FAILED)
+        stale = await success("up", "4")
+        await store.update_status(stale.id, Status.STALE)
+        before = first.updated_at - timedelta(microseconds=1)
+        assert [r.id for r in await store.successes_since("up", before)] == [second.id, again.id]
+        # From a record's own time: what came strictly after it (two writes may share a microsecond).
+        after_second = [r.id for r in (second, again) if r.updated_at > second.updated_at]
+        assert [r.id for r in await store.successes_since("up", second.updated_at)] == after_second
+        assert await store.successes_since("up", again.updated_at) == []
+        assert await store.successes_since("nothing", before) == []
+        with fs.tenant_scope("other"):
+            assert await store.successes_since("up", before) == []
+        with pytest.raises(fs.DefinitionError, match="since"):
+            await store.successes_since("up", datetime(2025, 1, 1))  # naive: which time is it?
+
     async def test_partition_states_are_the_latest_record_of_each_partition(self, store):
         ok = await store.complete(await store.create(asset_name="a", partition="1", status=Status.RUNNING),
                                   Status.SUCCESS)

@@ -1,0 +1,104 @@
+"""What the daemon's look for an eager asset's new upstream successes costs.
+
+Every ``AUTOMATION_SECONDS`` the active daemon asks, for each ``fs.Eager()`` asset,
+what its upstream assets succeeded at since its last look. For each store (memory,
+SQLite, and PostgreSQL on a throwaway cluster with fsync on, or ``--dsn``) and each
+size, an upstream asset gets that many partitions' successes, then ``NEW`` more
+after a mark; the look (``successes_since``) is timed against reading every
+partition's current record (``partitions_of``, what the look read before). Flat
+means the look costs the same at every size: what happened since, not what is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from typing import Any
+
+import anyio
+
+from flowstone.store import MemoryStore, PostgresStore, SqliteStore, Status
+from flowstone.store.leases import End, Start
+from flowstone.testing.postgres import TemporaryPostgres
+
+from .postgres import _admin, _fresh_database
+from .report import emit, median
+
+NEW = 10
+LOOKS = 5
+BATCH = 500
+
+
+async def _successes(store: Any, keys: range) -> Any:
+    """A success of partition ``p<key>`` of ``up`` for each key, ``BATCH`` at a time; the last one."""
+    last = None
+    for first in range(keys.start, keys.stop, BATCH):
+        begun = await store.begin_many("bench", 60.0, [
+            Start({"asset_name": "up", "partition": f"p{key:08d}", "status": Status.RUNNING})
+            for key in range(first, min(first + BATCH, keys.stop))
+        ])
+        done = await store.complete_many([End(record, Status.SUCCESS, lease, {}) for record, lease in begun])
+        last = done[-1]
+    return last
+
+
+async def _measure(store: Any, count: int) -> dict[str, float]:
+    mark = (await _successes(store, range(count))).updated_at
+    await _successes(store, range(count, count + NEW))
+    looks = []
+    for _ in range(LOOKS):
+        start = time.perf_counter()
+        found = await store.successes_since("up", mark)
+        looks.append((time.perf_counter() - start) * 1e3)
+    if len(found) != NEW:
+        raise SystemExit(f"{type(store).__name__}: {len(found)} successes since the mark, not {NEW}")
+    start = time.perf_counter()
+    every = await store.partitions_of("up")
+    whole = (time.perf_counter() - start) * 1e3
+    if len(every) != count + NEW:
+        raise SystemExit(f"{type(store).__name__}: {len(every)} partitions, not {count + NEW}")
+    return {"look_ms": median(looks), "every_partition_ms": whole}
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m stress follow", description=__doc__)
+    parser.add_argument("--sizes", default="1000,100000", help="upstream partitions stored, comma-separated")
+    parser.add_argument("--dsn", default=os.environ.get("FLOWSTONE_BENCH_DSN"),
+                        help="a superuser dsn of a server to use instead of a throwaway cluster")
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    args = parser.parse_args(argv)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    cluster = None if args.dsn else TemporaryPostgres(fsync=True).start()
+    admin_dsn = args.dsn or cluster.dsn()  # type: ignore[union-attr]
+    rows: list[dict[str, Any]] = []
+
+    async def in_memory(count: int) -> dict[str, float]:
+        async with MemoryStore() as store:
+            return await _measure(store, count)
+
+    async def in_sqlite(count: int) -> dict[str, float]:
+        with tempfile.TemporaryDirectory() as folder:
+            async with SqliteStore(os.path.join(folder, "bench.db")) as store:
+                return await _measure(store, count)
+
+    async def in_postgres(count: int) -> dict[str, float]:
+        name = f"flowstone_follow_{count}"
+        dsn = await anyio.to_thread.run_sync(lambda: anyio.run(_fresh_database, admin_dsn, name))
+        try:
+            async with PostgresStore(dsn) as store:
+                return await _measure(store, count)
+        finally:
+            await anyio.to_thread.run_sync(
+                lambda: anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+    try:
+        for label, scenario in (("memory", in_memory), ("sqlite", in_sqlite), ("postgres", in_postgres)):
+            for count in sizes:
+                rows.append({"store": label, "partitions": count, **anyio.run(scenario, count, backend=args.backend)})
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    return emit("follow", rows, {"sizes": sizes, "backend": args.backend, "new": NEW, "looks": LOOKS,
+                                 "server": "given dsn" if args.dsn else "throwaway cluster, fsync on"})

@@ -18,9 +18,10 @@ def test_list_names_every_scenario():
     listing = run_stress("list")
     assert listing.returncode == 0, listing.stderr
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
-        "backfill", "cancel-storm", "cascade", "chaos", "core", "daemon", "dagster", "dags", "executors",
-        "flights-dagster", "instructions", "io", "memory", "postgres", "processes", "ranges", "registrations",
-        "runtime", "scale", "schedules", "soak", "sqlite", "startup", "store-writes", "web", "workers",
+        "backfill", "cancel-storm", "cascade", "chaos", "checkpoints", "core", "daemon", "dagster", "dags",
+        "executors", "flights-dagster", "follow", "instructions", "io", "memory", "postgres", "processes", "ranges",
+        "registrations", "runtime", "scale", "schedules", "soak", "sqlite", "startup", "store-writes", "web",
+        "workers",
     ]
 
 
@@ -160,6 +161,25 @@ def test_postgres_scenario_short_run_reports_both_figures(pg_server):
     assert all(row["per_second"] > 0 and 0 < row["client_cpu_share"] for row in rows.values())
     assert all(row["client_cpu_us"] > 0 for row in rows.values())
     assert not any("server_cpu_us" in row for row in rows.values()), "a given server's CPU is not read here"
+
+
+def test_checkpoints_scenario_times_saves_and_listings_on_each_store(pg_server):
+    result = run_stress("checkpoints", "--dsn", pg_server.admin, "--sizes", "100,2000")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert [(row["store"], row["partitions"]) for row in rows] == [
+        (store, size) for store in ("memory", "sqlite", "postgres") for size in (100, 2000)]
+    assert all(row["first_save_ms"] > 0 and row["checkpoint_ms"] > 0 and row["list_statuses_ms"] > 0
+               for row in rows)
+
+
+def test_follow_scenario_times_the_eager_look_on_each_store(pg_server):
+    result = run_stress("follow", "--dsn", pg_server.admin, "--sizes", "100,1200")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert [(row["store"], row["partitions"]) for row in rows] == [
+        (store, size) for store in ("memory", "sqlite", "postgres") for size in (100, 1200)]
+    assert all(row["look_ms"] > 0 and row["every_partition_ms"] > 0 for row in rows)
 
 
 def test_io_scenario_short_run_measures_round_trips_and_a_backfill():

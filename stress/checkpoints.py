@@ -5,9 +5,10 @@ spec: 13 MB of JSON for a million dates. For each store (memory, SQLite, and
 PostgreSQL on a throwaway cluster with fsync on, or ``--dsn``) and each size, one
 backfill is saved as a running backfill saves itself: a first save, then
 checkpoints of the same spec (its status moving), then a listing of statuses (what
-the daemon, the web view and ``flowstone backfills`` ask) and, for comparison, a
-listing of whole backfills (specs parsed). Flat means a checkpoint and a listing of
-statuses cost the same at every size; the first save and the whole listing grow.
+the daemon, the web view and ``flowstone backfills`` ask) and its status alone (what
+the web view's progress polls), each against the whole backfills (specs parsed).
+Flat means a checkpoint and the statuses cost the same at every size; the first
+save and the whole backfills grow.
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ async def _measure(store: Any, count: int) -> dict[str, float]:
                                                                                  owner="bench")))
     statuses = await timed(lambda: store.list_backfill_statuses())
     whole = await timed(lambda: store.list_backfills())
+    status_alone = await timed(lambda: store.load_backfill_status(backfill))
+    loaded = await timed(lambda: store.load_backfill(backfill))
     [listed] = await store.list_backfill_statuses()
     last = (await store.load_backfill(backfill)).spec.partitions[-1]  # a date, or its key from a database
     if listed.succeeded != CHECKPOINTS or str(last) != days[-1].isoformat():
         raise SystemExit(f"{type(store).__name__}: the saves did not land: {listed}")
     return {"first_save_ms": first, "checkpoint_ms": median(checkpoints), "list_statuses_ms": statuses,
-            "list_whole_ms": whole}
+            "list_whole_ms": whole, "load_status_ms": status_alone, "load_whole_ms": loaded}
 
 
 def run(argv: list[str]) -> dict[str, Any]:

@@ -170,7 +170,7 @@ def test_checkpoints_scenario_times_saves_and_listings_on_each_store(pg_server):
     assert [(row["store"], row["partitions"]) for row in rows] == [
         (store, size) for store in ("memory", "sqlite", "postgres") for size in (100, 2000)]
     assert all(row["first_save_ms"] > 0 and row["checkpoint_ms"] > 0 and row["list_statuses_ms"] > 0
-               for row in rows)
+               and row["load_status_ms"] > 0 for row in rows)
 
 
 def test_follow_scenario_times_the_eager_look_on_each_store(pg_server):

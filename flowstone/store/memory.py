@@ -297,3 +297,7 @@ class MemoryStore(MemoryActorClient):
 
     async def load_backfill(self, id: uuid.UUID) -> Any:
         return await self.handle.call(m.LoadBackfill, tenant=current_tenant(), id=id)
+
+    async def load_backfill_status(self, id: uuid.UUID) -> Any:
+        saved = await self.load_backfill(id)
+        return None if saved is None else saved.status

@@ -1121,6 +1121,15 @@ class PostgresStore(PostgresClient):
         )
         return None if row is None else saved_from_json(row[0], row[1])
 
+    async def load_backfill_status(self, id: uuid.UUID) -> Any:
+        tenant = current_tenant()
+        row = await self.db.run(
+            tenant, _fetchrow,
+            "SELECT status::text, asset_name FROM flowstone_backfills WHERE id = $1 AND tenant_id = $2",
+            id, tenant or "",
+        )
+        return None if row is None else status_from_json(row[0], id, row[1])
+
     async def claim_backfill(self, id: uuid.UUID, owner: str, *, stale_after: float) -> BackfillClaim:
         tenant = current_tenant()
         return await self.db.run(tenant, _claim_backfill, id, tenant or "", owner, stale_after)

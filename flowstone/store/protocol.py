@@ -265,3 +265,8 @@ class MaterializationStore(Protocol):
     async def load_backfill(self, id: uuid.UUID) -> Any:
         """The last ``Saved`` of that backfill in the caller's tenant, or None."""
         ...
+
+    async def load_backfill_status(self, id: uuid.UUID) -> Any:
+        """The last ``BackfillStatus`` of that backfill in the caller's tenant, or None,
+        without reading its spec (what a progress view polls, twice a second)."""
+        ...

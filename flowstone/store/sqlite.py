@@ -719,6 +719,13 @@ class SqliteStore:
         ).fetchone())
         return None if row is None else saved_from_json(row[0], row[1])
 
+    async def load_backfill_status(self, id: uuid.UUID) -> Any:
+        tenant = _tenant()
+        row = await self._db.read(lambda c: c.execute(
+            "SELECT status, asset_name FROM flowstone_backfills WHERE id = ? AND tenant_id = ?", (str(id), tenant)
+        ).fetchone())
+        return None if row is None else status_from_json(row[0], id, row[1])
+
     async def claim_backfill(self, id: uuid.UUID, owner: str, *, stale_after: float) -> BackfillClaim:
         tenant = _tenant()
 

@@ -402,6 +402,10 @@ class StoreContract:
         )
         await store.save_backfill(backfill, Saved(spec, running))
         assert await store.load_backfill(backfill) == Saved(spec, running)
+        assert await store.load_backfill_status(backfill) == running
+        assert await store.load_backfill_status(uuid.uuid4()) is None
+        with fs.tenant_scope("other"):
+            assert await store.load_backfill_status(backfill) is None
         done = attrs.evolve(
             running, state="failed", queued=0, running=0, succeeded=1, failed=1,
             errors=(("2025-01-02", "boom"),), finished_at=now,
@@ -1092,6 +1096,7 @@ class DatabaseContract:
         with pytest.raises(KeyError):
             await store.list_backfills()
         assert await store.list_backfill_statuses() == [status]
+        assert await store.load_backfill_status(backfill) == status  # what a progress view polls
 
     async def test_a_job_a_batch_cannot_store_is_refused_alone(self, store):
         """A value no database holds (a NUL in a key, metadata that is not JSON) fails its

@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
-import anyio
 import attrs
 
-from flowstone.store import MemoryStore, PostgresStore, SqliteStore
 from flowstone.store.backfills import BackfillSpec, BackfillStatus, Saved
-from flowstone.testing.postgres import TemporaryPostgres
 
-from .postgres import _admin, _fresh_database
 from .report import emit, median
+from .stores import on_each_store
 
 CHECKPOINTS = 5
 
@@ -75,35 +71,6 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
-    cluster = None if args.dsn else TemporaryPostgres(fsync=True).start()
-    admin_dsn = args.dsn or cluster.dsn()  # type: ignore[union-attr]
-    rows: list[dict[str, Any]] = []
-
-    async def in_memory(count: int) -> dict[str, float]:
-        async with MemoryStore() as store:
-            return await _measure(store, count)
-
-    async def in_sqlite(count: int) -> dict[str, float]:
-        with tempfile.TemporaryDirectory() as folder:
-            async with SqliteStore(os.path.join(folder, "bench.db")) as store:
-                return await _measure(store, count)
-
-    async def in_postgres(count: int) -> dict[str, float]:
-        name = f"flowstone_checkpoints_{count}"
-        dsn = await anyio.to_thread.run_sync(lambda: anyio.run(_fresh_database, admin_dsn, name))
-        try:
-            async with PostgresStore(dsn) as store:
-                return await _measure(store, count)
-        finally:
-            await anyio.to_thread.run_sync(
-                lambda: anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-    try:
-        for label, scenario in (("memory", in_memory), ("sqlite", in_sqlite), ("postgres", in_postgres)):
-            for count in sizes:
-                rows.append({"store": label, "partitions": count, **anyio.run(scenario, count, backend=args.backend)})
-    finally:
-        if cluster is not None:
-            cluster.stop()
+    rows = on_each_store("checkpoints", _measure, sizes, args.dsn, args.backend)
     return emit("checkpoints", rows, {"sizes": sizes, "backend": args.backend, "checkpoints": CHECKPOINTS,
                                       "server": "given dsn" if args.dsn else "throwaway cluster, fsync on"})

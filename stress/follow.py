@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from typing import Any
 
-import anyio
-
-from flowstone.store import MemoryStore, PostgresStore, SqliteStore, Status
+from flowstone.store import Status
 from flowstone.store.leases import End, Start
-from flowstone.testing.postgres import TemporaryPostgres
 
-from .postgres import _admin, _fresh_database
 from .report import emit, median
+from .stores import on_each_store
 
 NEW = 10
 LOOKS = 5
@@ -70,35 +66,6 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
-    cluster = None if args.dsn else TemporaryPostgres(fsync=True).start()
-    admin_dsn = args.dsn or cluster.dsn()  # type: ignore[union-attr]
-    rows: list[dict[str, Any]] = []
-
-    async def in_memory(count: int) -> dict[str, float]:
-        async with MemoryStore() as store:
-            return await _measure(store, count)
-
-    async def in_sqlite(count: int) -> dict[str, float]:
-        with tempfile.TemporaryDirectory() as folder:
-            async with SqliteStore(os.path.join(folder, "bench.db")) as store:
-                return await _measure(store, count)
-
-    async def in_postgres(count: int) -> dict[str, float]:
-        name = f"flowstone_follow_{count}"
-        dsn = await anyio.to_thread.run_sync(lambda: anyio.run(_fresh_database, admin_dsn, name))
-        try:
-            async with PostgresStore(dsn) as store:
-                return await _measure(store, count)
-        finally:
-            await anyio.to_thread.run_sync(
-                lambda: anyio.run(_admin, admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-    try:
-        for label, scenario in (("memory", in_memory), ("sqlite", in_sqlite), ("postgres", in_postgres)):
-            for count in sizes:
-                rows.append({"store": label, "partitions": count, **anyio.run(scenario, count, backend=args.backend)})
-    finally:
-        if cluster is not None:
-            cluster.stop()
+    rows = on_each_store("follow", _measure, sizes, args.dsn, args.backend)
     return emit("follow", rows, {"sizes": sizes, "backend": args.backend, "new": NEW, "looks": LOOKS,
                                  "server": "given dsn" if args.dsn else "throwaway cluster, fsync on"})

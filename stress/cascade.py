@@ -1,7 +1,8 @@
 """The stale cascade and retention at growing record counts (issue #18).
 
 On a throwaway PostgreSQL cluster (fsync on) or ``--dsn`` (``--store sqlite``: the
-embedded store, in a temporary folder), for each of ``--sizes``:
+embedded store, in a temporary folder; ``--store memory``: the memory store, filled
+through its API), for each of ``--sizes``:
 ``raw`` and ``clean`` (which reads ``raw`` of the same day) get that many daily
 partitions of success records, written in bulk (the figures are about reading them
 back, not writing them). Then:
@@ -112,15 +113,17 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--sizes", default="1000,100000", help="partitions per asset, comma-separated")
     parser.add_argument("--samples", type=int, default=50, help="cascades timed per size")
     parser.add_argument("--history", type=int, default=2, help="superseded records per raw partition")
-    parser.add_argument("--store", choices=["postgres", "sqlite"], default="postgres")
+    parser.add_argument("--store", choices=["postgres", "sqlite", "memory"], default="postgres")
     args = parser.parse_args(argv)
-    cluster = None if args.dsn or args.store == "sqlite" else TemporaryPostgres(fsync=True).start()
+    cluster = None if args.dsn or args.store != "postgres" else TemporaryPostgres(fsync=True).start()
     admin_dsn = args.dsn or (cluster.dsn() if cluster is not None else "")
     rows = []
     try:
         for size in (int(s) for s in args.sizes.split(",")):
             if args.store == "sqlite":
                 found = _on_sqlite(size, args)
+            elif args.store == "memory":
+                found = anyio.run(_on_memory, size, args.samples, args.history)
             else:
                 name = f"flowstone_bench_cascade_{size}"
                 dsn = anyio.run(_fresh_database, admin_dsn, name)
@@ -166,3 +169,21 @@ def _on_sqlite(size: int, args: argparse.Namespace) -> dict[str, Any]:
         anyio.run(migrate)
         _fill_sqlite(path, size, args.history)
         return anyio.run(_measure, fs.store.SqliteStore(path), size, args.samples)
+
+
+async def _on_memory(size: int, samples: int, history: int) -> dict[str, Any]:
+    from datetime import date, timedelta
+
+    import flowstone as fs
+
+    store = fs.store.MemoryStore()
+    days = [(date(2000, 1, 1) + timedelta(days=i)).isoformat() for i in range(size)]
+    async with store:  # filled, then measured as the other stores are (the data stays with the store)
+        for _ in range(history):
+            for day in days:
+                await store.create(asset_name="raw", partition=day, status=fs.Status.SUPERSEDED)
+        for day in days:
+            await store.create(asset_name="raw", partition=day, status=fs.Status.SUCCESS)
+            await store.create(asset_name="clean", partition=day, status=fs.Status.SUCCESS,
+                               upstream_assets=("raw",), upstream_partitions={"raw": (day,)})
+    return await _measure(store, size, samples)

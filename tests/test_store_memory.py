@@ -218,6 +218,34 @@ def test_the_newest_finished_records_are_kept_as_they_are_and_the_older_packed_i
     assert made[2].id.int in records._packed  # and the oldest kept one is packed in its place
 
 
+@pytest.mark.parametrize("packed", [False, True])
+async def test_retention_reads_packed_history_records_as_it_reads_live_ones(anyio_backend, packed):
+    """Retention reads each history record's partition, status and time without
+    building it back when it is packed (``Records.brief``): the same records go."""
+    from flowstone.store.memory_actor import MemoryData
+
+    data = MemoryData(records=_packing()) if packed else MemoryData()
+    async with fs.store.MemoryStore(data=data) as store:
+        for attempt in range(3):  # a/1 succeeds three times; a/2 succeeds, fails, succeeds
+            for key in ("1", "2"):
+                record = await store.create(asset_name="a", partition=key, status=fs.Status.RUNNING)
+                failed = attempt == 1 and key == "2"
+                await store.complete(record, fs.Status.FAILED if failed else fs.Status.SUCCESS)
+        assert bool(data.records._packed) is packed
+
+        def history():
+            return sorted((r.partition, r.status.value) for r in records if r.status is not fs.Status.SUCCESS)
+
+        records = await store.list_all(limit=100)
+        assert history() == [("1", "superseded"), ("1", "superseded"), ("2", "failed"), ("2", "superseded")]
+        assert await store.prune("a", keep_last=1) == 2  # the older of each partition's two
+        records = await store.list_all(limit=100)
+        assert history() == [("1", "superseded"), ("2", "failed")]
+        assert await store.prune("a", before=datetime.now(timezone.utc) + timedelta(seconds=1)) == 2
+        records = await store.list_all(limit=100)
+        assert history() == [] and len(records) == 2
+
+
 async def test_a_backfill_leaves_the_collector_almost_nothing_to_walk_per_record(anyio_backend):
     """What the store keeps per partition (its records, their indexes, the values) is
     plain data in containers no new tuple enters: nothing the garbage collector must

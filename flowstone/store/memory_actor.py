@@ -80,6 +80,7 @@ without ``Enum.value``'s descriptor call."""
 _ID, _RUN, _STATUS, _UPSTREAM, _METADATA = (
     POSITION[name] for name in ("id", "run_id", "status", "upstream_partitions", "metadata"))
 _TIMES = tuple(POSITION[name] for name in ("started_at", "completed_at", "inserted_at", "updated_at"))
+_ASSET, _PARTITION, _INSERTED = (POSITION[name] for name in ("asset_name", "partition", "inserted_at"))
 
 
 def _pack(record: Materialization) -> bytes | None:
@@ -149,6 +150,18 @@ class Records:
         if found is None:
             raise KeyError(key)
         return found
+
+    def brief(self, key: int) -> tuple[str, str | None, Status, datetime | None]:
+        """A stored record's asset, partition key, status and insertion time, without
+        building the record back when it is packed (retention reads these of every
+        history record, and deletes few of them)."""
+        live = self._live.get(key)
+        if live is not None:
+            return live.asset_name, live.partition, live.status, live.inserted_at
+        values = marshal.loads(self._packed[key])
+        inserted = values[_INSERTED]
+        return (values[_ASSET], values[_PARTITION], _STATUSES[values[_STATUS]],
+                None if inserted is None else datetime.fromtimestamp(inserted, timezone.utc))
 
     def add(self, record: Materialization) -> None:
         """A new record (its id is in neither map: nothing to take out first)."""
@@ -787,23 +800,32 @@ class _Handlers:
         data = self.data
         if m.keep_last is None and m.before is None:
             return 0
+        # Only history records are read (a packed record costs microseconds to read back):
+        # the tenant's ids are walked newest first for their order, and skipped by number.
+        history: set[int] = set()
+        for status in HISTORY:
+            history.update(data.by_status.get((m.tenant, status), ()))
+        if not history:
+            return 0
         met: dict[str | None, int] = {}  # history records met so far per partition, newest first
         chosen = []
         for record_id in reversed(data.by_tenant.get(m.tenant, {})):
-            record = data.records[record_id]
-            if record.asset_name != m.asset or record.status not in HISTORY:
+            if record_id not in history:
                 continue
-            rank = met[record.partition] = met.get(record.partition, 0) + 1
-            if data.latest.get((m.tenant, m.asset, record.partition)) == record_id:
+            asset, partition, status, inserted_at = data.records.brief(record_id)
+            if asset != m.asset:
+                continue
+            rank = met[partition] = met.get(partition, 0) + 1
+            if data.latest.get((m.tenant, m.asset, partition)) == record_id:
                 continue  # what happened last to a partition stays visible
-            if record.status is Status.SUPERSEDED and record.partition in m.spare:
+            if status is Status.SUPERSEDED and partition in m.spare:
                 continue
-            old = m.before is not None and record.inserted_at is not None and record.inserted_at < m.before
+            old = m.before is not None and inserted_at is not None and inserted_at < m.before
             if (m.keep_last is not None and rank > m.keep_last) or old:
-                chosen.append(record)
+                chosen.append(record_id)
         chosen = chosen[::-1][: m.limit]  # the oldest first
-        for record in chosen:
-            self._forget(record)
+        for record_id in chosen:
+            self._forget(data.records[record_id])
         return len(chosen)
 
     def _forget(self, record: Materialization) -> None:

@@ -242,8 +242,8 @@ def test_processes_scenario_computes_each_partition_once_across_processes(pg_ser
     assert shared["computed"] == 60 and len(shared["computed_by_each"]) == 2
 
 
-def test_cascade_scenario_times_cascades_and_a_prune_on_both_databases(pg_server):
-    for store in (["--store", "sqlite"], ["--dsn", pg_server.admin]):
+def test_cascade_scenario_times_cascades_and_a_prune_on_every_store(pg_server):
+    for store in (["--store", "sqlite"], ["--dsn", pg_server.admin], ["--store", "memory"]):
         result = run_stress("cascade", *store, "--sizes", "200", "--samples", "5", "--history", "1")
         assert result.returncode == 0, result.stderr
         [row] = json.loads(result.stdout.strip().splitlines()[-1])["rows"]

@@ -14,6 +14,7 @@ save and the whole backfills grow.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 import uuid
@@ -48,9 +49,8 @@ async def _measure(store: Any, count: int) -> dict[str, float]:
     first = await timed(lambda: store.save_backfill(backfill, Saved(spec, status), owner="bench"))
     checkpoints = []
     for done in range(1, CHECKPOINTS + 1):
-        moved = attrs.evolve(status, queued=count - done, succeeded=done)
-        checkpoints.append(await timed(lambda moved=moved: store.save_backfill(backfill, Saved(spec, moved),
-                                                                                 owner="bench")))
+        moved = Saved(spec, attrs.evolve(status, queued=count - done, succeeded=done))
+        checkpoints.append(await timed(functools.partial(store.save_backfill, backfill, moved, owner="bench")))
     statuses = await timed(lambda: store.list_backfill_statuses())
     whole = await timed(lambda: store.list_backfills())
     status_alone = await timed(lambda: store.load_backfill_status(backfill))

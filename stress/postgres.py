@@ -183,7 +183,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--no-fsync", action="store_true", help="throwaway cluster without fsync (not the figure)")
     args = parser.parse_args(argv)
     cluster = None if args.dsn else TemporaryPostgres(fsync=not args.no_fsync).start()
-    admin_dsn = args.dsn or cluster.dsn()
+    admin_dsn: str = args.dsn if cluster is None else cluster.dsn()
     rows: list[dict[str, Any]] = []
     try:
         server_cpu: ServerCpu = cluster.cpu_seconds if cluster is not None else lambda: None

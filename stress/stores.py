@@ -24,8 +24,11 @@ def on_each_store(
 ) -> list[dict[str, Any]]:
     """A row per store and size: ``{"store", "partitions", **measure(store, size)}``,
     each size on a store of its own (a database ``flowstone_<name>_<size>``, dropped after)."""
-    cluster = None if dsn else TemporaryPostgres(fsync=True).start()
-    admin_dsn = dsn or cluster.dsn()  # type: ignore[union-attr]
+    cluster: TemporaryPostgres | None = None
+    if not dsn:
+        cluster = TemporaryPostgres(fsync=True).start()
+        dsn = cluster.dsn()
+    admin_dsn = dsn
 
     async def in_memory(count: int) -> dict[str, float]:
         async with MemoryStore() as store:

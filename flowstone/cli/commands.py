@@ -579,7 +579,8 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
                     claim = await store.claim_backfill(backfill, me, stale_after=STALE_SECONDS)
                 except BackfillOwned:  # its owner is alive: it stops at its next checkpoint
                     await anyio.sleep(CANCEL_POLL)
-                    saved = await store.load_backfill(backfill)
+                    # Its status alone, twice a second: the spec (every partition) does not change.
+                    saved = Saved(saved.spec, await store.load_backfill_status(backfill))
                     continue
                 status = claim.saved.status
                 if status.state == "running":  # its owner is gone: close it here

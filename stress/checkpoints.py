@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import attrs
 from flowstone.store.backfills import BackfillSpec, BackfillStatus, Saved
 
 from .report import emit, median
-from .stores import on_each_store
+from .stores import add_store_options, on_each_store, server_of
 
 CHECKPOINTS = 5
 
@@ -66,11 +65,9 @@ async def _measure(store: Any, count: int) -> dict[str, float]:
 def run(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m stress checkpoints", description=__doc__)
     parser.add_argument("--sizes", default="10000,1000000", help="partitions in the backfill, comma-separated")
-    parser.add_argument("--dsn", default=os.environ.get("FLOWSTONE_BENCH_DSN"),
-                        help="a superuser dsn of a server to use instead of a throwaway cluster")
-    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    add_store_options(parser)
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
     rows = on_each_store("checkpoints", _measure, sizes, args.dsn, args.backend)
     return emit("checkpoints", rows, {"sizes": sizes, "backend": args.backend, "checkpoints": CHECKPOINTS,
-                                      "server": "given dsn" if args.dsn else "throwaway cluster, fsync on"})
+                                      "server": server_of(args.dsn)})

@@ -12,7 +12,6 @@ means the look costs the same at every size: what happened since, not what is st
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from flowstone.store import Status
 from flowstone.store.leases import End, Start
 
 from .report import emit, median
-from .stores import on_each_store
+from .stores import add_store_options, on_each_store, server_of
 
 NEW = 10
 LOOKS = 5
@@ -61,11 +60,9 @@ async def _measure(store: Any, count: int) -> dict[str, float]:
 def run(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m stress follow", description=__doc__)
     parser.add_argument("--sizes", default="1000,100000", help="upstream partitions stored, comma-separated")
-    parser.add_argument("--dsn", default=os.environ.get("FLOWSTONE_BENCH_DSN"),
-                        help="a superuser dsn of a server to use instead of a throwaway cluster")
-    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    add_store_options(parser)
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
     rows = on_each_store("follow", _measure, sizes, args.dsn, args.backend)
     return emit("follow", rows, {"sizes": sizes, "backend": args.backend, "new": NEW, "looks": LOOKS,
-                                 "server": "given dsn" if args.dsn else "throwaway cluster, fsync on"})
+                                 "server": server_of(args.dsn)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from argparse import ArgumentParser
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,18 @@ from .postgres import _admin, _fresh_database
 
 Measure = Callable[[Any, int], Awaitable[dict[str, float]]]
 """``measure(store, size)``: the figures of one size on one open store."""
+
+
+def add_store_options(parser: ArgumentParser) -> None:
+    """The options of a scenario that runs ``on_each_store``: ``--dsn`` and ``--backend``."""
+    parser.add_argument("--dsn", default=os.environ.get("FLOWSTONE_BENCH_DSN"),
+                        help="a superuser dsn of a server to use instead of a throwaway cluster")
+    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+
+
+def server_of(dsn: str | None) -> str:
+    """Which PostgreSQL ``on_each_store`` measured, for a scenario's options."""
+    return "given dsn" if dsn else "throwaway cluster, fsync on"
 
 
 def on_each_store(

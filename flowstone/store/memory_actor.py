@@ -165,9 +165,10 @@ class Records:
 
     def add(self, record: Materialization) -> None:
         """A new record (its id is in neither map: nothing to take out first)."""
-        self._live[record.id.int] = record
+        key = record.id.int
+        self._live[key] = record
         if record.status not in ACTIVE:
-            self._finished(record.id.int)
+            self._finished(key)
 
     def put(self, record: Materialization) -> None:
         """A record, new or replacing the one with its id. A record still live is
@@ -694,7 +695,7 @@ class _Handlers:
         if ids is None:
             ids = data.by_status[(tenant, status)] = {}
         ids[rid] = None
-        if record.status in CURRENT:
+        if status in CURRENT:
             self._index_success(record)
         return record
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import date
+from datetime import date, timedelta
 
 import anyio
 import pytest
@@ -117,6 +117,36 @@ async def test_eager_follows_each_upstream_change_once_and_a_failure_is_not_retr
             await rt.materialize("raw", date(2026, 1, 3), force=True)  # a new change: clean runs again
             await until(lambda: _calls_reach(calls, ("clean", "2026-01-03"), 2))
             stop.set()
+
+
+@pytest.mark.anyio
+async def test_a_watermark_kept_as_a_time_is_followed_once_then_the_stores_mark(anyio_backend, caplog):
+    """A cursor an older daemon kept (a time) is read back the old way once, less the
+    overlap for late writes, and replaced by the store's mark; a value that is neither
+    is followed from now on, with a warning."""
+    calls, stop = Calls(), anyio.Event()
+    p = automated(calls)
+    async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
+        done = await rt.materialize("raw", date(2026, 1, 1))
+        kept = done.materializations["raw"].updated_at - timedelta(seconds=30)
+        await store.save_cursor("automation:clean", kept.isoformat())
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(lambda: _daemon(rt, p, stop))
+            await until(lambda: _exists(store, "clean", "2026-01-01"))
+
+            async def marked() -> bool:
+                return (await store.load_cursor("automation:clean")).value.startswith("memory:")
+
+            await until(marked)
+            await rt.materialize("raw", date(2026, 1, 2))  # followed from the mark
+            await until(lambda: _exists(store, "clean", "2026-01-02"))
+            await store.save_cursor("automation:clean", "sqlite:12")  # another store's
+            await until(marked)
+            await rt.materialize("raw", date(2026, 1, 3))
+            await until(lambda: _exists(store, "clean", "2026-01-03"))
+            stop.set()
+    assert [calls["clean", d] for d in ("2026-01-01", "2026-01-02", "2026-01-03")] == [1, 1, 1]
+    assert "'sqlite:12' is no mark of this store; following from now on" in caplog.text
 
 
 @pytest.mark.anyio

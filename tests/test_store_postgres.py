@@ -221,3 +221,47 @@ async def test_lookups_asked_while_one_is_in_flight_go_together(anyio_backend, p
         [(key, found)] = answers.items()  # the leader's was cancelled; the other was answered
         assert {pair: record.id for pair, record in found.items()} == ({("a", "1"): done.id} if key == "1" else {})
         assert queries == [None, None]  # the hung query is not counted; the next one is
+
+
+async def _late_success(dsn, began, marked):
+    """A transaction that is in flight before a mark is given out and writes a
+    success after it (stamped an hour back, as a lagging clock would), then commits."""
+    import asyncio
+
+    import asyncpg
+
+    connection = await asyncpg.connect(dsn, timeout=10)
+    try:
+        async with connection.transaction():
+            await connection.execute("SELECT pg_current_xact_id()")  # in flight from here on
+            began.set()
+            await asyncio.get_running_loop().run_in_executor(None, marked.wait, 10)
+            await connection.execute(
+                "INSERT INTO flowstone_materializations (id, asset_name, partition, run_id, status, inserted_at, "
+                "updated_at) VALUES (gen_random_uuid(), 'up', 'late', gen_random_uuid(), 'success', "
+                "now() - interval '1 hour', now() - interval '1 hour')")
+    finally:
+        await connection.close()
+
+
+async def test_a_success_committed_after_a_mark_by_a_transaction_in_flight_then_is_not_missed(
+    anyio_backend, pg_dsn, pg_database,
+):
+    """The next look finds a success whose transaction was in flight when the mark
+    was given out, however late it commits and whatever time it was stamped with
+    (a look by time, less a minute, did not)."""
+    async with PostgresStore(pg_dsn) as store:
+        began, marked = threading.Event(), threading.Event()
+        writer = threading.Thread(target=run_sync, args=(_late_success, pg_database.admin_dsn, began, marked))
+        writer.start()
+        try:
+            assert await anyio.to_thread.run_sync(began.wait, 10)
+            await store.create(asset_name="other", status=fs.Status.SUCCESS)  # a later transaction, done first
+            _, mark = await store.successes_after("up", None)
+            assert mark.rpartition(":")[2], f"the transaction in flight is named in the mark: {mark}"
+        finally:
+            marked.set()
+            await anyio.to_thread.run_sync(writer.join, 10)
+        found, later = await store.successes_after("up", mark)
+        assert [record.partition for record in found] == ["late"]
+        assert (await store.successes_after("up", later))[0] == []

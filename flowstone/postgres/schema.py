@@ -474,6 +474,18 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         CREATE INDEX IF NOT EXISTS flowstone_materializations_successes
             ON flowstone_materializations (tenant_id, asset_name, updated_at) WHERE status = 'success';
     """),
+    (21, "successes found by the transaction that made them so: a follower misses no late write", """
+        -- A look asked for what succeeded after its last look less a minute (a writer's
+        -- clock may lag, its commit land late), so it read a minute of successes again
+        -- each time: 300,000 of them behind a backfill at 5,000 a second. The
+        -- transaction id, against the last look's snapshot, says exactly what it could
+        -- not see. Rows from before have none: no follower asks for them.
+        ALTER TABLE flowstone_materializations ADD COLUMN IF NOT EXISTS written_xid xid8;
+        ALTER TABLE flowstone_materializations ALTER COLUMN written_xid SET DEFAULT pg_current_xact_id();
+        DROP INDEX IF EXISTS flowstone_materializations_successes;
+        CREATE INDEX IF NOT EXISTS flowstone_materializations_written
+            ON flowstone_materializations (tenant_id, asset_name, written_xid) WHERE status = 'success';
+    """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

@@ -3,13 +3,13 @@
 ``run_automation`` looks every ``interval`` seconds:
 
 - for each ``fs.Eager()`` asset, at the successes its upstream assets got since the
-  last look (``successes_since``: a watermark of when they became successes, kept
-  in the store under ``automation:<asset>``, so a daemon taking over goes on from
+  last look (``successes_after``: the store's mark of what that look saw, kept in
+  the store under ``automation:<asset>``, so a daemon taking over goes on from
   there). Each new upstream success triggers one
   materialization of the same partition (or of the whole asset when it is not
   partitioned), with ``upstream="none"``: a failure is not tried again until an
   upstream changes again. An asset never followed before is followed from the
-  daemon's start (less ``OVERLAP``): older successes are not followed.
+  start of automation: older successes are not followed.
 - for each ``fs.OnMissing()`` asset, at the partitions that should exist (up to the
   newest complete one) and have no success: they are materialized (several at once
   as one backfill), once each while this daemon runs.
@@ -43,8 +43,8 @@ log = logging.getLogger("flowstone.daemon")
 AUTOMATION_SECONDS = 10.0
 """How often the daemon looks for upstream changes and missing partitions."""
 OVERLAP = timedelta(seconds=60)
-"""Successes finished this long before the watermark are looked at again: another
-process's clock may be behind, or its write may land after a later one."""
+"""A watermark kept as a time (before stores gave out marks) is read back this much
+earlier, once: another process's clock may have been behind, or its write landed late."""
 SENSOR_TIMEOUT = 60.0
 """A sensor call may take its interval, and at least this long, before it fails."""
 MISSING_PARALLEL = 10
@@ -54,24 +54,22 @@ _SETTLED = {Status.SUCCESS, Status.STALE, Status.RUNNING, Status.PENDING, Status
 """A partition in one of these states is not missing (done, or on its way)."""
 
 
-async def run_automation(
-    rt: Any, work: TaskGroup, *, interval: float = AUTOMATION_SECONDS, since: datetime | None = None,
-) -> None:
+async def run_automation(rt: Any, work: TaskGroup, *, interval: float = AUTOMATION_SECONDS) -> None:
     """Evaluate every automated asset of ``rt`` every ``interval`` seconds, starting
     runs in ``work``, until cancelled. An ``Eager`` asset seen for the first time
-    follows the upstream successes that end after ``since`` (default: now)."""
-    since = since or utcnow()
+    follows the upstream successes written from now on."""
     assets = {asset.name: asset for asset in await rt.assets()}
     eager = [a for a in assets.values() if isinstance(a.automation, Eager)]
     missing = [a for a in assets.values() if isinstance(a.automation, OnMissing)]
     if not eager and not missing:
         await anyio.sleep_forever()
-    followed: dict[tuple[str, str], datetime] = {}  # (asset, upstream record id) -> its end: run once each
+    start = (await rt.store.successes_after(eager[0].depends_on[0], None))[1] if eager else ""
+    seen: dict[str, set[str]] = {}  # per asset, the upstream record ids its last look followed
     asked: set[tuple[str, str | None]] = set()  # OnMissing partitions started by this daemon
     while True:
         for asset in eager:
             try:
-                await _follow_upstream(rt, asset, assets, work, followed, since)
+                await _follow_upstream(rt, asset, assets, work, seen, start)
             except FlowstoneError as error:
                 log.warning("automation of %s: %s; looking again in %gs", asset.name, error, interval)
         for asset in missing:
@@ -83,44 +81,64 @@ async def run_automation(
 
 
 async def _follow_upstream(
-    rt: Any, asset: Asset, assets: dict[str, Asset], work: TaskGroup, followed: dict[tuple[str, str], datetime],
-    start: datetime,
+    rt: Any, asset: Asset, assets: dict[str, Asset], work: TaskGroup, seen: dict[str, set[str]], start: str,
 ) -> None:
     store, cursor = rt.store, f"automation:{asset.name}"
     saved = await store.load_cursor(cursor)
-    if saved is None or not saved.value:  # never followed: from the daemon's start on
-        await store.save_cursor(cursor, start.isoformat())
-    mark = datetime.fromisoformat(saved.value) if saved is not None and saved.value else start
-    since, newest = mark - OVERLAP, mark
-    for seen in [k for k, ended in followed.items() if k[0] == asset.name and ended <= since]:
-        del followed[seen]  # older than any success a look can find again: the map stays small
-    definition, targets = asset.partitioned_by, set[str | None]()
+    mark = saved.value if saved is not None and saved.value else None
+    if mark is None:  # never followed: from the start of automation on
+        await store.save_cursor(cursor, mark := start)
+    # What the upstream assets succeeded at since the last look, as the store marked
+    # it, not every partition's record: a look costs what happened, not what is stored.
+    # The next look goes on from the first read's mark; what the later reads found
+    # after it comes again then, and is skipped as followed.
+    found, newer = [], None
     for upstream in asset.depends_on:
-        # The successes written since the look before (less the overlap), not every
-        # partition's record: a look costs what happened, not what is stored.
-        for record in await store.successes_since(upstream, since):
-            ended, key = record.updated_at, record.partition
-            if ended is None:
-                continue
-            newest = max(newest, ended)
-            if (asset.name, str(record.id)) in followed:
-                continue
-            followed[(asset.name, str(record.id))] = ended
-            if definition is None:
-                targets.add(None)
-            elif key is not None:
-                try:
-                    targets.add(serialize_partition(definition.validate(key)))
-                except InvalidPartition:
-                    continue  # an upstream partition this asset does not have
+        try:
+            records, now = await store.successes_after(upstream, mark)
+        except DefinitionError:  # a watermark kept as a time, or another store's mark
+            records, now = await _since_watermark(store, asset, upstream, mark)
+        found += records
+        newer = newer or now
+    followed, seen[asset.name] = seen.get(asset.name, set()), {str(record.id) for record in found}
+    definition, targets = asset.partitioned_by, set[str | None]()
+    for record in found:
+        if str(record.id) in followed:
+            continue
+        if definition is None:
+            targets.add(None)
+        elif record.partition is not None:
+            try:
+                targets.add(serialize_partition(definition.validate(record.partition)))
+            except InvalidPartition:
+                continue  # an upstream partition this asset does not have
     for key in sorted(targets, key=lambda k: k or ""):
         partition = None if key is None else definition.validate(key)  # type: ignore[union-attr]
         if not await _upstream_ready(store, asset, assets, key):
             log.info("automation of %s: %s waits for its other upstream assets", asset.name, key or "it")
             continue
         work.start_soon(_run, rt, asset.name, partition, "none", "an upstream asset changed")
-    if newest > mark:
-        await store.save_cursor(cursor, newest.isoformat())
+    if newer is not None and newer != mark:
+        await store.save_cursor(cursor, newer)
+
+
+async def _since_watermark(store: Any, asset: Asset, upstream: str, value: str) -> tuple[list[Any], str]:
+    """What a look kept as a time (an older daemon's watermark) asks for, once: the
+    current successes of ``upstream`` since then less ``OVERLAP``, read the old way
+    (every partition's record), and the store's mark of now, taken first. Another
+    value (a mark of another store) is followed from now on."""
+    _, now = await store.successes_after(upstream, None)
+    try:
+        since = datetime.fromisoformat(value) - OVERLAP
+        if since.tzinfo is None:
+            raise ValueError(value)
+    except ValueError:
+        log.warning("automation of %s: its cursor %r is no mark of this store; following from now on",
+                    asset.name, value[:100])
+        return [], now
+    records = [record for record in (await store.partitions_of(upstream)).values()
+               if record.status is Status.SUCCESS and record.updated_at is not None and record.updated_at > since]
+    return sorted(records, key=lambda record: record.updated_at), now
 
 
 async def _upstream_ready(store: Any, asset: Asset, assets: dict[str, Asset], key: str | None) -> bool:

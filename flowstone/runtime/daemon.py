@@ -42,7 +42,6 @@ from anyio.abc import TaskGroup
 
 from ..automation import Sensor
 from ..errors import BackfillOwned, FlowstoneError, RuntimeClosed
-from ..plumbing.clock import utcnow
 from ..schedules import Schedule
 from .automation import AUTOMATION_SECONDS, run_automation, run_sensor
 from .backfill import STALE_SECONDS
@@ -141,7 +140,7 @@ async def _active(
                         run_schedules, rt, duties.schedules, owner, clock=duties.clock, work=work, since=since)),
                     ("resuming backfills", functools.partial(_resume_backfills, rt, work)),
                     ("automation", functools.partial(
-                        run_automation, rt, work, interval=duties.automation_interval, since=utcnow())),
+                        run_automation, rt, work, interval=duties.automation_interval)),
                     *((f"sensor {s.name}", functools.partial(run_sensor, rt, s, work)) for s in duties.sensors),
                     *((("the work queue", functools.partial(_reconcile, rt.queue)),) if rt.queue else ()),
                     ("retention", functools.partial(_prune, rt, duties.prune_interval)),

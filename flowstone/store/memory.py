@@ -7,6 +7,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from ..definitions import FieldError
+from ..errors import DefinitionError
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
 from ..tenancy import current_tenant
@@ -38,6 +40,7 @@ from .records import (
     completed,
     new_record,
     parse_id,
+    read_mark,
     to_status,
     update_fields,
 )
@@ -213,9 +216,10 @@ class MemoryStore(MemoryActorClient):
     async def partitions_of(self, asset_name: str) -> dict[str | None, Materialization]:
         return await self.handle.call(m.AllPartitions, tenant=current_tenant(), asset=asset_name)
 
-    async def successes_since(self, asset_name: str, since: datetime) -> list[Materialization]:
-        return await self.handle.call(m.SuccessesSince, tenant=current_tenant(), asset=asset_name,
-                                      since=check_before(since, "since"))
+    async def successes_after(self, asset_name: str, mark: str | None) -> tuple[list[Materialization], str]:
+        after = None if mark is None else _read_mark(mark)
+        return await self.handle.call(m.SuccessesAfter, tenant=current_tenant(), asset=asset_name, after=after,
+                                      start=mark is None)
 
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
         return await self.handle.call(m.PartitionStates, tenant=current_tenant(), asset=asset_name)
@@ -301,3 +305,19 @@ class MemoryStore(MemoryActorClient):
     async def load_backfill_status(self, id: uuid.UUID) -> Any:
         saved = await self.load_backfill(id)
         return None if saved is None else saved.status
+
+
+def _read_mark(mark: Any) -> tuple[int, datetime | None] | None:
+    """A memory store's mark (``successes_after``): the id and time of the newest
+    success when it was given out, or None when there was none."""
+    body = read_mark(mark, "memory")
+    if not body:
+        return None
+    key, _, stamp = body.partition("@")
+    try:
+        when = datetime.fromisoformat(stamp) if stamp else None
+        if when is not None and when.tzinfo is None:
+            raise ValueError(stamp)
+        return int(key, 16), when
+    except ValueError:
+        raise DefinitionError([FieldError("mark", f"is not a mark this store gave out: {mark!r:.100}")]) from None

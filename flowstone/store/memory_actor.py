@@ -439,12 +439,15 @@ class AllPartitions(Message[dict[str | None, Materialization]]):
 
 
 @attrs.frozen(kw_only=True)
-class SuccessesSince(Message[list[Materialization]]):
-    """The current successes of one asset written after ``since``, oldest first."""
+class SuccessesAfter(Message[tuple[list[Materialization], str]]):
+    """The current successes of one asset that became so after ``after`` (the id and
+    time of the newest success when a mark was given out; None: from the first),
+    oldest first, and the mark of now; none at all when ``start``."""
 
     tenant: str | None
     asset: str
-    since: datetime
+    after: tuple[int, datetime | None] | None
+    start: bool
 
 
 @attrs.frozen(kw_only=True)
@@ -624,7 +627,7 @@ class _Handlers:
             All: self.all,
             LatestSuccesses: self.latest_successes,
             AllPartitions: self.all_partitions,
-            SuccessesSince: self.successes_since,
+            SuccessesAfter: self.successes_after,
             PartitionStates: self.partition_states,
             MarkStale: self.mark_stale,
             PutValue: self.put_value,
@@ -921,19 +924,35 @@ class _Handlers:
         records = self.data.records
         return {key: records[record_id] for key, record_id in self.data.latest_success.of(m.tenant, m.asset).items()}
 
-    def successes_since(self, m: SuccessesSince) -> list[Materialization]:
+    def successes_after(self, m: SuccessesAfter) -> tuple[list[Materialization], str]:
         """Walked newest first through the tenant's successes, in the order they
-        became successes (each one's ``updated_at``, stamped when it was written here):
-        the walk ends at the first written by ``since``, so it costs what came after."""
-        records, found = self.data.records, []
-        for record_id in reversed(self.data.by_status.get((m.tenant, Status.SUCCESS), {})):
+        became successes here (one actor applies every write), down to the newest one
+        when the mark was given out: it costs what came after. Should that record have
+        stopped being a success since, the walk stops at the first success written by
+        its time instead."""
+        records, ids = self.data.records, self.data.by_status.get((m.tenant, Status.SUCCESS), {})
+        newest = next(reversed(ids), None)
+        if newest is None:
+            mark = "memory:"
+        else:
+            stamp = records[newest].updated_at
+            mark = f"memory:{newest:032x}@{'' if stamp is None else stamp.isoformat()}"
+        found: list[Materialization] = []
+        if m.start:
+            return found, mark
+        last, when = m.after if m.after is not None else (None, None)
+        by_id = last is not None and last in ids
+        for record_id in reversed(ids):
+            if by_id and record_id == last:
+                break
             record = records[record_id]
-            if record.updated_at is None or record.updated_at <= m.since:
+            if not by_id and last is not None and (when is None or record.updated_at is None
+                                                   or record.updated_at <= when):
                 break
             if record.asset_name == m.asset:
                 found.append(record)
         found.reverse()
-        return found
+        return found, mark
 
     def partition_states(self, m: PartitionStates) -> dict[str | None, Status]:
         return {key: _STATUSES[status] for key, status in self.data.latest_status.of(m.tenant, m.asset).items()}

@@ -18,6 +18,7 @@ compare-and-set in SQL: an update that loses a race raises ``InvalidTransition``
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -78,6 +79,7 @@ from .records import (
     completed,
     new_record,
     parse_id,
+    read_mark,
     to_status,
     unstorable_text,
     update_fields,
@@ -144,6 +146,24 @@ CROSS JOIN LATERAL (
 """Each partition has at most one current record (success or stale), so each lookup
 is one probe of the unique index of current records; no ordering by age, which let
 the planner walk the tenant's newest records instead while the table was young."""
+_SUCCESSES_AFTER = f"""
+SELECT m.*, pg_current_snapshot()::text AS mark FROM (SELECT 1) AS one LEFT JOIN LATERAL (
+    SELECT {_COLUMNS}, written_xid, seq FROM {TABLE} WHERE tenant_id = $1 AND asset_name = $2 AND status = 'success'
+      AND written_xid >= pg_snapshot_xmax($3::text::pg_snapshot)
+    UNION ALL
+    SELECT f.* FROM pg_snapshot_xip($3::text::pg_snapshot) AS x(xid) CROSS JOIN LATERAL (
+        SELECT {_COLUMNS}, written_xid, seq FROM {TABLE}
+        WHERE tenant_id = $1 AND asset_name = $2 AND status = 'success' AND written_xid = x.xid
+        OFFSET 0  -- a lookup per transaction: joined whole, the plan read every success of the asset
+    ) AS f
+    ORDER BY written_xid, seq
+) AS m ON true
+"""
+"""An asset's successes made by transactions a snapshot (a mark) could not see:
+those begun after it, and those in flight then, one by one (ranges of the index
+of successes by transaction, schema version 21: as one OR, or an array, the index
+gave only the asset, every success of it read). With the snapshot of now, taken by this
+statement, as the next mark; one row with no record when there are none."""
 _STATE_OF = "s.tenant_id = $1 AND s.asset_name = $2 AND s.partition = $3"
 _STATE_OF_WHOLE = "s.tenant_id = $1 AND s.asset_name = $2 AND s.partition IS NULL"
 _LATEST, _LATEST_WHOLE = (
@@ -354,7 +374,7 @@ WITH r AS MATERIALIZED (
 ), superseded AS (
     {superseding}
 )
-UPDATE {TABLE} AS m SET {sets}
+UPDATE {TABLE} AS m SET {sets}, written_xid = pg_current_xact_id()
 FROM r
 WHERE m.ctid = r.target AND m.id = r.id AND {_OF_TENANT}
   AND CASE WHEN m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at) THEN true END
@@ -906,15 +926,14 @@ class PostgresStore(PostgresClient):
         )
         return {record.partition: record for record in map(_record, rows)}
 
-    async def successes_since(self, asset_name: str, since: datetime) -> list[Materialization]:
+    async def successes_after(self, asset_name: str, mark: str | None) -> tuple[list[Materialization], str]:
+        after = None if mark is None else _read_mark(mark)
         tenant = current_tenant()
-        rows = await self.db.run(
-            tenant, _fetch,  # through the index of successes by when they became so (schema 20)
-            f"{_SELECT} WHERE tenant_id = $1 AND asset_name = $2 AND status = 'success' AND updated_at > $3 "
-            "ORDER BY updated_at, seq",
-            tenant or "", asset_name, check_before(since, "since"),
-        )
-        return list(map(_record, rows))
+        if after is None:
+            now = await self.db.run(tenant, _fetchval, "SELECT pg_current_snapshot()::text")
+            return [], f"pg:{now}"
+        rows = await self.db.run(tenant, _fetch, _SUCCESSES_AFTER, tenant or "", asset_name, after)
+        return [_record(row) for row in rows if row[0] is not None], f"pg:{rows[0][-1]}"
 
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
         tenant = current_tenant()
@@ -1460,7 +1479,7 @@ async def _update_status(
     connection: Any, record_id: uuid.UUID, target: Status, changes: dict[str, Any], now: datetime, tenant: str
 ) -> Any:
     allowed_from = [s.value for s, nexts in TRANSITIONS.items() if target in nexts]
-    sets = ["status = $4", "updated_at = $5"]
+    sets = ["status = $4", "updated_at = $5", "written_xid = pg_current_xact_id()"]
     args: list[Any] = [record_id, tenant, allowed_from, target.value, now]
     for name, value in changes.items():
         if name in ("metadata", "upstream_partitions"):  # as text: a caller's pool may have no jsonb codec
@@ -1579,3 +1598,14 @@ def _record(row: Any) -> Materialization:
         updated_at=row[16],
         error_traceback=row[17],
     )
+
+
+_SNAPSHOT = re.compile(r"(\d{1,20}):(\d{1,20}):((?:\d{1,20})(?:,\d{1,20})*)?")
+
+
+def _read_mark(mark: Any) -> str:
+    """A PostgreSQL mark's snapshot (``successes_after``): ``xmin:xmax:xip,...``."""
+    body = read_mark(mark, "pg")
+    if _SNAPSHOT.fullmatch(body) is None:
+        raise DefinitionError([FieldError("mark", f"is not a mark this store gave out: {mark!r:.100}")])
+    return body

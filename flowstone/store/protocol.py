@@ -70,11 +70,15 @@ class MaterializationStore(Protocol):
         """Latest ``success``/``stale`` record of every partition of an asset, by key."""
         ...
 
-    async def successes_since(self, asset_name: str, since: datetime) -> list[Materialization]:
-        """The current successes of an asset that became successes after ``since``
-        (their ``updated_at``, which the store sets when a record is written), oldest
-        first: what an eager follower of the asset has not seen yet, found without
-        reading every partition (the daemon asks this every few seconds)."""
+    async def successes_after(self, asset_name: str, mark: str | None) -> tuple[list[Materialization], str]:
+        """The current successes of an asset that became successes in writes this
+        store had not shown when it gave out ``mark``, oldest first, and the mark to
+        ask with next: what an eager follower of the asset has not seen yet, found
+        without reading every partition (the daemon asks every few seconds). A write
+        still in flight when the mark was given out may be answered twice, never
+        missed, however late it lands or whichever process's clock stamped it.
+        ``None``: no records, only the mark of now. A mark is opaque text, kept by the
+        caller (in a cursor); one from another kind of store is a DefinitionError."""
         ...
 
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:

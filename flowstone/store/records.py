@@ -197,11 +197,23 @@ def check_batch(limit: Any) -> int:
 
 
 def check_before(before: Any, field: str = "before") -> datetime:
-    """``prune_finished``'s ``before`` (or ``successes_since``'s ``since``): an aware
-    datetime, else DefinitionError."""
+    """``prune_finished``'s ``before``: an aware datetime, else DefinitionError."""
     if not isinstance(before, datetime) or before.tzinfo is None:
         raise DefinitionError([FieldError(field, f"must be an aware datetime, got {before!r}")])
     return before
+
+
+MARK_LIMIT = 65_536
+"""Longest mark a store reads (PostgreSQL's names the transactions in flight)."""
+
+
+def read_mark(mark: Any, kind: str) -> str:
+    """The body of a ``successes_after`` mark that store ``kind`` gave out
+    (``"<kind>:<body>"``), else DefinitionError: a mark of another store, or no mark."""
+    if not isinstance(mark, str) or len(mark) > MARK_LIMIT or not mark.startswith(f"{kind}:"):
+        raise DefinitionError([FieldError(
+            "mark", f"must be a mark this {kind} store gave out (successes_after), got {mark!r:.100}")])
+    return mark[len(kind) + 1:]
 
 
 def check_limit(limit: Any, field: str = "limit") -> int:

@@ -85,6 +85,7 @@ from .records import (
     evolve,
     new_record,
     parse_id,
+    read_mark,
     to_status,
     unstorable_text,
     update_fields,
@@ -468,11 +469,19 @@ class SqliteStore:
             f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND {_CURRENT}", (_tenant(), asset_name))
         return {record.partition: record for record in records}
 
-    async def successes_since(self, asset_name: str, since: datetime) -> list[Materialization]:
-        after = _iso(check_before(since, "since").astimezone(timezone.utc))  # times are kept as UTC text
-        return await self._read_records(  # through the index of successes by when they became so (schema 12)
-            f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND status = 'success' AND updated_at > ? "
-            "ORDER BY updated_at, seq", (_tenant(), asset_name, after))
+    async def successes_after(self, asset_name: str, mark: str | None) -> tuple[list[Materialization], str]:
+        after, tenant = None if mark is None else _read_mark(mark), _tenant()
+
+        def look(c: sqlite3.Connection) -> tuple[list[Any], int]:
+            # In one read transaction: the successes, and the count they are read up to.
+            now = c.execute("SELECT n FROM flowstone_changes").fetchone()[0]
+            rows = [] if after is None else c.execute(  # through the index of successes by number (13)
+                f"{_SELECT} WHERE tenant_id = ? AND asset_name = ? AND status = 'success' AND written > ? "
+                "ORDER BY written", (tenant, asset_name, after)).fetchall()
+            return rows, now
+
+        rows, now = await self._db.read_many(look)
+        return [_record(row) for row in rows], f"sqlite:{now}"
 
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
         tenant = _tenant()
@@ -1059,3 +1068,10 @@ def _mark_stale(c: sqlite3.Connection, tenant: str, asset_name: str, partition: 
                 seen.add((found[0], found[1]))
                 queue.append((found[0], found[1]))
 
+
+def _read_mark(mark: Any) -> int:
+    """A SQLite mark (``successes_after``): how many successes the file had made."""
+    body = read_mark(mark, "sqlite")
+    if not body.isascii() or not body.isdigit() or len(body) > 20:
+        raise DefinitionError([FieldError("mark", f"is not a mark this store gave out: {mark!r:.100}")])
+    return int(body)

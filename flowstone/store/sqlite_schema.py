@@ -225,6 +225,28 @@ MIGRATIONS: tuple[tuple[int, str | tuple[str, ...]], ...] = (
     # seconds what succeeded since its last look, and read every partition's record.
     (12, """CREATE INDEX IF NOT EXISTS flowstone_materializations_successes
             ON flowstone_materializations (tenant_id, asset_name, updated_at) WHERE status = 'success';"""),
+    # Successes numbered in the order they became so: a writer's own clock stamps
+    # ``updated_at`` before it waits for the write lock, so a look by time had to read
+    # a minute back again each time. Writers take the lock in turn, so the count of
+    # successes in the file, read in a look's snapshot, says exactly what it saw.
+    (13, (
+        "ALTER TABLE flowstone_materializations ADD COLUMN written INTEGER",
+        "CREATE TABLE IF NOT EXISTS flowstone_changes (n INTEGER NOT NULL)",
+        "INSERT INTO flowstone_changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM flowstone_changes)",
+        "DROP INDEX IF EXISTS flowstone_materializations_successes",
+        """CREATE INDEX IF NOT EXISTS flowstone_materializations_written
+            ON flowstone_materializations (tenant_id, asset_name, written) WHERE status = 'success'""",
+        """CREATE TRIGGER flowstone_written_insert AFTER INSERT ON flowstone_materializations
+            WHEN NEW.status = 'success' BEGIN
+            UPDATE flowstone_changes SET n = n + 1;
+            UPDATE flowstone_materializations SET written = (SELECT n FROM flowstone_changes) WHERE seq = NEW.seq;
+        END""",
+        """CREATE TRIGGER flowstone_written_update AFTER UPDATE OF status ON flowstone_materializations
+            WHEN NEW.status = 'success' AND OLD.status <> 'success' BEGIN
+            UPDATE flowstone_changes SET n = n + 1;
+            UPDATE flowstone_materializations SET written = (SELECT n FROM flowstone_changes) WHERE seq = NEW.seq;
+        END""",
+    )),
 )
 """(version, SQL): a script of statements ending in ";", or a tuple of statements (for
 those holding ";" themselves, as triggers do). Append only: a shipped migration never

@@ -282,7 +282,7 @@ class StoreContract:
         assert sorted(await store.partitions_of("a")) == ["1", "2"]
         assert await store.partitions_of("nothing") == {}
 
-    async def test_successes_since_are_an_assets_new_current_successes_oldest_first(self, store):
+    async def test_successes_after_a_mark_are_what_became_successes_since_oldest_first(self, store):
         """What the daemon asks every few seconds for an eager asset's upstream: the
         successes written after its last look, not every partition's record."""
 
@@ -290,24 +290,38 @@ class StoreContract:
             return await store.complete(await store.create(asset_name=asset, partition=key, status=Status.RUNNING),
                                         Status.SUCCESS)
 
+        nothing, start = await store.successes_after("up", None)
+        assert nothing == [] and isinstance(start, str)
+        assert (await store.successes_after("up", start))[0] == []
         first = await success("up", "1")
         second = await success("up", "2")
         await success("other", "1")
+        found, mark = await store.successes_after("up", start)
+        assert [r.id for r in found] == [first.id, second.id]
         again = await success("up", "1")  # supersedes the first
         await store.create(asset_name="up", partition="3", status=Status.FAILED)
         stale = await success("up", "4")
         await store.update_status(stale.id, Status.STALE)
-        before = first.updated_at - timedelta(microseconds=1)
-        assert [r.id for r in await store.successes_since("up", before)] == [second.id, again.id]
-        # From a record's own time: what came strictly after it (two writes may share a microsecond).
-        after_second = [r.id for r in (second, again) if r.updated_at > second.updated_at]
-        assert [r.id for r in await store.successes_since("up", second.updated_at)] == after_second
-        assert await store.successes_since("up", again.updated_at) == []
-        assert await store.successes_since("nothing", before) == []
+        made = await store.create(asset_name="up", partition="5", status=Status.SUCCESS)  # written a success
+        moved = await store.update_status(
+            (await store.create(asset_name="up", partition="6", status=Status.RUNNING)).id, Status.SUCCESS)
+        found, later = await store.successes_after("up", mark)
+        assert [r.id for r in found] == [again.id, made.id, moved.id]
+        assert (await store.successes_after("up", later))[0] == []
+        begun = await store.begin_many("me", 60.0, [
+            Start({"asset_name": "up", "partition": key, "status": Status.RUNNING}) for key in ("7", "8")])
+        ended = await store.complete_many([End(record, Status.SUCCESS, lease, {}) for record, lease in begun])
+        found, _ = await store.successes_after("up", later)
+        assert [r.id for r in found] == [r.id for r in ended]
+        # From the first mark: the current successes written since (the first was superseded).
+        found, _ = await store.successes_after("up", start)
+        assert [r.id for r in found] == [second.id, again.id, made.id, moved.id, *(r.id for r in ended)]
+        assert (await store.successes_after("nothing", start))[0] == []
         with fs.tenant_scope("other"):
-            assert await store.successes_since("up", before) == []
-        with pytest.raises(fs.DefinitionError, match="since"):
-            await store.successes_since("up", datetime(2025, 1, 1))  # naive: which time is it?
+            assert (await store.successes_after("up", start))[0] == []
+        for bad in ("nonsense", "memory:zz@", "sqlite:x", "pg:1:2:x", 42, "pg:" + "1" * 70_000):
+            with pytest.raises(fs.DefinitionError, match="mark"):
+                await store.successes_after("up", bad)
 
     async def test_partition_states_are_the_latest_record_of_each_partition(self, store):
         ok = await store.complete(await store.create(asset_name="a", partition="1", status=Status.RUNNING),

@@ -147,7 +147,9 @@ CROSS JOIN LATERAL (
 is one probe of the unique index of current records; no ordering by age, which let
 the planner walk the tenant's newest records instead while the table was young."""
 _SUCCESSES_AFTER = f"""
-SELECT m.*, pg_current_snapshot()::text AS mark FROM (SELECT 1) AS one LEFT JOIN LATERAL (
+SELECT m.*, pg_snapshot_xmax($3::text::pg_snapshot) <= pg_snapshot_xmax(pg_current_snapshot()) AS known,
+       pg_current_snapshot()::text AS mark
+FROM (SELECT 1) AS one LEFT JOIN LATERAL (
     SELECT {_COLUMNS}, written_xid, seq FROM {TABLE} WHERE tenant_id = $1 AND asset_name = $2 AND status = 'success'
       AND written_xid >= pg_snapshot_xmax($3::text::pg_snapshot)
     UNION ALL
@@ -163,7 +165,9 @@ SELECT m.*, pg_current_snapshot()::text AS mark FROM (SELECT 1) AS one LEFT JOIN
 those begun after it, and those in flight then, one by one (ranges of the index
 of successes by transaction, schema version 21: as one OR, or an array, the index
 gave only the asset, every success of it read). With the snapshot of now, taken by this
-statement, as the next mark; one row with no record when there are none."""
+statement, as the next mark; one row with no record when there are none. A mark
+from later than now (of another cluster, or of a database restored elsewhere) is
+not ``known``: compared with it, every success would look old."""
 _STATE_OF = "s.tenant_id = $1 AND s.asset_name = $2 AND s.partition = $3"
 _STATE_OF_WHOLE = "s.tenant_id = $1 AND s.asset_name = $2 AND s.partition IS NULL"
 _LATEST, _LATEST_WHOLE = (
@@ -933,6 +937,8 @@ class PostgresStore(PostgresClient):
             now = await self.db.run(tenant, _fetchval, "SELECT pg_current_snapshot()::text")
             return [], f"pg:{now}"
         rows = await self.db.run(tenant, _fetch, _SUCCESSES_AFTER, tenant or "", asset_name, after)
+        if not rows[0][-2]:
+            raise DefinitionError([FieldError("mark", f"is later than this database's now: {mark!r:.100}")])
         return [_record(row) for row in rows if row[0] is not None], f"pg:{rows[0][-1]}"
 
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:

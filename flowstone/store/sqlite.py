@@ -481,6 +481,8 @@ class SqliteStore:
             return rows, now
 
         rows, now = await self._db.read_many(look)
+        if after is not None and after > now:  # of another file, or of this one before it was made again
+            raise DefinitionError([FieldError("mark", f"is later than this database's now: {mark!r:.100}")])
         return [_record(row) for row in rows], f"sqlite:{now}"
 
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:

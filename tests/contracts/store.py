@@ -319,7 +319,9 @@ class StoreContract:
         assert (await store.successes_after("nothing", start))[0] == []
         with fs.tenant_scope("other"):
             assert (await store.successes_after("up", start))[0] == []
-        for bad in ("nonsense", "memory:zz@", "sqlite:x", "pg:1:2:x", 42, "pg:" + "1" * 70_000):
+        # Not marks at all, or marks of no store like this one: other kinds, or later than now.
+        for bad in ("nonsense", "memory:zz@", "sqlite:x", "pg:1:2:x", 42, "pg:" + "1" * 70_000,
+                    "sqlite:99999999999", "pg:99999999999:99999999999:"):
             with pytest.raises(fs.DefinitionError, match="mark"):
                 await store.successes_after("up", bad)
 

@@ -216,3 +216,14 @@ async def _exists(store, asset, key) -> bool:
 async def _calls_reach(calls: Calls, key: tuple, count: int) -> bool:
     await anyio.lowlevel.checkpoint()
     return calls[key] >= count
+
+
+def test_on_missing_looks_that_cost_much_are_spaced_to_a_share_of_the_time():
+    """A look reads every partition's state: cheap ones follow the interval, costly
+    ones (a million partitions) wait until looks take at most MISSING_SHARE."""
+    from flowstone.runtime.automation import MISSING_SHARE, next_look
+
+    assert next_look(100.0, 100.02, 10.0) == 110.0
+    spent = 1.5
+    due = next_look(100.0, 100.0 + spent, 10.0)
+    assert due > 110.0 and spent / (due - 100.0) == pytest.approx(MISSING_SHARE)

@@ -12,7 +12,9 @@
   start of automation: older successes are not followed.
 - for each ``fs.OnMissing()`` asset, at the partitions that should exist (up to the
   newest complete one) and have no success: they are materialized (several at once
-  as one backfill), once each while this daemon runs.
+  as one backfill), once each while this daemon runs. Such a look reads every
+  partition's state, so the looks of an asset with very many partitions are spaced
+  to take at most ``MISSING_SHARE`` of the time.
 
 ``run_sensor`` calls one sensor every ``interval`` seconds, with the cursor the store
 kept, and materializes what it asks for; its failures are recorded with its cursor
@@ -49,6 +51,10 @@ SENSOR_TIMEOUT = 60.0
 """A sensor call may take its interval, and at least this long, before it fails."""
 MISSING_PARALLEL = 10
 """Missing partitions materialized at once by one automation backfill."""
+MISSING_SHARE = 0.05
+"""Most of the daemon's time an ``OnMissing`` asset's looks take: a look reads the
+state of every partition the asset should have (about 1.5 s at a million), so the
+next one waits at least that many times its cost, whatever the interval."""
 
 _SETTLED = {Status.SUCCESS, Status.STALE, Status.RUNNING, Status.PENDING, Status.WAITING_APPROVAL}
 """A partition in one of these states is not missing (done, or on its way)."""
@@ -66,6 +72,7 @@ async def run_automation(rt: Any, work: TaskGroup, *, interval: float = AUTOMATI
     start = (await rt.store.successes_after(eager[0].depends_on[0], None))[1] if eager else ""
     seen: dict[str, set[str]] = {}  # per asset, the upstream record ids its last look followed
     asked: set[tuple[str, str | None]] = set()  # OnMissing partitions started by this daemon
+    due: dict[str, float] = {}  # OnMissing asset -> when its next look may start (next_look)
     while True:
         for asset in eager:
             try:
@@ -73,11 +80,23 @@ async def run_automation(rt: Any, work: TaskGroup, *, interval: float = AUTOMATI
             except FlowstoneError as error:
                 log.warning("automation of %s: %s; looking again in %gs", asset.name, error, interval)
         for asset in missing:
+            if anyio.current_time() < due.get(asset.name, 0.0):
+                continue
+            began = anyio.current_time()
             try:
                 await _fill_missing(rt, asset, work, asked)
             except FlowstoneError as error:
                 log.warning("automation of %s: %s; looking again in %gs", asset.name, error, interval)
+            due[asset.name] = next_look(began, anyio.current_time(), interval)
         await anyio.sleep(interval)
+
+
+def next_look(began: float, ended: float, interval: float) -> float:
+    """When an ``OnMissing`` look that took ``began``..``ended`` may be followed by the
+    next: after the interval, and late enough that looks take at most ``MISSING_SHARE``
+    of the time (a look's cost grows with the partitions the asset should have)."""
+    spent = ended - began
+    return max(began + interval, ended + spent * (1 / MISSING_SHARE - 1))
 
 
 async def _follow_upstream(

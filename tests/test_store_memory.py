@@ -246,6 +246,53 @@ async def test_retention_reads_packed_history_records_as_it_reads_live_ones(anyi
         assert history() == [] and len(records) == 2
 
 
+async def test_a_retention_deleted_a_limit_at_a_time_deletes_what_one_call_would(anyio_backend, monkeypatch):
+    """Retention calls ``prune`` until fewer than its limit go; the store chooses once
+    and deletes the rest of its choice at the next calls with the same arguments.
+    Writes between the calls (new history, another asset's prune) change nothing of
+    what goes, and the latest record of each partition stays."""
+
+    async def fill(store):
+        for attempt in range(4):
+            for key in map(str, range(5)):
+                record = await store.create(asset_name="a", partition=key, status=fs.Status.RUNNING)
+                await store.complete(record, fs.Status.FAILED if (attempt, key) == (3, "4") else fs.Status.SUCCESS)
+        for key in map(str, range(3)):  # another asset's history
+            for _ in range(3):
+                record = await store.create(asset_name="b", partition=key, status=fs.Status.RUNNING)
+                await store.complete(record, fs.Status.SUCCESS)
+
+    def left(records):
+        return sorted((r.asset_name, r.partition, r.status.value) for r in records)
+
+    async with fs.store.MemoryStore() as whole, fs.store.MemoryStore() as parts:
+        await fill(whole)
+        await fill(parts)
+        assert await whole.prune("a", keep_last=1) == 10
+        from flowstone.store.memory_actor import Records
+
+        reads, brief = [], Records.brief
+        monkeypatch.setattr(Records, "brief", lambda self, key: reads.append(key) or brief(self, key))
+        counts = [await parts.prune("a", keep_last=1, limit=3)]
+        assert len(reads) == 21  # every history record of the tenant, once
+        record = await parts.create(asset_name="a", partition="0", status=fs.Status.RUNNING)
+        await parts.complete(record, fs.Status.SUCCESS)  # one more superseded record of a/0, after the choice
+        counts.append(await parts.prune("a", keep_last=1, limit=3))
+        assert len(reads) == 21  # the rest of the choice: nothing read again
+        assert await parts.prune("b", keep_last=1, limit=3) == 3  # another choice in between...
+        while counts[-1] == 3:
+            counts.append(await parts.prune("a", keep_last=1, limit=3))
+        assert counts == [3, 3, 3, 2]  # ...so a's was made again, with the new record: 11 in all
+        record = await whole.create(asset_name="a", partition="0", status=fs.Status.RUNNING)
+        await whole.complete(record, fs.Status.SUCCESS)
+        assert await whole.prune("a", keep_last=1) == 1
+        assert await whole.prune("b", keep_last=1) == 3
+        assert left(await parts.list_all(limit=1000)) == left(await whole.list_all(limit=1000))
+        states = await parts.partition_states("a")
+        assert states == {"0": fs.Status.SUCCESS, "1": fs.Status.SUCCESS, "2": fs.Status.SUCCESS,
+                          "3": fs.Status.SUCCESS, "4": fs.Status.FAILED}
+
+
 async def test_a_backfill_leaves_the_collector_almost_nothing_to_walk_per_record(anyio_backend):
     """What the store keeps per partition (its records, their indexes, the values) is
     plain data in containers no new tuple enters: nothing the garbage collector must

@@ -609,6 +609,7 @@ class _Handlers:
 
     def __init__(self, data: MemoryData) -> None:
         self.data = data
+        self._pruning: tuple[Prune, list[int]] | None = None  # see prune
 
     def table(self) -> dict[type[Message], Callable[[Any], Any]]:
         """The handler of each message type. Whoever holds it holds these handlers (its
@@ -801,16 +802,37 @@ class _Handlers:
         return len(mine)
 
     def prune(self, m: Prune) -> int:
+        """The oldest ``limit`` of what the retention deletes. Choosing them reads every
+        id of the tenant and every history record, so the rest is kept for the next
+        call with the same arguments (retention calls until fewer than ``limit`` go):
+        a deletion of N records costs one choice, not N / limit of them. What was
+        chosen stays deletable meanwhile: a history record never moves again, never
+        becomes its partition's latest, and newer history only raises its rank."""
         data = self.data
         if m.keep_last is None and m.before is None:
             return 0
+        pending = self._pruning
+        self._pruning = None
+        if pending is not None and _same_prune(pending[0], m):
+            chosen = [record_id for record_id in pending[1] if record_id in data.records]
+        else:
+            chosen = self._choose(m)
+        for record_id in chosen[:m.limit]:
+            self._forget(data.records[record_id])
+        if len(chosen) > m.limit:
+            self._pruning = (m, chosen[m.limit:])
+        return min(len(chosen), m.limit)
+
+    def _choose(self, m: Prune) -> list[int]:
+        """Every history record of ``m.asset`` beyond ``m``'s retention, oldest first."""
+        data = self.data
         # Only history records are read (a packed record costs microseconds to read back):
         # the tenant's ids are walked newest first for their order, and skipped by number.
         history: set[int] = set()
         for status in HISTORY:
             history.update(data.by_status.get((m.tenant, status), ()))
         if not history:
-            return 0
+            return []
         met: dict[str | None, int] = {}  # history records met so far per partition, newest first
         chosen = []
         for record_id in reversed(data.by_tenant.get(m.tenant, {})):
@@ -827,10 +849,8 @@ class _Handlers:
             old = m.before is not None and inserted_at is not None and inserted_at < m.before
             if (m.keep_last is not None and rank > m.keep_last) or old:
                 chosen.append(record_id)
-        chosen = chosen[::-1][: m.limit]  # the oldest first
-        for record_id in chosen:
-            self._forget(data.records[record_id])
-        return len(chosen)
+        chosen.reverse()  # the oldest first
+        return chosen
 
     def _forget(self, record: Materialization) -> None:
         data, tenant, rid = self.data, record.tenant_id, record.id.int
@@ -1191,3 +1211,9 @@ def memory_actor(door: InPlace) -> Callable[[MemoryObjectReceiveStream[Message]]
             door.serving = False
 
     return incarnation
+
+
+def _same_prune(one: Prune, other: Prune) -> bool:
+    """Whether two prunes choose the same records (their limits aside)."""
+    return (one.tenant, one.asset, one.keep_last, one.before, one.spare) == (
+        other.tenant, other.asset, other.keep_last, other.before, other.spare)

@@ -203,8 +203,9 @@ def check_before(before: Any, field: str = "before") -> datetime:
     return before
 
 
-MARK_LIMIT = 65_536
-"""Longest mark a store reads (PostgreSQL's names the transactions in flight)."""
+MARK_LIMIT = 1_000_000
+"""Longest mark a store reads (PostgreSQL's names the transactions in flight, up to
+one per connection: thousands of 20-digit ids on a server that allows as many)."""
 
 
 def read_mark(mark: Any, kind: str) -> str:

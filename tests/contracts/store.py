@@ -320,7 +320,7 @@ class StoreContract:
         with fs.tenant_scope("other"):
             assert (await store.successes_after("up", start))[0] == []
         # Not marks at all, or marks of no store like this one: other kinds, or later than now.
-        for bad in ("nonsense", "memory:zz@", "sqlite:x", "pg:1:2:x", 42, "pg:" + "1" * 70_000,
+        for bad in ("nonsense", "memory:zz@", "sqlite:x", "pg:1:2:x", 42, "pg:" + "1" * 1_000_001,
                     "sqlite:99999999999", "pg:99999999999:99999999999:"):
             with pytest.raises(fs.DefinitionError, match="mark"):
                 await store.successes_after("up", bad)

@@ -150,6 +150,46 @@ async def test_a_watermark_kept_as_a_time_is_followed_once_then_the_stores_mark(
 
 
 @pytest.mark.anyio
+async def test_a_burst_of_upstream_changes_is_followed_by_one_backfill(anyio_backend):
+    """Behind an upstream backfill a look finds many changes: they go as one backfill
+    (bounded, kept in the store, resumed by the next daemon), each partition once,
+    and what is ready is asked of the store a thousand pairs at a time, not one."""
+    from flowstone.runtime.automation import EAGER_ALONE, _follow_upstream
+
+    days = fs.DailyPartitions(start=date(2026, 1, 1), end=date(2026, 3, 1))
+    calls, p = Calls(), fs.Pipeline("burst")
+
+    @p.asset(partitioned_by=days, code_version="1")
+    async def raw(ctx, deps):
+        return 1
+
+    @p.asset(depends_on=["raw"], partitioned_by=days, code_version="1", automation=fs.Eager())
+    async def clean(ctx, deps):
+        calls["clean", ctx.partition_key] += 1
+        return deps["raw"] + 1
+
+    burst = list(days.keys())[:3 * EAGER_ALONE]
+    async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
+        assets = {asset.name: asset for asset in await rt.assets()}
+        _, start = await store.successes_after("raw", None)
+        await rt.wait_backfill(await rt.backfill("raw", burst))
+        asked = []
+        lookup = store.latest_successes
+
+        async def counting(pairs):
+            asked.append(len(list(pairs)))
+            return await lookup(pairs)
+
+        store.latest_successes = counting
+        async with anyio.create_task_group() as work:
+            await _follow_upstream(rt, assets["clean"], assets, work, {}, start)
+        [status] = [s for s in await store.list_backfill_statuses() if s.asset == "clean"]
+        assert (status.asset, status.total, status.succeeded) == ("clean", len(burst), len(burst))
+        assert asked[0] == len(burst)  # the look's one question; then the backfill's own, as it runs
+    assert sorted(calls.values()) == [1] * len(burst)
+
+
+@pytest.mark.anyio
 async def test_on_missing_fills_each_missing_partition_once(anyio_backend):
     calls, stop = Calls(), anyio.Event()
     p = automated(calls, failing="2026-01-04")

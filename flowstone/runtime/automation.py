@@ -8,8 +8,9 @@
   there). Each new upstream success triggers one
   materialization of the same partition (or of the whole asset when it is not
   partitioned), with ``upstream="none"``: a failure is not tried again until an
-  upstream changes again. An asset never followed before is followed from the
-  start of automation: older successes are not followed.
+  upstream changes again. More than ``EAGER_ALONE`` changes at a look go as one
+  backfill. An asset never followed before is followed from the start of
+  automation: older successes are not followed.
 - for each ``fs.OnMissing()`` asset, at the partitions that should exist (up to the
   newest complete one) and have no success: they are materialized (several at once
   as one backfill), once each while this daemon runs. Such a look reads every
@@ -51,6 +52,12 @@ SENSOR_TIMEOUT = 60.0
 """A sensor call may take its interval, and at least this long, before it fails."""
 MISSING_PARALLEL = 10
 """Missing partitions materialized at once by one automation backfill."""
+EAGER_ALONE = MISSING_PARALLEL
+"""Upstream changes a look runs one by one; more (a burst, behind an upstream
+backfill) go as one backfill of ``MISSING_PARALLEL`` at a time, which the store
+keeps: a daemon that stops before it ends leaves it to the next to resume."""
+PAIRS_PER_LOOKUP = 1_000
+"""(upstream, partition) pairs asked of the store at once to see what is ready."""
 MISSING_SHARE = 0.05
 """Most of the daemon's time an ``OnMissing`` asset's looks take: a look reads the
 state of every partition the asset should have (about 1.5 s at a million), so the
@@ -131,12 +138,19 @@ async def _follow_upstream(
                 targets.add(serialize_partition(definition.validate(record.partition)))
             except InvalidPartition:
                 continue  # an upstream partition this asset does not have
-    for key in sorted(targets, key=lambda k: k or ""):
-        partition = None if key is None else definition.validate(key)  # type: ignore[union-attr]
-        if not await _upstream_ready(store, asset, assets, key):
-            log.info("automation of %s: %s waits for its other upstream assets", asset.name, key or "it")
-            continue
-        work.start_soon(_run, rt, asset.name, partition, "none", "an upstream asset changed")
+    ready = await _upstream_ready(store, asset, assets, sorted(targets, key=lambda k: k or ""))
+    for key in sorted(targets - set(ready), key=lambda k: k or ""):
+        log.info("automation of %s: %s waits for its other upstream assets", asset.name, key or "it")
+    if len(ready) > EAGER_ALONE:  # a burst (behind an upstream backfill): one backfill, bounded and resumable
+        values = [definition.validate(key) for key in ready]  # type: ignore[union-attr]
+        backfill = await rt.backfill(asset.name, values, max_parallel=MISSING_PARALLEL, upstream="none")
+        log.info("automation of %s: %d upstream changes (%s..%s), backfill %s", asset.name, len(values),
+                 ready[0], ready[-1], backfill)
+        work.start_soon(_wait_backfill, rt, backfill)
+    else:
+        for key in ready:
+            partition = None if key is None else definition.validate(key)  # type: ignore[union-attr]
+            work.start_soon(_run, rt, asset.name, partition, "none", "an upstream asset changed")
     if newer is not None and newer != mark:
         await store.save_cursor(cursor, newer)
 
@@ -160,17 +174,20 @@ async def _since_watermark(store: Any, asset: Asset, upstream: str, value: str) 
     return sorted(records, key=lambda record: record.updated_at), now
 
 
-async def _upstream_ready(store: Any, asset: Asset, assets: dict[str, Asset], key: str | None) -> bool:
-    """Whether every upstream asset has a success to read for partition ``key`` (an
-    unpartitioned asset reads whatever partitions a partitioned upstream has)."""
-    pairs: list[tuple[str, str | None]] = []
-    for name in asset.depends_on:
-        if assets[name].partitioned_by is None:
-            pairs.append((name, None))
-        elif key is not None:
-            pairs.append((name, key))
-    found = await store.latest_successes(pairs)
-    return all(pair in found for pair in pairs)
+async def _upstream_ready(
+    store: Any, asset: Asset, assets: dict[str, Asset], keys: list[str | None],
+) -> list[str | None]:
+    """The partition ``keys`` for which every upstream asset has a success to read (an
+    unpartitioned asset reads whatever partitions a partitioned upstream has), in
+    order; asked ``PAIRS_PER_LOOKUP`` (upstream, key) pairs at a time."""
+    wanted = {key: [(name, None) if assets[name].partitioned_by is None else (name, key)
+                    for name in asset.depends_on if assets[name].partitioned_by is None or key is not None]
+              for key in keys}
+    pairs = list(dict.fromkeys(pair for needs in wanted.values() for pair in needs))
+    found: set[tuple[str, str | None]] = set()
+    for start in range(0, len(pairs), PAIRS_PER_LOOKUP):
+        found.update(await store.latest_successes(pairs[start:start + PAIRS_PER_LOOKUP]))
+    return [key for key in keys if all(pair in found for pair in wanted[key])]
 
 
 async def _fill_missing(rt: Any, asset: Asset, work: TaskGroup, asked: set[tuple[str, str | None]]) -> None:

@@ -137,6 +137,35 @@ async def _backfill(dsn: str, count: int, pool: int, server_cpu: ServerCpu) -> S
     return spent
 
 
+async def _cleaned(ctx: Any, deps: dict[str, Any]) -> Any:
+    return deps["events"]
+
+
+def _with_reader() -> fs.Pipeline:
+    """``daily``'s ``events`` and ``cleaned``, which reads each of its partitions."""
+    events = daily(False).assets[0]
+    return fs.Pipeline("reading", assets=[events, fs.Asset(
+        name="cleaned", execute_fn=_cleaned, code_version="1", partitioned_by=events.partitioned_by,
+        depends_on=("events",))])
+
+
+async def _reader_backfill(dsn: str, count: int, pool: int, server_cpu: ServerCpu) -> Spent:
+    """A backfill of ``cleaned`` (``upstream="missing"``, the default) whose upstream
+    partitions are all stored, up to date: only the reader runs."""
+    days = [date(2000, 1, 1) + timedelta(days=i) for i in range(count)]
+    clock = _Clock(server_cpu)
+    async with PostgresStore(dsn, min_size=pool, max_size=pool) as store:
+        async with fs.open_runtime(_with_reader(), store=store) as rt:
+            await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=MAX_PARALLEL))
+            clock.start()
+            status = await rt.wait_backfill(await rt.backfill("cleaned", partitions=days, max_parallel=MAX_PARALLEL))
+            spent = clock.stop()
+            records = await rt.store.list_by_status("success", limit=2 * count + 1)
+    if status.succeeded != count or len(records) != 2 * count:
+        raise SystemExit(f"reader backfill incomplete: {status} with {len(records)} success records")
+    return spent
+
+
 async def _store_alone(dsn: str, count: int, pool: int, server_cpu: ServerCpu) -> Spent:
     """The floor: ``count`` records begun and completed by the store alone, ``FLUSH_ROWS``
     at a time, each batch waiting for the one before (the fields a backfill's jobs
@@ -235,6 +264,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         if args.big:
             measure(args.big, f"{args.big} partitions, max_parallel={MAX_PARALLEL}, Postgres (fsync {fsync})",
                     None, None, 1)
+            measure(args.big, f"{args.big} partitions of a reader, upstream stored, max_parallel={MAX_PARALLEL}, "
+                    f"Postgres (fsync {fsync})", None, None, 1, scenario=_reader_backfill)
             measure(args.big, f"floor: the store alone, {args.big} records, {FLUSH_ROWS} a batch, one writer, no "
                     f"runtime (fsync {fsync})", None, None, 1, scenario=_store_alone)
     finally:

@@ -632,9 +632,10 @@ async def test_a_batch_of_partitions_that_yield_ends_when_they_do_not_on_the_wri
 
 
 async def test_a_downstream_backfill_runs_each_partition_alone_and_skips_what_is_done(anyio_backend):
-    """upstream="missing": each partition's run computes raw then doubled, alone (a
-    batch would compute every raw partition before any doubled one, so a slow raw
-    partition would hold back the others' runs); the fast roots still batch."""
+    """upstream="missing" and raw not there yet: each partition's run computes raw then
+    doubled, alone (a batch would compute every raw partition before any doubled
+    one, so a slow raw partition would hold back the others' runs); the fast roots
+    still batch."""
     def raw(ctx, deps):
         if ctx.partition_key == "2025-01-07":
             raise ValueError("no data that day")
@@ -665,6 +666,46 @@ async def test_a_downstream_backfill_runs_each_partition_alone_and_skips_what_is
         assert len(await rt.store.list_all()) == calls + 1  # only the failed raw partition ran again
         roots = await rt.wait_backfill(await rt.backfill("raw", partitions=DAYS[12:], max_parallel=1))
         assert roots.succeeded == 18 and max(store.begun) > 1
+
+
+async def test_a_downstream_backfill_over_an_upstream_up_to_date_runs_in_batches(anyio_backend):
+    """upstream="missing" with the upstream partitions up to date: only the reader
+    runs, so its partitions batch as a root's do, and each run announces its upstream
+    skipped. A partition whose upstream is missing runs alone, upstream first."""
+    from flowstone import events as ev
+
+    assets = [
+        fs.Asset(name="raw", execute_fn=lambda ctx, deps: ctx.partition.day, partitioned_by=DAILY),
+        fs.Asset(name="doubled", execute_fn=lambda ctx, deps: deps["raw"] * 2, partitioned_by=DAILY,
+                 depends_on=("raw",)),
+    ]
+    store = _Counting()
+    async with fs.open_runtime(assets, store=store) as rt:
+        await rt.wait_backfill(await rt.backfill("raw", partitions=DAYS[:11], max_parallel=1))  # not the 12th
+        store.begun.clear()
+        async with rt.events(kinds=[ev.MaterializationSkipped, ev.MaterializationSucceeded]) as events:
+            status = await rt.wait_backfill(await rt.backfill("doubled", partitions=DAYS[:12], max_parallel=1))
+            seen = []
+            while events.pending:
+                seen.append(events._queue.popleft())
+        assert (status.state, status.succeeded, status.failed) == ("succeeded", 12, 0)
+        assert max(store.begun) > 1  # the readers of what is stored, in batches
+        skipped = sorted(e.partition for e in seen if isinstance(e, ev.MaterializationSkipped))
+        assert skipped == [d.isoformat() for d in DAYS[:11]]  # raw, reused by each batched run
+        succeeded = [(e.asset, e.partition) for e in seen if isinstance(e, ev.MaterializationSucceeded)]
+        assert sorted(succeeded) == sorted([("doubled", d.isoformat()) for d in DAYS[:12]]
+                                           + [("raw", DAYS[11].isoformat())])
+        raws = {r.partition: r for r in await rt.store.list_all(asset_name="raw")}
+        doubled = {r.partition: r for r in await rt.store.list_all(asset_name="doubled")}
+        assert len(raws) == 12 and len(doubled) == 12  # nothing computed twice
+        last = DAYS[11].isoformat()
+        assert raws[last].run_id == doubled[last].run_id  # the missing one: one run, both assets
+        for day, record in doubled.items():
+            assert record.upstream_partitions == {"raw": (day,)}
+            assert record.dependency_hash is not None
+        assert [await rt.load("doubled", day) for day in DAYS[:12]] == [2 * d.day for d in DAYS[:12]]
+        again = await rt.wait_backfill(await rt.backfill("doubled", partitions=DAYS[:12], max_parallel=1))
+        assert again.succeeded == 12 and len(await rt.store.list_all()) == 24  # all reused: nothing written
 
 
 async def test_batched_partitions_are_announced_one_by_one_and_skipped_ones_too(anyio_backend):

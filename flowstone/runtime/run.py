@@ -411,12 +411,39 @@ def batchable(nodes: list[_Node]) -> bool:
     ``upstream="none"``) that waits for no approval and reads no partition it does
     not have stored. A plan of several assets runs alone: its batch would compute
     every partition's first asset before any partition's second, so one slow
-    partition would hold back the whole batch's runs (ADR 0032)."""
+    partition would hold back the whole batch's runs (ADR 0032). Unless only its
+    last asset runs (``collapsed``)."""
     return (
         len(nodes) == 1
         and not nodes[0].asset.requires_approval
         and all(read.kind == "latest" for read in nodes[0].inputs)
     )
+
+
+def collapsible(nodes: list[_Node]) -> bool:
+    """Whether a plan of several assets may run in a batch should its upstream assets
+    all turn out up to date (``collapsed``): none waits for approval, and none reads
+    every partition of an asset."""
+    return len(nodes) > 1 and all(
+        not node.asset.requires_approval and all(read.kind != "all" for read in node.inputs) for node in nodes)
+
+
+def collapsed(run: _Run) -> bool:
+    """Make ``run`` a run of its last asset alone, reading its upstream assets as
+    stored, when the stored successes (``run.latest``) say that at most that asset
+    must run: every other is reused, as ``execute_run`` would decide. The reused ones
+    stay in ``run.outcomes`` for its result. A downstream asset's backfill (the
+    default ``upstream="missing"``) then runs in batches, not a partition at a time."""
+    running = run.decide()
+    target = run.nodes[-1]
+    if not running <= {target.asset.name}:
+        return False
+    reused = {node.asset.name: _Outcome(record=run.latest[(node.asset.name, node.key)], reused=True)
+              for node in run.nodes[:-1]}
+    inputs = tuple(read._replace(kind="latest") if read.kind == "node" else read for read in target.inputs)
+    run.nodes = [target._replace(inputs=inputs)]
+    run.outcomes.update(reused)
+    return True
 
 
 async def execute_batch(
@@ -432,18 +459,21 @@ async def execute_batch(
     the first, several of one partition, and those whose partition another run in
     this process holds."""
     asset = None
-    keys = [(nodes[0].asset.name, nodes[0].key) for nodes in plans]
+    keys = [(nodes[-1].asset.name, nodes[-1].key) for nodes in plans]
     shared = Counter(keys) if len(set(keys)) < len(keys) else None  # usually every key once
     runs: dict[int, _Run] = {}
     alone: list[int] = []
+    several: list[int] = []  # plans of several assets, batched if only their last one runs (collapsed)
     for index, nodes in enumerate(plans):
-        fits = batchable(nodes)
+        fits = batchable(nodes) or collapsible(nodes)
         if asset is None and fits:
-            asset = nodes[0].asset.name
-        if not fits or nodes[0].asset.name != asset or (shared and shared[keys[index]] > 1):
+            asset = nodes[-1].asset.name
+        if not fits or nodes[-1].asset.name != asset or (shared and shared[keys[index]] > 1):
             alone.append(index)
         else:
             runs[index] = _Run(nodes, snapshot, env, requests[index], new_uuid(), tenant, {}, {})
+            if len(nodes) > 1:
+                several.append(index)
     if not runs:
         return alone
     if guard is not None:  # the same assets and context for every request
@@ -465,6 +495,10 @@ async def execute_batch(
         if missing is not None:
             del runs[index]
             report(index, missing)
+    for index in several:
+        if index in runs and not collapsed(runs[index]):  # an upstream asset must run: the whole plan, alone
+            del runs[index]
+            alone.append(index)
     await _execute_together(snapshot, env, tenant, runs, alone, report)
     return sorted(alone)
 
@@ -552,19 +586,34 @@ async def _execute_together(
 
 
 def _run_result(env: Env, run: _Run) -> RunResult | Exception:
-    """What ``execute_run`` ends with, once the one asset of ``run`` is done."""
+    """What ``execute_run`` ends with, once the one asset of ``run`` is done (and
+    the upstream assets it reused, when it was ``collapsed``)."""
     name = run.nodes[0].asset.name
     outcome = run.outcomes[name]
     record = outcome.record
     if record is None:  # the runtime failed (actor crashed, closed), not the asset
         assert isinstance(outcome.error, Exception), "a one-asset run ends with a record or an error"
         return outcome.error
-    if outcome.reused and env.events.subscribers:
-        env.events.publish(ev.MaterializationSkipped(
-            at=utcnow(), tenant=run.tenant, run_id=run.run_id, asset=name, partition=run.nodes[0].key,
-            materialization_id=record.id,
-        ))
-    result = RunResult(run_id=run.run_id, materializations={name: record}, skipped=(name,) if outcome.reused else ())
+    if len(run.outcomes) == 1:
+        if outcome.reused and env.events.subscribers:
+            env.events.publish(ev.MaterializationSkipped(
+                at=utcnow(), tenant=run.tenant, run_id=run.run_id, asset=name, partition=run.nodes[0].key,
+                materialization_id=record.id,
+            ))
+        result = RunResult(run_id=run.run_id, materializations={name: record},
+                           skipped=(name,) if outcome.reused else ())
+    else:
+        outcomes = {**{other: o for other, o in run.outcomes.items() if other != name}, name: outcome}
+        if env.events.subscribers:
+            for other, done in outcomes.items():
+                if done.reused and done.record is not None:
+                    env.events.publish(ev.MaterializationSkipped(
+                        at=utcnow(), tenant=run.tenant, run_id=run.run_id, asset=other,
+                        partition=done.record.partition, materialization_id=done.record.id,
+                    ))
+        result = RunResult(
+            run_id=run.run_id, materializations={other: o.record for other, o in outcomes.items() if o.record},
+            skipped=tuple(other for other, o in outcomes.items() if o.reused))
     if record.status is Status.SUCCESS:
         return result
     failed = MaterializationFailed(name, record.partition, result, tenant=run.tenant, error=record.error_message)

@@ -157,7 +157,8 @@ def test_postgres_scenario_short_run_reports_both_figures(pg_server):
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
     rows = {row["scenario"].split(",")[0]: row for row in record["rows"]}
-    assert set(rows) == {"366 daily partitions", "300 partitions", "floor: the store alone"}
+    assert set(rows) == {"366 daily partitions", "300 partitions", "300 partitions of a reader",
+                         "floor: the store alone"}
     assert all(row["per_second"] > 0 and 0 < row["client_cpu_share"] for row in rows.values())
     assert all(row["client_cpu_us"] > 0 for row in rows.values())
     assert not any("server_cpu_us" in row for row in rows.values()), "a given server's CPU is not read here"

@@ -26,6 +26,15 @@ def asset_of(fn, **options) -> fs.Asset:
     return fs.Asset(name="events", execute_fn=fn, partitioned_by=DAILY, **options)
 
 
+def raw_and_doubled() -> list[fs.Asset]:
+    """``raw`` (the day of the month) and ``doubled``, which reads it."""
+    return [
+        fs.Asset(name="raw", execute_fn=lambda ctx, deps: ctx.partition.day, partitioned_by=DAILY),
+        fs.Asset(name="doubled", execute_fn=lambda ctx, deps: deps["raw"] * 2, partitioned_by=DAILY,
+                 depends_on=("raw",)),
+    ]
+
+
 async def test_a_backfill_runs_every_partition_with_at_most_max_parallel_in_flight(anyio_backend):
     inside, peak = [], []
     four_inside = anyio.Event()
@@ -674,13 +683,8 @@ async def test_a_downstream_backfill_over_an_upstream_up_to_date_runs_in_batches
     skipped. A partition whose upstream is missing runs alone, upstream first."""
     from flowstone import events as ev
 
-    assets = [
-        fs.Asset(name="raw", execute_fn=lambda ctx, deps: ctx.partition.day, partitioned_by=DAILY),
-        fs.Asset(name="doubled", execute_fn=lambda ctx, deps: deps["raw"] * 2, partitioned_by=DAILY,
-                 depends_on=("raw",)),
-    ]
     store = _Counting()
-    async with fs.open_runtime(assets, store=store) as rt:
+    async with fs.open_runtime(raw_and_doubled(), store=store) as rt:
         await rt.wait_backfill(await rt.backfill("raw", partitions=DAYS[:11], max_parallel=1))  # not the 12th
         store.begun.clear()
         async with rt.events(kinds=[ev.MaterializationSkipped, ev.MaterializationSucceeded]) as events:
@@ -763,13 +767,8 @@ async def test_a_partition_another_run_here_computes_is_followed_not_computed_ag
 
 
 async def test_upstream_none_batches_and_a_missing_input_fails_only_its_partition(anyio_backend):
-    assets = [
-        fs.Asset(name="raw", execute_fn=lambda ctx, deps: ctx.partition.day, partitioned_by=DAILY),
-        fs.Asset(name="doubled", execute_fn=lambda ctx, deps: deps["raw"] * 2, partitioned_by=DAILY,
-                 depends_on=("raw",)),
-    ]
     store = _Counting()
-    async with fs.open_runtime(assets, store=store) as rt:
+    async with fs.open_runtime(raw_and_doubled(), store=store) as rt:
         await rt.wait_backfill(await rt.backfill("raw", partitions=[d for d in DAYS[:12] if d != DAYS[6]]))
         store.begun.clear()
         status = await rt.wait_backfill(await rt.backfill("doubled", partitions=DAYS[:12], upstream="none",

@@ -190,6 +190,28 @@ async def test_a_burst_of_upstream_changes_is_followed_by_one_backfill(anyio_bac
 
 
 @pytest.mark.anyio
+async def test_a_look_that_finds_nothing_saves_a_newer_mark_only_now_and_then(anyio_backend, monkeypatch):
+    """Other assets' successes move the store's mark; a look that finds nothing for
+    its asset does not write it each time, only after ``MARK_REFRESH``."""
+    from flowstone.runtime import automation
+
+    p = automated(Calls())
+    async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
+        assets = {asset.name: asset for asset in await rt.assets()}
+        _, start = await store.successes_after("raw", None)
+        looks: dict = {}
+        async with anyio.create_task_group() as work:
+            await automation._follow_upstream(rt, assets["clean"], assets, work, looks, start)
+            assert (await store.load_cursor("automation:clean")).value == start
+            await rt.materialize("calendar", date(2026, 1, 2))  # a success that moves the memory store's mark
+            await automation._follow_upstream(rt, assets["clean"], assets, work, looks, start)
+            assert (await store.load_cursor("automation:clean")).value == start  # nothing found: not written
+            monkeypatch.setattr(automation, "MARK_REFRESH", -1.0)
+            await automation._follow_upstream(rt, assets["clean"], assets, work, looks, start)
+            assert (await store.load_cursor("automation:clean")).value != start
+
+
+@pytest.mark.anyio
 async def test_on_missing_fills_each_missing_partition_once(anyio_backend):
     calls, stop = Calls(), anyio.Event()
     p = automated(calls, failing="2026-01-04")

@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
+import attrs
 from anyio.abc import TaskGroup
 
 from ..automation import Eager, OnMissing, RunRequest, Sensor, SensorContext
@@ -38,6 +39,7 @@ from ..errors import DefinitionError, FlowstoneError, InvalidPartition, Material
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
 from ..store.records import Status
+from .retention import PAIRS_PER_LOOKUP
 
 __all__ = ["AUTOMATION_SECONDS", "run_automation", "run_sensor"]
 
@@ -56,8 +58,10 @@ EAGER_ALONE = MISSING_PARALLEL
 """Upstream changes a look runs one by one; more (a burst, behind an upstream
 backfill) go as one backfill of ``MISSING_PARALLEL`` at a time, which the store
 keeps: a daemon that stops before it ends leaves it to the next to resume."""
-PAIRS_PER_LOOKUP = 1_000
-"""(upstream, partition) pairs asked of the store at once to see what is ready."""
+MARK_REFRESH = 60.0
+"""Seconds after which a look that found nothing saves the store's newer mark all
+the same: not at every look (a write each time, however idle), but before the
+memory store's walk back to an old mark grows with what other assets did."""
 MISSING_SHARE = 0.05
 """Most of the daemon's time an ``OnMissing`` asset's looks take: a look reads the
 state of every partition the asset should have (about 1.5 s at a million), so the
@@ -77,13 +81,13 @@ async def run_automation(rt: Any, work: TaskGroup, *, interval: float = AUTOMATI
     if not eager and not missing:
         await anyio.sleep_forever()
     start = (await rt.store.successes_after(eager[0].depends_on[0], None))[1] if eager else ""
-    seen: dict[str, set[str]] = {}  # per asset, the upstream record ids its last look followed
+    looks: dict[str, _Looked] = {}  # per Eager asset, what its last look saw
     asked: set[tuple[str, str | None]] = set()  # OnMissing partitions started by this daemon
     due: dict[str, float] = {}  # OnMissing asset -> when its next look may start (next_look)
     while True:
         for asset in eager:
             try:
-                await _follow_upstream(rt, asset, assets, work, seen, start)
+                await _follow_upstream(rt, asset, assets, work, looks, start)
             except FlowstoneError as error:
                 log.warning("automation of %s: %s; looking again in %gs", asset.name, error, interval)
         for asset in missing:
@@ -106,8 +110,17 @@ def next_look(began: float, ended: float, interval: float) -> float:
     return max(began + interval, ended + spent * (1 / MISSING_SHARE - 1))
 
 
+@attrs.define
+class _Looked:
+    """What an ``Eager`` asset's last look saw: the upstream record ids it followed
+    (the next look may find them again), and when it last saved a mark."""
+
+    ids: set[str]
+    saved: float
+
+
 async def _follow_upstream(
-    rt: Any, asset: Asset, assets: dict[str, Asset], work: TaskGroup, seen: dict[str, set[str]], start: str,
+    rt: Any, asset: Asset, assets: dict[str, Asset], work: TaskGroup, looks: dict[str, _Looked], start: str,
 ) -> None:
     store, cursor = rt.store, f"automation:{asset.name}"
     saved = await store.load_cursor(cursor)
@@ -118,18 +131,20 @@ async def _follow_upstream(
     # it, not every partition's record: a look costs what happened, not what is stored.
     # The next look goes on from the first read's mark; what the later reads found
     # after it comes again then, and is skipped as followed.
-    found, newer = [], None
+    found, newer, unusable = [], None, False
     for upstream in asset.depends_on:
         try:
             records, now = await store.successes_after(upstream, mark)
         except DefinitionError:  # a watermark kept as a time, or another store's mark
             records, now = await _since_watermark(store, asset, upstream, mark)
+            unusable = True
         found += records
         newer = newer or now
-    followed, seen[asset.name] = seen.get(asset.name, set()), {str(record.id) for record in found}
+    last = looks.get(asset.name) or _Looked(set(), anyio.current_time())
+    looks[asset.name] = _Looked({str(record.id) for record in found}, last.saved)
     definition, targets = asset.partitioned_by, set[str | None]()
     for record in found:
-        if str(record.id) in followed:
+        if str(record.id) in last.ids:
             continue
         if definition is None:
             targets.add(None)
@@ -138,8 +153,9 @@ async def _follow_upstream(
                 targets.add(serialize_partition(definition.validate(record.partition)))
             except InvalidPartition:
                 continue  # an upstream partition this asset does not have
-    ready = await _upstream_ready(store, asset, assets, sorted(targets, key=lambda k: k or ""))
-    for key in sorted(targets - set(ready), key=lambda k: k or ""):
+    ordered = sorted(targets, key=lambda k: k or "")
+    ready = await _upstream_ready(store, asset, assets, ordered)
+    for key in sorted(targets.difference(ready), key=lambda k: k or ""):
         log.info("automation of %s: %s waits for its other upstream assets", asset.name, key or "it")
     if len(ready) > EAGER_ALONE:  # a burst (behind an upstream backfill): one backfill, bounded and resumable
         values = [definition.validate(key) for key in ready]  # type: ignore[union-attr]
@@ -151,8 +167,10 @@ async def _follow_upstream(
         for key in ready:
             partition = None if key is None else definition.validate(key)  # type: ignore[union-attr]
             work.start_soon(_run, rt, asset.name, partition, "none", "an upstream asset changed")
-    if newer is not None and newer != mark:
+    if newer is not None and newer != mark and (
+            found or unusable or anyio.current_time() - last.saved > MARK_REFRESH):
         await store.save_cursor(cursor, newer)
+        looks[asset.name].saved = anyio.current_time()
 
 
 async def _since_watermark(store: Any, asset: Asset, upstream: str, value: str) -> tuple[list[Any], str]:

@@ -7,8 +7,6 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from ..definitions import FieldError
-from ..errors import DefinitionError
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
 from ..tenancy import current_tenant
@@ -33,6 +31,7 @@ from .records import (
     TERMINAL,
     Materialization,
     Status,
+    bad_mark,
     check_batch,
     check_before,
     check_limit,
@@ -320,4 +319,4 @@ def _read_mark(mark: Any) -> tuple[int, datetime | None] | None:
             raise ValueError(stamp)
         return int(key, 16), when
     except ValueError:
-        raise DefinitionError([FieldError("mark", f"is not a mark this store gave out: {mark!r:.100}")]) from None
+        raise bad_mark(mark) from None

@@ -70,6 +70,7 @@ from .records import (
     TRANSITIONS,
     Materialization,
     Status,
+    bad_mark,
     check_batch,
     check_before,
     check_decidable,
@@ -938,7 +939,7 @@ class PostgresStore(PostgresClient):
             return [], f"pg:{now}"
         rows = await self.db.run(tenant, _fetch, _SUCCESSES_AFTER, tenant or "", asset_name, after)
         if not rows[0][-2]:
-            raise DefinitionError([FieldError("mark", f"is later than this database's now: {mark!r:.100}")])
+            raise bad_mark(mark, "is later than this database's now")
         return [_record(row) for row in rows if row[0] is not None], f"pg:{rows[0][-1]}"
 
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
@@ -1613,5 +1614,5 @@ def _read_mark(mark: Any) -> str:
     """A PostgreSQL mark's snapshot (``successes_after``): ``xmin:xmax:xip,...``."""
     body = read_mark(mark, "pg")
     if _SNAPSHOT.fullmatch(body) is None:
-        raise DefinitionError([FieldError("mark", f"is not a mark this store gave out: {mark!r:.100}")])
+        raise bad_mark(mark)
     return body

@@ -217,6 +217,11 @@ def read_mark(mark: Any, kind: str) -> str:
     return mark[len(kind) + 1:]
 
 
+def bad_mark(mark: Any, why: str = "is not a mark this store gave out") -> DefinitionError:
+    """The error for a ``successes_after`` mark a store cannot read: ``why``."""
+    return DefinitionError([FieldError("mark", f"{why}: {mark!r:.100}")])
+
+
 def check_limit(limit: Any, field: str = "limit") -> int:
     """The ``limit=`` (or ``offset=``) of a listing: an int >= 0, or DefinitionError."""
     if type(limit) is not int or limit < 0:

@@ -75,6 +75,7 @@ from .records import (
     TERMINAL,
     Materialization,
     Status,
+    bad_mark,
     check_batch,
     check_before,
     check_decidable,
@@ -482,7 +483,7 @@ class SqliteStore:
 
         rows, now = await self._db.read_many(look)
         if after is not None and after > now:  # of another file, or of this one before it was made again
-            raise DefinitionError([FieldError("mark", f"is later than this database's now: {mark!r:.100}")])
+            raise bad_mark(mark, "is later than this database's now")
         return [_record(row) for row in rows], f"sqlite:{now}"
 
     async def partition_states(self, asset_name: str) -> dict[str | None, Status]:
@@ -1075,5 +1076,5 @@ def _read_mark(mark: Any) -> int:
     """A SQLite mark (``successes_after``): how many successes the file had made."""
     body = read_mark(mark, "sqlite")
     if not body.isascii() or not body.isdigit() or len(body) > 20:
-        raise DefinitionError([FieldError("mark", f"is not a mark this store gave out: {mark!r:.100}")])
+        raise bad_mark(mark)
     return int(body)

@@ -175,12 +175,14 @@ def test_checkpoints_scenario_times_saves_and_listings_on_each_store(pg_server):
 
 
 def test_follow_scenario_times_the_eager_look_on_each_store(pg_server):
-    result = run_stress("follow", "--dsn", pg_server.admin, "--sizes", "100,1200")
+    result = run_stress("follow", "--dsn", pg_server.admin, "--sizes", "100,1200", "--behind", "300")
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    *rows, behind = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
     assert [(row["store"], row["partitions"]) for row in rows] == [
         (store, size) for store in ("memory", "sqlite", "postgres") for size in (100, 1200)]
     assert all(row["look_ms"] > 0 and row["every_partition_ms"] > 0 for row in rows)
+    assert (behind["store"], behind["partitions"]) == ("memory, behind a backfill", 300)
+    assert 0 < behind["upstream_s"] <= behind["all_followed_s"] and behind["cpu_s"] > 0
 
 
 def test_io_scenario_short_run_measures_round_trips_and_a_backfill():

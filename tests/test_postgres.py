@@ -128,6 +128,31 @@ async def test_an_unmigrated_database_says_to_migrate(anyio_backend, pg_database
         )
 
 
+async def test_a_server_older_than_the_schema_needs_is_refused_before_anything_is_changed(
+    anyio_backend, pg_database, monkeypatch,
+):
+    """The schema follows successes by transaction id (``xid8``, PostgreSQL 13): an
+    older server gets a DatabaseError naming what it needs, not a missing type halfway
+    through a migration. (Played by asking more of this server than it is.)"""
+    from flowstone.postgres import schema
+
+    fresh = f"{pg_database.name}_old"
+    await anyio.to_thread.run_sync(
+        run_sync, admin, pg_database.admin_dsn, f"CREATE DATABASE {fresh} TEMPLATE template0")
+    dsn = pg_database.admin_dsn.rsplit("/", 1)[0] + f"/{fresh}"
+    try:
+        monkeypatch.setattr(schema, "OLDEST_SERVER", 10_000_000)
+        async with PostgresStore(dsn) as store:
+            with pytest.raises(fs.DatabaseError, match=r"needs PostgreSQL 13 or later .* this server is \d+\.\d+"):
+                await store.migrate()
+        tables = await raw(dsn, "SELECT tablename FROM pg_tables WHERE tablename LIKE 'flowstone%'")
+        assert tables == []
+    finally:
+        await anyio.to_thread.run_sync(
+            run_sync, admin, pg_database.admin_dsn, f"DROP DATABASE IF EXISTS {fresh} WITH (FORCE)"
+        )
+
+
 async def test_an_unreachable_server_is_database_unavailable(anyio_backend):
     async with PostgresStore("postgresql://nobody:secret@127.0.0.1:1/none") as store:
         with pytest.raises(fs.DatabaseUnavailable) as info:

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import DatabaseError
+
 __all__ = ["LOCK_KEY", "MIGRATIONS", "migrate", "tenant_policy"]
 
 LOCK_KEY = 0x466C6F7753746F6E  # "FlowSton": the advisory lock migrations hold
+OLDEST_SERVER = 130000
+"""``server_version_num`` of the oldest PostgreSQL the schema runs on (13: ``xid8``)."""
 STATUSES = ("pending", "running", "success", "failed", "stale", "waiting_approval", "cancelled")
 """The statuses of migration 1; migration 3 adds ``superseded``."""
 TENANT_SETTING = "coalesce(current_setting('flowstone.tenant_id', true), '')"
@@ -493,6 +497,10 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
 async def migrate(connection: Any) -> list[int]:
     """Apply what is missing, under the advisory lock; the versions applied now."""
     applied_now: list[int] = []
+    version = int(await connection.fetchval("SELECT current_setting('server_version_num')"))
+    if version < OLDEST_SERVER:
+        raise DatabaseError(f"FlowStone's PostgreSQL store needs PostgreSQL 13 or later (xid8, pg_snapshot); this "
+                            f"server is {version // 10000}.{version % 10000}")
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
         await connection.execute(

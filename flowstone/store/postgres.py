@@ -1139,22 +1139,20 @@ class PostgresStore(PostgresClient):
         return [status_from_json(row[0], row[1], row[2]) for row in rows]
 
     async def load_backfill(self, id: uuid.UUID) -> Any:
-        tenant = current_tenant()
-        row = await self.db.run(
-            tenant, _fetchrow,
-            "SELECT spec::text, status::text FROM flowstone_backfills WHERE id = $1 AND tenant_id = $2",
-            id, tenant or "",
-        )
+        row = await self._backfill_row(id, "spec::text, status::text")
         return None if row is None else saved_from_json(row[0], row[1])
 
     async def load_backfill_status(self, id: uuid.UUID) -> Any:
+        row = await self._backfill_row(id, "status::text, asset_name")
+        return None if row is None else status_from_json(row[0], id, row[1])
+
+    async def _backfill_row(self, id: uuid.UUID, columns: str) -> Any:
+        """``columns`` (fixed text of this module) of the caller's tenant's backfill ``id``, or None."""
         tenant = current_tenant()
-        row = await self.db.run(
-            tenant, _fetchrow,
-            "SELECT status::text, asset_name FROM flowstone_backfills WHERE id = $1 AND tenant_id = $2",
+        return await self.db.run(
+            tenant, _fetchrow, f"SELECT {columns} FROM flowstone_backfills WHERE id = $1 AND tenant_id = $2",
             id, tenant or "",
         )
-        return None if row is None else status_from_json(row[0], id, row[1])
 
     async def claim_backfill(self, id: uuid.UUID, owner: str, *, stale_after: float) -> BackfillClaim:
         tenant = current_tenant()

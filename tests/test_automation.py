@@ -237,6 +237,36 @@ async def test_on_missing_fills_each_missing_partition_once(anyio_backend):
 
 
 @pytest.mark.anyio
+async def test_on_missing_remembers_only_what_failed_or_still_runs(anyio_backend):
+    """A daemon's looks keep the partitions they filled until those succeed, not for
+    as long as it runs: a failed one stays (it is not tried again), a filled one is
+    forgotten, and filled again if its success is lost (moved by hand here)."""
+    from flowstone.runtime import automation
+
+    calls = Calls()
+    p = automated(calls, failing="2026-01-04")
+    async with fs.store.MemoryStore() as store, fs.open_runtime(p, store=store) as rt:
+        calendar = next(asset for asset in await rt.assets() if asset.name == "calendar")
+        asked: dict = {}
+
+        async def look() -> None:  # and wait for the backfill it started
+            async with anyio.create_task_group() as work:
+                await automation._fill_missing(rt, calendar, work, asked)
+
+        await look()
+        assert asked == {"calendar": {day.isoformat() for day in DAYS.keys()}}
+        await look()
+        assert asked == {"calendar": {"2026-01-04"}}
+        assert calls["calendar", "2026-01-04"] == 1
+        lost = await store.get("calendar", "2026-01-02")
+        await store.update_status(lost.id, fs.Status.SUPERSEDED)
+        await look()
+        assert (await store.get("calendar", "2026-01-02")).status is fs.Status.SUCCESS
+    assert calls["calendar", "2026-01-02"] == 2
+    assert calls["calendar", "2026-01-04"] == 1
+
+
+@pytest.mark.anyio
 async def test_a_sensor_keeps_its_cursor_and_its_failures_are_recorded_and_retried(anyio_backend):
     seen, stop = [], anyio.Event()
     calls = Calls()

@@ -13,9 +13,12 @@
   automation: older successes are not followed.
 - for each ``fs.OnMissing()`` asset, at the partitions that should exist (up to the
   newest complete one) and have no success: they are materialized (several at once
-  as one backfill), once each while this daemon runs. Such a look reads every
-  partition's state, so the looks of an asset with very many partitions are spaced
-  to take at most ``MISSING_SHARE`` of the time.
+  as one backfill). One whose run failed is not tried again while this daemon runs;
+  one that succeeded is forgotten, so the daemon remembers only what failed or still
+  runs (not every partition it ever filled), and fills a partition again if its
+  latest record stops being a success (a forced run that failed). Such a look reads
+  every partition's state, so the looks of an asset with very many partitions are
+  spaced to take at most ``MISSING_SHARE`` of the time.
 
 ``run_sensor`` calls one sensor every ``interval`` seconds, with the cursor the store
 kept, and materializes what it asks for; its failures are recorded with its cursor
@@ -67,7 +70,8 @@ MISSING_SHARE = 0.05
 state of every partition the asset should have (about 1.5 s at a million), so the
 next one waits at least that many times its cost, whatever the interval."""
 
-_SETTLED = {Status.SUCCESS, Status.STALE, Status.RUNNING, Status.PENDING, Status.WAITING_APPROVAL}
+_DONE = {Status.SUCCESS, Status.STALE}
+_SETTLED = _DONE | {Status.RUNNING, Status.PENDING, Status.WAITING_APPROVAL}
 """A partition in one of these states is not missing (done, or on its way)."""
 
 
@@ -82,7 +86,7 @@ async def run_automation(rt: Any, work: TaskGroup, *, interval: float = AUTOMATI
         await anyio.sleep_forever()
     start = (await rt.store.successes_after(eager[0].depends_on[0], None))[1] if eager else ""
     looks: dict[str, _Looked] = {}  # per Eager asset, what its last look saw
-    asked: set[tuple[str, str | None]] = set()  # OnMissing partitions started by this daemon
+    asked: dict[str, set[str | None]] = {}  # per OnMissing asset, the keys this daemon filled and not done yet
     due: dict[str, float] = {}  # OnMissing asset -> when its next look may start (next_look)
     while True:
         for asset in eager:
@@ -208,22 +212,27 @@ async def _upstream_ready(
     return [key for key in keys if all(pair in found for pair in wanted[key])]
 
 
-async def _fill_missing(rt: Any, asset: Asset, work: TaskGroup, asked: set[tuple[str, str | None]]) -> None:
+async def _fill_missing(rt: Any, asset: Asset, work: TaskGroup, asked: dict[str, set[str | None]]) -> None:
     store, definition = rt.store, asset.partitioned_by
     states = await store.partition_states(asset.name)
+    mine = asked.setdefault(asset.name, set())
+    # Filled: forgotten. What is kept is what failed (not tried again) or still runs,
+    # not every partition ever filled: a million of them held ~150 MB in the daemon.
+    mine.difference_update([key for key in mine if states.get(key) in _DONE])
     if definition is None:
-        if states.get(None) not in _SETTLED and (asset.name, None) not in asked:
-            asked.add((asset.name, None))
+        if states.get(None) not in _SETTLED and None not in mine:
+            mine.add(None)
             work.start_soon(_run, rt, asset.name, None, "missing", "it has never succeeded")
         return
     keys = ((value, serialize_partition(value)) for value in definition.keys())
-    values = [value for value, key in keys if states.get(key) not in _SETTLED and (asset.name, key) not in asked]
-    if not values:
+    found = [(value, key) for value, key in keys if states.get(key) not in _SETTLED and key not in mine]
+    if not found:
         return
-    asked.update((asset.name, serialize_partition(v)) for v in values)
+    mine.update(key for _, key in found)
+    values = [value for value, _ in found]
     backfill = await rt.backfill(asset.name, values, max_parallel=MISSING_PARALLEL, upstream="missing")
     log.info("automation of %s: %d missing partitions (%s..%s), backfill %s", asset.name, len(values),
-             serialize_partition(values[0]), serialize_partition(values[-1]), backfill)
+             found[0][1], found[-1][1], backfill)
     work.start_soon(_wait_backfill, rt, backfill)
 
 

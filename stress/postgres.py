@@ -35,7 +35,7 @@ from flowstone.store.postgres import FLUSH_ROWS
 from flowstone.testing.postgres import TemporaryPostgres
 
 from .report import emit, median
-from .runtime import daily
+from .runtime import daily, reading
 
 APP_ROLE = "flowstone_bench"
 
@@ -137,25 +137,13 @@ async def _backfill(dsn: str, count: int, pool: int, server_cpu: ServerCpu) -> S
     return spent
 
 
-async def _cleaned(ctx: Any, deps: dict[str, Any]) -> Any:
-    return deps["events"]
-
-
-def _with_reader() -> fs.Pipeline:
-    """``daily``'s ``events`` and ``cleaned``, which reads each of its partitions."""
-    events = daily(False).assets[0]
-    return fs.Pipeline("reading", assets=[events, fs.Asset(
-        name="cleaned", execute_fn=_cleaned, code_version="1", partitioned_by=events.partitioned_by,
-        depends_on=("events",))])
-
-
 async def _reader_backfill(dsn: str, count: int, pool: int, server_cpu: ServerCpu) -> Spent:
     """A backfill of ``cleaned`` (``upstream="missing"``, the default) whose upstream
     partitions are all stored, up to date: only the reader runs."""
     days = [date(2000, 1, 1) + timedelta(days=i) for i in range(count)]
     clock = _Clock(server_cpu)
     async with PostgresStore(dsn, min_size=pool, max_size=pool) as store:
-        async with fs.open_runtime(_with_reader(), store=store) as rt:
+        async with fs.open_runtime(reading(False), store=store) as rt:
             await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=MAX_PARALLEL))
             clock.start()
             status = await rt.wait_backfill(await rt.backfill("cleaned", partitions=days, max_parallel=MAX_PARALLEL))

@@ -64,6 +64,18 @@ def daily(is_sync: bool) -> fs.Pipeline:
     ])
 
 
+def reading(is_sync: bool) -> fs.Pipeline:
+    """``daily``'s ``events`` and ``cleaned``, which reads each of its partitions."""
+    events = daily(is_sync).assets[0]
+
+    async def cleaned(ctx: Any, deps: dict[str, Any]) -> Any:
+        return deps["events"]
+
+    return fs.Pipeline("reading", assets=[events, fs.Asset(
+        name="cleaned", execute_fn=cleaned, code_version="1", partitioned_by=events.partitioned_by,
+        depends_on=("events",))])
+
+
 async def time_materialize(pipeline: fs.Pipeline, target: str) -> tuple[float, int]:
     async with fs.open_runtime(pipeline) as rt:
         start = time.perf_counter()
@@ -93,6 +105,21 @@ async def time_backfill(
         succeeded = sum(1 for state in states.values() if state is fs.Status.SUCCESS)
     if status.succeeded != count or len(states) != count or succeeded != count:
         raise SystemExit(f"backfill incomplete: {status}; {succeeded} of {len(states)} partitions say success")
+    return elapsed, status
+
+
+async def time_reader_backfill(count: int, max_parallel: int, is_sync: bool) -> tuple[float, Any]:
+    """Seconds of a backfill of ``cleaned`` (``reading``) over ``count`` partitions
+    whose upstream ``events`` partitions are all stored, up to date (backfilled
+    first, untimed): only the reader runs, loading each input."""
+    days = [date(2000, 1, 1) + timedelta(days=i) for i in range(count)]
+    async with fs.open_runtime(reading(is_sync)) as rt:
+        await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=max_parallel))
+        start = time.perf_counter()
+        status = await rt.wait_backfill(await rt.backfill("cleaned", partitions=days, max_parallel=max_parallel))
+        elapsed = time.perf_counter() - start
+    if status.succeeded != count:
+        raise SystemExit(f"reader backfill incomplete: {status}")
     return elapsed, status
 
 
@@ -196,6 +223,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     measure("1-200-1 fan, one materialize", 33, 3.3, lambda: time_materialize(fan(200, args.sync), "sink"), 202)
     measure("366 daily partitions, max_parallel=20", 110, 11.0 * 366 / 365,
             lambda: time_backfill(daily(args.sync), 366, 20), 366)
+    measure("366 partitions of a reader, upstream stored, max_parallel=20", None, None,
+            lambda: time_reader_backfill(366, 20, args.sync), 366)
     alone = _backfill_in_fresh_process(args.backend, args.sync)
     rows.append({
         "scenario": "366 partitions in a fresh process (cold): peak RSS MB",

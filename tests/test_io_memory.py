@@ -53,3 +53,41 @@ async def test_a_reader_that_mutates_its_input_leaves_the_upstream_value_alone(a
         await rt.materialize("count", force=True, upstream="none")  # raw loaded
         assert await rt.load("raw") == {"rows": [1, 2]}
         assert await rt.load("count") == 3
+
+
+async def test_a_load_is_answered_in_place_unless_a_write_is_on_its_way(anyio_backend, monkeypatch):
+    """A load with nothing queued before it reads the actor's data here and now (no
+    turn in the mailbox); with a write still queued it goes through the mailbox,
+    behind that write, and sees it. Its errors are the actor's: a missing value is
+    NotFound; a bug is ActorCrashed, and the restarted actor answers the next load."""
+    from flowstone.store import memory_actor as m
+
+    async with fs.io.MemoryIO() as io:
+        await io.store("a", 1, None, {})
+        requests = []
+        request = type(io.handle).request
+
+        async def counting(self, message_type, /, **fields):
+            requests.append(message_type.__name__)
+            return await request(self, message_type, **fields)
+
+        monkeypatch.setattr(type(io.handle), "request", counting)
+        assert await io.load("a", None, {}) == 1
+        assert requests == []  # in place
+        await io.handle.cast(m.PutValue(tenant=None, asset="a", partition=None, value=2))  # queued, not taken yet
+        assert await io.load("a", None, {}) == 2
+        assert requests == ["GetValue"]  # behind the write, through the mailbox
+        with pytest.raises(fs.NotFound, match="no stored value"):
+            await io.load("missing", None, {})
+
+        def broken(message):
+            raise KeyError("a bug")
+
+        door = io.handle.shared
+        handlers = door.dispatch
+        door.dispatch = {**handlers, m.GetValue: broken}
+        with pytest.raises(fs.ActorCrashed):
+            await io.load("a", None, {})
+        door.dispatch = handlers
+        assert await io.load("a", None, {}) == 2  # behind the crash it asked for: the restarted actor answers
+        assert requests[-1] == "GetValue"

@@ -28,7 +28,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..actors.mailbox import Crash, Handle, Message, serve
 from ..definitions import FieldError
-from ..errors import BackfillNotFound, BackfillOwned, DefinitionError, FlowstoneError, LeaseLost, NotFound
+from ..errors import (
+    ActorCrashed,
+    BackfillNotFound,
+    BackfillOwned,
+    DefinitionError,
+    FlowstoneError,
+    LeaseLost,
+    NotFound,
+)
 from ..plumbing.clock import utcnow
 from ..plumbing.ids import uuid_of
 from .leases import BackfillClaim, CancelRequested, Cursor, Lease, LeaseTable, RoleHolder, Tick, lost
@@ -1154,8 +1162,9 @@ class _Handlers:
 class InPlace:
     """The actor's handlers over its data, on its handle (``Handle.shared``): a
     client casting a write while no cast is queued or on its way to the actor
-    handles it here instead (``MemoryActorClient._cast``), in the same order the
-    mailbox would have given it. One event-loop thread runs both, and the handlers
+    handles it here instead (``MemoryActorClient._cast``; a job's input read as
+    well, ``MemoryActorClient._read``), in the same order the mailbox would have
+    given it. One event-loop thread runs both, and the handlers
     never await, so the outcome is the actor's: a ``FlowstoneError`` logged, and any
     other error a bug that restarts the actor (its data is left as it was: handlers
     check everything before they change anything). A call still queued is
@@ -1197,6 +1206,20 @@ class InPlace:
         except Exception as error:
             log.error("memory-store: cast %s failed; restarting the actor", type(message).__name__, exc_info=error)
             actor.try_cast(Crash(reason=f"a cast handled in place failed: {error!r}"))
+
+    def answer(self, actor: Handle, message: Message[R]) -> R:
+        """The answer to a read handled here and now (``MemoryActorClient._read``), as
+        the actor would give it: a ``FlowstoneError`` is raised to the caller; any other
+        error is a bug: the caller gets ``ActorCrashed`` and the actor restarts."""
+        try:
+            answer: R = self.dispatch[message.__class__](message)
+        except FlowstoneError:
+            raise
+        except Exception as error:
+            log.error("memory-store: %s failed; restarting the actor", type(message).__name__, exc_info=error)
+            actor.try_cast(Crash(reason=f"a read handled in place failed: {error!r}"))
+            raise ActorCrashed(actor.name) from error
+        return answer
 
 
 def memory_actor(door: InPlace) -> Callable[[MemoryObjectReceiveStream[Message]], Any]:

@@ -541,7 +541,7 @@ async def _execute_together(
         name = node.asset.name
         reads = run.reads(node, run.outcomes)
         assert reads is not None, "a batchable plan reads only what is stored, and _missing_input checked it"
-        digest = run.digest(node, reads)
+        digest = run.digests.get(name) or run.digest(node, reads)  # a collapsed run's decide() made it
         previous = run.reusable(node, digest)
         if previous is not None:
             run.outcomes[name] = _Outcome(record=previous, reused=True)

@@ -210,6 +210,33 @@ async def test_backfill_specs_move_to_a_table_of_their_own(anyio_backend, tmp_pa
         assert db.execute("SELECT count(*) FROM flowstone_backfill_specs").fetchone() == (0,)
 
 
+async def test_a_success_is_numbered_by_the_statement_that_makes_it(anyio_backend, tmp_path):
+    """Schema version 14: the statements that make successes count once and number
+    them, instead of schema 13's triggers, which wrote each success's row twice; a
+    store made before loses the triggers when it migrates and goes on counting."""
+    from flowstone.store.sqlite_schema import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    async with SqliteStore(path) as store:
+        first = await store.complete(await store.create(asset_name="a", partition="1", status=fs.Status.RUNNING),
+                                     fs.Status.SUCCESS)
+        _, mark = await store.successes_after("a", None)
+    triggers = dict(MIGRATIONS)[13][-2:]  # as schema version 13 made them
+    _undo_migration(path, 14, *triggers)
+    async with SqliteStore(path) as store:
+        assert await store.migrate() == [14]
+        second = await store.complete(await store.create(asset_name="a", partition="2", status=fs.Status.RUNNING),
+                                      fs.Status.SUCCESS)
+        third = await store.create(asset_name="a", partition="3", status=fs.Status.SUCCESS)
+        found, later = await store.successes_after("a", mark)
+        assert [record.id for record in found] == [second.id, third.id]
+        assert (await store.successes_after("a", later))[0] == []
+        assert first.id not in {record.id for record in found}
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'flowstone_written%'"
+                          ).fetchall() == []
+
+
 async def test_the_writer_keeps_its_sub_journals_in_memory(anyio_backend, tmp_path):
     """A batch's savepoint copies each page it first changes into a sub-journal; as a
     temporary file that was dozens of write calls per backfilled partition."""

@@ -20,6 +20,12 @@ RECORD_COLUMNS = (
     "executor_node, inserted_at, updated_at"
 )
 """A materialization's columns in the order the store's rows (``_values``) hold them."""
+COUNT = "UPDATE flowstone_changes SET n = n + 1"
+"""Run once before a statement that makes successes (writers take the lock in turn):
+the number that statement gives them (``WRITTEN``), which a look's mark (the count it
+read) is below until that write commits."""
+WRITTEN = "written = (SELECT n FROM flowstone_changes)"
+"""The ``SET`` of every statement that may make a success (any other status ignores it)."""
 
 RELEASED = float("-inf")
 """The expiry of a released lease (``owner`` '')."""
@@ -247,6 +253,11 @@ MIGRATIONS: tuple[tuple[int, str | tuple[str, ...]], ...] = (
             UPDATE flowstone_materializations SET written = (SELECT n FROM flowstone_changes) WHERE seq = NEW.seq;
         END""",
     )),
+    # The statement that makes a record a success writes its number, after one count
+    # (``COUNT``) per statement: the triggers of 13 counted and wrote the row a second
+    # time for every success (a chain's asset: 3.5% more instructions).
+    (14, """DROP TRIGGER IF EXISTS flowstone_written_insert;
+            DROP TRIGGER IF EXISTS flowstone_written_update;"""),
 )
 """(version, SQL): a script of statements ending in ";", or a tuple of statements (for
 those holding ";" themselves, as triggers do). Append only: a shipped migration never

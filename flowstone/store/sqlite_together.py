@@ -28,7 +28,7 @@ import attrs
 from .leases import Lease
 from .records import CURRENT, TERMINAL, Materialization, Status
 from .sqlite_batches import Failed, in_savepoint
-from .sqlite_schema import RECORD_COLUMNS, RELEASED
+from .sqlite_schema import COUNT, RECORD_COLUMNS, RELEASED, WRITTEN
 
 __all__ = ["Beginning", "Ending", "begin_together", "end_together"]
 
@@ -201,6 +201,8 @@ def _release_and_end(c: sqlite3.Connection, tenant: str, jobs: Sequence[Ending])
         stamp = ends[6]
         for asset, partitions in successes.items():
             c.execute(_sql(_SUPERSEDE, 1, len(partitions)), (stamp, tenant, asset, *partitions))
+        if successes:
+            c.execute(COUNT)
         if c.execute(_sql(_END, 9, len(chunk)), (*ends, tenant)).rowcount != len(chunk):
             raise _Moved("a record moved since the job read it")
 
@@ -232,7 +234,7 @@ _SUPERSEDE = (
 _END = (
     "UPDATE flowstone_materializations SET status = v.column1, completed_at = v.column2, "
     "duration_ms = v.column3, metadata = v.column4, error_message = v.column5, error_traceback = v.column6, "
-    "updated_at = v.column7 FROM (VALUES {rows}) AS v "
+    f"updated_at = v.column7, {WRITTEN} FROM (VALUES {{rows}}) AS v "
     "WHERE id = v.column8 AND tenant_id = ? AND status = v.column9"
 )
 

@@ -64,7 +64,7 @@ class MemoryIO(MemoryActorClient):
 
     async def load(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> Any:
         key = serialize_partition(partition)
-        stored = await self._read(m.GetValue(tenant=current_tenant(), asset=asset, partition=key))
+        stored = await self._read(m.GetValue, tenant=current_tenant(), asset=asset, partition=key)
         return private_copy(stored, asset=asset, partition=key)
 
     async def store(

@@ -8,12 +8,12 @@ it; used alone, ``async with MemoryStore() as store:`` starts a private one.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-import attrs
 from anyio.abc import TaskGroup
 
 from ..actors.mailbox import CLEANUP_SECONDS, Handle, Message
@@ -85,24 +85,22 @@ class MemoryActorClient:
         else:
             await handle.cast(message)
 
-    async def _read(self, message: Message[R]) -> R:
-        """The answer to ``message``, a read: handled here and now, without a turn in
-        the mailbox, when the actor serves and no cast is queued or on its way to it
-        (``InPlace.answer``), else asked through the mailbox. A job's input read that
-        way waited for every backfill worker's turn, and the wait counted in its
-        function's time: a reader's backfill took its partitions for slow ones and
-        ran them one at a time, at three times a root asset's cost. Used by reads
-        that are followed by other awaits (it does not yield)."""
+    async def _read(self, message_type: Callable[..., Message[R]], /, **fields: Any) -> R:
+        """The answer to a read (``handle.call(message_type, **fields)``): handled here
+        and now, without a turn in the mailbox, when the actor serves and no cast is
+        queued or on its way to it (``InPlace.answer``), else asked through the
+        mailbox. A job's input read that way waited for every backfill worker's turn,
+        and the wait counted in its function's time: a reader's backfill took its
+        partitions for slow ones and ran them one at a time, at three times a root
+        asset's cost. For reads that other awaits follow (it does not yield)."""
         handle = self._handle
         if handle is None:
             handle = self.handle  # raises: not started
         door = handle.shared
         if door is not None and door.open and door.serving and door.casts == door.taken:
-            answer: R = door.answer(handle, message)
+            answer: R = door.answer(handle, message_type(**fields))
             return answer
-        fields = {field.name: getattr(message, field.name) for field in attrs.fields(type(message))
-                  if field.name != "reply"}
-        return await handle.call(type(message), **fields)
+        return await handle.call(message_type, **fields)
 
     async def __aenter__(self) -> Any:
         if self._handle is None:

@@ -92,7 +92,7 @@ from .records import (
     update_fields,
 )
 from .sqlite_batches import Connections, Failed
-from .sqlite_schema import COUNT, RECORD_COLUMNS, RELEASED, WRITTEN
+from .sqlite_schema import COUNT, NUMBER, RECORD_COLUMNS, RELEASED, WRITTEN
 from .sqlite_schema import migrate as _migrate
 from .sqlite_together import Beginning, Ending, begin_together, end_together
 
@@ -118,8 +118,7 @@ _SELECT = f"SELECT {RECORD_COLUMNS} FROM {_TABLE}"
 _SELECT_FROM = _SELECT  # followed by an index hint
 _MAX_SEQ = 2**63 - 1
 _INSERT = f"INSERT INTO {_TABLE} ({RECORD_COLUMNS}) VALUES ({', '.join('?' * 18)})"
-_INSERT_SUCCESS = (f"INSERT INTO {_TABLE} ({RECORD_COLUMNS}, written) "
-                   f"VALUES ({', '.join('?' * 18)}, (SELECT n FROM flowstone_changes))")
+_INSERT_SUCCESS = f"INSERT INTO {_TABLE} ({RECORD_COLUMNS}, written) VALUES ({', '.join('?' * 18)}, {NUMBER})"
 _REWRITE = f"""UPDATE {_TABLE} SET status = ?, started_at = ?, completed_at = ?, duration_ms = ?,
     upstream_assets = ?, upstream_partitions = ?, dependency_hash = ?, metadata = ?, error_message = ?,
     error_traceback = ?, executor_node = ?, updated_at = ?, {WRITTEN}

@@ -24,7 +24,9 @@ COUNT = "UPDATE flowstone_changes SET n = n + 1"
 """Run once before a statement that makes successes (writers take the lock in turn):
 the number that statement gives them (``WRITTEN``), which a look's mark (the count it
 read) is below until that write commits."""
-WRITTEN = "written = (SELECT n FROM flowstone_changes)"
+NUMBER = "(SELECT n FROM flowstone_changes)"
+"""The number a success gets from the statement that makes it, ``COUNT`` having run."""
+WRITTEN = f"written = {NUMBER}"
 """The ``SET`` of every statement that may make a success (any other status ignores it)."""
 
 RELEASED = float("-inf")

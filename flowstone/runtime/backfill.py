@@ -74,7 +74,11 @@ class Wait(Message[BackfillStatus]):
     pass
 
 
-MAX_CHUNK = 16
+MAX_CHUNK = 64
+"""Most partitions a worker takes at once, and in one batch (the pace keeps a batch
+to ``BATCH_SECONDS`` of work). With 16, a PostgreSQL backfill's flushes carried ~48
+rows and paid a statement's fixed costs that often: 64 gave +10-27% at 10,000 and
+100,000 partitions (five alternating pairs), the memory store counting the same."""
 
 
 Reported = Callable[[int, Any], None]

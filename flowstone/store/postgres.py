@@ -92,12 +92,13 @@ FLUSHES = 2
 """Flushes in flight at once, each on a connection of its own: while the database
 writes one batch, the next is sent."""
 
-FLUSH_ROWS = 160
+FLUSH_ROWS = 320
 """Most writes one flush takes; the rest wait for the next (ADR 0040). A flush of
 everything queued kept a backfill's workers in one cohort that computed while the
 database waited and waited while it wrote; smaller flushes come back one after
 another, so the client computes on one's results while the database writes the
-next."""
+next. A quarter of the cohort of 20 workers' chunks of 64 (160 was half a cohort
+of chunks of 16)."""
 
 LOOKUPS = 1
 """Lookups of latest successes in flight at once: those asked meanwhile wait and go

@@ -520,9 +520,9 @@ async def test_the_workers_of_a_backfill_share_what_they_learn_of_its_pace(anyio
         assert (status.state, status.succeeded) == ("succeeded", 30)
         assert sum(store.begun) == sum(store.ended) == 30 - 1
         # Each worker's first chunk was 3 (30 // (2 * 4)), taken before any partition
-        # ended, the first of them less the partition run alone; then a chunk of a
-        # batch's size (up to MAX_CHUNK): the 18 left, in one batch.
-        assert sorted(store.begun) == [2, 3, 3, 3, 30 - 12]
+        # ended, the first of them less the partition run alone; then chunks of a
+        # batch's size (16, the most a batch takes on the memory store) until the feed runs out.
+        assert sorted(store.begun) == [2, 2, 3, 3, 3, 16]
         assert await rt.load("events", DAYS[29]) == DAYS[29].isoformat()
 
 

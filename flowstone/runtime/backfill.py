@@ -74,11 +74,12 @@ class Wait(Message[BackfillStatus]):
     pass
 
 
-MAX_CHUNK = 64
-"""Most partitions a worker takes at once, and in one batch (the pace keeps a batch
-to ``BATCH_SECONDS`` of work). With 16, a PostgreSQL backfill's flushes carried ~48
-rows and paid a statement's fixed costs that often: 64 gave +10-27% at 10,000 and
-100,000 partitions (five alternating pairs), the memory store counting the same."""
+MAX_CHUNK = 16
+"""Most partitions a worker takes at once, and a batch holds (the pace keeps a batch
+to ``BATCH_SECONDS`` of work), unless the store asks for more (``Runner.most``).
+On the memory store a batch's jobs, records and leases live until it ends: 64 of
+them at a time outlived the collector's young passes (at 100,000 partitions 1,465
+young collections and 12 full ones, ~8 µs a partition, against 20 and none)."""
 
 
 Reported = Callable[[int, Any], None]
@@ -97,6 +98,10 @@ class Runner:
     prefetch: Callable[[list[RunRequest]], Awaitable[Sequence[Any] | None]]
     run: Callable[[RunRequest, Any], Awaitable[Any]]
     batch: Callable[[list[RunRequest], list[Any], Reported], Awaitable[list[int]]] | None = None
+    most: int = MAX_CHUNK
+    """Most partitions a worker takes at once and a batch holds: the store's
+    ``backfill_chunk`` when it has one (a database's write has fixed costs that more
+    rows share), else ``MAX_CHUNK``."""
 
 
 class Dispatcher(Protocol):
@@ -358,18 +363,18 @@ async def _checkpoints(
                 log.warning("backfill %s: checkpoint not saved: %s", spec.id, error)
 
 
-def chunk_size(total: int, max_parallel: int) -> int:
+def chunk_size(total: int, max_parallel: int, most: int = MAX_CHUNK) -> int:
     """Partitions a worker takes at once: enough to share one lookup round trip,
-    few enough that every worker gets work (ADR 0005)."""
-    return max(1, min(MAX_CHUNK, total // (max_parallel * 2)))
+    few enough that every worker gets work (ADR 0005), at most ``most``."""
+    return max(1, min(most, total // (max_parallel * 2)))
 
 
 async def _work(spec: BackfillSpec, progress: _Progress, runner: Runner) -> None:
     # The workers are this actor's own tasks and share one iterator: taking the
     # next partitions is a plain islice(), with no channel hop or yield per item.
     feed = iter(spec.partitions)
-    size = chunk_size(len(spec.partitions), spec.max_parallel)
-    pace = _Pace()
+    size = chunk_size(len(spec.partitions), spec.max_parallel, runner.most)
+    pace = _Pace(runner.most)
     async with anyio.create_task_group() as workers:
         for _ in range(min(spec.max_parallel, len(spec.partitions))):
             workers.start_soon(_worker, spec, progress, runner, feed, size, pace)
@@ -426,10 +431,11 @@ class _Pace:
     only its own ran twenty partitions alone before any batch, a fifth of a
     366-partition backfill's runs at ``max_parallel=20``."""
 
-    __slots__ = ("size",)
+    __slots__ = ("most", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, most: int = MAX_CHUNK) -> None:
         self.size = 1
+        self.most = most
 
     def saw(self, results: Sequence[Any]) -> None:
         durations = [_duration_ms(result) for result in results]
@@ -438,7 +444,7 @@ class _Pace:
             self.size = 1
             return
         each = max(sum(known) / len(known), 0.001) / 1000
-        self.size = max(1, min(MAX_CHUNK, int(BATCH_SECONDS / each)))
+        self.size = max(1, min(self.most, int(BATCH_SECONDS / each)))
 
 
 def _duration_ms(result: Any) -> float | None:

@@ -449,7 +449,7 @@ class Runtime:
             return await execute_batch(snapshot, env, guard, requests, [nodes for nodes, _ in ahead], spec.tenant,
                                        ahead[0][1], report)
 
-        runner = bf.Runner(prefetch=prefetch, run=run, batch=batch)
+        runner = bf.Runner(prefetch=prefetch, run=run, batch=batch, most=getattr(store, "backfill_chunk", bf.MAX_CHUNK))
         if spec.workers and self._queue is not None:
             runner = self._queue.runner(spec, store)
         elif spec.workers:

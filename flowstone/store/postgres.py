@@ -622,6 +622,10 @@ class PostgresStore(PostgresClient):
     refused with ``TenancyNotEnforced``.
     """
 
+    backfill_chunk = 64
+    """Most partitions a backfill's worker takes at once, and batches (ADR 0032's
+    addendum): each flush's statements and commit cost the same for more rows."""
+
     def __init__(self, dsn: str | None = None, pool: Any = None, **options: Any) -> None:
         """``options``: ``min_size``, ``max_size`` (the pool), ``allow_bypass_rls``."""
         super().__init__(dsn, pool, **options)

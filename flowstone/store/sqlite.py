@@ -201,6 +201,10 @@ class SqliteStore:
     location is read-only, and ``DatabaseError`` when it is on a network filesystem.
     """
 
+    backfill_chunk = 64
+    """Most partitions a backfill's worker takes at once, and batches (ADR 0032's
+    addendum): a batch's statements cost the same for more rows."""
+
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_URL, *, synchronous: str = "NORMAL") -> None:
         self.path = sqlite_path(path)
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):

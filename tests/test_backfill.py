@@ -526,6 +526,31 @@ async def test_the_workers_of_a_backfill_share_what_they_learn_of_its_pace(anyio
         assert await rt.load("events", DAYS[29]) == DAYS[29].isoformat()
 
 
+async def test_a_store_may_ask_for_larger_batches(anyio_backend, tmp_path):
+    """A store whose writes have fixed costs says how many partitions a batch should
+    hold (``backfill_chunk``: 64 for the SQL stores); without it a batch holds 16."""
+    sizes: list[int] = []
+
+    class Counting(fs.store.SqliteStore):
+        async def begin_many(self, owner, seconds, starts):
+            sizes.append(len(starts))
+            return await super().begin_many(owner, seconds, starts)
+
+    async def instant(ctx, deps):
+        return 1
+
+    events = fs.Asset(name="events", execute_fn=instant, partitioned_by=fs.DailyPartitions(start=date(2020, 1, 1)))
+    days = [date(2020, 1, 1) + timedelta(days=i) for i in range(300)]
+    async with Counting(tmp_path / "f.db") as store, fs.open_runtime([events], store=store) as rt:
+        status = await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=2))
+    assert status.succeeded == 300 and Counting.backfill_chunk == 64
+    assert max(sizes) == 64 and sum(sizes) >= 300 - 2  # each worker's first partition may run alone
+    memory = _Counting()
+    async with fs.open_runtime([events], store=memory) as rt:
+        await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=2))
+    assert max(memory.begun) == 16
+
+
 @pytest.mark.parametrize("tenant", [None, "acme"])
 async def test_a_slow_partition_in_a_batch_holds_back_neither_the_records_nor_the_counts_before_it(
     anyio_backend, tenant

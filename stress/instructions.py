@@ -54,40 +54,27 @@ async def main():
 anyio.run(main)
 """
 
-BACKFILL = """
+BACKFILLS = """
 import anyio, sys
 from datetime import date, timedelta
-from stress.runtime import daily
+from stress.runtime import {pipeline}
 import flowstone as fs
 {watched}
 async def main():
     days = [date(2000, 1, 1) + timedelta(days=i) for i in range({length})]
-    async with {store_open} fs.open_runtime(daily(False), store={store}) as rt:
+    async with {store_open} fs.open_runtime({pipeline}(False), store={store}) as rt:
         for i in range(int(sys.argv[1])):
             with fs.tenant_scope(f"t{{i}}"):
                 async with watched(rt, {subscribers}):
-                    await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=20))
+                    for asset in {assets}:
+                        await rt.wait_backfill(await rt.backfill(asset, partitions=days, max_parallel=20))
 anyio.run(main)
 """
-
-READER = """
-import anyio, sys
-from datetime import date, timedelta
-from stress.runtime import reading
-import flowstone as fs
-{watched}
-async def main():
-    days = [date(2000, 1, 1) + timedelta(days=i) for i in range({length})]
-    async with {store_open} fs.open_runtime(reading(False), store={store}) as rt:
-        for i in range(int(sys.argv[1])):
-            with fs.tenant_scope(f"t{{i}}"):
-                async with watched(rt, {subscribers}):
-                    await rt.wait_backfill(await rt.backfill("events", partitions=days, max_parallel=20))
-                    await rt.wait_backfill(await rt.backfill("cleaned", partitions=days, max_parallel=20))
-anyio.run(main)
-"""
-"""A reader's backfill over stored upstream partitions, after the backfill of those
-(whose count, the row before, is taken off)."""
+"""Backfills of ``assets`` of the ``pipeline`` (``stress.runtime``), one after the
+other: ``daily``'s ``events``; ``reading``'s ``events`` then ``cleaned``, a reader
+over stored upstream partitions (whose count, the row before, is taken off)."""
+BACKFILL = {"pipeline": "daily", "assets": ("events",)}
+READER = {"pipeline": "reading", "assets": ("events", "cleaned")}
 
 
 def _instructions(code: str, runs: int) -> int:
@@ -115,21 +102,21 @@ def run(argv: list[str]) -> dict[str, Any]:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     runs = max(1, args.runs)
     rows = []
-    for what, template, length in (
-        (f"{args.chain}-asset chain, per materialization", CHAIN, args.chain),
-        (f"{args.partitions}-partition backfill, per partition", BACKFILL, args.partitions),
-        (f"{args.partitions}-partition backfill of a reader, upstream stored, per partition", READER,
-         args.partitions),
+    for what, template, length, which in (
+        (f"{args.chain}-asset chain, per materialization", CHAIN, args.chain, {}),
+        (f"{args.partitions}-partition backfill, per partition", BACKFILLS, args.partitions, BACKFILL),
+        (f"{args.partitions}-partition backfill of a reader, upstream stored, per partition", BACKFILLS,
+         args.partitions, READER),
     ):
         store_open, store = "", "None"
         if args.store == "sqlite":
             store_open, store = "fs.store.SqliteStore(tempfile.mkdtemp() + '/f.db') as store,", "store"
         code = template.format(length=length, last=length - 1, subscribers=max(0, args.subscribers), watched=WATCHED,
-                               store_open=store_open, store=store)
+                               store_open=store_open, store=store, **which)
         code = "import tempfile\n" + code
         base, more = _instructions(code, 1), _instructions(code, 1 + runs)
         each = (more - base) // (runs * length)
-        if template is READER:
+        if which is READER:
             each -= rows[-1]["instructions"]  # the upstream's backfill, done in the same runs
         rows.append({"measure": what, "instructions": each})
     return emit("instructions", rows, {"chain": args.chain, "partitions": args.partitions, "runs": runs,

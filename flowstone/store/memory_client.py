@@ -97,7 +97,7 @@ class MemoryActorClient:
         if handle is None:
             handle = self.handle  # raises: not started
         door = handle.shared
-        if door is not None and door.open and door.serving and door.casts == door.taken:
+        if door is not None and door.idle():
             answer: R = door.answer(handle, message_type(**fields))
             return answer
         return await handle.call(message_type, **fields)

@@ -18,6 +18,7 @@ server, which a runtime's several batches in flight can beat.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -110,10 +111,16 @@ MAX_PARALLEL = 20
 class _Clock:
     """Wall time, this process's CPU and the server's, from ``start`` to ``stop``."""
 
+    freeze = False
+    """Whether ``start``, where start-up ends, freezes the heap first, as FlowStone's
+    command line does once its runtime is open (``--freeze``)."""
+
     def __init__(self, server_cpu: ServerCpu) -> None:
         self.server_cpu = server_cpu
 
     def start(self) -> None:
+        if self.freeze:
+            gc.freeze()
         self.began, self.cpu, self.server = time.perf_counter(), time.process_time(), self.server_cpu()
 
     def stop(self) -> Spent:
@@ -198,7 +205,10 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--pool", type=int, default=10, help="connections in the store's pool")
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--no-fsync", action="store_true", help="throwaway cluster without fsync (not the figure)")
+    parser.add_argument("--freeze", action="store_true",
+                        help="freeze the heap once each runtime is open, as the command line does (gc.freeze)")
     args = parser.parse_args(argv)
+    _Clock.freeze = args.freeze
     cluster = None if args.dsn else TemporaryPostgres(fsync=not args.no_fsync).start()
     admin_dsn: str = args.dsn if cluster is None else cluster.dsn()
     rows: list[dict[str, Any]] = []
@@ -261,6 +271,6 @@ def run(argv: list[str]) -> dict[str, Any]:
             cluster.stop()
     return emit(
         "postgres", rows,
-        {"backend": args.backend, "big": args.big, "pool": args.pool, "repeat": args.repeat,
+        {"backend": args.backend, "big": args.big, "pool": args.pool, "repeat": args.repeat, "freeze": args.freeze,
          "server": "given dsn" if args.dsn else f"throwaway cluster, fsync {'off' if args.no_fsync else 'on'}"},
     )

@@ -191,6 +191,32 @@ def test_materialize_reports_each_asset_and_fails_with_exit_code_1(project):
     assert "bad data on the 13th" in bad.stdout
 
 
+PROBE = """
+import gc, os
+from pathlib import Path
+import flowstone as fs
+
+pipeline = fs.Pipeline("probe")
+
+@pipeline.asset()
+async def heap(ctx, deps):
+    Path(os.environ["PROBE_OUT"]).write_text(f"{gc.get_freeze_count()} {len(gc.get_objects(generation=2))}")
+    return 1
+"""
+
+
+def test_the_command_line_leaves_its_start_up_heap_out_of_collections(project, tmp_path):
+    """The collector's full passes no longer walk what start-up made (ADR 0049): by the
+    time an asset runs, that is frozen, and the oldest generation is nearly empty."""
+    (project.folder / "probe.py").write_text(PROBE)
+    out = tmp_path / "heap.txt"
+    done = project.run("materialize", "heap", "--pipeline", "probe:pipeline", env=project.env(PROBE_OUT=str(out)))
+    assert done.returncode == 0, done.stderr
+    frozen, oldest = (int(n) for n in out.read_text().split())
+    assert frozen > 20_000, frozen  # the modules, the definitions, the open runtime
+    assert oldest < frozen // 10, (oldest, frozen)
+
+
 def test_resume_runs_what_a_failed_backfill_did_not_finish(project):
     first = json.loads(project.run("backfill", "clean", "--partition", "2024-01-13", "--partition", "2024-01-14",
                                    "--json").stdout)

@@ -126,6 +126,18 @@ def _frozen(value: Any) -> Any:
     return MappingProxyType(dict(value))
 
 
+def _frozen_lineage(value: Any) -> Any:
+    """``_frozen`` for a record's lineage, which is never shared: its values are
+    tuples of keys, which the test for plain values always refused, one item at a
+    time, for every record a downstream asset built."""
+    kind = type(value)
+    if kind is MappingProxyType:
+        return value
+    if kind is not dict and not isinstance(value, Mapping):
+        return value
+    return MappingProxyType(dict(value)) if value else EMPTY
+
+
 @attrs.frozen
 class Materialization:
     """One attempt to compute one partition of one asset, with its lineage.
@@ -144,7 +156,7 @@ class Materialization:
     duration_ms: float | None = None
     upstream_assets: tuple[str, ...] = ()
     upstream_partitions: Mapping[str, tuple[str | None, ...]] = attrs.field(
-        factory=dict, converter=_frozen, hash=False
+        factory=dict, converter=_frozen_lineage, hash=False
     )
     dependency_hash: str | None = None
     metadata: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen, hash=False)
@@ -273,17 +285,18 @@ POSITION = {name: i for i, name in enumerate(FIELDS)}
 
 def _record_builder() -> Any:
     """``build(values)``: the record of ``values`` (every field, in the order of
-    ``FIELDS``), as ``Materialization(*values)`` makes it, mappings frozen by the
-    same converter. Each slot is set through its own descriptor, in straight-line
+    ``FIELDS``), as ``Materialization(*values)`` makes it, mappings frozen by their
+    fields' converters. Each slot is set through its own descriptor, in straight-line
     code made once here: attrs' ``__init__`` of a frozen class looks
     ``object.__setattr__`` up by name for each of the 18 fields, and a backfilled
     partition builds two records."""
-    frozen = {f.name for f in attrs.fields(Materialization) if f.converter is not None}
-    scope: dict[str, Any] = {"new": object.__new__, "Materialization": Materialization, "convert": _frozen}
+    converters = {f.name: f.converter for f in attrs.fields(Materialization) if f.converter is not None}
+    scope: dict[str, Any] = {"new": object.__new__, "Materialization": Materialization}
     lines = ["def build(values):", "    record = new(Materialization)"]
     for at, name in enumerate(FIELDS):
         scope[f"set_{name}"] = Materialization.__dict__[name].__set__
-        value = f"convert(values[{at}])" if name in frozen else f"values[{at}]"
+        scope[f"convert_{name}"] = converters.get(name)
+        value = f"convert_{name}(values[{at}])" if name in converters else f"values[{at}]"
         lines.append(f"    set_{name}(record, {value})")
     lines.append("    return record")
     exec("\n".join(lines), scope)  # the code above, made from the record's own field names
@@ -296,7 +309,7 @@ _DEFAULTS: tuple[Any, ...] = tuple(
     for f in attrs.fields(Materialization)
 )
 """Each field's value in a record created without it (``new_record``): the mappings
-(the fields with a converter, ``_frozen``) empty, the required fields None until set."""
+(the fields with a converter) empty, the required fields None until set."""
 _ID, _ASSET, _PARTITION, _RUN, _STATUS, _UPSTREAM_ASSETS, _UPSTREAM_PARTITIONS, _TENANT, _INSERTED_AT, _UPDATED_AT = (
     POSITION[name] for name in (
         "id", "asset_name", "partition", "run_id", "status", "upstream_assets", "upstream_partitions", "tenant_id",

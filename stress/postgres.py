@@ -18,7 +18,6 @@ server, which a runtime's several batches in flight can beat.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ import anyio
 
 import flowstone as fs
 from flowstone.plumbing.clock import utcnow
+from flowstone.plumbing.collector import tune_collector
 from flowstone.plumbing.ids import new_uuid
 from flowstone.store import PostgresStore, Status
 from flowstone.store.leases import End, Start
@@ -111,16 +111,16 @@ MAX_PARALLEL = 20
 class _Clock:
     """Wall time, this process's CPU and the server's, from ``start`` to ``stop``."""
 
-    freeze = False
-    """Whether ``start``, where start-up ends, freezes the heap first, as FlowStone's
-    command line does once its runtime is open (``--freeze``)."""
+    tune_gc = False
+    """Whether ``start``, where start-up ends, first sets the garbage collector as
+    FlowStone's command line does once its runtime is open (``--tune-gc``)."""
 
     def __init__(self, server_cpu: ServerCpu) -> None:
         self.server_cpu = server_cpu
 
     def start(self) -> None:
-        if self.freeze:
-            gc.freeze()
+        if self.tune_gc:
+            tune_collector()
         self.began, self.cpu, self.server = time.perf_counter(), time.process_time(), self.server_cpu()
 
     def stop(self) -> Spent:
@@ -205,10 +205,10 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--pool", type=int, default=10, help="connections in the store's pool")
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--no-fsync", action="store_true", help="throwaway cluster without fsync (not the figure)")
-    parser.add_argument("--freeze", action="store_true",
-                        help="freeze the heap once each runtime is open, as the command line does (gc.freeze)")
+    parser.add_argument("--tune-gc", action="store_true",
+                        help="set the garbage collector once each runtime is open, as the command line does")
     args = parser.parse_args(argv)
-    _Clock.freeze = args.freeze
+    _Clock.tune_gc = args.tune_gc
     cluster = None if args.dsn else TemporaryPostgres(fsync=not args.no_fsync).start()
     admin_dsn: str = args.dsn if cluster is None else cluster.dsn()
     rows: list[dict[str, Any]] = []
@@ -271,6 +271,6 @@ def run(argv: list[str]) -> dict[str, Any]:
             cluster.stop()
     return emit(
         "postgres", rows,
-        {"backend": args.backend, "big": args.big, "pool": args.pool, "repeat": args.repeat, "freeze": args.freeze,
+        {"backend": args.backend, "big": args.big, "pool": args.pool, "repeat": args.repeat, "tune_gc": args.tune_gc,
          "server": "given dsn" if args.dsn else f"throwaway cluster, fsync {'off' if args.no_fsync else 'on'}"},
     )

@@ -12,7 +12,6 @@ command line's ``status``: the state of every partition of an asset.
 from __future__ import annotations
 
 import argparse
-import gc
 import tempfile
 import time
 from datetime import date, timedelta
@@ -22,19 +21,20 @@ from typing import Any
 import anyio
 
 import flowstone as fs
+from flowstone.plumbing.collector import tune_collector
 from flowstone.store import SqliteStore
 
 from .report import emit, median
 from .runtime import daily
 
 
-async def _backfill(path: Path, count: int, synchronous: str, freeze: bool) -> tuple[float, float]:
+async def _backfill(path: Path, count: int, synchronous: str, tune_gc: bool) -> tuple[float, float]:
     days = [date(2000, 1, 1) + timedelta(days=i) for i in range(count)]
     async with SqliteStore(path, synchronous=synchronous) as store:
         await store.list_all(limit=1)  # open and migrate before the clock starts
         async with fs.open_runtime(daily(False), store=store) as rt:
-            if freeze:  # start-up is done: as the command line does (``--freeze``)
-                gc.freeze()
+            if tune_gc:  # start-up is done: as the command line does (``--tune-gc``)
+                tune_collector()
             start, cpu = time.perf_counter(), time.process_time()
             backfill = await rt.backfill("events", partitions=days, max_parallel=20)
             status = await rt.wait_backfill(backfill)
@@ -72,8 +72,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--status", type=int, default=100_000, help="partitions whose status is read (0 skips it)")
     parser.add_argument("--synchronous", choices=["FULL", "NORMAL"], default="NORMAL")
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
-    parser.add_argument("--freeze", action="store_true",
-                        help="freeze the heap once each runtime is open, as the command line does (gc.freeze)")
+    parser.add_argument("--tune-gc", action="store_true",
+                        help="set the garbage collector once each runtime is open, as the command line does")
     args = parser.parse_args(argv)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="flowstone-sqlite-", dir=".") as folder:
@@ -81,7 +81,7 @@ def run(argv: list[str]) -> dict[str, Any]:
             samples, busy = [], []
             for attempt in range(repeat):
                 path = Path(folder) / f"{count}-{attempt}.db"
-                elapsed, cpu = anyio.run(_backfill, path, count, args.synchronous, args.freeze,
+                elapsed, cpu = anyio.run(_backfill, path, count, args.synchronous, args.tune_gc,
                                         backend=args.backend)
                 samples.append(elapsed)
                 busy.append(cpu / elapsed)
@@ -119,5 +119,5 @@ def run(argv: list[str]) -> dict[str, Any]:
     return emit(
         "sqlite", rows,
         {"backend": args.backend, "big": args.big, "status": args.status, "repeat": args.repeat,
-         "synchronous": args.synchronous, "freeze": args.freeze},
+         "synchronous": args.synchronous, "tune_gc": args.tune_gc},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pty
@@ -12,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from flowstone.plumbing.collector import YOUNG_THRESHOLD
 
 DEMO = '''
 from datetime import date
@@ -200,21 +203,24 @@ pipeline = fs.Pipeline("probe")
 
 @pipeline.asset()
 async def heap(ctx, deps):
-    Path(os.environ["PROBE_OUT"]).write_text(f"{gc.get_freeze_count()} {len(gc.get_objects(generation=2))}")
+    frozen, young = gc.get_freeze_count(), gc.get_threshold()[0]
+    Path(os.environ["PROBE_OUT"]).write_text(f"{frozen} {len(gc.get_objects(generation=2))} {young}")
     return 1
 """
 
 
-def test_the_command_line_leaves_its_start_up_heap_out_of_collections(project, tmp_path):
-    """The collector's full passes no longer walk what start-up made (ADR 0049): by the
-    time an asset runs, that is frozen, and the oldest generation is nearly empty."""
+def test_the_command_line_sets_its_garbage_collector_for_its_work(project, tmp_path):
+    """The collector's passes no longer walk what start-up made (ADR 0049): by the time
+    an asset runs, that is frozen, the oldest generation is nearly empty, and young
+    collections come every YOUNG_THRESHOLD objects."""
     (project.folder / "probe.py").write_text(PROBE)
     out = tmp_path / "heap.txt"
     done = project.run("materialize", "heap", "--pipeline", "probe:pipeline", env=project.env(PROBE_OUT=str(out)))
     assert done.returncode == 0, done.stderr
-    frozen, oldest = (int(n) for n in out.read_text().split())
+    frozen, oldest, young = (int(n) for n in out.read_text().split())
     assert frozen > 20_000, frozen  # the modules, the definitions, the open runtime
     assert oldest < frozen // 10, (oldest, frozen)
+    assert young == YOUNG_THRESHOLD != gc.get_threshold()[0]  # this test process keeps Python's default
 
 
 def test_resume_runs_what_a_failed_backfill_did_not_finish(project):

@@ -54,10 +54,10 @@ def test_ranges_scenario_starts_a_big_backfill_lazily():
 
 
 def test_sqlite_scenario_compares_with_the_memory_store():
-    result = run_stress("sqlite", "--repeat", "1", "--big", "300", "--status", "500", "--freeze")
+    result = run_stress("sqlite", "--repeat", "1", "--big", "300", "--status", "500", "--tune-gc")
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    assert record["options"]["freeze"] is True
+    assert record["options"]["tune_gc"] is True
     rows = {row["scenario"]: row for row in record["rows"]}
     assert rows["366 daily partitions, max_parallel=20, SQLite (synchronous=NORMAL)"]["per_second"] > 0
     assert rows["300 partitions on the memory store (the runtime's own share)"]["per_second"] > 0
@@ -155,10 +155,10 @@ def test_instructions_scenario_parses_its_options():
 
 
 def test_postgres_scenario_short_run_reports_both_figures(pg_server):
-    result = run_stress("postgres", "--dsn", pg_server.admin, "--repeat", "1", "--big", "300", "--freeze")
+    result = run_stress("postgres", "--dsn", pg_server.admin, "--repeat", "1", "--big", "300", "--tune-gc")
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    assert record["options"]["freeze"] is True
+    assert record["options"]["tune_gc"] is True
     rows = {row["scenario"].split(",")[0]: row for row in record["rows"]}
     assert set(rows) == {"366 daily partitions", "300 partitions", "300 partitions of a reader",
                          "floor: the store alone"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -15,6 +14,7 @@ from ..definitions import Retention
 from ..errors import InvalidPartition
 from ..partitions import serialize_partition
 from ..pipeline import Pipeline
+from ..plumbing.collector import tune_collector
 from ..runtime.runtime import Runtime, open_runtime
 from ..store.health import key_strings
 from ..store.records import Status
@@ -67,19 +67,8 @@ async def _runtime(
     async with _store(args, must_exist=False) as store, _queue(args, queue) as sender, open_runtime(
         pipeline, store=store, default_io_manager="filesystem", queue=sender, **options
     ) as rt:
-        _freeze_start_up()
+        tune_collector()  # this process is FlowStone's (ADR 0049)
         yield rt
-
-
-def _freeze_start_up() -> None:
-    """Leave what start-up made (the modules imported, the definitions, the open
-    runtime or store) out of the garbage collector's passes from now on (ADR 0049).
-    It lives as long as the process, and each full pass walked all of it again:
-    about 50,000 objects, 30-40 ms a pass on the 2-core machine measured, two to
-    four passes per 10,000 partitions of a PostgreSQL backfill. The few objects
-    start-up left as garbage (a few dozen) stay too; no collection runs first, which
-    would cost one such pass."""
-    gc.freeze()
 
 
 @asynccontextmanager
@@ -692,7 +681,7 @@ async def _serve_web(args: argparse.Namespace, store: Any, pipeline: Pipeline, s
         raise CliError("--port must be between 0 and 65535")
     token = args.token or os.environ.get("FLOWSTONE_WEB_TOKEN") or None
     app = create_app(store, pipeline, tenant=args.tenant, token=token, runtime=runtime, stopping=stop)
-    _freeze_start_up()  # the web stack too: a full pass is a pause in every request it overlaps
+    tune_collector()  # the web stack too: a full pass is a pause in every request it overlaps
     try:
         await serve(app, host=args.host, port=args.port, stopping=stop)
     except OSError as error:

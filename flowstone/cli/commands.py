@@ -700,8 +700,11 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         raise CliError("--lease-seconds must be a number of seconds > 0")
     if not _has_procrastinate():
         raise CliError("workers need their extra: pip install 'flowstone[workers]'")
+    import importlib
+
     from ..workers.queue import run_worker
 
+    importlib.import_module("procrastinate")  # now, so that tune_collector freezes its ~16,000 objects too
     async with _runtime(args, lease_seconds=args.lease_seconds) as rt:
         await run_worker(url, rt, concurrency=args.concurrency, tenants=args.serve_tenants,
                          name=f"{os.uname().nodename}:{os.getpid()}")

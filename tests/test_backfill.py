@@ -528,7 +528,7 @@ async def test_the_workers_of_a_backfill_share_what_they_learn_of_its_pace(anyio
 
 async def test_a_store_may_ask_for_larger_batches(anyio_backend, tmp_path):
     """A store whose writes have fixed costs says how many partitions a batch should
-    hold (``backfill_chunk``: 64 for the SQL stores); without it a batch holds 16."""
+    hold (``backfill_chunk``: 64 for SQLite, 128 for PostgreSQL); without it a batch holds 16."""
     sizes: list[int] = []
 
     class Counting(fs.store.SqliteStore):

@@ -92,13 +92,12 @@ FLUSHES = 2
 """Flushes in flight at once, each on a connection of its own: while the database
 writes one batch, the next is sent."""
 
-FLUSH_ROWS = 320
+FLUSH_ROWS = 640
 """Most writes one flush takes; the rest wait for the next (ADR 0040). A flush of
 everything queued kept a backfill's workers in one cohort that computed while the
 database waited and waited while it wrote; smaller flushes come back one after
 another, so the client computes on one's results while the database writes the
-next. A quarter of the cohort of 20 workers' chunks of 64 (160 was half a cohort
-of chunks of 16)."""
+next. A quarter of the cohort of 20 workers' chunks of 128 (its addenda)."""
 
 LOOKUPS = 1
 """Lookups of latest successes in flight at once: those asked meanwhile wait and go
@@ -622,9 +621,9 @@ class PostgresStore(PostgresClient):
     refused with ``TenancyNotEnforced``.
     """
 
-    backfill_chunk = 64
+    backfill_chunk = 128
     """Most partitions a backfill's worker takes at once, and batches (ADR 0032's
-    addendum): each flush's statements and commit cost the same for more rows."""
+    addenda): each flush's statements and commit cost the same for more rows."""
 
     def __init__(self, dsn: str | None = None, pool: Any = None, **options: Any) -> None:
         """``options``: ``min_size``, ``max_size`` (the pool), ``allow_bypass_rls``."""

@@ -5,9 +5,9 @@ needs to plan and record runs in few round trips; every store FlowStone ships
 implements them, and the shared contract suite (tests/contracts) checks them all.
 
 A store may also say how many partitions a backfill's worker should take at once
-and write in one batch, as ``backfill_chunk`` (an int attribute): the SQL stores
-ask for 64, whose writes have fixed costs that more rows share; without it a
-backfill takes 16, which suits an in-process store.
+and write in one batch, as ``backfill_chunk`` (an int attribute): SQLite asks for
+64 and PostgreSQL for 128, whose writes have fixed costs that more rows share;
+without it a backfill takes 16, which suits an in-process store.
 """
 
 from __future__ import annotations

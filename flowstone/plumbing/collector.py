@@ -16,8 +16,8 @@ YOUNG_THRESHOLD = 10_000
 default is 700. A batch of partitions keeps its plans, requests, records and leases
 alive while the store writes it, so at 700 each young pass walked them again, and
 passed them on to the older generations, whose passes walked them once more: 270
-young and 25 middle passes per 10,000 partitions of a PostgreSQL backfill, 5 and
-none at 10,000."""
+young and 25 middle passes per 10,000 partitions of a PostgreSQL backfill (in
+batches of 64), 5 and none at 10,000."""
 
 
 def tune_collector() -> None:

@@ -72,7 +72,7 @@ class MemoryIO(MemoryActorClient):
     ) -> None:
         key = serialize_partition(partition)
         kept = private_copy(value, asset=asset, partition=key)
-        await self._cast(m.PutValue(tenant=current_tenant(), asset=asset, partition=key, value=kept))
+        await self._cast(m.make_put_value(None, current_tenant(), asset, key, kept))
 
     async def delete(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
         await self._cast(

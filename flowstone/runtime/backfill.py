@@ -398,7 +398,7 @@ async def _worker(
         # backfill of fast partitions never stopped it there.
         await anyio.lowlevel.checkpoint_if_cancelled()
         requests = [
-            RunRequest(spec.asset, p, spec.upstream, spec.force, spec.io, spec.context, defer_held=True)
+            RunRequest(spec.asset, p, spec.upstream, spec.force, spec.io, spec.context, True)  # defer_held
             for p in chunk
         ]
         try:

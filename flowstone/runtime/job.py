@@ -45,6 +45,7 @@ from ..io.memory import private_copy
 from ..io.protocol import LoadsMany, returns_stored_object
 from ..plumbing import threads
 from ..plumbing.clock import utcnow
+from ..plumbing.frozen import builder
 from ..plumbing.interrupts import internal
 from ..store.leases import End, Lease, Start
 from ..store.records import ACTIVE, Materialization, Status
@@ -424,6 +425,10 @@ def _start(job: Job, env: Env, now: datetime) -> dict[str, Any]:
     }
 
 
+_context = builder(Context)
+"""``Context(...)`` from its fields in order, made once for each job (see ``builder``)."""
+
+
 class _Computed(NamedTuple):
     """What a job computed: the status and fields of its last write, and the value
     stored (a success) or the error (a failure)."""
@@ -440,14 +445,9 @@ async def _compute(job: Job, env: Env, record: Materialization, lease: Lease) ->
     raised."""
     asset = job.asset
     started = time.perf_counter()
-    ctx = Context(
-        asset=asset,
-        partition=job.partition,
-        partition_key=job.key,
-        run_id=job.run_id,
-        tenant=job.tenant,
-        log=_asset_logger(asset.name),
-        resources={name: env.resources[name] for name in asset.requires} if asset.requires else {},
+    ctx = _context(  # Context's fields in order: asset, partition, its key, run, tenant, log, resources, metadata
+        asset, job.partition, job.key, job.run_id, job.tenant, _asset_logger(asset.name),
+        {name: env.resources[name] for name in asset.requires} if asset.requires else {}, {},
     )
     manager = env.io_managers[job.io_key]
     try:
@@ -475,7 +475,7 @@ async def _compute(job: Job, env: Env, record: Materialization, lease: Lease) ->
     return _Computed(Status.SUCCESS, {
         "metadata": _io_metadata(ctx.metadata, job), "completed_at": utcnow(),
         "duration_ms": (time.perf_counter() - started) * 1000,
-    }, value=value)  # _timing's fields, without its dict to merge
+    }, value)  # _timing's fields, without its dict to merge; the value
 
 
 async def _ended(job: Job, env: Env, record: Materialization, computed: _Computed) -> JobResult:
@@ -497,7 +497,7 @@ def _ended_now(job: Job, env: Env, record: Materialization, computed: _Computed)
     if record.status is not Status.SUCCESS:
         return JobResult(record, computed.error)
     if returns_stored_object(env.io_managers[job.io_key]):
-        return JobResult(record, value=computed.value, has_value=True)
+        return JobResult(record, None, computed.value, True)  # the value, in hand
     return JobResult(record)
 
 

@@ -13,6 +13,7 @@ decisions (what ``upstream=`` and ``force=`` mean, what is skipped) are ADR 0005
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections import Counter, deque
@@ -29,6 +30,7 @@ from ..errors import DefinitionError, FlowstoneError, InvalidPartition, Material
 from ..guards import Guard, authorize
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
+from ..plumbing.frozen import builder
 from ..plumbing.ids import new_uuid
 from ..store.leases import FinishedElsewhere, LeaseHeld
 from ..store.records import Materialization, Status
@@ -52,6 +54,10 @@ class RunResult:
     run_id: uuid.UUID
     materializations: Mapping[str, Materialization]
     skipped: tuple[str, ...] = ()
+
+
+_run_result_of = builder(RunResult)
+"""``RunResult``: run id, materializations, skipped; a backfill makes one a partition (see ``builder``)."""
 
 
 class RunRequest(NamedTuple):
@@ -93,15 +99,22 @@ class _Ready:
 
 
 class _Outcome(NamedTuple):
+    """What came of one asset of a run: a ``JobResult``'s fields, in its order."""
+
     record: Materialization | None = None
     error: BaseException | None = None
-    reused: bool = False
     value: Any = None
     has_value: bool = False
+    reused: bool = False
 
     @property
     def ok(self) -> bool:
         return self.record is not None and self.record.status is Status.SUCCESS
+
+
+_outcome_of: Callable[[JobResult], _Outcome] = functools.partial(tuple.__new__, _Outcome)
+"""The outcome of a job's result: the same fields, copied in one step (no keywords
+for a named tuple to unpack, on every job's path)."""
 
 
 def check_request(request: RunRequest, io_keys: Mapping[str, Any]) -> None:
@@ -347,21 +360,15 @@ def make_job(
         io_key, io_config = request.io["io_manager"], request.io.get("config", {})
     else:
         io_key, io_config = node.asset.io_manager or env.default_io, node.asset.io_config
+    # Positionally, in Job's order (keywords cost a named tuple twice as much to make).
     return Job(
-        asset=node.asset,
-        run_id=run_id,
-        partition=node.partition,
-        key=node.key,
-        tenant=tenant,
-        reads=tuple(reads),
-        dependency_hash=digest,
-        io_key=io_key,
-        io_config=io_config,
-        # Nothing in the graph reads a leaf, so nothing can be built on its old
-        # value here (records of other pipelines sharing the store are still
+        node.asset, run_id, node.partition, node.key, tenant, tuple(reads), digest, io_key, io_config,
+        # marks_stale: nothing in the graph reads a leaf, so nothing can be built on
+        # its old value here (records of other pipelines sharing the store are still
         # rebuilt when they run: their dependency hash names the old record).
-        marks_stale=previous is not None and snapshot.graph.has_readers(name),
-        unless_done=(previous.id if previous is not None else None, digest) if may_reuse else None,
+        previous is not None and snapshot.graph.has_readers(name),
+        # unless_done
+        (previous.id if previous is not None else None, digest) if may_reuse else None,
     )
 
 
@@ -601,8 +608,7 @@ def _run_result(env: Env, run: _Run) -> RunResult | Exception:
                 at=utcnow(), tenant=run.tenant, run_id=run.run_id, asset=name, partition=run.nodes[0].key,
                 materialization_id=record.id,
             ))
-        result = RunResult(run_id=run.run_id, materializations={name: record},
-                           skipped=(name,) if outcome.reused else ())
+        result = _run_result_of(run.run_id, {name: record}, (name,) if outcome.reused else ())
     else:
         outcomes = {**{other: o for other, o in run.outcomes.items() if other != name}, name: outcome}
         if env.events.subscribers:
@@ -822,9 +828,7 @@ class _Run:
         job = make_job(self.snapshot, self.env, self.request, node, reads, digest, self.run_id, self.tenant,
                        self.latest.get((name, node.key)), self.may_reuse(name))
         done = await self.lead_or_follow(job, pending)
-        return _Outcome(
-            record=done.record, error=done.error, value=done.value, has_value=done.has_value, reused=done.reused
-        )
+        return _outcome_of(done)
 
     def settle(self, job: Job, result: JobResult | Exception) -> None:
         """A job of this run that ran in a batch ended: its outcome, as ``run_node``
@@ -833,8 +837,7 @@ class _Run:
         another process holds, as a backfill's runs do)."""
         name = job.asset.name
         if isinstance(result, JobResult):
-            self.outcomes[name] = _Outcome(record=result.record, error=result.error, value=result.value,
-                                           has_value=result.has_value, reused=result.reused)
+            self.outcomes[name] = _outcome_of(result)
         elif isinstance(result, LeaseHeld):
             self.stopped = result
         elif isinstance(result, FlowstoneError):

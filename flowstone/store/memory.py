@@ -71,7 +71,7 @@ class MemoryStore(MemoryActorClient):
         self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
     ) -> tuple[Materialization, Lease]:
         record, lease, orphan = self._beginning(owner, seconds, unless_done, fields, utcnow())
-        await self._cast(m.Create(record=record, orphan=orphan, fresh="id" not in fields))
+        await self._cast(m.make_create(None, record, orphan, "id" not in fields))
         return record, lease
 
     def _beginning(
@@ -184,7 +184,7 @@ class MemoryStore(MemoryActorClient):
         new = completed(record, status, fields, tenant, now)
         if lease is not None:
             self._data.leases.check(lease)
-        return new, m.Replace(record=new, expected=record.status, lease=lease)
+        return new, m.make_replace(None, new, record.status, lease)
 
     def _release(self, lease: Lease | None, status: Status, new: Materialization) -> None:
         """After the write is queued, a terminal move releases its lease: whoever

@@ -38,6 +38,7 @@ from ..errors import (
     NotFound,
 )
 from ..plumbing.clock import utcnow
+from ..plumbing.frozen import builder
 from ..plumbing.ids import uuid_of
 from .leases import BackfillClaim, CancelRequested, Cursor, Lease, LeaseTable, RoleHolder, Tick, lost
 from .records import (
@@ -476,6 +477,16 @@ class MarkStale(Message[list[Materialization]]):
 @attrs.frozen(kw_only=True)
 class PutValue(_AtKey[None]):
     value: Any
+
+
+# Each materialization sends these three (a backfill's batch, its records' writes in
+# one ``Many``): made positionally, without attrs' ``__init__`` (see ``builder``).
+make_create = builder(Create)
+"""``Create``: reply, record, orphan, fresh."""
+make_replace = builder(Replace)
+"""``Replace``: reply, record, expected, lease."""
+make_put_value = builder(PutValue)
+"""``PutValue``: reply, tenant, asset, partition, value."""
 
 
 @attrs.frozen(kw_only=True)

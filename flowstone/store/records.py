@@ -16,6 +16,7 @@ from ..definitions import FieldError
 from ..errors import DefinitionError, InvalidTransition, NotFound
 from ..identifiers import check_identifier
 from ..partitions import serialize_partition
+from ..plumbing.frozen import builder
 from ..plumbing.ids import new_uuid
 from ..plumbing.jsonvalues import PLAIN_TYPES, storable_text, text_problem
 
@@ -283,27 +284,11 @@ values_of = operator.attrgetter(*FIELDS)
 POSITION = {name: i for i, name in enumerate(FIELDS)}
 
 
-def _record_builder() -> Any:
-    """``build(values)``: the record of ``values`` (every field, in the order of
-    ``FIELDS``), as ``Materialization(*values)`` makes it, mappings frozen by their
-    fields' converters. Each slot is set through its own descriptor, in straight-line
-    code made once here: attrs' ``__init__`` of a frozen class looks
-    ``object.__setattr__`` up by name for each of the 18 fields, and a backfilled
-    partition builds two records."""
-    converters = {f.name: f.converter for f in attrs.fields(Materialization) if f.converter is not None}
-    scope: dict[str, Any] = {"new": object.__new__, "Materialization": Materialization}
-    lines = ["def build(values):", "    record = new(Materialization)"]
-    for at, name in enumerate(FIELDS):
-        scope[f"set_{name}"] = Materialization.__dict__[name].__set__
-        scope[f"convert_{name}"] = converters.get(name)
-        value = f"convert_{name}(values[{at}])" if name in converters else f"values[{at}]"
-        lines.append(f"    set_{name}(record, {value})")
-    lines.append("    return record")
-    exec("\n".join(lines), scope)  # the code above, made from the record's own field names
-    return scope["build"]
-
-
-build = _record_builder()
+build = builder(Materialization, from_values=True)
+"""``build(values)``: the record of ``values`` (every field, in the order of
+``FIELDS``), as ``Materialization(*values)`` makes it, mappings frozen by their
+fields' converters, without attrs' ``__init__`` (each of the 18 fields looked up by
+name): a backfilled partition builds two records."""
 _DEFAULTS: tuple[Any, ...] = tuple(
     EMPTY if f.converter is not None else None if f.default is attrs.NOTHING else f.default
     for f in attrs.fields(Materialization)

@@ -412,14 +412,19 @@ async def _attempt(job: Job, env: Env, executor: Handle, state: _State) -> JobRe
 def _start(job: Job, env: Env, now: datetime) -> dict[str, Any]:
     """The fields of the record a job begins with, begun at ``now`` (one time for all
     the jobs of a batch: they begin in one write)."""
+    # A loop, not comprehensions (a call each): most reads are of one record.
+    lineage: dict[str, tuple[str | None, ...]] = {}
+    for read in job.reads:
+        records = read.records
+        lineage[read.asset] = (records[0].partition,) if len(records) == 1 else tuple([m.partition for m in records])
     return {
         "asset_name": job.asset.name,
         "partition": job.key,
         "run_id": job.run_id,
         "status": Status.WAITING_APPROVAL if job.asset.requires_approval else Status.RUNNING,
         "started_at": now,
-        "upstream_assets": tuple(r.asset for r in job.reads),
-        "upstream_partitions": {r.asset: tuple(m.partition for m in r.records) for r in job.reads},
+        "upstream_assets": tuple(lineage),  # a run reads each input asset once
+        "upstream_partitions": lineage,
         "dependency_hash": job.dependency_hash,
         "executor_node": _executor_node(env.node, job.asset.name),
     }
@@ -580,8 +585,10 @@ async def _load_inputs(job: Job, env: Env) -> dict[str, Any]:
             continue
         if values is None:
             values = tuple([await load_value(record, env) for record in read.records])
-        else:  # handed over in this run, not loaded: each reader still gets its own copy
-            values = tuple(private_copy(v, asset=read.asset) for v in values)
+        elif len(values) == 1:  # handed over in this run, not loaded: each reader still gets its own copy
+            values = (private_copy(values[0], asset=read.asset),)
+        else:
+            values = tuple([private_copy(v, asset=read.asset) for v in values])
         if read.all_partitions:
             deps[read.asset] = {m.partition: v for m, v in zip(read.records, values, strict=True)}
         else:

@@ -197,9 +197,12 @@ class Planner:
         self.order = order = graph.execution_order(root.name)
         self.assets: dict[str, Asset] = {name: graph.get(name) for name in order}
         self.carries: dict[str, bool] = {}
-        for name in order:
+        for name in order:  # dependencies first: whether each carries a partition is known
             asset = self.assets[name]
-            self.carries[name] = asset.partitioned_by is not None or any(self.carries[d] for d in asset.depends_on)
+            carries = asset.partitioned_by is not None
+            for dep in asset.depends_on:
+                carries = carries or self.carries[dep]
+            self.carries[name] = carries
 
     def plan(self, request: RunRequest, *, checked: bool = False) -> list[_Node]:
         """``plan(snapshot, request)``; ``checked``: the request's partition is already
@@ -232,13 +235,21 @@ class Planner:
                     partitions[dep_name] = dep_value
                     inputs.append(_Input(dep_name, dep_key, "node"))
             nodes[name] = _Node(asset, value, serialize_partition(value), tuple(inputs))
+        if len(nodes) == 1:  # a root asset's partition (a backfill plans one a partition)
+            return list(nodes.values())
         return [nodes[name] for name in self.order if name in nodes]
 
 
 def lookup_pairs(nodes: list[_Node]) -> list[tuple[str, str | None]]:
     """The (asset, partition key) pairs whose latest success a run must know."""
-    pairs = [(n.asset.name, n.key) for n in nodes]
-    pairs += [(i.asset, i.key) for n in nodes for i in n.inputs if i.kind == "latest"]
+    # Loops, not comprehensions: each comprehension is a call of its own (CPython
+    # 3.11), and a backfill asks this twice a partition, mostly of one node.
+    pairs = []
+    for node in nodes:
+        pairs.append((node.asset.name, node.key))
+        for read in node.inputs:
+            if read.kind == "latest":
+                pairs.append((read.asset, read.key))
     return pairs
 
 
@@ -703,7 +714,10 @@ class _Run:
         return reads
 
     def digest(self, node: _Node, reads: list[Read]) -> str:
-        upstream = {r.asset: [m.id for m in r.records] for r in reads}
+        upstream: dict[str, list[uuid.UUID]] = {}
+        for read in reads:  # a loop, not comprehensions (a call each): mostly one record a read
+            records = read.records
+            upstream[read.asset] = [records[0].id] if len(records) == 1 else [m.id for m in records]
         return dependency_hash(self.snapshot.versions[node.asset.name], node.key, upstream)
 
     def may_reuse(self, name: str) -> bool:
@@ -776,11 +790,13 @@ class _Run:
             name = self.nodes[0].asset.name
             await self._work(_Ready(deque(self.nodes), {name: 0}, {name: []}), None, False)
             return
-        waiting = {n.asset.name: sum(1 for i in n.inputs if i.kind == "node") for n in self.nodes}
+        waiting: dict[str, int] = {}
         readers: dict[str, list[_Node]] = {n.asset.name: [] for n in self.nodes}
         for node in self.nodes:
+            waiting[node.asset.name] = 0
             for read in node.inputs:
                 if read.kind == "node":
+                    waiting[node.asset.name] += 1
                     readers[read.asset].append(node)
         queue = _Ready(deque(n for n in self.nodes if waiting[n.asset.name] == 0), waiting, readers)
         async with anyio.create_task_group() as tasks:

@@ -270,9 +270,13 @@ def new_record(fields: Mapping[str, Any], tenant: str | None, now: datetime) -> 
     if type(upstream) is not tuple:
         values[_UPSTREAM_ASSETS] = tuple(upstream)
     upstream_partitions = values[_UPSTREAM_PARTITIONS]
-    values[_UPSTREAM_PARTITIONS] = {
-        name: keys if type(keys) is tuple else tuple(keys) for name, keys in upstream_partitions.items()
-    } if upstream_partitions else EMPTY
+    if not upstream_partitions:
+        values[_UPSTREAM_PARTITIONS] = EMPTY
+    else:  # the converter copies it, read only; keys given as lists become tuples first
+        for keys in upstream_partitions.values():
+            if type(keys) is not tuple:
+                values[_UPSTREAM_PARTITIONS] = {name: tuple(keys) for name, keys in upstream_partitions.items()}
+                break
     values[_TENANT], values[_INSERTED_AT], values[_UPDATED_AT] = tenant, now, now
     return build(values)
 

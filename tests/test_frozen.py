@@ -12,8 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flowstone.context import Context
-from flowstone.plumbing.frozen import builder
+from flowstone.plumbing.frozen import builder, tuple_maker
 from flowstone.plumbing.ids import new_uuid
+from flowstone.runtime.executor import JobResult, new_job_result
 from flowstone.runtime.run import RunResult
 from flowstone.store import memory_actor as m
 from flowstone.store.records import FIELDS, Materialization, Status, build
@@ -91,3 +92,11 @@ def test_a_class_the_builder_would_get_wrong_is_refused() -> None:
     for cls in (Checked, AfterInit, Unslotted):
         with pytest.raises(TypeError):
             builder(cls)
+
+
+def test_a_named_tuple_made_from_its_fields_is_the_one_its_class_makes() -> None:
+    record = Materialization(id=new_uuid(), asset_name="a", partition=None, run_id=new_uuid(), status=Status.SUCCESS)
+    made = new_job_result((record, None, 3, True, False))
+    assert made == JobResult(record, value=3, has_value=True) and type(made) is JobResult
+    assert made.value == 3 and made._replace(value=4).value == 4
+    assert tuple_maker(JobResult)((record, None, None, False, True)).reused is True

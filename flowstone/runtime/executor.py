@@ -63,6 +63,7 @@ from ..actors.mailbox import (
 from ..definitions import Asset
 from ..errors import ActorCrashed, FlowstoneError, NotFound, RuntimeClosed
 from ..io.protocol import IOManager
+from ..plumbing.frozen import tuple_maker
 from ..store.protocol import MaterializationStore
 from ..store.records import Materialization
 from .leases import LeaseKeeper
@@ -130,6 +131,11 @@ class Lease(NamedTuple):
     """Permission to run one partition's job; hand it back with ``Finished``."""
 
     token: Any
+
+
+# Made once a materialization each: from every field in order (``tuple_maker``).
+new_job_result = tuple_maker(JobResult)
+_new_lease = tuple_maker(Lease)
 
 
 @attrs.frozen(kw_only=True)
@@ -259,7 +265,7 @@ class _Gate:
         return self.lease(key)
 
     def lease(self, key: FlightKey, followers: list[Reply] | None = None) -> Lease:
-        lease = self.flights[key] = Lease(next(_TOKENS))
+        lease = self.flights[key] = _new_lease((next(_TOKENS),))
         if followers:
             self.followers[key] = followers
         return lease

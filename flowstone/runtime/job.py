@@ -45,13 +45,13 @@ from ..io.memory import private_copy
 from ..io.protocol import LoadsMany, returns_stored_object
 from ..plumbing import threads
 from ..plumbing.clock import utcnow
-from ..plumbing.frozen import builder
+from ..plumbing.frozen import builder, tuple_maker
 from ..plumbing.interrupts import internal
-from ..store.leases import End, Lease, Start
+from ..store.leases import Lease, new_end, new_start
 from ..store.records import ACTIVE, Materialization, Status
 from ..tenancy import current_tenant, tenant_scope
 from . import tracing
-from .executor import AwaitApproval, Env, JobResult
+from .executor import AwaitApproval, Env, JobResult, new_job_result
 from .processes import run_in_process
 
 __all__ = ["IO_CONFIG", "IO_KEY", "BatchWriter", "Job", "Read", "describe", "run_job", "run_jobs"]
@@ -92,6 +92,10 @@ class Job(NamedTuple):
     unless_done: tuple[uuid.UUID | None, str] | None = None
     """(id of the success the run saw, dependency hash) when a success that another
     process finished since may be taken instead of computing; None to compute anyway."""
+
+
+new_job = tuple_maker(Job)
+"""A ``Job`` from every field in order, without a named tuple's ``__new__`` call (``tuple_maker``)."""
 
 
 async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
@@ -248,7 +252,7 @@ class _Batch:
         env = self.env
         asked, now = env.leases.clock(), utcnow()
         begun = await env.store.begin_many(
-            env.node, env.leases.seconds, [Start(_start(job, env, now), job.unless_done) for job in self.jobs])
+            env.node, env.leases.seconds, [new_start((_start(job, env, now), job.unless_done)) for job in self.jobs])
         for index, got in enumerate(begun):
             if isinstance(got, Exception):
                 await self.report(index, got)
@@ -338,7 +342,7 @@ class _Batch:
         for index in ending:
             env.leases.ending(running[index][1])
         written = await env.store.complete_many([
-            End(running[index][0], computed[index].status, running[index][1], computed[index].fields)
+            new_end((running[index][0], computed[index].status, running[index][1], computed[index].fields))
             for index in ending
         ])
         for index, record in zip(ending, written, strict=True):
@@ -444,6 +448,9 @@ class _Computed(NamedTuple):
     error: BaseException | None = None
 
 
+_new_computed = tuple_maker(_Computed)
+
+
 async def _compute(job: Job, env: Env, record: Materialization, lease: Lease) -> _Computed:
     """Load the inputs, call the function, store the value. A failure of any of that
     is the job's result (``failed``); ``LeaseLost`` and the runtime's cancellation are
@@ -477,10 +484,10 @@ async def _compute(job: Job, env: Env, record: Materialization, lease: Lease) ->
             "error_message": describe(error), "error_traceback": traceback_of(error),
             "metadata": _io_metadata(ctx.metadata, job), **_timing(record, started),
         }, error=error)
-    return _Computed(Status.SUCCESS, {
+    return _new_computed((Status.SUCCESS, {
         "metadata": _io_metadata(ctx.metadata, job), "completed_at": utcnow(),
         "duration_ms": (time.perf_counter() - started) * 1000,
-    }, value)  # _timing's fields, without its dict to merge; the value
+    }, value, None))  # _timing's fields, without its dict to merge; the value; no error
 
 
 async def _ended(job: Job, env: Env, record: Materialization, computed: _Computed) -> JobResult:
@@ -502,7 +509,7 @@ def _ended_now(job: Job, env: Env, record: Materialization, computed: _Computed)
     if record.status is not Status.SUCCESS:
         return JobResult(record, computed.error)
     if returns_stored_object(env.io_managers[job.io_key]):
-        return JobResult(record, None, computed.value, True)  # the value, in hand
+        return new_job_result((record, None, computed.value, True, False))  # the value, in hand; not reused
     return JobResult(record)
 
 

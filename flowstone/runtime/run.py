@@ -13,7 +13,6 @@ decisions (what ``upstream=`` and ``force=`` mean, what is skipped) are ADR 0005
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
 from collections import Counter, deque
@@ -30,14 +29,14 @@ from ..errors import DefinitionError, FlowstoneError, InvalidPartition, Material
 from ..guards import Guard, authorize
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
-from ..plumbing.frozen import builder
+from ..plumbing.frozen import builder, tuple_maker
 from ..plumbing.ids import new_uuid
 from ..store.leases import FinishedElsewhere, LeaseHeld
 from ..store.records import Materialization, Status
 from . import tracing
 from .executor import Detach, Env, Finished, JobResult, Lease, ask, finish, lease_now, submit
 from .hashing import dependency_hash
-from .job import Job, Read, describe, run_job, run_jobs
+from .job import Job, Read, describe, new_job, run_job, run_jobs
 from .registry import Snapshot
 
 __all__ = ["RunRequest", "RunResult", "execute_run"]
@@ -112,9 +111,13 @@ class _Outcome(NamedTuple):
         return self.record is not None and self.record.status is Status.SUCCESS
 
 
-_outcome_of: Callable[[JobResult], _Outcome] = functools.partial(tuple.__new__, _Outcome)
+_outcome_of: Callable[[JobResult], _Outcome] = tuple_maker(_Outcome)
 """The outcome of a job's result: the same fields, copied in one step (no keywords
 for a named tuple to unpack, on every job's path)."""
+_new_node = tuple_maker(_Node)
+new_request = tuple_maker(RunRequest)
+"""A ``RunRequest`` from every field in order: a backfill makes one a partition."""
+"""A plan's node from (asset, partition, key, inputs): one a partition of a backfill."""
 
 
 def check_request(request: RunRequest, io_keys: Mapping[str, Any]) -> None:
@@ -234,7 +237,7 @@ class Planner:
                 else:
                     partitions[dep_name] = dep_value
                     inputs.append(_Input(dep_name, dep_key, "node"))
-            nodes[name] = _Node(asset, value, serialize_partition(value), tuple(inputs))
+            nodes[name] = _new_node((asset, value, serialize_partition(value), tuple(inputs)))
         if len(nodes) == 1:  # a root asset's partition (a backfill plans one a partition)
             return list(nodes.values())
         return [nodes[name] for name in self.order if name in nodes]
@@ -371,8 +374,7 @@ def make_job(
         io_key, io_config = request.io["io_manager"], request.io.get("config", {})
     else:
         io_key, io_config = node.asset.io_manager or env.default_io, node.asset.io_config
-    # Positionally, in Job's order (keywords cost a named tuple twice as much to make).
-    return Job(
+    return new_job((  # every field of Job, in its order
         node.asset, run_id, node.partition, node.key, tenant, tuple(reads), digest, io_key, io_config,
         # marks_stale: nothing in the graph reads a leaf, so nothing can be built on
         # its old value here (records of other pipelines sharing the store are still
@@ -380,7 +382,7 @@ def make_job(
         previous is not None and snapshot.graph.has_readers(name),
         # unless_done
         (previous.id if previous is not None else None, digest) if may_reuse else None,
-    )
+    ))
 
 
 def hand_back(executor: Any, tenant: str | None, key: str | None) -> Any:

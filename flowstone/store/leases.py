@@ -25,6 +25,7 @@ import anyio
 import attrs
 
 from ..errors import FlowstoneError, LeaseLost
+from ..plumbing.frozen import tuple_maker
 
 if TYPE_CHECKING:
     from .records import Materialization, Status
@@ -72,6 +73,12 @@ class End(NamedTuple):
     status: Status
     lease: Lease | None
     fields: Mapping[str, Any]
+
+
+# Made once a materialization each: from every field in order (``tuple_maker``).
+new_lease = tuple_maker(Lease)
+new_start = tuple_maker(Start)
+new_end = tuple_maker(End)
 
 
 Item = TypeVar("Item")
@@ -302,7 +309,7 @@ class LeaseTable:
         new = _Row(owner, next(self.fences), record_id, now + seconds)
         self.rows[key] = new
         self.by_fence[new.fence] = key
-        return Lease(tenant, asset, partition, owner, new.fence), row
+        return new_lease((tenant, asset, partition, owner, new.fence)), row
 
     def current(self, lease: Lease) -> bool:
         key = self.by_fence.get(lease.fence)

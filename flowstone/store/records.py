@@ -345,8 +345,10 @@ def completed(
     # ``evolve`` and ``update_fields`` in one pass (a job's end is on the hot path).
     values = list(values_of(record))
     values[_STATUS], values[_UPDATED_AT] = status, now
-    for name, value in fields.items():
-        values[POSITION[name]] = storable_text(value) if name in _TEXTS and value else _as_stored(name, value)
+    for name, value in fields.items():  # _as_stored, inline
+        values[POSITION[name]] = (
+            storable_text(value) if name in _TEXTS and value
+            else tuple(value) if name == "upstream_assets" else value)
     return build(values)
 
 

@@ -128,6 +128,8 @@ def mapping_to_json(value: Mapping[Any, Any], *, asset: str | None = None, what:
     """``to_json(plain(value))``. The text of a small mapping of plain values (a
     record's metadata naming its IO manager: the same for most records) is kept and
     given again instead of checked and written each time (6.5 µs each)."""
+    if not value:
+        return "{}"  # a record begun: no metadata yet
     if len(value) > 4 or not all(type(item) in PLAIN_TYPES for item in value.values()):
         return to_json(plain(value), asset=asset, what=what, partition=partition)
     # Each value's type is part of the key: 1, 1.0 and True are equal, and write differently.

@@ -1250,12 +1250,16 @@ async def _claim_backfill(connection: Any, id: uuid.UUID, tenant: str, owner: st
     return BackfillClaim(saved_from_json(row[0], row[1]), previous, seen)
 
 
+_TEXT = {status: status.value for status in Status}
+"""Each status's text: an enum's ``.value`` is a Python property call, three a partition."""
+
+
 def _beginning(record: Materialization, owner: str, seconds: float, unless_done: tuple[Any, str] | None) -> _Write:
     """The write of ``begin``: the record's values and what the lease needs, in the
     order of ``_BEGIN_COLUMNS``."""
     _check_storable(record)
     return _Write("begin", record, None, (
-        record.id, record.asset_name, record.partition, record.run_id, record.status.value, record.started_at,
+        record.id, record.asset_name, record.partition, record.run_id, _TEXT[record.status], record.started_at,
         record.completed_at, record.duration_ms,
         json.dumps(record.upstream_assets, ensure_ascii=False) if record.upstream_assets else "[]",
         json.dumps({k: list(v) for k, v in record.upstream_partitions.items()}, ensure_ascii=False)
@@ -1282,11 +1286,11 @@ def _completing(
     new = completed(record, status, fields, tenant, now)
     fence = lease.fence if lease is not None else None
     if fields.keys() <= ENDING:
-        return _Write("end", new, record.status, _end_values(new, record.status, fence), lease=lease)
+        return _Write("end", new, record.status, _end_values(new, record.status, fence), lease)
     row = _row(new, record.status)
     if fence is not None:
         row = f'{row[:-1]},"fence":{fence}}}'
-    return _Write("complete", new, record.status, row, lease=lease)
+    return _Write("complete", new, record.status, row, lease)
 
 
 async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[BaseException | None]:
@@ -1560,7 +1564,7 @@ def _end_values(record: Materialization, expected: Status, fence: int | None) ->
     ``_END_COLUMNS``. Its texts are storable already (``completed`` replaced what
     PostgreSQL cannot hold in an error; ``to_json`` refuses it in metadata)."""
     return (
-        record.id, record.status.value, expected.value, record.completed_at, record.duration_ms, _metadata(record),
+        record.id, _TEXT[record.status], _TEXT[expected], record.completed_at, record.duration_ms, _metadata(record),
         record.error_message, record.updated_at, record.error_traceback, fence,
     )
 

@@ -4,6 +4,7 @@ the same twice, not even across a fork."""
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 import uuid
 
@@ -47,3 +48,14 @@ def test_a_forked_child_does_not_repeat_its_parents_ids():
     ours = [new_uuid().hex for _ in range(64)]
     assert child.exitcode == 0
     assert not set(theirs) & set(ours)
+
+
+def test_a_threads_first_ids_carry_random_bits_as_every_later_one_does():
+    """A thread (or a process) starts with no random bytes: its very first ids draw
+    them too, so two processes starting in the same millisecond never make one id."""
+    made: list[uuid.UUID] = []
+    worker = threading.Thread(target=lambda: made.extend(new_uuid() for _ in range(300)))
+    worker.start()
+    worker.join(timeout=30)
+    randoms = [one.int & ((1 << 62) - 1) for one in made]  # the 62 random bits of each
+    assert len(randoms) == 300 and len(set(randoms)) == 300

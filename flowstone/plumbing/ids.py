@@ -46,10 +46,10 @@ class _Pool(threading.local):
     millisecond, its counter], in one list (one thread-local read an id)."""
 
     def __init__(self) -> None:
-        self.state: list[Any] = [b"", 0, 0, 0]
+        self.state: list[Any] = [b"", _BUFFER, 0, 0]
 
     def clear(self) -> None:
-        self.state[:] = [b"", 0, 0, 0]
+        self.state[:] = [b"", _BUFFER, 0, 0]
 
 
 _pool = _Pool()

@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..errors import ActorCrashed, RuntimeClosed
+from ..plumbing.frozen import builder
 from ..plumbing.interrupts import internal, protect_on_trio
 from .mailbox import Handle, Message, fail_pending, open_mailbox
 
@@ -87,7 +88,9 @@ def spawn_on_demand(
     of its 18 ms, and opening each one's mailbox another 0.5. Close the handle
     (``close``) when its task may never have started: it closes both ends of the
     mailbox then, if it was opened."""
-    return _OnDemand(name, None, shared, waking=_Waking(tasks, name, incarnation, policy))
+    # Handle's fields in order (name, mailbox, shared), then the waking: a fresh runtime
+    # makes one for each asset of its first run (see plumbing.frozen.builder).
+    return _new_on_demand(name, None, shared, _Waking(tasks, name, incarnation, policy))
 
 
 class _Waking:
@@ -152,6 +155,8 @@ class _OnDemand(Handle):
     def close(self) -> None:
         self.waking.close()
 
+
+_new_on_demand = builder(_OnDemand)
 
 @internal  # Ctrl-C goes to the caller's task, not into this loop
 async def _supervised(

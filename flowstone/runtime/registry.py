@@ -58,19 +58,29 @@ class RegistryState:
 V = TypeVar("V")
 
 
+_UNSEEN: Any = object()
+
+
 class Known(Mapping[str, V]):
     """A dict that only grows (one entry per asset ever registered), seen as of one
     snapshot: the names its graph holds. Snapshots share the dict instead of each
     copying it, so a registration costs the same at 10 assets and at 10,000."""
 
-    __slots__ = ("_graph", "_items")
+    __slots__ = ("_graph", "_items", "_seen")
 
     def __init__(self, items: dict[str, V], graph: AssetGraph) -> None:
         self._items, self._graph = items, graph
+        self._seen: dict[str, V] = {}
+        """The names this snapshot was asked for and holds: each tested against its
+        graph once (a run asks for each of its assets' executor and version)."""
 
     def __getitem__(self, name: str) -> V:
+        value = self._seen.get(name, _UNSEEN)
+        if value is not _UNSEEN:
+            return value
         if name in self._graph:
-            return self._items[name]
+            value = self._seen[name] = self._items[name]
+            return value
         raise KeyError(name)
 
     def __iter__(self) -> Iterator[str]:
@@ -99,11 +109,15 @@ class Executors(Known[Handle]):
         self._spawn = spawn
 
     def __getitem__(self, name: str) -> Handle:
+        handle = self._seen.get(name)
+        if handle is not None:
+            return handle
         if name not in self._graph:
             raise KeyError(name)
         handle = self._items.get(name)
         if handle is None:
             handle = self._items[name] = self._spawn(self._graph.get(name))
+        self._seen[name] = handle
         return handle
 
     def running(self, name: str) -> Handle | None:

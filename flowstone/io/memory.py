@@ -70,7 +70,7 @@ class MemoryIO(MemoryActorClient):
     async def store(
         self, asset: str, value: Any, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG
     ) -> None:
-        key = serialize_partition(partition)
+        key = None if partition is None else serialize_partition(partition)
         kept = private_copy(value, asset=asset, partition=key)
         await self._cast(m.make_put_value(None, current_tenant(), asset, key, kept))
 

@@ -95,6 +95,7 @@ class Job(NamedTuple):
 
 
 new_job = tuple_maker(Job)
+new_read = tuple_maker(Read)
 """A ``Job`` from every field in order, without a named tuple's ``__new__`` call (``tuple_maker``)."""
 
 

@@ -36,7 +36,7 @@ from ..store.records import Materialization, Status
 from . import tracing
 from .executor import Detach, Env, Finished, JobResult, Lease, ask, finish, lease_now, submit
 from .hashing import dependency_hash
-from .job import Job, Read, describe, new_job, run_job, run_jobs
+from .job import Job, Read, describe, new_job, new_read, run_job, run_jobs
 from .registry import Snapshot
 
 __all__ = ["RunRequest", "RunResult", "execute_run"]
@@ -231,13 +231,14 @@ class Planner:
                     dep_value = target_partition(dep, value)
                 else:
                     dep_value = value if carries[dep_name] else None
-                dep_key = serialize_partition(dep_value)
+                dep_key = None if dep_value is None else serialize_partition(dep_value)
                 if request.upstream == "none":
                     inputs.append(_Input(dep_name, dep_key, "latest"))
                 else:
                     partitions[dep_name] = dep_value
                     inputs.append(_Input(dep_name, dep_key, "node"))
-            nodes[name] = _new_node((asset, value, serialize_partition(value), tuple(inputs)))
+            key = None if value is None else serialize_partition(value)
+            nodes[name] = _new_node((asset, value, key, tuple(inputs)))
         if len(nodes) == 1:  # a root asset's partition (a backfill plans one a partition)
             return list(nodes.values())
         return [nodes[name] for name in self.order if name in nodes]
@@ -702,17 +703,19 @@ class _Run:
             values = None
             if read.kind == "node":
                 upstream = outcomes.get(read.asset)
-                if upstream is None or not upstream.ok:
+                if upstream is None:
                     return None
-                assert upstream.record is not None
-                records: tuple[Materialization, ...] = (upstream.record,)
+                record = upstream.record
+                if record is None or record.status is not Status.SUCCESS:  # not upstream.ok (inline: a call)
+                    return None
+                records: tuple[Materialization, ...] = (record,)
                 if upstream.has_value:
                     values = (upstream.value,)
             elif read.kind == "latest":
                 records = (self.latest[(read.asset, read.key)],)
             else:
                 records = tuple(r for _k, r in sorted(self.every[read.asset].items(), key=lambda kv: str(kv[0])))
-            reads.append(Read(read.asset, records, read.kind == "all", values))
+            reads.append(new_read((read.asset, records, read.kind == "all", values)))
         return reads
 
     def digest(self, node: _Node, reads: list[Read]) -> str:

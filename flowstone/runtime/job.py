@@ -95,8 +95,9 @@ class Job(NamedTuple):
 
 
 new_job = tuple_maker(Job)
-new_read = tuple_maker(Read)
 """A ``Job`` from every field in order, without a named tuple's ``__new__`` call (``tuple_maker``)."""
+new_read = tuple_maker(Read)
+"""A ``Read`` from every field in order (``tuple_maker``)."""
 
 
 async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:

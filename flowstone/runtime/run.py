@@ -115,9 +115,9 @@ _outcome_of: Callable[[JobResult], _Outcome] = tuple_maker(_Outcome)
 """The outcome of a job's result: the same fields, copied in one step (no keywords
 for a named tuple to unpack, on every job's path)."""
 _new_node = tuple_maker(_Node)
+"""A plan's node from (asset, partition, key, inputs): one a partition of a backfill."""
 new_request = tuple_maker(RunRequest)
 """A ``RunRequest`` from every field in order: a backfill makes one a partition."""
-"""A plan's node from (asset, partition, key, inputs): one a partition of a backfill."""
 
 
 def check_request(request: RunRequest, io_keys: Mapping[str, Any]) -> None:

@@ -48,6 +48,7 @@ from .records import (
     HISTORY,
     ORPHAN_ENDING,
     POSITION,
+    STATUS_TEXT,
     Materialization,
     Status,
     build,
@@ -81,9 +82,8 @@ class BackfillRow:
 
 
 _STATUSES = {status.value: status for status in Status}
-_VALUES = {status: status.value for status in Status}
-"""Each status's plain ``str`` (what indexes hold: the collector never tracks it),
-without ``Enum.value``'s descriptor call."""
+"""Each status from its plain ``str`` (``STATUS_TEXT`` the other way: what indexes
+hold, which the collector never tracks)."""
 
 
 _ID, _RUN, _STATUS, _UPSTREAM, _METADATA = (
@@ -104,7 +104,7 @@ def _pack(record: Materialization) -> bytes | None:
             if moment.tzinfo is not timezone.utc:
                 return None
             values[at] = moment.timestamp()
-    values[_ID], values[_RUN], values[_STATUS] = record.id.int, record.run_id.int, _VALUES[record.status]
+    values[_ID], values[_RUN], values[_STATUS] = record.id.int, record.run_id.int, STATUS_TEXT[record.status]
     values[_UPSTREAM], values[_METADATA] = tuple(record.upstream_partitions.items()), tuple(record.metadata.items())
     try:
         return marshal.dumps(tuple(values))
@@ -698,7 +698,7 @@ class _Handlers:
         key = (tenant, record.asset_name, record.partition)
         data.records.add(record)  # in no map: fresh, or looked for above
         data.latest[key] = rid
-        data.latest_status[key] = _VALUES[status]
+        data.latest_status[key] = STATUS_TEXT[status]
         ids = data.by_tenant.get(tenant)  # not setdefault: it makes an empty dict each time
         if ids is None:
             ids = data.by_tenant[tenant] = {}
@@ -780,7 +780,7 @@ class _Handlers:
         ids[rid] = None
         key = (new.tenant_id, new.asset_name, new.partition)
         if data.latest.get(key) == rid:
-            data.latest_status[key] = _VALUES[status]
+            data.latest_status[key] = STATUS_TEXT[status]
         if status is Status.SUCCESS:
             self._index_success(new)
         return new

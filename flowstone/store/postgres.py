@@ -66,6 +66,7 @@ from .leases import (
 from .records import (
     CURRENT,
     ENDING,
+    STATUS_TEXT,
     TERMINAL,
     TRANSITIONS,
     Materialization,
@@ -1250,16 +1251,12 @@ async def _claim_backfill(connection: Any, id: uuid.UUID, tenant: str, owner: st
     return BackfillClaim(saved_from_json(row[0], row[1]), previous, seen)
 
 
-_TEXT = {status: status.value for status in Status}
-"""Each status's text: an enum's ``.value`` is a Python property call, three a partition."""
-
-
 def _beginning(record: Materialization, owner: str, seconds: float, unless_done: tuple[Any, str] | None) -> _Write:
     """The write of ``begin``: the record's values and what the lease needs, in the
     order of ``_BEGIN_COLUMNS``."""
     _check_storable(record)
     return _Write("begin", record, None, (
-        record.id, record.asset_name, record.partition, record.run_id, _TEXT[record.status], record.started_at,
+        record.id, record.asset_name, record.partition, record.run_id, STATUS_TEXT[record.status], record.started_at,
         record.completed_at, record.duration_ms,
         json.dumps(record.upstream_assets, ensure_ascii=False) if record.upstream_assets else "[]",
         json.dumps({k: list(v) for k, v in record.upstream_partitions.items()}, ensure_ascii=False)
@@ -1564,8 +1561,8 @@ def _end_values(record: Materialization, expected: Status, fence: int | None) ->
     ``_END_COLUMNS``. Its texts are storable already (``completed`` replaced what
     PostgreSQL cannot hold in an error; ``to_json`` refuses it in metadata)."""
     return (
-        record.id, _TEXT[record.status], _TEXT[expected], record.completed_at, record.duration_ms, _metadata(record),
-        record.error_message, record.updated_at, record.error_traceback, fence,
+        record.id, STATUS_TEXT[record.status], STATUS_TEXT[expected], record.completed_at, record.duration_ms,
+        _metadata(record), record.error_message, record.updated_at, record.error_traceback, fence,
     )
 
 

@@ -52,6 +52,8 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = MappingProxyType({
     Status.SUPERSEDED: frozenset(),
 })
 
+STATUS_TEXT = {status: status.value for status in Status}
+"""Each status's text, for the stores: an enum's ``.value`` is a Python property call."""
 TERMINAL = frozenset({Status.SUCCESS, Status.FAILED, Status.STALE, Status.CANCELLED, Status.SUPERSEDED})
 """Statuses a run leaves a record in; ``success`` can still become ``stale`` or
 ``superseded`` later."""

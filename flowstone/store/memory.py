@@ -7,6 +7,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from ..definitions import FieldError
+from ..errors import DefinitionError
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
 from ..tenancy import current_tenant
@@ -82,6 +84,9 @@ class MemoryStore(MemoryActorClient):
         atomic) and the record of the expired lease it replaced, to close (``Create``)."""
         tenant = current_tenant()
         record = new_record(fields, tenant, now)
+        if "id" in fields and record.id.int in self._data.records:  # whoever's it is, as ``create`` refuses it
+            raise DefinitionError([FieldError("id", f"a materialization with id {record.id} already exists")],
+                                  asset=record.asset_name, partition=record.partition, tenant=tenant)
         leases = self._data.leases
         done = leases.finished((tenant, record.asset_name, record.partition), unless_done)
         if done is not None:

@@ -487,12 +487,21 @@ WITH asked AS (
            r.inserted_at, r.updated_at, r.error_traceback
     FROM r JOIN granted g ON g.record_id = r.id
     ON CONFLICT (id) DO NOTHING
+    RETURNING id
 )
-SELECT g.record_id, g.fence, e.record_id, e.owner, NULL::uuid
+-- Whether each granted record was inserted: not when its id is in use (someone
+-- else's, or ours from a retried batch whose first COMMIT landed).
+SELECT g.record_id, g.fence, e.record_id, e.owner, NULL::uuid, i.id IS NOT NULL
 FROM granted g LEFT JOIN expired e USING (asset_name, partitioned, partition)
+LEFT JOIN inserted i ON i.id = g.record_id
 UNION ALL
-SELECT asked_id, NULL, NULL, NULL, current_id FROM done
+SELECT asked_id, NULL, NULL, NULL, current_id, false FROM done
 """
+_RELEASE_REFUSED = """
+UPDATE flowstone_leases SET expires_at = '-infinity', owner = ''
+WHERE tenant_id = $1 AND fence = ANY($2::bigint[])
+"""
+"""Gives back the leases granted to begins refused in the same write (their ids in use)."""
 _CLOSE_TAKEN_OVER = f"""
 UPDATE {TABLE} AS m SET status = CASE m.status WHEN 'running' THEN 'failed' ELSE 'cancelled' END,
     completed_at = $3, updated_at = $3,
@@ -1398,7 +1407,10 @@ async def _begin(
     ordered = sorted(
         ops, key=lambda op: (op.record.asset_name, op.record.partition is not None, op.record.partition or ""))
     rows = await connection.fetch(_BEGIN, tenant, *_columns(ordered))
-    granted = {row[0].int: row[1] for row in rows if row[1] is not None}
+    granted = {row[0].int: row[1] for row in rows if row[1] is not None and row[5]}
+    clashed = {row[0].int: row[1] for row in rows if row[1] is not None and not row[5]}
+    if clashed:  # rare: ids in use, ours (a retried batch) or another record's
+        await _sort_clashes(connection, tenant, ops, clashed, granted, refused)
     finished = {row[0].int: row[4] for row in rows if row[4] is not None}
     if finished:  # rare: another process finished these since their callers looked
         current = {
@@ -1413,7 +1425,7 @@ async def _begin(
     orphans = [(row[2], row[3]) for row in rows if row[2] is not None]
     if orphans:  # their holders stopped renewing: close what they left open
         await connection.execute(_CLOSE_TAKEN_OVER, tenant, [o[0] for o in orphans], now, [o[1] for o in orphans])
-    held = [op for op in ops if op.record.id.int not in granted and op.record.id.int not in finished]
+    held = [op for op in ops if (rid := op.record.id.int) not in granted and rid not in finished and rid not in refused]
     holders: dict[tuple[str, str | None], Any] = {}
     if held:
         rows = await connection.fetch(
@@ -1443,7 +1455,7 @@ async def _begin(
     for op in ops:
         record = op.record
         rid = record.id.int
-        if rid in finished:
+        if rid in finished or rid in refused:
             continue
         fence = granted.get(rid)
         holder = holders.get((record.asset_name, record.partition))
@@ -1458,6 +1470,36 @@ async def _begin(
             owner=holder[3] if holder else None, fence=holder[4] if holder else None,
             expires_at=holder[5] if holder else None,
         )
+
+
+async def _sort_clashes(
+    connection: Any, tenant: str, ops: list[_Write], clashed: dict[int, int], granted: dict[int, int],
+    refused: dict[int, BaseException],
+) -> None:
+    """Begins whose lease was granted but whose record was not inserted, its id in use:
+    ours when the stored record is this one (a retried batch whose first COMMIT landed),
+    then granted; else refused, their leases given back in the same write."""
+    asked = [op.record for op in ops if op.record.id.int in clashed]
+    stored = {
+        row[0].int: row[1]
+        for row in await connection.fetch(
+            f"SELECT id, inserted_at FROM {TABLE} AS m WHERE id = ANY($2) AND {_OF_TENANT}",
+            tenant, [record.id for record in asked])
+    }
+    given_back = []
+    for record in asked:
+        rid = record.id.int
+        if stored.get(rid, _NOTHING) == record.inserted_at:
+            granted[rid] = clashed[rid]
+            continue
+        given_back.append(clashed[rid])
+        refused[rid] = DefinitionError([FieldError("id", f"a materialization with id {record.id} already exists")],
+                                       asset=record.asset_name, partition=record.partition, tenant=record.tenant_id)
+    if given_back:
+        await connection.execute(_RELEASE_REFUSED, tenant, given_back)
+
+
+_NOTHING: Any = object()
 
 
 async def _complete(connection: Any, tenant: str, now: datetime, statement: str, own: list[Any]) -> set[int]:

@@ -525,6 +525,15 @@ class LeaseContract:
         assert (lease.owner, lease.asset, lease.partition, lease.tenant) == ("p1", "a", "1", None)
         assert isinstance(lease.fence, int)
 
+    async def test_begin_with_an_id_in_use_is_refused_and_leaves_the_record_as_it_was(self, store):
+        record = await store.create(asset_name="orders", status=Status.RUNNING)
+        with pytest.raises(fs.DefinitionError, match="already exists"):
+            await store.begin("p1", 30, id=record.id, asset_name="a", partition="1", status=Status.RUNNING)
+        kept = await store.get_by_id(record.id)
+        assert (kept.asset_name, kept.status) == ("orders", Status.RUNNING)
+        _, lease = await store.begin("p2", 30, asset_name="a", partition="1", status=Status.RUNNING)
+        assert lease.owner == "p2"  # the refused begin kept no lease
+
     async def test_a_held_lease_is_refused_naming_its_holder_and_records_nothing(self, store):
         _, lease = await store.begin("p1", 30, asset_name="a", partition="1", status=Status.RUNNING)
         with pytest.raises(LeaseHeld) as held:

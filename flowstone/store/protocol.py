@@ -113,7 +113,9 @@ class MaterializationStore(Protocol):
         its holder's record, if still open, closed as an orphan. ``unless_done = (id
         seen, dependency hash)``: when the partition's current success has that hash
         and is not the one seen (another process finished it since the caller
-        looked), nothing is written and ``FinishedElsewhere`` carries that success."""
+        looked), nothing is written and ``FinishedElsewhere`` carries that success.
+        An ``id`` already in use is refused as ``create`` refuses it (``DefinitionError``),
+        and no lease is kept."""
         ...
 
     async def begin_many(

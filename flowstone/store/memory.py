@@ -7,8 +7,6 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from ..definitions import FieldError
-from ..errors import DefinitionError
 from ..partitions import serialize_partition
 from ..plumbing.clock import utcnow
 from ..tenancy import current_tenant
@@ -39,6 +37,7 @@ from .records import (
     check_limit,
     check_retention,
     completed,
+    id_in_use,
     new_record,
     parse_id,
     read_mark,
@@ -85,8 +84,7 @@ class MemoryStore(MemoryActorClient):
         tenant = current_tenant()
         record = new_record(fields, tenant, now)
         if "id" in fields and record.id.int in self._data.records:  # whoever's it is, as ``create`` refuses it
-            raise DefinitionError([FieldError("id", f"a materialization with id {record.id} already exists")],
-                                  asset=record.asset_name, partition=record.partition, tenant=tenant)
+            raise id_in_use(record)
         leases = self._data.leases
         done = leases.finished((tenant, record.asset_name, record.partition), unless_done)
         if done is not None:

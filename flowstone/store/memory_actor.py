@@ -27,12 +27,10 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..actors.mailbox import Crash, Handle, Message, serve
-from ..definitions import FieldError
 from ..errors import (
     ActorCrashed,
     BackfillNotFound,
     BackfillOwned,
-    DefinitionError,
     FlowstoneError,
     LeaseLost,
     NotFound,
@@ -55,6 +53,7 @@ from .records import (
     check_decidable,
     check_transition,
     evolve,
+    id_in_use,
     values_of,
 )
 
@@ -686,10 +685,7 @@ class _Handlers:
         rid = record.id.int
         if not fresh and rid in data.records:
             # Whoever's it is, it is not overwritten (another tenant's id looks taken, as it does in SQL).
-            raise DefinitionError(
-                [FieldError("id", f"a materialization with id {record.id} already exists")],
-                asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
-            )
+            raise id_in_use(record)
         if orphan is not None:
             self._close_orphan(record.tenant_id, *orphan)
         if record.status in CURRENT:

@@ -27,12 +27,10 @@ from typing import Any
 import anyio
 import attrs
 
-from ..definitions import FieldError
 from ..errors import (
     BackfillNotFound,
     BackfillOwned,
     DatabaseUnavailable,
-    DefinitionError,
     FlowstoneError,
     InvalidTransition,
     LeaseLost,
@@ -79,6 +77,7 @@ from .records import (
     check_retention,
     check_transition,
     completed,
+    id_in_use,
     new_record,
     parse_id,
     read_mark,
@@ -1347,8 +1346,7 @@ async def _write_batch(connection: Any, tenant: str, ops: list[_Write]) -> list[
             # Ours already (a retried batch whose first COMMIT landed), or someone else's id.
             outcome.append(
                 None if found is not None and found[1] == record.inserted_at
-                else DefinitionError([FieldError("id", f"a materialization with id {record.id} already exists")],
-                                     asset=record.asset_name, partition=record.partition, tenant=record.tenant_id)
+                else id_in_use(record)
             )
         elif found is not None and found == (record.status.value, record.updated_at):
             outcome.append(None)  # a retried batch whose first COMMIT landed (and released the lease)
@@ -1493,8 +1491,7 @@ async def _sort_clashes(
             granted[rid] = clashed[rid]
             continue
         given_back.append(clashed[rid])
-        refused[rid] = DefinitionError([FieldError("id", f"a materialization with id {record.id} already exists")],
-                                       asset=record.asset_name, partition=record.partition, tenant=record.tenant_id)
+        refused[rid] = id_in_use(record)
     if given_back:
         await connection.execute(_RELEASE_REFUSED, tenant, given_back)
 

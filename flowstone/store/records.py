@@ -376,6 +376,13 @@ _TEXTS = frozenset({"error_message", "error_traceback"})
 """The fields ``completed`` rids of what a database cannot hold."""
 
 
+def id_in_use(record: Materialization) -> DefinitionError:
+    """What every store raises for a record whose id another record holds (whoever's
+    it is: another tenant's id looks taken too), from ``create`` or ``begin``."""
+    return DefinitionError([FieldError("id", f"a materialization with id {record.id} already exists")],
+                           asset=record.asset_name, partition=record.partition, tenant=record.tenant_id)
+
+
 def check_decidable(record: Materialization, approve: bool, decided: bool) -> None:
     """``InvalidTransition`` unless the record waits for a decision nobody made yet."""
     if record.status is not Status.WAITING_APPROVAL or decided:

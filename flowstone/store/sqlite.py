@@ -85,6 +85,7 @@ from .records import (
     check_transition,
     completed,
     evolve,
+    id_in_use,
     new_record,
     parse_id,
     read_mark,
@@ -913,10 +914,7 @@ def _insert(c: sqlite3.Connection, record: Materialization, values: tuple[Any, .
         c.execute(_INSERT_SUCCESS if success else _INSERT, values)
     except sqlite3.IntegrityError:
         # Whoever's it is, it is not overwritten (another tenant's id looks taken too).
-        raise DefinitionError(
-            [FieldError("id", f"a materialization with id {record.id} already exists")],
-            asset=record.asset_name, partition=record.partition, tenant=record.tenant_id,
-        ) from None
+        raise id_in_use(record) from None
 
 
 _FIRST_LEASE = """INSERT INTO flowstone_leases (tenant_id, asset_name, partitioned, partition, owner, fence, record_id,

@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import MappingProxyType
@@ -429,8 +428,12 @@ class Runtime:
             if planner is None:
                 planner = Planner(snapshot, spec.asset)
             plans = [planner.plan(request, checked=checked) for request in requests]
-            uses = Counter(pair for nodes in plans for pair in set(lookup_pairs(nodes)))
-            own = [pair for pair, count in uses.items() if count == 1]
+            alone: dict[tuple[str, str | None], bool] = {}  # pair -> read by one plan only so far
+            for nodes in plans:
+                pairs = lookup_pairs(nodes)
+                for pair in pairs if len(pairs) == 1 else set(pairs):
+                    alone[pair] = pair not in alone
+            own = [pair for pair, only in alone.items() if only]
             found = Prefetched(frozenset(own), await env.store.latest_successes(own))
             return [(nodes, found) for nodes in plans]
 

@@ -220,6 +220,36 @@ async def test_a_tenant_id_reaches_the_database_exactly_whatever_it_holds(anyio_
     assert [r["tenant_id"] for r in everything] == HOSTILE_TENANTS
 
 
+async def test_the_tables_each_materialization_writes_read_the_tenant_setting_once_a_statement(
+    anyio_backend, pg_database,
+):
+    """Row-level security on the tables a materialization writes compares each row's
+    tenant with the setting read once, in an init plan: ``current_setting`` in a
+    row's filter ran for every row a batch touched (~10% of the server's time in a
+    backfill). Still a filter, never an index condition (ADR 0029), and still
+    keeping each tenant to its own rows."""
+    from flowstone.postgres.schema import HOT_TABLES
+
+    async def plans(connection):
+        found = {}
+        for table in HOT_TABLES:
+            rows = await connection.fetch(f"EXPLAIN (VERBOSE, COSTS OFF) SELECT tenant_id FROM {table}")
+            found[table] = [row[0].strip() for row in rows]
+        return found
+
+    async with PostgresStore(pg_database.dsn) as store:
+        with fs.tenant_scope("acme"):
+            await store.create(asset_name="a", partition="1", status=Status.SUCCESS)
+        with fs.tenant_scope("other"):
+            assert await store.list_all() == []
+        for table, plan in (await store.db.run("acme", plans)).items():
+            filters = [line for line in plan if line.startswith("Filter:")]
+            assert filters and all("current_setting" not in line and "IS TRUE" in line for line in filters), (
+                table, plan)
+            assert any(line.startswith("InitPlan") for line in plan), (table, plan)
+            assert not any(line.startswith("Index Cond:") for line in plan), (table, plan)
+
+
 async def test_only_units_that_write_by_key_plan_without_table_scans(anyio_backend, pg_dsn):
     """The record write batches plan with table scans off and keep one generic plan
     per statement; every other unit (listings, status reads) plans as PostgreSQL

@@ -974,3 +974,39 @@ async def test_a_batch_of_completions_reads_its_own_records_whatever_the_table_h
                    for node in _nodes(plan[0]["Plan"]) if node.get("Index Name", "").startswith("flowstone_leases")]
     assert lease_scans and all(name == "flowstone_leases_fence" or "asset_name" in cond
                                for name, cond in lease_scans), lease_scans
+
+
+def test_a_temporary_cluster_takes_settings_and_a_program_that_runs_the_server():
+    """``TemporaryPostgres(settings=..., program=...)``: more ``-c`` settings, and a
+    program ``pg_ctl`` starts in the server's place (``stress instructions --store
+    postgres`` runs every server process under callgrind that way). A setting that is
+    not plain words is refused: it would go through a shell's command line."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from flowstone.testing.postgres import TemporaryPostgres, find_binaries
+
+    folder = Path(tempfile.mkdtemp(prefix="flowstone-program-"))
+    try:
+        folder.chmod(0o777)  # run as root, the server is the postgres user: it runs the program and writes the mark
+        mark = folder / "ran"
+        program = folder / "postgres.sh"
+        program.write_text(f'#!/bin/sh\ntouch {mark}\nexec {os.path.join(find_binaries(), "postgres")} "$@"\n')
+        program.chmod(0o755)
+        with TemporaryPostgres(fsync=False, settings={"work_mem": "7MB"}, program=str(program)) as cluster:
+            assert anyio.run(_show_work_mem, cluster.dsn()) == "7MB"
+        assert mark.exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    with pytest.raises(ValueError, match="plain words"):
+        TemporaryPostgres(settings={"work_mem": "7MB -c fsync=off"})
+
+
+async def _show_work_mem(dsn: str) -> str:
+    connection = await asyncpg.connect(dsn)
+    try:
+        return str(await connection.fetchval("SHOW work_mem"))
+    finally:
+        await connection.close()

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -110,10 +112,12 @@ def test_unknown_scenario_exits_non_zero():
     assert run_stress("nope").returncode == 2
 
 
-def test_runtime_scenario_short_run_reports_every_figure():
-    result = run_stress("runtime", "--repeat", "1", "--big", "500")
+@pytest.mark.parametrize("tune", [False, True])
+def test_runtime_scenario_short_run_reports_every_figure(tune):
+    result = run_stress("runtime", "--repeat", "1", "--big", "500", *(["--tune-gc"] if tune else []))
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["options"]["tune_gc"] is tune
     scenarios = [row["scenario"] for row in record["rows"]]
     assert scenarios[:3] == [
         "100-asset chain, one materialize", "1-200-1 fan, one materialize", "366 daily partitions, max_parallel=20"

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from types import TracebackType
 
 __all__ = ["PostgresUnavailable", "TemporaryPostgres", "find_binaries"]
@@ -73,10 +74,24 @@ class TemporaryPostgres:
     stays on disk, where fsync means something.
     """
 
-    def __init__(self, *, fsync: bool = True, superuser: str = "postgres", parent: str | None = None) -> None:
+    def __init__(
+        self, *, fsync: bool = True, superuser: str = "postgres", parent: str | None = None,
+        settings: Mapping[str, str] | None = None, program: str | None = None,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
         self.fsync = fsync
         self.superuser = superuser
         self.parent = parent
+        self.settings = dict(settings or {})
+        """More server settings (``-c name=value``), after the defaults; plain words
+        (they go through ``pg_ctl``'s command line unquoted)."""
+        for name, value in self.settings.items():
+            if not all(part and part.replace("_", "").replace(".", "").isalnum() for part in (name, value)):
+                raise ValueError(f"a server setting must be plain words: {name}={value!r}")
+        self.program = program
+        """What ``pg_ctl`` runs instead of ``postgres`` (``pg_ctl -p``): a script that
+        runs it under a profiler, say (``stress instructions --store postgres``)."""
+        self.start_timeout = start_timeout
         self.port: int | None = None
         self._dir: str | None = None
         self._bin = ""
@@ -103,9 +118,12 @@ class TemporaryPostgres:
                 f"-c synchronous_commit={'on' if self.fsync else 'off'} "
                 f"-c full_page_writes={'on' if self.fsync else 'off'}"
             )
+            for name, value in self.settings.items():
+                options += f" -c {name}={value}"
+            program = ("-p", self.program) if self.program else ()
             self._run(
-                "pg_ctl", "-D", data, "-o", options, "-l", os.path.join(self._dir, "log"),
-                "-w", "-t", str(int(START_TIMEOUT)), "start",
+                "pg_ctl", "-D", data, *program, "-o", options, "-l", os.path.join(self._dir, "log"),
+                "-w", "-t", str(int(self.start_timeout)), "start",
             )
         except BaseException:
             self.stop()
@@ -181,7 +199,8 @@ class TemporaryPostgres:
         if self._as_postgres:
             command = ["runuser", "-u", "postgres", "--", *command]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT + 10, cwd="/")
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=self.start_timeout + 10, cwd="/")
         except (OSError, subprocess.TimeoutExpired) as error:
             raise PostgresUnavailable(f"{program} could not run: {error}") from error
         if done.returncode != 0:

@@ -20,11 +20,13 @@ is the statements' work; two runs of one schema agree to ~0.01%.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +107,6 @@ def _instructions(code: str, runs: int) -> int:
 def _server_instructions(records: int) -> int:
     """Instructions of every process of a fresh cluster (counted by callgrind) that
     migrated one database and wrote ``records`` records through the store alone."""
-    import glob
-    import tempfile
-
     import anyio
 
     from flowstone.testing.postgres import TemporaryPostgres, find_binaries

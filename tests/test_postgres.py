@@ -228,11 +228,11 @@ async def test_the_tables_each_materialization_writes_read_the_tenant_setting_on
     row's filter ran for every row a batch touched (2.4% of the server's
     instructions per record). Still a filter, never an index condition (ADR 0029), and still
     keeping each tenant to its own rows."""
-    from flowstone.postgres.schema import HOT_TABLES
+    from flowstone.postgres.schema import MATERIALIZATION_TABLES
 
     async def plans(connection):
         found = {}
-        for table in HOT_TABLES:
+        for table in MATERIALIZATION_TABLES:
             rows = await connection.fetch(f"EXPLAIN (VERBOSE, COSTS OFF) SELECT tenant_id FROM {table}")
             found[table] = [row[0].strip() for row in rows]
         return found

@@ -32,7 +32,8 @@ no index condition."""
 TENANT_TEST = f"(tenant_id = (SELECT {TENANT_SETTING})) IS TRUE"
 """``RECORDS_POLICY`` with the setting read once a statement (an init plan), not once
 for each row the statement reads or writes (since migration 22)."""
-HOT_TABLES = ("flowstone_materializations", "flowstone_leases", "flowstone_partition_states", "flowstone_reads")
+MATERIALIZATION_TABLES = (
+    "flowstone_materializations", "flowstone_leases", "flowstone_partition_states", "flowstone_reads")
 """The tables every materialization writes: their policy is ``TENANT_TEST``."""
 
 
@@ -504,7 +505,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         -- pass, and IS TRUE still keeps the test out of index conditions (ADR 0029).
 """ + "".join(
         f"ALTER POLICY flowstone_tenant_isolation ON {table} USING ({TENANT_TEST}) WITH CHECK ({TENANT_TEST});\n"
-        for table in HOT_TABLES)),
+        for table in MATERIALIZATION_TABLES)),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""
 

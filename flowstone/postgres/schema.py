@@ -203,6 +203,40 @@ _MOVED_READS = """            -- Only a success has reads: one that is no longer
 a success that has none are added (the rows of reads of ``n``, which each caller
 filters on)."""
 
+_STATES_OF_INSERTED = """                INSERT INTO flowstone_partition_states AS s
+                        (tenant_id, asset_name, partition, seq, status, success_xid)
+                    SELECT DISTINCT ON (tenant_id, asset_name, partition) tenant_id, asset_name, partition, seq,
+                           status, CASE WHEN status = 'success' THEN pg_current_xact_id() END
+                    FROM written WHERE partition {is_keyed} ORDER BY tenant_id, asset_name, partition, seq DESC
+                ON CONFLICT {arbiter} DO UPDATE
+                SET seq = excluded.seq, status = excluded.status,
+                    success_xid = coalesce(excluded.success_xid, s.success_xid)
+                WHERE s.seq < excluded.seq;
+"""
+"""The partition states of inserted records (migration 24): the newest names its
+partition's state; a success notes its transaction."""
+_STATES_OF_MOVED = """            UPDATE flowstone_partition_states AS s
+            SET status = CASE WHEN s.seq = x.seq THEN x.status ELSE s.status END,
+                success_xid = CASE WHEN x.status = 'success' THEN pg_current_xact_id() ELSE s.success_xid END
+            FROM (
+                SELECT w.status, w.seq, (
+                    SELECT y.ctid FROM flowstone_partition_states y
+                    WHERE y.tenant_id = w.tenant_id AND y.asset_name = w.asset_name AND y.partition {same}
+                      AND (y.seq = w.seq OR w.status = 'success')
+                ) AS target
+                FROM written w WHERE w.partition {is_keyed} OFFSET 0
+            ) AS x
+            WHERE s.ctid = x.target;
+"""
+"""The partition states of moved records (migration 24): the newest record's move is
+its partition's state, and any record that became a success notes its transaction
+(an older record made a success by hand too)."""
+_KEYED = {"is_keyed": "IS NOT NULL", "same": "= w.partition",
+          "arbiter": "(tenant_id, asset_name, partition) WHERE partition IS NOT NULL"}
+_WHOLE = {"is_keyed": "IS NULL", "same": "IS NULL", "arbiter": "(tenant_id, asset_name) WHERE partition IS NULL"}
+_INSERTED_STATES = _STATES_OF_INSERTED.format(**_KEYED) + _STATES_OF_INSERTED.format(**_WHOLE)
+_MOVED_STATES = _STATES_OF_MOVED.format(**_KEYED) + _STATES_OF_MOVED.format(**_WHOLE)
+
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "materializations and backfills, with row-level security", _V1),
     (2, "flowstone_values: PostgresIO's default table, with row-level security", values_table("flowstone_values")),
@@ -514,6 +548,57 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         -- went to other pages, with an entry in each index (the key and the fence);
         -- at 35% every release of a batch stays on its page (a HOT update).
         ALTER TABLE flowstone_leases SET (fillfactor = 35);
+    """),
+    (24, "a record's end is a heap-only update: no index of records reads its status", f"""
+        -- A record's end changes its status, and four structures read the status: the
+        -- index of unfinished and failed records, the two exclusion constraints of
+        -- current records and the index of successes by transaction. With any of them
+        -- an end, a superseding and a stale mark each wrote a new version elsewhere
+        -- with an entry in every index (six for an end). Without them, and with room
+        -- on the page, each is a HOT update: no index entry at all.
+        ALTER TABLE flowstone_materializations NO FORCE ROW LEVEL SECURITY;
+        ALTER TABLE flowstone_partition_states NO FORCE ROW LEVEL SECURITY;
+        ALTER TABLE flowstone_materializations SET (fillfactor = 45);
+        DROP INDEX IF EXISTS flowstone_materializations_status;
+        DROP INDEX IF EXISTS flowstone_materializations_written;
+        ALTER TABLE flowstone_materializations
+            DROP CONSTRAINT IF EXISTS flowstone_materializations_current,
+            DROP CONSTRAINT IF EXISTS flowstone_materializations_current_unpartitioned;
+        -- A partition's current record (success or stale): its newest records, newest
+        -- first, the status tested on each (one record, or the few newer ones failed).
+        CREATE INDEX IF NOT EXISTS flowstone_materializations_partition
+            ON flowstone_materializations (tenant_id, asset_name, partition, seq DESC);
+        -- What followers ask (successes since a look) now comes from the partition
+        -- states: the transaction that last made a success of each partition.
+        ALTER TABLE flowstone_partition_states ADD COLUMN IF NOT EXISTS success_xid xid8;
+        UPDATE flowstone_partition_states AS s SET success_xid = m.written_xid
+        FROM flowstone_materializations AS m
+        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name
+          AND m.partition IS NOT DISTINCT FROM s.partition AND m.status = 'success' AND m.written_xid IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS flowstone_partition_states_successes
+            ON flowstone_partition_states (tenant_id, asset_name, success_xid) WHERE success_xid IS NOT NULL;
+        ALTER TABLE flowstone_materializations DROP COLUMN IF EXISTS written_xid;
+        CREATE OR REPLACE FUNCTION flowstone_records_written() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            -- Rows of states are found through the upsert's arbiter index (or a lookup
+            -- by their whole key), whatever the planner believes of the table's size.
+            IF TG_OP = 'INSERT' THEN  -- a new record is its partition's newest
+{_INSERTED_STATES}
+                INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
+                    SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), n.id
+                    FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
+                    WHERE n.status = 'success';
+                RETURN NULL;
+            END IF;
+            -- A moved record changes its partition's state if it is the newest record
+            -- there (or became a success). The others' states are not even locked:
+            -- superseding an old record must not wait on whoever completes the newest.
+{_MOVED_STATES}{_MOVED_READS}                WHERE n.status = 'success' AND n.upstream_partitions <> '{{}}'::jsonb
+                  AND (SELECT e.reader FROM flowstone_reads e WHERE e.reader = n.id LIMIT 1) IS NULL;
+            RETURN NULL;
+        END $$;
+        ALTER TABLE flowstone_partition_states FORCE ROW LEVEL SECURITY;
+        ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
     """),
 )
 """(version, what it does, SQL). Append only: a shipped migration never changes."""

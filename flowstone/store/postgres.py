@@ -135,40 +135,68 @@ _LATEST_SUCCESSES = f"""
 SELECT l.* FROM unnest($2::text[], $3::text[]) AS p(asset, key)
 CROSS JOIN LATERAL (
     {_SELECT} m WHERE m.tenant_id = $1 AND m.asset_name = p.asset AND m.partition = p.key AND {_SUCCESSES}
-    LIMIT 1
+    ORDER BY m.seq DESC LIMIT 1
 ) AS l
 UNION ALL
 SELECT l.* FROM unnest($4::text[]) AS p(asset)
 CROSS JOIN LATERAL (
     {_SELECT} m WHERE m.tenant_id = $1 AND m.asset_name = p.asset AND m.partition IS NULL AND {_SUCCESSES}
-    LIMIT 1
+    ORDER BY m.seq DESC LIMIT 1
 ) AS l
 """
-"""Each partition has at most one current record (success or stale), so each lookup
-is one probe of the unique index of current records; no ordering by age, which let
-the planner walk the tenant's newest records instead while the table was young."""
+"""Each partition has at most one current record (success or stale): each lookup walks
+the partition's records newest first (their index, schema version 24) to the first
+current one, which is the newest record or behind the few that failed after it."""
+_CURRENT_OF_S = f"""(
+    (SELECT {_COLUMNS}, m.seq FROM {TABLE} AS m
+     WHERE m.tenant_id = $1 AND m.asset_name = $2 AND m.partition = s.partition AND {_SUCCESSES}
+     ORDER BY m.seq DESC LIMIT 1)
+    UNION ALL
+    (SELECT {_COLUMNS}, m.seq FROM {TABLE} AS m
+     WHERE m.tenant_id = $1 AND m.asset_name = $2 AND m.partition IS NULL AND s.partition IS NULL AND {_SUCCESSES}
+     ORDER BY m.seq DESC LIMIT 1)
+)"""
+"""The current record (success or stale) of the partition of state ``s``, if any."""
 _SUCCESSES_AFTER = f"""
 SELECT m.*, pg_snapshot_xmax($3::text::pg_snapshot) <= pg_snapshot_xmax(pg_current_snapshot()) AS known,
        pg_current_snapshot()::text AS mark
 FROM (SELECT 1) AS one LEFT JOIN LATERAL (
-    SELECT {_COLUMNS}, written_xid, seq FROM {TABLE} WHERE tenant_id = $1 AND asset_name = $2 AND status = 'success'
-      AND written_xid >= pg_snapshot_xmax($3::text::pg_snapshot)
-    UNION ALL
-    SELECT f.* FROM pg_snapshot_xip($3::text::pg_snapshot) AS x(xid) CROSS JOIN LATERAL (
-        SELECT {_COLUMNS}, written_xid, seq FROM {TABLE}
-        WHERE tenant_id = $1 AND asset_name = $2 AND status = 'success' AND written_xid = x.xid
-        OFFSET 0  -- a lookup per transaction: joined whole, the plan read every success of the asset
-    ) AS f
-    ORDER BY written_xid, seq
+    SELECT c.* FROM (
+        SELECT s.partition, s.success_xid FROM flowstone_partition_states AS s
+        WHERE s.tenant_id = $1 AND s.asset_name = $2 AND s.success_xid >= pg_snapshot_xmax($3::text::pg_snapshot)
+        UNION ALL
+        SELECT f.* FROM pg_snapshot_xip($3::text::pg_snapshot) AS x(xid) CROSS JOIN LATERAL (
+            SELECT s.partition, s.success_xid FROM flowstone_partition_states AS s
+            WHERE s.tenant_id = $1 AND s.asset_name = $2 AND s.success_xid = x.xid
+            OFFSET 0  -- a lookup per transaction: joined whole, the plan read every state of the asset
+        ) AS f
+    ) AS s CROSS JOIN LATERAL {_CURRENT_OF_S} AS c
+    WHERE c.status = 'success'
+    ORDER BY s.success_xid, c.seq
 ) AS m ON true
 """
-"""An asset's successes made by transactions a snapshot (a mark) could not see:
-those begun after it, and those in flight then, one by one (ranges of the index
-of successes by transaction, schema version 21: as one OR, or an array, the index
-gave only the asset, every success of it read). With the snapshot of now, taken by this
-statement, as the next mark; one row with no record when there are none. A mark
-from later than now (of another cluster, or of a database restored elsewhere) is
-not ``known``: compared with it, every success would look old."""
+"""An asset's current successes made by transactions a snapshot (a mark) could not
+see: those begun after it, and those in flight then, one by one. Each partition's
+state keeps the transaction that last made a success of it (schema version 24;
+ranges of an index by transaction: as one OR, or an array, the index gave only the
+asset). With the snapshot of now, taken by this statement, as the next mark; one
+row with no record when there are none. A mark from later than now (of another
+cluster, or of a database restored elsewhere) is not ``known``: compared with it,
+every success would look old."""
+_CURRENT_OF_ASSET = f"""
+SELECT c.* FROM flowstone_partition_states AS s CROSS JOIN LATERAL (
+    SELECT {_COLUMNS} FROM {TABLE} AS m
+    WHERE m.tenant_id = $1 AND m.asset_name = $2 AND m.partition = s.partition AND {_SUCCESSES}
+    ORDER BY m.seq DESC LIMIT 1
+) AS c
+WHERE s.tenant_id = $1 AND s.asset_name = $2 AND s.partition IS NOT NULL
+UNION ALL
+(SELECT {_COLUMNS} FROM {TABLE} AS m
+ WHERE m.tenant_id = $1 AND m.asset_name = $2 AND m.partition IS NULL AND {_SUCCESSES}
+ ORDER BY m.seq DESC LIMIT 1)
+"""
+"""Each partition's current record (success or stale): one lookup per partition the
+asset has a state for, not a walk through every record the asset ever had."""
 _STATE_OF = "s.tenant_id = $1 AND s.asset_name = $2 AND s.partition = $3"
 _STATE_OF_WHOLE = "s.tenant_id = $1 AND s.asset_name = $2 AND s.partition IS NULL"
 _LATEST, _LATEST_WHOLE = (
@@ -189,16 +217,10 @@ def _by_state(keyed: str, whole: str, tenant: str | None, asset_name: str, key: 
     return (keyed, tenant or "", asset_name, key) if key is not None else (whole, tenant or "", asset_name)
 
 
-_COMMON = frozenset({Status.SUCCESS, Status.SUPERSEDED})
-_BY_STATUS_COMMON = f"{_SELECT} WHERE tenant_id = $1 AND status = $2 ORDER BY seq DESC LIMIT $3"
-_BY_STATUS_RARE = (
-    f"{_SELECT} WHERE tenant_id = $1 AND status = $2 AND status NOT IN ('success', 'superseded') "
-    "ORDER BY seq DESC LIMIT $3"
-)
-"""Records of one status, newest first. The common statuses are most of the table,
-found walking the tenant's records newest first; the others through the index of
-records in them (schema version 16), which the repeated condition lets a plan made
-for any value use."""
+_OF_STATUS = f"{_SELECT} WHERE tenant_id = $1 AND status = $2 ORDER BY seq DESC LIMIT $3"
+"""Records of one status, newest first, found walking the tenant's records newest
+first: no index reads the status (schema version 24), so a record's end is a HOT
+update; a rare status costs a walk as far back as its ``limit``-th record."""
 _OF_TENANT = "CASE WHEN m.tenant_id = $1 THEN true END"
 """The tenant test of a statement that finds records by key: as an equality it was an
 index condition the planner could pick while the table's statistics lagged behind its
@@ -225,18 +247,20 @@ looked up in ``flowstone_reads`` (kept by triggers, schema version 13) by equali
 which an index answers under row-level security, so the cost follows the records
 found, not the size of the table."""
 _CURRENT_OF_R = f"""(
-    SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
-    WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
-      AND m.partition = r.partition
+    (SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
+     WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
+       AND m.partition = r.partition
+     ORDER BY m.seq DESC LIMIT 1)
     UNION ALL
-    SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
-    WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
-      AND m.partition IS NULL AND r.partition IS NULL
+    (SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
+     WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
+       AND m.partition IS NULL AND r.partition IS NULL
+     ORDER BY m.seq DESC LIMIT 1)
     LIMIT 1
 )"""
-"""The current record of ``r``'s partition, found through the unique index of current
-records (one for keyed partitions, one for the unpartitioned record): a lookup per
-partition, whatever the planner knows of the table."""
+"""The current record of ``r``'s partition, found through the index of each
+partition's records newest first (schema version 24): a lookup per partition,
+whatever the planner knows of the table."""
 
 # Statements here name the rows they change by primary key inside ARRAY(...): the
 # planner then looks them up one by one. Joined directly, it chose to scan an index
@@ -335,8 +359,8 @@ def _complete_batch(sets: str, rows: str, done_hash: str) -> str:
     leases and the superseding need (fences, ids, the keys of the successes, the hash
     a released lease names: ``done_hash``, an expression over ``r`` and the record as
     stored, ``t``) is read from the rows and their records, not sent again. The
-    exclusion constraints on current records are checked at commit, so the order of
-    these writes is free. In the last WHERE, the second half of the CASE makes a
+    superseding finds the current record before this statement's writes (its
+    snapshot), so the order of these writes is free. In the last WHERE, the second half of the CASE makes a
     retried batch (whose COMMIT may have landed before the connection dropped) a
     no-op, not a false conflict.
 
@@ -379,7 +403,7 @@ WITH r AS MATERIALIZED (
 ), superseded AS (
     {superseding}
 )
-UPDATE {TABLE} AS m SET {sets}, written_xid = pg_current_xact_id()
+UPDATE {TABLE} AS m SET {sets}
 FROM r
 WHERE m.ctid = r.target AND m.id = r.id AND {_OF_TENANT}
   AND CASE WHEN m.status = r.expected OR (m.status = r.status AND m.updated_at = r.updated_at) THEN true END
@@ -860,8 +884,7 @@ class PostgresStore(PostgresClient):
     async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]:
         tenant, wanted = current_tenant(), to_status(status)
         rows = await self.db.run(
-            tenant, _fetch, _BY_STATUS_COMMON if wanted in _COMMON else _BY_STATUS_RARE,
-            tenant or "", wanted.value, check_limit(limit),
+            tenant, _fetch, _OF_STATUS, tenant or "", wanted.value, check_limit(limit),
         )
         return [_record(row) for row in rows]
 
@@ -937,11 +960,7 @@ class PostgresStore(PostgresClient):
 
     async def partitions_of(self, asset_name: str) -> dict[str | None, Materialization]:
         tenant = current_tenant()
-        rows = await self.db.run(
-            tenant, _fetch,
-            f"{_SELECT} WHERE tenant_id = $1 AND asset_name = $2 AND {_SUCCESSES}",  # one current record each
-            tenant or "", asset_name,
-        )
+        rows = await self.db.run(tenant, _fetch, _CURRENT_OF_ASSET, tenant or "", asset_name)
         return {record.partition: record for record in map(_record, rows)}
 
     async def successes_after(self, asset_name: str, mark: str | None) -> tuple[list[Materialization], str]:
@@ -1528,7 +1547,7 @@ async def _update_status(
     connection: Any, record_id: uuid.UUID, target: Status, changes: dict[str, Any], now: datetime, tenant: str
 ) -> Any:
     allowed_from = [s.value for s, nexts in TRANSITIONS.items() if target in nexts]
-    sets = ["status = $4", "updated_at = $5", "written_xid = pg_current_xact_id()"]
+    sets = ["status = $4", "updated_at = $5"]
     args: list[Any] = [record_id, tenant, allowed_from, target.value, now]
     for name, value in changes.items():
         if name in ("metadata", "upstream_partitions"):  # as text: a caller's pool may have no jsonb codec

@@ -255,12 +255,14 @@ async def test_the_tables_each_materialization_writes_read_the_tenant_setting_on
             assert not any(line.startswith("Index Cond:") for line in plan), (table, plan)
 
 
-async def test_a_batch_releases_its_leases_on_their_own_pages(anyio_backend, pg_database):
-    """A batch of begins fills pages with its leases; the releases that follow are
-    longer rows (the success's id and hash) and still stay on those pages, as
-    heap-only updates that add no index entries (schema version 23: at half-full
-    pages about a third went elsewhere). Read from the pages themselves
-    (``pageinspect``): a row a HOT update wrote is flagged heap-only."""
+async def test_a_batch_ends_its_records_and_releases_its_leases_on_their_own_pages(anyio_backend, pg_database):
+    """A batch of begins fills pages with its records and leases; the ends and
+    releases that follow are longer rows and still stay on those pages, as heap-only
+    updates that add no index entries: no index of records reads the status an end
+    changes (schema version 24), and leases leave room for the success's id and
+    hash (23; at half-full pages about a third of the releases went elsewhere). Read
+    from the pages themselves (``pageinspect``): a row a HOT update wrote is flagged
+    heap-only."""
     from flowstone.plumbing.clock import utcnow
     from flowstone.plumbing.ids import new_uuid
     from flowstone.store.leases import End, Start
@@ -275,19 +277,58 @@ async def test_a_batch_releases_its_leases_on_their_own_pages(anyio_backend, pg_
                 for i in range(count)
             ]
             begun = await store.begin_many("a-host:12345:0123456789abcdef", 60.0, starts)
-            ends = [End(record, Status.SUCCESS, lease, {"metadata": {"io_manager": "memory"}})
+            ends = [End(record, Status.SUCCESS, lease, {"metadata": {"io_manager": "memory", "rows": 12345}})
                     for record, lease in begun]
             assert all(done.status is Status.SUCCESS for done in await store.complete_many(ends))
     await raw(pg_database.admin_dsn, "CREATE EXTENSION IF NOT EXISTS pageinspect")
-    rows = await raw(pg_database.admin_dsn, """
-        SELECT l.owner, l.done_id IS NOT NULL AS done,
-               (p.t_infomask2 & 32768) <> 0 AS heap_only  -- HEAP_ONLY_TUPLE
-        FROM flowstone_leases AS l
-        CROSS JOIN LATERAL heap_page_items(get_raw_page('flowstone_leases', (l.ctid::text::point)[0]::int)) AS p
-        WHERE p.lp = (l.ctid::text::point)[1]::int AND l.tenant_id = 'acme'
-    """)
-    assert len(rows) == count and all(row["owner"] == "" and row["done"] for row in rows)
-    assert sum(row["heap_only"] for row in rows) == count
+
+    async def heap_only(table, done):
+        return await raw(pg_database.admin_dsn, f"""
+            SELECT {done} AS done, (p.t_infomask2 & 32768) <> 0 AS heap_only  -- HEAP_ONLY_TUPLE
+            FROM {table} AS l
+            CROSS JOIN LATERAL heap_page_items(get_raw_page('{table}', (l.ctid::text::point)[0]::int)) AS p
+            WHERE p.lp = (l.ctid::text::point)[1]::int AND l.tenant_id = 'acme'
+        """)
+
+    leases = await heap_only("flowstone_leases", "l.owner = '' AND l.done_id IS NOT NULL")
+    records = await heap_only("flowstone_materializations", "l.status = 'success'")
+    for rows in (leases, records):
+        assert len(rows) == count and all(row["done"] for row in rows)
+    assert (sum(row["heap_only"] for row in leases), sum(row["heap_only"] for row in records)) == (count, count)
+
+
+async def test_a_followers_mark_from_before_version_24_still_sees_the_successes_written_after_it(
+    anyio_backend, pg_database, monkeypatch,
+):
+    """Version 24 moves what eager looks read from the records (``written_xid``) to
+    the partition states (``success_xid``), filled from the records: a mark taken on
+    version 23 finds the successes written after it, and only those, once migrated."""
+    from flowstone.postgres import schema
+
+    fresh = f"{pg_database.name}_v23"
+    await anyio.to_thread.run_sync(
+        run_sync, admin, pg_database.admin_dsn, f"CREATE DATABASE {fresh} TEMPLATE template0")
+    dsn = pg_database.admin_dsn.rsplit("/", 1)[0] + f"/{fresh}"
+    insert = ("INSERT INTO flowstone_materializations (id, asset_name, partition, run_id, status, inserted_at, "
+              "updated_at) VALUES (gen_random_uuid(), 'a', $1, gen_random_uuid(), $2, now(), now()) RETURNING id")
+    try:
+        monkeypatch.setattr(schema, "MIGRATIONS", tuple(m for m in MIGRATIONS if m[0] < 24))
+        async with PostgresStore(dsn, allow_bypass_rls=True) as owner:
+            assert (await owner.migrate())[-1] == 23
+            old = (await raw(dsn, insert, "1", "success"))[0]["id"]
+            _, mark = await owner.successes_after("a", None)
+            new = [(await raw(dsn, insert, key, status))[0]["id"] for key, status in
+                   (("2", "success"), ("3", "failed"), ("4", "success"))]
+        monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS)
+        async with PostgresStore(dsn, allow_bypass_rls=True) as owner:
+            assert await owner.migrate() == [24]
+            found, _ = await owner.successes_after("a", mark)
+            assert [record.id for record in found] == [new[0], new[2]] and old not in {r.id for r in found}
+            assert sorted(await owner.partitions_of("a")) == ["1", "2", "4"]
+    finally:
+        await anyio.to_thread.run_sync(
+            run_sync, admin, pg_database.admin_dsn, f"DROP DATABASE IF EXISTS {fresh} WITH (FORCE)"
+        )
 
 
 async def test_only_units_that_write_by_key_plan_without_table_scans(anyio_backend, pg_dsn):

@@ -231,11 +231,44 @@ _STATES_OF_MOVED = """            UPDATE flowstone_partition_states AS s
 """The partition states of moved records (migration 24): the newest record's move is
 its partition's state, and any record that became a success notes its transaction
 (an older record made a success by hand too)."""
+_STATES_OF_INSERTED_25 = """                INSERT INTO flowstone_partition_states AS s
+                        (tenant_id, asset_name, partition, seq, status, success_xid, current_id)
+                    SELECT DISTINCT ON (tenant_id, asset_name, partition) tenant_id, asset_name, partition, seq,
+                           status, CASE WHEN status = 'success' THEN pg_current_xact_id() END,
+                           CASE WHEN status IN ('success', 'stale') THEN id END
+                    FROM written WHERE partition {is_keyed} ORDER BY tenant_id, asset_name, partition, seq DESC
+                ON CONFLICT {arbiter} DO UPDATE
+                SET seq = excluded.seq, status = excluded.status,
+                    success_xid = coalesce(excluded.success_xid, s.success_xid),
+                    current_id = coalesce(excluded.current_id, s.current_id)
+                WHERE s.seq < excluded.seq;
+"""
+"""The partition states of inserted records (migration 25): as in 24, and an inserted
+success or stale record is its partition's current one."""
+_STATES_OF_MOVED_25 = """            UPDATE flowstone_partition_states AS s
+            SET status = CASE WHEN s.seq = x.seq THEN x.status ELSE s.status END,
+                success_xid = CASE WHEN x.status = 'success' THEN pg_current_xact_id() ELSE s.success_xid END,
+                current_id = CASE WHEN x.status = 'success' THEN x.id ELSE s.current_id END
+            FROM (
+                SELECT w.id, w.status, w.seq, (
+                    SELECT y.ctid FROM flowstone_partition_states y
+                    WHERE y.tenant_id = w.tenant_id AND y.asset_name = w.asset_name AND y.partition {same}
+                      AND (y.seq = w.seq OR w.status = 'success')
+                ) AS target
+                FROM written w WHERE w.partition {is_keyed} OFFSET 0
+            ) AS x
+            WHERE s.ctid = x.target;
+"""
+"""The partition states of moved records (migration 25): as in 24, and a record that
+became a success is its partition's current one (the one it superseded, in the
+same statement, was)."""
 _KEYED = {"is_keyed": "IS NOT NULL", "same": "= w.partition",
           "arbiter": "(tenant_id, asset_name, partition) WHERE partition IS NOT NULL"}
 _WHOLE = {"is_keyed": "IS NULL", "same": "IS NULL", "arbiter": "(tenant_id, asset_name) WHERE partition IS NULL"}
 _INSERTED_STATES = _STATES_OF_INSERTED.format(**_KEYED) + _STATES_OF_INSERTED.format(**_WHOLE)
 _MOVED_STATES = _STATES_OF_MOVED.format(**_KEYED) + _STATES_OF_MOVED.format(**_WHOLE)
+_INSERTED_STATES_25 = _STATES_OF_INSERTED_25.format(**_KEYED) + _STATES_OF_INSERTED_25.format(**_WHOLE)
+_MOVED_STATES_25 = _STATES_OF_MOVED_25.format(**_KEYED) + _STATES_OF_MOVED_25.format(**_WHOLE)
 
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "materializations and backfills, with row-level security", _V1),
@@ -573,8 +606,12 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE flowstone_partition_states ADD COLUMN IF NOT EXISTS success_xid xid8;
         UPDATE flowstone_partition_states AS s SET success_xid = m.written_xid
         FROM flowstone_materializations AS m
-        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name
-          AND m.partition IS NOT DISTINCT FROM s.partition AND m.status = 'success' AND m.written_xid IS NOT NULL;
+        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name AND m.partition = s.partition
+          AND m.status = 'success' AND m.written_xid IS NOT NULL;
+        UPDATE flowstone_partition_states AS s SET success_xid = m.written_xid
+        FROM flowstone_materializations AS m
+        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name AND m.partition IS NULL
+          AND s.partition IS NULL AND m.status = 'success' AND m.written_xid IS NOT NULL;
         CREATE INDEX IF NOT EXISTS flowstone_partition_states_successes
             ON flowstone_partition_states (tenant_id, asset_name, success_xid) WHERE success_xid IS NOT NULL;
         ALTER TABLE flowstone_materializations DROP COLUMN IF EXISTS written_xid;
@@ -597,6 +634,56 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
                   AND (SELECT e.reader FROM flowstone_reads e WHERE e.reader = n.id LIMIT 1) IS NULL;
             RETURN NULL;
         END $$;
+        ALTER TABLE flowstone_partition_states FORCE ROW LEVEL SECURITY;
+        ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
+    """),
+    (25, "a partition's current record named by its state; records by sequence in ascending order", f"""
+        -- A partition's current record (success or stale) was found through an index of
+        -- each partition's records newest first (24); with the planner's statistics
+        -- empty (a young table) it could walk the asset's index instead, every record
+        -- of the asset for each lookup. The state now names it, by id: a lookup by key
+        -- in the states, then by primary key, with no other index to choose. The index
+        -- of partitions' records goes, and with it an entry a record.
+        ALTER TABLE flowstone_materializations NO FORCE ROW LEVEL SECURITY;
+        ALTER TABLE flowstone_partition_states NO FORCE ROW LEVEL SECURITY;
+        ALTER TABLE flowstone_partition_states ADD COLUMN IF NOT EXISTS current_id uuid;
+        UPDATE flowstone_partition_states AS s SET current_id = m.id
+        FROM flowstone_materializations AS m
+        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name AND m.partition = s.partition
+          AND m.status IN ('success', 'stale');
+        UPDATE flowstone_partition_states AS s SET current_id = m.id
+        FROM flowstone_materializations AS m
+        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name AND m.partition IS NULL
+          AND s.partition IS NULL AND m.status IN ('success', 'stale');
+        CREATE OR REPLACE FUNCTION flowstone_records_written() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            -- Rows of states are found through the upsert's arbiter index (or a lookup
+            -- by their whole key), whatever the planner believes of the table's size.
+            IF TG_OP = 'INSERT' THEN  -- a new record is its partition's newest
+{_INSERTED_STATES_25}
+                INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
+                    SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), n.id
+                    FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
+                    WHERE n.status = 'success';
+                RETURN NULL;
+            END IF;
+            -- A moved record changes its partition's state if it is the newest record
+            -- there (or became a success). The others' states are not even locked:
+            -- superseding an old record must not wait on whoever completes the newest.
+{_MOVED_STATES_25}{_MOVED_READS}                WHERE n.status = 'success' AND n.upstream_partitions <> '{{}}'::jsonb
+                  AND (SELECT e.reader FROM flowstone_reads e WHERE e.reader = n.id LIMIT 1) IS NULL;
+            RETURN NULL;
+        END $$;
+        DROP INDEX IF EXISTS flowstone_materializations_partition;
+        -- In descending order a new record's entry went first in its tenant's (or
+        -- asset's) range, so those pages split in halves and stayed half empty (57
+        -- bytes a record an index, against 32 now). In ascending order it goes last,
+        -- where the previous insertion went, and a full last page splits leaving itself
+        -- full. Reads newest first walk the index backwards.
+        DROP INDEX IF EXISTS flowstone_materializations_tenant_seq;
+        CREATE INDEX flowstone_materializations_tenant_seq ON flowstone_materializations (tenant_id, seq);
+        DROP INDEX IF EXISTS flowstone_materializations_asset_seq;
+        CREATE INDEX flowstone_materializations_asset_seq ON flowstone_materializations (tenant_id, asset_name, seq);
         ALTER TABLE flowstone_partition_states FORCE ROW LEVEL SECURITY;
         ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
     """),

@@ -131,46 +131,55 @@ FROM jsonb_to_recordset($1::text::jsonb) AS r({_ROW_TYPES})
 ON CONFLICT (id) DO NOTHING
 RETURNING id
 """
+_M_COLUMNS = ", ".join(f"m.{column}" for column in _COLUMNS.split(", "))
+"""The columns of a record ``m`` (where a state ``s`` is in the same query)."""
+_CURRENT_TEST = "CASE WHEN m.tenant_id = $1 THEN true END AND m.status IN ('success', 'stale')"
+"""A current record (success or stale) of the tenant. The states' ``current_id`` may
+name a record that is no longer current (superseded by hand, with no success after
+it): this test leaves it out."""
+
+
+def _current_named(current_id: str) -> str:
+    """The current record whose id is ``current_id`` (an expression), by primary key.
+    Every lookup here is a scalar subquery or has a LIMIT: the planner cannot merge it
+    into a join, and so cannot trade the lookups by key for a walk through every state
+    or record of the tenant (its choice when the tables' statistics say they are empty)."""
+    return f"(SELECT {_M_COLUMNS} FROM {TABLE} AS m WHERE m.id = {current_id} AND {_CURRENT_TEST} LIMIT 1)"
+
+
+def _state_named(asset: str, key: str) -> str:
+    """The ``current_id`` of the state of ``asset``'s partition ``key`` (expressions),
+    or of its unpartitioned record when ``key`` is ``NULL``."""
+    of = f"s.partition = {key}" if key != "NULL" else "s.partition IS NULL"
+    return f"(SELECT s.current_id FROM flowstone_partition_states AS s WHERE s.tenant_id = $1 " \
+           f"AND s.asset_name = {asset} AND {of})"
+
+
 _LATEST_SUCCESSES = f"""
 SELECT l.* FROM unnest($2::text[], $3::text[]) AS p(asset, key)
-CROSS JOIN LATERAL (
-    {_SELECT} m WHERE m.tenant_id = $1 AND m.asset_name = p.asset AND m.partition = p.key AND {_SUCCESSES}
-    ORDER BY m.seq DESC LIMIT 1
-) AS l
+CROSS JOIN LATERAL {_current_named(_state_named("p.asset", "p.key"))} AS l
 UNION ALL
 SELECT l.* FROM unnest($4::text[]) AS p(asset)
-CROSS JOIN LATERAL (
-    {_SELECT} m WHERE m.tenant_id = $1 AND m.asset_name = p.asset AND m.partition IS NULL AND {_SUCCESSES}
-    ORDER BY m.seq DESC LIMIT 1
-) AS l
+CROSS JOIN LATERAL {_current_named(_state_named("p.asset", "NULL"))} AS l
 """
-"""Each partition has at most one current record (success or stale): each lookup walks
-the partition's records newest first (their index, schema version 24) to the first
-current one, which is the newest record or behind the few that failed after it."""
-_CURRENT_OF_S = f"""(
-    (SELECT {_COLUMNS}, m.seq FROM {TABLE} AS m
-     WHERE m.tenant_id = $1 AND m.asset_name = $2 AND m.partition = s.partition AND {_SUCCESSES}
-     ORDER BY m.seq DESC LIMIT 1)
-    UNION ALL
-    (SELECT {_COLUMNS}, m.seq FROM {TABLE} AS m
-     WHERE m.tenant_id = $1 AND m.asset_name = $2 AND m.partition IS NULL AND s.partition IS NULL AND {_SUCCESSES}
-     ORDER BY m.seq DESC LIMIT 1)
-)"""
-"""The current record (success or stale) of the partition of state ``s``, if any."""
+"""Each pair's current record, named by its partition's state (schema version 25): a
+lookup by key, then one by id, with no index to choose between."""
 _SUCCESSES_AFTER = f"""
 SELECT m.*, pg_snapshot_xmax($3::text::pg_snapshot) <= pg_snapshot_xmax(pg_current_snapshot()) AS known,
        pg_current_snapshot()::text AS mark
 FROM (SELECT 1) AS one LEFT JOIN LATERAL (
     SELECT c.* FROM (
-        SELECT s.partition, s.success_xid FROM flowstone_partition_states AS s
+        SELECT s.current_id, s.success_xid FROM flowstone_partition_states AS s
         WHERE s.tenant_id = $1 AND s.asset_name = $2 AND s.success_xid >= pg_snapshot_xmax($3::text::pg_snapshot)
         UNION ALL
         SELECT f.* FROM pg_snapshot_xip($3::text::pg_snapshot) AS x(xid) CROSS JOIN LATERAL (
-            SELECT s.partition, s.success_xid FROM flowstone_partition_states AS s
+            SELECT s.current_id, s.success_xid FROM flowstone_partition_states AS s
             WHERE s.tenant_id = $1 AND s.asset_name = $2 AND s.success_xid = x.xid
             OFFSET 0  -- a lookup per transaction: joined whole, the plan read every state of the asset
         ) AS f
-    ) AS s CROSS JOIN LATERAL {_CURRENT_OF_S} AS c
+    ) AS s CROSS JOIN LATERAL (
+        SELECT {_M_COLUMNS}, m.seq FROM {TABLE} AS m WHERE m.id = s.current_id AND {_CURRENT_TEST} LIMIT 1
+    ) AS c
     WHERE c.status = 'success'
     ORDER BY s.success_xid, c.seq
 ) AS m ON true
@@ -184,19 +193,14 @@ row with no record when there are none. A mark from later than now (of another
 cluster, or of a database restored elsewhere) is not ``known``: compared with it,
 every success would look old."""
 _CURRENT_OF_ASSET = f"""
-SELECT c.* FROM flowstone_partition_states AS s CROSS JOIN LATERAL (
-    SELECT {_COLUMNS} FROM {TABLE} AS m
-    WHERE m.tenant_id = $1 AND m.asset_name = $2 AND m.partition = s.partition AND {_SUCCESSES}
-    ORDER BY m.seq DESC LIMIT 1
-) AS c
+SELECT c.* FROM flowstone_partition_states AS s CROSS JOIN LATERAL {_current_named("s.current_id")} AS c
 WHERE s.tenant_id = $1 AND s.asset_name = $2 AND s.partition IS NOT NULL
 UNION ALL
-(SELECT {_COLUMNS} FROM {TABLE} AS m
- WHERE m.tenant_id = $1 AND m.asset_name = $2 AND m.partition IS NULL AND {_SUCCESSES}
- ORDER BY m.seq DESC LIMIT 1)
+SELECT c.* FROM flowstone_partition_states AS s CROSS JOIN LATERAL {_current_named("s.current_id")} AS c
+WHERE s.tenant_id = $1 AND s.asset_name = $2 AND s.partition IS NULL
 """
-"""Each partition's current record (success or stale): one lookup per partition the
-asset has a state for, not a walk through every record the asset ever had."""
+"""Each partition's current record (success or stale), through the asset's states and
+one lookup by id each: not a walk through every record the asset ever had."""
 _STATE_OF = "s.tenant_id = $1 AND s.asset_name = $2 AND s.partition = $3"
 _STATE_OF_WHOLE = "s.tenant_id = $1 AND s.asset_name = $2 AND s.partition IS NULL"
 _LATEST, _LATEST_WHOLE = (
@@ -247,20 +251,19 @@ looked up in ``flowstone_reads`` (kept by triggers, schema version 13) by equali
 which an index answers under row-level security, so the cost follows the records
 found, not the size of the table."""
 _CURRENT_OF_R = f"""(
-    (SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
-     WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
-       AND m.partition = r.partition
-     ORDER BY m.seq DESC LIMIT 1)
-    UNION ALL
-    (SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
-     WHERE m.tenant_id = $1 AND m.status IN ('success', 'stale') AND m.asset_name = r.asset_name
-       AND m.partition IS NULL AND r.partition IS NULL
-     ORDER BY m.seq DESC LIMIT 1)
+    SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
+    WHERE m.id = (
+        SELECT s.current_id FROM flowstone_partition_states AS s
+        WHERE s.tenant_id = $1 AND s.asset_name = r.asset_name AND s.partition = r.partition
+        UNION ALL
+        SELECT s.current_id FROM flowstone_partition_states AS s
+        WHERE s.tenant_id = $1 AND s.asset_name = r.asset_name AND s.partition IS NULL AND r.partition IS NULL
+        LIMIT 1
+    ) AND {_CURRENT_TEST}
     LIMIT 1
 )"""
-"""The current record of ``r``'s partition, found through the index of each
-partition's records newest first (schema version 24): a lookup per partition,
-whatever the planner knows of the table."""
+"""The current record of ``r``'s partition, named by its state (schema version 25): a
+lookup by key, then by id, whatever the planner knows of the tables."""
 
 # Statements here name the rows they change by primary key inside ARRAY(...): the
 # planner then looks them up one by one. Joined directly, it chose to scan an index

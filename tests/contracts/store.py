@@ -325,6 +325,20 @@ class StoreContract:
             with pytest.raises(fs.DefinitionError, match="mark"):
                 await store.successes_after("up", bad)
 
+    async def test_an_older_record_made_a_success_is_its_partitions_current_one(self, store):
+        """A success need not be its partition's newest record: an older record moved
+        to success (a newer one failed meanwhile) is the partition's current record for
+        every lookup, and is new for an eager look."""
+        older = await store.create(asset_name="a", partition="1", status=Status.RUNNING)
+        newer = await store.create(asset_name="a", partition="1", status=Status.FAILED)
+        _, mark = await store.successes_after("a", None)
+        made = await store.update_status(older.id, Status.SUCCESS)
+        assert [r.id for r in (await store.successes_after("a", mark))[0]] == [made.id]
+        assert (await store.latest_successes([("a", "1")]))[("a", "1")].id == made.id
+        assert {key: r.id for key, r in (await store.partitions_of("a")).items()} == {"1": made.id}
+        assert (await store.get("a", "1")).id == newer.id  # the latest record is still the failed one
+        assert (await store.partition_states("a")) == {"1": Status.FAILED}
+
     async def test_partition_states_are_the_latest_record_of_each_partition(self, store):
         ok = await store.complete(await store.create(asset_name="a", partition="1", status=Status.RUNNING),
                                   Status.SUCCESS)

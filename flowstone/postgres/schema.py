@@ -164,6 +164,15 @@ CREATE UNIQUE INDEX flowstone_leases_fence ON flowstone_leases (fence);
 ALTER TABLE flowstone_backfills ADD COLUMN owner text, ADD COLUMN heartbeat_at timestamptz;
 """
 
+_INSERTED_READS = """                INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
+                    SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{}', ''), n.id
+                    FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
+                    WHERE n.status = 'success';
+                RETURN NULL;
+            END IF;
+"""
+"""The reads of inserted successes, noted by the trigger on records (from migration 16)."""
+
 _NEW_RECORDS = """            -- Rows of states are found through the upsert's arbiter index (or a lookup
             -- by their whole key), whatever the planner believes of the table's size.
             IF TG_OP = 'INSERT' THEN  -- a new record is its partition's newest
@@ -177,13 +186,7 @@ _NEW_RECORDS = """            -- Rows of states are found through the upsert's a
                     FROM written WHERE partition IS NULL ORDER BY tenant_id, asset_name, seq DESC
                 ON CONFLICT (tenant_id, asset_name) WHERE partition IS NULL DO UPDATE
                 SET seq = excluded.seq, status = excluded.status WHERE s.seq < excluded.seq;
-                INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
-                    SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{}', ''), n.id
-                    FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
-                    WHERE n.status = 'success';
-                RETURN NULL;
-            END IF;
-"""
+""" + _INSERTED_READS
 """What the trigger on records does for records inserted (migrations 16 and 19): each
 partition's state names its newest record, and a success's reads are noted."""
 
@@ -203,72 +206,84 @@ _MOVED_READS = """            -- Only a success has reads: one that is no longer
 a success that has none are added (the rows of reads of ``n``, which each caller
 filters on)."""
 
-_STATES_OF_INSERTED = """                INSERT INTO flowstone_partition_states AS s
-                        (tenant_id, asset_name, partition, seq, status, success_xid)
-                    SELECT DISTINCT ON (tenant_id, asset_name, partition) tenant_id, asset_name, partition, seq,
-                           status, CASE WHEN status = 'success' THEN pg_current_xact_id() END
-                    FROM written WHERE partition {is_keyed} ORDER BY tenant_id, asset_name, partition, seq DESC
-                ON CONFLICT {arbiter} DO UPDATE
-                SET seq = excluded.seq, status = excluded.status,
-                    success_xid = coalesce(excluded.success_xid, s.success_xid)
-                WHERE s.seq < excluded.seq;
-"""
-"""The partition states of inserted records (migration 24): the newest names its
-partition's state; a success notes its transaction."""
-_STATES_OF_MOVED = """            UPDATE flowstone_partition_states AS s
-            SET status = CASE WHEN s.seq = x.seq THEN x.status ELSE s.status END,
-                success_xid = CASE WHEN x.status = 'success' THEN pg_current_xact_id() ELSE s.success_xid END
-            FROM (
-                SELECT w.status, w.seq, (
-                    SELECT y.ctid FROM flowstone_partition_states y
-                    WHERE y.tenant_id = w.tenant_id AND y.asset_name = w.asset_name AND y.partition {same}
-                      AND (y.seq = w.seq OR w.status = 'success')
-                ) AS target
-                FROM written w WHERE w.partition {is_keyed} OFFSET 0
-            ) AS x
-            WHERE s.ctid = x.target;
-"""
-"""The partition states of moved records (migration 24): the newest record's move is
-its partition's state, and any record that became a success notes its transaction
-(an older record made a success by hand too)."""
-_STATES_OF_INSERTED_25 = """                INSERT INTO flowstone_partition_states AS s
-                        (tenant_id, asset_name, partition, seq, status, success_xid, current_id)
-                    SELECT DISTINCT ON (tenant_id, asset_name, partition) tenant_id, asset_name, partition, seq,
-                           status, CASE WHEN status = 'success' THEN pg_current_xact_id() END,
-                           CASE WHEN status IN ('success', 'stale') THEN id END
-                    FROM written WHERE partition {is_keyed} ORDER BY tenant_id, asset_name, partition, seq DESC
-                ON CONFLICT {arbiter} DO UPDATE
-                SET seq = excluded.seq, status = excluded.status,
-                    success_xid = coalesce(excluded.success_xid, s.success_xid),
-                    current_id = coalesce(excluded.current_id, s.current_id)
-                WHERE s.seq < excluded.seq;
-"""
-"""The partition states of inserted records (migration 25): as in 24, and an inserted
-success or stale record is its partition's current one."""
-_STATES_OF_MOVED_25 = """            UPDATE flowstone_partition_states AS s
-            SET status = CASE WHEN s.seq = x.seq THEN x.status ELSE s.status END,
-                success_xid = CASE WHEN x.status = 'success' THEN pg_current_xact_id() ELSE s.success_xid END,
-                current_id = CASE WHEN x.status = 'success' THEN x.id ELSE s.current_id END
-            FROM (
-                SELECT w.id, w.status, w.seq, (
-                    SELECT y.ctid FROM flowstone_partition_states y
-                    WHERE y.tenant_id = w.tenant_id AND y.asset_name = w.asset_name AND y.partition {same}
-                      AND (y.seq = w.seq OR w.status = 'success')
-                ) AS target
-                FROM written w WHERE w.partition {is_keyed} OFFSET 0
-            ) AS x
-            WHERE s.ctid = x.target;
-"""
-"""The partition states of moved records (migration 25): as in 24, and a record that
-became a success is its partition's current one (the one it superseded, in the
-same statement, was)."""
 _KEYED = {"is_keyed": "IS NOT NULL", "same": "= w.partition",
           "arbiter": "(tenant_id, asset_name, partition) WHERE partition IS NOT NULL"}
 _WHOLE = {"is_keyed": "IS NULL", "same": "IS NULL", "arbiter": "(tenant_id, asset_name) WHERE partition IS NULL"}
-_INSERTED_STATES = _STATES_OF_INSERTED.format(**_KEYED) + _STATES_OF_INSERTED.format(**_WHOLE)
-_MOVED_STATES = _STATES_OF_MOVED.format(**_KEYED) + _STATES_OF_MOVED.format(**_WHOLE)
-_INSERTED_STATES_25 = _STATES_OF_INSERTED_25.format(**_KEYED) + _STATES_OF_INSERTED_25.format(**_WHOLE)
-_MOVED_STATES_25 = _STATES_OF_MOVED_25.format(**_KEYED) + _STATES_OF_MOVED_25.format(**_WHOLE)
+
+
+def _states_of_inserted(current: bool) -> str:
+    """The partition states of inserted records (migrations 24 and 25), keyed and
+    whole: the newest names its partition's state; a success notes its transaction;
+    from 25 (``current``), an inserted success or stale record is the partition's
+    current one."""
+    column, value, keep = (
+        (", current_id", ",\n                           CASE WHEN status IN ('success', 'stale') THEN id END",
+         ",\n                    current_id = coalesce(excluded.current_id, s.current_id)")
+        if current else ("", "", ""))
+    template = f"""                INSERT INTO flowstone_partition_states AS s
+                        (tenant_id, asset_name, partition, seq, status, success_xid{column})
+                    SELECT DISTINCT ON (tenant_id, asset_name, partition) tenant_id, asset_name, partition, seq,
+                           status, CASE WHEN status = 'success' THEN pg_current_xact_id() END{value}
+                    FROM written WHERE partition {{is_keyed}} ORDER BY tenant_id, asset_name, partition, seq DESC
+                ON CONFLICT {{arbiter}} DO UPDATE
+                SET seq = excluded.seq, status = excluded.status,
+                    success_xid = coalesce(excluded.success_xid, s.success_xid){keep}
+                WHERE s.seq < excluded.seq;
+"""
+    return template.format(**_KEYED) + template.format(**_WHOLE)
+
+
+def _states_of_moved(current: bool) -> str:
+    """The partition states of moved records (migrations 24 and 25), keyed and whole:
+    the newest record's move is its partition's state, and any record that became a
+    success notes its transaction (an older record made a success by hand too); from
+    25 (``current``), it is the partition's current record (the one it superseded, in
+    the same statement, was)."""
+    column, selected = (
+        (",\n                current_id = CASE WHEN x.status = 'success' THEN x.id ELSE s.current_id END", "w.id, ")
+        if current else ("", ""))
+    template = f"""            UPDATE flowstone_partition_states AS s
+            SET status = CASE WHEN s.seq = x.seq THEN x.status ELSE s.status END,
+                success_xid = CASE WHEN x.status = 'success' THEN pg_current_xact_id() ELSE s.success_xid END{column}
+            FROM (
+                SELECT {selected}w.status, w.seq, (
+                    SELECT y.ctid FROM flowstone_partition_states y
+                    WHERE y.tenant_id = w.tenant_id AND y.asset_name = w.asset_name AND y.partition {{same}}
+                      AND (y.seq = w.seq OR w.status = 'success')
+                ) AS target
+                FROM written w WHERE w.partition {{is_keyed}} OFFSET 0
+            ) AS x
+            WHERE s.ctid = x.target;
+"""
+    return template.format(**_KEYED) + template.format(**_WHOLE)
+
+
+def _records_written(current: bool) -> str:
+    """The function of the statement triggers on records (migrations 24 and 25)."""
+    moved = _states_of_moved(current) + _MOVED_READS
+    return f"""        CREATE OR REPLACE FUNCTION flowstone_records_written() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            -- Rows of states are found through the upsert's arbiter index (or a lookup
+            -- by their whole key), whatever the planner believes of the table's size.
+            IF TG_OP = 'INSERT' THEN  -- a new record is its partition's newest
+{_states_of_inserted(current)}
+{_INSERTED_READS}            -- A moved record changes its partition's state if it is the newest record
+            -- there (or became a success). The others' states are not even locked:
+            -- superseding an old record must not wait on whoever completes the newest.
+{moved}                WHERE n.status = 'success' AND n.upstream_partitions <> '{{}}'::jsonb
+                  AND (SELECT e.reader FROM flowstone_reads e WHERE e.reader = n.id LIMIT 1) IS NULL;
+            RETURN NULL;
+        END $$;"""
+
+
+def _states_filled(column: str, value: str, test: str) -> str:
+    """Two statements filling ``column`` of every partition state with ``value`` from
+    its partition's record that passes ``test`` (keyed partitions, then the
+    unpartitioned record: as equalities, which a hash join can take)."""
+    return "\n".join(f"""        UPDATE flowstone_partition_states AS s SET {column} = {value}
+        FROM flowstone_materializations AS m
+        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name AND {same}
+          AND {test};""" for same in ("m.partition = s.partition", "m.partition IS NULL AND s.partition IS NULL"))
 
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "materializations and backfills, with row-level security", _V1),
@@ -604,36 +619,11 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         -- What followers ask (successes since a look) now comes from the partition
         -- states: the transaction that last made a success of each partition.
         ALTER TABLE flowstone_partition_states ADD COLUMN IF NOT EXISTS success_xid xid8;
-        UPDATE flowstone_partition_states AS s SET success_xid = m.written_xid
-        FROM flowstone_materializations AS m
-        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name AND m.partition = s.partition
-          AND m.status = 'success' AND m.written_xid IS NOT NULL;
-        UPDATE flowstone_partition_states AS s SET success_xid = m.written_xid
-        FROM flowstone_materializations AS m
-        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name AND m.partition IS NULL
-          AND s.partition IS NULL AND m.status = 'success' AND m.written_xid IS NOT NULL;
+{_states_filled("success_xid", "m.written_xid", "m.status = 'success' AND m.written_xid IS NOT NULL")}
         CREATE INDEX IF NOT EXISTS flowstone_partition_states_successes
             ON flowstone_partition_states (tenant_id, asset_name, success_xid) WHERE success_xid IS NOT NULL;
         ALTER TABLE flowstone_materializations DROP COLUMN IF EXISTS written_xid;
-        CREATE OR REPLACE FUNCTION flowstone_records_written() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            -- Rows of states are found through the upsert's arbiter index (or a lookup
-            -- by their whole key), whatever the planner believes of the table's size.
-            IF TG_OP = 'INSERT' THEN  -- a new record is its partition's newest
-{_INSERTED_STATES}
-                INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
-                    SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), n.id
-                    FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
-                    WHERE n.status = 'success';
-                RETURN NULL;
-            END IF;
-            -- A moved record changes its partition's state if it is the newest record
-            -- there (or became a success). The others' states are not even locked:
-            -- superseding an old record must not wait on whoever completes the newest.
-{_MOVED_STATES}{_MOVED_READS}                WHERE n.status = 'success' AND n.upstream_partitions <> '{{}}'::jsonb
-                  AND (SELECT e.reader FROM flowstone_reads e WHERE e.reader = n.id LIMIT 1) IS NULL;
-            RETURN NULL;
-        END $$;
+{_records_written(False)}
         ALTER TABLE flowstone_partition_states FORCE ROW LEVEL SECURITY;
         ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
     """),
@@ -647,33 +637,8 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         ALTER TABLE flowstone_materializations NO FORCE ROW LEVEL SECURITY;
         ALTER TABLE flowstone_partition_states NO FORCE ROW LEVEL SECURITY;
         ALTER TABLE flowstone_partition_states ADD COLUMN IF NOT EXISTS current_id uuid;
-        UPDATE flowstone_partition_states AS s SET current_id = m.id
-        FROM flowstone_materializations AS m
-        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name AND m.partition = s.partition
-          AND m.status IN ('success', 'stale');
-        UPDATE flowstone_partition_states AS s SET current_id = m.id
-        FROM flowstone_materializations AS m
-        WHERE m.tenant_id = s.tenant_id AND m.asset_name = s.asset_name AND m.partition IS NULL
-          AND s.partition IS NULL AND m.status IN ('success', 'stale');
-        CREATE OR REPLACE FUNCTION flowstone_records_written() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            -- Rows of states are found through the upsert's arbiter index (or a lookup
-            -- by their whole key), whatever the planner believes of the table's size.
-            IF TG_OP = 'INSERT' THEN  -- a new record is its partition's newest
-{_INSERTED_STATES_25}
-                INSERT INTO flowstone_reads (tenant_id, asset_name, partitioned, partition, reader)
-                    SELECT n.tenant_id, r.key, k.value <> 'null'::jsonb, coalesce(k.value #>> '{{}}', ''), n.id
-                    FROM written n, jsonb_each(n.upstream_partitions) r, jsonb_array_elements(r.value) k
-                    WHERE n.status = 'success';
-                RETURN NULL;
-            END IF;
-            -- A moved record changes its partition's state if it is the newest record
-            -- there (or became a success). The others' states are not even locked:
-            -- superseding an old record must not wait on whoever completes the newest.
-{_MOVED_STATES_25}{_MOVED_READS}                WHERE n.status = 'success' AND n.upstream_partitions <> '{{}}'::jsonb
-                  AND (SELECT e.reader FROM flowstone_reads e WHERE e.reader = n.id LIMIT 1) IS NULL;
-            RETURN NULL;
-        END $$;
+{_states_filled("current_id", "m.id", "m.status IN ('success', 'stale')")}
+{_records_written(True)}
         DROP INDEX IF EXISTS flowstone_materializations_partition;
         -- In descending order a new record's entry went first in its tenant's (or
         -- asset's) range, so those pages split in halves and stayed half empty (57

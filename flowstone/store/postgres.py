@@ -114,7 +114,6 @@ _COLUMNS = (
     "inserted_at, updated_at, error_traceback"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM {TABLE}"
-_SUCCESSES = "status IN ('success', 'stale')"
 _ROW_TYPES = (
     "id uuid, tenant_id text, asset_name text, partition text, run_id uuid, status text, expected text, "
     "started_at timestamptz, completed_at timestamptz, duration_ms double precision, upstream_assets jsonb, "
@@ -131,9 +130,14 @@ FROM jsonb_to_recordset($1::text::jsonb) AS r({_ROW_TYPES})
 ON CONFLICT (id) DO NOTHING
 RETURNING id
 """
+_OF_TENANT = "CASE WHEN m.tenant_id = $1 THEN true END"
+"""The tenant test of a statement that finds records by key: as an equality it was an
+index condition the planner could pick while the table's statistics lagged behind its
+growth (reading every record of the tenant to change five). Row-level security filters
+the same way (schema version 14)."""
 _M_COLUMNS = ", ".join(f"m.{column}" for column in _COLUMNS.split(", "))
 """The columns of a record ``m`` (where a state ``s`` is in the same query)."""
-_CURRENT_TEST = "CASE WHEN m.tenant_id = $1 THEN true END AND m.status IN ('success', 'stale')"
+_CURRENT_TEST = f"{_OF_TENANT} AND m.status IN ('success', 'stale')"
 """A current record (success or stale) of the tenant. The states' ``current_id`` may
 name a record that is no longer current (superseded by hand, with no success after
 it): this test leaves it out."""
@@ -225,11 +229,6 @@ _OF_STATUS = f"{_SELECT} WHERE tenant_id = $1 AND status = $2 ORDER BY seq DESC 
 """Records of one status, newest first, found walking the tenant's records newest
 first: no index reads the status (schema version 24), so a record's end is a HOT
 update; a rare status costs a walk as far back as its ``limit``-th record."""
-_OF_TENANT = "CASE WHEN m.tenant_id = $1 THEN true END"
-"""The tenant test of a statement that finds records by key: as an equality it was an
-index condition the planner could pick while the table's statistics lagged behind its
-growth (reading every record of the tenant to change five). Row-level security filters
-the same way (schema version 14)."""
 _MARK_STALE = f"""
 WITH RECURSIVE built_on(asset, partitioned, key) AS (
     SELECT $2::text, $3::text IS NOT NULL, coalesce($3::text, '')
@@ -362,10 +361,10 @@ def _complete_batch(sets: str, rows: str, done_hash: str) -> str:
     leases and the superseding need (fences, ids, the keys of the successes, the hash
     a released lease names: ``done_hash``, an expression over ``r`` and the record as
     stored, ``t``) is read from the rows and their records, not sent again. The
-    superseding finds the current record before this statement's writes (its
-    snapshot), so the order of these writes is free. In the last WHERE, the second half of the CASE makes a
-    retried batch (whose COMMIT may have landed before the connection dropped) a
-    no-op, not a false conflict.
+    superseding finds the current record as it was before this statement (its
+    snapshot), so the order of these writes is free. In the last WHERE, the second
+    half of the CASE makes a retried batch (whose COMMIT may have landed before the
+    connection dropped) a no-op, not a false conflict.
 
     Parameters (``_complete``): $1 tenant, $2 now, then ``rows``' own from $3 (each
     row's record found by its id, in ``r``; ``fence`` is the lease the row holds, if

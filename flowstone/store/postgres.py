@@ -143,20 +143,28 @@ name a record that is no longer current (superseded by hand, with no success aft
 it): this test leaves it out."""
 
 
-def _current_named(current_id: str) -> str:
-    """The current record whose id is ``current_id`` (an expression), by primary key.
-    Every lookup here is a scalar subquery or has a LIMIT: the planner cannot merge it
-    into a join, and so cannot trade the lookups by key for a walk through every state
-    or record of the tenant (its choice when the tables' statistics say they are empty)."""
-    return f"(SELECT {_M_COLUMNS} FROM {TABLE} AS m WHERE m.id = {current_id} AND {_CURRENT_TEST} LIMIT 1)"
+def _current_named(current_id: str, columns: str = _M_COLUMNS) -> str:
+    """``columns`` of the current record whose id is ``current_id`` (an expression),
+    by primary key. Every lookup here is a scalar subquery or has a LIMIT: the
+    planner cannot merge it into a join, and so cannot trade the lookups by key for a
+    walk through every state or record of the tenant (its choice when the tables'
+    statistics say they are empty)."""
+    return f"(SELECT {columns} FROM {TABLE} AS m WHERE m.id = {current_id} AND {_CURRENT_TEST} LIMIT 1)"
 
 
 def _state_named(asset: str, key: str) -> str:
-    """The ``current_id`` of the state of ``asset``'s partition ``key`` (expressions),
-    or of its unpartitioned record when ``key`` is ``NULL``."""
-    of = f"s.partition = {key}" if key != "NULL" else "s.partition IS NULL"
-    return f"(SELECT s.current_id FROM flowstone_partition_states AS s WHERE s.tenant_id = $1 " \
-           f"AND s.asset_name = {asset} AND {of})"
+    """The ``current_id`` of the state of ``asset``'s partition ``key`` (expressions;
+    a ``key`` that is NULL: the unpartitioned record's). One scalar subquery whose
+    branches each use one of the states' two unique indexes (as a coalesce of two,
+    it was no index condition and the records were scanned)."""
+    return f"""(
+        SELECT s.current_id FROM flowstone_partition_states AS s
+        WHERE s.tenant_id = $1 AND s.asset_name = {asset} AND s.partition = {key}
+        UNION ALL
+        SELECT s.current_id FROM flowstone_partition_states AS s
+        WHERE s.tenant_id = $1 AND s.asset_name = {asset} AND s.partition IS NULL AND {key} IS NULL
+        LIMIT 1
+    )"""
 
 
 _LATEST_SUCCESSES = f"""
@@ -181,9 +189,7 @@ FROM (SELECT 1) AS one LEFT JOIN LATERAL (
             WHERE s.tenant_id = $1 AND s.asset_name = $2 AND s.success_xid = x.xid
             OFFSET 0  -- a lookup per transaction: joined whole, the plan read every state of the asset
         ) AS f
-    ) AS s CROSS JOIN LATERAL (
-        SELECT {_M_COLUMNS}, m.seq FROM {TABLE} AS m WHERE m.id = s.current_id AND {_CURRENT_TEST} LIMIT 1
-    ) AS c
+    ) AS s CROSS JOIN LATERAL {_current_named("s.current_id", f"{_M_COLUMNS}, m.seq")} AS c
     WHERE c.status = 'success'
     ORDER BY s.success_xid, c.seq
 ) AS m ON true
@@ -249,18 +255,7 @@ WHERE m.id = r.reader AND {_OF_TENANT} AND m.status = 'success'
 looked up in ``flowstone_reads`` (kept by triggers, schema version 13) by equality,
 which an index answers under row-level security, so the cost follows the records
 found, not the size of the table."""
-_CURRENT_OF_R = f"""(
-    SELECT m.id, m.dependency_hash, m.status FROM {TABLE} AS m
-    WHERE m.id = (
-        SELECT s.current_id FROM flowstone_partition_states AS s
-        WHERE s.tenant_id = $1 AND s.asset_name = r.asset_name AND s.partition = r.partition
-        UNION ALL
-        SELECT s.current_id FROM flowstone_partition_states AS s
-        WHERE s.tenant_id = $1 AND s.asset_name = r.asset_name AND s.partition IS NULL AND r.partition IS NULL
-        LIMIT 1
-    ) AND {_CURRENT_TEST}
-    LIMIT 1
-)"""
+_CURRENT_OF_R = _current_named(_state_named("r.asset_name", "r.partition"), "m.id, m.dependency_hash, m.status")
 """The current record of ``r``'s partition, named by its state (schema version 25): a
 lookup by key, then by id, whatever the planner knows of the tables."""
 

@@ -14,7 +14,7 @@ from .definitions import Asset
 __all__ = ["Context"]
 
 
-@attrs.frozen
+@attrs.frozen(weakref_slot=False)  # built by a builder (see flowstone.plumbing.frozen)
 class Context:
     """The ``ctx`` argument of an asset function.
 

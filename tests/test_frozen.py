@@ -94,6 +94,17 @@ def test_a_class_the_builder_would_get_wrong_is_refused() -> None:
             builder(cls)
 
 
+def test_a_class_with_a_weakref_slot_beside_its_fields_is_refused_and_the_built_classes_have_none() -> None:
+    # The builder fills an object of the class's layout and then assigns its class,
+    # which CPython refuses when the class declares __weakref__ with its own slots.
+    with pytest.raises(TypeError, match="weakref_slot=False"):
+        builder(_Base)
+    for cls in (Materialization, Context, RunResult):
+        assert "__weakref__" not in cls.__dict__["__slots__"]
+    built = builder(_Derived)(1, [2])  # a weakref in the base class is fine
+    assert type(built) is _Derived and built.second == (2,)
+
+
 def test_a_named_tuple_made_from_its_fields_is_the_one_its_class_makes() -> None:
     record = Materialization(id=new_uuid(), asset_name="a", partition=None, run_id=new_uuid(), status=Status.SUCCESS)
     made = new_job_result((record, None, 3, True, False))

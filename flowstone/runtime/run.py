@@ -46,7 +46,7 @@ log = logging.getLogger("flowstone.runtime")
 UPSTREAM_MODES = ("missing", "none", "all")
 
 
-@attrs.frozen
+@attrs.frozen(weakref_slot=False)  # built by a builder (see flowstone.plumbing.frozen)
 class RunResult:
     """What one ``materialize`` produced or reused, by asset name."""
 

@@ -141,7 +141,7 @@ def _frozen_lineage(value: Any) -> Any:
     return MappingProxyType(dict(value)) if value else EMPTY
 
 
-@attrs.frozen
+@attrs.frozen(weakref_slot=False)  # built by a builder (see flowstone.plumbing.frozen)
 class Materialization:
     """One attempt to compute one partition of one asset, with its lineage.
 

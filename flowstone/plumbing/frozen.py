@@ -62,7 +62,9 @@ def _twin(cls: type[Any]) -> type[Any]:
     call that packs its arguments in a tuple, ~0.05 µs a field; a plain store on a
     class with ``object``'s own ``__setattr__`` is one specialized instruction. A
     frozen attrs class refuses both the store and, by its ``__setattr__``, the
-    specialization. CPython compares layouts by the slots a class adds, and counts a
+    specialization; so does a class that inherits attrs' ``__delattr__`` (CPython
+    then sets attributes through a lookup of ``__setattr__`` and its slot
+    wrapper's call, slower than the descriptors were), hence both on the twin. CPython compares layouts by the slots a class adds, and counts a
     ``__weakref__`` declared with other slots as a different layout, so a built class
     that adds slots of its own is declared with ``weakref_slot=False``."""
     own = tuple(cls.__dict__["__slots__"])
@@ -70,7 +72,8 @@ def _twin(cls: type[Any]) -> type[Any]:
         raise TypeError(f"{cls.__name__}: a built class has one base and no __weakref__ slot beside its fields "
                         f"(declare it with weakref_slot=False)")
     twin = type(f"_Building{cls.__name__}", cls.__bases__,
-                {"__slots__": own, "__setattr__": object.__setattr__, "__module__": cls.__module__})
+                {"__slots__": own, "__setattr__": object.__setattr__, "__delattr__": object.__delattr__,
+                 "__module__": cls.__module__})
     probe: Any = object.__new__(twin)
     probe.__class__ = cls  # TypeError here, once, if the layouts differ after all
     return twin

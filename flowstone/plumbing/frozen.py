@@ -63,10 +63,11 @@ def _twin(cls: type[Any]) -> type[Any]:
     class with ``object``'s own ``__setattr__`` is one specialized instruction. A
     frozen attrs class refuses both the store and, by its ``__setattr__``, the
     specialization; so does a class that inherits attrs' ``__delattr__`` (CPython
-    then sets attributes through a lookup of ``__setattr__`` and its slot
-    wrapper's call, slower than the descriptors were), hence both on the twin. CPython compares layouts by the slots a class adds, and counts a
-    ``__weakref__`` declared with other slots as a different layout, so a built class
-    that adds slots of its own is declared with ``weakref_slot=False``."""
+    then sets attributes through a lookup of ``__setattr__`` and its slot wrapper's
+    call, slower than the descriptors were), hence both on the twin. CPython
+    compares layouts by the slots a class adds, and counts a ``__weakref__`` declared
+    with other slots as a different layout, so a built class that adds slots of its
+    own is declared with ``weakref_slot=False``."""
     own = tuple(cls.__dict__["__slots__"])
     if len(cls.__bases__) != 1 or ("__weakref__" in own and len(own) > 1):
         raise TypeError(f"{cls.__name__}: a built class has one base and no __weakref__ slot beside its fields "

@@ -38,6 +38,7 @@ finish in their callers' tasks. The supervisor restarts the actor.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import uuid
 from collections import deque
@@ -210,8 +211,12 @@ twice, so a lease from before a restart never matches a flight of the new gate
 class _Gate:
     """The actor's state and behaviour for one incarnation."""
 
+    # Slotted: a new runtime makes one for each asset of its first run, and a dict
+    # for its attributes was one more object for the garbage collector to follow.
+    __slots__ = ("approvals", "asset", "flights", "followers", "name", "queue", "slots")
+
     def __init__(self, asset: Asset) -> None:
-        self.name = f"executor:{asset.name}"
+        self.name = "executor:" + asset.name
         self.asset = asset
         self.slots = asset.max_concurrency
         self.flights: dict[FlightKey, Lease] = {}
@@ -476,24 +481,25 @@ def finish(
 
 def executor_actor(asset: Asset, door: Door | None = None) -> Any:
     """The incarnation the supervisor restarts for ``asset``; ``door`` is the one on
-    its handle, when callers may reach the gate directly."""
-    door = door if door is not None else Door(asset)
+    its handle, when callers may reach the gate directly. (A partial, not a closure:
+    a new runtime makes one for each asset of its first run, and a closure was a
+    function and a cell for each variable it keeps.)"""
+    return functools.partial(_incarnation, asset, door if door is not None else Door(asset))
 
-    async def incarnation(mailbox: MemoryObjectReceiveStream[Message]) -> None:
-        gate = door.gate if door.gate is not None else _Gate(asset)
-        door.gate = gate  # before any await: direct callers and messages see one gate
-        try:
-            await serve(gate.name, mailbox, gate.dispatch())
-        except Exception as error:
-            gate.crashed(error)
-            raise
-        finally:
-            if door.gate is gate:
-                door.gate = None
-            # Whatever ended this incarnation (a crash was answered above; a
-            # shutdown is answered here), nobody may wait on it forever.
-            gate.fail_waiters(lambda: RuntimeClosed(f"{gate.name} stopped"))
-            for decisions in gate.approvals.values():
-                decisions.close()
 
-    return incarnation
+async def _incarnation(asset: Asset, door: Door, mailbox: MemoryObjectReceiveStream[Message]) -> None:
+    gate = door.gate if door.gate is not None else _Gate(asset)
+    door.gate = gate  # before any await: direct callers and messages see one gate
+    try:
+        await serve(gate.name, mailbox, gate.dispatch())
+    except Exception as error:
+        gate.crashed(error)
+        raise
+    finally:
+        if door.gate is gate:
+            door.gate = None
+        # Whatever ended this incarnation (a crash was answered above; a
+        # shutdown is answered here), nobody may wait on it forever.
+        gate.fail_waiters(lambda: RuntimeClosed(f"{gate.name} stopped"))
+        for decisions in gate.approvals.values():
+            decisions.close()

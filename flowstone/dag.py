@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Union
 
@@ -254,8 +254,14 @@ class AssetGraph:
         self.get(name)
         found = self._memo.get(("ancestors", name))
         if found is None:
-            found = self._memo[("ancestors", name)] = frozenset(_reach(self._graph.predecessors, name))
+            found = self._memo[("ancestors", name)] = frozenset(_upstream(self._assets, name))
         return found
+
+    def named(self, names: Iterable[str]) -> dict[str, Asset]:
+        """The assets called ``names``, which this graph holds (names it answered,
+        such as an ``execution_order``), without checking each one again."""
+        assets = self._assets
+        return {name: assets[name] for name in names}
 
     def execution_order(self, target: str) -> list[str]:
         """``target`` and everything it depends on, dependencies first.
@@ -312,6 +318,22 @@ def _reach(neighbours: Callable[[str], Iterable[str]], start: str) -> set[str]:
             if name not in found:
                 found.add(name)
                 waiting.append(name)
+    found.discard(start)
+    return found
+
+
+def _upstream(assets: Mapping[str, Asset], start: str) -> set[str]:
+    """``_reach`` through each asset's own ``depends_on``: every asset ``start`` reads,
+    directly or through others (a dependency the graph does not hold is not followed,
+    as the graph has no edge for it). Without a call per asset: a new runtime's first
+    plan walks the whole chain this way."""
+    found = {start}
+    waiting = [start]
+    while waiting:
+        for dep in assets[waiting.pop()].depends_on:
+            if dep not in found and dep in assets:
+                found.add(dep)
+                waiting.append(dep)
     found.discard(start)
     return found
 

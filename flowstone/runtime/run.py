@@ -116,6 +116,8 @@ _outcome_of: Callable[[JobResult], _Outcome] = tuple_maker(_Outcome)
 for a named tuple to unpack, on every job's path)."""
 _new_node = tuple_maker(_Node)
 """A plan's node from (asset, partition, key, inputs): one a partition of a backfill."""
+_new_input = tuple_maker(_Input)
+"""A node's input from (asset, key, kind): one for each dependency of a run's asset."""
 new_request = tuple_maker(RunRequest)
 """A ``RunRequest`` from every field in order: a backfill makes one a partition."""
 
@@ -198,7 +200,7 @@ class Planner:
         graph = snapshot.graph
         self.root = root = graph.get(target)
         self.order = order = graph.execution_order(root.name)
-        self.assets: dict[str, Asset] = {name: graph.get(name) for name in order}
+        self.assets: dict[str, Asset] = graph.named(order)
         self.carries: dict[str, bool] = {}
         for name in order:  # dependencies first: whether each carries a partition is known
             asset = self.assets[name]
@@ -225,7 +227,7 @@ class Planner:
             for dep_name in asset.depends_on:
                 dep = assets[dep_name]
                 if value is None and dep.partitioned_by is not None:
-                    inputs.append(_Input(dep_name, None, "all"))
+                    inputs.append(_new_input((dep_name, None, "all")))
                     continue
                 if dep.partitioned_by is not None:
                     dep_value = target_partition(dep, value)
@@ -233,10 +235,10 @@ class Planner:
                     dep_value = value if carries[dep_name] else None
                 dep_key = None if dep_value is None else serialize_partition(dep_value)
                 if request.upstream == "none":
-                    inputs.append(_Input(dep_name, dep_key, "latest"))
+                    inputs.append(_new_input((dep_name, dep_key, "latest")))
                 else:
                     partitions[dep_name] = dep_value
-                    inputs.append(_Input(dep_name, dep_key, "node"))
+                    inputs.append(_new_input((dep_name, dep_key, "node")))
             key = None if value is None else serialize_partition(value)
             nodes[name] = _new_node((asset, value, key, tuple(inputs)))
         if len(nodes) == 1:  # a root asset's partition (a backfill plans one a partition)

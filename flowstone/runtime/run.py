@@ -34,7 +34,7 @@ from ..plumbing.ids import new_uuid
 from ..store.leases import FinishedElsewhere, LeaseHeld
 from ..store.records import Materialization, Status
 from . import tracing
-from .executor import Detach, Env, Finished, JobResult, Lease, ask, finish, lease_now, submit
+from .executor import Detach, Env, Finished, Granted, JobResult, Lease, ask, finish, lease_now
 from .hashing import dependency_hash
 from .job import Job, Read, describe, new_job, new_read, run_job, run_jobs
 from .registry import Snapshot
@@ -690,7 +690,8 @@ class _Run:
         self.latest = latest
         self.every = every
         self.outcomes: dict[str, _Outcome] = {}
-        self.leases: dict[str, PendingCall] = {}
+        self.leases: dict[str, PendingCall | Lease] = {}
+        """Each node's answer from its executor: a lease granted at once, or the call to wait on."""
         self.digests: dict[str, str] = {}
         self.stopped: LeaseHeld | None = None
         """In a batch: another process computes one of this run's partitions now, so
@@ -769,11 +770,17 @@ class _Run:
         try:
             for node in self.nodes:
                 if node.asset.name in running:
+                    # submit(), inline: the gate's lease when it grants one at once (a
+                    # chain's every asset), without a coroutine and a Granted to hold it.
                     executor = self.snapshot.executors[node.asset.name]
-                    self.leases[node.asset.name] = await submit(executor, self.tenant, node.key)
+                    lease = lease_now(executor, self.tenant, node.key)
+                    self.leases[node.asset.name] = (
+                        lease if lease is not None else await ask(executor, self.tenant, node.key))
             await self.run_all()
         finally:
             for name, pending in self.leases.items():  # inputs failed, or we were cancelled
+                if isinstance(pending, Lease):
+                    pending = Granted(self.snapshot.executors[name].name, pending)
                 await pending.abandon(self.hand_back(name))
             self.leases.clear()
 
@@ -896,12 +903,15 @@ class _Run:
             except FinishedElsewhere as done:
                 return JobResult(done.record, reused=True)  # type: ignore[arg-type]
 
-    async def lead_or_follow(self, job: Job, pending: PendingCall) -> JobResult:
+    async def lead_or_follow(self, job: Job, pending: PendingCall | Lease) -> JobResult:
         """Run the job under the lease the executor granted, or take the leader's result."""
         executor = self.snapshot.executors[job.asset.name]
-        # An answer that came at once (the gate's lease, usually) needs no hook for a cancelled wait.
-        hook = None if pending.ready else hand_back(executor, self.tenant, job.key)
-        answer = await pending.result(hook)
+        if isinstance(pending, Lease):  # the gate's lease, granted at once (execute)
+            answer: Any = pending
+        else:
+            # An answer that came at once needs no hook for a cancelled wait.
+            hook = None if pending.ready else hand_back(executor, self.tenant, job.key)
+            answer = await pending.result(hook)
         if not isinstance(answer, Lease):
             return answer  # another caller computed it (single flight)
         result: JobResult | None = None

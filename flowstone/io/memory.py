@@ -72,7 +72,10 @@ class MemoryIO(MemoryActorClient):
     ) -> None:
         key = None if partition is None else serialize_partition(partition)
         kept = private_copy(value, asset=asset, partition=key)
-        await self._cast(m.make_put_value(None, current_tenant(), asset, key, kept))
+        put = m.make_put_value(None, current_tenant(), asset, key, kept)
+        handle = self._cast_now(put)
+        if handle is not None:
+            await handle.cast(put)
 
     async def delete(self, asset: str, partition: Any = None, config: Mapping[str, Any] = _NO_CONFIG) -> None:
         await self._cast(

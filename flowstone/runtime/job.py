@@ -100,14 +100,19 @@ new_read = tuple_maker(Read)
 """A ``Read`` from every field in order (``tuple_maker``)."""
 
 
-async def run_job(job: Job, env: Env, executor: Handle) -> JobResult:
-    """Run ``job`` to a terminal record. Raises only for cancellation, a broken
-    runtime, ``LeaseHeld`` (another process computes this partition now) or
-    ``FinishedElsewhere`` (it did already): nothing was recorded; or ``LeaseLost``
-    (another process took the work over: nothing more is written)."""
+def run_job(job: Job, env: Env, executor: Handle) -> Awaitable[JobResult]:
+    """Run ``job`` to a terminal record (await the answer). Raises only for
+    cancellation, a broken runtime, ``LeaseHeld`` (another process computes this
+    partition now) or ``FinishedElsewhere`` (it did already): nothing was recorded;
+    or ``LeaseLost`` (another process took the work over: nothing more is written).
+    Untraced, the job's own coroutine, with no coroutine of this function around it."""
     tracer = env.tracing.tracer() if env.tracing is not None else None
     if tracer is None:
-        return await _run_job(job, env, executor)
+        return _run_job(job, env, executor)
+    return _traced_job(job, env, executor, tracer)
+
+
+async def _traced_job(job: Job, env: Env, executor: Handle, tracer: Any) -> JobResult:
     # a flowstone.materialize span, a child of the run's
     with tracer.start_as_current_span(
         "flowstone.materialize",
@@ -466,7 +471,9 @@ async def _compute(job: Job, env: Env, record: Materialization, lease: Lease) ->
     manager = env.io_managers[job.io_key]
     try:
         if asset.retry is None:  # the common case, without the retrying layers
-            deps = await _load_inputs(job, env) if job.reads else {}
+            deps = _inputs_in_hand(job) if job.reads else {}
+            if deps is None:
+                deps = await _load_inputs(job, env)
             value = await _call(asset, ctx, deps, env, job)
             env.leases.check(lease)  # a process that took this partition over writes its value, not us
             await manager.store(asset.name, value, job.partition, job.io_config)
@@ -585,6 +592,22 @@ async def _wait_for_approval(record: Materialization, executor: Handle, store: A
             ) from None
 
 
+def _inputs_in_hand(job: Job) -> dict[str, Any] | None:
+    """The inputs when every one was handed over in this run (a chain's, mostly):
+    each reader's own copy, without loading; None when one must be loaded
+    (``_load_inputs``). A plain function: no coroutine for a job that loads nothing."""
+    reads = job.reads
+    for read in reads:
+        if read.values is None:
+            return None  # before any copy: _load_inputs copies the rest
+    deps: dict[str, Any] = {}
+    for read in reads:
+        values = read.values
+        assert values is not None  # looked at above
+        deps[read.asset] = _shaped(read, _copies(read, values))
+    return deps
+
+
 async def _load_inputs(job: Job, env: Env) -> dict[str, Any]:
     deps: dict[str, Any] = {}
     for read in job.reads:
@@ -594,15 +617,24 @@ async def _load_inputs(job: Job, env: Env) -> dict[str, Any]:
             continue
         if values is None:
             values = tuple([await load_value(record, env) for record in read.records])
-        elif len(values) == 1:  # handed over in this run, not loaded: each reader still gets its own copy
-            values = (private_copy(values[0], asset=read.asset),)
         else:
-            values = tuple([private_copy(v, asset=read.asset) for v in values])
-        if read.all_partitions:
-            deps[read.asset] = {m.partition: v for m, v in zip(read.records, values, strict=True)}
-        else:
-            deps[read.asset] = values[0]
+            values = _copies(read, values)
+        deps[read.asset] = _shaped(read, values)
     return deps
+
+
+def _copies(read: Read, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Values handed over in this run, not loaded: each reader still gets its own copy."""
+    if len(values) == 1:
+        return (private_copy(values[0], asset=read.asset),)
+    return tuple([private_copy(v, asset=read.asset) for v in values])
+
+
+def _shaped(read: Read, values: tuple[Any, ...]) -> Any:
+    """What the function gets for ``read``: its one value, or a dict by partition."""
+    if read.all_partitions:
+        return {m.partition: v for m, v in zip(read.records, values, strict=True)}
+    return values[0]
 
 
 async def _load_many(read: Read, env: Env) -> Any:

@@ -924,4 +924,6 @@ class _Run:
                 result = JobResult(done.record, reused=True)  # type: ignore[arg-type]
             return result
         finally:
-            await hand_over(executor, job, answer, result)
+            finished = handed_over(executor, job, answer, result)  # hand_over, without its coroutine
+            if finished is not None:
+                await deliver(executor, finished)

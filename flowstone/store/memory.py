@@ -72,7 +72,10 @@ class MemoryStore(MemoryActorClient):
         self, owner: str, seconds: float, *, unless_done: tuple[Any, str] | None = None, **fields: Any
     ) -> tuple[Materialization, Lease]:
         record, lease, orphan = self._beginning(owner, seconds, unless_done, fields, utcnow())
-        await self._cast(m.make_create(None, record, orphan, "id" not in fields))
+        create = m.make_create(None, record, orphan, "id" not in fields)
+        handle = self._cast_now(create)
+        if handle is not None:
+            await handle.cast(create)
         return record, lease
 
     def _beginning(
@@ -174,7 +177,9 @@ class MemoryStore(MemoryActorClient):
         """The runtime's own transition of a record it holds the lease for: checked
         here, written behind (a cast); later calls see it, in mailbox order."""
         new, write = self._ending(record, status, lease, fields, current_tenant(), utcnow())
-        await self._cast(write)
+        handle = self._cast_now(write)
+        if handle is not None:
+            await handle.cast(write)
         self._release(lease, status, new)
         return new
 

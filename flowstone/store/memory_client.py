@@ -75,15 +75,24 @@ class MemoryActorClient:
         order the mailbox would give it. A backfill's writes then never wait in the
         mailbox for every worker's turn to end, holding what they free until then
         (the garbage collector's young passes had cost ~8% of a partition)."""
+        handle = self._cast_now(message)
+        if handle is not None:
+            await handle.cast(message)
+
+    def _cast_now(self, message: Message) -> Handle | None:
+        """``_cast`` without waiting: None when ``message`` was handled here and now,
+        else the handle the caller casts it to (``await handle.cast(message)``). The
+        three writes of each materialization come this way, without a coroutine
+        each for a cast that is done before it could wait."""
         handle = self._handle
         if handle is None:
             handle = self.handle  # raises: not started
         door = handle.shared
-        # door.idle(), inline: three casts of each materialization come this way.
+        # door.idle(), inline
         if door is not None and door.open and door.serving and door.casts == door.taken:
             door.apply(handle, message)
-        else:
-            await handle.cast(message)
+            return None
+        return handle
 
     async def _read(self, message_type: Callable[..., Message[R]], /, **fields: Any) -> R:
         """The answer to a read (``handle.call(message_type, **fields)``): handled here

@@ -48,7 +48,7 @@ from ..plumbing.clock import utcnow
 from ..plumbing.frozen import builder, tuple_maker
 from ..plumbing.interrupts import internal
 from ..store.leases import Lease, new_end, new_start
-from ..store.records import ACTIVE, Materialization, Status
+from ..store.records import ACTIVE, RUNNING, SUCCESS, Materialization, Status
 from ..tenancy import current_tenant, tenant_scope
 from . import tracing
 from .executor import AwaitApproval, Env, JobResult, new_job_result
@@ -432,7 +432,7 @@ def _start(job: Job, env: Env, now: datetime) -> dict[str, Any]:
         "asset_name": job.asset.name,
         "partition": job.key,
         "run_id": job.run_id,
-        "status": Status.WAITING_APPROVAL if job.asset.requires_approval else Status.RUNNING,
+        "status": Status.WAITING_APPROVAL if job.asset.requires_approval else RUNNING,
         "started_at": now,
         "upstream_assets": tuple(lineage),  # a run reads each input asset once
         "upstream_partitions": lineage,
@@ -493,7 +493,7 @@ async def _compute(job: Job, env: Env, record: Materialization, lease: Lease) ->
             "error_message": describe(error), "error_traceback": traceback_of(error),
             "metadata": _io_metadata(ctx.metadata, job), **_timing(record, started),
         }, error=error)
-    return _new_computed((Status.SUCCESS, {
+    return _new_computed((SUCCESS, {
         "metadata": _io_metadata(ctx.metadata, job), "completed_at": utcnow(),
         "duration_ms": (time.perf_counter() - started) * 1000,
     }, value, None))  # _timing's fields, without its dict to merge; the value; no error
@@ -515,7 +515,7 @@ def _ended_now(job: Job, env: Env, record: Materialization, computed: _Computed)
         _log_failure(record, computed.error)
     if env.events.subscribers:
         _announce(env, record)
-    if record.status is not Status.SUCCESS:
+    if record.status is not SUCCESS:
         return JobResult(record, computed.error)
     if returns_stored_object(env.io_managers[job.io_key]):
         return new_job_result((record, None, computed.value, True, False))  # the value, in hand; not reused

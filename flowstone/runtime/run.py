@@ -32,7 +32,7 @@ from ..plumbing.clock import utcnow
 from ..plumbing.frozen import builder, tuple_maker
 from ..plumbing.ids import new_uuid
 from ..store.leases import FinishedElsewhere, LeaseHeld
-from ..store.records import Materialization, Status
+from ..store.records import SUCCESS, Materialization, Status
 from . import tracing
 from .executor import Detach, Env, Finished, Granted, JobResult, Lease, ask, finish, lease_now
 from .hashing import dependency_hash
@@ -108,7 +108,7 @@ class _Outcome(NamedTuple):
 
     @property
     def ok(self) -> bool:
-        return self.record is not None and self.record.status is Status.SUCCESS
+        return self.record is not None and self.record.status is SUCCESS
 
 
 _outcome_of: Callable[[JobResult], _Outcome] = tuple_maker(_Outcome)
@@ -709,7 +709,7 @@ class _Run:
                 if upstream is None:
                     return None
                 record = upstream.record
-                if record is None or record.status is not Status.SUCCESS:  # not upstream.ok (inline: a call)
+                if record is None or record.status is not SUCCESS:  # not upstream.ok (inline: a call)
                     return None
                 records: tuple[Materialization, ...] = (record,)
                 if upstream.has_value:

@@ -28,6 +28,7 @@ from .leases import (
 )
 from .memory_client import MemoryActorClient
 from .records import (
+    SUCCESS,
     TERMINAL,
     Materialization,
     Status,
@@ -198,7 +199,7 @@ class MemoryStore(MemoryActorClient):
         """After the write is queued, a terminal move releases its lease: whoever
         takes the lease next queues after it, so sees the record (and its success) first."""
         if lease is not None and status in TERMINAL:
-            self._data.leases.release(lease, new if status is Status.SUCCESS else None)
+            self._data.leases.release(lease, new if status is SUCCESS else None)
 
     async def exists(self, asset_name: str, partition: Any = None) -> bool:
         return await self.handle.call(

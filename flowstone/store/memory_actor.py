@@ -48,6 +48,7 @@ from .records import (
     ORPHAN_ENDING,
     POSITION,
     STATUS_TEXT,
+    SUCCESS,
     Materialization,
     Status,
     build,
@@ -774,7 +775,7 @@ class _Handlers:
     def _store(self, old: Materialization, new: Materialization) -> Materialization:
         status = new.status
         data = self.data
-        if status is Status.SUCCESS and old.status is not Status.SUCCESS:
+        if status is SUCCESS and old.status is not SUCCESS:
             self._supersede(new)
         data.records.put(new)
         rid = new.id.int
@@ -786,7 +787,7 @@ class _Handlers:
         key = (new.tenant_id, new.asset_name, new.partition)
         if data.latest.get(key) == rid:
             data.latest_status[key] = STATUS_TEXT[status]
-        if status is Status.SUCCESS:
+        if status is SUCCESS:
             self._index_success(new)
         return new
 

@@ -38,7 +38,6 @@ finish in their callers' tasks. The supervisor restarts the actor.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import uuid
 from collections import deque
@@ -224,7 +223,9 @@ class _Gate:
         self.followers: dict[FlightKey, list[Reply]] = {}
         """Callers waiting for a flight's result, for the flights that have some (a
         list per flight, and an object holding both, were two more objects a job)."""
-        self.queue: deque[tuple[FlightKey, Reply]] = deque()
+        self.queue: deque[tuple[FlightKey, Reply]] | tuple[()] = ()
+        """Callers waiting for a slot (a deque once the first one waits: most gates
+        never have a slot limit, and a new runtime makes a gate for each asset)."""
         self.approvals: dict[tuple[str | None, uuid.UUID], MemoryObjectSendStream[tuple[bool, str | None]]] = {}
 
     def dispatch(self) -> dict[type[Message], Callable[[Any], Any]]:
@@ -250,7 +251,10 @@ class _Gate:
         if key in self.flights:
             self.follow(key, message.reply)
         elif self.slots is not None and len(self.flights) >= self.slots:
-            self.queue.append((key, message.reply))
+            queue = self.queue
+            if not isinstance(queue, deque):
+                queue = self.queue = deque()
+            queue.append((key, message.reply))
         else:
             self.grant(key, message.reply)
         return DEFERRED
@@ -313,8 +317,10 @@ class _Gate:
         return None
 
     def grant_queued(self) -> None:
-        while self.queue and (self.slots is None or len(self.flights) < self.slots):
-            key, reply = self.queue.popleft()
+        queue = self.queue
+        while queue and (self.slots is None or len(self.flights) < self.slots):
+            assert isinstance(queue, deque)  # not the empty tuple: it has callers
+            key, reply = queue.popleft()
             if key in self.flights:
                 self.follow(key, reply)
             else:
@@ -327,7 +333,7 @@ class _Gate:
             waiting.remove(message.waiter)
             if not waiting:
                 del self.followers[key]
-        elif (key, message.waiter) in self.queue:
+        elif isinstance(self.queue, deque) and (key, message.waiter) in self.queue:
             self.queue.remove((key, message.waiter))
         message.waiter.close()
 
@@ -384,6 +390,11 @@ class Door:
     def __init__(self, asset: Asset) -> None:
         self.asset = asset
         self.gate: _Gate | None = _Gate(asset)
+
+    def __call__(self, mailbox: MemoryObjectReceiveStream[Message]) -> Any:
+        """The executor's incarnation (``executor_actor``): serve ``mailbox`` with the
+        current gate, or a new one after a crash."""
+        return _incarnation(self.asset, self, mailbox)
 
     def call(self, executor: Handle, handler: Callable[[_Gate, A], R], argument: A) -> R:
         """``handler(gate, argument)`` (a method of the gate: no closure to make per
@@ -481,10 +492,10 @@ def finish(
 
 def executor_actor(asset: Asset, door: Door | None = None) -> Any:
     """The incarnation the supervisor restarts for ``asset``; ``door`` is the one on
-    its handle, when callers may reach the gate directly. (A partial, not a closure:
-    a new runtime makes one for each asset of its first run, and a closure was a
-    function and a cell for each variable it keeps.)"""
-    return functools.partial(_incarnation, asset, door if door is not None else Door(asset))
+    its handle, when callers may reach the gate directly. (The door itself, which
+    is callable: a new runtime makes one for each asset of its first run, and a
+    closure was a function and a cell for each variable it keeps.)"""
+    return door if door is not None else Door(asset)
 
 
 async def _incarnation(asset: Asset, door: Door, mailbox: MemoryObjectReceiveStream[Message]) -> None:

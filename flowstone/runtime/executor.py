@@ -391,10 +391,24 @@ class Door:
         self.asset = asset
         self.gate: _Gate | None = _Gate(asset)
 
-    def __call__(self, mailbox: MemoryObjectReceiveStream[Message]) -> Any:
+    async def __call__(self, mailbox: MemoryObjectReceiveStream[Message]) -> None:
         """The executor's incarnation (``executor_actor``): serve ``mailbox`` with the
         current gate, or a new one after a crash."""
-        return _incarnation(self.asset, self, mailbox)
+        gate = self.gate if self.gate is not None else _Gate(self.asset)
+        self.gate = gate  # before any await: direct callers and messages see one gate
+        try:
+            await serve(gate.name, mailbox, gate.dispatch())
+        except Exception as error:
+            gate.crashed(error)
+            raise
+        finally:
+            if self.gate is gate:
+                self.gate = None
+            # Whatever ended this incarnation (a crash was answered above; a
+            # shutdown is answered here), nobody may wait on it forever.
+            gate.fail_waiters(lambda: RuntimeClosed(f"{gate.name} stopped"))
+            for decisions in gate.approvals.values():
+                decisions.close()
 
     def call(self, executor: Handle, handler: Callable[[_Gate, A], R], argument: A) -> R:
         """``handler(gate, argument)`` (a method of the gate: no closure to make per
@@ -496,21 +510,3 @@ def executor_actor(asset: Asset, door: Door | None = None) -> Any:
     is callable: a new runtime makes one for each asset of its first run, and a
     closure was a function and a cell for each variable it keeps.)"""
     return door if door is not None else Door(asset)
-
-
-async def _incarnation(asset: Asset, door: Door, mailbox: MemoryObjectReceiveStream[Message]) -> None:
-    gate = door.gate if door.gate is not None else _Gate(asset)
-    door.gate = gate  # before any await: direct callers and messages see one gate
-    try:
-        await serve(gate.name, mailbox, gate.dispatch())
-    except Exception as error:
-        gate.crashed(error)
-        raise
-    finally:
-        if door.gate is gate:
-            door.gate = None
-        # Whatever ended this incarnation (a crash was answered above; a
-        # shutdown is answered here), nobody may wait on it forever.
-        gate.fail_waiters(lambda: RuntimeClosed(f"{gate.name} stopped"))
-        for decisions in gate.approvals.values():
-            decisions.close()

@@ -47,6 +47,7 @@ from .records import (
     HISTORY,
     ORPHAN_ENDING,
     POSITION,
+    STATUS_OF,
     STATUS_TEXT,
     SUCCESS,
     Materialization,
@@ -80,11 +81,6 @@ class BackfillRow:
     owner: str | None
     heartbeat_at: datetime
     cancel: bool = False
-
-
-_STATUSES = {status.value: status for status in Status}
-"""Each status from its plain ``str`` (``STATUS_TEXT`` the other way: what indexes
-hold, which the collector never tracks)."""
 
 
 _ASSET, _PARTITION, _STATUS, _INSERTED = (
@@ -125,7 +121,7 @@ def _unpack(packed: bytes) -> Materialization:
      error, node, tenant, inserted, updated, trace) = marshal.loads(packed)
     at, utc = datetime.fromtimestamp, timezone.utc
     return build((
-        uuid_of(id_), asset, partition, uuid_of(run), _STATUSES[status], None if started is None else at(started, utc),
+        uuid_of(id_), asset, partition, uuid_of(run), STATUS_OF[status], None if started is None else at(started, utc),
         None if completed is None else at(completed, utc), duration, upstream_assets, dict(upstream), digest,
         dict(metadata), error, node, tenant, None if inserted is None else at(inserted, utc),
         None if updated is None else at(updated, utc), trace,
@@ -179,7 +175,7 @@ class Records:
             return live.asset_name, live.partition, live.status, live.inserted_at
         values = marshal.loads(self._packed[key])
         inserted = values[_INSERTED]
-        return (values[_ASSET], values[_PARTITION], _STATUSES[values[_STATUS]],
+        return (values[_ASSET], values[_PARTITION], STATUS_OF[values[_STATUS]],
                 None if inserted is None else datetime.fromtimestamp(inserted, timezone.utc))
 
     def add(self, record: Materialization) -> None:
@@ -1000,7 +996,7 @@ class _Handlers:
         return found, mark
 
     def partition_states(self, m: PartitionStates) -> dict[str | None, Status]:
-        return {key: _STATUSES[status] for key, status in self.data.latest_status.of(m.tenant, m.asset).items()}
+        return {key: STATUS_OF[status] for key, status in self.data.latest_status.of(m.tenant, m.asset).items()}
 
     def mark_stale(self, m: MarkStale) -> list[Materialization]:
         """Every success that read ``asset@partition``, directly or through others, becomes stale."""

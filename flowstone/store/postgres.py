@@ -64,12 +64,14 @@ from .leases import (
 from .records import (
     CURRENT,
     ENDING,
+    STATUS_OF,
     STATUS_TEXT,
     TERMINAL,
     TRANSITIONS,
     Materialization,
     Status,
     bad_mark,
+    build,
     check_batch,
     check_before,
     check_decidable,
@@ -1643,26 +1645,13 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _record(row: Any) -> Materialization:
-    return Materialization(
-        id=row[0],
-        asset_name=row[2],
-        partition=row[3],
-        run_id=row[4],
-        status=Status(row[5]),
-        started_at=row[6],
-        completed_at=row[7],
-        duration_ms=row[8],
-        upstream_assets=tuple(row[9]),
-        upstream_partitions={name: tuple(keys) for name, keys in _json(row[10]).items()},
-        dependency_hash=row[11],
-        metadata=_json(row[12]),
-        error_message=row[13],
-        executor_node=row[14],
-        tenant_id=row[1] or None,
-        inserted_at=row[15],
-        updated_at=row[16],
-        error_traceback=row[17],
-    )
+    """The record of a row (``_COLUMNS``), built positionally (``build``, the fields in
+    their order): a backfill reads one back for each partition it begins."""
+    return build((
+        row[0], row[2], row[3], row[4], STATUS_OF.get(row[5]) or Status(row[5]), row[6], row[7], row[8],
+        tuple(row[9]), {name: tuple(keys) for name, keys in _json(row[10]).items()}, row[11], _json(row[12]),
+        row[13], row[14], row[1] or None, row[15], row[16], row[17],
+    ))
 
 
 _SNAPSHOT = re.compile(r"(\d{1,20}):(\d{1,20}):((?:\d{1,20})(?:,\d{1,20})*)?")

@@ -72,6 +72,7 @@ from .leases import (
 from .records import (
     CURRENT,
     ENDING,
+    STATUS_OF,
     STATUS_TEXT,
     TERMINAL,
     Materialization,
@@ -139,7 +140,6 @@ _ACTIVE = "status IN ('pending', 'running', 'waiting_approval')"
 _UNFINISHED_OR_FAILED = "status NOT IN ('success', 'superseded')"
 """The condition of the partial status index (sqlite_schema)."""
 _LEASE_KEY = "tenant_id = ? AND asset_name = ? AND partitioned = ? AND partition = ?"
-_STATUSES = {status.value: status for status in Status}  # a dict lookup: 3x faster than Status(text)
 
 
 def sqlite_path(url: str | os.PathLike[str]) -> str:
@@ -499,7 +499,7 @@ class SqliteStore:
             "SELECT partition, status FROM flowstone_partition_states WHERE tenant_id = ? AND asset_name = ?",
             (tenant, asset_name),
         ).fetchall())
-        return {None if key == "\0" else key: _STATUSES[status] for key, status in rows}
+        return {None if key == "\0" else key: STATUS_OF[status] for key, status in rows}
 
     async def prune(
         self, asset_name: str, *, keep_last: int | None = None, before: datetime | None = None,

@@ -259,7 +259,7 @@ def dependency_hash(version: str, partition_key: str | None, upstream: Mapping[s
     parts = [_NONE if partition_key is None else _encoded(partition_key)]
     for name in sorted(upstream) if len(upstream) > 1 else upstream:
         ids = upstream[name]
-        parts.append(_name_parts.get(name) or _name_part(name))
+        parts.append(_name_part(name))
         parts.append(len(ids).to_bytes(4, "big"))
         if len(ids) == 1:  # most reads are of one record: nothing to sort
             parts.append(ids[0].int.to_bytes(16, "big"))
@@ -280,15 +280,10 @@ def _encoded(text: str) -> bytes:
     return len(data).to_bytes(4, "big") + data
 
 
-_name_parts: dict[str, bytes] = {}
-"""Asset names as parts (``_encoded``): the same few names, read by every hash."""
-
-
+@functools.lru_cache(maxsize=4096)
 def _name_part(name: str) -> bytes:
-    if len(_name_parts) >= 4096:
-        _name_parts.clear()
-    part = _name_parts[name] = _encoded(name)
-    return part
+    """An asset name as a part (``_encoded``): the same few names, read by every hash."""
+    return _encoded(name)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
@@ -111,3 +113,20 @@ def test_a_named_tuple_made_from_its_fields_is_the_one_its_class_makes() -> None
     assert made == JobResult(record, value=3, has_value=True) and type(made) is JobResult
     assert made.value == 3 and made._replace(value=4).value == 4
     assert tuple_maker(JobResult)((record, None, None, False, True)).reused is True
+
+
+@given(st.dictionaries(st.text(max_size=5), st.lists(st.integers(), max_size=3), max_size=3))
+def test_a_record_survives_pickling_and_deep_copies_with_its_mappings_read_only(metadata: dict[str, Any]) -> None:
+    now = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    record = Materialization(
+        new_uuid(), "report", "2026-01-01", new_uuid(), Status.SUCCESS, now, now, 1.5, ("events",),
+        {"events": ("2026-01-01", "2026-01-02")}, "0" * 64, metadata, None, "here", "t1", now, now, None,
+    )
+    for again in (pickle.loads(pickle.dumps(record)), copy.deepcopy(record), copy.copy(record)):
+        assert again == record and type(again) is Materialization
+        assert dict(again.metadata) == metadata and dict(again.upstream_partitions) == {
+            "events": ("2026-01-01", "2026-01-02")}
+        assert type(again.metadata) is MappingProxyType and type(again.upstream_partitions) is MappingProxyType
+    deep = copy.deepcopy(record)
+    for name, values in metadata.items():  # a deep copy shares no mutable value with the record
+        assert deep.metadata[name] == values and deep.metadata[name] is not values

@@ -179,6 +179,17 @@ class Materialization:
     error_traceback: str | None = None
     """Where a failure came from: the user's traceback, bounded (``TRACEBACK_LIMIT``)."""
 
+    def __reduce__(self) -> tuple[Any, tuple[tuple[Any, ...]]]:
+        """Pickling and ``copy.deepcopy``: the fields in order, the read-only mappings
+        as dicts (a ``mappingproxy`` cannot be pickled or deep-copied), frozen again
+        by the fields' converters when the record is built back."""
+        return _restored, (tuple(dict(v) if type(v) is MappingProxyType else v for v in values_of(self)),)
+
+
+def _restored(values: tuple[Any, ...]) -> Materialization:
+    """A record from ``Materialization.__reduce__``'s values."""
+    return build(values)
+
 
 # ------------------------------------------------------------ building records
 

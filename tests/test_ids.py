@@ -3,12 +3,18 @@ the same twice, not even across a fork."""
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
+import pickle
 import threading
 import time
 import uuid
 
-from flowstone.plumbing.ids import new_uuid
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flowstone.plumbing.ids import new_uuid, uuid_of
 
 
 def test_ids_are_version_7_uuids_that_start_with_the_time_they_were_made():
@@ -59,3 +65,13 @@ def test_a_threads_first_ids_carry_random_bits_as_every_later_one_does():
     worker.join(timeout=30)
     randoms = [one.int & ((1 << 62) - 1) for one in made]  # the 62 random bits of each
     assert len(randoms) == 300 and len(set(randoms)) == 300
+
+
+@given(st.integers(min_value=0, max_value=2**128 - 1))
+def test_a_uuid_made_from_its_integer_is_a_plain_immutable_uuid(value: int) -> None:
+    made = uuid_of(value)
+    assert type(made) is uuid.UUID and made == uuid.UUID(int=value) and hash(made) == hash(uuid.UUID(int=value))
+    assert str(made) == str(uuid.UUID(int=value)) and made.is_safe is uuid.SafeUUID.unknown
+    assert pickle.loads(pickle.dumps(made)) == made and copy.deepcopy(made) == made
+    with pytest.raises(TypeError):
+        made.int = 0  # type: ignore[misc]

@@ -82,7 +82,7 @@ def reading(is_sync: bool) -> fs.Pipeline:
 def collector_as_cli(tune: bool) -> Iterator[None]:
     """With ``tune``: the garbage collector set as the command line sets it once its
     runtime is open (``tune_collector``: start-up frozen out of every pass, young
-    passes every 10,000 objects), for the measured part only; then as it was, the
+    passes every 50,000 objects), for the measured part only; then as it was, the
     frozen objects given back (a frozen runtime, closed, would never be freed)."""
     if not tune:
         yield

@@ -11,13 +11,16 @@ import gc
 
 __all__ = ["YOUNG_THRESHOLD", "tune_collector"]
 
-YOUNG_THRESHOLD = 10_000
+YOUNG_THRESHOLD = 50_000
 """Tracked objects allocated (net of those freed) before a young collection; Python's
 default is 700. A batch of partitions keeps its plans, requests, records and leases
 alive while the store writes it, so at 700 each young pass walked them again, and
 passed them on to the older generations, whose passes walked them once more: 270
 young and 25 middle passes per 10,000 partitions of a PostgreSQL backfill (in
-batches of 64), 5 and none at 10,000."""
+batches of 64), 5 and none at 10,000. At 10,000 a batch's burst still reached the
+threshold: at 100,000 partitions ~80 young passes of ~30,000 objects, 9-10 µs a
+partition of the client's CPU (a reader's 24-25 at 30,000); at 50,000, one pass and
+0.1-0.2 µs (a reader's 0.7-2.7; ADR 0049's addendum)."""
 
 
 def tune_collector() -> None:

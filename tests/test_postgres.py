@@ -1098,3 +1098,93 @@ async def _show_work_mem(dsn: str) -> str:
         return str(await connection.fetchval("SHOW work_mem"))
     finally:
         await connection.close()
+
+
+_RARE_ROWS = "SELECT tenant_id, status, seq, id FROM {} ORDER BY tenant_id, status, seq"
+_RARE_EXPECTED = ("SELECT tenant_id, status, seq, id FROM flowstone_materializations WHERE status IN "
+                  "('pending', 'failed', 'stale', 'waiting_approval', 'cancelled') ORDER BY tenant_id, status, seq")
+
+
+async def test_the_rare_records_table_follows_every_records_status(anyio_backend, pg_database):
+    """Schema version 26 names the records of the rare statuses in a table of their
+    own, kept by triggers: a record enters it with a rare status (inserted so, or moved
+    there), leaves it when it moves on or is deleted, and the table always holds what
+    the records say, for every tenant; each tenant lists only its own."""
+    async with PostgresStore(pg_database.dsn) as store:
+        await store.create(asset_name="a", partition="1", status=Status.PENDING)
+        running = await store.create(asset_name="a", partition="2", status=Status.RUNNING)
+        await store.complete(running, Status.FAILED, error_message="boom")
+        waiting = await store.create(asset_name="a", partition="3", status=Status.WAITING_APPROVAL)
+        await store.update_status(waiting.id, Status.RUNNING)  # leaves the table
+        upstream = await store.complete(await store.create(asset_name="raw", partition="1", status=Status.RUNNING),
+                                        Status.SUCCESS)
+        reader = await store.create(asset_name="clean", partition="1", status=Status.RUNNING,
+                                    upstream_assets=("raw",), upstream_partitions={"raw": ("1",)})
+        reader = await store.complete(reader, Status.SUCCESS)
+        await store.mark_stale("raw", "1")  # success -> stale: enters
+        assert [r.id for r in await store.list_by_status("stale")] == [reader.id]
+        again = await store.complete(await store.create(asset_name="clean", partition="1", status=Status.RUNNING),
+                                     Status.SUCCESS)  # the stale one superseded: leaves
+        assert (await store.get_by_id(reader.id)).status is Status.SUPERSEDED and again.status is Status.SUCCESS
+        with fs.tenant_scope("acme"):
+            theirs = await store.create(asset_name="a", partition="1", status=Status.CANCELLED)
+            assert [r.id for r in await store.list_by_status("cancelled")] == [theirs.id]
+            assert await store.list_by_status("failed") == []
+        assert [r.status for r in await store.list_by_status("failed")] == [Status.FAILED]
+        assert await store.list_by_status("cancelled") == [] and await store.list_by_status("stale") == []
+        assert [r.partition for r in await store.list_by_status("pending")] == ["1"]
+        assert upstream.status is Status.SUCCESS
+    rows = await raw(pg_database.admin_dsn, _RARE_ROWS.format("flowstone_rare_records"))
+    expected = await raw(pg_database.admin_dsn, _RARE_EXPECTED)
+    assert [tuple(r) for r in rows] == [tuple(r) for r in expected]
+    assert sorted((r["tenant_id"], r["status"]) for r in rows) == [
+        ("", "failed"), ("", "pending"), ("acme", "cancelled")]
+    await raw(pg_database.admin_dsn, "DELETE FROM flowstone_materializations WHERE status IN ('failed', 'cancelled')")
+    rows = await raw(pg_database.admin_dsn, _RARE_ROWS.format("flowstone_rare_records"))
+    assert [(r["tenant_id"], r["status"]) for r in rows] == [("", "pending")]
+
+
+async def test_listing_a_rare_status_reads_the_records_it_finds_not_the_table(
+    anyio_backend, pg_database, monkeypatch
+):
+    """Before schema version 26 a failed record under 3,000 successes was found by
+    walking all of them newest first; now through the rare records' table, one row
+    read of the records for each found. A database made before 26 gets the table
+    filled from its records, every tenant's."""
+    run_sync(admin, pg_database.admin_dsn, """
+        INSERT INTO flowstone_materializations (id, asset_name, partition, run_id, status, inserted_at, updated_at)
+        SELECT gen_random_uuid(), 'old', g::text, gen_random_uuid(), 'success', now(), now()
+        FROM generate_series(1, 3000) AS g""")
+    async with PostgresStore(pg_database.dsn) as store:
+        first = await store.create(asset_name="a", partition="1", status=Status.FAILED)
+        await store.create(asset_name="b", partition="1", status=Status.SUCCESS)  # after it: the walk's first
+        with fs.tenant_scope("acme"):
+            theirs = await store.create(asset_name="a", partition="1", status=Status.FAILED)
+    await anyio.to_thread.run_sync(  # back to version 25, then migrated again: the table filled
+        run_sync, admin, pg_database.admin_dsn, "DROP TABLE flowstone_rare_records",
+        "DROP FUNCTION flowstone_keep_rare_records() CASCADE",
+        "DELETE FROM flowstone_schema_migrations WHERE version = 26")
+    async with PostgresStore(pg_database.admin_dsn, allow_bypass_rls=True) as owner:
+        assert await owner.migrate() == [26]
+    await anyio.to_thread.run_sync(run_sync, admin, pg_database.admin_dsn,
+                                   "GRANT SELECT, INSERT, UPDATE, DELETE ON flowstone_rare_records TO flowstone_app")
+    plans = []
+    fetch = asyncpg.connection.Connection.fetch
+
+    async def explained(self, query, *args, **kwargs):
+        if query == store_module._OF_RARE_STATUS:
+            plans.append(json.loads(await self.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}", *args)))
+        return await fetch(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetch", explained)
+    async with PostgresStore(pg_database.dsn) as store:
+        second = await store.create(asset_name="a", partition="2", status=Status.FAILED)
+        assert [r.id for r in await store.list_by_status("failed")] == [second.id, first.id]
+        with fs.tenant_scope("acme"):
+            assert [r.id for r in await store.list_by_status(Status.FAILED)] == [theirs.id]
+    assert len(plans) == 2
+    read = [(node.get("Index Name") or node.get("Relation Name") or "",
+             (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"])
+            for plan in plans for node in _nodes(plan[0]["Plan"])
+            if (node.get("Index Name") or node.get("Relation Name") or "").startswith("flowstone_materializations")]
+    assert read and all(rows <= 2 for _, rows in read), read

@@ -32,6 +32,11 @@ no index condition."""
 TENANT_TEST = f"(tenant_id = (SELECT {TENANT_SETTING})) IS TRUE"
 """``RECORDS_POLICY`` with the setting read once a statement (an init plan), not once
 for each row the statement reads or writes (since migration 22)."""
+RARE_STATUSES = ("pending", "failed", "stale", "waiting_approval", "cancelled")
+"""The statuses ``flowstone_rare_records`` names (migration 26; as it was shipped, so
+never changed): a record's other statuses (running, success, superseded) are most
+of the table, or pass with each job."""
+_RARE = "(" + ", ".join(f"'{status}'" for status in RARE_STATUSES) + ")"
 MATERIALIZATION_TABLES = (
     "flowstone_materializations", "flowstone_leases", "flowstone_partition_states", "flowstone_reads")
 """The tables every materialization writes: their policy is ``TENANT_TEST``."""
@@ -650,6 +655,52 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         DROP INDEX IF EXISTS flowstone_materializations_asset_seq;
         CREATE INDEX flowstone_materializations_asset_seq ON flowstone_materializations (tenant_id, asset_name, seq);
         ALTER TABLE flowstone_partition_states FORCE ROW LEVEL SECURITY;
+        ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
+    """),
+    (26, "records of the rare statuses listed through a table of their own, kept by triggers", f"""
+        -- No index of records reads the status (24), so listing a rare status (failed,
+        -- stale, ...) walked the tenant's records newest first until it had enough:
+        -- all of them when there were fewer (34 ms at 100,000 records, and retention
+        -- lists the stale ones each time it prunes). The records of those statuses are
+        -- named here, by status and sequence. Beginning, ending and superseding, a
+        -- record moves between running, success and superseded, which are not here:
+        -- their triggers' conditions are false, and the end stays a HOT update.
+        CREATE TABLE flowstone_rare_records (
+            tenant_id text NOT NULL DEFAULT '',
+            status text NOT NULL,
+            seq bigint NOT NULL,
+            id uuid NOT NULL,
+            PRIMARY KEY (tenant_id, status, seq)
+        );
+        {tenant_policy("flowstone_rare_records")}
+        ALTER POLICY flowstone_tenant_isolation ON flowstone_rare_records
+            USING ({TENANT_TEST}) WITH CHECK ({TENANT_TEST});
+        CREATE FUNCTION flowstone_keep_rare_records() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP <> 'INSERT' THEN
+                DELETE FROM flowstone_rare_records
+                WHERE tenant_id = OLD.tenant_id AND status = OLD.status AND seq = OLD.seq;
+            END IF;
+            IF TG_OP <> 'DELETE' AND NEW.status IN {_RARE} THEN
+                INSERT INTO flowstone_rare_records (tenant_id, status, seq, id)
+                VALUES (NEW.tenant_id, NEW.status, NEW.seq, NEW.id);
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER flowstone_rare_records_inserted AFTER INSERT ON flowstone_materializations
+            FOR EACH ROW WHEN (NEW.status IN {_RARE}) EXECUTE FUNCTION flowstone_keep_rare_records();
+        CREATE TRIGGER flowstone_rare_records_updated AFTER UPDATE OF status ON flowstone_materializations
+            FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status
+                               AND (OLD.status IN {_RARE} OR NEW.status IN {_RARE}))
+            EXECUTE FUNCTION flowstone_keep_rare_records();
+        CREATE TRIGGER flowstone_rare_records_deleted AFTER DELETE ON flowstone_materializations
+            FOR EACH ROW WHEN (OLD.status IN {_RARE}) EXECUTE FUNCTION flowstone_keep_rare_records();
+        -- Filled from every tenant's records (FORCE would hide them from the owner).
+        ALTER TABLE flowstone_materializations NO FORCE ROW LEVEL SECURITY;
+        ALTER TABLE flowstone_rare_records NO FORCE ROW LEVEL SECURITY;
+        INSERT INTO flowstone_rare_records (tenant_id, status, seq, id)
+            SELECT tenant_id, status, seq, id FROM flowstone_materializations WHERE status IN {_RARE};
+        ALTER TABLE flowstone_rare_records FORCE ROW LEVEL SECURITY;
         ALTER TABLE flowstone_materializations FORCE ROW LEVEL SECURITY;
     """),
 )

@@ -40,6 +40,7 @@ from ..errors import (
 from ..partitions import serialize_partition
 from ..plumbing.jsonvalues import mapping_to_json, plain, storable_text, to_json
 from ..postgres.database import PostgresClient
+from ..postgres.schema import RARE_STATUSES
 from ..postgres.schema import migrate as _migrate
 from ..tenancy import current_tenant
 from .backfills import WrittenSpecs, saved_from_json, spec_to_json, status_from_json, status_to_json
@@ -234,9 +235,16 @@ def _by_state(keyed: str, whole: str, tenant: str | None, asset_name: str, key: 
 
 
 _OF_STATUS = f"{_SELECT} WHERE tenant_id = $1 AND status = $2 ORDER BY seq DESC LIMIT $3"
-"""Records of one status, newest first, found walking the tenant's records newest
-first: no index reads the status (schema version 24), so a record's end is a HOT
-update; a rare status costs a walk as far back as its ``limit``-th record."""
+"""Records of a common status (running, success, superseded), newest first, found
+walking the tenant's records newest first: no index reads the status (schema
+version 24), so a record's end is a HOT update."""
+_OF_RARE_STATUS = f"""
+SELECT {", ".join("m." + name for name in _COLUMNS.split(", "))}
+FROM flowstone_rare_records AS r JOIN {TABLE} AS m ON m.id = r.id
+WHERE r.tenant_id = $1 AND r.status = $2 AND m.status = $2 AND {_OF_TENANT}
+ORDER BY r.seq DESC LIMIT $3"""
+"""Records of a rare status (``RARE_STATUSES``), newest first, through the table that
+names them (schema version 26): as many rows read as found."""
 _MARK_STALE = f"""
 WITH RECURSIVE built_on(asset, partitioned, key) AS (
     SELECT $2::text, $3::text IS NOT NULL, coalesce($3::text, '')
@@ -883,7 +891,8 @@ class PostgresStore(PostgresClient):
     async def list_by_status(self, status: Status | str, *, limit: int = 100) -> list[Materialization]:
         tenant, wanted = current_tenant(), to_status(status)
         rows = await self.db.run(
-            tenant, _fetch, _OF_STATUS, tenant or "", wanted.value, check_limit(limit),
+            tenant, _fetch, _OF_RARE_STATUS if wanted.value in RARE_STATUSES else _OF_STATUS, tenant or "",
+            wanted.value, check_limit(limit),
         )
         return [_record(row) for row in rows]
 

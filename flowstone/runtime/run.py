@@ -36,7 +36,7 @@ from ..store.records import SUCCESS, Materialization, Status
 from . import tracing
 from .executor import Detach, Env, Finished, Granted, JobResult, Lease, ask, finish, lease_now
 from .hashing import dependency_hash
-from .job import Job, Read, describe, new_job, new_read, run_job, run_jobs
+from .job import Job, Read, describe, run_job, run_jobs
 from .registry import Snapshot
 
 __all__ = ["RunRequest", "RunResult", "execute_run"]
@@ -73,17 +73,33 @@ class RunRequest(NamedTuple):
     this run's partitions (a backfill does other partitions first)."""
 
 
-class _Input(NamedTuple):
-    asset: str
-    key: str | None
-    kind: str  # "node": planned in this run; "latest": read as stored; "all": every partition
+class _Input:
+    """What a node reads from one upstream asset: ``kind`` is "node" (planned in this
+    run), "latest" (read as stored) or "all" (every partition). Slotted, as ``_Node``."""
+
+    __slots__ = ("asset", "key", "kind")
+
+    def __init__(self, asset: str, key: str | None, kind: str) -> None:
+        self.asset, self.key, self.kind = asset, key, kind
+
+    def __repr__(self) -> str:
+        return f"_Input({self.asset!r}, {self.key!r}, {self.kind!r})"
 
 
-class _Node(NamedTuple):
-    asset: Asset
-    partition: Any
-    key: str | None
-    inputs: tuple[_Input, ...]
+class _Node:
+    """One asset of a run's plan: the asset, its partition (value and key), what it reads."""
+
+    # Slotted, not a named tuple: a chain's asset reads its node's fields ~30 times,
+    # and CPython 3.11 specializes the read of a slot but not of a named tuple's field
+    # (a descriptor of its own kind, read through the generic lookup: ~130
+    # instructions more a read, counted with valgrind).
+    __slots__ = ("asset", "inputs", "key", "partition")
+
+    def __init__(self, asset: Asset, partition: Any, key: str | None, inputs: tuple[_Input, ...]) -> None:
+        self.asset, self.partition, self.key, self.inputs = asset, partition, key, inputs
+
+    def __repr__(self) -> str:
+        return f"_Node({self.asset.name!r}, {self.key!r}, inputs={self.inputs!r})"
 
 
 class _Ready:
@@ -114,9 +130,7 @@ class _Outcome(NamedTuple):
 _outcome_of: Callable[[JobResult], _Outcome] = tuple_maker(_Outcome)
 """The outcome of a job's result: the same fields, copied in one step (no keywords
 for a named tuple to unpack, on every job's path)."""
-_new_node = tuple_maker(_Node)
 """A plan's node from (asset, partition, key, inputs): one a partition of a backfill."""
-_new_input = tuple_maker(_Input)
 """A node's input from (asset, key, kind): one for each dependency of a run's asset."""
 new_request = tuple_maker(RunRequest)
 """A ``RunRequest`` from every field in order: a backfill makes one a partition."""
@@ -227,7 +241,7 @@ class Planner:
             for dep_name in asset.depends_on:
                 dep = assets[dep_name]
                 if value is None and dep.partitioned_by is not None:
-                    inputs.append(_new_input((dep_name, None, "all")))
+                    inputs.append(_Input(dep_name, None, "all"))
                     continue
                 if dep.partitioned_by is not None:
                     dep_value = target_partition(dep, value)
@@ -235,12 +249,12 @@ class Planner:
                     dep_value = value if carries[dep_name] else None
                 dep_key = None if dep_value is None else serialize_partition(dep_value)
                 if request.upstream == "none":
-                    inputs.append(_new_input((dep_name, dep_key, "latest")))
+                    inputs.append(_Input(dep_name, dep_key, "latest"))
                 else:
                     partitions[dep_name] = dep_value
-                    inputs.append(_new_input((dep_name, dep_key, "node")))
+                    inputs.append(_Input(dep_name, dep_key, "node"))
             key = None if value is None else serialize_partition(value)
-            nodes[name] = _new_node((asset, value, key, tuple(inputs)))
+            nodes[name] = _Node(asset, value, key, tuple(inputs))
         if len(nodes) == 1:  # a root asset's partition (a backfill plans one a partition)
             return list(nodes.values())
         return [nodes[name] for name in self.order if name in nodes]
@@ -377,7 +391,7 @@ def make_job(
         io_key, io_config = request.io["io_manager"], request.io.get("config", {})
     else:
         io_key, io_config = node.asset.io_manager or env.default_io, node.asset.io_config
-    return new_job((  # every field of Job, in its order
+    return Job(  # every field, in its order
         node.asset, run_id, node.partition, node.key, tenant, tuple(reads), digest, io_key, io_config,
         # marks_stale: nothing in the graph reads a leaf, so nothing can be built on
         # its old value here (records of other pipelines sharing the store are still
@@ -385,7 +399,7 @@ def make_job(
         previous is not None and snapshot.graph.has_readers(name),
         # unless_done
         (previous.id if previous is not None else None, digest) if may_reuse else None,
-    ))
+    )
 
 
 def hand_back(executor: Any, tenant: str | None, key: str | None) -> Any:
@@ -718,7 +732,7 @@ class _Run:
                 records = (self.latest[(read.asset, read.key)],)
             else:
                 records = tuple(r for _k, r in sorted(self.every[read.asset].items(), key=lambda kv: str(kv[0])))
-            reads.append(new_read((read.asset, records, read.kind == "all", values)))
+            reads.append(Read(read.asset, records, read.kind == "all", values))
         return reads
 
     def digest(self, node: _Node, reads: list[Read]) -> str:

@@ -220,8 +220,13 @@ class BatchWriter:
         task_status.started()
         while True:
             await self.wake.wait()
-            with anyio.move_on_after(BATCH_SECONDS):
-                await self.stopped.wait()
+            # Stopped while waiting (a runtime closing, this writer idle): return now.
+            # Waiting on ``stopped`` when it is set is a checkpoint, where the
+            # runtime's cancellation, right behind ``stop``, would land: a cancelled
+            # task's exception holds its frames in a reference cycle.
+            if not self.stopped.is_set():
+                with anyio.move_on_after(BATCH_SECONDS):
+                    await self.stopped.wait()
             if self.stopped.is_set():
                 return
             self.wake = anyio.Event()

@@ -8,7 +8,9 @@ For one asset over a set of partition keys (in the current tenant):
   duplicated computation or a write recorded twice);
 - every success points at a value its IO manager still has (``exists``, or a
   ``load`` when the manager has no ``exists``);
-- no record names a partition outside the expected set.
+- no record names a partition outside the expected set;
+- listing by status finds every record of a rare status (failed, cancelled, stale,
+  ...), and only records in it (PostgreSQL keeps a table of them, by triggers).
 
 ``report.problems`` lists each violation in words; ``report.ok`` is true when there
 are none; ``report.raise_if_bad()`` raises ``IntegrityError`` with all of them.
@@ -30,6 +32,8 @@ from ..store.records import TERMINAL, Status
 __all__ = ["IntegrityError", "IntegrityReport", "check_integrity"]
 
 MAX_RECORDS = 1_000_000
+_WALKED = frozenset({Status.RUNNING, Status.SUCCESS, Status.SUPERSEDED})
+"""Statuses most records have (or pass through): not listed to check, a walk of them all."""
 
 
 class IntegrityError(AssertionError):
@@ -79,6 +83,12 @@ async def check_integrity(
             problem = await _value_problem(record, io_managers, default_io)
             if problem is not None:
                 problems.append(problem)
+    for status in sorted({r.status for r in records} - _WALKED, key=str):
+        held = {r.id for r in records if r.status is status}
+        listed = {r.id for r in await store.list_by_status(status, limit=MAX_RECORDS) if r.asset_name == asset}
+        if listed != held:
+            problems.append(f"list_by_status({status.value!r}) finds {len(listed & held)} of the asset's "
+                            f"{len(held)} {status.value} records and {len(listed - held)} others")
     for key in sorted(expected, key=str):
         if successes[key] == 0:
             problems.append(f"partition {key!r} has no success")

@@ -660,7 +660,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (26, "records of the rare statuses listed through a table of their own, kept by triggers", f"""
         -- No index of records reads the status (24), so listing a rare status (failed,
         -- stale, ...) walked the tenant's records newest first until it had enough:
-        -- all of them when there were fewer (34 ms at 100,000 records, and retention
+        -- all of them when there were fewer (16-34 ms at 100,000 records; retention
         -- lists the stale ones each time it prunes). The records of those statuses are
         -- named here, by status and sequence. Beginning, ending and superseding, a
         -- record moves between running, success and superseded, which are not here:

@@ -33,6 +33,8 @@ def storable_text(text: str) -> str:
 
 def text_problem(text: str) -> str | None:
     """Why PostgreSQL text cannot hold ``text`` (a NUL, a lone surrogate), or None."""
+    if text.isascii():  # known from the string's header: no surrogate; a NUL is found by memchr
+        return "a NUL character (\\u0000)" if "\x00" in text else None
     found = _UNSTORABLE.search(text)
     if found is None:
         return None

@@ -421,7 +421,8 @@ def unstorable_text(record: Materialization) -> str | None:
         texts.append(name)
         texts.extend(keys)
     for text in texts:
-        problem = None if text is None else text_problem(text)
-        if problem is not None:
-            return problem
+        if text is not None and (not text.isascii() or "\x00" in text):  # text_problem's own first test
+            problem = text_problem(text)
+            if problem is not None:
+                return problem
     return None

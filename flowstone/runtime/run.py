@@ -477,7 +477,6 @@ def collapsed(run: _Run) -> bool:
         return False
     reused = {node.asset.name: _Outcome(record=run.latest[(node.asset.name, node.key)], reused=True)
               for node in run.nodes[:-1]}
-    # Built directly: a named tuple's _replace pops its keywords field by field.
     inputs = tuple(_Input(read.asset, read.key, "latest") if read.kind == "node" else read for read in target.inputs)
     run.nodes = [_Node(target.asset, target.partition, target.key, inputs)]
     run.outcomes.update(reused)

@@ -130,8 +130,6 @@ class _Outcome(NamedTuple):
 _outcome_of: Callable[[JobResult], _Outcome] = tuple_maker(_Outcome)
 """The outcome of a job's result: the same fields, copied in one step (no keywords
 for a named tuple to unpack, on every job's path)."""
-"""A plan's node from (asset, partition, key, inputs): one a partition of a backfill."""
-"""A node's input from (asset, key, kind): one for each dependency of a run's asset."""
 new_request = tuple_maker(RunRequest)
 """A ``RunRequest`` from every field in order: a backfill makes one a partition."""
 

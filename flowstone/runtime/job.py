@@ -107,8 +107,6 @@ class Job:
         return f"Job({self.asset.name!r}, {self.key!r}, run_id={self.run_id}, tenant={self.tenant!r})"
 
 
-
-
 def run_job(job: Job, env: Env, executor: Handle) -> Awaitable[JobResult]:
     """Run ``job`` to a terminal record (await the answer). Raises only for
     cancellation, a broken runtime, ``LeaseHeld`` (another process computes this

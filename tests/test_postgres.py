@@ -1206,3 +1206,18 @@ async def test_check_integrity_finds_a_rare_record_its_listing_misses(anyio_back
         await raw(pg_database.admin_dsn, "DELETE FROM flowstone_rare_records WHERE id = $1", first.id)
         assert listing(await check_integrity(store, "a", ["1", "2"], {})) == [
             "list_by_status('failed') finds 1 of the asset's 2 failed records and 0 others"]
+
+
+async def test_every_table_the_migrations_make_keeps_tenants_apart(anyio_backend, pg_database):
+    """Row-level security enabled and forced on every table the schema makes but its
+    own list of versions (which holds no tenant's data): a new table (as schema 26's
+    rare records) cannot ship without it."""
+    tables = await raw(
+        pg_database.admin_dsn,
+        "SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class "
+        "WHERE relkind = 'r' AND relname LIKE 'flowstone\\_%' AND relname <> 'flowstone_schema_migrations' "
+        "ORDER BY relname",
+    )
+    names = [row["relname"] for row in tables]
+    assert "flowstone_rare_records" in names and "flowstone_materializations" in names, names
+    assert [row["relname"] for row in tables if not (row["relrowsecurity"] and row["relforcerowsecurity"])] == []

@@ -15,6 +15,13 @@ and completes ``FLUSH_ROWS`` records at a time, as a backfill's batches do; the
 figure is per record, (count for 1+k batches - count for 1 batch) / (k batches'
 records). Autovacuum is off and checkpoints are an hour apart, so what is counted
 is the statements' work; two runs of one schema agree to ~0.01%.
+
+``--allocator pymalloc`` counts with Python's own allocator, as FlowStone runs;
+the default, ``malloc`` (glibc's, as the figures in ``stress/README.md`` were
+counted), includes glibc's consolidation of free memory, which moves with the
+heap's layout: a change that saved ~200 instructions a chain's asset with
+pymalloc read +13,400 with malloc. Count a small change both ways before
+trusting it.
 """
 
 from __future__ import annotations
@@ -92,8 +99,8 @@ BACKFILL = {"pipeline": "daily", "assets": ("events",)}
 READER = {"pipeline": "reading", "assets": ("events", "cleaned")}
 
 
-def _instructions(code: str, runs: int) -> int:
-    env = {**os.environ, "PYTHONMALLOC": "malloc", "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"}
+def _instructions(code: str, runs: int, allocator: str = "malloc") -> int:
+    env = {**os.environ, "PYTHONMALLOC": allocator, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"}
     done = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", code, str(runs)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900, check=True,
@@ -154,12 +161,15 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--store", choices=["memory", "sqlite", "postgres"], default="memory",
                         help="where records go (sqlite: a fresh file per count, WAL, synchronous=NORMAL; "
                              "postgres: the server's instructions instead, the store alone)")
+    parser.add_argument("--allocator", choices=["malloc", "pymalloc"], default="malloc",
+                        help="Python's allocator under callgrind (malloc: glibc's, as the recorded figures; "
+                             "pymalloc: Python's own, as FlowStone runs)")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     runs = max(1, args.runs)
     options = {"chain": args.chain, "partitions": args.partitions, "runs": runs,
-               "subscribers": max(0, args.subscribers), "store": args.store}
+               "subscribers": max(0, args.subscribers), "store": args.store, "allocator": args.allocator}
     if args.store == "postgres":
         return emit("instructions", _postgres_rows(runs), options)
     rows = []
@@ -175,7 +185,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         code = template.format(length=length, last=length - 1, subscribers=max(0, args.subscribers), watched=WATCHED,
                                store_open=store_open, store=store, **which)
         code = "import tempfile\n" + code
-        base, more = _instructions(code, 1), _instructions(code, 1 + runs)
+        base, more = _instructions(code, 1, args.allocator), _instructions(code, 1 + runs, args.allocator)
         each = (more - base) // (runs * length)
         if which is READER:
             each -= rows[-1]["instructions"]  # the upstream's backfill, done in the same runs

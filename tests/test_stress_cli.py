@@ -155,7 +155,7 @@ def test_dagster_scenario_needs_a_python_with_dagster():
 def test_instructions_scenario_parses_its_options():
     """Not run in CI: under callgrind even a tiny run takes ~1.5 minutes."""
     result = run_stress("instructions", "--help")
-    assert result.returncode == 0 and "callgrind" in result.stdout
+    assert result.returncode == 0 and "callgrind" in result.stdout and "--allocator" in result.stdout
 
 
 def test_postgres_scenario_short_run_reports_both_figures(pg_server):

@@ -139,7 +139,8 @@ index condition the planner could pick while the table's statistics lagged behin
 growth (reading every record of the tenant to change five). Row-level security filters
 the same way (schema version 14)."""
 _M_COLUMNS = ", ".join(f"m.{column}" for column in _COLUMNS.split(", "))
-"""The columns of a record ``m`` (where a state ``s`` is in the same query)."""
+"""The columns of a record ``m`` (where a state ``s``, or a rare record ``r``, is in
+the same query)."""
 _CURRENT_TEST = f"{_OF_TENANT} AND m.status IN ('success', 'stale')"
 """A current record (success or stale) of the tenant. The states' ``current_id`` may
 name a record that is no longer current (superseded by hand, with no success after
@@ -239,7 +240,7 @@ _OF_STATUS = f"{_SELECT} WHERE tenant_id = $1 AND status = $2 ORDER BY seq DESC 
 walking the tenant's records newest first: no index reads the status (schema
 version 24), so a record's end is a HOT update."""
 _OF_RARE_STATUS = f"""
-SELECT {", ".join("m." + name for name in _COLUMNS.split(", "))}
+SELECT {_M_COLUMNS}
 FROM flowstone_rare_records AS r JOIN {TABLE} AS m ON m.id = r.id
 WHERE r.tenant_id = $1 AND r.status = $2 AND m.status = $2 AND {_OF_TENANT}
 ORDER BY r.seq DESC LIMIT $3"""

@@ -99,7 +99,7 @@ BACKFILL = {"pipeline": "daily", "assets": ("events",)}
 READER = {"pipeline": "reading", "assets": ("events", "cleaned")}
 
 
-def _instructions(code: str, runs: int, allocator: str = "malloc") -> int:
+def _instructions(code: str, runs: int, allocator: str) -> int:
     env = {**os.environ, "PYTHONMALLOC": allocator, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"}
     done = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", code, str(runs)],

@@ -10,6 +10,7 @@ import select
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -534,8 +535,22 @@ def test_a_detached_backfill_runs_on_after_the_command_returns(project):
         assert backfill["id"] == detached["id"] and backfill["state"] in ("running", "succeeded")
         state = backfill["state"]
     assert backfill["succeeded"] == 20
-    bad = project.run("backfill", "raw", "--from", "2023-01-01", "--to", "2023-01-02", "--detach", env=env)
+    temporary = project.folder / "tmp"
+    temporary.mkdir()
+    bad = project.run("backfill", "raw", "--from", "2023-01-01", "--to", "2023-01-02", "--detach",
+                      env={**env, "TMPDIR": str(temporary)})
     assert bad.returncode == 2 and "outside" in _one_line_error(bad)
+    assert list(temporary.iterdir()) == []  # the folder the child would have announced in is gone too
+
+
+def test_a_detached_child_that_nobody_waits_for_goes_on(tmp_path, capsys):
+    from flowstone.cli.commands import _announce
+
+    backfill = uuid.uuid4()
+    _announce(str(tmp_path / "gone" / "id"), backfill)  # the folder was removed: no error, a line in the log
+    assert f"backfill {backfill} started after the command that detached it stopped waiting" in capsys.readouterr().err
+    _announce(str(tmp_path / "id"), backfill)
+    assert (tmp_path / "id").read_text() == str(backfill) and list(tmp_path.iterdir()) == [tmp_path / "id"]
 
 
 def test_the_same_commands_on_postgresql(project, pg_dsn):

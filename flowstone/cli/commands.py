@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -790,8 +791,8 @@ DETACH_SECONDS = 120.0
 async def _detach(args: argparse.Namespace) -> int:
     """Start the same backfill in a process of its own (a new session: it outlives this
     one and the terminal), wait until it has started, print its id and return."""
+    import shutil
     import subprocess
-    import sys
     import tempfile
     from pathlib import Path
 
@@ -800,25 +801,26 @@ async def _detach(args: argparse.Namespace) -> int:
     logs = Path(".flowstone") / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     announce = Path(tempfile.mkdtemp(prefix="flowstone-detach-")) / "id"
-    command = [sys.executable, "-m", "flowstone", *(a for a in args.argv if a != "--detach"), "--announce",
-               str(announce)]
-    log_path = logs / f"backfill-{os.getpid()}-{int(anyio.current_time() * 1000)}.log"
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    with anyio.move_on_after(DETACH_SECONDS):
-        while not announce.exists():
-            if child.poll() is not None:  # it failed before starting: say why
-                lines = log_path.read_text().strip().splitlines()
-                why = lines[-1].removeprefix("flowstone: error: ") if lines else "the backfill did not start"
-                raise CliError(why, code=child.returncode or EXIT_FAILED)
-            await anyio.sleep(0.05)
-    if not announce.exists():
-        raise CliError(f"the background backfill did not start in {DETACH_SECONDS:g}s; see {log_path}",
-                       code=EXIT_FAILED)
-    backfill = announce.read_text().strip()
-    announce.unlink()
-    announce.parent.rmdir()
+    try:
+        command = [sys.executable, "-m", "flowstone", *(a for a in args.argv if a != "--detach"), "--announce",
+                   str(announce)]
+        log_path = logs / f"backfill-{os.getpid()}-{int(anyio.current_time() * 1000)}.log"
+        with open(log_path, "w") as log:
+            child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        with anyio.move_on_after(DETACH_SECONDS):
+            while not announce.exists():
+                if child.poll() is not None:  # it failed before starting: say why
+                    lines = log_path.read_text().strip().splitlines()
+                    why = lines[-1].removeprefix("flowstone: error: ") if lines else "the backfill did not start"
+                    raise CliError(why, code=child.returncode or EXIT_FAILED)
+                await anyio.sleep(0.05)
+        if not announce.exists():
+            raise CliError(f"the background backfill did not start in {DETACH_SECONDS:g}s; see {log_path}",
+                           code=EXIT_FAILED)
+        backfill = announce.read_text().strip()
+    finally:  # the announcement's folder goes whether the child started or not
+        shutil.rmtree(announce.parent, ignore_errors=True)
     if args.json:
         emit_json({"id": backfill, "pid": child.pid, "log": str(log_path)})
     else:
@@ -829,12 +831,16 @@ async def _detach(args: argparse.Namespace) -> int:
 
 def _announce(path: str, backfill: uuid.UUID) -> None:
     """Tell the process that started this one (``--detach``) the backfill's id: written
-    whole, then renamed, so it never reads half an id."""
-
+    whole, then renamed, so it never reads half an id. If that process stopped waiting
+    (its folder is gone) the backfill goes on all the same, and the log says so."""
     partial = f"{path}.partial"
-    with open(partial, "w") as out:
-        out.write(str(backfill))
-    os.replace(partial, path)
+    try:
+        with open(partial, "w") as out:
+            out.write(str(backfill))
+        os.replace(partial, path)
+    except FileNotFoundError:
+        print(f"flowstone: backfill {backfill} started after the command that detached it stopped waiting; "
+              f"it goes on", file=sys.stderr)
 
 
 def _backfill_summary(args: argparse.Namespace, status: Any) -> int:

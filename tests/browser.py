@@ -51,8 +51,10 @@ def chromium_paths() -> tuple[str, str]:
     return found
 
 
-def open_browser(browser: str, driver: str) -> object:
-    """A headless Chromium driven by Selenium, its console log kept."""
+def open_browser(browser: str, driver: str, scratch: Path) -> object:
+    """A headless Chromium driven by Selenium, its console log kept. Its temporary
+    files (the profile, the singleton socket's folder, which Chromium leaves behind
+    when the driver stops it) go to ``scratch``, for the caller to remove."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -62,7 +64,7 @@ def open_browser(browser: str, driver: str) -> object:
                      "--window-size=1400,1000", "--no-first-run", "--disable-extensions"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=Service(driver))
+    return webdriver.Chrome(options=options, service=Service(driver, env={**os.environ, "TMPDIR": str(scratch)}))
 
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-output" / "web"

@@ -49,9 +49,9 @@ SECONDS = 60
 
 
 @pytest.fixture(scope="module")
-def chromium():
+def chromium(tmp_path_factory):
     browser, driver = chromium_paths()
-    web = open_browser(browser, driver)
+    web = open_browser(browser, driver, tmp_path_factory.mktemp("chromium"))
     try:
         yield web
     finally:

@@ -115,7 +115,8 @@ out = {
 }
 if sqlite_partitions:
     with tempfile.TemporaryDirectory() as folder:
-        runs = [anyio.run(_backfill, Path(folder) / f"r{i}.db", sqlite_partitions, "NORMAL")[0] for i in range(repeat)]
+        runs = [anyio.run(_backfill, Path(folder) / f"r{i}.db", sqlite_partitions, "NORMAL", False)[0]
+                for i in range(repeat)]
     out["partitions_sqlite"] = sorted(runs)[len(runs) // 2]
 if big:
     out["partitions_big"] = anyio.run(lambda: time_backfill(daily(False), big, 20))[0]

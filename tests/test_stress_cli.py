@@ -152,6 +152,17 @@ def test_dagster_scenario_needs_a_python_with_dagster():
     assert run_stress("dagster").returncode == 2  # without it: a usage error
 
 
+def test_dagster_scenario_runs_flowstones_half():
+    """FlowStone's half of the comparison, tiny: it runs without Dagster, so a change
+    to the scenarios it borrows cannot break it unseen until someone has Dagster."""
+    from stress.dagster import FLOWSTONE, _measure
+
+    chain, fan, partitions, sqlite_partitions, repeat, big = 3, 4, 5, 6, 1, 7
+    out = _measure(sys.executable, FLOWSTONE, [chain, fan, partitions, sqlite_partitions, repeat, big], timeout=120)
+    assert set(out) == {"chain", "fan", "partitions_memory", "partitions_sqlite", "partitions_big"}
+    assert all(seconds > 0 for seconds in out.values())
+
+
 def test_instructions_scenario_parses_its_options():
     """Not run in CI: under callgrind even a tiny run takes ~1.5 minutes."""
     result = run_stress("instructions", "--help")

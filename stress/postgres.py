@@ -28,7 +28,6 @@ import anyio
 
 import flowstone as fs
 from flowstone.plumbing.clock import utcnow
-from flowstone.plumbing.collector import tune_collector
 from flowstone.plumbing.ids import new_uuid
 from flowstone.store import PostgresStore, Status
 from flowstone.store.leases import End, Start
@@ -36,7 +35,7 @@ from flowstone.store.postgres import FLUSH_ROWS
 from flowstone.testing.postgres import TemporaryPostgres
 
 from .report import emit, median
-from .runtime import daily, reading
+from .runtime import collector_as_cli, daily, reading
 
 APP_ROLE = "flowstone_bench"
 
@@ -113,18 +112,20 @@ class _Clock:
 
     tune_gc = False
     """Whether ``start``, where start-up ends, first sets the garbage collector as
-    FlowStone's command line does once its runtime is open (``--tune-gc``)."""
+    FlowStone's command line does once its runtime is open (``--tune-gc``), and
+    ``stop`` sets it back (the runtime frozen at ``start`` is freed once closed)."""
 
     def __init__(self, server_cpu: ServerCpu) -> None:
         self.server_cpu = server_cpu
+        self.collector = collector_as_cli(self.tune_gc)
 
     def start(self) -> None:
-        if self.tune_gc:
-            tune_collector()
+        self.collector.__enter__()
         self.began, self.cpu, self.server = time.perf_counter(), time.process_time(), self.server_cpu()
 
     def stop(self) -> Spent:
         elapsed, cpu, server = time.perf_counter() - self.began, time.process_time() - self.cpu, self.server_cpu()
+        self.collector.__exit__(None, None, None)
         return elapsed, cpu, None if server is None or self.server is None else server - self.server
 
 

@@ -21,11 +21,10 @@ from typing import Any
 import anyio
 
 import flowstone as fs
-from flowstone.plumbing.collector import tune_collector
 from flowstone.store import SqliteStore
 
 from .report import emit, median
-from .runtime import daily
+from .runtime import collector_as_cli, daily
 
 
 async def _backfill(path: Path, count: int, synchronous: str, tune_gc: bool) -> tuple[float, float]:
@@ -33,12 +32,11 @@ async def _backfill(path: Path, count: int, synchronous: str, tune_gc: bool) -> 
     async with SqliteStore(path, synchronous=synchronous) as store:
         await store.list_all(limit=1)  # open and migrate before the clock starts
         async with fs.open_runtime(daily(False), store=store) as rt:
-            if tune_gc:  # start-up is done: as the command line does (``--tune-gc``)
-                tune_collector()
-            start, cpu = time.perf_counter(), time.process_time()
-            backfill = await rt.backfill("events", partitions=days, max_parallel=20)
-            status = await rt.wait_backfill(backfill)
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+            with collector_as_cli(tune_gc):  # start-up is done: as the command line does (``--tune-gc``)
+                start, cpu = time.perf_counter(), time.process_time()
+                backfill = await rt.backfill("events", partitions=days, max_parallel=20)
+                status = await rt.wait_backfill(backfill)
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         records = await store.list_by_status("success", limit=count + 1)
     if status.succeeded != count or len(records) != count:
         raise SystemExit(f"backfill incomplete: {status} with {len(records)} success records")

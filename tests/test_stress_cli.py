@@ -269,3 +269,18 @@ def test_cascade_scenario_times_cascades_and_a_prune_on_every_store(pg_server):
         assert result.returncode == 0, result.stderr
         [row] = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
         assert row["cascade_median_ms"] > 0 and row["pruned"] == 200 - 5  # the stale ones' reads are spared
+
+
+def test_a_tuned_sample_gives_the_collector_back(tmp_path):
+    """``--tune-gc`` sets the collector as the command line does for the measured part
+    only: afterwards nothing stays frozen (a frozen runtime, closed, would never be
+    freed) and the thresholds are as they were, for the next sample."""
+    import gc
+
+    import anyio
+
+    from stress.sqlite import _backfill
+
+    before = gc.get_threshold()
+    anyio.run(_backfill, tmp_path / "r.db", 20, "NORMAL", True)
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before

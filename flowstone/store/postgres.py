@@ -62,6 +62,7 @@ from .leases import (
     role_seconds,
     tick_time,
 )
+from .pruning import Choice, prune_key
 from .records import (
     CURRENT,
     ENDING,
@@ -321,26 +322,36 @@ SELECT (SELECT count(*) FROM backfills) + (SELECT count(*) FROM ticks)
 """
 """Finished backfills and ticks older than ``before``; each schedule's newest tick stays."""
 
-_PRUNE = f"""
+_PRUNE_CHOOSE = f"""
 WITH history AS (
-    SELECT id, seq, partition, status, inserted_at,
+    SELECT seq, partition, status, inserted_at,
            row_number() OVER (PARTITION BY partition ORDER BY seq DESC) AS rank
     FROM {TABLE}
     WHERE tenant_id = $1 AND asset_name = $2 AND status IN ('superseded', 'failed', 'cancelled')
 ), doomed AS (
-    SELECT h.id FROM history h
+    SELECT h.seq FROM history h
     WHERE (h.rank > $3::int OR h.inserted_at < $4::timestamptz)
       AND NOT (h.status = 'superseded' AND (h.partition = ANY($5::text[]) OR (h.partition IS NULL AND $6)))
       AND h.seq NOT IN (  -- not the latest record of its partition
           SELECT s.seq FROM flowstone_partition_states s WHERE s.tenant_id = $1 AND s.asset_name = $2)
     ORDER BY h.seq LIMIT $7
-), gone AS (
-    -- by primary key (an array, not a join), whatever the planner believes of the table's size
-    DELETE FROM {TABLE} AS m WHERE m.id = ANY(ARRAY(SELECT id FROM doomed)) AND {_OF_TENANT} RETURNING 1
+)
+SELECT coalesce(array_agg(seq ORDER BY seq), '{{}}') FROM doomed
+"""
+"""The sequence numbers of the history records beyond a retention, oldest first
+(``prune``: a choice, see ``flowstone.store.pruning``); NULL limits are no limit."""
+
+_PRUNE_DELETE = f"""
+WITH gone AS (
+    DELETE FROM {TABLE} AS m
+    WHERE m.tenant_id = $1 AND m.seq = ANY($2::bigint[]) AND m.asset_name = $3
+      AND m.status IN ('superseded', 'failed', 'cancelled')
+    RETURNING 1
 )
 SELECT count(*) FROM gone
 """
-"""History records beyond a retention, oldest first (``prune``); NULL limits are no limit."""
+"""Chosen history records, by sequence number (the index of a tenant's records by
+sequence finds each), if they are still what was chosen."""
 
 def _unnest(columns: Sequence[tuple[str, str]], first: int) -> str:
     """Rows ``r`` with ``columns`` (name, type), one array parameter each from ``$first``:
@@ -675,6 +686,7 @@ class PostgresStore(PostgresClient):
         self._lookups: list[_Lookup] = []  # asked, waiting for a lookup to take them
         self._looking = _Leaders()  # lookups in flight now
         self._specs = WrittenSpecs()  # backfill specs written here: later saves write the status alone
+        self._pruning = Choice()  # the records a retention pass chose and has not deleted yet
 
     async def migrate(self) -> list[int]:
         """Create or upgrade the schema (idempotent, safe concurrently); the versions applied now."""
@@ -1000,9 +1012,18 @@ class PostgresStore(PostgresClient):
         if keep_last is None and before is None:
             return 0
         tenant = current_tenant()
-        keys = [key for key in spare if key is not None]
-        deleted: int = await self.db.run(
-            tenant, _fetchval, _PRUNE, tenant or "", asset_name, keep_last, before, keys, None in spare, limit)
+        key = prune_key(tenant, asset_name, keep_last, before, spare)
+        chosen = self._pruning.take(key, limit)
+        if chosen is None:  # a new pass, or one past its choice: choose (once for many calls)
+            keys = [key for key in spare if key is not None]
+            found = await self.db.run(tenant, _fetchval, _PRUNE_CHOOSE, tenant or "", asset_name, keep_last, before,
+                                      keys, None in spare, self._pruning.most)
+            chosen = self._pruning.keep(key, found, limit)
+        if not chosen:
+            return 0
+        deleted: int = await self.db.run(tenant, _fetchval, _PRUNE_DELETE, tenant or "", chosen, asset_name)
+        if deleted < len(chosen):  # another process deleted some first
+            self._pruning.forget()
         return deleted
 
     async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:

@@ -69,6 +69,7 @@ from .leases import (
     role_seconds,
     tick_time,
 )
+from .pruning import Choice, prune_key
 from .records import (
     CURRENT,
     ENDING,
@@ -176,23 +177,29 @@ DELETE FROM flowstone_ticks WHERE (tenant_id, schedule, at) IN (
 """
 """Finished backfills and ticks older than ``before``; each schedule's newest tick stays."""
 
-_PRUNE = """
-DELETE FROM flowstone_materializations WHERE seq IN (
-    SELECT h.seq FROM (
-        SELECT seq, partition, status, inserted_at,
-               row_number() OVER (PARTITION BY partition ORDER BY seq DESC) AS rank
-        FROM flowstone_materializations
-        WHERE tenant_id = :tenant AND asset_name = :asset AND status IN ('superseded', 'failed', 'cancelled')
-    ) h
-    WHERE (h.rank > :keep_last OR h.inserted_at < :before)
-      AND NOT (h.status = 'superseded'
-               AND (h.partition IN (SELECT value FROM json_each(:spare)) OR (h.partition IS NULL AND :spare_whole)))
-      AND h.seq NOT IN (  -- not the latest record of its partition (so never the newest row: seq keeps growing)
-          SELECT s.seq FROM flowstone_partition_states s WHERE s.tenant_id = :tenant AND s.asset_name = :asset)
-    ORDER BY h.seq LIMIT :limit
-)
+_PRUNE_CHOOSE = """
+SELECT h.seq FROM (
+    SELECT seq, partition, status, inserted_at,
+           row_number() OVER (PARTITION BY partition ORDER BY seq DESC) AS rank
+    FROM flowstone_materializations
+    WHERE tenant_id = :tenant AND asset_name = :asset AND status IN ('superseded', 'failed', 'cancelled')
+) h
+WHERE (h.rank > :keep_last OR h.inserted_at < :before)
+  AND NOT (h.status = 'superseded'
+           AND (h.partition IN (SELECT value FROM json_each(:spare)) OR (h.partition IS NULL AND :spare_whole)))
+  AND h.seq NOT IN (  -- not the latest record of its partition (so never the newest row: seq keeps growing)
+      SELECT s.seq FROM flowstone_partition_states s WHERE s.tenant_id = :tenant AND s.asset_name = :asset)
+ORDER BY h.seq LIMIT :limit
 """
-"""History records beyond a retention, oldest first (``prune``); NULL limits are no limit."""
+"""The sequence numbers of the history records beyond a retention, oldest first
+(``prune``: a choice, see ``flowstone.store.pruning``); NULL limits are no limit."""
+
+_PRUNE_DELETE = """
+DELETE FROM flowstone_materializations
+WHERE seq IN (SELECT value FROM json_each(:chosen)) AND tenant_id = :tenant AND asset_name = :asset
+  AND status IN ('superseded', 'failed', 'cancelled')
+"""
+"""Chosen history records, by sequence number, if they are still what was chosen."""
 
 
 class SqliteStore:
@@ -217,6 +224,7 @@ class SqliteStore:
         )
         self._applied: list[int] = []
         self._specs = WrittenSpecs()  # backfill specs written here: later saves write the status alone
+        self._pruning = Choice()  # the records a retention pass chose and has not deleted yet
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
@@ -508,12 +516,23 @@ class SqliteStore:
         keep_last, limit = check_retention(keep_last, limit)
         if keep_last is None and before is None:
             return 0
-        arguments = {
-            "tenant": _tenant(), "asset": asset_name, "keep_last": keep_last, "before": _iso(before),
-            "spare": json.dumps([key for key in spare if key is not None]), "spare_whole": None in spare,
-            "limit": limit,
-        }
-        deleted: int = await self._db.write(lambda c: c.execute(_PRUNE, arguments).rowcount)
+        tenant = _tenant()
+        key = prune_key(tenant, asset_name, keep_last, before, spare)
+        chosen = self._pruning.take(key, limit)
+        if chosen is None:  # a new pass, or one past its choice: choose (once for many calls)
+            arguments = {
+                "tenant": tenant, "asset": asset_name, "keep_last": keep_last, "before": _iso(before),
+                "spare": json.dumps([key for key in spare if key is not None]), "spare_whole": None in spare,
+                "limit": self._pruning.most,
+            }
+            found = await self._db.read_many(lambda c: [row[0] for row in c.execute(_PRUNE_CHOOSE, arguments)])
+            chosen = self._pruning.keep(key, found, limit)
+        if not chosen:
+            return 0
+        gone = {"chosen": json.dumps(chosen), "tenant": tenant, "asset": asset_name}
+        deleted: int = await self._db.write(lambda c: c.execute(_PRUNE_DELETE, gone).rowcount)
+        if deleted < len(chosen):  # another process deleted some first
+            self._pruning.forget()
         return deleted
 
     async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:

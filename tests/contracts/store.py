@@ -418,6 +418,48 @@ class StoreContract:
         with pytest.raises(fs.DefinitionError, match="limit"):
             await store.prune("a", keep_last=1, limit=0)
 
+    async def test_prune_in_batches_deletes_what_one_call_deletes(self, store):
+        """Retention deletes ``limit`` records a call until fewer go. A pass's choice is
+        made once and gone through call after call (another asset's prune in between
+        makes it anew); what a batch deletes in the end is what one call deletes."""
+        async def fill():
+            for attempt in range(4):
+                for key in map(str, range(5)):
+                    record = await store.create(asset_name="a", partition=key, status=Status.RUNNING)
+                    await store.complete(record, Status.FAILED if (attempt, key) == (3, "4") else Status.SUCCESS)
+            for key in map(str, range(3)):  # another asset's history
+                for _ in range(3):
+                    record = await store.create(asset_name="b", partition=key, status=Status.RUNNING)
+                    await store.complete(record, Status.SUCCESS)
+
+        def left(records):
+            return sorted((r.asset_name, r.partition, r.status.value) for r in records)
+
+        with fs.tenant_scope("whole"):
+            await fill()
+            assert await store.prune("a", keep_last=1) == 10
+        with fs.tenant_scope("parts"):
+            await fill()
+            counts = [await store.prune("a", keep_last=1, limit=3)]
+            record = await store.create(asset_name="a", partition="0", status=Status.RUNNING)
+            await store.complete(record, Status.SUCCESS)  # one more superseded record of a/0, after the choice
+            counts.append(await store.prune("a", keep_last=1, limit=3))
+            assert await store.prune("b", keep_last=1, limit=3) == 3  # another choice in between...
+            while counts[-1] == 3:
+                counts.append(await store.prune("a", keep_last=1, limit=3))
+            assert sum(counts) == 11 and counts[-1] < 3  # ...so a's was made again, with the new record
+            assert await store.prune("b", keep_last=1, limit=3) == 0
+            parts = left(await store.list_all(limit=1000))
+        with fs.tenant_scope("whole"):
+            record = await store.create(asset_name="a", partition="0", status=Status.RUNNING)
+            await store.complete(record, Status.SUCCESS)
+            assert await store.prune("a", keep_last=1) == 1
+            assert await store.prune("b", keep_last=1) == 3
+            assert parts == left(await store.list_all(limit=1000))
+            assert await store.partition_states("a") == {"0": Status.SUCCESS, "1": Status.SUCCESS,
+                                                          "2": Status.SUCCESS, "3": Status.SUCCESS,
+                                                          "4": Status.FAILED}
+
     async def test_backfill_state_round_trips(self, store):
         backfill = uuid.uuid4()
         assert await store.load_backfill(backfill) is None

@@ -350,7 +350,7 @@ WITH gone AS (
 )
 SELECT count(*) FROM gone
 """
-"""Chosen history records, by sequence number (the index of a tenant's records by
+"""Chosen history records, by sequence number (the index of an asset's records by
 sequence finds each), if they are still what was chosen."""
 
 def _unnest(columns: Sequence[tuple[str, str]], first: int) -> str:
@@ -1015,7 +1015,7 @@ class PostgresStore(PostgresClient):
         key = prune_key(tenant, asset_name, keep_last, before, spare)
         chosen = self._pruning.take(key, limit)
         if chosen is None:  # a new pass, or one past its choice: choose (once for many calls)
-            keys = [key for key in spare if key is not None]
+            keys = [partition for partition in spare if partition is not None]
             found = await self.db.run(tenant, _fetchval, _PRUNE_CHOOSE, tenant or "", asset_name, keep_last, before,
                                       keys, None in spare, self._pruning.most)
             chosen = self._pruning.keep(key, found, limit)

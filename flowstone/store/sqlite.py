@@ -522,8 +522,8 @@ class SqliteStore:
         if chosen is None:  # a new pass, or one past its choice: choose (once for many calls)
             arguments = {
                 "tenant": tenant, "asset": asset_name, "keep_last": keep_last, "before": _iso(before),
-                "spare": json.dumps([key for key in spare if key is not None]), "spare_whole": None in spare,
-                "limit": self._pruning.most,
+                "spare": json.dumps([partition for partition in spare if partition is not None]),
+                "spare_whole": None in spare, "limit": self._pruning.most,
             }
             found = await self._db.read_many(lambda c: [row[0] for row in c.execute(_PRUNE_CHOOSE, arguments)])
             chosen = self._pruning.keep(key, found, limit)

@@ -15,6 +15,7 @@ superseded ones).
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from contextlib import nullcontext
@@ -44,7 +45,8 @@ def _records() -> list[tuple[Any, ...]]:
     def record(tenant: str, asset: str, key: str | None, status: str, reads: dict[str, list[str]] | None = None):
         number = len(rows) + 1
         rows.append((uuid.UUID(int=number), tenant, asset, key, uuid.UUID(int=10_000 + number), status,
-                     sorted(reads or {}), fs_json(reads or {}), _AT.replace(second=number % 60, minute=number // 60)))
+                     sorted(reads or {}), json.dumps(reads or {}, sort_keys=True),
+                     _AT.replace(second=number % 60, minute=number // 60)))
 
     for tenant in ("", "acme"):
         record(tenant, "raw", "1", "superseded")
@@ -61,12 +63,6 @@ def _records() -> list[tuple[Any, ...]]:
         record(tenant, "clean", "4", "waiting_approval")
         record(tenant, "report", None, "success", {"clean": ["1", "2"]})
     return rows
-
-
-def fs_json(value: dict[str, list[str]]) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True)
 
 
 async def _migrate_to(connection: asyncpg.Connection, last: int | None) -> list[int]:

@@ -274,12 +274,13 @@ async def test_a_retention_deleted_a_limit_at_a_time_deletes_what_one_call_would
         reads, brief = [], Records.brief
         monkeypatch.setattr(Records, "brief", lambda self, key: reads.append(key) or brief(self, key))
         counts = [await parts.prune("a", keep_last=1, limit=3)]
-        assert len(reads) == 21  # every history record of the tenant, once
+        assert len(reads) == 21  # every history record of the tenant once, grouped by asset
         record = await parts.create(asset_name="a", partition="0", status=fs.Status.RUNNING)
         await parts.complete(record, fs.Status.SUCCESS)  # one more superseded record of a/0, after the choice
         counts.append(await parts.prune("a", keep_last=1, limit=3))
         assert len(reads) == 21  # the rest of the choice: nothing read again
         assert await parts.prune("b", keep_last=1, limit=3) == 3  # another choice in between...
+        assert len(reads) == 21 + 6  # ...from the same walk's groups: b's history read again, no other
         while counts[-1] == 3:
             counts.append(await parts.prune("a", keep_last=1, limit=3))
         assert counts == [3, 3, 3, 2]  # ...so a's was made again, with the new record: 11 in all

@@ -634,6 +634,7 @@ class _Handlers:
     def __init__(self, data: MemoryData) -> None:
         self.data = data
         self._pruning: tuple[Prune, list[int]] | None = None  # see prune
+        self._grouped: tuple[str | None, dict[str, list[int]], set[str]] | None = None  # see _histories
 
     def table(self) -> dict[type[Message], Callable[[Any], Any]]:
         """The handler of each message type. Whoever holds it holds these handlers (its
@@ -824,7 +825,7 @@ class _Handlers:
 
     def prune(self, m: Prune) -> int:
         """The oldest ``limit`` of what the retention deletes. Choosing them reads every
-        id of the tenant and every history record, so the rest is kept for the next
+        history record of the asset (``_histories``), so the rest is kept for the next
         call with the same arguments (retention calls until fewer than ``limit`` go):
         a deletion of N records costs one choice, not N / limit of them. What was
         chosen stays deletable meanwhile: a history record never moves again, never
@@ -847,20 +848,10 @@ class _Handlers:
     def _choose(self, m: Prune) -> list[int]:
         """Every history record of ``m.asset`` beyond ``m``'s retention, oldest first."""
         data = self.data
-        # Only history records are read (a packed record costs microseconds to read back):
-        # the tenant's ids are walked newest first for their order, and skipped by number.
-        history: set[int] = set()
-        for status in HISTORY:
-            history.update(data.by_status.get((m.tenant, status), ()))
-        if not history:
-            return []
         met: dict[str | None, int] = {}  # history records met so far per partition, newest first
         chosen = []
-        for record_id in reversed(data.by_tenant.get(m.tenant, {})):
-            if record_id not in history:
-                continue
-            asset, partition, status, inserted_at = data.records.brief(record_id)
-            if asset != m.asset:
+        for record_id, (_asset, partition, status, inserted_at) in self._histories(m.tenant, m.asset):
+            if status not in HISTORY:
                 continue
             rank = met[partition] = met.get(partition, 0) + 1
             if data.latest.get((m.tenant, m.asset, partition)) == record_id:
@@ -872,6 +863,47 @@ class _Handlers:
                 chosen.append(record_id)
         chosen.reverse()  # the oldest first
         return chosen
+
+    def _histories(
+        self, tenant: str | None, asset: str,
+    ) -> Iterator[tuple[int, tuple[str, str | None, Status, datetime | None]]]:
+        """The ids of ``asset``'s history records, newest first, each with what
+        ``Records.brief`` reads of it.
+
+        The only order of records is the tenant's ids, so finding one asset's history
+        walks every id of the tenant (and reads each history record back); a pass over
+        many assets then cost a walk per asset (200 assets of 500 partitions: 185 µs a
+        record deleted, against 10 for one asset). One walk groups every asset's
+        history; each asset's first choice of a pass takes its group, and a choice for
+        an asset that took its group already (the next pass, or the same asset again)
+        walks anew. A group taken later than its walk lacks what became history since:
+        that waits a pass (a rank only grows with newer history, so nothing is chosen
+        that the rule keeps); what was deleted since is left out, and ``_choose``
+        checks that each record is still history."""
+        data = self.data
+        grouped = self._grouped
+        if grouped is not None and grouped[0] == tenant and asset not in grouped[2]:
+            grouped[2].add(asset)
+            for record_id in grouped[1].get(asset, ()):
+                if record_id in data.records:
+                    yield record_id, data.records.brief(record_id)
+            return
+        history: set[int] = set()
+        for status in HISTORY:
+            history.update(data.by_status.get((tenant, status), ()))
+        groups: dict[str, list[int]] = {}
+        self._grouped = (tenant, groups, {asset})
+        # Only history records are read back (a packed record costs microseconds): the
+        # tenant's ids are walked newest first for their order, skipped by number.
+        for record_id in reversed(data.by_tenant.get(tenant, {})) if history else ():
+            if record_id in history:
+                brief = data.records.brief(record_id)
+                group = groups.get(brief[0])
+                if group is None:
+                    group = groups[brief[0]] = []
+                group.append(record_id)
+                if brief[0] == asset:
+                    yield record_id, brief
 
     def _forget(self, record: Materialization) -> None:
         data, tenant, rid = self.data, record.tenant_id, record.id.int

@@ -332,8 +332,12 @@ WITH history AS (
     SELECT h.seq FROM history h
     WHERE (h.rank > $3::int OR h.inserted_at < $4::timestamptz)
       AND NOT (h.status = 'superseded' AND (h.partition = ANY($5::text[]) OR (h.partition IS NULL AND $6)))
-      AND h.seq NOT IN (  -- not the latest record of its partition
-          SELECT s.seq FROM flowstone_partition_states s WHERE s.tenant_id = $1 AND s.asset_name = $2)
+      AND h.seq NOT IN (  -- not the latest record of its partition; each half through its partial index
+          SELECT s.seq FROM flowstone_partition_states s
+          WHERE s.tenant_id = $1 AND s.asset_name = $2 AND s.partition IS NOT NULL
+          UNION ALL
+          SELECT s.seq FROM flowstone_partition_states s
+          WHERE s.tenant_id = $1 AND s.asset_name = $2 AND s.partition IS NULL)
     ORDER BY h.seq LIMIT $7
 )
 SELECT coalesce(array_agg(seq ORDER BY seq), '{{}}') FROM doomed

@@ -22,8 +22,8 @@ def test_list_names_every_scenario():
     assert [line.split()[0] for line in listing.stdout.splitlines()] == [
         "backfill", "cancel-storm", "cascade", "chaos", "checkpoints", "core", "daemon", "dagster", "dags",
         "executors", "flights-dagster", "follow", "instructions", "io", "memory", "postgres", "processes", "ranges",
-        "registrations", "runtime", "scale", "schedules", "soak", "sqlite", "startup", "store-writes", "web",
-        "workers",
+        "registrations", "retention", "runtime", "scale", "schedules", "soak", "sqlite", "startup", "store-writes",
+        "web", "workers",
     ]
 
 
@@ -269,6 +269,16 @@ def test_cascade_scenario_times_cascades_and_a_prune_on_every_store(pg_server):
         assert result.returncode == 0, result.stderr
         [row] = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
         assert row["cascade_median_ms"] > 0 and row["pruned"] == 200 - 5  # the stale ones' reads are spared
+
+
+def test_retention_scenario_prunes_every_assets_history_on_every_store(pg_server):
+    result = run_stress("retention", "--dsn", pg_server.admin, "--store", "postgres", "--store", "sqlite",
+                        "--store", "memory", "--assets", "4", "--partitions", "30", "--history", "2")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["rows"]
+    assert [row["store"] for row in rows] == ["postgres", "sqlite", "memory"]
+    assert all(row["pruned"] == 4 * 30 * 2 and row["records"] == 4 * 30 * 3 for row in rows)
+    assert all(row["prune_us_per_record"] > 0 and row["partition_states_ms_per_asset"] > 0 for row in rows)
 
 
 def test_a_tuned_sample_gives_the_collector_back(tmp_path):

@@ -154,6 +154,8 @@ def test_a_finished_record_is_kept_packed_and_reads_back_the_same(fields):
     assert (back.metadata, back.upstream_partitions, back.started_at) == (
         record.metadata, record.upstream_partitions, record.started_at)
     assert list(records._live) == [] and not gc.is_tracked(records._packed)
+    assert records.asset_of(record.id.int) == record.asset_name  # read from the bytes, the record not built
+    assert records.brief(record.id.int) == (record.asset_name, record.partition, record.status, record.inserted_at)
 
 
 @pytest.mark.parametrize("fields", [

@@ -166,6 +166,15 @@ class Records:
             raise KeyError(key)
         return found
 
+    def asset_of(self, key: int) -> str:
+        """A stored record's asset, without building the record back when it is packed
+        (a listing of one asset's records tests every newer record of the tenant)."""
+        live = self._live.get(key)
+        if live is not None:
+            return live.asset_name
+        asset: str = marshal.loads(self._packed[key])[_ASSET]
+        return asset
+
     def brief(self, key: int) -> tuple[str, str | None, Status, datetime | None]:
         """A stored record's asset, partition key, status and insertion time, without
         building the record back when it is packed (retention reads these of every
@@ -972,9 +981,8 @@ class _Handlers:
         for record_id in newest_first:
             if len(out) >= m.limit:
                 break
-            record = records[record_id]
-            if m.asset is None or record.asset_name == m.asset:
-                out.append(record)
+            if m.asset is None or records.asset_of(record_id) == m.asset:
+                out.append(records[record_id])
         return out
 
     def _newest(self, ids: dict[int, None], limit: int) -> list[Materialization]:

@@ -22,6 +22,8 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -153,13 +155,15 @@ def _postgres(dsn: str) -> Any:
     return fs.store.PostgresStore(dsn)
 
 
-def _on_sqlite(size: int, args: argparse.Namespace) -> dict[str, Any]:
+@contextmanager
+def migrated_sqlite(prefix: str) -> Iterator[str]:
+    """The path of an embedded store's file, migrated, in a temporary folder (gone after)."""
     import tempfile
     from pathlib import Path
 
     import flowstone as fs
 
-    with tempfile.TemporaryDirectory(prefix="flowstone-cascade-") as folder:
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
         path = str(Path(folder) / "flowstone.db")
 
         async def migrate() -> None:
@@ -167,6 +171,13 @@ def _on_sqlite(size: int, args: argparse.Namespace) -> dict[str, Any]:
                 await store.migrate()
 
         anyio.run(migrate)
+        yield path
+
+
+def _on_sqlite(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    import flowstone as fs
+
+    with migrated_sqlite("flowstone-cascade-") as path:
         _fill_sqlite(path, size, args.history)
         return anyio.run(_measure, fs.store.SqliteStore(path), size, args.samples)
 

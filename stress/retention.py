@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import anyio
 
-from .cascade import _INSERT
+from .cascade import _INSERT, migrated_sqlite
 from .postgres import _admin, _fresh_database
 from .report import emit
 
@@ -103,14 +101,7 @@ async def _on_memory(assets: int, partitions: int, history: int) -> dict[str, An
 def _on_sqlite(assets: int, partitions: int, history: int) -> dict[str, Any]:
     import flowstone as fs
 
-    with tempfile.TemporaryDirectory(prefix="flowstone-retention-") as folder:
-        path = str(Path(folder) / "flowstone.db")
-
-        async def migrate() -> None:
-            async with fs.store.SqliteStore(path) as store:
-                await store.migrate()
-
-        anyio.run(migrate)
+    with migrated_sqlite("flowstone-retention-") as path:
         _fill_sqlite(path, assets, partitions, history)
         return anyio.run(_measure, fs.store.SqliteStore(path), assets)
 

@@ -1006,6 +1006,14 @@ def _nodes(node):
         yield from _nodes(child)
 
 
+def _rows_read(plans, prefix):
+    """(index or table, rows it read: found and filtered out, every loop) of each node
+    of ``plans`` (``EXPLAIN (ANALYZE, FORMAT JSON)``) over a relation named ``prefix...``."""
+    return [(name, (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"])
+            for plan in plans for node in _nodes(plan[0]["Plan"])
+            if (name := node.get("Index Name") or node.get("Relation Name") or "").startswith(prefix)]
+
+
 async def test_a_batch_of_completions_reads_its_own_records_whatever_the_table_holds(
     anyio_backend, pg_database, monkeypatch
 ):
@@ -1183,10 +1191,7 @@ async def test_listing_a_rare_status_reads_the_records_it_finds_not_the_table(
         with fs.tenant_scope("acme"):
             assert [r.id for r in await store.list_by_status(Status.FAILED)] == [theirs.id]
     assert len(plans) == 2
-    read = [(node.get("Index Name") or node.get("Relation Name") or "",
-             (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"])
-            for plan in plans for node in _nodes(plan[0]["Plan"])
-            if (node.get("Index Name") or node.get("Relation Name") or "").startswith("flowstone_materializations")]
+    read = _rows_read(plans, "flowstone_materializations")
     assert read and all(rows <= 2 for _, rows in read), read
 
 
@@ -1258,8 +1263,5 @@ async def test_an_assets_states_are_read_through_the_states_indexes(anyio_backen
         assert await store.partition_states("a") == {"1": Status.FAILED, None: Status.SUCCESS}
         assert await store.prune("a", keep_last=0) == 1  # the superseded success; the failure is the latest
     assert len(plans) == 2
-    read = [(node.get("Index Name") or node.get("Relation Name") or "",
-             (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"])
-            for plan in plans for node in _nodes(plan[0]["Plan"])
-            if (node.get("Index Name") or node.get("Relation Name") or "").startswith("flowstone_partition_states")]
+    read = _rows_read(plans, "flowstone_partition_states")
     assert read and all(rows <= 2 for _, rows in read), read

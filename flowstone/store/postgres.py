@@ -1026,19 +1026,19 @@ class PostgresStore(PostgresClient):
         if keep_last is None and before is None:
             return 0
         tenant = current_tenant()
-        key = prune_key(tenant, asset_name, keep_last, before, spare)
-        chosen = self._pruning.take(key, limit)
-        if chosen is None:  # a new pass, or one past its choice: choose (once for many calls)
+
+        async def choose(most: int) -> list[int]:
             keys = [partition for partition in spare if partition is not None]
-            found = await self.db.run(tenant, _fetchval, _PRUNE_CHOOSE, tenant or "", asset_name, keep_last, before,
-                                      keys, None in spare, self._pruning.most)
-            chosen = self._pruning.keep(key, found, limit)
-        if not chosen:
-            return 0
-        deleted: int = await self.db.run(tenant, _fetchval, _PRUNE_DELETE, tenant or "", chosen, asset_name)
-        if deleted < len(chosen):  # another process deleted some first
-            self._pruning.forget()
-        return deleted
+            found: list[int] = await self.db.run(tenant, _fetchval, _PRUNE_CHOOSE, tenant or "", asset_name,
+                                                 keep_last, before, keys, None in spare, most)
+            return found
+
+        async def delete(chosen: list[int]) -> int:
+            deleted: int = await self.db.run(tenant, _fetchval, _PRUNE_DELETE, tenant or "", chosen, asset_name)
+            return deleted
+
+        key = prune_key(tenant, asset_name, keep_last, before, spare)
+        return await self._pruning.prune(key, limit, choose, delete)
 
     async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:
         tenant, limit = current_tenant(), check_batch(limit)

@@ -25,7 +25,7 @@ spare) deletes that rest first, and what became deletable since waits one pass m
 from __future__ import annotations
 
 from array import array
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +55,24 @@ class Choice:
         self._left = array("q")
         self._at = 0
         self._whole = True
+
+    async def prune(
+        self, key: tuple[Any, ...], limit: int, choose: Callable[[int], Awaitable[Sequence[int]]],
+        delete: Callable[[list[int]], Awaitable[int]],
+    ) -> int:
+        """A SQL store's ``prune`` call: the next ``limit`` of the pass's choice for
+        ``key`` (made by ``choose(most)`` when there is none to go on with) go through
+        ``delete``, which says how many rows went; fewer than it was given drop the
+        choice (another process deleted some first)."""
+        chosen = self.take(key, limit)
+        if chosen is None:  # a new pass, or one past its choice: choose (once for many calls)
+            chosen = self.keep(key, await choose(self.most), limit)
+        if not chosen:
+            return 0
+        deleted = await delete(chosen)
+        if deleted < len(chosen):
+            self.forget()
+        return deleted
 
     def take(self, key: tuple[Any, ...], limit: int) -> list[int] | None:
         """The next ``limit`` chosen for ``key``; None when there is no choice to go on

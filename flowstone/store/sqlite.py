@@ -517,23 +517,24 @@ class SqliteStore:
         if keep_last is None and before is None:
             return 0
         tenant = _tenant()
-        key = prune_key(tenant, asset_name, keep_last, before, spare)
-        chosen = self._pruning.take(key, limit)
-        if chosen is None:  # a new pass, or one past its choice: choose (once for many calls)
+
+        async def choose(most: int) -> list[int]:
             arguments = {
                 "tenant": tenant, "asset": asset_name, "keep_last": keep_last, "before": _iso(before),
                 "spare": json.dumps([partition for partition in spare if partition is not None]),
-                "spare_whole": None in spare, "limit": self._pruning.most,
+                "spare_whole": None in spare, "limit": most,
             }
-            found = await self._db.read_many(lambda c: [row[0] for row in c.execute(_PRUNE_CHOOSE, arguments)])
-            chosen = self._pruning.keep(key, found, limit)
-        if not chosen:
-            return 0
-        gone = {"chosen": json.dumps(chosen), "tenant": tenant, "asset": asset_name}
-        deleted: int = await self._db.write(lambda c: c.execute(_PRUNE_DELETE, gone).rowcount)
-        if deleted < len(chosen):  # another process deleted some first
-            self._pruning.forget()
-        return deleted
+            found: list[int] = await self._db.read_many(
+                lambda c: [row[0] for row in c.execute(_PRUNE_CHOOSE, arguments)])
+            return found
+
+        async def delete(chosen: list[int]) -> int:
+            gone = {"chosen": json.dumps(chosen), "tenant": tenant, "asset": asset_name}
+            deleted: int = await self._db.write(lambda c: c.execute(_PRUNE_DELETE, gone).rowcount)
+            return deleted
+
+        key = prune_key(tenant, asset_name, keep_last, before, spare)
+        return await self._pruning.prune(key, limit, choose, delete)
 
     async def prune_finished(self, before: datetime, *, limit: int = 10_000) -> int:
         tenant, when = _tenant(), _iso(check_before(before).astimezone(timezone.utc))

@@ -21,6 +21,24 @@ from flowstone.store.leases import CancelRequested, End, FinishedElsewhere, Leas
 pytestmark = pytest.mark.anyio
 
 
+async def pruned_history(store) -> None:
+    """Asset a: 5 partitions built 4 times (the last attempt at "4" failed); asset b: 3
+    partitions built 3 times. What the retention tests prune."""
+    for attempt in range(4):
+        for key in map(str, range(5)):
+            record = await store.create(asset_name="a", partition=key, status=Status.RUNNING)
+            await store.complete(record, Status.FAILED if (attempt, key) == (3, "4") else Status.SUCCESS)
+    for key in map(str, range(3)):  # another asset's history
+        for _ in range(3):
+            record = await store.create(asset_name="b", partition=key, status=Status.RUNNING)
+            await store.complete(record, Status.SUCCESS)
+
+
+def kinds(records) -> list[tuple[str, str | None, str]]:
+    """Each record's asset, partition and status, sorted: what two stores or tenants compare."""
+    return sorted((r.asset_name, r.partition, r.status.value) for r in records)
+
+
 class StoreContract:
     """Every store passes these; ``store`` is an opened store with no records, and
     ``age(seconds)`` makes its leases and backfill heartbeats that much older (time
@@ -422,24 +440,11 @@ class StoreContract:
         """Retention deletes ``limit`` records a call until fewer go. A pass's choice is
         made once and gone through call after call (another asset's prune in between
         makes it anew); what a batch deletes in the end is what one call deletes."""
-        async def fill():
-            for attempt in range(4):
-                for key in map(str, range(5)):
-                    record = await store.create(asset_name="a", partition=key, status=Status.RUNNING)
-                    await store.complete(record, Status.FAILED if (attempt, key) == (3, "4") else Status.SUCCESS)
-            for key in map(str, range(3)):  # another asset's history
-                for _ in range(3):
-                    record = await store.create(asset_name="b", partition=key, status=Status.RUNNING)
-                    await store.complete(record, Status.SUCCESS)
-
-        def left(records):
-            return sorted((r.asset_name, r.partition, r.status.value) for r in records)
-
         with fs.tenant_scope("whole"):
-            await fill()
+            await pruned_history(store)
             assert await store.prune("a", keep_last=1) == 10
         with fs.tenant_scope("parts"):
-            await fill()
+            await pruned_history(store)
             counts = [await store.prune("a", keep_last=1, limit=3)]
             record = await store.create(asset_name="a", partition="0", status=Status.RUNNING)
             await store.complete(record, Status.SUCCESS)  # one more superseded record of a/0, after the choice
@@ -449,13 +454,13 @@ class StoreContract:
                 counts.append(await store.prune("a", keep_last=1, limit=3))
             assert sum(counts) == 11 and counts[-1] < 3  # ...so a's was made again, with the new record
             assert await store.prune("b", keep_last=1, limit=3) == 0
-            parts = left(await store.list_all(limit=1000))
+            parts = kinds(await store.list_all(limit=1000))
         with fs.tenant_scope("whole"):
             record = await store.create(asset_name="a", partition="0", status=Status.RUNNING)
             await store.complete(record, Status.SUCCESS)
             assert await store.prune("a", keep_last=1) == 1
             assert await store.prune("b", keep_last=1) == 3
-            assert parts == left(await store.list_all(limit=1000))
+            assert parts == kinds(await store.list_all(limit=1000))
             assert await store.partition_states("a") == {"0": Status.SUCCESS, "1": Status.SUCCESS,
                                                           "2": Status.SUCCESS, "3": Status.SUCCESS,
                                                           "4": Status.FAILED}

@@ -3,7 +3,9 @@ record is and was built from is never deleted (examples, and a property test).""
 
 from __future__ import annotations
 
+import tempfile
 from datetime import date, timedelta
+from pathlib import Path
 
 import anyio
 import pytest
@@ -113,9 +115,28 @@ def test_prune_never_deletes_a_current_or_latest_record_nor_what_a_current_one_w
     anyio.run(_check_prune, steps, keep_last, more)
 
 
-async def _check_prune(steps, keep_last, more):
+@settings(max_examples=40, deadline=None)
+@given(steps=STEPS, keep_last=st.integers(0, 2), more=STEPS)
+def test_a_prune_one_record_a_call_on_sqlite_keeps_the_same_promises(steps, keep_last, more):
+    """The same, on the embedded store, with retention deleting one record a call: the
+    store goes through its choice call after call (ADR 0053) and chooses anew when it
+    is used up, and what is left is still exactly what the retention keeps."""
+    from unittest import mock
+
+    from flowstone.runtime import retention
+
+    async def on_sqlite(path: Path) -> None:
+        async with fs.store.SqliteStore(path) as store:
+            await _check_prune(steps, keep_last, more, store)
+
+    with tempfile.TemporaryDirectory() as folder, mock.patch.object(retention, "BATCH", 1):
+        anyio.run(on_sqlite, Path(folder) / "flowstone.db")
+
+
+async def _check_prune(steps, keep_last, more, store=None):
     failing: set[tuple[str, str]] = set()
-    async with fs.open_runtime(_pipeline(failing=failing), retention=fs.Retention(keep_last=keep_last)) as rt:
+    async with fs.open_runtime(_pipeline(failing=failing), retention=fs.Retention(keep_last=keep_last),
+                               store=store) as rt:
         for batch in (steps, more):  # prune, then go on working on what is left, and prune again
             for asset, day, force, fails in batch:
                 key = f"2026-01-0{day + 1}"

@@ -43,6 +43,13 @@ FROM generate_series(0, $4 - 1) i
 """
 
 
+SQLITE_INSERT = (
+    "INSERT INTO flowstone_materializations (id, tenant_id, asset_name, partition, run_id, status, upstream_assets, "
+    "upstream_partitions, metadata, inserted_at, updated_at) VALUES (?, '', ?, ?, ?, ?, ?, ?, '{}', ?, ?)")
+"""A record of the default tenant written straight into an embedded store's file: (id,
+asset, partition, run id, status, upstream assets and partitions as JSON, times)."""
+
+
 async def _fill(admin_dsn: str, database: str, size: int, history: int) -> None:
     import asyncpg
 
@@ -75,10 +82,7 @@ def _fill_sqlite(path: str, size: int, history: int) -> None:
     with sqlite3.connect(path) as db:
         for asset, status, reads in [("raw", "superseded", False)] * history + [
                 ("raw", "success", False), ("clean", "success", True)]:
-            db.executemany(
-                "INSERT INTO flowstone_materializations (id, tenant_id, asset_name, partition, run_id, status, "
-                "upstream_assets, upstream_partitions, metadata, inserted_at, updated_at) "
-                "VALUES (?, '', ?, ?, ?, ?, ?, ?, '{}', ?, ?)", rows(asset, status, reads))
+            db.executemany(SQLITE_INSERT, rows(asset, status, reads))
         db.execute("ANALYZE")
 
 

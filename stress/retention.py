@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 
-from .cascade import _INSERT, migrated_sqlite
+from .cascade import _INSERT, SQLITE_INSERT, migrated_sqlite
 from .postgres import _admin, _fresh_database
 from .report import emit
 
@@ -77,11 +77,8 @@ def _fill_sqlite(path: str, assets: int, partitions: int, history: int) -> None:
     with sqlite3.connect(path) as db:
         for a in range(assets):
             for status in ["superseded"] * history + ["success"]:
-                db.executemany(
-                    "INSERT INTO flowstone_materializations (id, tenant_id, asset_name, partition, run_id, status, "
-                    "upstream_assets, upstream_partitions, metadata, inserted_at, updated_at) "
-                    "VALUES (?, '', ?, ?, ?, ?, '[]', '{}', '{}', ?, ?)",
-                    [(str(uuid.uuid4()), f"x{a}", day, str(uuid.uuid4()), status, now, now) for day in days])
+                db.executemany(SQLITE_INSERT, [(str(uuid.uuid4()), f"x{a}", day, str(uuid.uuid4()), status, "[]", "{}",
+                                                now, now) for day in days])
         db.execute("ANALYZE")
 
 
